@@ -10,7 +10,9 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 /// An amount of USDC in micro-units (1 USDC = 1 000 000).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct MicroUsdc(pub u64);
 
@@ -79,7 +81,11 @@ impl fmt::Display for MicroUsdc {
         let frac = self.0 % MICROS_PER_USDC;
         let digits = format!("{frac:06}");
         let trimmed = digits.trim_end_matches('0');
-        let shown = if trimmed.len() < 2 { &digits[..2] } else { trimmed };
+        let shown = if trimmed.len() < 2 {
+            &digits[..2]
+        } else {
+            trimmed
+        };
         write!(f, "{whole}.{shown}")
     }
 }
@@ -102,7 +108,11 @@ mod tests {
         assert_eq!(micros("4.455"), Ok(MicroUsdc(4_455_000)));
         assert_eq!(micros("0.000001"), Ok(MicroUsdc(1)));
         assert_eq!(micros("10000"), Ok(MicroUsdc(10_000_000_000)));
-        assert_eq!(micros("1.5000000"), Ok(MicroUsdc(1_500_000)), "trailing zeros are not precision");
+        assert_eq!(
+            micros("1.5000000"),
+            Ok(MicroUsdc(1_500_000)),
+            "trailing zeros are not precision"
+        );
         assert_eq!(micros("0"), Ok(MicroUsdc(0)));
         assert_eq!(micros("-0"), Ok(MicroUsdc(0)));
     }
@@ -111,9 +121,18 @@ mod tests {
     fn rejects_bad_amounts() {
         assert!(matches!(micros("-1"), Err(AmountError::Negative(_))));
         assert!(matches!(micros("-0.01"), Err(AmountError::Negative(_))));
-        assert!(matches!(micros("1.0000001"), Err(AmountError::TooPrecise(_))));
-        assert!(matches!(micros("79228162514264337593543950335"), Err(AmountError::TooLarge(_))));
-        assert!(matches!(micros("20000000000000"), Err(AmountError::TooLarge(_))));
+        assert!(matches!(
+            micros("1.0000001"),
+            Err(AmountError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            micros("79228162514264337593543950335"),
+            Err(AmountError::TooLarge(_))
+        ));
+        assert!(matches!(
+            micros("20000000000000"),
+            Err(AmountError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -123,7 +142,12 @@ mod tests {
             #[serde(with = "rust_decimal::serde::arbitrary_precision")]
             amount: Decimal,
         }
-        for (text, want) in [("8.2", 8_200_000), ("19.99", 19_990_000), ("1e-6", 1), ("4.455", 4_455_000)] {
+        for (text, want) in [
+            ("8.2", 8_200_000),
+            ("19.99", 19_990_000),
+            ("1e-6", 1),
+            ("4.455", 4_455_000),
+        ] {
             let a: A = serde_json::from_str(&format!("{{\"amount\":{text}}}")).unwrap();
             assert_eq!(MicroUsdc::try_from(a.amount), Ok(MicroUsdc(want)), "{text}");
         }

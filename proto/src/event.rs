@@ -195,7 +195,9 @@ impl EventData {
         Ok(match kind {
             EventType::PaymentIntentConfirmed
             | EventType::PaymentIntentExpired
-            | EventType::PaymentIntentCancelled => EventData::PaymentIntent(serde_json::from_str(raw)?),
+            | EventType::PaymentIntentCancelled => {
+                EventData::PaymentIntent(serde_json::from_str(raw)?)
+            }
             EventType::TransactionCreated => EventData::Transaction(serde_json::from_str(raw)?),
             EventType::SettlementCompleted | EventType::SettlementFailed => {
                 EventData::Settlement(serde_json::from_str(raw)?)
@@ -229,15 +231,20 @@ mod tests {
         let env = Envelope::parse(vectors::CONFIRMED_BODY.as_bytes()).unwrap();
         assert_eq!(env.id, "evt_01KN5A3MB94TFF59TDWH9EDD1R");
         assert_eq!(env.event_type(), EventType::PaymentIntentConfirmed);
-        let EventData::PaymentIntent(pi) = EventData::parse(env.event_type(), env.data).unwrap() else {
+        let EventData::PaymentIntent(pi) = EventData::parse(env.event_type(), env.data).unwrap()
+        else {
             panic!("not an intent")
         };
         assert_eq!(pi.id, "pi_8Zx3RqV1mN6p");
         assert_eq!(pi.amount, MicroUsdc(4_500_000));
-        assert_eq!(metadata_str(pi.metadata.as_ref(), "terminal_id"), Some("pos-0042"));
+        assert_eq!(
+            metadata_str(pi.metadata.as_ref(), "terminal_id"),
+            Some("pos-0042")
+        );
 
         let env = Envelope::parse(vectors::TRANSACTION_BODY.as_bytes()).unwrap();
-        let EventData::Transaction(tx) = EventData::parse(env.event_type(), env.data).unwrap() else {
+        let EventData::Transaction(tx) = EventData::parse(env.event_type(), env.data).unwrap()
+        else {
             panic!("not a transaction")
         };
         assert_eq!(tx.amount, MicroUsdc(4_400_000));
@@ -260,15 +267,23 @@ mod tests {
         }
         let env = Envelope::parse(br#"{"id":"evt_1","type":"brand.new","data":{"x":1}}"#).unwrap();
         assert_eq!(env.event_type(), EventType::Unknown);
-        assert!(matches!(EventData::parse(env.event_type(), env.data), Ok(EventData::Unknown)));
+        assert!(matches!(
+            EventData::parse(env.event_type(), env.data),
+            Ok(EventData::Unknown)
+        ));
     }
 
     #[test]
     fn bad_amounts_do_not_fit_the_type() {
         for amount in ["-4.5", "4.1234567", "\"abc\""] {
-            let body = format!(r#"{{"id":"evt_1","type":"payment_intent.confirmed","data":{{"id":"pi_1","status":"confirmed","amount":{amount}}}}}"#);
+            let body = format!(
+                r#"{{"id":"evt_1","type":"payment_intent.confirmed","data":{{"id":"pi_1","status":"confirmed","amount":{amount}}}}}"#
+            );
             let env = Envelope::parse(body.as_bytes()).unwrap();
-            assert!(EventData::parse(env.event_type(), env.data).is_err(), "{amount}");
+            assert!(
+                EventData::parse(env.event_type(), env.data).is_err(),
+                "{amount}"
+            );
         }
     }
 }

@@ -74,7 +74,10 @@ pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
 /// # Errors
 /// [`SignatureError::BadTimestamp`] for anything else.
 pub fn parse_timestamp(timestamp: &str) -> Result<i64, SignatureError> {
-    if timestamp.is_empty() || timestamp.len() > 12 || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+    if timestamp.is_empty()
+        || timestamp.len() > 12
+        || !timestamp.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(SignatureError::BadTimestamp);
     }
     timestamp.parse().map_err(|_| SignatureError::BadTimestamp)
@@ -147,11 +150,26 @@ mod tests {
     const TS: i64 = 1_775_073_612;
 
     fn secrets(list: &[&str]) -> Vec<SecretString> {
-        list.iter().map(|s| SecretString::from(s.to_string())).collect()
+        list.iter()
+            .map(|s| SecretString::from(s.to_string()))
+            .collect()
     }
 
-    fn check(ts: &str, sig: &str, body: &str, now: i64, list: &[&str]) -> Result<usize, SignatureError> {
-        verify(&secrets(list), ts, sig, body.as_bytes(), now, DEFAULT_TOLERANCE_SECS)
+    fn check(
+        ts: &str,
+        sig: &str,
+        body: &str,
+        now: i64,
+        list: &[&str],
+    ) -> Result<usize, SignatureError> {
+        verify(
+            &secrets(list),
+            ts,
+            sig,
+            body.as_bytes(),
+            now,
+            DEFAULT_TOLERANCE_SECS,
+        )
     }
 
     #[test]
@@ -170,8 +188,14 @@ mod tests {
 
     #[test]
     fn sign_matches_known_answers() {
-        assert_eq!(sign(SECRET.as_bytes(), TIMESTAMP, CONFIRMED_BODY.as_bytes()), CONFIRMED_SIGNATURE);
-        assert_eq!(sign(SECRET.as_bytes(), TIMESTAMP, TRANSACTION_BODY.as_bytes()), TRANSACTION_SIGNATURE);
+        assert_eq!(
+            sign(SECRET.as_bytes(), TIMESTAMP, CONFIRMED_BODY.as_bytes()),
+            CONFIRMED_SIGNATURE
+        );
+        assert_eq!(
+            sign(SECRET.as_bytes(), TIMESTAMP, TRANSACTION_BODY.as_bytes()),
+            TRANSACTION_SIGNATURE
+        );
     }
 
     #[test]
@@ -179,34 +203,89 @@ mod tests {
         let body = CONFIRMED_BODY;
         let sig = CONFIRMED_SIGNATURE;
         assert_eq!(check(TIMESTAMP, sig, body, TS, &[SECRET]), Ok(0));
-        assert_eq!(check(TIMESTAMP, TRANSACTION_SIGNATURE, TRANSACTION_BODY, TS, &[SECRET]), Ok(0));
-        assert_eq!(check("1775073613", sig, body, TS, &[SECRET]), Err(SignatureError::Mismatch));
-        assert_eq!(check(TIMESTAMP, "sha256=", body, TS, &[SECRET]), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(
+                TIMESTAMP,
+                TRANSACTION_SIGNATURE,
+                TRANSACTION_BODY,
+                TS,
+                &[SECRET]
+            ),
+            Ok(0)
+        );
+        assert_eq!(
+            check("1775073613", sig, body, TS, &[SECRET]),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            check(TIMESTAMP, "sha256=", body, TS, &[SECRET]),
+            Err(SignatureError::Mismatch)
+        );
         assert_eq!(
             check(TIMESTAMP, &sig[..sig.len() - 1], body, TS, &[SECRET]),
             Err(SignatureError::BadSignatureFormat)
         );
-        assert_eq!(check(TIMESTAMP, &sig[..sig.len() - 2], body, TS, &[SECRET]), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(TIMESTAMP, &sig[..sig.len() - 2], body, TS, &[SECRET]),
+            Err(SignatureError::Mismatch)
+        );
         let upper = format!("sha256={}", sig["sha256=".len()..].to_uppercase());
         assert_eq!(check(TIMESTAMP, &upper, body, TS, &[SECRET]), Ok(0));
-        assert_eq!(check(TIMESTAMP, sig, &format!("{body}\n"), TS, &[SECRET]), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(TIMESTAMP, sig, &format!("{body}\n"), TS, &[SECRET]),
+            Err(SignatureError::Mismatch)
+        );
         assert_eq!(check(TIMESTAMP, sig, body, TS + 300, &[SECRET]), Ok(0));
         assert_eq!(check(TIMESTAMP, sig, body, TS - 300, &[SECRET]), Ok(0));
-        assert_eq!(check(TIMESTAMP, sig, body, TS + 301, &[SECRET]), Err(SignatureError::Stale { skew_s: 301 }));
-        assert_eq!(check(TIMESTAMP, sig, body, TS - 301, &[SECRET]), Err(SignatureError::Stale { skew_s: -301 }));
+        assert_eq!(
+            check(TIMESTAMP, sig, body, TS + 301, &[SECRET]),
+            Err(SignatureError::Stale { skew_s: 301 })
+        );
+        assert_eq!(
+            check(TIMESTAMP, sig, body, TS - 301, &[SECRET]),
+            Err(SignatureError::Stale { skew_s: -301 })
+        );
         assert_eq!(check(TIMESTAMP, sig, body, TS, &["other", SECRET]), Ok(1));
-        assert_eq!(check(TIMESTAMP, sig, body, TS, &[]), Err(SignatureError::NoSecret));
-        assert_eq!(check(TIMESTAMP, sig, body, TS, &["other"]), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(TIMESTAMP, sig, body, TS, &[]),
+            Err(SignatureError::NoSecret)
+        );
+        assert_eq!(
+            check(TIMESTAMP, sig, body, TS, &["other"]),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn malformed_headers_are_refused_not_panicking() {
         let body = CONFIRMED_BODY;
-        for ts in ["", "abc", "17750736.12", "-1775073612", "1234567890123", " 1775073612"] {
-            assert_eq!(check(ts, CONFIRMED_SIGNATURE, body, TS, &[SECRET]), Err(SignatureError::BadTimestamp), "{ts:?}");
+        for ts in [
+            "",
+            "abc",
+            "17750736.12",
+            "-1775073612",
+            "1234567890123",
+            " 1775073612",
+        ] {
+            assert_eq!(
+                check(ts, CONFIRMED_SIGNATURE, body, TS, &[SECRET]),
+                Err(SignatureError::BadTimestamp),
+                "{ts:?}"
+            );
         }
-        for sig in ["", "sha256", "sha1=abcd", "sha256=zz", "SHA256=41bc", "sha256=41bc195g"] {
-            assert_eq!(check(TIMESTAMP, sig, body, TS, &[SECRET]), Err(SignatureError::BadSignatureFormat), "{sig:?}");
+        for sig in [
+            "",
+            "sha256",
+            "sha1=abcd",
+            "sha256=zz",
+            "SHA256=41bc",
+            "sha256=41bc195g",
+        ] {
+            assert_eq!(
+                check(TIMESTAMP, sig, body, TS, &[SECRET]),
+                Err(SignatureError::BadSignatureFormat),
+                "{sig:?}"
+            );
         }
     }
 }

@@ -1,0 +1,233 @@
+//! The admin listener: `/healthz`, `/readyz`, and the admin API behind the bearer admin token.
+//!
+//! The token comes from `admin.token`, or is generated at first start into `data_dir/admin.token`
+//! (mode 0600) and read from there on later starts. It is compared in constant time.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::domain::IntentStatus;
+use crate::http::error;
+use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
+
+/// File name of the generated admin token inside `data_dir`.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// Shared state of the admin API.
+pub struct Admin {
+    pub store: Store,
+    pub token: SecretString,
+    /// Set once every listener is bound and serving.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Errors loading or creating the admin token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("reading admin token {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing admin token {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin token file {path} is empty or too short")]
+    Invalid { path: PathBuf },
+}
+
+/// The configured token, or the one in `data_dir/admin.token`, generated (mode 0600) if absent.
+///
+/// # Errors
+/// [`TokenError`] when the file cannot be read, created, or holds no usable token.
+pub fn load_or_create_token(
+    configured: Option<&SecretString>,
+    data_dir: &Path,
+) -> Result<SecretString, TokenError> {
+    if let Some(token) = configured {
+        return Ok(token.clone());
+    }
+    let path = data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let token = text.trim();
+            if token.len() < 16 {
+                return Err(TokenError::Invalid { path });
+            }
+            return Ok(SecretString::from(token.to_owned()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(TokenError::Read { path, source }),
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(token.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()
+    };
+    write().map_err(|source| TokenError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!(path = %path.display(), "generated the admin token");
+    Ok(SecretString::from(token))
+}
+
+/// The admin router.
+pub fn router(admin: Arc<Admin>) -> Router {
+    let api = Router::new()
+        .route("/v1/payment-intents", get(list_intents))
+        .route("/v1/payment-intents/{id}", get(get_intent))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(admin)
+}
+
+async fn require_token(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = admin.token.expose_secret().as_bytes();
+    if bool::from(presented.as_bytes().ct_eq(expected)) {
+        next.run(request).await
+    } else {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin token",
+        )
+    }
+}
+
+async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
+    let ready = admin.ready.load(Ordering::Relaxed);
+    let store = admin.store.is_healthy();
+    let body = serde_json::json!({ "ready": ready && store, "listeners": ready, "store": store });
+    let status = if ready && store {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+fn store_error(e: &StoreError) -> Response {
+    tracing::error!(error = %e, error_chain = ?e, "admin read failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the store could not be read",
+    )
+}
+
+/// The admin view of an intent.
+fn view(intent: &StoredIntent) -> serde_json::Value {
+    let r = &intent.record;
+    serde_json::json!({
+        "id": r.id,
+        "status": r.status.as_str(),
+        "contexts": r.contexts,
+        "amount": r.expected_micros.to_string(),
+        "amount_micros": r.expected_micros.0,
+        "received": r.received_micros.to_string(),
+        "received_micros": r.received_micros.0,
+        "currency": r.currency,
+        "terminal_id": r.terminal_id,
+        "order_id": r.order_id,
+        "merchant_id": r.merchant_id,
+        "payment_address": r.payment_address,
+        "expires_at": r.expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+        "tx_hash": r.tx_hash,
+        "transactions": r.txns,
+        "events": intent.events,
+        "created_at": intent.created_at.format(&time::format_description::well_known::Rfc3339).ok(),
+        "updated_at": intent.updated_at.format(&time::format_description::well_known::Rfc3339).ok(),
+    })
+}
+
+async fn get_intent(State(admin): State<Arc<Admin>>, UrlPath(id): UrlPath<String>) -> Response {
+    match admin.store.intent(id).await {
+        Ok(Some(intent)) => Json(view(&intent)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such payment intent"),
+        Err(e) => store_error(&e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    terminal_id: Option<String>,
+    limit: Option<String>,
+    starting_after: Option<String>,
+}
+
+async fn list_intents(State(admin): State<Arc<Admin>>, Query(q): Query<ListQuery>) -> Response {
+    let status = match q.status.as_deref().map(|s| IntentStatus::parse(s).ok_or(s)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                "status: unknown status",
+            );
+        }
+    };
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => 50,
+        Some(Ok(n)) if (1..=500).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                "limit: must be 1 to 500",
+            );
+        }
+    };
+    let filter = IntentFilter {
+        status,
+        terminal_id: q.terminal_id,
+        starting_after: q.starting_after,
+        limit,
+    };
+    match admin.store.list_intents(filter).await {
+        Ok((page, has_more)) => {
+            let data: Vec<_> = page.iter().map(view).collect();
+            Json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more }))
+                .into_response()
+        }
+        Err(e) => store_error(&e),
+    }
+}

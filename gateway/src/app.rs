@@ -1,0 +1,231 @@
+//! Startup and shutdown: [`Gateway::build`] opens the store and binds every listener (nothing runs
+//! yet, so a bad port or an unusable `data_dir` fails before anything is served);
+//! [`Gateway::spawn`] starts every task under one `TaskTracker` and returns [`Running`], which knows
+//! the bound addresses and drains on [`Running::shutdown`].
+//!
+//! Shutdown order: stop the listeners (in-flight requests finish within the grace period; the
+//! provider retries what is refused), then close the store, which commits what is queued.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::admin::{self, Admin, TokenError};
+use crate::config::Config;
+use crate::ingress::{self, Ingress};
+use crate::store::{Store, StoreError};
+
+/// Why the gateway could not be built. The CLI exits 64 for all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("creating data_dir {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the store")]
+    Store(#[from] StoreError),
+    #[error("loading the admin token")]
+    Token(#[from] TokenError),
+    #[error("binding the {name} listener on {addr}")]
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A gateway whose store is open and whose listeners are bound, not yet serving.
+pub struct Gateway {
+    config: Config,
+    store: Store,
+    admin_token: SecretString,
+    ingress: TcpListener,
+    admin: TcpListener,
+}
+
+/// A serving gateway.
+pub struct Running {
+    /// Where provider webhooks are accepted.
+    pub ingress_addr: SocketAddr,
+    /// Where the admin API, `/healthz` and `/readyz` are served.
+    pub admin_addr: SocketAddr,
+    admin_token: SecretString,
+    store: Store,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// Creates `data_dir`, opens the store, loads the admin token and binds every listener.
+    ///
+    /// # Errors
+    /// [`BuildError`] naming what failed; nothing is left running.
+    pub async fn build(config: Config) -> Result<Gateway, BuildError> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| BuildError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let store = {
+            let (dir, depth, batch) = (
+                data_dir.clone(),
+                config.store.queue_depth,
+                config.store.max_batch,
+            );
+            tokio::task::spawn_blocking(move || Store::open(&dir, depth, batch))
+                .await
+                .map_err(|e| BuildError::DataDir {
+                    path: data_dir.clone(),
+                    source: std::io::Error::other(e),
+                })??
+        };
+        let admin_token = admin::load_or_create_token(config.admin.token.as_ref(), &data_dir)?;
+        let ingress = bind("ingress", config.ingress.listen).await?;
+        let admin = bind("admin", config.admin.listen).await?;
+        Ok(Gateway {
+            config,
+            store,
+            admin_token,
+            ingress,
+            admin,
+        })
+    }
+
+    /// Starts serving.
+    pub fn spawn(self) -> Running {
+        let Gateway {
+            config,
+            store,
+            admin_token,
+            ingress,
+            admin,
+        } = self;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ready = Arc::new(AtomicBool::new(false));
+        let ingress_addr = local_addr(&ingress, config.ingress.listen);
+        let admin_addr = local_addr(&admin, config.admin.listen);
+
+        if config.provider.webhook_secrets.is_empty() {
+            tracing::warn!(
+                "provider.webhook_secrets is empty: every webhook is answered 401 until one is set"
+            );
+        }
+        let ingress_router = ingress::router(Arc::new(Ingress {
+            store: store.clone(),
+            secrets: config.provider.webhook_secrets.clone(),
+            body_limit_bytes: config.ingress.body_limit_bytes,
+            tolerance_secs: config.ingress.tolerance_secs,
+        }));
+        let admin_router = admin::router(Arc::new(Admin {
+            store: store.clone(),
+            token: admin_token.clone(),
+            ready: ready.clone(),
+        }));
+        let tasks = vec![
+            serve(&tracker, &token, "ingress", ingress, ingress_router),
+            serve(&tracker, &token, "admin", admin, admin_router),
+        ];
+        tracing::info!(%ingress_addr, "ingress listening (POST {})", ingress::PATH);
+        tracing::info!(%admin_addr, "admin listening");
+        tracing::info!(path = %store.path().display(), "store open");
+        ready.store(true, Ordering::Relaxed);
+        Running {
+            ingress_addr,
+            admin_addr,
+            admin_token,
+            store,
+            token,
+            tracker,
+            tasks,
+        }
+    }
+}
+
+async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BuildError::Bind { name, addr, source })
+}
+
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
+fn serve(
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+    name: &'static str,
+    listener: TcpListener,
+    router: Router,
+) -> JoinHandle<()> {
+    let stop = token.clone().cancelled_owned();
+    tracker.spawn(
+        async move {
+            let server = axum::serve(listener, router).with_graceful_shutdown(stop);
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "listener failed");
+            }
+        }
+        .instrument(tracing::info_span!("listener", name)),
+    )
+}
+
+// === impl Running ===
+
+impl Running {
+    /// Cancelled when shutdown starts; cancel it to request a shutdown.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// The admin API's bearer token.
+    pub fn admin_token(&self) -> &SecretString {
+        &self.admin_token
+    }
+
+    /// The store, for in-process inspection (tests, the simulator's demo).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stops the listeners, waits at most `grace` for in-flight requests, then closes the store.
+    /// Returns how long the drain took.
+    pub async fn shutdown(self, grace: Duration) -> Duration {
+        let started = Instant::now();
+        self.token.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = grace.as_secs_f64(),
+                "in-flight requests did not finish in time; cutting them"
+            );
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+        self.store.close().await;
+        let took = started.elapsed();
+        tracing::info!(took_ms = took.as_millis() as u64, "stopped; store closed");
+        took
+    }
+}

@@ -1,0 +1,169 @@
+//! The command line: `run` (default), `print-config`, `check-config`.
+//!
+//! Exit codes (interfaces.md): 0 clean stop; 64 for anything wrong before serving starts (bad
+//! usage or config, unusable `data_dir`, a port that cannot be bound); 1 for a failure at runtime.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::app::Gateway;
+use crate::config::{Config, ConfigError, DEFAULT_CONFIG, Env};
+
+/// `EX_USAGE`: bad usage, configuration or environment; systemd does not restart on it.
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "posgate",
+    version,
+    about = "Gets payment confirmations onto point-of-sale terminals"
+)]
+struct Cli {
+    /// Configuration file (TOML), layered over the embedded default.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground until SIGTERM or SIGINT (the default).
+    Run,
+    /// Print the embedded default configuration.
+    PrintConfig,
+    /// Validate the configuration; list every bad key with its value; exit 0 or 64.
+    CheckConfig,
+}
+
+/// Entry point of the `posgate` binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage_error = e.use_stderr();
+            drop(e.print());
+            return if usage_error {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let env = Env::from_process();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::PrintConfig => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig => check_config(cli.config.as_deref(), &env),
+        Command::Run => run(cli.config.as_deref(), &env),
+    }
+}
+
+fn report_config_error(e: &ConfigError) {
+    eprintln!("posgate: invalid configuration");
+    if e.invalid_keys().is_empty() {
+        eprintln!("  {}", error_chain(e));
+    }
+    for key in e.invalid_keys() {
+        eprintln!("  {key}");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn check_config(file: Option<&Path>, env: &Env) -> ExitCode {
+    let config = match Config::load(file, env) {
+        Ok(config) => config,
+        Err(e) => {
+            report_config_error(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = probe_data_dir(&config.data_dir) {
+        eprintln!("posgate: invalid configuration");
+        eprintln!(
+            "  data_dir = {:?}: {}",
+            config.data_dir,
+            error_chain(e.as_ref())
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if config.provider.webhook_secrets.is_empty() {
+        eprintln!(
+            "posgate: warning: provider.webhook_secrets is empty: every webhook will be answered 401"
+        );
+    }
+    println!("configuration ok");
+    ExitCode::SUCCESS
+}
+
+/// `data_dir` can be created and written.
+fn probe_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).context("cannot create it")?;
+    let probe = dir.join(".posgate-write-probe");
+    std::fs::write(&probe, b"probe").context("cannot write into it")?;
+    std::fs::remove_file(&probe).context("cannot remove the write probe")?;
+    Ok(())
+}
+
+fn run(file: Option<&Path>, env: &Env) -> ExitCode {
+    let config = match Config::load(file, env) {
+        Ok(config) => config,
+        Err(e) => {
+            report_config_error(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    crate::telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("posgate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let grace = Duration::from_secs(config.shutdown.grace_secs);
+        let gateway = match Gateway::build(config).await {
+            Ok(gateway) => gateway,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                eprintln!("posgate: cannot start: {}", error_chain(&e));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let running = gateway.spawn();
+        let token = running.token();
+        tokio::select! {
+            signal = crate::shutdown::signal() => match signal {
+                Ok(name) => tracing::info!(signal = name, "shutting down"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for signals; stopping");
+                    running.shutdown(grace).await;
+                    return ExitCode::from(1);
+                }
+            },
+            () = token.cancelled() => tracing::info!("shutdown requested"),
+        }
+        running.shutdown(grace).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,669 @@
+//! Configuration: the file schema, loading in layers, and validation that reports every bad key.
+//!
+//! Sources, lowest priority first: the embedded `config/posgate.toml`, `$STATE_DIRECTORY` (as
+//! `data_dir`, when systemd sets it), `--config FILE`, then `POSGATE__SECTION__KEY` environment
+//! variables (lists comma-separated). The environment is passed in ([`Env`]), so tests never touch
+//! the process environment.
+//!
+//! Validation reads the merged tree key by key instead of failing on the first serde error, so
+//! `posgate check-config` can list every unknown key and every bad value at once. Secret values are
+//! never printed: they are [`SecretString`] in [`Config`] and shown as `<redacted>` in errors.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::de::DeserializeOwned;
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/posgate.toml");
+
+/// Keys whose values are secrets: never printed, never logged.
+const SECRET_KEYS: &[&str] = &[
+    "provider.webhook_secrets",
+    "provider.api_key",
+    "admin.token",
+];
+
+/// Keys whose environment form is a comma-separated list.
+const LIST_KEYS: &[&str] = &["provider.webhook_secrets", "mqtt.server_names"];
+
+/// The validated configuration of the daemon.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Database, keys and admin token live here.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub ingress: IngressConfig,
+    pub provider: ProviderConfig,
+    pub admin: AdminConfig,
+    pub mqtt: MqttConfig,
+    pub store: StoreConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `[ingress]`: the provider-facing webhook listener.
+#[derive(Clone, Debug)]
+pub struct IngressConfig {
+    pub listen: SocketAddr,
+    pub body_limit_bytes: usize,
+    pub tolerance_secs: i64,
+}
+
+/// `[provider]`.
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    /// Any of these verifies a webhook (several while rotating).
+    pub webhook_secrets: Vec<SecretString>,
+    pub api_base: String,
+    pub api_key: Option<SecretString>,
+}
+
+/// `[admin]`.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// When `None`, the token is generated into `data_dir/admin.token`.
+    pub token: Option<SecretString>,
+}
+
+/// `[mqtt]`: terminal-facing listeners.
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    pub ws_listen: Option<SocketAddr>,
+    pub plain_listen: Option<SocketAddr>,
+    pub server_names: Vec<String>,
+}
+
+/// `[store]`: group commit of accepted webhooks.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Requests waiting for a commit before ingress answers 503.
+    pub queue_depth: usize,
+    /// Most requests in one write transaction.
+    pub max_batch: usize,
+}
+
+/// `[shutdown]`.
+#[derive(Clone, Debug)]
+pub struct ShutdownConfig {
+    pub grace_secs: u64,
+}
+
+/// The environment the configuration is read from.
+#[derive(Clone, Debug, Default)]
+pub struct Env {
+    vars: HashMap<String, String>,
+}
+
+impl Env {
+    /// The process environment (only the binary calls this).
+    pub fn from_process() -> Self {
+        Env {
+            vars: std::env::vars().collect(),
+        }
+    }
+
+    /// An explicit environment, for tests and embedding.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Env {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.vars.get(key).map(String::as_str)
+    }
+
+    fn posgate_vars(&self) -> config::Map<String, String> {
+        self.vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("POSGATE__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// One bad key, as `check-config` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidKey {
+    /// Dotted key, e.g. `ingress.listen`.
+    pub key: String,
+    /// The offending value (`<redacted>` for secrets, empty when the key is missing).
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.key, self.value, self.reason)
+    }
+}
+
+/// Why no configuration could be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading configuration: {0}")]
+    Source(#[source] config::ConfigError),
+    #[error("{} invalid configuration key(s):\n{}", .0.len(), list(.0))]
+    Invalid(Vec<InvalidKey>),
+}
+
+fn list(keys: &[InvalidKey]) -> String {
+    keys.iter()
+        .map(|k| format!("  {k}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// Every bad key (empty for a source error, whose message says what failed).
+    pub fn invalid_keys(&self) -> &[InvalidKey] {
+        match self {
+            ConfigError::Invalid(keys) => keys,
+            ConfigError::Source(_) => &[],
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Loads and validates: embedded default, `$STATE_DIRECTORY`, `file`, then `POSGATE__…`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Source`] when the file cannot be read or parsed; [`ConfigError::Invalid`]
+    /// listing every unknown key and every bad value otherwise.
+    pub fn load(file: Option<&Path>, env: &Env) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_CONFIG,
+            config::FileFormat::Toml,
+        ));
+        if let Some(dir) = env.get("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+            // systemd may list several directories separated by ':'; ours is the first.
+            let first = dir.split(':').next().unwrap_or(dir);
+            builder = builder.add_source(config::File::from_str(
+                &format!("data_dir = {}", toml::Value::String(first.to_owned())),
+                config::FileFormat::Toml,
+            ));
+        }
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        // Lists are split here rather than by `config` (which only splits with `try_parsing`, and that
+        // would also turn a token like "007" into the integer 7).
+        let (lists, scalars): (Vec<_>, Vec<_>) = env
+            .posgate_vars()
+            .into_iter()
+            .partition(|(name, _)| LIST_KEYS.contains(&env_key(name).as_str()));
+        builder = builder.add_source(
+            config::Environment::with_prefix("POSGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(scalars.into_iter().collect())),
+        );
+        for (name, value) in lists {
+            let items: Vec<String> = if value.is_empty() {
+                Vec::new()
+            } else {
+                value.split(',').map(|s| s.trim().to_owned()).collect()
+            };
+            builder = builder
+                .set_override(env_key(&name), items)
+                .map_err(ConfigError::Source)?;
+        }
+        let merged = builder.build().map_err(ConfigError::Source)?;
+        Config::from_merged(&merged)
+    }
+
+    /// Reads every known key from the merged tree, collecting every problem.
+    fn from_merged(merged: &config::Config) -> Result<Config, ConfigError> {
+        let mut r = Reader {
+            merged,
+            seen: BTreeSet::new(),
+            bad: Vec::new(),
+        };
+
+        let data_dir: Option<PathBuf> = r.required("data_dir");
+        let log_format = r
+            .required::<String>("log.format")
+            .and_then(|f| match f.as_str() {
+                "plain" => Some(LogFormat::Plain),
+                "json" => Some(LogFormat::Json),
+                _ => r.reject("log.format", "must be \"plain\" or \"json\""),
+            });
+        let log_level: Option<String> = r.required("log.level");
+        if let Some(level) = &log_level {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
+                r.reject::<()>("log.level", &format!("not a tracing filter: {e}"));
+            }
+        }
+        let ingress_listen = r.addr("ingress.listen");
+        let body_limit_bytes = r.in_range::<usize>("ingress.body_limit_bytes", 1024, 16 << 20);
+        let tolerance_secs = r.in_range::<i64>("ingress.tolerance_secs", 1, 3600);
+
+        let webhook_secrets = r
+            .optional::<Vec<String>>("provider.webhook_secrets")
+            .map(|v| v.unwrap_or_default());
+        if let Some(secrets) = &webhook_secrets {
+            if secrets.iter().any(|s| s.trim().is_empty()) {
+                r.reject::<()>("provider.webhook_secrets", "an empty secret is not allowed");
+            }
+        }
+        let api_base = r.required::<String>("provider.api_base");
+        if let Some(base) = &api_base {
+            if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
+                r.reject::<()>("provider.api_base", "must be an http:// or https:// URL");
+            }
+        }
+        let api_key = r.optional::<String>("provider.api_key").flatten();
+        if let Some(key) = &api_key {
+            if !(key.starts_with("sk_test_") || key.starts_with("sk_live_")) {
+                r.reject::<()>("provider.api_key", "must start with sk_test_ or sk_live_");
+            }
+        }
+
+        let admin_listen = r.addr("admin.listen");
+        let admin_token = r.optional::<String>("admin.token").flatten();
+        if let Some(token) = &admin_token {
+            if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                r.reject::<()>(
+                    "admin.token",
+                    "must be at least 16 printable characters without spaces",
+                );
+            }
+        }
+
+        let mqtt_listen = r.addr("mqtt.listen");
+        let ws_listen = r.optional_addr("mqtt.ws_listen");
+        let plain_listen = r.optional_addr("mqtt.plain_listen");
+        let server_names = r.required::<Vec<String>>("mqtt.server_names");
+        if let Some(names) = &server_names {
+            if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
+                r.reject::<()>("mqtt.server_names", "needs at least one non-empty name");
+            }
+        }
+
+        let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
+        let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
+        let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
+
+        r.unknown_keys();
+        if !r.bad.is_empty() {
+            return Err(ConfigError::Invalid(r.bad));
+        }
+        let config = (|| {
+            Some(Config {
+                data_dir: data_dir?,
+                log: LogConfig {
+                    format: log_format?,
+                    level: log_level?,
+                },
+                ingress: IngressConfig {
+                    listen: ingress_listen?,
+                    body_limit_bytes: body_limit_bytes?,
+                    tolerance_secs: tolerance_secs?,
+                },
+                provider: ProviderConfig {
+                    webhook_secrets: webhook_secrets?
+                        .into_iter()
+                        .map(SecretString::from)
+                        .collect(),
+                    api_base: api_base?,
+                    api_key: api_key.map(SecretString::from),
+                },
+                admin: AdminConfig {
+                    listen: admin_listen?,
+                    token: admin_token.map(SecretString::from),
+                },
+                mqtt: MqttConfig {
+                    listen: mqtt_listen?,
+                    ws_listen: ws_listen?,
+                    plain_listen: plain_listen?,
+                    server_names: server_names?,
+                },
+                store: StoreConfig {
+                    queue_depth: queue_depth?,
+                    max_batch: max_batch?,
+                },
+                shutdown: ShutdownConfig {
+                    grace_secs: grace_secs?,
+                },
+            })
+        })();
+        // Every `None` above recorded a bad key, so this is only reached with all values present.
+        config.ok_or_else(|| ConfigError::Invalid(Vec::new()))
+    }
+}
+
+/// Reads typed keys out of the merged tree and records what is wrong with them.
+struct Reader<'a> {
+    merged: &'a config::Config,
+    seen: BTreeSet<&'static str>,
+    bad: Vec<InvalidKey>,
+}
+
+impl Reader<'_> {
+    fn shown(&self, key: &str) -> String {
+        if SECRET_KEYS.contains(&key) {
+            return "<redacted>".to_owned();
+        }
+        match self.merged.get::<config::Value>(key) {
+            Ok(value) => show(&value),
+            Err(_) => String::new(),
+        }
+    }
+
+    fn reject<T>(&mut self, key: &str, reason: &str) -> Option<T> {
+        // serde's messages quote the value ("invalid type: string \"…\""): not for secrets.
+        let reason = if SECRET_KEYS.contains(&key) && reason.contains('"') {
+            "has the wrong type"
+        } else {
+            reason
+        };
+        self.bad.push(InvalidKey {
+            key: key.to_owned(),
+            value: self.shown(key),
+            reason: reason.to_owned(),
+        });
+        None
+    }
+
+    /// `Some(None)` when absent, `None` when present but invalid.
+    fn optional<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<Option<T>> {
+        self.seen.insert(key);
+        match self.merged.get::<config::Value>(key) {
+            Err(config::ConfigError::NotFound(_)) => Some(None),
+            Err(e) => self.reject(key, &e.to_string()),
+            Ok(_) => match self.merged.get::<T>(key) {
+                Ok(v) => Some(Some(v)),
+                Err(e) => self.reject(key, &strip_key(&e.to_string())),
+            },
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<T> {
+        match self.optional(key)? {
+            Some(v) => Some(v),
+            None => self.reject(key, "is required"),
+        }
+    }
+
+    fn addr(&mut self, key: &'static str) -> Option<SocketAddr> {
+        let text: String = self.required(key)?;
+        self.parse_addr(key, &text)
+    }
+
+    fn optional_addr(&mut self, key: &'static str) -> Option<Option<SocketAddr>> {
+        match self.optional::<String>(key)? {
+            None => Some(None),
+            Some(text) => self.parse_addr(key, &text).map(Some),
+        }
+    }
+
+    fn parse_addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => self.reject(
+                key,
+                "not a socket address like 127.0.0.1:8080 or [::1]:8080",
+            ),
+        }
+    }
+
+    fn in_range<T>(&mut self, key: &'static str, min: T, max: T) -> Option<T>
+    where
+        T: DeserializeOwned + PartialOrd + fmt::Display + Copy,
+    {
+        let v: T = self.required(key)?;
+        if v < min || v > max {
+            return self.reject(key, &format!("must be between {min} and {max}"));
+        }
+        Some(v)
+    }
+
+    /// Records every leaf key of the merged tree that no reader asked for.
+    fn unknown_keys(&mut self) {
+        let mut leaves = Vec::new();
+        if let config::ValueKind::Table(root) = &self.merged.cache.kind {
+            collect_leaves("", root, &mut leaves);
+        }
+        for (key, value) in leaves {
+            let known_section = self.seen.iter().any(|k| k.starts_with(&format!("{key}.")));
+            if !self.seen.contains(key.as_str()) && !known_section {
+                self.bad.push(InvalidKey {
+                    key,
+                    value,
+                    reason: "unknown key".to_owned(),
+                });
+            }
+        }
+    }
+}
+
+fn collect_leaves(
+    prefix: &str,
+    table: &config::Map<String, config::Value>,
+    out: &mut Vec<(String, String)>,
+) {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match &value.kind {
+            config::ValueKind::Table(inner) if !inner.is_empty() => {
+                collect_leaves(&key, inner, out)
+            }
+            _ => out.push((key, show(value))),
+        }
+    }
+}
+
+/// `POSGATE__PROVIDER__WEBHOOK_SECRETS` → `provider.webhook_secrets`.
+fn env_key(name: &str) -> String {
+    name.to_lowercase()
+        .trim_start_matches("posgate__")
+        .replace("__", ".")
+}
+
+fn show(value: &config::Value) -> String {
+    match &value.kind {
+        config::ValueKind::String(s) => format!("{s:?}"),
+        config::ValueKind::Array(items) => {
+            format!(
+                "[{}]",
+                items.iter().map(show).collect::<Vec<_>>().join(", ")
+            )
+        }
+        config::ValueKind::Table(_) => "{…}".to_owned(),
+        _ => value.to_string(),
+    }
+}
+
+/// serde errors from `config` repeat the key ("invalid type … for key `x`"); keep the reason.
+fn strip_key(message: &str) -> String {
+    match message.find(" for key `") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn load_with(file_text: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("posgate.toml");
+        if let Some(text) = file_text {
+            std::fs::write(&path, text).unwrap();
+        }
+        Config::load(
+            file_text.map(|_| path.as_path()),
+            &Env::from_pairs(env.iter().copied()),
+        )
+    }
+
+    fn bad_keys(err: ConfigError) -> Vec<String> {
+        err.invalid_keys().iter().map(|k| k.key.clone()).collect()
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(c.ingress.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(c.mqtt.listen, "0.0.0.0:8883".parse().unwrap());
+        assert_eq!(c.ingress.body_limit_bytes, 65536);
+        assert_eq!(c.ingress.tolerance_secs, 300);
+        assert_eq!(c.shutdown.grace_secs, 10);
+        assert_eq!(c.data_dir, PathBuf::from("posgate-data"));
+        assert!(c.provider.webhook_secrets.is_empty());
+        assert_eq!(c.mqtt.server_names, ["localhost", "127.0.0.1"]);
+        assert!(c.mqtt.ws_listen.is_none() && c.mqtt.plain_listen.is_none());
+    }
+
+    #[test]
+    fn layers_file_then_env() {
+        let c = load_with(
+            Some("data_dir = \"/tmp/x\"\n[ingress]\nlisten = \"127.0.0.1:9000\"\ntolerance_secs = 60\n"),
+            &[
+                ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0"),
+                ("POSGATE__PROVIDER__WEBHOOK_SECRETS", "new,old"),
+                ("POSGATE__MQTT__SERVER_NAMES", "pos.example,10.0.0.2"),
+                ("POSGATE__ADMIN__TOKEN", "007-token-with-leading-zero"),
+                ("POSGATE__STORE__MAX_BATCH", "64"),
+                ("STATE_DIRECTORY", "/var/lib/posgate"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.ingress.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.ingress.tolerance_secs, 60);
+        assert_eq!(
+            c.data_dir,
+            PathBuf::from("/tmp/x"),
+            "the file beats $STATE_DIRECTORY"
+        );
+        let secrets: Vec<_> = c
+            .provider
+            .webhook_secrets
+            .iter()
+            .map(|s| s.expose_secret().to_owned())
+            .collect();
+        assert_eq!(secrets, ["new", "old"]);
+        assert_eq!(c.mqtt.server_names, ["pos.example", "10.0.0.2"]);
+        assert_eq!(
+            c.admin.token.unwrap().expose_secret(),
+            "007-token-with-leading-zero"
+        );
+        assert_eq!(c.store.max_batch, 64);
+    }
+
+    #[test]
+    fn state_directory_replaces_the_default_data_dir() {
+        let c = load_with(None, &[("STATE_DIRECTORY", "/var/lib/posgate")]).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/posgate"));
+        let c = load_with(
+            None,
+            &[("STATE_DIRECTORY", "/a"), ("POSGATE__DATA_DIR", "/b")],
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn reports_every_bad_key() {
+        let err = load_with(
+            Some("[ingress]\nlisten = \"localhost:80:80\"\nbody_limit_bytes = \"lots\"\ncolour = \"red\"\n[nope]\nx = 1\n"),
+            &[
+                ("POSGATE__INGRESS__TOLERANCE_SECS", "0"),
+                ("POSGATE__ADMIN__LISTEN", "not-an-address"),
+                ("POSGATE__PROVIDER__API_KEY", "pk_wrong"),
+                ("POSGATE__LOG__FORMAT", "xml"),
+                ("POSGATE__TYPO", "1"),
+            ],
+        )
+        .unwrap_err();
+        let mut keys = bad_keys(err);
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "admin.listen",
+                "ingress.body_limit_bytes",
+                "ingress.colour",
+                "ingress.listen",
+                "ingress.tolerance_secs",
+                "log.format",
+                "nope.x",
+                "provider.api_key",
+                "typo",
+            ]
+        );
+    }
+
+    #[test]
+    fn secrets_are_never_shown() {
+        let err = load_with(
+            None,
+            &[
+                ("POSGATE__PROVIDER__API_KEY", "sx_supersecret"),
+                ("POSGATE__ADMIN__TOKEN", "short secret"),
+            ],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            !text.contains("supersecret") && !text.contains("short secret"),
+            "{text}"
+        );
+        assert!(text.contains("<redacted>"), "{text}");
+        let ok = load_with(
+            None,
+            &[("POSGATE__PROVIDER__WEBHOOK_SECRETS", "whsec_hidden")],
+        )
+        .unwrap();
+        assert!(!format!("{ok:?}").contains("whsec_hidden"));
+    }
+
+    #[test]
+    fn unreadable_file_is_a_source_error() {
+        let err = Config::load(
+            Some(Path::new("/nonexistent/posgate.toml")),
+            &Env::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Source(_)), "{err}");
+        let err = load_with(Some("this is [not toml"), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Source(_)), "{err}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Webhook ingress: `POST /webhooks/stablegenius`.
+//!
+//! Raw body (capped) → [`posgate_proto::verify`] on those exact bytes → parse the envelope from the
+//! same bytes → [`Store::ingest`] (one durable commit) → answer. Nothing slow happens here: no call
+//! to the provider, no MQTT publish; the answer is sent as soon as the commit is durable.
+//!
+//! | situation | answer |
+//! |---|---|
+//! | new event, committed | `200 {"received":true,"duplicate":false}` |
+//! | duplicate `evt_…` | `200 {"received":true,"duplicate":true}` |
+//! | header missing or garbled, bad or empty signature, stale timestamp, no secret configured | `401` |
+//! | verified, but not an event envelope | `400` (the body is kept in `rejected`) |
+//! | body over `ingress.body_limit_bytes` | `413` |
+//! | store overloaded or failing | `503` |
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use posgate_proto::event::{Envelope, EnvelopeError, EventData};
+use posgate_proto::webhook::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER};
+use secrecy::SecretString;
+use time::OffsetDateTime;
+
+use crate::http::error;
+use crate::store::{IncomingEvent, Ingested, Store, StoreError};
+
+/// The webhook path.
+pub const PATH: &str = "/webhooks/stablegenius";
+
+/// Settings the handler needs.
+pub struct Ingress {
+    pub store: Store,
+    pub secrets: Vec<SecretString>,
+    pub body_limit_bytes: usize,
+    pub tolerance_secs: i64,
+}
+
+/// Why a delivery was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("signature check failed: {0}")]
+    Unauthorized(#[from] SignatureError),
+    #[error("body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("reading the body failed")]
+    Body(#[source] axum::Error),
+    #[error(transparent)]
+    BadEnvelope(#[from] EnvelopeError),
+    #[error("storing event {event_id}")]
+    Store {
+        event_id: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl IngressError {
+    /// Label for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            IngressError::Unauthorized(SignatureError::Stale { .. }) => "stale",
+            IngressError::Unauthorized(_) => "bad_signature",
+            IngressError::TooLarge { .. } => "too_large",
+            IngressError::Body(_) | IngressError::BadEnvelope(_) => "malformed",
+            IngressError::Store { .. } => "store_error",
+        }
+    }
+}
+
+impl IntoResponse for IngressError {
+    fn into_response(self) -> Response {
+        match &self {
+            // One generic answer for every signature problem: the sender learns nothing about which
+            // check failed or which secret exists.
+            IngressError::Unauthorized(_) => error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing, invalid or stale signature",
+            ),
+            IngressError::TooLarge { limit } => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("body exceeds {limit} bytes"),
+            ),
+            IngressError::Body(_) => error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the body could not be read",
+            ),
+            IngressError::BadEnvelope(e) => {
+                error(StatusCode::BAD_REQUEST, "invalid_event", e.to_string())
+            }
+            IngressError::Store {
+                source: StoreError::Overloaded,
+                ..
+            } => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "busy; retry later",
+            ),
+            IngressError::Store { .. } => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "event not stored; retry later",
+            ),
+        }
+    }
+}
+
+/// The ingress router.
+pub fn router(ingress: Arc<Ingress>) -> Router {
+    Router::new().route(PATH, post(webhook)).with_state(ingress)
+}
+
+async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    match handle(&ingress, &headers, body).await {
+        Ok(answer) => {
+            let micros = started.elapsed().as_micros() as u64;
+            let duplicate = answer.ingested == Ingested::Duplicate;
+            if let Ingested::New { outcome, effects } = &answer.ingested {
+                for (intent_id, effect) in effects {
+                    tracing::info!(
+                        event_id = %answer.event_id, event_type = %answer.kind, intent_id = %intent_id,
+                        from = effect.from.as_str(), to = effect.to.as_str(), answer_us = micros,
+                        "webhook applied"
+                    );
+                }
+                if effects.is_empty() {
+                    tracing::info!(
+                        event_id = %answer.event_id, event_type = %answer.kind, outcome = outcome.as_str(),
+                        answer_us = micros, "webhook stored"
+                    );
+                }
+            } else {
+                tracing::debug!(event_id = %answer.event_id, "duplicate webhook");
+            }
+            let body = if duplicate {
+                r#"{"received":true,"duplicate":true}"#
+            } else {
+                r#"{"received":true,"duplicate":false}"#
+            };
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => {
+            match &e {
+                IngressError::Store { .. } => {
+                    tracing::error!(error = %e, error_chain = ?e, "webhook not stored")
+                }
+                _ => tracing::warn!(reason = e.outcome(), error = %e, "webhook refused"),
+            }
+            e.into_response()
+        }
+    }
+}
+
+struct Answer {
+    event_id: String,
+    kind: String,
+    ingested: Ingested,
+}
+
+async fn handle(
+    ingress: &Ingress,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Answer, IngressError> {
+    let limit = ingress.body_limit_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(IngressError::TooLarge { limit });
+    }
+    let raw: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            IngressError::TooLarge { limit }
+        } else {
+            IngressError::Body(e)
+        }
+    })?;
+
+    let now = OffsetDateTime::now_utc();
+    verify(ingress, headers, &raw, now.unix_timestamp())?;
+
+    let envelope = match Envelope::parse(&raw) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            // Verified but unusable: kept for forensics, answered 400 (a retry would fail the same way).
+            if let Err(store_error) = ingress.store.reject(raw.clone(), e.to_string(), now).await {
+                tracing::warn!(error = %store_error, "could not keep the rejected body");
+            }
+            return Err(e.into());
+        }
+    };
+    if envelope
+        .api_version
+        .as_deref()
+        .is_some_and(|v| v != "2026-04-01")
+    {
+        tracing::warn!(event_id = %envelope.id, api_version = ?envelope.api_version, "unexpected api_version");
+    }
+    let kind = envelope.event_type();
+    let data = EventData::parse(kind, envelope.data).map_err(|e| e.to_string());
+    if let Err(reason) = &data {
+        tracing::warn!(event_id = %envelope.id, event_type = %envelope.kind, %reason, "event data does not fit its type; kept as unparsed");
+    }
+    let event = IncomingEvent {
+        event_id: envelope.id.clone(),
+        kind: envelope.kind.clone(),
+        raw: raw.clone(),
+        received_at: now,
+        created_at: envelope.created_at,
+        data,
+    };
+    let event_id = envelope.id;
+    let kind = envelope.kind;
+    let ingested = ingress
+        .store
+        .ingest(event)
+        .await
+        .map_err(|source| IngressError::Store {
+            event_id: event_id.clone(),
+            source,
+        })?;
+    Ok(Answer {
+        event_id,
+        kind,
+        ingested,
+    })
+}
+
+/// Checks both headers, the timestamp window and the MAC. Several signature headers are each tried.
+fn verify(
+    ingress: &Ingress,
+    headers: &HeaderMap,
+    raw: &[u8],
+    now: i64,
+) -> Result<usize, SignatureError> {
+    let timestamp = headers
+        .get(TIMESTAMP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(SignatureError::MissingHeader(TIMESTAMP_HEADER))?;
+    let mut last = SignatureError::MissingHeader(SIGNATURE_HEADER);
+    for value in headers.get_all(SIGNATURE_HEADER) {
+        let Ok(signature) = value.to_str() else {
+            continue;
+        };
+        match posgate_proto::verify(
+            &ingress.secrets,
+            timestamp,
+            signature,
+            raw,
+            now,
+            ingress.tolerance_secs,
+        ) {
+            Ok(slot) => return Ok(slot),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

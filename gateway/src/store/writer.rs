@@ -1,0 +1,393 @@
+//! The writer thread: group commit and the per-event logic inside the write transaction.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
+use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::{
+    EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
+    PENDING, REJECTED, StoreError, StoredEvent, StoredIntent, decode,
+};
+use crate::domain::{self, Effect, Input, IntentRecord};
+
+/// Runs until every sender is gone and the queue is empty.
+pub(super) fn run(
+    db: &Database,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    healthy: &AtomicBool,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = commit_batch(db, &mut batch);
+        healthy.store(result.is_ok(), Ordering::Relaxed);
+        match result {
+            Ok(answers) => {
+                tracing::trace!(
+                    jobs = answers.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "committed"
+                );
+                for (job, answer) in batch.drain(..).zip(answers) {
+                    reply(job, answer);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), "store commit failed; answering 503");
+                for job in batch.drain(..) {
+                    reply(job, Answer::Failed);
+                }
+            }
+        }
+    }
+}
+
+enum Answer {
+    Ingested(Ingested),
+    Rejected,
+    Failed,
+}
+
+fn reply(job: Job, answer: Answer) {
+    // A dropped receiver means the request was abandoned (client gone, shutdown): nothing to do,
+    // what was committed stays committed and a retry is a duplicate.
+    match (job, answer) {
+        (Job::Ingest { reply, .. }, Answer::Ingested(i)) => drop(reply.send(Ok(i))),
+        (Job::Reject { reply, .. }, Answer::Rejected) => drop(reply.send(Ok(()))),
+        (Job::Ingest { reply, .. }, _) => drop(reply.send(Err(StoreError::Closed))),
+        (Job::Reject { reply, .. }, _) => drop(reply.send(Err(StoreError::Closed))),
+    }
+}
+
+/// One write transaction for the whole batch, committed durably. Any error aborts all of it.
+fn commit_batch(db: &Database, batch: &mut [Job]) -> Result<Vec<Answer>, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate);
+    let mut answers = Vec::with_capacity(batch.len());
+    {
+        let mut t = Tables::open(&txn)?;
+        for job in batch.iter() {
+            answers.push(match job {
+                Job::Ingest { event, .. } => Answer::Ingested(t.ingest(event)?),
+                Job::Reject {
+                    raw,
+                    reason,
+                    received_at,
+                    ..
+                } => {
+                    t.reject(raw, reason, *received_at)?;
+                    Answer::Rejected
+                }
+            });
+        }
+    }
+    txn.commit()?;
+    Ok(answers)
+}
+
+struct Tables<'txn> {
+    events: Table<'txn, &'static str, &'static [u8]>,
+    intents: Table<'txn, &'static str, &'static [u8]>,
+    by_address: Table<'txn, &'static str, &'static str>,
+    pending: MultimapTable<'txn, &'static str, &'static str>,
+    rejected: Table<'txn, u64, &'static [u8]>,
+}
+
+fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn address_key(address: &str) -> String {
+    format!("addr:{}", address.to_ascii_lowercase())
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            events: txn.open_table(EVENTS)?,
+            intents: txn.open_table(INTENTS)?,
+            by_address: txn.open_table(INTENT_BY_ADDRESS)?,
+            pending: txn.open_multimap_table(PENDING)?,
+            rejected: txn.open_table(REJECTED)?,
+        })
+    }
+
+    fn reject(
+        &mut self,
+        raw: &[u8],
+        reason: &str,
+        received_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let next = match self.rejected.last()? {
+            Some((k, _)) => k.value() + 1,
+            None => 1,
+        };
+        let record = serde_json::json!({
+            "received_at": received_at.unix_timestamp(),
+            "reason": reason,
+            "raw": String::from_utf8_lossy(raw),
+        });
+        self.rejected
+            .insert(next, encode("rejected", &record)?.as_slice())?;
+        Ok(())
+    }
+
+    fn ingest(&mut self, event: &IncomingEvent) -> Result<Ingested, StoreError> {
+        if self.events.get(event.event_id.as_str())?.is_some() {
+            return Ok(Ingested::Duplicate);
+        }
+        let mut effects = Vec::new();
+        let mut intent_ids = Vec::new();
+        let (outcome, error) = match &event.data {
+            Err(message) => (EventOutcome::Unparsed, Some(message.clone())),
+            Ok(data) => (
+                self.apply_data(event, data, &mut effects, &mut intent_ids)?,
+                None,
+            ),
+        };
+        let raw = RawValue::from_string(String::from_utf8_lossy(&event.raw).into_owned()).map_err(
+            |source| StoreError::Corrupt {
+                key: event.event_id.clone(),
+                source,
+            },
+        )?;
+        let stored = StoredEvent {
+            id: event.event_id.clone(),
+            kind: event.kind.clone(),
+            received_at: event.received_at,
+            outcome,
+            intent_ids,
+            error,
+            raw,
+        };
+        self.events.insert(
+            event.event_id.as_str(),
+            encode(&event.event_id, &stored)?.as_slice(),
+        )?;
+        Ok(Ingested::New { outcome, effects })
+    }
+
+    fn apply_data(
+        &mut self,
+        event: &IncomingEvent,
+        data: &EventData,
+        effects: &mut Vec<(String, Effect)>,
+        intent_ids: &mut Vec<String>,
+    ) -> Result<EventOutcome, StoreError> {
+        Ok(match data {
+            EventData::Unknown => EventOutcome::UnknownType,
+            EventData::PaymentIntent(pi) => {
+                intent_ids.push(pi.id.clone());
+                let (mut intent, is_new) = match self.intent(&pi.id)? {
+                    Some(intent) => (intent, false),
+                    None => (self.create_intent(pi, event.received_at)?, true),
+                };
+                let effect =
+                    self.apply_one(&mut intent, Input::Snapshot(pi), event, event.created_at);
+                effects.push((pi.id.clone(), effect));
+                if is_new {
+                    self.resolve_pending(&mut intent, effects)?;
+                }
+                self.save_intent(&intent)?;
+                EventOutcome::Applied
+            }
+            EventData::Transaction(tx) => {
+                let found = self.find_intent_for(tx)?;
+                match found {
+                    Some(mut intent) => {
+                        intent_ids.push(intent.record.id.clone());
+                        let effect = self.apply_one(
+                            &mut intent,
+                            Input::Transfer(tx),
+                            event,
+                            event.created_at,
+                        );
+                        effects.push((intent.record.id.clone(), effect));
+                        self.save_intent(&intent)?;
+                        EventOutcome::Applied
+                    }
+                    None => {
+                        // Kept under every key it could be resolved by later.
+                        if let Some(id) = &tx.payment_intent_id {
+                            intent_ids.push(id.clone());
+                            self.pending.insert(id.as_str(), event.event_id.as_str())?;
+                        }
+                        if let Some(address) = &tx.payment_address {
+                            self.pending
+                                .insert(address_key(address).as_str(), event.event_id.as_str())?;
+                        }
+                        EventOutcome::Pending
+                    }
+                }
+            }
+            EventData::Settlement(s) => {
+                if event.kind != "settlement.completed" || s.payment_intent_ids.is_empty() {
+                    return Ok(EventOutcome::Recorded);
+                }
+                let mut outcome = EventOutcome::Pending;
+                for id in &s.payment_intent_ids {
+                    intent_ids.push(id.clone());
+                    match self.intent(id)? {
+                        Some(mut intent) => {
+                            let effect = self.apply_one(
+                                &mut intent,
+                                Input::Settled,
+                                event,
+                                event.created_at,
+                            );
+                            effects.push((id.clone(), effect));
+                            self.save_intent(&intent)?;
+                            outcome = EventOutcome::Applied;
+                        }
+                        None => {
+                            self.pending.insert(id.as_str(), event.event_id.as_str())?;
+                        }
+                    }
+                }
+                outcome
+            }
+        })
+    }
+
+    fn apply_one(
+        &self,
+        intent: &mut StoredIntent,
+        input: Input<'_>,
+        event: &IncomingEvent,
+        at: Option<OffsetDateTime>,
+    ) -> Effect {
+        let effect = domain::apply(&mut intent.record, input, at);
+        intent.events.push(EventRef {
+            id: event.event_id.clone(),
+            kind: event.kind.clone(),
+            received_at: event.received_at,
+            from: effect.from,
+            to: effect.to,
+        });
+        intent.updated_at = event.received_at;
+        effect
+    }
+
+    fn intent(&self, id: &str) -> Result<Option<StoredIntent>, StoreError> {
+        match self.intents.get(id)? {
+            Some(v) => Ok(Some(decode(id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save_intent(&mut self, intent: &StoredIntent) -> Result<(), StoreError> {
+        let id = intent.record.id.as_str();
+        self.intents.insert(id, encode(id, intent)?.as_slice())?;
+        Ok(())
+    }
+
+    fn create_intent(
+        &mut self,
+        pi: &PaymentIntent,
+        now: OffsetDateTime,
+    ) -> Result<StoredIntent, StoreError> {
+        let record = IntentRecord::from_snapshot(pi);
+        if let Some(address) = &record.payment_address {
+            self.by_address
+                .insert(address.to_ascii_lowercase().as_str(), record.id.as_str())?;
+        }
+        Ok(StoredIntent {
+            record,
+            events: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    fn find_intent_for(&self, tx: &Transaction) -> Result<Option<StoredIntent>, StoreError> {
+        if let Some(id) = &tx.payment_intent_id {
+            if let Some(intent) = self.intent(id)? {
+                return Ok(Some(intent));
+            }
+        }
+        let Some(address) = &tx.payment_address else {
+            return Ok(None);
+        };
+        let id = match self.by_address.get(address.to_ascii_lowercase().as_str())? {
+            Some(id) => id.value().to_owned(),
+            None => return Ok(None),
+        };
+        self.intent(&id)
+    }
+
+    /// Applies the events that arrived before this intent was known, in arrival order.
+    fn resolve_pending(
+        &mut self,
+        intent: &mut StoredIntent,
+        effects: &mut Vec<(String, Effect)>,
+    ) -> Result<(), StoreError> {
+        let mut keys = vec![intent.record.id.clone()];
+        if let Some(address) = &intent.record.payment_address {
+            keys.push(address_key(address));
+        }
+        let mut waiting: Vec<StoredEvent> = Vec::new();
+        for key in &keys {
+            let ids: Vec<String> = self
+                .pending
+                .remove_all(key.as_str())?
+                .map(|v| v.map(|v| v.value().to_owned()))
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                if waiting.iter().any(|e| e.id == id) {
+                    continue;
+                }
+                if let Some(v) = self.events.get(id.as_str())? {
+                    waiting.push(decode(&id, v.value())?);
+                }
+            }
+        }
+        waiting.sort_by_key(|e| e.received_at);
+        for mut stored in waiting {
+            let Ok(envelope) = Envelope::parse(stored.raw.get().as_bytes()) else {
+                continue;
+            };
+            let Ok(data) = EventData::parse(envelope.event_type(), envelope.data) else {
+                continue;
+            };
+            let replay = IncomingEvent {
+                event_id: stored.id.clone(),
+                kind: stored.kind.clone(),
+                raw: bytes::Bytes::new(),
+                received_at: stored.received_at,
+                created_at: envelope.created_at,
+                data: Ok(EventData::Unknown),
+            };
+            let input = match &data {
+                // A transfer belongs to one intent; kept under two keys, it is applied once.
+                EventData::Transaction(_) if stored.outcome == EventOutcome::Applied => continue,
+                EventData::Transaction(tx) => Input::Transfer(tx),
+                EventData::Settlement(_) => Input::Settled,
+                _ => continue,
+            };
+            let effect = self.apply_one(intent, input, &replay, envelope.created_at);
+            effects.push((intent.record.id.clone(), effect));
+            if !stored.intent_ids.contains(&intent.record.id) {
+                stored.intent_ids.push(intent.record.id.clone());
+            }
+            stored.outcome = EventOutcome::Applied;
+            self.events
+                .insert(stored.id.as_str(), encode(&stored.id, &stored)?.as_slice())?;
+        }
+        Ok(())
+    }
+}
