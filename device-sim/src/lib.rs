@@ -1,1 +1,10 @@
+//! posgate-sim: the provider simulator, simulated terminals, the demo and the benchmarks.
+//!
+//! A library first, so black-box tests reuse it.
+//!
+//! # Layout
+//! - [`events`]: provider event bodies exactly as the provider sends them, and their signed headers.
+//! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 
+pub mod bench;
+pub mod events;
