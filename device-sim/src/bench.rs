@@ -105,7 +105,10 @@ fn default_posgate_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let bin = exe.with_file_name("posgate");
     if !bin.exists() {
-        bail!("{} not found: build it (cargo build --release -p posgate) or pass --posgate-bin", bin.display());
+        bail!(
+            "{} not found: build it (cargo build --release -p posgate) or pass --posgate-bin",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -129,8 +132,16 @@ async fn start_child(bin: &Path, secret: &str, log_level: &str) -> anyhow::Resul
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if let (Some(ingress), Some(admin)) = (find_addr(&text, "ingress_addr="), find_addr(&text, "admin_addr=")) {
-            return Ok(Child { process, ingress, admin, _dir: dir });
+        if let (Some(ingress), Some(admin)) = (
+            find_addr(&text, "ingress_addr="),
+            find_addr(&text, "admin_addr="),
+        ) {
+            return Ok(Child {
+                process,
+                ingress,
+                admin,
+                _dir: dir,
+            });
         }
         if Instant::now() > deadline {
             bail!("posgate did not report its addresses within 30 s; log:\n{text}");
@@ -143,7 +154,9 @@ async fn start_child(bin: &Path, secret: &str, log_level: &str) -> anyhow::Resul
 pub fn find_addr(log: &str, key: &str) -> Option<SocketAddr> {
     let start = log.find(key)? + key.len();
     let rest = log[start..].trim_start_matches('"');
-    let end = rest.find(|c: char| c.is_whitespace() || c == '"' || c == ',').unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
+        .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
@@ -166,8 +179,12 @@ fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+async fn connect(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -183,15 +200,23 @@ async fn webhook_worker(
     end: Instant,
 ) -> anyhow::Result<WorkerResult> {
     let mut sender = connect(addr).await?;
-    let mut result =
-        WorkerResult { histogram: new_histogram()?, statuses: Default::default(), duplicates: 0, errors: 0 };
+    let mut result = WorkerResult {
+        histogram: new_histogram()?,
+        statuses: Default::default(),
+        duplicates: 0,
+        errors: 0,
+    };
     let run = std::process::id();
     let mut seq: u64 = 0;
     let mut intent = Intent::new("pi_x", MicroUsdc(4_500_000), "pos-bench");
     while Instant::now() < end {
         let payment = seq / 2;
         let body = if seq % 2 == 0 {
-            intent = Intent::new(&format!("pi_b{run}w{worker}n{payment}"), MicroUsdc(4_500_000), &format!("pos-{worker}"));
+            intent = Intent::new(
+                &format!("pi_b{run}w{worker}n{payment}"),
+                MicroUsdc(4_500_000),
+                &format!("pos-{worker}"),
+            );
             events::intent_event(&format!("evt_b{run}w{worker}n{seq}"), "confirmed", &intent)
         } else {
             events::transaction_event(
@@ -245,15 +270,26 @@ async fn webhook_worker(
 }
 
 /// One sender of `GET /healthz` (the baseline: HTTP on this machine with no work behind it).
-async fn healthz_worker(addr: SocketAddr, measure_from: Instant, end: Instant) -> anyhow::Result<WorkerResult> {
+async fn healthz_worker(
+    addr: SocketAddr,
+    measure_from: Instant,
+    end: Instant,
+) -> anyhow::Result<WorkerResult> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut result =
-        WorkerResult { histogram: new_histogram()?, statuses: Default::default(), duplicates: 0, errors: 0 };
+    let mut result = WorkerResult {
+        histogram: new_histogram()?,
+        statuses: Default::default(),
+        duplicates: 0,
+        errors: 0,
+    };
     while Instant::now() < end {
-        let request = Request::get("/healthz").header("host", addr.to_string()).body(Empty::new())?;
+        let request = Request::get("/healthz")
+            .header("host", addr.to_string())
+            .body(Empty::new())?;
         let started = Instant::now();
         sender.ready().await?;
         let response = sender.send_request(request).await?;
@@ -261,15 +297,25 @@ async fn healthz_worker(addr: SocketAddr, measure_from: Instant, end: Instant) -
         response.into_body().collect().await?;
         if started >= measure_from {
             *result.statuses.entry(status).or_default() += 1;
-            result.histogram.record(started.elapsed().as_micros().max(1) as u64)?;
+            result
+                .histogram
+                .record(started.elapsed().as_micros().max(1) as u64)?;
         }
     }
     Ok(result)
 }
 
-fn merge(name: &str, results: Vec<WorkerResult>, measured: Duration) -> anyhow::Result<(Phase, WorkerResult)> {
-    let mut total =
-        WorkerResult { histogram: new_histogram()?, statuses: Default::default(), duplicates: 0, errors: 0 };
+fn merge(
+    name: &str,
+    results: Vec<WorkerResult>,
+    measured: Duration,
+) -> anyhow::Result<(Phase, WorkerResult)> {
+    let mut total = WorkerResult {
+        histogram: new_histogram()?,
+        statuses: Default::default(),
+        duplicates: 0,
+        errors: 0,
+    };
     for r in results {
         total.histogram.add(&r.histogram)?;
         for (status, n) in r.statuses {
@@ -308,14 +354,17 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
             addrs
         }
     };
-    let pid = opts.pid.or_else(|| child.as_ref().and_then(|c| c.process.id()));
+    let pid = opts
+        .pid
+        .or_else(|| child.as_ref().and_then(|c| c.process.id()));
 
     let baseline = match (admin, opts.no_baseline) {
         (Some(admin), false) => {
             let start = Instant::now();
             let (measure_from, end) = (start + opts.warmup, start + opts.warmup + opts.duration);
-            let tasks: Vec<_> =
-                (0..opts.concurrency).map(|_| tokio::spawn(healthz_worker(admin, measure_from, end))).collect();
+            let tasks: Vec<_> = (0..opts.concurrency)
+                .map(|_| tokio::spawn(healthz_worker(admin, measure_from, end)))
+                .collect();
             let mut results = Vec::new();
             for t in tasks {
                 results.push(t.await??);
@@ -328,7 +377,15 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
     let start = Instant::now();
     let (measure_from, end) = (start + opts.warmup, start + opts.warmup + opts.duration);
     let tasks: Vec<_> = (0..opts.concurrency)
-        .map(|w| tokio::spawn(webhook_worker(target, opts.secret.clone(), w, measure_from, end)))
+        .map(|w| {
+            tokio::spawn(webhook_worker(
+                target,
+                opts.secret.clone(),
+                w,
+                measure_from,
+                end,
+            ))
+        })
         .collect();
     let mut results = Vec::new();
     for t in tasks {
@@ -339,7 +396,9 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
     if let Some(mut c) = child {
         c.process.kill().await.ok();
     }
-    let ratio_to_baseline = baseline.as_ref().map(|b| webhooks.per_second / b.per_second);
+    let ratio_to_baseline = baseline
+        .as_ref()
+        .map(|b| webhooks.per_second / b.per_second);
     Ok(IngestReport {
         scenario: "ingest",
         concurrency: opts.concurrency,
@@ -363,17 +422,32 @@ pub fn print_ingest(report: &IngestReport) {
         "{:<24} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "phase", "requests", "per s", "p50 ms", "p90 ms", "p99 ms", "p99.9", "max ms", "errors"
     );
-    for phase in report.baseline.iter().chain(std::iter::once(&report.webhooks)) {
+    for phase in report
+        .baseline
+        .iter()
+        .chain(std::iter::once(&report.webhooks))
+    {
         let l = &phase.latency_ms;
         println!(
             "{:<24} {:>10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
-            phase.name, phase.requests, phase.per_second, l.p50, l.p90, l.p99, l.p999, l.max, phase.errors
+            phase.name,
+            phase.requests,
+            phase.per_second,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            phase.errors
         );
     }
     if let Some(ratio) = report.ratio_to_baseline {
         println!("durable webhooks / baseline: {ratio:.2}");
     }
-    println!("answers by status: {:?}; duplicates: {}", report.status_counts, report.duplicates);
+    println!(
+        "answers by status: {:?}; duplicates: {}",
+        report.status_counts, report.duplicates
+    );
     if let Some(rss) = report.target_rss_mib {
         println!("gateway RSS at the end: {rss:.1} MiB");
     }

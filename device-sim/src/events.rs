@@ -29,7 +29,9 @@ pub struct Intent {
 impl Intent {
     /// A fresh intent of `amount`, created now, expiring in 5 minutes.
     pub fn new(id: &str, amount: MicroUsdc, terminal_id: &str) -> Self {
-        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
         Intent {
             id: id.to_owned(),
             status: "awaiting_payment".into(),
@@ -95,7 +97,10 @@ pub fn number(amount: MicroUsdc) -> Value {
 
 /// RFC 3339 UTC, seconds precision.
 pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339).unwrap_or_default()
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 /// An event envelope around `data`.
@@ -115,11 +120,21 @@ pub fn envelope(event_id: &str, kind: &str, data: Value) -> String {
 pub fn intent_event(event_id: &str, status: &str, intent: &Intent) -> String {
     let mut intent = intent.clone();
     intent.status = status.to_owned();
-    envelope(event_id, &format!("payment_intent.{status}"), intent.to_json())
+    envelope(
+        event_id,
+        &format!("payment_intent.{status}"),
+        intent.to_json(),
+    )
 }
 
 /// A `transaction.created` event paying `amount` to `intent`'s address, confirmed at `at`.
-pub fn transaction_event(event_id: &str, txn_id: &str, intent: &Intent, amount: MicroUsdc, at: OffsetDateTime) -> String {
+pub fn transaction_event(
+    event_id: &str,
+    txn_id: &str,
+    intent: &Intent,
+    amount: MicroUsdc,
+    at: OffsetDateTime,
+) -> String {
     envelope(
         event_id,
         "transaction.created",
@@ -182,12 +197,24 @@ mod tests {
         let intent = Intent::new("pi_1", MicroUsdc(4_400_000), "pos-1");
         let body = intent_event("evt_1", "confirmed", &intent);
         let env = Envelope::parse(body.as_bytes()).unwrap();
-        let EventData::PaymentIntent(pi) = EventData::parse(env.event_type(), env.data).unwrap() else { panic!() };
+        let EventData::PaymentIntent(pi) = EventData::parse(env.event_type(), env.data).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(pi.amount, MicroUsdc(4_400_000));
         assert!(body.contains(r#""amount":4.40"#), "{body}");
-        let body = transaction_event("evt_2", "txn_1", &intent, MicroUsdc(10), OffsetDateTime::now_utc());
+        let body = transaction_event(
+            "evt_2",
+            "txn_1",
+            &intent,
+            MicroUsdc(10),
+            OffsetDateTime::now_utc(),
+        );
         let env = Envelope::parse(body.as_bytes()).unwrap();
-        let EventData::Transaction(tx) = EventData::parse(env.event_type(), env.data).unwrap() else { panic!() };
+        let EventData::Transaction(tx) = EventData::parse(env.event_type(), env.data).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(tx.amount, MicroUsdc(10));
         assert_eq!(address_for("pi_1").len(), 42);
     }
@@ -195,8 +222,11 @@ mod tests {
     #[test]
     fn signed_headers_match_the_known_answer() {
         use posgate_proto::webhook::vectors;
-        let [(_, ts), (_, sig)] =
-            signed_headers(vectors::SECRET, vectors::TIMESTAMP.parse().unwrap(), vectors::CONFIRMED_BODY.as_bytes());
+        let [(_, ts), (_, sig)] = signed_headers(
+            vectors::SECRET,
+            vectors::TIMESTAMP.parse().unwrap(),
+            vectors::CONFIRMED_BODY.as_bytes(),
+        );
         assert_eq!(ts, vectors::TIMESTAMP);
         assert_eq!(sig, vectors::CONFIRMED_SIGNATURE);
     }

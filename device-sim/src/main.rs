@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use posgate_sim::bench;
 
 #[derive(Parser)]
-#[command(name = "posgate-sim", version, about = "posgate's simulator: provider, terminals, demo, benchmarks")]
+#[command(
+    name = "posgate-sim",
+    version,
+    about = "posgate's simulator: provider, terminals, demo, benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,10 @@ enum Scenario {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("posgate-sim: cannot start the runtime: {e}");

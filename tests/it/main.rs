@@ -1,1 +1,9 @@
+//! Black-box tests: the real daemon, in-process or as a process, on 127.0.0.1:0 ports with a
+//! temporary data dir, over real HTTP.
 
+mod admin;
+mod cli;
+mod crash;
+mod harness;
+mod shutdown;
+mod webhooks;

@@ -218,7 +218,8 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    /// Taken at [`Store::close`], so the file is released even if a handle outlives the store.
+    db: Mutex<Option<Arc<Database>>>,
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -260,7 +261,7 @@ impl Store {
         };
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
+                db: Mutex::new(Some(db)),
                 path,
                 queue: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
@@ -330,7 +331,13 @@ impl Store {
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.inner.db.clone();
+        let db = self
+            .inner
+            .db
+            .lock()
+            .ok()
+            .and_then(|db| db.clone())
+            .ok_or(StoreError::Closed)?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|_| StoreError::Closed)?
@@ -436,6 +443,8 @@ impl Store {
             }
         }
         self.inner.healthy.store(false, Ordering::Relaxed);
+        let db = self.inner.db.lock().ok().and_then(|mut db| db.take());
+        drop(db);
     }
 }
 

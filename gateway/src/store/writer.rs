@@ -193,16 +193,19 @@ impl<'txn> Tables<'txn> {
             EventData::Unknown => EventOutcome::UnknownType,
             EventData::PaymentIntent(pi) => {
                 intent_ids.push(pi.id.clone());
-                let (mut intent, is_new) = match self.intent(&pi.id)? {
-                    Some(intent) => (intent, false),
-                    None => (self.create_intent(pi, event.received_at)?, true),
+                let mut intent = match self.intent(&pi.id)? {
+                    Some(intent) => intent,
+                    None => {
+                        // Events that arrived earlier for this intent are applied first, in
+                        // arrival order, so the outcome does not depend on which came first.
+                        let mut intent = self.create_intent(pi, event.received_at)?;
+                        self.resolve_pending(&mut intent, effects)?;
+                        intent
+                    }
                 };
                 let effect =
                     self.apply_one(&mut intent, Input::Snapshot(pi), event, event.created_at);
                 effects.push((pi.id.clone(), effect));
-                if is_new {
-                    self.resolve_pending(&mut intent, effects)?;
-                }
                 self.save_intent(&intent)?;
                 EventOutcome::Applied
             }

@@ -1,0 +1,140 @@
+//! The real binary's command line: config errors exit 64 before anything starts.
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_posgate-under-test");
+
+fn posgate(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command.env_clear().args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn print_config_prints_the_embedded_default() {
+    let out = posgate(&["print-config"], &[]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), posgate::config::DEFAULT_CONFIG);
+}
+
+#[test]
+fn check_config_lists_every_bad_key_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("posgate.toml");
+    std::fs::write(
+        &file,
+        "[ingress]\nlisten = \"127.0.0.1:99999\"\nlisen = \"typo\"\n[shutdown]\ngrace_secs = -1\n",
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let out = posgate(
+        &["check-config", "--config", file.to_str().unwrap()],
+        &[
+            ("POSGATE__DATA_DIR", &data_dir),
+            ("POSGATE__PROVIDER__API_KEY", "not_a_key_secret"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    for needle in [
+        "ingress.listen = \"127.0.0.1:99999\"",
+        "ingress.lisen = \"typo\"",
+        "unknown key",
+        "shutdown.grace_secs",
+        "provider.api_key = <redacted>",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in:\n{err}");
+    }
+    assert!(
+        !err.contains("not_a_key_secret"),
+        "a secret was printed:\n{err}"
+    );
+}
+
+#[test]
+fn check_config_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let out = posgate(
+        &["check-config"],
+        &[
+            ("POSGATE__DATA_DIR", &data_dir),
+            ("POSGATE__PROVIDER__WEBHOOK_SECRETS", "whsec_x"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn run_with_bad_config_exits_64_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data").display().to_string();
+    let common = [
+        ("POSGATE__DATA_DIR", data_dir.as_str()),
+        ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0"),
+        ("POSGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+    ];
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (&[("POSGATE__NOT__A_KEY", "1")], "not.a_key"),
+        (&[("POSGATE__ADMIN__LISTEN", "localhost")], "admin.listen"),
+        (
+            &[("POSGATE__INGRESS__BODY_LIMIT_BYTES", "huge")],
+            "ingress.body_limit_bytes",
+        ),
+    ];
+    for (extra, key) in cases {
+        let env: Vec<_> = common.iter().chain(extra.iter()).copied().collect();
+        let out = posgate(&["run"], &env);
+        assert_eq!(out.status.code(), Some(64), "{key}");
+        assert!(
+            text(&out.stderr).contains(key),
+            "{key} not in {}",
+            text(&out.stderr)
+        );
+        assert!(
+            !text(&out.stdout).contains("listening"),
+            "something started: {}",
+            text(&out.stdout)
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "a bad config must not touch data_dir"
+    );
+}
+
+#[test]
+fn unwritable_data_dir_exits_64_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    // Under a regular file: not creatable, even for root.
+    let data_dir = file.join("data").display().to_string();
+    let env = [
+        ("POSGATE__DATA_DIR", data_dir.as_str()),
+        ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0"),
+        ("POSGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+    ];
+    let out = posgate(&["run"], &env);
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains("data_dir") && err.contains(&data_dir), "{err}");
+    assert!(!text(&out.stdout).contains("listening"));
+    let out = posgate(&["check-config"], &env);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("data_dir"));
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    assert_eq!(posgate(&["--no-such-flag"], &[]).status.code(), Some(64));
+    assert_eq!(posgate(&["frobnicate"], &[]).status.code(), Some(64));
+    assert_eq!(posgate(&["--help"], &[]).status.code(), Some(0));
+}

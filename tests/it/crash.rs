@@ -1,0 +1,197 @@
+//! Crash safety: the real `posgate` process, killed with SIGKILL under load, loses nothing that it
+//! answered `200` for.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use posgate_proto::MicroUsdc;
+use posgate_sim::bench::find_addr;
+use posgate_sim::events::{self, Intent};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::harness::{SECRET, status_json};
+
+const TOKEN: &str = "crash-test-admin-token";
+
+/// A `posgate` process with its addresses, read from its startup log.
+pub struct Daemon {
+    pub child: Child,
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+}
+
+pub async fn start_daemon(data_dir: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"))
+        .env_clear()
+        .env("POSGATE__DATA_DIR", data_dir)
+        .env("POSGATE__INGRESS__LISTEN", "127.0.0.1:0")
+        .env("POSGATE__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("POSGATE__MQTT__LISTEN", "127.0.0.1:0")
+        .env("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET)
+        .env("POSGATE__ADMIN__TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (mut ingress, mut admin) = (None, None);
+    while ingress.is_none() || admin.is_none() {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("posgate exited before listening");
+        ingress = ingress.or_else(|| find_addr(&line, "ingress_addr="));
+        admin = admin.or_else(|| find_addr(&line, "admin_addr="));
+        log.lock().unwrap().push_str(&line);
+    }
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    Daemon {
+        child,
+        ingress: ingress.unwrap(),
+        admin: admin.unwrap(),
+        log,
+    }
+}
+
+fn body_for(sender: usize, n: usize) -> (String, String) {
+    let pi = format!("pi_crash_{sender}_{n}");
+    let intent = Intent::new(
+        &pi,
+        MicroUsdc(1_000_000 + n as u64),
+        &format!("pos-{sender}"),
+    );
+    (
+        pi,
+        events::intent_event(&format!("evt_crash_{sender}_{n}"), "confirmed", &intent),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = start_daemon(dir.path()).await;
+    let url = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+
+    // Eight concurrent senders until the process dies under them.
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let (enough_tx, enough_rx) = tokio::sync::watch::channel(0usize);
+    let senders: Vec<_> = (0..8)
+        .map(|sender| {
+            let (url, acked, enough_tx) = (url.clone(), acked.clone(), enough_tx.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder().no_proxy().build().unwrap();
+                for n in 0.. {
+                    let (pi, body) = body_for(sender, n);
+                    let mut request = http.post(&url);
+                    for (k, v) in
+                        events::signed_headers(SECRET, events::now_unix(), body.as_bytes())
+                    {
+                        request = request.header(k, v);
+                    }
+                    match request.body(body.clone()).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let mut acked = acked.lock().unwrap();
+                            acked.push((pi, body));
+                            enough_tx.send_replace(acked.len());
+                        }
+                        Ok(r) => panic!("unexpected answer {} before the kill", r.status()),
+                        Err(_) => return, // the daemon is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut enough = enough_rx;
+    enough.wait_for(|n| *n >= 400).await.unwrap();
+    daemon.child.start_kill().unwrap(); // SIGKILL
+    let status = daemon.child.wait().await.unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 400);
+
+    // Same data dir: every acknowledged event is there, and sending it again is a duplicate.
+    let daemon = start_daemon(dir.path()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    for (pi, body) in &acked {
+        let view = http
+            .get(format!("http://{}/v1/payment-intents/{pi}", daemon.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let (status, view) = status_json(view).await;
+        assert_eq!(
+            (status, view["status"].as_str()),
+            (200, Some("confirmed")),
+            "{pi} lost: {view}"
+        );
+        let mut request = http.post(&url);
+        for (k, v) in events::signed_headers(SECRET, events::now_unix(), body.as_bytes()) {
+            request = request.header(k, v);
+        }
+        let (status, answer) = status_json(request.body(body.clone()).send().await.unwrap()).await;
+        assert_eq!(
+            (status, &answer["duplicate"]),
+            (200, &serde_json::Value::Bool(true)),
+            "{pi}"
+        );
+    }
+    sigterm(&daemon).await;
+}
+
+/// SIGTERM: exit 0 after closing the store.
+pub async fn sigterm(daemon: &Daemon) {
+    let pid = daemon.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = start_daemon(dir.path()).await;
+    sigterm(&daemon).await;
+    let status = tokio::time::timeout(Duration::from_secs(20), daemon.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Let the drain task read the last lines.
+    let mut tries = 0;
+    while !daemon.log.lock().unwrap().contains("store closed") && tries < 100 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tries += 1;
+    }
+    assert!(
+        daemon.log.lock().unwrap().contains("store closed"),
+        "{}",
+        daemon.log.lock().unwrap()
+    );
+}

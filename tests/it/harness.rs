@@ -1,0 +1,184 @@
+//! Starts a real gateway in-process and talks to it over real HTTP.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Once;
+use std::time::Duration;
+
+use posgate::config::{Config, Env};
+use posgate::{Gateway, Running};
+use posgate_sim::events;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The webhook secret every test gateway accepts (the provider's documented test secret).
+pub const SECRET: &str = "whsec_test_posgate";
+
+static LOG: Once = Once::new();
+
+/// Logs are opt-in: `TEST_LOG=1 cargo nextest run …`.
+fn init_log() {
+    LOG.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let log = posgate::config::LogConfig {
+                format: posgate::config::LogFormat::Plain,
+                level: "debug".into(),
+            };
+            posgate::telemetry::init(&log);
+        }
+    });
+}
+
+/// The environment of a test gateway: loopback port 0 everywhere, the test secret, `data_dir`.
+pub fn test_env(data_dir: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("POSGATE__DATA_DIR".into(), data_dir.display().to_string()),
+        ("POSGATE__INGRESS__LISTEN".into(), "127.0.0.1:0".into()),
+        ("POSGATE__ADMIN__LISTEN".into(), "127.0.0.1:0".into()),
+        ("POSGATE__MQTT__LISTEN".into(), "127.0.0.1:0".into()),
+        ("POSGATE__PROVIDER__WEBHOOK_SECRETS".into(), SECRET.into()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push(((*k).into(), (*v).into()));
+    }
+    env
+}
+
+pub struct TestGateway {
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_token: String,
+    pub http: reqwest::Client,
+    pub data_dir: TempDir,
+    extra: Vec<(String, String)>,
+    running: Running,
+}
+
+pub async fn spawn_gateway() -> TestGateway {
+    spawn_with(&[]).await
+}
+
+pub async fn spawn_with(extra: &[(&str, &str)]) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect();
+    start(dir, extra).await
+}
+
+async fn start(data_dir: TempDir, extra: Vec<(String, String)>) -> TestGateway {
+    init_log();
+    let pairs: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let env = Env::from_pairs(test_env(data_dir.path(), &pairs));
+    let config = Config::load(None, &env).expect("test config is valid");
+    let running = Gateway::build(config)
+        .await
+        .expect("gateway builds")
+        .spawn();
+    TestGateway {
+        ingress: running.ingress_addr,
+        admin: running.admin_addr,
+        admin_token: running.admin_token().expose_secret().to_owned(),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        data_dir,
+        extra,
+        running,
+    }
+}
+
+impl TestGateway {
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}{}", self.ingress, events::WEBHOOK_PATH)
+    }
+
+    /// POSTs `body` with exactly `headers`.
+    pub async fn post_with(
+        &self,
+        body: impl Into<Vec<u8>>,
+        headers: &[(&str, String)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(self.webhook_url())
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        request.body(body.into()).send().await.unwrap()
+    }
+
+    /// POSTs `body` signed with the test secret at `ts`.
+    pub async fn post_signed_at(&self, body: &str, ts: i64) -> reqwest::Response {
+        let headers = events::signed_headers(SECRET, ts, body.as_bytes());
+        self.post_with(body, &headers).await
+    }
+
+    /// POSTs `body` signed with the test secret now.
+    pub async fn post_signed(&self, body: &str) -> reqwest::Response {
+        self.post_signed_at(body, events::now_unix()).await
+    }
+
+    /// GET on the admin listener with the admin token.
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("http://{}{path}", self.admin))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The admin view of an intent, if the gateway has it.
+    pub async fn intent(&self, id: &str) -> Option<Value> {
+        let response = self.admin_get(&format!("/v1/payment-intents/{id}")).await;
+        match response.status().as_u16() {
+            200 => Some(response.json().await.unwrap()),
+            404 => None,
+            other => panic!("admin answered {other}"),
+        }
+    }
+
+    /// Shuts down within the default grace period; returns how long the drain took.
+    pub async fn shutdown(self) -> Duration {
+        self.running.shutdown(Duration::from_secs(10)).await
+    }
+
+    /// Stops (cleanly) and starts again on the same data dir.
+    pub async fn restart(self) -> TestGateway {
+        let TestGateway {
+            data_dir,
+            extra,
+            running,
+            ..
+        } = self;
+        running.shutdown(Duration::from_secs(10)).await;
+        start(data_dir, extra).await
+    }
+}
+
+/// Status and JSON body of a response.
+pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    (status, body)
+}
+
+/// Asserts the contract's error body: `{"error":{"code":"…","message":"…"}}`.
+pub fn assert_error_body(body: &Value) {
+    let error = &body["error"];
+    assert!(
+        error["code"].as_str().is_some_and(|c| !c.is_empty()),
+        "no error.code in {body}"
+    );
+    assert!(
+        error["message"].as_str().is_some(),
+        "no error.message in {body}"
+    );
+}
