@@ -211,7 +211,7 @@ async fn webhook_worker(
     let mut intent = Intent::new("pi_x", MicroUsdc(4_500_000), "pos-bench");
     while Instant::now() < end {
         let payment = seq / 2;
-        let body = if seq % 2 == 0 {
+        let body = if seq.is_multiple_of(2) {
             intent = Intent::new(
                 &format!("pi_b{run}w{worker}n{payment}"),
                 MicroUsdc(4_500_000),

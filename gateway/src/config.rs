@@ -257,10 +257,11 @@ impl Config {
                 _ => r.reject("log.format", "must be \"plain\" or \"json\""),
             });
         let log_level: Option<String> = r.required("log.level");
-        if let Some(level) = &log_level {
-            if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
-                r.reject::<()>("log.level", &format!("not a tracing filter: {e}"));
-            }
+        if let Some(Err(e)) = log_level
+            .as_deref()
+            .map(tracing_subscriber::EnvFilter::try_new)
+        {
+            r.reject::<()>("log.level", &format!("not a tracing filter: {e}"));
         }
         let ingress_listen = r.addr("ingress.listen");
         let body_limit_bytes = r.in_range::<usize>("ingress.body_limit_bytes", 1024, 16 << 20);
@@ -269,44 +270,50 @@ impl Config {
         let webhook_secrets = r
             .optional::<Vec<String>>("provider.webhook_secrets")
             .map(|v| v.unwrap_or_default());
-        if let Some(secrets) = &webhook_secrets {
-            if secrets.iter().any(|s| s.trim().is_empty()) {
-                r.reject::<()>("provider.webhook_secrets", "an empty secret is not allowed");
-            }
-        }
+        r.ensure(
+            "provider.webhook_secrets",
+            &webhook_secrets,
+            |secrets| secrets.iter().all(|s| !s.trim().is_empty()),
+            "an empty secret is not allowed",
+        );
         let api_base = r.required::<String>("provider.api_base");
-        if let Some(base) = &api_base {
-            if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
-                r.reject::<()>("provider.api_base", "must be an http:// or https:// URL");
-            }
-        }
+        r.ensure(
+            "provider.api_base",
+            &api_base,
+            |base| {
+                (base.starts_with("http://") || base.starts_with("https://")) && base.len() >= 10
+            },
+            "must be an http:// or https:// URL",
+        );
         let api_key = r.optional::<String>("provider.api_key").flatten();
-        if let Some(key) = &api_key {
-            if !(key.starts_with("sk_test_") || key.starts_with("sk_live_")) {
-                r.reject::<()>("provider.api_key", "must start with sk_test_ or sk_live_");
-            }
-        }
+        r.ensure(
+            "provider.api_key",
+            &api_key,
+            |key| key.starts_with("sk_test_") || key.starts_with("sk_live_"),
+            "must start with sk_test_ or sk_live_",
+        );
 
         let admin_listen = r.addr("admin.listen");
         let admin_token = r.optional::<String>("admin.token").flatten();
-        if let Some(token) = &admin_token {
-            if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                r.reject::<()>(
-                    "admin.token",
-                    "must be at least 16 printable characters without spaces",
-                );
-            }
-        }
+        r.ensure(
+            "admin.token",
+            &admin_token,
+            |token| {
+                token.len() >= 16 && !token.chars().any(|c| c.is_whitespace() || c.is_control())
+            },
+            "must be at least 16 printable characters without spaces",
+        );
 
         let mqtt_listen = r.addr("mqtt.listen");
         let ws_listen = r.optional_addr("mqtt.ws_listen");
         let plain_listen = r.optional_addr("mqtt.plain_listen");
         let server_names = r.required::<Vec<String>>("mqtt.server_names");
-        if let Some(names) = &server_names {
-            if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
-                r.reject::<()>("mqtt.server_names", "needs at least one non-empty name");
-            }
-        }
+        r.ensure(
+            "mqtt.server_names",
+            &server_names,
+            |names| !names.is_empty() && names.iter().all(|n| !n.trim().is_empty()),
+            "needs at least one non-empty name",
+        );
 
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
         let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
@@ -375,6 +382,13 @@ impl Reader<'_> {
         match self.merged.get::<config::Value>(key) {
             Ok(value) => show(&value),
             Err(_) => String::new(),
+        }
+    }
+
+    /// Records `reason` for `key` when its (present) value fails `ok`.
+    fn ensure<T>(&mut self, key: &str, value: &Option<T>, ok: impl Fn(&T) -> bool, reason: &str) {
+        if value.as_ref().is_some_and(|v| !ok(v)) {
+            self.reject::<()>(key, reason);
         }
     }
 

@@ -2,17 +2,17 @@
 //! terminals, fast and without ever losing one.
 //!
 //! # Layout
-//! - [`cli`]: the command line (`run`, `print-config`, `check-config`) and its exit codes.
-//! - [`config`]: the file schema, layered loading, validation that reports every bad key.
-//! - [`app`]: [`Gateway::build`] (opens the store, binds every listener), [`Gateway::spawn`] →
+//! - [`cli`] — the command line (`run`, `print-config`, `check-config`) and its exit codes.
+//! - [`config`] — the file schema, layered loading, validation that reports every bad key.
+//! - [`app`] — [`Gateway::build`] (opens the store, binds every listener), [`Gateway::spawn`] →
 //!   [`Running`] (bound addresses, graceful shutdown).
-//! - [`shutdown`]: SIGTERM/SIGINT.
-//! - [`telemetry`]: the tracing subscriber (plain or JSON); only the binary installs it.
-//! - [`domain`]: the intent state machine, pure and forward-only.
-//! - [`ingress`]: `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer.
-//! - [`store`]: redb tables, one writer thread with group commit, typed reads.
-//! - [`admin`]: `/healthz`, `/readyz` and the admin API behind the bearer token.
-//! - [`http`]: the shared error body.
+//! - [`shutdown`] — SIGTERM/SIGINT.
+//! - [`telemetry`] — the tracing subscriber (plain or JSON); only the binary installs it.
+//! - [`domain`] — the intent state machine, pure and forward-only.
+//! - [`ingress`] — `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer.
+//! - [`store`] — redb tables, one writer thread with group commit, typed reads.
+//! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
+//! - [`http`] — the shared error body.
 
 pub mod admin;
 pub mod app;

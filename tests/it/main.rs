@@ -1,6 +1,9 @@
 //! Black-box tests: the real daemon, in-process or as a process, on 127.0.0.1:0 ports with a
 //! temporary data dir, over real HTTP.
 
+// Test code: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod admin;
 mod cli;
 mod crash;

@@ -183,10 +183,10 @@ pub fn apply(
         Input::Transfer(tx) => transfer(record, tx, event_at),
         Input::Settled => Some(IntentStatus::Settled),
     };
-    if let Some(candidate) = candidate {
-        if candidate.rank() > record.status.rank() {
-            record.status = candidate;
-        }
+    if let Some(candidate) = candidate
+        && candidate.rank() > record.status.rank()
+    {
+        record.status = candidate;
     }
     let to = record.status;
     let notify = match to {

@@ -244,9 +244,12 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        init_tables(&db).map_err(|source| StoreError::Init {
-            path: path.clone(),
-            source: Box::new(source),
+        init_tables(&db).map_err(|e| match e {
+            StoreError::Db(source) => StoreError::Init {
+                path: path.clone(),
+                source,
+            },
+            other => other,
         })?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(queue_depth);
@@ -434,13 +437,12 @@ impl Store {
         let sender = self.inner.queue.lock().ok().and_then(|mut q| q.take());
         drop(sender);
         let writer = self.inner.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(writer) = writer {
-            if tokio::task::spawn_blocking(move || writer.join())
+        if let Some(writer) = writer
+            && tokio::task::spawn_blocking(move || writer.join())
                 .await
                 .is_err()
-            {
-                tracing::error!("store writer thread panicked");
-            }
+        {
+            tracing::error!("store writer thread panicked");
         }
         self.inner.healthy.store(false, Ordering::Relaxed);
         let db = self.inner.db.lock().ok().and_then(|mut db| db.take());
@@ -448,7 +450,7 @@ impl Store {
     }
 }
 
-fn init_tables(db: &Database) -> Result<(), redb::Error> {
+fn init_tables(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     txn.open_table(EVENTS)?;
     txn.open_table(INTENTS)?;

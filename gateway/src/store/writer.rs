@@ -318,10 +318,10 @@ impl<'txn> Tables<'txn> {
     }
 
     fn find_intent_for(&self, tx: &Transaction) -> Result<Option<StoredIntent>, StoreError> {
-        if let Some(id) = &tx.payment_intent_id {
-            if let Some(intent) = self.intent(id)? {
-                return Ok(Some(intent));
-            }
+        if let Some(id) = &tx.payment_intent_id
+            && let Some(intent) = self.intent(id)?
+        {
+            return Ok(Some(intent));
         }
         let Some(address) = &tx.payment_address else {
             return Ok(None);
