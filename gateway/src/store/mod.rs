@@ -18,8 +18,16 @@
 //! - `pending`: `pi_…` or `addr:0x…` → `evt_…` for events about intents we do not know yet; they
 //!   are applied when the intent appears.
 //! - `rejected`: sequence → verified bodies that were not an event envelope, for forensics.
+//! - `terminals`: terminal id → [`TerminalRecord`] (registry, next `seq`, revocation).
+//! - `revoked_serials`: client certificate serial → terminal id.
+//! - `outbox`: (terminal id, `seq`) → [`OutboxRow`], deleted only on the terminal's ack.
+//! - `undeliverable`: terminal id (empty: none named) → intent ids waiting for that terminal.
 
+mod fleet;
 mod writer;
+
+pub use fleet::{AckOutcome, NewTerminal, OutboxRow, TerminalRecord, Undeliverable};
+use writer::Tables;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +50,11 @@ const INTENT_BY_ADDRESS: TableDefinition<'_, &str, &str> =
     TableDefinition::new("intent_by_address");
 const PENDING: MultimapTableDefinition<'_, &str, &str> = MultimapTableDefinition::new("pending");
 const REJECTED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("rejected");
+const TERMINALS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("terminals");
+const REVOKED: TableDefinition<'_, &str, &str> = TableDefinition::new("revoked_serials");
+const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
+const UNDELIVERABLE: MultimapTableDefinition<'_, &str, &str> =
+    MultimapTableDefinition::new("undeliverable");
 
 /// File name of the database inside `data_dir`.
 pub const DB_FILE: &str = "posgate.redb";
@@ -67,6 +80,8 @@ pub enum StoreError {
     Overloaded,
     #[error("store is closed")]
     Closed,
+    #[error("the write transaction was not committed")]
+    NotCommitted,
     #[error("database operation failed")]
     Db(#[from] Box<redb::Error>),
     #[error("stored record {key} is corrupt")]
@@ -198,17 +213,57 @@ pub struct IntentFilter {
     pub limit: usize,
 }
 
-enum Job {
-    Ingest {
-        event: Box<IncomingEvent>,
-        reply: oneshot::Sender<Result<Ingested, StoreError>>,
-    },
-    Reject {
-        raw: Bytes,
-        reason: String,
-        received_at: OffsetDateTime,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
+/// A unit of work for the writer: applied inside the batch's write transaction, answered only
+/// after that transaction is durably committed (or with [`StoreError::NotCommitted`]).
+trait WriteJob: Send {
+    fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError>;
+    fn finish(self: Box<Self>, committed: bool);
+}
+
+type Job = Box<dyn WriteJob>;
+
+struct Typed<T, F> {
+    work: Option<F>,
+    result: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> WriteJob for Typed<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send,
+{
+    fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
+        if let Some(work) = self.work.take() {
+            self.result = Some(work(tables)?);
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, committed: bool) {
+        let answer = match (committed, self.result) {
+            (true, Some(result)) => Ok(result),
+            _ => Err(StoreError::NotCommitted),
+        };
+        // A dropped receiver means the request was abandoned (client gone, shutdown): what was
+        // committed stays committed and a retry is a duplicate.
+        drop(self.reply.send(answer));
+    }
+}
+
+/// Where the writer hands new outbox rows after each commit.
+#[derive(Default)]
+pub(crate) struct Notices(Mutex<Option<mpsc::UnboundedSender<Vec<OutboxRow>>>>);
+
+impl Notices {
+    pub(crate) fn send(&self, rows: Vec<OutboxRow>) {
+        if let Ok(guard) = self.0.lock() {
+            if let Some(tx) = guard.as_ref() {
+                // A gone receiver only loses the hint; the rows stay in the outbox.
+                drop(tx.send(rows));
+            }
+        }
+    }
 }
 
 /// Handle to the store; cheap to clone.
@@ -224,6 +279,7 @@ struct Inner {
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
+    notices: Arc<Notices>,
 }
 
 // === impl Store ===
@@ -254,12 +310,14 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(queue_depth);
         let healthy = Arc::new(AtomicBool::new(true));
+        let notices = Arc::new(Notices::default());
         let writer = {
             let db = db.clone();
             let healthy = healthy.clone();
+            let notices = notices.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer::run(&db, rx, max_batch, &healthy))
+                .spawn(move || writer::run(&db, rx, max_batch, &healthy, &notices))
                 .map_err(StoreError::Thread)?
         };
         Ok(Store {
@@ -269,8 +327,18 @@ impl Store {
                 queue: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
                 healthy,
+                notices,
             }),
         })
+    }
+
+    /// Receives the outbox rows of every later commit (one receiver; a new call replaces it).
+    pub fn subscribe_outbox(&self) -> mpsc::UnboundedReceiver<Vec<OutboxRow>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut slot) = self.inner.notices.0.lock() {
+            *slot = Some(tx);
+        }
+        rx
     }
 
     /// Where the database file lives.
@@ -287,47 +355,52 @@ impl Store {
         self.inner.queue.lock().ok()?.clone()
     }
 
-    fn submit(&self, job: Job) -> Result<(), StoreError> {
+    /// Runs `work` inside the next group commit; returns its result once the commit is durable.
+    ///
+    /// # Errors
+    /// [`StoreError::Overloaded`] when the queue is full, [`StoreError::Closed`] after
+    /// [`Store::close`], [`StoreError::NotCommitted`] when the batch's commit failed, or the error
+    /// `work` returned (which aborts the whole batch). In every error case nothing of `work` is
+    /// committed.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(Typed {
+            work: Some(work),
+            result: None,
+            reply,
+        });
         let sender = self.sender().ok_or(StoreError::Closed)?;
         sender.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-        })
+        })?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores one verified event and applies it, durably, before returning.
     ///
     /// # Errors
-    /// [`StoreError::Overloaded`] when the queue is full, [`StoreError::Closed`] after
-    /// [`Store::close`], or the database error that failed the commit. None of them committed
-    /// anything for this event.
+    /// As [`Store::write`]; none of them committed anything for this event.
     pub async fn ingest(&self, event: IncomingEvent) -> Result<Ingested, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Ingest {
-            event: Box::new(event),
-            reply,
-        })?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.write(move |t| t.ingest(&event)).await
     }
 
     /// Keeps a verified body that was not an event envelope, for forensics.
     ///
     /// # Errors
-    /// As [`Store::ingest`].
+    /// As [`Store::write`].
     pub async fn reject(
         &self,
         raw: Bytes,
         reason: String,
         received_at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Reject {
-            raw,
-            reason,
-            received_at,
-            reply,
-        })?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.write(move |t| t.reject(&raw, &reason, received_at))
+            .await
     }
 
     async fn read<T: Send + 'static>(
@@ -457,6 +530,10 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(INTENT_BY_ADDRESS)?;
     txn.open_multimap_table(PENDING)?;
     txn.open_table(REJECTED)?;
+    txn.open_table(TERMINALS)?;
+    txn.open_table(REVOKED)?;
+    txn.open_table(OUTBOX)?;
+    txn.open_multimap_table(UNDELIVERABLE)?;
     txn.commit()?;
     Ok(())
 }

@@ -10,18 +10,21 @@ use tokio::sync::mpsc;
 
 use super::{
     EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
-    PENDING, REJECTED, StoreError, StoredEvent, StoredIntent, decode,
+    Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, StoreError, StoredEvent, StoredIntent,
+    TERMINALS, UNDELIVERABLE, decode,
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
-/// Runs until every sender is gone and the queue is empty.
+/// Runs until every sender is gone and the queue is empty. New outbox rows of each commit go to
+/// `notices` after the commit (a hint for the router; the rows are the truth).
 pub(super) fn run(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     healthy: &AtomicBool,
+    notices: &Notices,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
+    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -33,79 +36,60 @@ pub(super) fn run(
         let started = std::time::Instant::now();
         let result = commit_batch(db, &mut batch);
         healthy.store(result.is_ok(), Ordering::Relaxed);
-        match result {
-            Ok(answers) => {
+        let committed = match result {
+            Ok(new_rows) => {
                 tracing::trace!(
-                    jobs = answers.len(),
+                    jobs = batch.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "committed"
                 );
-                for (job, answer) in batch.drain(..).zip(answers) {
-                    reply(job, answer);
+                if !new_rows.is_empty() {
+                    notices.send(new_rows);
                 }
+                true
             }
             Err(e) => {
-                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), "store commit failed; answering 503");
-                for job in batch.drain(..) {
-                    reply(job, Answer::Failed);
-                }
+                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), "store commit failed; nothing of this batch was kept");
+                false
             }
+        };
+        for job in batch.drain(..) {
+            job.finish(committed);
         }
-    }
-}
-
-enum Answer {
-    Ingested(Ingested),
-    Rejected,
-    Failed,
-}
-
-fn reply(job: Job, answer: Answer) {
-    // A dropped receiver means the request was abandoned (client gone, shutdown): nothing to do,
-    // what was committed stays committed and a retry is a duplicate.
-    match (job, answer) {
-        (Job::Ingest { reply, .. }, Answer::Ingested(i)) => drop(reply.send(Ok(i))),
-        (Job::Reject { reply, .. }, Answer::Rejected) => drop(reply.send(Ok(()))),
-        (Job::Ingest { reply, .. }, _) => drop(reply.send(Err(StoreError::Closed))),
-        (Job::Reject { reply, .. }, _) => drop(reply.send(Err(StoreError::Closed))),
     }
 }
 
 /// One write transaction for the whole batch, committed durably. Any error aborts all of it.
-fn commit_batch(db: &Database, batch: &mut [Job]) -> Result<Vec<Answer>, StoreError> {
+fn commit_batch(db: &Database, batch: &mut [Job]) -> Result<Vec<OutboxRow>, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate);
-    let mut answers = Vec::with_capacity(batch.len());
-    {
+    let new_rows = {
         let mut t = Tables::open(&txn)?;
-        for job in batch.iter() {
-            answers.push(match job {
-                Job::Ingest { event, .. } => Answer::Ingested(t.ingest(event)?),
-                Job::Reject {
-                    raw,
-                    reason,
-                    received_at,
-                    ..
-                } => {
-                    t.reject(raw, reason, *received_at)?;
-                    Answer::Rejected
-                }
-            });
+        for job in batch.iter_mut() {
+            job.apply(&mut t)?;
         }
-    }
+        std::mem::take(&mut t.new_rows)
+    };
     txn.commit()?;
-    Ok(answers)
+    Ok(new_rows)
 }
 
-struct Tables<'txn> {
-    events: Table<'txn, &'static str, &'static [u8]>,
-    intents: Table<'txn, &'static str, &'static [u8]>,
-    by_address: Table<'txn, &'static str, &'static str>,
-    pending: MultimapTable<'txn, &'static str, &'static str>,
-    rejected: Table<'txn, u64, &'static [u8]>,
+/// The tables of one write transaction, and what the batch produced for the router.
+pub(crate) struct Tables<'txn> {
+    pub(super) events: Table<'txn, &'static str, &'static [u8]>,
+    pub(super) intents: Table<'txn, &'static str, &'static [u8]>,
+    pub(super) by_address: Table<'txn, &'static str, &'static str>,
+    pub(super) pending: MultimapTable<'txn, &'static str, &'static str>,
+    pub(super) rejected: Table<'txn, u64, &'static [u8]>,
+    pub(super) terminals: Table<'txn, &'static str, &'static [u8]>,
+    pub(super) revoked: Table<'txn, &'static str, &'static str>,
+    pub(super) outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
+    pub(super) undeliverable: MultimapTable<'txn, &'static str, &'static str>,
+    /// Outbox rows added in this transaction, handed to the router after the commit.
+    pub(super) new_rows: Vec<OutboxRow>,
 }
 
-fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
         key: key.to_owned(),
         source,
@@ -124,10 +108,15 @@ impl<'txn> Tables<'txn> {
             by_address: txn.open_table(INTENT_BY_ADDRESS)?,
             pending: txn.open_multimap_table(PENDING)?,
             rejected: txn.open_table(REJECTED)?,
+            terminals: txn.open_table(TERMINALS)?,
+            revoked: txn.open_table(REVOKED)?,
+            outbox: txn.open_table(OUTBOX)?,
+            undeliverable: txn.open_multimap_table(UNDELIVERABLE)?,
+            new_rows: Vec::new(),
         })
     }
 
-    fn reject(
+    pub(super) fn reject(
         &mut self,
         raw: &[u8],
         reason: &str,
@@ -147,7 +136,7 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    fn ingest(&mut self, event: &IncomingEvent) -> Result<Ingested, StoreError> {
+    pub(super) fn ingest(&mut self, event: &IncomingEvent) -> Result<Ingested, StoreError> {
         if self.events.get(event.event_id.as_str())?.is_some() {
             return Ok(Ingested::Duplicate);
         }
@@ -204,7 +193,7 @@ impl<'txn> Tables<'txn> {
                     }
                 };
                 let effect =
-                    self.apply_one(&mut intent, Input::Snapshot(pi), event, event.created_at);
+                    self.apply_one(&mut intent, Input::Snapshot(pi), event, event.created_at)?;
                 effects.push((pi.id.clone(), effect));
                 self.save_intent(&intent)?;
                 EventOutcome::Applied
@@ -219,7 +208,7 @@ impl<'txn> Tables<'txn> {
                             Input::Transfer(tx),
                             event,
                             event.created_at,
-                        );
+                        )?;
                         effects.push((intent.record.id.clone(), effect));
                         self.save_intent(&intent)?;
                         EventOutcome::Applied
@@ -252,7 +241,7 @@ impl<'txn> Tables<'txn> {
                                 Input::Settled,
                                 event,
                                 event.created_at,
-                            );
+                            )?;
                             effects.push((id.clone(), effect));
                             self.save_intent(&intent)?;
                             outcome = EventOutcome::Applied;
@@ -267,14 +256,18 @@ impl<'txn> Tables<'txn> {
         })
     }
 
+    /// Applies one input and, when the terminal must be told, enqueues its confirmation.
     fn apply_one(
-        &self,
+        &mut self,
         intent: &mut StoredIntent,
         input: Input<'_>,
         event: &IncomingEvent,
         at: Option<OffsetDateTime>,
-    ) -> Effect {
+    ) -> Result<Effect, StoreError> {
         let effect = domain::apply(&mut intent.record, input, at);
+        if effect.notify {
+            self.enqueue(&intent.record, event.received_at)?;
+        }
         intent.events.push(EventRef {
             id: event.event_id.clone(),
             kind: event.kind.clone(),
@@ -283,17 +276,17 @@ impl<'txn> Tables<'txn> {
             to: effect.to,
         });
         intent.updated_at = event.received_at;
-        effect
+        Ok(effect)
     }
 
-    fn intent(&self, id: &str) -> Result<Option<StoredIntent>, StoreError> {
+    pub(super) fn intent(&self, id: &str) -> Result<Option<StoredIntent>, StoreError> {
         match self.intents.get(id)? {
             Some(v) => Ok(Some(decode(id, v.value())?)),
             None => Ok(None),
         }
     }
 
-    fn save_intent(&mut self, intent: &StoredIntent) -> Result<(), StoreError> {
+    pub(super) fn save_intent(&mut self, intent: &StoredIntent) -> Result<(), StoreError> {
         let id = intent.record.id.as_str();
         self.intents.insert(id, encode(id, intent)?.as_slice())?;
         Ok(())
@@ -382,7 +375,7 @@ impl<'txn> Tables<'txn> {
                 EventData::Settlement(_) => Input::Settled,
                 _ => continue,
             };
-            let effect = self.apply_one(intent, input, &replay, envelope.created_at);
+            let effect = self.apply_one(intent, input, &replay, envelope.created_at)?;
             effects.push((intent.record.id.clone(), effect));
             if !stored.intent_ids.contains(&intent.record.id) {
                 stored.intent_ids.push(intent.record.id.clone());

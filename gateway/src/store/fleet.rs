@@ -1,0 +1,443 @@
+//! Terminals, the outbox of confirmations, acks and revocations: the delivery side of the store.
+//!
+//! The outbox is the truth about what each terminal still has to receive; the broker is only a
+//! cache. A row is written in the same transaction as the event that caused it, with the next
+//! per-terminal `seq`, and deleted only when the terminal acks it (never on publish: that would be
+//! at-most-once). An ack also removes older rows of the same intent, which its newer confirmation
+//! supersedes.
+
+use posgate_proto::confirmation::{Confirmation, ConfirmationStatus, Context};
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::writer::{Tables, encode};
+use super::{OUTBOX, REVOKED, Store, StoreError, TERMINALS, UNDELIVERABLE, decode};
+use crate::domain::{IntentRecord, IntentStatus, UnresolvedContext};
+
+/// Key for intents that name no terminal at all.
+const NO_TERMINAL: &str = "";
+
+/// A registered terminal.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TerminalRecord {
+    pub id: String,
+    /// Its MQTT tenant (`posgate_proto::topics::tenant_for(id)`).
+    pub tenant: String,
+    pub merchant_id: String,
+    pub label: Option<String>,
+    /// Serial of its client certificate (lowercase hex).
+    pub cert_serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// The `seq` of its next confirmation.
+    pub next_seq: u64,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+}
+
+/// What registration needs.
+#[derive(Clone, Debug)]
+pub struct NewTerminal {
+    pub id: String,
+    pub tenant: String,
+    pub merchant_id: String,
+    pub label: Option<String>,
+    pub cert_serial: String,
+}
+
+/// One confirmation waiting for its terminal's ack.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub terminal_id: String,
+    pub tenant: String,
+    pub seq: u64,
+    pub intent_id: String,
+    /// The signed payload's content (signing is deterministic: a republish sends identical bytes).
+    pub confirmation: Confirmation,
+    /// When the webhook that caused it was accepted (unix microseconds), for the latency to ack.
+    pub accepted_at_us: i64,
+}
+
+/// What an ack did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The row existed and is gone; `clear` when no newer row of that intent is still waiting
+    /// (the retained message can be cleared).
+    Delivered {
+        row: OutboxRow,
+        removed: usize,
+        clear: bool,
+    },
+    /// No such row (already acked, or never existed): nothing changed.
+    Unknown,
+}
+
+/// An intent whose confirmation has no registered terminal to go to.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Undeliverable {
+    /// `None` when the intent names no terminal.
+    pub terminal_id: Option<String>,
+    pub intent_id: String,
+}
+
+fn status_of(record: &IntentRecord) -> Option<(ConfirmationStatus, Option<Context>)> {
+    let status = match record.status {
+        IntentStatus::Confirmed => ConfirmationStatus::Confirmed,
+        IntentStatus::Expired => ConfirmationStatus::Expired,
+        IntentStatus::Cancelled => ConfirmationStatus::Cancelled,
+        IntentStatus::Unresolved => ConfirmationStatus::Unresolved,
+        IntentStatus::AwaitingPayment | IntentStatus::Settled => return None,
+    };
+    let context = match (status, record.primary_context()) {
+        (ConfirmationStatus::Unresolved, Some(c)) => Some(match c {
+            UnresolvedContext::Late => Context::Late,
+            UnresolvedContext::Underpaid => Context::Underpaid,
+            UnresolvedContext::Overpaid => Context::Overpaid,
+            UnresolvedContext::Multiple => Context::Multiple,
+        }),
+        _ => None,
+    };
+    Some((status, context))
+}
+
+// === impl Tables (inside the write transaction) ===
+
+impl Tables<'_> {
+    pub(super) fn terminal(&self, id: &str) -> Result<Option<TerminalRecord>, StoreError> {
+        match self.terminals.get(id)? {
+            Some(v) => Ok(Some(decode(id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save_terminal(&mut self, t: &TerminalRecord) -> Result<(), StoreError> {
+        self.terminals
+            .insert(t.id.as_str(), encode(&t.id, t)?.as_slice())?;
+        Ok(())
+    }
+
+    /// Queues the confirmation of `record`'s current status for its terminal, or records it as
+    /// undeliverable when that terminal is not registered (or revoked).
+    pub(super) fn enqueue(
+        &mut self,
+        record: &IntentRecord,
+        accepted_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let Some((status, context)) = status_of(record) else {
+            return Ok(());
+        };
+        let terminal = match record.terminal_id.as_deref() {
+            Some(id) => self.terminal(id)?.filter(|t| t.revoked_at.is_none()),
+            None => None,
+        };
+        let Some(mut terminal) = terminal else {
+            let key = record.terminal_id.as_deref().unwrap_or(NO_TERMINAL);
+            self.undeliverable.insert(key, record.id.as_str())?;
+            return Ok(());
+        };
+        let seq = terminal.next_seq;
+        terminal.next_seq += 1;
+        self.save_terminal(&terminal)?;
+        let confirmation = Confirmation {
+            v: 1,
+            terminal_id: terminal.id.clone(),
+            intent_id: record.id.clone(),
+            seq,
+            status,
+            context,
+            amount: record.expected_micros.to_string(),
+            amount_micros: record.expected_micros.0,
+            currency: record.currency.clone().unwrap_or_else(|| "usd".to_owned()),
+            order_id: record.order_id.clone(),
+            tx_hash: record.tx_hash.clone(),
+            issued_at: accepted_at.format(&Rfc3339).unwrap_or_default(),
+        };
+        let row = OutboxRow {
+            terminal_id: terminal.id.clone(),
+            tenant: terminal.tenant.clone(),
+            seq,
+            intent_id: record.id.clone(),
+            confirmation,
+            accepted_at_us: (accepted_at.unix_timestamp_nanos() / 1000) as i64,
+        };
+        self.outbox.insert(
+            (terminal.id.as_str(), seq),
+            encode(&row.intent_id, &row)?.as_slice(),
+        )?;
+        self.new_rows.push(row);
+        Ok(())
+    }
+
+    fn register(
+        &mut self,
+        new: NewTerminal,
+        now: OffsetDateTime,
+    ) -> Result<Option<TerminalRecord>, StoreError> {
+        if self.terminal(&new.id)?.is_some() {
+            return Ok(None);
+        }
+        let record = TerminalRecord {
+            id: new.id,
+            tenant: new.tenant,
+            merchant_id: new.merchant_id,
+            label: new.label,
+            cert_serial: new.cert_serial,
+            created_at: now,
+            revoked_at: None,
+            next_seq: 1,
+            last_seen: None,
+        };
+        self.save_terminal(&record)?;
+        // Confirmations that waited for this terminal go out now, with their intent's current status.
+        let waiting: Vec<String> = self
+            .undeliverable
+            .remove_all(record.id.as_str())?
+            .map(|v| v.map(|v| v.value().to_owned()))
+            .collect::<Result<_, _>>()?;
+        for intent_id in waiting {
+            if let Some(intent) = self.intent(&intent_id)? {
+                self.enqueue(&intent.record, now)?;
+            }
+        }
+        Ok(self.terminal(&record.id)?)
+    }
+
+    fn revoke(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<TerminalRecord>, StoreError> {
+        let Some(mut terminal) = self.terminal(id)? else {
+            return Ok(None);
+        };
+        if terminal.revoked_at.is_none() {
+            terminal.revoked_at = Some(now);
+            self.save_terminal(&terminal)?;
+        }
+        self.revoked
+            .insert(terminal.cert_serial.as_str(), terminal.id.as_str())?;
+        Ok(Some(terminal))
+    }
+
+    fn ack(
+        &mut self,
+        terminal_id: &str,
+        intent_id: &str,
+        seq: u64,
+    ) -> Result<AckOutcome, StoreError> {
+        let row: OutboxRow = match self.outbox.get((terminal_id, seq))? {
+            Some(v) => decode(intent_id, v.value())?,
+            None => return Ok(AckOutcome::Unknown),
+        };
+        if row.intent_id != intent_id {
+            return Ok(AckOutcome::Unknown);
+        }
+        // This row and the older rows of the same intent are done; a newer one keeps the topic.
+        let mut done = vec![seq];
+        let mut newer_waiting = false;
+        for entry in self
+            .outbox
+            .range((terminal_id, 0)..=(terminal_id, u64::MAX))?
+        {
+            let (key, value) = entry?;
+            let (_, s) = key.value();
+            if s == seq {
+                continue;
+            }
+            let other: OutboxRow = decode(intent_id, value.value())?;
+            if other.intent_id == intent_id {
+                if s < seq {
+                    done.push(s);
+                } else {
+                    newer_waiting = true;
+                }
+            }
+        }
+        for s in &done {
+            self.outbox.remove((terminal_id, *s))?;
+        }
+        Ok(AckOutcome::Delivered {
+            row,
+            removed: done.len(),
+            clear: !newer_waiting,
+        })
+    }
+
+    fn touch(&mut self, terminal_id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
+        if let Some(mut terminal) = self.terminal(terminal_id)? {
+            terminal.last_seen = Some(at);
+            self.save_terminal(&terminal)?;
+        }
+        Ok(())
+    }
+}
+
+// === impl Store (fleet API) ===
+
+impl Store {
+    /// Registers a terminal; `None` when the id exists. Confirmations that waited for it are queued.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn register_terminal(
+        &self,
+        new: NewTerminal,
+    ) -> Result<Option<TerminalRecord>, StoreError> {
+        self.write(move |t| t.register(new, OffsetDateTime::now_utc()))
+            .await
+    }
+
+    /// Revokes a terminal (idempotent); `None` for an unknown id.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn revoke_terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
+        self.write(move |t| t.revoke(&id, OffsetDateTime::now_utc()))
+            .await
+    }
+
+    /// Records a terminal's ack.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn ack(
+        &self,
+        terminal_id: String,
+        intent_id: String,
+        seq: u64,
+    ) -> Result<AckOutcome, StoreError> {
+        self.write(move |t| t.ack(&terminal_id, &intent_id, seq))
+            .await
+    }
+
+    /// Records when a terminal was last seen (on connect and disconnect).
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn touch_terminal(
+        &self,
+        terminal_id: String,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.write(move |t| t.touch(&terminal_id, at)).await
+    }
+
+    /// One terminal.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(TERMINALS)?;
+            let value = table.get(id.as_str())?;
+            value.map(|v| decode(&id, v.value())).transpose()
+        })
+        .await
+    }
+
+    /// Every terminal with its number of unacked confirmations, in id order.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn terminals(&self) -> Result<Vec<(TerminalRecord, u64)>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let terminals = txn.open_table(TERMINALS)?;
+            let outbox = txn.open_table(OUTBOX)?;
+            let mut out = Vec::new();
+            for entry in terminals.iter()? {
+                let (key, value) = entry?;
+                let record: TerminalRecord = decode(key.value(), value.value())?;
+                let id = record.id.as_str();
+                let pending = outbox.range((id, 0)..=(id, u64::MAX))?.count() as u64;
+                out.push((record, pending));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Unacked rows, in `seq` order per terminal; one terminal's, or everyone's.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn outbox(&self, terminal_id: Option<String>) -> Result<Vec<OutboxRow>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let outbox = txn.open_table(OUTBOX)?;
+            let mut rows = Vec::new();
+            let mut push = |entry: Result<
+                (
+                    redb::AccessGuard<'_, (&str, u64)>,
+                    redb::AccessGuard<'_, &[u8]>,
+                ),
+                redb::StorageError,
+            >|
+             -> Result<(), StoreError> {
+                let (key, value) = entry?;
+                rows.push(decode(key.value().0, value.value())?);
+                Ok(())
+            };
+            match terminal_id.as_deref() {
+                Some(id) => {
+                    for entry in outbox.range((id, 0)..=(id, u64::MAX))? {
+                        push(entry)?;
+                    }
+                }
+                None => {
+                    for entry in outbox.iter()? {
+                        push(entry)?;
+                    }
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Serials of every revoked client certificate.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let revoked = txn.open_table(REVOKED)?;
+            let mut out = Vec::new();
+            for entry in revoked.iter()? {
+                out.push(entry?.0.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Intents whose confirmation waits for a terminal that is not registered.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn undeliverable(&self) -> Result<Vec<Undeliverable>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_multimap_table(UNDELIVERABLE)?;
+            let mut out = Vec::new();
+            for entry in redb::ReadableMultimapTable::iter(&table)? {
+                let (key, values) = entry?;
+                let terminal = key.value();
+                for value in values {
+                    out.push(Undeliverable {
+                        terminal_id: (terminal != NO_TERMINAL).then(|| terminal.to_owned()),
+                        intent_id: value?.value().to_owned(),
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
