@@ -12,6 +12,7 @@
 //! - [`ingress`] — `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer.
 //! - [`store`] — redb tables, one writer thread with group commit, typed reads.
 //! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
+//! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
 //! - [`http`] — the shared error body.
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ingress;
+pub mod pki;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
