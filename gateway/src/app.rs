@@ -15,14 +15,18 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admin::{self, Admin, TokenError};
+use crate::admin::{self, Admin, Fleet, TokenError};
+use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
 use crate::ingress::{self, Ingress};
+use crate::pki::{self, Pki, PkiError};
+use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::store::{Store, StoreError};
 
 /// Why the gateway could not be built. The CLI exits 64 for all of them.
@@ -38,6 +42,10 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error("loading the admin token")]
     Token(#[from] TokenError),
+    #[error("loading the gateway's certificates and keys")]
+    Pki(#[from] PkiError),
+    #[error("starting the MQTT broker")]
+    Broker(#[from] BrokerError),
     #[error("binding the {name} listener on {addr}")]
     Bind {
         name: &'static str,
@@ -51,7 +59,10 @@ pub enum BuildError {
 pub struct Gateway {
     config: Config,
     store: Store,
+    pki: Arc<Pki>,
     admin_token: SecretString,
+    broker: Broker,
+    broker_events: mpsc::UnboundedReceiver<BrokerEvent>,
     ingress: TcpListener,
     admin: TcpListener,
 }
@@ -62,6 +73,12 @@ pub struct Running {
     pub ingress_addr: SocketAddr,
     /// Where the admin API, `/healthz` and `/readyz` are served.
     pub admin_addr: SocketAddr,
+    /// The MQTT/TLS listener.
+    pub mqtt_addr: SocketAddr,
+    /// The MQTT over secure WebSocket listener, when configured.
+    pub mqtt_ws_addr: Option<SocketAddr>,
+    /// The plaintext MQTT listener, when configured (benchmarks only).
+    pub mqtt_plain_addr: Option<SocketAddr>,
     admin_token: SecretString,
     store: Store,
     token: CancellationToken,
@@ -95,27 +112,45 @@ impl Gateway {
                     source: std::io::Error::other(e),
                 })??
         };
+        let pki = {
+            let (dir, names) = (data_dir.clone(), config.mqtt.server_names.clone());
+            tokio::task::spawn_blocking(move || Pki::load_or_create(&dir, &names))
+                .await
+                .map_err(|e| BuildError::DataDir { path: data_dir.clone(), source: std::io::Error::other(e) })??
+        };
         let admin_token = admin::load_or_create_token(config.admin.token.as_ref(), &data_dir)?;
+
+        // Revocations survive restarts: the broker refuses them from its first connection on.
+        let revoked_serials = store.revoked_serials().await?;
+        let revoked_terminals = store
+            .terminals()
+            .await?
+            .into_iter()
+            .filter(|(t, _)| t.revoked_at.is_some())
+            .map(|(t, _)| t.id)
+            .collect();
+        let (events_tx, broker_events) = mpsc::unbounded_channel();
+        let settings = broker::Settings {
+            listen: config.mqtt.listen,
+            ws_listen: config.mqtt.ws_listen,
+            plain_listen: config.mqtt.plain_listen,
+            handshake_timeout: Duration::from_secs(config.mqtt.handshake_timeout_secs),
+            max_handshaking: config.mqtt.max_handshaking,
+            max_connections: config.mqtt.max_connections,
+            ca_pem: pki.dir().join(pki::CA_CERT_FILE),
+            server_cert_pem: pki.dir().join(pki::SERVER_CERT_FILE),
+            server_key_pem: pki.dir().join(pki::SERVER_KEY_FILE),
+        };
+        let broker = Broker::build(&settings, revoked_serials, revoked_terminals, events_tx).await?;
+
         let ingress = bind("ingress", config.ingress.listen).await?;
         let admin = bind("admin", config.admin.listen).await?;
-        Ok(Gateway {
-            config,
-            store,
-            admin_token,
-            ingress,
-            admin,
-        })
+        Ok(Gateway { config, store, pki: Arc::new(pki), admin_token, broker, broker_events, ingress, admin })
     }
 
     /// Starts serving.
     pub fn spawn(self) -> Running {
-        let Gateway {
-            config,
-            store,
-            admin_token,
-            ingress,
-            admin,
-        } = self;
+        let Gateway { config, store, pki, admin_token, broker, broker_events, ingress, admin } = self;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(false));
@@ -133,10 +168,36 @@ impl Gateway {
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,
         }));
+        let addrs = broker.addrs();
+        let handle = broker.handle();
+        let presence = Presence::default();
+
+        // The router first, so that nothing committed from now on misses it.
+        let router = router::Router::new(
+            store.clone(),
+            Arc::new(handle.clone()),
+            Signer { key: pki.signing_key().clone(), kid: pki.kid().to_owned() },
+            router::Settings { republish_after: Duration::from_secs(config.delivery.republish_after_secs) },
+            presence.clone(),
+        );
+        tracker.spawn(
+            router.run(store.subscribe_outbox(), broker_events, token.clone()).instrument(tracing::info_span!("router")),
+        );
+        broker.spawn(&tracker, token.clone());
+
+        let host = config.mqtt.server_names.first().cloned().unwrap_or_else(|| "localhost".into());
+        let revoker = handle.clone();
+        let fleet = Fleet {
+            pki,
+            presence,
+            mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
+            revoke: Arc::new(move |t| revoker.revoke(&t.id, &t.cert_serial)),
+        };
         let admin_router = admin::router(Arc::new(Admin {
             store: store.clone(),
             token: admin_token.clone(),
             ready: ready.clone(),
+            fleet,
         }));
         let tasks = vec![
             serve(&tracker, &token, "ingress", ingress, ingress_router),
@@ -149,6 +210,9 @@ impl Gateway {
         Running {
             ingress_addr,
             admin_addr,
+            mqtt_addr: addrs.mqtt,
+            mqtt_ws_addr: addrs.ws,
+            mqtt_plain_addr: addrs.plain,
             admin_token,
             store,
             token,

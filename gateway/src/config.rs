@@ -40,6 +40,7 @@ pub struct Config {
     pub provider: ProviderConfig,
     pub admin: AdminConfig,
     pub mqtt: MqttConfig,
+    pub delivery: DeliveryConfig,
     pub store: StoreConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -91,6 +92,15 @@ pub struct MqttConfig {
     pub ws_listen: Option<SocketAddr>,
     pub plain_listen: Option<SocketAddr>,
     pub server_names: Vec<String>,
+    pub handshake_timeout_secs: u64,
+    pub max_handshaking: usize,
+    pub max_connections: usize,
+}
+
+/// `[delivery]`: confirmations to terminals.
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    pub republish_after_secs: u64,
 }
 
 /// `[store]`: group commit of accepted webhooks.
@@ -315,6 +325,11 @@ impl Config {
             "needs at least one non-empty name",
         );
 
+        let handshake_timeout_secs = r.in_range::<u64>("mqtt.handshake_timeout_secs", 1, 300);
+        let max_handshaking = r.in_range::<usize>("mqtt.max_handshaking", 1, 100_000);
+        let max_connections = r.in_range::<usize>("mqtt.max_connections", 1, 1_000_000);
+        let republish_after_secs = r.in_range::<u64>("delivery.republish_after_secs", 1, 86_400);
+
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
         let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
@@ -352,7 +367,11 @@ impl Config {
                     ws_listen: ws_listen?,
                     plain_listen: plain_listen?,
                     server_names: server_names?,
+                    handshake_timeout_secs: handshake_timeout_secs?,
+                    max_handshaking: max_handshaking?,
+                    max_connections: max_connections?,
                 },
+                delivery: DeliveryConfig { republish_after_secs: republish_after_secs? },
                 store: StoreConfig {
                     queue_depth: queue_depth?,
                     max_batch: max_batch?,

@@ -10,6 +10,9 @@
 //! - [`telemetry`] — the tracing subscriber (plain or JSON); only the binary installs it.
 //! - [`domain`] — the intent state machine, pure and forward-only.
 //! - [`ingress`] — `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer.
+//! - [`broker`] — the embedded MQTT broker (rmqtt): mutual TLS, isolation, revocation; the only
+//!   module that names the broker library.
+//! - [`router`] — outbox → broker publish, acks → outbox clear, presence; tested over channels.
 //! - [`store`] — redb tables, one writer thread with group commit, typed reads.
 //! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
 //! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
@@ -17,12 +20,14 @@
 
 pub mod admin;
 pub mod app;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ingress;
 pub mod pki;
+pub mod router;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -2,6 +2,16 @@
 //!
 //! The token comes from `admin.token`, or is generated at first start into `data_dir/admin.token`
 //! (mode 0600) and read from there on later starts. It is compared in constant time.
+//!
+//! | call | answer |
+//! |---|---|
+//! | `POST /v1/terminals` `{"id","merchant_id","label"?}` | `201` + provisioning bundle; `409` if the id exists |
+//! | `GET /v1/terminals`, `GET /v1/terminals/{id}` | registry with `online`, `last_seen`, `pending` |
+//! | `POST /v1/terminals/{id}/revoke` | `200`; disconnected and refused from then on |
+//! | `GET /v1/payment-intents/{id}`, `GET /v1/payment-intents?…` | the gateway's view of intents |
+//! | `GET /v1/undeliverable` | confirmations waiting for a terminal that is not registered |
+//!
+//! Missing or wrong token: `401`. Unknown id: `404`. Bad JSON or field: `422` naming the field.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,7 +23,7 @@ use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -21,8 +31,13 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::domain::IntentStatus;
+use crate::pki::Pki;
+use crate::router::Presence;
+use crate::store::TerminalRecord;
 use crate::http::error;
 use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
+
+mod terminals;
 
 /// File name of the generated admin token inside `data_dir`.
 pub const TOKEN_FILE: &str = "admin.token";
@@ -33,6 +48,18 @@ pub struct Admin {
     pub token: SecretString,
     /// Set once every listener is bound and serving.
     pub ready: Arc<AtomicBool>,
+    /// Terminal provisioning and revocation.
+    pub fleet: Fleet,
+}
+
+/// What the terminal endpoints need besides the store.
+pub struct Fleet {
+    pub pki: Arc<Pki>,
+    pub presence: Presence,
+    /// `mqtts://host:port` for provisioning bundles.
+    pub mqtt_url: String,
+    /// Cuts a revoked terminal's connections and refuses its certificate from now on.
+    pub revoke: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
 }
 
 /// Errors loading or creating the admin token.
@@ -103,6 +130,10 @@ pub fn router(admin: Arc<Admin>) -> Router {
     let api = Router::new()
         .route("/v1/payment-intents", get(list_intents))
         .route("/v1/payment-intents/{id}", get(get_intent))
+        .route("/v1/terminals", get(terminals::list).post(terminals::create))
+        .route("/v1/terminals/{id}", get(terminals::get))
+        .route("/v1/terminals/{id}/revoke", post(terminals::revoke))
+        .route("/v1/undeliverable", get(terminals::undeliverable))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -143,7 +174,7 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn store_error(e: &StoreError) -> Response {
+pub(crate) fn store_error(e: &StoreError) -> Response {
     tracing::error!(error = %e, error_chain = ?e, "admin read failed");
     error(
         StatusCode::SERVICE_UNAVAILABLE,

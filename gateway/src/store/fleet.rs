@@ -29,6 +29,9 @@ pub struct TerminalRecord {
     pub label: Option<String>,
     /// Serial of its client certificate (lowercase hex).
     pub cert_serial: String,
+    /// SHA-256 (hex) of its bearer token for the HTTP channels; the token itself is never stored.
+    #[serde(default)]
+    pub http_token_sha256: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -47,6 +50,7 @@ pub struct NewTerminal {
     pub merchant_id: String,
     pub label: Option<String>,
     pub cert_serial: String,
+    pub http_token_sha256: String,
 }
 
 /// One confirmation waiting for its terminal's ack.
@@ -186,6 +190,7 @@ impl Tables<'_> {
             merchant_id: new.merchant_id,
             label: new.label,
             cert_serial: new.cert_serial,
+            http_token_sha256: new.http_token_sha256,
             created_at: now,
             revoked_at: None,
             next_seq: 1,

@@ -1,0 +1,502 @@
+//! The embedded MQTT broker: the only module that names the broker library (rmqtt; see
+//! `docs/decisions/0001-broker.md` for why not rumqttd).
+//!
+//! What it gives the rest of the daemon:
+//! - mutual-TLS listeners (MQTT 3.1.1 and 5; optionally over secure WebSocket) whose client
+//!   certificate is required and is the connection's identity: the MQTT client id must equal the
+//!   certificate's CN (the terminal id) and its O must be that terminal's tenant;
+//! - isolation enforced here, not by convention: a terminal may subscribe only to its own
+//!   `/tenants/{t}/payments/…` and `/tenants/{t}/rpc/res`, publish only to its own `acks`, `status`
+//!   and `rpc/req`, and set a last will only on its own `status` (interfaces.md);
+//! - revocation by certificate: a revoked serial or terminal id is refused at CONNECT whatever else
+//!   it presents, and its open session is kicked at once ([`Handle::revoke`]);
+//! - an in-process API: retained QoS 1 publishes ([`Handle`] is a [`Publisher`]) and a stream of
+//!   [`BrokerEvent`]s (connect, disconnect, the terminals' own publishes);
+//! - handshakes in their own tasks, bounded in number and in time (`handshake_timeout`).
+//!
+//! What it cannot do (recorded in the decision record): rmqtt keeps retained messages and sessions
+//! in memory only (the store's outbox is the durable copy and is republished at startup); it has no
+//! call to stop a server, so shutdown aborts its tasks; after a TLS handshake completes, the wait
+//! for the first MQTT packet has no timeout inside rmqtt (only a client holding a valid, unrevoked
+//! certificate can hold a socket that way, and it delays no one else).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use posgate_proto::topics::{self, TopicKind};
+use rmqtt::codec::types::Publish as CodecPublish;
+use rmqtt::codec::v5::SubscribeAckReason;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::session::{Session, SessionState};
+use rmqtt::types::{AuthResult, ClientId, ConnectInfo, From, FromType, Id, Publish, PublishAclResult, QoS, SubscribeAclResult};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::router::{BrokerEvent, PublishError, Publisher};
+
+/// Listener ids inside rmqtt.
+const TLS_LISTENER: u16 = 1;
+const WSS_LISTENER: u16 = 2;
+const PLAIN_LISTENER: u16 = 3;
+
+/// Broker settings (from `[mqtt]`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub ws_listen: Option<SocketAddr>,
+    pub plain_listen: Option<SocketAddr>,
+    /// TLS handshake plus MQTT CONNECT must finish within this.
+    pub handshake_timeout: Duration,
+    /// Most handshakes in flight at once.
+    pub max_handshaking: usize,
+    /// Most connections per listener.
+    pub max_connections: usize,
+    pub ca_pem: PathBuf,
+    pub server_cert_pem: PathBuf,
+    pub server_key_pem: PathBuf,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("binding the MQTT {name} listener on {addr}: {message}")]
+    Bind { name: &'static str, addr: SocketAddr, message: String },
+    #[error("starting the broker: {0}")]
+    Start(String),
+}
+
+/// The bound addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub mqtt: SocketAddr,
+    pub ws: Option<SocketAddr>,
+    pub plain: Option<SocketAddr>,
+}
+
+/// Who may not connect.
+#[derive(Default)]
+struct Revoked {
+    serials: RwLock<HashSet<String>>,
+    terminals: RwLock<HashSet<String>>,
+}
+
+/// Certificate serials compare without leading zeros, case-insensitively (rmqtt prints them as a
+/// big integer in hex; our PKI as fixed-width hex).
+fn normalize_serial(serial: &str) -> String {
+    let s = serial.trim().trim_start_matches("0x").replace(':', "").to_ascii_lowercase();
+    let trimmed = s.trim_start_matches('0');
+    if trimmed.is_empty() { "0".to_owned() } else { trimmed.to_owned() }
+}
+
+impl Revoked {
+    fn contains(&self, terminal_id: &str, serial: Option<&str>) -> bool {
+        let by_id = self.terminals.read().is_ok_and(|t| t.contains(terminal_id));
+        let by_serial = serial.is_some_and(|s| self.serials.read().is_ok_and(|set| set.contains(&normalize_serial(s))));
+        by_id || by_serial
+    }
+}
+
+/// A bound, not yet running broker.
+pub struct Broker {
+    scx: ServerContext,
+    listeners: Vec<(rmqtt::net::Listener, u16)>,
+    addrs: Addrs,
+    handle: Handle,
+}
+
+/// In-process access to the running broker; cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    scx: ServerContext,
+    revoked: Arc<Revoked>,
+}
+
+// === impl Broker ===
+
+impl Broker {
+    /// Builds the broker context, installs the hooks and binds every listener.
+    ///
+    /// # Errors
+    /// [`BrokerError`] when a listener cannot be bound or the TLS files cannot be used.
+    pub async fn build(
+        settings: &Settings,
+        revoked_serials: Vec<String>,
+        revoked_terminals: Vec<String>,
+        events: mpsc::UnboundedSender<BrokerEvent>,
+    ) -> Result<Broker, BrokerError> {
+        // rmqtt's own busy check refuses CONNECTs when the machine's load is high, which is
+        // exactly when a reconnect storm must get through; our handshake bound does that job.
+        let scx = ServerContext::new().busy_check_enable(false).build().await;
+        rmqtt_retainer::register(&scx, true, false).await.map_err(|e| BrokerError::Start(e.to_string()))?;
+
+        let revoked = Arc::new(Revoked {
+            serials: RwLock::new(revoked_serials.iter().map(|s| normalize_serial(s)).collect()),
+            terminals: RwLock::new(revoked_terminals.into_iter().collect()),
+        });
+        let hooks = Arc::new(Hooks { revoked: revoked.clone(), events, plain_allowed: settings.plain_listen.is_some() });
+        let register = scx.extends.hook_mgr().register();
+        for typ in [
+            Type::ClientAuthenticate,
+            Type::ClientSubscribeCheckAcl,
+            Type::MessagePublishCheckAcl,
+            Type::MessagePublish,
+            Type::ClientConnected,
+            Type::ClientDisconnected,
+        ] {
+            register.add(typ, Box::new(HookRef(hooks.clone()))).await;
+        }
+        register.start().await;
+
+        let mut listeners = Vec::new();
+        let tls = bind(settings, "mqtt", settings.listen, Kind::Tls)?;
+        let mqtt = local(&tls, settings.listen);
+        listeners.push((tls, TLS_LISTENER));
+        let mut ws = None;
+        if let Some(addr) = settings.ws_listen {
+            let l = bind(settings, "mqtt_ws", addr, Kind::Wss)?;
+            ws = Some(local(&l, addr));
+            listeners.push((l, WSS_LISTENER));
+        }
+        let mut plain = None;
+        if let Some(addr) = settings.plain_listen {
+            let l = bind(settings, "mqtt_plain", addr, Kind::Plain)?;
+            plain = Some(local(&l, addr));
+            listeners.push((l, PLAIN_LISTENER));
+        }
+        let handle = Handle { scx: scx.clone(), revoked };
+        Ok(Broker { scx, listeners, addrs: Addrs { mqtt, ws, plain }, handle })
+    }
+
+    /// Where the listeners are bound.
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// In-process publish and revocation.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Runs the listeners until `token` is cancelled (rmqtt has no stop call: its task is dropped).
+    pub fn spawn(self, tracker: &TaskTracker, token: CancellationToken) {
+        let Broker { scx, listeners, addrs, .. } = self;
+        tracing::info!(mqtt_addr = %addrs.mqtt, "MQTT listening (TLS, client certificate required)");
+        if let Some(ws) = addrs.ws {
+            tracing::info!(mqtt_ws_addr = %ws, "MQTT over secure WebSocket listening (client certificate required)");
+        }
+        if let Some(plain) = addrs.plain {
+            tracing::warn!(
+                mqtt_plain_addr = %plain,
+                "PLAINTEXT MQTT listening: no encryption, identity is the bare client id; for benchmarks and debugging only"
+            );
+        }
+        let mut server = MqttServer::new(scx);
+        for (listener, id) in listeners {
+            server = server.listener_by_id(listener, id);
+        }
+        let server = server.build();
+        tracker.spawn(
+            async move {
+                tokio::select! {
+                    result = server.run() => {
+                        if let Err(e) = result {
+                            tracing::error!(error = %e, "MQTT server stopped");
+                        }
+                    }
+                    () = token.cancelled() => {}
+                }
+            }
+            .instrument(tracing::info_span!("broker")),
+        );
+    }
+}
+
+enum Kind {
+    Tls,
+    Wss,
+    Plain,
+}
+
+fn bind(settings: &Settings, name: &'static str, addr: SocketAddr, kind: Kind) -> Result<rmqtt::net::Listener, BrokerError> {
+    let path = |p: &PathBuf| Some(p.to_string_lossy().into_owned());
+    let err = |e: rmqtt::Error| BrokerError::Bind { name, addr, message: format!("{e:#}") };
+    let builder = Builder::new()
+        .name(name)
+        .laddr(addr)
+        .backlog(4096)
+        .nodelay(true)
+        .max_connections(settings.max_connections)
+        .max_handshaking_limit(settings.max_handshaking)
+        .handshake_timeout(settings.handshake_timeout)
+        .allow_anonymous(false)
+        .max_inflight(NonZeroU16::new(64).unwrap_or(NonZeroU16::MIN))
+        .max_mqueue_len(10_000)
+        .max_packet_size(64 * 1024)
+        // Confirmations must not expire inside the broker; the outbox republishes anyway.
+        .session_expiry_interval(Duration::from_secs(7 * 24 * 3600))
+        .max_session_expiry_interval(Duration::from_secs(7 * 24 * 3600))
+        .message_expiry_interval(Duration::from_secs(7 * 24 * 3600));
+    let builder = match kind {
+        Kind::Plain => builder,
+        Kind::Tls | Kind::Wss => builder
+            .tls_cross_certificate(true)
+            .tls_cert(path(&settings.server_cert_pem))
+            .tls_key(path(&settings.server_key_pem))
+            .tls_client_ca_certs(path(&settings.ca_pem))
+            .collect_cert_info(true),
+    };
+    let bound = builder.bind().map_err(err)?;
+    match kind {
+        Kind::Tls => bound.tls().map_err(err),
+        Kind::Wss => bound.wss().map_err(err),
+        Kind::Plain => bound.tcp().map_err(err),
+    }
+}
+
+fn local(listener: &rmqtt::net::Listener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
+// === impl Handle ===
+
+impl Handle {
+    /// Refuses `terminal_id` and its certificate `serial` from now on, and cuts its session.
+    pub fn revoke(&self, terminal_id: &str, serial: &str) {
+        if let Ok(mut set) = self.revoked.serials.write() {
+            set.insert(normalize_serial(serial));
+        }
+        if let Ok(mut set) = self.revoked.terminals.write() {
+            set.insert(terminal_id.to_owned());
+        }
+        let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
+        tokio::spawn(async move { kick(&scx, &id).await });
+    }
+
+    /// Number of connected clients.
+    pub fn connections(&self) -> isize {
+        self.scx.connections.count()
+    }
+}
+
+async fn kick(scx: &ServerContext, client_id: &str) {
+    let mut entry = scx.extends.shared().await.entry(Id::from(scx.node.id(), ClientId::from(client_id)));
+    if entry.session().is_none() {
+        return;
+    }
+    match entry.kick(true, true, true).await {
+        Ok(_) => tracing::info!(terminal_id = client_id, "session cut"),
+        Err(e) => tracing::warn!(terminal_id = client_id, error = %e, "could not cut the session"),
+    }
+}
+
+impl Publisher for Handle {
+    async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        let publish = CodecPublish {
+            dup: false,
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            topic: topic.clone().into(),
+            packet_id: None,
+            payload,
+            properties: None,
+        };
+        let publish = Publish::new(Box::new(publish), None, None, Some(rmqtt::utils::timestamp_millis()));
+        let from = From::from_system(Id::from(self.scx.node.id(), ClientId::from("posgate")));
+        SessionState::forwards(&self.scx, from, publish, false, None)
+            .await
+            .map_err(|e| PublishError { topic, message: e.to_string() })
+    }
+}
+
+// === hooks ===
+
+struct Hooks {
+    revoked: Arc<Revoked>,
+    events: mpsc::UnboundedSender<BrokerEvent>,
+    plain_allowed: bool,
+}
+
+/// rmqtt wants an owned handler per hook type.
+struct HookRef(Arc<Hooks>);
+
+fn cert_of(ci: &ConnectInfo) -> Option<&rmqtt::codec::cert::CertInfo> {
+    match ci {
+        ConnectInfo::V3(_, c) => c.cert.as_ref(),
+        ConnectInfo::V5(_, c) => c.cert.as_ref(),
+    }
+}
+
+fn will_topic(ci: &ConnectInfo) -> Option<String> {
+    match ci {
+        ConnectInfo::V3(_, c) => c.last_will.as_ref().map(|w| w.topic.to_string()),
+        ConnectInfo::V5(_, c) => c.last_will.as_ref().map(|w| w.topic.to_string()),
+    }
+}
+
+/// The terminal id of a session: its client id, which authentication tied to the certificate's CN.
+fn terminal_of(s: &Session) -> String {
+    s.id.client_id.to_string()
+}
+
+/// May this terminal subscribe to `filter`? Only its confirmations and its RPC replies.
+pub fn may_subscribe(terminal_id: &str, filter: &str) -> bool {
+    let tenant = topics::tenant_for(terminal_id);
+    if filter == topics::payments_filter(&tenant) {
+        return true;
+    }
+    matches!(topics::parse(filter), Some((t, TopicKind::Payment { ref intent_id }))
+        if t == tenant && !intent_id.contains(['+', '#']))
+        || matches!(topics::parse(filter), Some((t, TopicKind::RpcRes)) if t == tenant)
+}
+
+/// May this terminal publish to `topic`? Only its acks, status and RPC requests.
+pub fn may_publish(terminal_id: &str, topic: &str) -> Option<TopicKind> {
+    let tenant = topics::tenant_for(terminal_id);
+    match topics::parse(topic) {
+        Some((t, kind @ (TopicKind::Acks | TopicKind::Status | TopicKind::RpcReq))) if t == tenant => Some(kind),
+        _ => None,
+    }
+}
+
+impl Hooks {
+    fn authenticate(&self, ci: &ConnectInfo) -> Result<(), String> {
+        let client_id = ci.client_id().to_string();
+        let cert = cert_of(ci);
+        let serial = cert.and_then(|c| c.serial.as_deref());
+        match cert {
+            Some(cert) => {
+                let cn = cert.common_name.as_deref().ok_or("certificate has no CN")?;
+                if cn != client_id {
+                    return Err(format!("client id {client_id:?} is not the certificate's CN {cn:?}"));
+                }
+                if cert.organization.as_deref() != Some(topics::tenant_for(cn).as_str()) {
+                    return Err(format!("certificate O {:?} is not the tenant of {cn:?}", cert.organization));
+                }
+            }
+            None if self.plain_allowed && ci.id().lid == PLAIN_LISTENER => {}
+            None => return Err("no client certificate".into()),
+        }
+        if !topics::valid_terminal_id(&client_id) {
+            return Err(format!("{client_id:?} is not a terminal id"));
+        }
+        if self.revoked.contains(&client_id, serial) {
+            return Err(format!("terminal {client_id:?} is revoked"));
+        }
+        if let Some(will) = will_topic(ci) {
+            if will != topics::status(&topics::tenant_for(&client_id)) {
+                return Err(format!("last will topic {will:?} is not the terminal's own status topic"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Handler for HookRef {
+    #[allow(elided_lifetimes_in_paths)] // the trait's own signature
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        let hooks = &self.0;
+        match param {
+            Parameter::ClientAuthenticate(ci) => match hooks.authenticate(ci) {
+                Ok(()) => (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None)))),
+                Err(why) => {
+                    tracing::warn!(client_id = %ci.client_id(), remote = ?ci.id().remote_addr, reason = %why, "MQTT connect refused");
+                    (false, Some(HookResult::AuthResult(AuthResult::NotAuthorized)))
+                }
+            },
+            Parameter::ClientSubscribeCheckAcl(s, sub) => {
+                let terminal_id = terminal_of(s);
+                if may_subscribe(&terminal_id, &sub.topic_filter) {
+                    (true, acc)
+                } else {
+                    tracing::warn!(%terminal_id, filter = %sub.topic_filter, "subscribe refused");
+                    let refused = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
+                    (false, Some(HookResult::SubscribeAclResult(refused)))
+                }
+            }
+            Parameter::MessagePublishCheckAcl(s, p) => {
+                let terminal_id = terminal_of(s);
+                if may_publish(&terminal_id, &p.topic).is_some() {
+                    (true, acc)
+                } else {
+                    tracing::warn!(%terminal_id, topic = %p.topic, "publish refused; disconnecting");
+                    (false, Some(HookResult::PublishAclResult(PublishAclResult::rejected(true, None))))
+                }
+            }
+            // Runs before the publish ACL (and for last wills): forward only what the ACL allows.
+            Parameter::MessagePublish(Some(s), from, p)
+                if from.is_custom() || matches!(from.typ(), FromType::LastWill) =>
+            {
+                let terminal_id = terminal_of(s);
+                if let Some(kind) = may_publish(&terminal_id, &p.topic) {
+                    drop(hooks.events.send(BrokerEvent::Message { terminal_id, kind, payload: p.payload.clone() }));
+                }
+                (true, acc)
+            }
+            Parameter::ClientConnected(s) => {
+                drop(hooks.events.send(BrokerEvent::Connected { terminal_id: terminal_of(s) }));
+                (true, acc)
+            }
+            Parameter::ClientDisconnected(s, _reason) => {
+                drop(hooks.events.send(BrokerEvent::Disconnected { terminal_id: terminal_of(s) }));
+                (true, acc)
+            }
+            _ => (true, acc),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_allows_only_own_topics() {
+        let a = topics::tenant_for("pos_a");
+        let b = topics::tenant_for("pos_b");
+        assert!(may_subscribe("pos_a", &topics::payments_filter(&a)));
+        assert!(may_subscribe("pos_a", &topics::payments(&a, "pi_1")));
+        assert!(may_subscribe("pos_a", &topics::rpc_res(&a)));
+        for filter in [
+            topics::payments_filter(&b),
+            topics::payments(&b, "pi_1"),
+            "#".to_owned(),
+            "/tenants/#".to_owned(),
+            "/tenants/+/payments/+".to_owned(),
+            format!("/tenants/{a}/#"),
+            format!("/tenants/{a}/payments/#"),
+            topics::acks(&a),
+            topics::status(&a),
+            "$SYS/#".to_owned(),
+        ] {
+            assert!(!may_subscribe("pos_a", &filter), "{filter}");
+        }
+        assert_eq!(may_publish("pos_a", &topics::acks(&a)), Some(TopicKind::Acks));
+        assert_eq!(may_publish("pos_a", &topics::status(&a)), Some(TopicKind::Status));
+        assert_eq!(may_publish("pos_a", &topics::rpc_req(&a)), Some(TopicKind::RpcReq));
+        for topic in [topics::acks(&b), topics::payments(&a, "pi_1"), topics::payments(&b, "pi_1"), topics::rpc_res(&a), "x".into()] {
+            assert_eq!(may_publish("pos_a", &topic), None, "{topic}");
+        }
+    }
+
+    #[test]
+    fn serials_compare_normalized() {
+        assert_eq!(normalize_serial("00AB:CD"), "abcd");
+        assert_eq!(normalize_serial("0abcd"), "abcd");
+        let r = Revoked::default();
+        r.serials.write().unwrap().insert(normalize_serial("00ff"));
+        assert!(r.contains("x", Some("FF")));
+        assert!(!r.contains("x", Some("fe")));
+    }
+}

@@ -1,0 +1,487 @@
+//! The router: outbox → broker publish, acks → outbox clear, terminal presence.
+//!
+//! The outbox rows in the store are the truth; everything here is a cache that can be rebuilt from
+//! them. The router republishes every unacked row at startup, a terminal's rows (in `seq` order)
+//! whenever it connects, and any row unacked for `republish_after` (the broker keeps nothing across
+//! a restart, and a resumed MQTT session does not always resend retained messages). Publishing is
+//! idempotent: the signed bytes of a row never change, and terminals deduplicate by intent and seq.
+//!
+//! One task owns the state; acks are committed by short tasks of their own so that many acks share
+//! one group commit, and report back to the loop, which clears a retained message only when no
+//! newer confirmation of that intent was published meanwhile.
+//!
+//! The broker is behind [`Publisher`] and [`BrokerEvent`], so this module is tested over channels.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use posgate_proto::confirmation::{self, Ack, StatusMessage};
+use posgate_proto::topics::{self, TopicKind};
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{AckOutcome, OutboxRow, Store};
+
+/// Why a publish failed (the row stays in the outbox and is published again later).
+#[derive(Debug, thiserror::Error)]
+#[error("publishing to {topic}: {message}")]
+pub struct PublishError {
+    pub topic: String,
+    pub message: String,
+}
+
+/// What the router needs from the broker.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes a retained QoS 1 message (an empty payload clears the topic's retained message).
+    fn publish_retained(&self, topic: String, payload: Bytes) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// What the broker tells the router, each about a terminal identified by its verified certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerEvent {
+    Connected { terminal_id: String },
+    Disconnected { terminal_id: String },
+    /// A publish the terminal made under its own tenant.
+    Message { terminal_id: String, kind: TopicKind, payload: Bytes },
+}
+
+/// A terminal's presence as the registry shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub online: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+/// Shared, read by the admin API.
+pub type Presence = Arc<RwLock<HashMap<String, PresenceEntry>>>;
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A row unacked for this long since its last publish is published again.
+    pub republish_after: Duration,
+}
+
+/// The gateway's confirmation signer.
+#[derive(Clone)]
+pub struct Signer {
+    pub key: SigningKey,
+    pub kid: String,
+}
+
+impl Signer {
+    /// The JWS of a row (deterministic: Ed25519 signatures of the same bytes are identical).
+    pub fn sign(&self, row: &OutboxRow) -> Bytes {
+        Bytes::from(confirmation::sign(&self.key, &self.kid, &row.confirmation))
+    }
+}
+
+enum Internal {
+    Rows(Vec<OutboxRow>),
+    Acked { terminal_id: String, outcome: AckOutcome },
+}
+
+struct Published {
+    intent_id: String,
+    at: Instant,
+}
+
+/// The router task.
+pub struct Router<P> {
+    store: Store,
+    publisher: Arc<P>,
+    signer: Signer,
+    settings: Settings,
+    presence: Presence,
+    /// Unacked rows we published, by (terminal, seq).
+    published: BTreeMap<(String, u64), Published>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+}
+
+impl<P: Publisher> Router<P> {
+    pub fn new(store: Store, publisher: Arc<P>, signer: Signer, settings: Settings, presence: Presence) -> Self {
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        Router {
+            store,
+            publisher,
+            signer,
+            settings,
+            presence,
+            published: BTreeMap::new(),
+            internal_tx,
+            internal_rx,
+        }
+    }
+
+    /// Runs until `token` is cancelled or the broker's event stream ends.
+    pub async fn run(
+        mut self,
+        mut rows: mpsc::UnboundedReceiver<Vec<OutboxRow>>,
+        mut events: mpsc::UnboundedReceiver<BrokerEvent>,
+        token: CancellationToken,
+    ) {
+        // Everything unacked, from before a restart or a crash.
+        self.load(None);
+        let mut tick = tokio::time::interval(self.settings.republish_after.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                Some(batch) = rows.recv() => self.publish_rows(batch).await,
+                Some(internal) = self.internal_rx.recv() => match internal {
+                    Internal::Rows(batch) => self.publish_rows(batch).await,
+                    Internal::Acked { terminal_id, outcome } => self.acked(&terminal_id, outcome).await,
+                },
+                event = events.recv() => match event {
+                    Some(event) => self.event(event).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.republish_stale().await,
+            }
+        }
+    }
+
+    /// Reads unacked rows (one terminal's, or all) off the loop and feeds them back to it.
+    fn load(&self, terminal_id: Option<String>) {
+        let (store, tx) = (self.store.clone(), self.internal_tx.clone());
+        tokio::spawn(async move {
+            match store.outbox(terminal_id.clone()).await {
+                Ok(rows) if !rows.is_empty() => drop(tx.send(Internal::Rows(rows))),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, terminal_id = ?terminal_id, "cannot read the outbox; rows will be published by the periodic check"),
+            }
+        });
+    }
+
+    async fn publish_rows(&mut self, rows: Vec<OutboxRow>) {
+        for row in rows {
+            self.publish(&row).await;
+            self.published.insert(
+                (row.terminal_id.clone(), row.seq),
+                Published { intent_id: row.intent_id.clone(), at: Instant::now() },
+            );
+        }
+    }
+
+    async fn publish(&self, row: &OutboxRow) {
+        let topic = topics::payments(&row.tenant, &row.intent_id);
+        if let Err(e) = self.publisher.publish_retained(topic, self.signer.sign(row)).await {
+            tracing::warn!(error = %e, terminal_id = %row.terminal_id, seq = row.seq, "publish failed; will retry");
+        }
+    }
+
+    async fn republish_stale(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<(String, u64)> = self
+            .published
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.at) >= self.settings.republish_after)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        // Re-read them: some may have been acked meanwhile, and the row is the truth.
+        let mut by_terminal: BTreeMap<String, ()> = BTreeMap::new();
+        for (terminal_id, _) in &stale {
+            by_terminal.insert(terminal_id.clone(), ());
+        }
+        for (terminal_id, seq) in stale {
+            if let Some(p) = self.published.get_mut(&(terminal_id, seq)) {
+                p.at = now; // not again before the next period, whatever the read finds
+            }
+        }
+        for terminal_id in by_terminal.into_keys() {
+            tracing::debug!(%terminal_id, "republishing unacked confirmations");
+            self.load(Some(terminal_id));
+        }
+    }
+
+    async fn event(&mut self, event: BrokerEvent) {
+        match event {
+            BrokerEvent::Connected { terminal_id } => {
+                self.set_presence(&terminal_id, true);
+                self.load(Some(terminal_id));
+            }
+            BrokerEvent::Disconnected { terminal_id } => self.set_presence(&terminal_id, false),
+            BrokerEvent::Message { terminal_id, kind, payload } => match kind {
+                TopicKind::Acks => self.ack(terminal_id, &payload),
+                TopicKind::Status => match serde_json::from_slice::<StatusMessage>(&payload) {
+                    Ok(status) => {
+                        let online = status.state == "online";
+                        self.set_presence(&terminal_id, online);
+                    }
+                    Err(_) if payload.is_empty() => {}
+                    Err(e) => tracing::debug!(%terminal_id, error = %e, "unreadable status message"),
+                },
+                other => tracing::debug!(%terminal_id, kind = ?other, "message not handled by the router"),
+            },
+        }
+    }
+
+    fn set_presence(&self, terminal_id: &str, online: bool) {
+        let now = OffsetDateTime::now_utc();
+        let changed = match self.presence.write() {
+            Ok(mut map) => {
+                let changed = map.get(terminal_id).is_none_or(|p| p.online != online);
+                if changed {
+                    map.insert(terminal_id.to_owned(), PresenceEntry { online, since: now });
+                }
+                changed
+            }
+            Err(_) => false,
+        };
+        if changed {
+            tracing::info!(%terminal_id, online, "terminal presence");
+            let store = self.store.clone();
+            let id = terminal_id.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = store.touch_terminal(id, now).await {
+                    tracing::debug!(error = %e, "could not record last_seen");
+                }
+            });
+        }
+    }
+
+    fn ack(&self, terminal_id: String, payload: &[u8]) {
+        let ack: Ack = match serde_json::from_slice(payload) {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(%terminal_id, error = %e, "unreadable ack");
+                return;
+            }
+        };
+        let (store, tx) = (self.store.clone(), self.internal_tx.clone());
+        tokio::spawn(async move {
+            match store.ack(terminal_id.clone(), ack.intent_id.clone(), ack.seq).await {
+                Ok(outcome) => drop(tx.send(Internal::Acked { terminal_id, outcome })),
+                // Not committed: the row stays and is published again; the terminal acks again.
+                Err(e) => tracing::warn!(%terminal_id, intent_id = %ack.intent_id, seq = ack.seq, error = %e, "ack not stored"),
+            }
+        });
+    }
+
+    async fn acked(&mut self, terminal_id: &str, outcome: AckOutcome) {
+        let AckOutcome::Delivered { row, clear, .. } = outcome else { return };
+        let latency_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000 - i128::from(row.accepted_at_us)) as f64 / 1000.0;
+        tracing::info!(
+            terminal_id, intent_id = %row.intent_id, seq = row.seq, latency_ms,
+            "confirmation delivered"
+        );
+        // Forget this row and the older ones of the same intent (the store removed them too).
+        self.published
+            .retain(|(t, s), p| !(t == terminal_id && p.intent_id == row.intent_id && *s <= row.seq));
+        let newer_published = self
+            .published
+            .iter()
+            .any(|((t, _), p)| t == terminal_id && p.intent_id == row.intent_id);
+        if clear && !newer_published {
+            let topic = topics::payments(&row.tenant, &row.intent_id);
+            if let Err(e) = self.publisher.publish_retained(topic, Bytes::new()).await {
+                tracing::warn!(error = %e, "could not clear a delivered confirmation");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use posgate_proto::MicroUsdc;
+    use posgate_proto::confirmation::{ConfirmationStatus, verify};
+    use posgate_proto::event::{Envelope, EventData};
+    use tokio::sync::Mutex;
+
+    use super::*;
+    use crate::store::{IncomingEvent, NewTerminal};
+
+    /// Records every publish.
+    struct Recorder(mpsc::UnboundedSender<(String, Bytes)>);
+
+    impl Publisher for Recorder {
+        async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+            drop(self.0.send((topic, payload)));
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        store: Store,
+        events: mpsc::UnboundedSender<BrokerEvent>,
+        published: Mutex<mpsc::UnboundedReceiver<(String, Bytes)>>,
+        signer: Signer,
+        presence: Presence,
+        tenant: String,
+        token: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn rig(republish_after: Duration) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 64, 16).unwrap();
+        let tenant = topics::tenant_for("pos-1");
+        store
+            .register_terminal(NewTerminal {
+                id: "pos-1".into(),
+                tenant: tenant.clone(),
+                merchant_id: "mer_1".into(),
+                label: None,
+                cert_serial: "01".into(),
+                http_token_sha256: String::new(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let (pub_tx, pub_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let signer = Signer { kid: confirmation::kid_for(&key.verifying_key().to_bytes()), key };
+        let presence = Presence::default();
+        let router = Router::new(
+            store.clone(),
+            Arc::new(Recorder(pub_tx)),
+            signer.clone(),
+            Settings { republish_after },
+            presence.clone(),
+        );
+        let token = CancellationToken::new();
+        tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
+        Rig { store, events: events_tx, published: Mutex::new(pub_rx), signer, presence, tenant, token, _dir: dir }
+    }
+
+    async fn confirm(store: &Store, n: u32) {
+        let body = format!(
+            r#"{{"id":"evt_{n}","type":"payment_intent.confirmed","data":{{"id":"pi_{n}","status":"confirmed","amount":4.5,"metadata":{{"terminal_id":"pos-1"}}}}}}"#
+        );
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
+        let event = IncomingEvent {
+            event_id: env.id.clone(),
+            kind: env.kind.clone(),
+            raw: Bytes::from(body.clone()),
+            received_at: OffsetDateTime::now_utc(),
+            created_at: None,
+            data,
+        };
+        store.ingest(event).await.unwrap();
+    }
+
+    impl Rig {
+        async fn next(&self) -> (String, Bytes) {
+            let mut rx = self.published.lock().await;
+            tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap()
+        }
+
+        fn check(&self, payload: &Bytes) -> posgate_proto::confirmation::Confirmation {
+            verify(std::str::from_utf8(payload).unwrap(), &self.signer.key.verifying_key(), "pos-1", 0).unwrap()
+        }
+
+        async fn ack(&self, intent: &str, seq: u64) {
+            let payload = Bytes::from(format!(r#"{{"intent_id":"{intent}","seq":{seq}}}"#));
+            let event = BrokerEvent::Message { terminal_id: "pos-1".into(), kind: TopicKind::Acks, payload };
+            self.events.send(event).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn publishes_signed_then_clears_on_ack() {
+        let rig = rig(Duration::from_secs(60)).await;
+        confirm(&rig.store, 1).await;
+        let (topic, payload) = rig.next().await;
+        assert_eq!(topic, topics::payments(&rig.tenant, "pi_1"));
+        let c = rig.check(&payload);
+        assert_eq!((c.seq, c.status, c.amount_micros), (1, ConfirmationStatus::Confirmed, 4_500_000));
+        assert_eq!(c.amount, MicroUsdc(4_500_000).to_string());
+
+        rig.ack("pi_1", 1).await;
+        let (topic, payload) = rig.next().await;
+        assert_eq!((topic.as_str(), payload.is_empty()), (topics::payments(&rig.tenant, "pi_1").as_str(), true));
+        assert!(rig.store.outbox(None).await.unwrap().is_empty());
+        rig.token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_wrong_ack_changes_nothing() {
+        let rig = rig(Duration::from_secs(60)).await;
+        confirm(&rig.store, 1).await;
+        rig.next().await;
+        rig.ack("pi_1", 2).await; // wrong seq
+        rig.ack("pi_other", 1).await; // wrong intent
+        let garbage = BrokerEvent::Message { terminal_id: "pos-1".into(), kind: TopicKind::Acks, payload: Bytes::from_static(b"{") };
+        rig.events.send(garbage).unwrap();
+        // Still there, and a reconnect publishes it again.
+        rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
+        let (_, payload) = rig.next().await;
+        assert_eq!(rig.check(&payload).seq, 1);
+        assert_eq!(rig.store.outbox(None).await.unwrap().len(), 1);
+        rig.token.cancel();
+    }
+
+    #[tokio::test]
+    async fn reconnect_republishes_in_seq_order_and_presence_follows() {
+        let rig = rig(Duration::from_secs(60)).await;
+        for n in 1..=5 {
+            confirm(&rig.store, n).await;
+        }
+        for _ in 1..=5 {
+            rig.next().await;
+        }
+        rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
+        let mut seqs = Vec::new();
+        for _ in 1..=5 {
+            seqs.push(rig.check(&rig.next().await.1).seq);
+        }
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert!(rig.presence.read().unwrap()["pos-1"].online);
+        rig.events.send(BrokerEvent::Disconnected { terminal_id: "pos-1".into() }).unwrap();
+        // The loop handles events in order: after this reconnect's republish, the disconnect was seen.
+        rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
+        rig.next().await;
+        rig.token.cancel();
+    }
+
+    #[tokio::test]
+    async fn unacked_rows_are_published_again_after_the_timeout() {
+        let rig = rig(Duration::from_millis(100)).await;
+        confirm(&rig.store, 1).await;
+        let (_, first) = rig.next().await;
+        let (_, again) = rig.next().await;
+        assert_eq!(first, again, "a republish sends identical bytes");
+        rig.ack("pi_1", 1).await;
+        let (_, clear) = rig.next().await;
+        assert!(clear.is_empty());
+        rig.token.cancel();
+    }
+
+    #[tokio::test]
+    async fn startup_publishes_what_was_left_unacked() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 64, 16).unwrap();
+            store
+                .register_terminal(NewTerminal { id: "pos-1".into(), tenant: topics::tenant_for("pos-1"), merchant_id: "m".into(), label: None, cert_serial: "01".into(), http_token_sha256: String::new() })
+                .await
+                .unwrap();
+            confirm(&store, 9).await;
+            store.close().await;
+        }
+        let store = Store::open(dir.path(), 64, 16).unwrap();
+        let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
+        let (_events_tx, events_rx) = mpsc::unbounded_channel();
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let signer = Signer { kid: "k".into(), key };
+        let router = Router::new(store.clone(), Arc::new(Recorder(pub_tx)), signer, Settings { republish_after: Duration::from_secs(60) }, Presence::default());
+        let token = CancellationToken::new();
+        tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
+        let (topic, _) = tokio::time::timeout(Duration::from_secs(10), pub_rx.recv()).await.unwrap().unwrap();
+        assert!(topic.ends_with("/payments/pi_9"), "{topic}");
+        token.cancel();
+    }
+}
