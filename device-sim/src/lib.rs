@@ -4,7 +4,9 @@
 //!
 //! # Layout
 //! - [`events`]: provider event bodies exactly as the provider sends them, and their signed headers.
+//! - [`terminal`]: a simulated terminal over MQTT/TLS: verifies, deduplicates, acks.
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 
 pub mod bench;
 pub mod events;
+pub mod terminal;

@@ -1,0 +1,293 @@
+//! A simulated terminal: provisioned by the admin API, connected over mutual TLS with its own
+//! certificate (rumqttc), it verifies each confirmation with `posgate_proto::confirmation::verify`,
+//! deduplicates by intent and seq, and acks.
+//!
+//! [`connect_raw`] gives tests the bare client with any identity (or none), for the attacks.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use posgate_proto::confirmation::{self, Ack, Confirmation, Jwk, StatusMessage, VerifyError};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The provisioning bundle (interfaces.md).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Bundle {
+    pub terminal_id: String,
+    pub tenant: String,
+    pub mqtt_url: String,
+    pub client_id: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub http_token: String,
+    pub gateway_jwk: Jwk,
+    pub topics: Topics,
+}
+
+/// The bundle's topics.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Topics {
+    pub payments: String,
+    pub acks: String,
+    pub status: String,
+    pub rpc_req: String,
+    pub rpc_res: String,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls client config trusting `ca_pem` and presenting `cert_key` (PEM cert, PEM key) if given.
+///
+/// # Errors
+/// When a PEM does not parse.
+pub fn tls_config(ca_pem: &str, cert_key: Option<(&str, &str)>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.context("CA PEM")?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match cert_key {
+        Some((cert_pem, key_pem)) => {
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().context("client cert PEM")?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("client key PEM")?;
+            builder.with_client_auth_cert(certs, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// What to connect as.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub client_id: String,
+    pub ca_pem: String,
+    /// `(cert_pem, key_pem)`, or `None` to present no client certificate.
+    pub cert_key: Option<(String, String)>,
+    pub last_will: Option<(String, Vec<u8>)>,
+}
+
+impl Identity {
+    /// A terminal's own identity from its bundle, with its last will (`offline` on its status topic).
+    pub fn of(bundle: &Bundle) -> Identity {
+        let offline = serde_json::to_vec(&StatusMessage::offline()).unwrap_or_default();
+        Identity {
+            client_id: bundle.client_id.clone(),
+            ca_pem: bundle.ca_pem.clone(),
+            cert_key: Some((bundle.cert_pem.clone(), bundle.key_pem.clone())),
+            last_will: Some((bundle.topics.status.clone(), offline)),
+        }
+    }
+}
+
+/// A bare MQTT/TLS client for `identity`; the caller drives the event loop.
+///
+/// # Errors
+/// When the identity's PEMs do not parse.
+pub fn connect_raw(addr: SocketAddr, identity: &Identity) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    // The IP is both where to dial and the name checked in the server certificate (an IP SAN).
+    let mut options = MqttOptions::new(identity.client_id.clone(), addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(true);
+    let cert_key = identity.cert_key.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config(&identity.ca_pem, cert_key)?)));
+    if let Some((topic, payload)) = &identity.last_will {
+        options.set_last_will(LastWill::new(topic, payload.clone(), QoS::AtLeastOnce, true));
+    }
+    Ok(AsyncClient::new(options, 256))
+}
+
+/// What a [`Terminal`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// A new, verified confirmation (already acked).
+    Confirmation(Confirmation),
+    /// A verified confirmation it had already processed (acked again, not shown twice).
+    Duplicate { intent_id: String, seq: u64 },
+    /// A message on its payments topic that failed verification (never shown).
+    Rejected(String),
+    /// Connected and subscribed.
+    Connected,
+    /// The connection dropped (the terminal reconnects by itself).
+    Disconnected(String),
+}
+
+/// Per-terminal deduplication: every seq below `min_seq` was processed; `seen` holds the ones above.
+#[derive(Debug, Default)]
+pub struct SeqTracker {
+    pub min_seq: u64,
+    seen: BTreeSet<u64>,
+}
+
+impl SeqTracker {
+    /// Records `seq`; false when it was already processed.
+    pub fn record(&mut self, seq: u64) -> bool {
+        if seq < self.min_seq || !self.seen.insert(seq) {
+            return false;
+        }
+        while self.seen.remove(&self.min_seq.max(1)) {
+            self.min_seq = self.min_seq.max(1) + 1;
+        }
+        true
+    }
+}
+
+/// A connected simulated terminal.
+pub struct Terminal {
+    pub bundle: Bundle,
+    pub client: AsyncClient,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    task: JoinHandle<()>,
+}
+
+impl Terminal {
+    /// Connects with the bundle's identity, subscribes to its payments and RPC replies, announces
+    /// itself online, and returns once subscribed.
+    ///
+    /// # Errors
+    /// When the connection is refused or not subscribed within 10 s.
+    pub async fn connect(bundle: Bundle, addr: SocketAddr) -> anyhow::Result<Terminal> {
+        let key = bundle.gateway_jwk.verifying_key().map_err(|e| anyhow!("gateway_jwk: {e}"))?;
+        let (client, mut eventloop) = connect_raw(addr, &Identity::of(&bundle))?;
+        let (tx, seen) = mpsc::unbounded_channel();
+        let (b, c) = (bundle.clone(), client.clone());
+        let task = tokio::spawn(async move {
+            let mut tracker = SeqTracker::default();
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        // Clean session: subscribe again after every (re)connect.
+                        let online = serde_json::to_vec(&StatusMessage::online()).unwrap_or_default();
+                        let sub = c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await;
+                        let sub2 = c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await;
+                        let status = c.publish(&b.topics.status, QoS::AtLeastOnce, true, online).await;
+                        if sub.is_err() || sub2.is_err() || status.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure)) {
+                            drop(tx.send(Seen::Disconnected("subscription refused".into())));
+                        } else if ack.return_codes.len() == 1 && tx.send(Seen::Connected).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.payload.is_empty() || !p.topic.starts_with(b.topics.payments.trim_end_matches('+')) {
+                            continue;
+                        }
+                        let event = match std::str::from_utf8(&p.payload)
+                            .map_err(|_| VerifyError::Malformed)
+                            .and_then(|jws| confirmation::verify(jws, &key, &b.terminal_id, tracker.min_seq))
+                        {
+                            Ok(conf) => {
+                                let ack = Ack { intent_id: conf.intent_id.clone(), seq: conf.seq };
+                                let payload = serde_json::to_vec(&ack).unwrap_or_default();
+                                if c.publish(&b.topics.acks, QoS::AtLeastOnce, false, payload).await.is_err() {
+                                    break;
+                                }
+                                if tracker.record(conf.seq) {
+                                    Seen::Confirmation(conf)
+                                } else {
+                                    Seen::Duplicate { intent_id: conf.intent_id, seq: conf.seq }
+                                }
+                            }
+                            Err(VerifyError::OldSeq { seq, .. }) => Seen::Duplicate { intent_id: String::new(), seq },
+                            Err(e) => Seen::Rejected(e.to_string()),
+                        };
+                        if tx.send(event).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if tx.send(Seen::Disconnected(e.to_string())).is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        let mut terminal = Terminal { bundle, client, seen, task };
+        match tokio::time::timeout(Duration::from_secs(10), terminal.seen.recv()).await {
+            Ok(Some(Seen::Connected)) => Ok(terminal),
+            Ok(Some(other)) => {
+                terminal.task.abort();
+                bail!("{} did not connect: {other:?}", terminal.bundle.terminal_id)
+            }
+            _ => {
+                terminal.task.abort();
+                bail!("{} did not connect within 10 s", terminal.bundle.terminal_id)
+            }
+        }
+    }
+
+    /// The next thing seen, if any within `timeout`.
+    pub async fn next_seen(&mut self, timeout: Duration) -> Option<Seen> {
+        tokio::time::timeout(timeout, self.seen.recv()).await.ok().flatten()
+    }
+
+    /// The next new confirmation within `timeout` (skipping duplicates and reconnects; a rejected
+    /// message is an error).
+    ///
+    /// # Errors
+    /// When a message failed verification, or nothing arrived in time.
+    pub async fn next_confirmation(&mut self, timeout: Duration) -> anyhow::Result<Confirmation> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_seen(left).await {
+                Some(Seen::Confirmation(c)) => return Ok(c),
+                Some(Seen::Rejected(why)) => bail!("a message failed verification: {why}"),
+                Some(_) => continue,
+                None => bail!("no confirmation within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Disconnects cleanly (no last will).
+    pub async fn disconnect(self) {
+        drop(self.client.disconnect().await);
+        tokio::time::sleep(Duration::from_millis(0)).await;
+        self.task.abort();
+    }
+
+    /// Drops the connection without DISCONNECT (the broker publishes the last will).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_tracker_dedupes_out_of_order() {
+        let mut t = SeqTracker::default();
+        assert!(t.record(2));
+        assert!(t.record(1));
+        assert_eq!(t.min_seq, 3);
+        assert!(!t.record(1));
+        assert!(!t.record(2));
+        assert!(t.record(5));
+        assert!(!t.record(5));
+        assert!(t.record(3));
+        assert_eq!(t.min_seq, 4);
+    }
+}
