@@ -6,9 +6,9 @@
 //! a restart, and a resumed MQTT session does not always resend retained messages). Publishing is
 //! idempotent: the signed bytes of a row never change, and terminals deduplicate by intent and seq.
 //!
+//! Delivery is stop-and-wait per terminal (see [`Router`]), which keeps `seq` order on the wire.
 //! One task owns the state; acks are committed by short tasks of their own so that many acks share
-//! one group commit, and report back to the loop, which clears a retained message only when no
-//! newer confirmation of that intent was published meanwhile.
+//! one group commit, and report back to the loop.
 //!
 //! The broker is behind [`Publisher`] and [`BrokerEvent`], so this module is tested over channels.
 
@@ -84,24 +84,32 @@ impl Signer {
 }
 
 enum Internal {
-    Rows(Vec<OutboxRow>),
+    /// Rows read from the store: the whole outbox at startup, or one terminal's on reconnect.
+    Loaded { terminal_id: Option<String>, rows: Vec<OutboxRow> },
     Acked { terminal_id: String, outcome: AckOutcome },
 }
 
-struct Published {
-    intent_id: String,
-    at: Instant,
+/// One terminal's unacked rows, mirrored from the store, and whether its head is on the wire.
+#[derive(Default)]
+struct Queue {
+    rows: BTreeMap<u64, OutboxRow>,
+    /// When the head row was last published.
+    head_published: Option<Instant>,
 }
 
 /// The router task.
+///
+/// Delivery is stop-and-wait per terminal: only the lowest unacked `seq` (the head) is on the
+/// wire; the next one is published when the head is acked. Retained messages are handed out by the
+/// broker in its own order on (re)subscribe, so this is what makes "in `seq` order" hold across
+/// reconnects; a terminal handles one payment at a time, so one message in flight costs nothing.
 pub struct Router<P> {
     store: Store,
     publisher: Arc<P>,
     signer: Signer,
     settings: Settings,
     presence: Presence,
-    /// Unacked rows we published, by (terminal, seq).
-    published: BTreeMap<(String, u64), Published>,
+    queues: HashMap<String, Queue>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
 }
@@ -109,16 +117,7 @@ pub struct Router<P> {
 impl<P: Publisher> Router<P> {
     pub fn new(store: Store, publisher: Arc<P>, signer: Signer, settings: Settings, presence: Presence) -> Self {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
-        Router {
-            store,
-            publisher,
-            signer,
-            settings,
-            presence,
-            published: BTreeMap::new(),
-            internal_tx,
-            internal_rx,
-        }
+        Router { store, publisher, signer, settings, presence, queues: HashMap::new(), internal_tx, internal_rx }
     }
 
     /// Runs until `token` is cancelled or the broker's event stream ends.
@@ -130,14 +129,15 @@ impl<P: Publisher> Router<P> {
     ) {
         // Everything unacked, from before a restart or a crash.
         self.load(None);
-        let mut tick = tokio::time::interval(self.settings.republish_after.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
+        let period = (self.settings.republish_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = token.cancelled() => break,
-                Some(batch) = rows.recv() => self.publish_rows(batch).await,
+                Some(batch) = rows.recv() => self.add_rows(batch).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
-                    Internal::Rows(batch) => self.publish_rows(batch).await,
+                    Internal::Loaded { terminal_id, rows } => self.loaded(terminal_id, rows).await,
                     Internal::Acked { terminal_id, outcome } => self.acked(&terminal_id, outcome).await,
                 },
                 event = events.recv() => match event {
@@ -154,54 +154,86 @@ impl<P: Publisher> Router<P> {
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
         tokio::spawn(async move {
             match store.outbox(terminal_id.clone()).await {
-                Ok(rows) if !rows.is_empty() => drop(tx.send(Internal::Rows(rows))),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, terminal_id = ?terminal_id, "cannot read the outbox; rows will be published by the periodic check"),
+                Ok(rows) => drop(tx.send(Internal::Loaded { terminal_id, rows })),
+                Err(e) => tracing::error!(error = %e, terminal_id = ?terminal_id, "cannot read the outbox"),
             }
         });
     }
 
-    async fn publish_rows(&mut self, rows: Vec<OutboxRow>) {
+    /// New rows committed by the store.
+    async fn add_rows(&mut self, rows: Vec<OutboxRow>) {
+        let mut touched = Vec::new();
         for row in rows {
-            self.publish(&row).await;
-            self.published.insert(
-                (row.terminal_id.clone(), row.seq),
-                Published { intent_id: row.intent_id.clone(), at: Instant::now() },
-            );
+            let id = row.terminal_id.clone();
+            self.queues.entry(id.clone()).or_default().rows.insert(row.seq, row);
+            if !touched.contains(&id) {
+                touched.push(id);
+            }
+        }
+        for id in touched {
+            self.publish_head(&id, false).await;
         }
     }
 
-    async fn publish(&self, row: &OutboxRow) {
-        let topic = topics::payments(&row.tenant, &row.intent_id);
-        if let Err(e) = self.publisher.publish_retained(topic, self.signer.sign(row)).await {
-            tracing::warn!(error = %e, terminal_id = %row.terminal_id, seq = row.seq, "publish failed; will retry");
+    /// The store's view replaces ours (rows acked meanwhile disappear, none are missed).
+    async fn loaded(&mut self, terminal_id: Option<String>, rows: Vec<OutboxRow>) {
+        let mut fresh: HashMap<String, BTreeMap<u64, OutboxRow>> = HashMap::new();
+        for row in rows {
+            fresh.entry(row.terminal_id.clone()).or_default().insert(row.seq, row);
+        }
+        // A reconnect republishes its head; the startup load only publishes heads not yet out.
+        let force = terminal_id.is_some();
+        let ids: Vec<String> = match terminal_id {
+            Some(id) => vec![id],
+            None => fresh.keys().cloned().collect(),
+        };
+        for id in ids {
+            let rows = fresh.remove(&id).unwrap_or_default();
+            let queue = self.queues.entry(id.clone()).or_default();
+            // Rows that arrived by notice after the read began are newer than what it saw.
+            let newest_read = rows.keys().next_back().copied().unwrap_or(0);
+            let newer: Vec<(u64, OutboxRow)> =
+                queue.rows.iter().filter(|(s, _)| **s > newest_read).map(|(s, r)| (*s, r.clone())).collect();
+            let head_before = queue.rows.keys().next().copied();
+            queue.rows = rows;
+            queue.rows.extend(newer);
+            if queue.rows.keys().next().copied() != head_before {
+                queue.head_published = None;
+            }
+            self.publish_head(&id, force).await;
+        }
+    }
+
+    /// Publishes the terminal's head row, unless it is already on the wire (or `force`).
+    async fn publish_head(&mut self, terminal_id: &str, force: bool) {
+        let Some(queue) = self.queues.get_mut(terminal_id) else { return };
+        let Some(head) = queue.rows.values().next() else {
+            self.queues.remove(terminal_id);
+            return;
+        };
+        if queue.head_published.is_some() && !force {
+            return;
+        }
+        queue.head_published = Some(Instant::now());
+        let topic = topics::payments(&head.tenant, &head.intent_id);
+        let payload = self.signer.sign(head);
+        let seq = head.seq;
+        if let Err(e) = self.publisher.publish_retained(topic, payload).await {
+            tracing::warn!(error = %e, %terminal_id, seq, "publish failed; will retry");
         }
     }
 
     async fn republish_stale(&mut self) {
         let now = Instant::now();
-        let stale: Vec<(String, u64)> = self
-            .published
+        let stale: Vec<String> = self
+            .queues
             .iter()
-            .filter(|(_, p)| now.duration_since(p.at) >= self.settings.republish_after)
-            .map(|(k, _)| k.clone())
+            .filter(|(_, q)| q.head_published.is_some_and(|at| now.duration_since(at) >= self.settings.republish_after))
+            .map(|(id, _)| id.clone())
             .collect();
-        if stale.is_empty() {
-            return;
-        }
-        // Re-read them: some may have been acked meanwhile, and the row is the truth.
-        let mut by_terminal: BTreeMap<String, ()> = BTreeMap::new();
-        for (terminal_id, _) in &stale {
-            by_terminal.insert(terminal_id.clone(), ());
-        }
-        for (terminal_id, seq) in stale {
-            if let Some(p) = self.published.get_mut(&(terminal_id, seq)) {
-                p.at = now; // not again before the next period, whatever the read finds
-            }
-        }
-        for terminal_id in by_terminal.into_keys() {
-            tracing::debug!(%terminal_id, "republishing unacked confirmations");
-            self.load(Some(terminal_id));
+        for id in stale {
+            tracing::debug!(terminal_id = %id, "republishing an unacked confirmation");
+            self.publish_head(&id, true).await;
         }
     }
 
@@ -209,16 +241,15 @@ impl<P: Publisher> Router<P> {
         match event {
             BrokerEvent::Connected { terminal_id } => {
                 self.set_presence(&terminal_id, true);
+                // A resumed session does not always get retained messages again: republish, from
+                // the store (the truth), in seq order.
                 self.load(Some(terminal_id));
             }
             BrokerEvent::Disconnected { terminal_id } => self.set_presence(&terminal_id, false),
             BrokerEvent::Message { terminal_id, kind, payload } => match kind {
                 TopicKind::Acks => self.ack(terminal_id, &payload),
                 TopicKind::Status => match serde_json::from_slice::<StatusMessage>(&payload) {
-                    Ok(status) => {
-                        let online = status.state == "online";
-                        self.set_presence(&terminal_id, online);
-                    }
+                    Ok(status) => self.set_presence(&terminal_id, status.is_online()),
                     Err(_) if payload.is_empty() => {}
                     Err(e) => tracing::debug!(%terminal_id, error = %e, "unreadable status message"),
                 },
@@ -272,18 +303,30 @@ impl<P: Publisher> Router<P> {
     async fn acked(&mut self, terminal_id: &str, outcome: AckOutcome) {
         let AckOutcome::Delivered { row, clear, .. } = outcome else { return };
         let latency_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000 - i128::from(row.accepted_at_us)) as f64 / 1000.0;
-        tracing::info!(
-            terminal_id, intent_id = %row.intent_id, seq = row.seq, latency_ms,
-            "confirmation delivered"
-        );
-        // Forget this row and the older ones of the same intent (the store removed them too).
-        self.published
-            .retain(|(t, s), p| !(t == terminal_id && p.intent_id == row.intent_id && *s <= row.seq));
-        let newer_published = self
-            .published
-            .iter()
-            .any(|((t, _), p)| t == terminal_id && p.intent_id == row.intent_id);
-        if clear && !newer_published {
+        tracing::info!(terminal_id, intent_id = %row.intent_id, seq = row.seq, latency_ms, "confirmation delivered");
+        let Some(queue) = self.queues.get_mut(terminal_id) else {
+            self.clear(&row, clear).await;
+            return;
+        };
+        let head_before = queue.rows.keys().next().copied();
+        // The store removed this row and the older rows of the same intent.
+        queue.rows.retain(|s, r| !(*s == row.seq || (r.intent_id == row.intent_id && *s < row.seq)));
+        let head_after = queue.rows.values().next().map(|r| (r.seq, r.intent_id.clone()));
+        // The next confirmation of the same intent replaces the retained message itself.
+        let replaced = head_after.as_ref().is_some_and(|(_, intent)| *intent == row.intent_id);
+        if !replaced {
+            self.clear(&row, clear).await;
+        }
+        if head_after.as_ref().map(|(s, _)| *s) != head_before {
+            if let Some(queue) = self.queues.get_mut(terminal_id) {
+                queue.head_published = None;
+            }
+            self.publish_head(terminal_id, false).await;
+        }
+    }
+
+    async fn clear(&self, row: &OutboxRow, clear: bool) {
+        if clear {
             let topic = topics::payments(&row.tenant, &row.intent_id);
             if let Err(e) = self.publisher.publish_retained(topic, Bytes::new()).await {
                 tracing::warn!(error = %e, "could not clear a delivered confirmation");
@@ -425,25 +468,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reconnect_republishes_in_seq_order_and_presence_follows() {
+    async fn one_in_flight_per_terminal_in_seq_order() {
         let rig = rig(Duration::from_secs(60)).await;
         for n in 1..=5 {
             confirm(&rig.store, n).await;
         }
-        for _ in 1..=5 {
-            rig.next().await;
-        }
+        // Only the head is on the wire; a reconnect publishes the head again.
+        let (_, first) = rig.next().await;
+        assert_eq!(rig.check(&first).seq, 1);
         rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
-        let mut seqs = Vec::new();
-        for _ in 1..=5 {
-            seqs.push(rig.check(&rig.next().await.1).seq);
-        }
-        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        let (_, again) = rig.next().await;
+        assert_eq!(again, first);
         assert!(rig.presence.read().unwrap()["pos-1"].online);
+        for seq in 1..=5u64 {
+            rig.ack(&format!("pi_{seq}"), seq).await;
+            let (topic, clear) = rig.next().await;
+            assert!(clear.is_empty() && topic.ends_with(&format!("/pi_{seq}")), "{topic}");
+            if seq < 5 {
+                let (topic, next) = rig.next().await;
+                assert_eq!(rig.check(&next).seq, seq + 1, "{topic}");
+            }
+        }
+        assert!(rig.store.outbox(None).await.unwrap().is_empty());
         rig.events.send(BrokerEvent::Disconnected { terminal_id: "pos-1".into() }).unwrap();
-        // The loop handles events in order: after this reconnect's republish, the disconnect was seen.
-        rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
-        rig.next().await;
         rig.token.cancel();
     }
 
