@@ -116,7 +116,10 @@ impl Gateway {
             let (dir, names) = (data_dir.clone(), config.mqtt.server_names.clone());
             tokio::task::spawn_blocking(move || Pki::load_or_create(&dir, &names))
                 .await
-                .map_err(|e| BuildError::DataDir { path: data_dir.clone(), source: std::io::Error::other(e) })??
+                .map_err(|e| BuildError::DataDir {
+                    path: data_dir.clone(),
+                    source: std::io::Error::other(e),
+                })??
         };
         let admin_token = admin::load_or_create_token(config.admin.token.as_ref(), &data_dir)?;
 
@@ -141,16 +144,35 @@ impl Gateway {
             server_cert_pem: pki.dir().join(pki::SERVER_CERT_FILE),
             server_key_pem: pki.dir().join(pki::SERVER_KEY_FILE),
         };
-        let broker = Broker::build(&settings, revoked_serials, revoked_terminals, events_tx).await?;
+        let broker =
+            Broker::build(&settings, revoked_serials, revoked_terminals, events_tx).await?;
 
         let ingress = bind("ingress", config.ingress.listen).await?;
         let admin = bind("admin", config.admin.listen).await?;
-        Ok(Gateway { config, store, pki: Arc::new(pki), admin_token, broker, broker_events, ingress, admin })
+        Ok(Gateway {
+            config,
+            store,
+            pki: Arc::new(pki),
+            admin_token,
+            broker,
+            broker_events,
+            ingress,
+            admin,
+        })
     }
 
     /// Starts serving.
     pub fn spawn(self) -> Running {
-        let Gateway { config, store, pki, admin_token, broker, broker_events, ingress, admin } = self;
+        let Gateway {
+            config,
+            store,
+            pki,
+            admin_token,
+            broker,
+            broker_events,
+            ingress,
+            admin,
+        } = self;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(false));
@@ -176,16 +198,28 @@ impl Gateway {
         let router = router::Router::new(
             store.clone(),
             Arc::new(handle.clone()),
-            Signer { key: pki.signing_key().clone(), kid: pki.kid().to_owned() },
-            router::Settings { republish_after: Duration::from_secs(config.delivery.republish_after_secs) },
+            Signer {
+                key: pki.signing_key().clone(),
+                kid: pki.kid().to_owned(),
+            },
+            router::Settings {
+                republish_after: Duration::from_secs(config.delivery.republish_after_secs),
+            },
             presence.clone(),
         );
         tracker.spawn(
-            router.run(store.subscribe_outbox(), broker_events, token.clone()).instrument(tracing::info_span!("router")),
+            router
+                .run(store.subscribe_outbox(), broker_events, token.clone())
+                .instrument(tracing::info_span!("router")),
         );
         broker.spawn(&tracker, token.clone());
 
-        let host = config.mqtt.server_names.first().cloned().unwrap_or_else(|| "localhost".into());
+        let host = config
+            .mqtt
+            .server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into());
         let revoker = handle.clone();
         let fleet = Fleet {
             pki,

@@ -371,7 +371,9 @@ impl Config {
                     max_handshaking: max_handshaking?,
                     max_connections: max_connections?,
                 },
-                delivery: DeliveryConfig { republish_after_secs: republish_after_secs? },
+                delivery: DeliveryConfig {
+                    republish_after_secs: republish_after_secs?,
+                },
                 store: StoreConfig {
                     queue_depth: queue_depth?,
                     max_batch: max_batch?,

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use posgate::config::{Config, Env};
 use posgate::{Gateway, Running};
-use posgate_sim::events;
+use posgate_proto::MicroUsdc;
+use posgate_sim::events::{self, Intent};
+use posgate_sim::terminal::{Bundle, Terminal};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -49,6 +51,7 @@ pub fn test_env(data_dir: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)
 pub struct TestGateway {
     pub ingress: SocketAddr,
     pub admin: SocketAddr,
+    pub mqtt: SocketAddr,
     pub admin_token: String,
     pub http: reqwest::Client,
     pub data_dir: TempDir,
@@ -84,6 +87,7 @@ async fn start(data_dir: TempDir, extra: Vec<(String, String)>) -> TestGateway {
     TestGateway {
         ingress: running.ingress_addr,
         admin: running.admin_addr,
+        mqtt: running.mqtt_addr,
         admin_token: running.admin_token().expose_secret().to_owned(),
         http: reqwest::Client::builder().no_proxy().build().unwrap(),
         data_dir,
@@ -134,6 +138,49 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// POST on the admin listener with the admin token.
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("http://{}{path}", self.admin))
+            .bearer_auth(&self.admin_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Registers a terminal and returns its provisioning bundle.
+    pub async fn provision(&self, id: &str) -> Bundle {
+        let response = self
+            .admin_post(
+                "/v1/terminals",
+                serde_json::json!({"id": id, "merchant_id": "mer_test"}),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "provisioning {id}");
+        response.json().await.unwrap()
+    }
+
+    /// Provisions a terminal and connects it over MQTT/TLS.
+    pub async fn terminal(&self, id: &str) -> Terminal {
+        let bundle = self.provision(id).await;
+        Terminal::connect(bundle, self.mqtt).await.unwrap()
+    }
+
+    /// The provider confirms a 4.50 payment of `intent_id` made at `terminal_id`.
+    pub async fn pay(&self, terminal_id: &str, intent_id: &str) {
+        let intent = Intent::new(intent_id, MicroUsdc(4_500_000), terminal_id);
+        let body = events::intent_event(&format!("evt_{intent_id}"), "confirmed", &intent);
+        assert_eq!(self.post_signed(&body).await.status(), 200);
+    }
+
+    /// The registry's view of a terminal.
+    pub async fn terminal_view(&self, id: &str) -> Value {
+        let response = self.admin_get(&format!("/v1/terminals/{id}")).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     /// The admin view of an intent, if the gateway has it.
     pub async fn intent(&self, id: &str) -> Option<Value> {
         let response = self.admin_get(&format!("/v1/payment-intents/{id}")).await;
@@ -181,4 +228,23 @@ pub fn assert_error_body(body: &Value) {
         error["message"].as_str().is_some(),
         "no error.message in {body}"
     );
+}
+
+/// Polls `check` until it returns `Some`, every 20 ms, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

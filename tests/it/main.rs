@@ -7,6 +7,8 @@
 mod admin;
 mod cli;
 mod crash;
+mod delivery;
 mod harness;
+mod security;
 mod shutdown;
 mod webhooks;

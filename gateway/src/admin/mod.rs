@@ -31,10 +31,10 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::domain::IntentStatus;
+use crate::http::error;
 use crate::pki::Pki;
 use crate::router::Presence;
 use crate::store::TerminalRecord;
-use crate::http::error;
 use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
 
 mod terminals;
@@ -130,7 +130,10 @@ pub fn router(admin: Arc<Admin>) -> Router {
     let api = Router::new()
         .route("/v1/payment-intents", get(list_intents))
         .route("/v1/payment-intents/{id}", get(get_intent))
-        .route("/v1/terminals", get(terminals::list).post(terminals::create))
+        .route(
+            "/v1/terminals",
+            get(terminals::list).post(terminals::create),
+        )
         .route("/v1/terminals/{id}", get(terminals::get))
         .route("/v1/terminals/{id}/revoke", post(terminals::revoke))
         .route("/v1/undeliverable", get(terminals::undeliverable))

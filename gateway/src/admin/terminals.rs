@@ -22,7 +22,12 @@ fn rfc3339(t: Option<time::OffsetDateTime>) -> Option<String> {
 }
 
 fn view(admin: &Admin, record: &TerminalRecord, pending: u64) -> serde_json::Value {
-    let presence: Option<PresenceEntry> = admin.fleet.presence.read().ok().and_then(|p| p.get(&record.id).cloned());
+    let presence: Option<PresenceEntry> = admin
+        .fleet
+        .presence
+        .read()
+        .ok()
+        .and_then(|p| p.get(&record.id).cloned());
     let online = presence.as_ref().is_some_and(|p| p.online) && record.revoked_at.is_none();
     // The most recent of what the store recorded and what the broker just told us.
     let last_seen = match (record.last_seen, presence.as_ref().map(|p| p.since)) {
@@ -45,7 +50,11 @@ fn view(admin: &Admin, record: &TerminalRecord, pending: u64) -> serde_json::Val
 }
 
 fn invalid(field: &str, message: &str) -> Response {
-    error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("{field}: {message}"))
+    error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+        format!("{field}: {message}"),
+    )
 }
 
 /// `POST /v1/terminals`.
@@ -70,20 +79,40 @@ pub(super) async fn create(State(admin): State<Arc<Admin>>, body: Bytes) -> Resp
         Some(_) => return invalid("label", "optional string of at most 200 characters"),
     };
     match admin.store.terminal(id.clone()).await {
-        Ok(Some(_)) => return error(StatusCode::CONFLICT, "exists", format!("terminal {id} already exists")),
+        Ok(Some(_)) => {
+            return error(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("terminal {id} already exists"),
+            );
+        }
         Ok(None) => {}
         Err(e) => return store_error(&e),
     }
     let tenant = topics::tenant_for(&id);
     let pki = admin.fleet.pki.clone();
     let (issue_id, issue_tenant) = (id.clone(), tenant.clone());
-    let issued = match tokio::task::spawn_blocking(move || pki.issue_terminal(&issue_id, &issue_tenant)).await {
+    let issued = match tokio::task::spawn_blocking(move || {
+        pki.issue_terminal(&issue_id, &issue_tenant)
+    })
+    .await
+    {
         Ok(Ok(issued)) => issued,
         Ok(Err(e)) => {
             tracing::error!(error = %e, terminal_id = %id, "cannot issue a terminal certificate");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "certificate could not be issued");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "certificate could not be issued",
+            );
         }
-        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "certificate could not be issued"),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "certificate could not be issued",
+            );
+        }
     };
     let mut token = [0u8; 32];
     rand::rng().fill_bytes(&mut token);
@@ -98,7 +127,13 @@ pub(super) async fn create(State(admin): State<Arc<Admin>>, body: Bytes) -> Resp
     };
     let record = match admin.store.register_terminal(new).await {
         Ok(Some(record)) => record,
-        Ok(None) => return error(StatusCode::CONFLICT, "exists", format!("terminal {id} already exists")),
+        Ok(None) => {
+            return error(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("terminal {id} already exists"),
+            );
+        }
         Err(e) => return store_error(&e),
     };
     tracing::info!(terminal_id = %id, %tenant, serial = %record.cert_serial, "terminal provisioned");
@@ -128,8 +163,12 @@ pub(super) async fn create(State(admin): State<Arc<Admin>>, body: Bytes) -> Resp
 pub(super) async fn list(State(admin): State<Arc<Admin>>) -> Response {
     match admin.store.terminals().await {
         Ok(all) => {
-            let data: Vec<_> = all.iter().map(|(t, pending)| view(&admin, t, *pending)).collect();
-            Json(serde_json::json!({ "object": "list", "data": data, "has_more": false })).into_response()
+            let data: Vec<_> = all
+                .iter()
+                .map(|(t, pending)| view(&admin, t, *pending))
+                .collect();
+            Json(serde_json::json!({ "object": "list", "data": data, "has_more": false }))
+                .into_response()
         }
         Err(e) => store_error(&e),
     }
@@ -149,7 +188,10 @@ pub(super) async fn get(State(admin): State<Arc<Admin>>, UrlPath(id): UrlPath<St
 }
 
 /// `POST /v1/terminals/{id}/revoke`.
-pub(super) async fn revoke(State(admin): State<Arc<Admin>>, UrlPath(id): UrlPath<String>) -> Response {
+pub(super) async fn revoke(
+    State(admin): State<Arc<Admin>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
     match admin.store.revoke_terminal(id.clone()).await {
         Ok(Some(record)) => {
             (admin.fleet.revoke)(&record);
@@ -164,7 +206,8 @@ pub(super) async fn revoke(State(admin): State<Arc<Admin>>, UrlPath(id): UrlPath
 /// `GET /v1/undeliverable`.
 pub(super) async fn undeliverable(State(admin): State<Arc<Admin>>) -> Response {
     match admin.store.undeliverable().await {
-        Ok(list) => Json(serde_json::json!({ "object": "list", "data": list, "has_more": false })).into_response(),
+        Ok(list) => Json(serde_json::json!({ "object": "list", "data": list, "has_more": false }))
+            .into_response(),
         Err(e) => store_error(&e),
     }
 }

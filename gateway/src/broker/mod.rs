@@ -37,7 +37,10 @@ use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 use rmqtt::session::{Session, SessionState};
-use rmqtt::types::{AuthResult, ClientId, ConnectInfo, From, FromType, Id, Publish, PublishAclResult, QoS, SubscribeAclResult};
+use rmqtt::types::{
+    AuthResult, ClientId, ConnectInfo, From, FromType, Id, Publish, PublishAclResult, QoS,
+    SubscribeAclResult,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,7 +74,11 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("binding the MQTT {name} listener on {addr}: {message}")]
-    Bind { name: &'static str, addr: SocketAddr, message: String },
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        message: String,
+    },
     #[error("starting the broker: {0}")]
     Start(String),
 }
@@ -94,15 +101,27 @@ struct Revoked {
 /// Certificate serials compare without leading zeros, case-insensitively (rmqtt prints them as a
 /// big integer in hex; our PKI as fixed-width hex).
 fn normalize_serial(serial: &str) -> String {
-    let s = serial.trim().trim_start_matches("0x").replace(':', "").to_ascii_lowercase();
+    let s = serial
+        .trim()
+        .trim_start_matches("0x")
+        .replace(':', "")
+        .to_ascii_lowercase();
     let trimmed = s.trim_start_matches('0');
-    if trimmed.is_empty() { "0".to_owned() } else { trimmed.to_owned() }
+    if trimmed.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
 }
 
 impl Revoked {
     fn contains(&self, terminal_id: &str, serial: Option<&str>) -> bool {
         let by_id = self.terminals.read().is_ok_and(|t| t.contains(terminal_id));
-        let by_serial = serial.is_some_and(|s| self.serials.read().is_ok_and(|set| set.contains(&normalize_serial(s))));
+        let by_serial = serial.is_some_and(|s| {
+            self.serials
+                .read()
+                .is_ok_and(|set| set.contains(&normalize_serial(s)))
+        });
         by_id || by_serial
     }
 }
@@ -138,13 +157,24 @@ impl Broker {
         // rmqtt's own busy check refuses CONNECTs when the machine's load is high, which is
         // exactly when a reconnect storm must get through; our handshake bound does that job.
         let scx = ServerContext::new().busy_check_enable(false).build().await;
-        rmqtt_retainer::register(&scx, true, false).await.map_err(|e| BrokerError::Start(e.to_string()))?;
+        rmqtt_retainer::register(&scx, true, false)
+            .await
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
 
         let revoked = Arc::new(Revoked {
-            serials: RwLock::new(revoked_serials.iter().map(|s| normalize_serial(s)).collect()),
+            serials: RwLock::new(
+                revoked_serials
+                    .iter()
+                    .map(|s| normalize_serial(s))
+                    .collect(),
+            ),
             terminals: RwLock::new(revoked_terminals.into_iter().collect()),
         });
-        let hooks = Arc::new(Hooks { revoked: revoked.clone(), events, plain_allowed: settings.plain_listen.is_some() });
+        let hooks = Arc::new(Hooks {
+            revoked: revoked.clone(),
+            events,
+            plain_allowed: settings.plain_listen.is_some(),
+        });
         let register = scx.extends.hook_mgr().register();
         for typ in [
             Type::ClientAuthenticate,
@@ -174,8 +204,16 @@ impl Broker {
             plain = Some(local(&l, addr));
             listeners.push((l, PLAIN_LISTENER));
         }
-        let handle = Handle { scx: scx.clone(), revoked };
-        Ok(Broker { scx, listeners, addrs: Addrs { mqtt, ws, plain }, handle })
+        let handle = Handle {
+            scx: scx.clone(),
+            revoked,
+        };
+        Ok(Broker {
+            scx,
+            listeners,
+            addrs: Addrs { mqtt, ws, plain },
+            handle,
+        })
     }
 
     /// Where the listeners are bound.
@@ -190,7 +228,12 @@ impl Broker {
 
     /// Runs the listeners until `token` is cancelled (rmqtt has no stop call: its task is dropped).
     pub fn spawn(self, tracker: &TaskTracker, token: CancellationToken) {
-        let Broker { scx, listeners, addrs, .. } = self;
+        let Broker {
+            scx,
+            listeners,
+            addrs,
+            ..
+        } = self;
         tracing::info!(mqtt_addr = %addrs.mqtt, "MQTT listening (TLS, client certificate required)");
         if let Some(ws) = addrs.ws {
             tracing::info!(mqtt_ws_addr = %ws, "MQTT over secure WebSocket listening (client certificate required)");
@@ -228,9 +271,18 @@ enum Kind {
     Plain,
 }
 
-fn bind(settings: &Settings, name: &'static str, addr: SocketAddr, kind: Kind) -> Result<rmqtt::net::Listener, BrokerError> {
+fn bind(
+    settings: &Settings,
+    name: &'static str,
+    addr: SocketAddr,
+    kind: Kind,
+) -> Result<rmqtt::net::Listener, BrokerError> {
     let path = |p: &PathBuf| Some(p.to_string_lossy().into_owned());
-    let err = |e: rmqtt::Error| BrokerError::Bind { name, addr, message: format!("{e:#}") };
+    let err = |e: rmqtt::Error| BrokerError::Bind {
+        name,
+        addr,
+        message: format!("{e:#}"),
+    };
     let builder = Builder::new()
         .name(name)
         .laddr(addr)
@@ -290,7 +342,11 @@ impl Handle {
 }
 
 async fn kick(scx: &ServerContext, client_id: &str) {
-    let mut entry = scx.extends.shared().await.entry(Id::from(scx.node.id(), ClientId::from(client_id)));
+    let mut entry = scx
+        .extends
+        .shared()
+        .await
+        .entry(Id::from(scx.node.id(), ClientId::from(client_id)));
     if entry.session().is_none() {
         return;
     }
@@ -311,11 +367,19 @@ impl Publisher for Handle {
             payload,
             properties: None,
         };
-        let publish = Publish::new(Box::new(publish), None, None, Some(rmqtt::utils::timestamp_millis()));
+        let publish = Publish::new(
+            Box::new(publish),
+            None,
+            None,
+            Some(rmqtt::utils::timestamp_millis()),
+        );
         let from = From::from_system(Id::from(self.scx.node.id(), ClientId::from("posgate")));
         SessionState::forwards(&self.scx, from, publish, false, None)
             .await
-            .map_err(|e| PublishError { topic, message: e.to_string() })
+            .map_err(|e| PublishError {
+                topic,
+                message: e.to_string(),
+            })
     }
 }
 
@@ -364,7 +428,11 @@ pub fn may_subscribe(terminal_id: &str, filter: &str) -> bool {
 pub fn may_publish(terminal_id: &str, topic: &str) -> Option<TopicKind> {
     let tenant = topics::tenant_for(terminal_id);
     match topics::parse(topic) {
-        Some((t, kind @ (TopicKind::Acks | TopicKind::Status | TopicKind::RpcReq))) if t == tenant => Some(kind),
+        Some((t, kind @ (TopicKind::Acks | TopicKind::Status | TopicKind::RpcReq)))
+            if t == tenant =>
+        {
+            Some(kind)
+        }
         _ => None,
     }
 }
@@ -378,10 +446,15 @@ impl Hooks {
             Some(cert) => {
                 let cn = cert.common_name.as_deref().ok_or("certificate has no CN")?;
                 if cn != client_id {
-                    return Err(format!("client id {client_id:?} is not the certificate's CN {cn:?}"));
+                    return Err(format!(
+                        "client id {client_id:?} is not the certificate's CN {cn:?}"
+                    ));
                 }
                 if cert.organization.as_deref() != Some(topics::tenant_for(cn).as_str()) {
-                    return Err(format!("certificate O {:?} is not the tenant of {cn:?}", cert.organization));
+                    return Err(format!(
+                        "certificate O {:?} is not the tenant of {cn:?}",
+                        cert.organization
+                    ));
                 }
             }
             None if self.plain_allowed && ci.id().lid == PLAIN_LISTENER => {}
@@ -395,7 +468,9 @@ impl Hooks {
         }
         if let Some(will) = will_topic(ci) {
             if will != topics::status(&topics::tenant_for(&client_id)) {
-                return Err(format!("last will topic {will:?} is not the terminal's own status topic"));
+                return Err(format!(
+                    "last will topic {will:?} is not the terminal's own status topic"
+                ));
             }
         }
         Ok(())
@@ -409,10 +484,16 @@ impl Handler for HookRef {
         let hooks = &self.0;
         match param {
             Parameter::ClientAuthenticate(ci) => match hooks.authenticate(ci) {
-                Ok(()) => (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None)))),
+                Ok(()) => (
+                    false,
+                    Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+                ),
                 Err(why) => {
                     tracing::warn!(client_id = %ci.client_id(), remote = ?ci.id().remote_addr, reason = %why, "MQTT connect refused");
-                    (false, Some(HookResult::AuthResult(AuthResult::NotAuthorized)))
+                    (
+                        false,
+                        Some(HookResult::AuthResult(AuthResult::NotAuthorized)),
+                    )
                 }
             },
             Parameter::ClientSubscribeCheckAcl(s, sub) => {
@@ -421,7 +502,8 @@ impl Handler for HookRef {
                     (true, acc)
                 } else {
                     tracing::warn!(%terminal_id, filter = %sub.topic_filter, "subscribe refused");
-                    let refused = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
+                    let refused =
+                        SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
                     (false, Some(HookResult::SubscribeAclResult(refused)))
                 }
             }
@@ -431,7 +513,12 @@ impl Handler for HookRef {
                     (true, acc)
                 } else {
                     tracing::warn!(%terminal_id, topic = %p.topic, "publish refused; disconnecting");
-                    (false, Some(HookResult::PublishAclResult(PublishAclResult::rejected(true, None))))
+                    (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            true, None,
+                        ))),
+                    )
                 }
             }
             // Runs before the publish ACL (and for last wills): forward only what the ACL allows.
@@ -440,16 +527,24 @@ impl Handler for HookRef {
             {
                 let terminal_id = terminal_of(s);
                 if let Some(kind) = may_publish(&terminal_id, &p.topic) {
-                    drop(hooks.events.send(BrokerEvent::Message { terminal_id, kind, payload: p.payload.clone() }));
+                    drop(hooks.events.send(BrokerEvent::Message {
+                        terminal_id,
+                        kind,
+                        payload: p.payload.clone(),
+                    }));
                 }
                 (true, acc)
             }
             Parameter::ClientConnected(s) => {
-                drop(hooks.events.send(BrokerEvent::Connected { terminal_id: terminal_of(s) }));
+                drop(hooks.events.send(BrokerEvent::Connected {
+                    terminal_id: terminal_of(s),
+                }));
                 (true, acc)
             }
             Parameter::ClientDisconnected(s, _reason) => {
-                drop(hooks.events.send(BrokerEvent::Disconnected { terminal_id: terminal_of(s) }));
+                drop(hooks.events.send(BrokerEvent::Disconnected {
+                    terminal_id: terminal_of(s),
+                }));
                 (true, acc)
             }
             _ => (true, acc),
@@ -482,10 +577,25 @@ mod tests {
         ] {
             assert!(!may_subscribe("pos_a", &filter), "{filter}");
         }
-        assert_eq!(may_publish("pos_a", &topics::acks(&a)), Some(TopicKind::Acks));
-        assert_eq!(may_publish("pos_a", &topics::status(&a)), Some(TopicKind::Status));
-        assert_eq!(may_publish("pos_a", &topics::rpc_req(&a)), Some(TopicKind::RpcReq));
-        for topic in [topics::acks(&b), topics::payments(&a, "pi_1"), topics::payments(&b, "pi_1"), topics::rpc_res(&a), "x".into()] {
+        assert_eq!(
+            may_publish("pos_a", &topics::acks(&a)),
+            Some(TopicKind::Acks)
+        );
+        assert_eq!(
+            may_publish("pos_a", &topics::status(&a)),
+            Some(TopicKind::Status)
+        );
+        assert_eq!(
+            may_publish("pos_a", &topics::rpc_req(&a)),
+            Some(TopicKind::RpcReq)
+        );
+        for topic in [
+            topics::acks(&b),
+            topics::payments(&a, "pi_1"),
+            topics::payments(&b, "pi_1"),
+            topics::rpc_res(&a),
+            "x".into(),
+        ] {
             assert_eq!(may_publish("pos_a", &topic), None, "{topic}");
         }
     }

@@ -268,6 +268,23 @@ impl Pki {
     /// [`PkiError::BadIdentity`] for an invalid terminal id or a non-alphanumeric tenant,
     /// [`PkiError::Generate`] if key generation or signing fails.
     pub fn issue_terminal(&self, terminal_id: &str, tenant: &str) -> Result<IssuedCert, PkiError> {
+        let now = now_whole_seconds();
+        let not_after = (now + Duration::days(TERMINAL_VALIDITY_DAYS)).min(self.ca_not_after);
+        self.issue_terminal_valid(terminal_id, tenant, now - BACKDATE, not_after)
+    }
+
+    /// As [`Pki::issue_terminal`], valid from `not_before` to `not_after` (renewals with a chosen
+    /// period; tests that need an expired certificate).
+    ///
+    /// # Errors
+    /// As [`Pki::issue_terminal`].
+    pub fn issue_terminal_valid(
+        &self,
+        terminal_id: &str,
+        tenant: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, PkiError> {
         if !valid_terminal_id(terminal_id) || !valid_tenant(tenant) {
             return Err(PkiError::BadIdentity {
                 terminal_id: terminal_id.to_owned(),
@@ -275,12 +292,13 @@ impl Pki {
             });
         }
         let what = || format!("the certificate of terminal {terminal_id}");
-        let now = now_whole_seconds();
         let key = KeyPair::generate().map_err(|source| PkiError::Generate {
             what: what(),
             source,
         })?;
-        let (mut params, serial_hex) = leaf_params(now, TERMINAL_VALIDITY_DAYS, self.ca_not_after);
+        let (mut params, serial_hex) = leaf_params(not_before + BACKDATE, 0, self.ca_not_after);
+        params.not_before = not_before;
+        params.not_after = not_after;
         params
             .distinguished_name
             .push(DnType::CommonName, terminal_id);

@@ -39,16 +39,28 @@ pub struct PublishError {
 /// What the router needs from the broker.
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes a retained QoS 1 message (an empty payload clears the topic's retained message).
-    fn publish_retained(&self, topic: String, payload: Bytes) -> impl Future<Output = Result<(), PublishError>> + Send;
+    fn publish_retained(
+        &self,
+        topic: String,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
 }
 
 /// What the broker tells the router, each about a terminal identified by its verified certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BrokerEvent {
-    Connected { terminal_id: String },
-    Disconnected { terminal_id: String },
+    Connected {
+        terminal_id: String,
+    },
+    Disconnected {
+        terminal_id: String,
+    },
     /// A publish the terminal made under its own tenant.
-    Message { terminal_id: String, kind: TopicKind, payload: Bytes },
+    Message {
+        terminal_id: String,
+        kind: TopicKind,
+        payload: Bytes,
+    },
 }
 
 /// A terminal's presence as the registry shows it.
@@ -85,8 +97,14 @@ impl Signer {
 
 enum Internal {
     /// Rows read from the store: the whole outbox at startup, or one terminal's on reconnect.
-    Loaded { terminal_id: Option<String>, rows: Vec<OutboxRow> },
-    Acked { terminal_id: String, outcome: AckOutcome },
+    Loaded {
+        terminal_id: Option<String>,
+        rows: Vec<OutboxRow>,
+    },
+    Acked {
+        terminal_id: String,
+        outcome: AckOutcome,
+    },
 }
 
 /// One terminal's unacked rows, mirrored from the store, and whether its head is on the wire.
@@ -115,9 +133,24 @@ pub struct Router<P> {
 }
 
 impl<P: Publisher> Router<P> {
-    pub fn new(store: Store, publisher: Arc<P>, signer: Signer, settings: Settings, presence: Presence) -> Self {
+    pub fn new(
+        store: Store,
+        publisher: Arc<P>,
+        signer: Signer,
+        settings: Settings,
+        presence: Presence,
+    ) -> Self {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
-        Router { store, publisher, signer, settings, presence, queues: HashMap::new(), internal_tx, internal_rx }
+        Router {
+            store,
+            publisher,
+            signer,
+            settings,
+            presence,
+            queues: HashMap::new(),
+            internal_tx,
+            internal_rx,
+        }
     }
 
     /// Runs until `token` is cancelled or the broker's event stream ends.
@@ -129,7 +162,8 @@ impl<P: Publisher> Router<P> {
     ) {
         // Everything unacked, from before a restart or a crash.
         self.load(None);
-        let period = (self.settings.republish_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let period = (self.settings.republish_after / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -155,7 +189,9 @@ impl<P: Publisher> Router<P> {
         tokio::spawn(async move {
             match store.outbox(terminal_id.clone()).await {
                 Ok(rows) => drop(tx.send(Internal::Loaded { terminal_id, rows })),
-                Err(e) => tracing::error!(error = %e, terminal_id = ?terminal_id, "cannot read the outbox"),
+                Err(e) => {
+                    tracing::error!(error = %e, terminal_id = ?terminal_id, "cannot read the outbox")
+                }
             }
         });
     }
@@ -165,7 +201,11 @@ impl<P: Publisher> Router<P> {
         let mut touched = Vec::new();
         for row in rows {
             let id = row.terminal_id.clone();
-            self.queues.entry(id.clone()).or_default().rows.insert(row.seq, row);
+            self.queues
+                .entry(id.clone())
+                .or_default()
+                .rows
+                .insert(row.seq, row);
             if !touched.contains(&id) {
                 touched.push(id);
             }
@@ -179,7 +219,10 @@ impl<P: Publisher> Router<P> {
     async fn loaded(&mut self, terminal_id: Option<String>, rows: Vec<OutboxRow>) {
         let mut fresh: HashMap<String, BTreeMap<u64, OutboxRow>> = HashMap::new();
         for row in rows {
-            fresh.entry(row.terminal_id.clone()).or_default().insert(row.seq, row);
+            fresh
+                .entry(row.terminal_id.clone())
+                .or_default()
+                .insert(row.seq, row);
         }
         // A reconnect republishes its head; the startup load only publishes heads not yet out.
         let force = terminal_id.is_some();
@@ -192,8 +235,12 @@ impl<P: Publisher> Router<P> {
             let queue = self.queues.entry(id.clone()).or_default();
             // Rows that arrived by notice after the read began are newer than what it saw.
             let newest_read = rows.keys().next_back().copied().unwrap_or(0);
-            let newer: Vec<(u64, OutboxRow)> =
-                queue.rows.iter().filter(|(s, _)| **s > newest_read).map(|(s, r)| (*s, r.clone())).collect();
+            let newer: Vec<(u64, OutboxRow)> = queue
+                .rows
+                .iter()
+                .filter(|(s, _)| **s > newest_read)
+                .map(|(s, r)| (*s, r.clone()))
+                .collect();
             let head_before = queue.rows.keys().next().copied();
             queue.rows = rows;
             queue.rows.extend(newer);
@@ -206,7 +253,9 @@ impl<P: Publisher> Router<P> {
 
     /// Publishes the terminal's head row, unless it is already on the wire (or `force`).
     async fn publish_head(&mut self, terminal_id: &str, force: bool) {
-        let Some(queue) = self.queues.get_mut(terminal_id) else { return };
+        let Some(queue) = self.queues.get_mut(terminal_id) else {
+            return;
+        };
         let Some(head) = queue.rows.values().next() else {
             self.queues.remove(terminal_id);
             return;
@@ -228,7 +277,10 @@ impl<P: Publisher> Router<P> {
         let stale: Vec<String> = self
             .queues
             .iter()
-            .filter(|(_, q)| q.head_published.is_some_and(|at| now.duration_since(at) >= self.settings.republish_after))
+            .filter(|(_, q)| {
+                q.head_published
+                    .is_some_and(|at| now.duration_since(at) >= self.settings.republish_after)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -246,14 +298,22 @@ impl<P: Publisher> Router<P> {
                 self.load(Some(terminal_id));
             }
             BrokerEvent::Disconnected { terminal_id } => self.set_presence(&terminal_id, false),
-            BrokerEvent::Message { terminal_id, kind, payload } => match kind {
+            BrokerEvent::Message {
+                terminal_id,
+                kind,
+                payload,
+            } => match kind {
                 TopicKind::Acks => self.ack(terminal_id, &payload),
                 TopicKind::Status => match serde_json::from_slice::<StatusMessage>(&payload) {
                     Ok(status) => self.set_presence(&terminal_id, status.is_online()),
                     Err(_) if payload.is_empty() => {}
-                    Err(e) => tracing::debug!(%terminal_id, error = %e, "unreadable status message"),
+                    Err(e) => {
+                        tracing::debug!(%terminal_id, error = %e, "unreadable status message")
+                    }
                 },
-                other => tracing::debug!(%terminal_id, kind = ?other, "message not handled by the router"),
+                other => {
+                    tracing::debug!(%terminal_id, kind = ?other, "message not handled by the router")
+                }
             },
         }
     }
@@ -292,17 +352,29 @@ impl<P: Publisher> Router<P> {
         };
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
         tokio::spawn(async move {
-            match store.ack(terminal_id.clone(), ack.intent_id.clone(), ack.seq).await {
-                Ok(outcome) => drop(tx.send(Internal::Acked { terminal_id, outcome })),
+            match store
+                .ack(terminal_id.clone(), ack.intent_id.clone(), ack.seq)
+                .await
+            {
+                Ok(outcome) => drop(tx.send(Internal::Acked {
+                    terminal_id,
+                    outcome,
+                })),
                 // Not committed: the row stays and is published again; the terminal acks again.
-                Err(e) => tracing::warn!(%terminal_id, intent_id = %ack.intent_id, seq = ack.seq, error = %e, "ack not stored"),
+                Err(e) => {
+                    tracing::warn!(%terminal_id, intent_id = %ack.intent_id, seq = ack.seq, error = %e, "ack not stored")
+                }
             }
         });
     }
 
     async fn acked(&mut self, terminal_id: &str, outcome: AckOutcome) {
-        let AckOutcome::Delivered { row, clear, .. } = outcome else { return };
-        let latency_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000 - i128::from(row.accepted_at_us)) as f64 / 1000.0;
+        let AckOutcome::Delivered { row, clear, .. } = outcome else {
+            return;
+        };
+        let latency_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000
+            - i128::from(row.accepted_at_us)) as f64
+            / 1000.0;
         tracing::info!(terminal_id, intent_id = %row.intent_id, seq = row.seq, latency_ms, "confirmation delivered");
         let Some(queue) = self.queues.get_mut(terminal_id) else {
             self.clear(&row, clear).await;
@@ -310,10 +382,18 @@ impl<P: Publisher> Router<P> {
         };
         let head_before = queue.rows.keys().next().copied();
         // The store removed this row and the older rows of the same intent.
-        queue.rows.retain(|s, r| !(*s == row.seq || (r.intent_id == row.intent_id && *s < row.seq)));
-        let head_after = queue.rows.values().next().map(|r| (r.seq, r.intent_id.clone()));
+        queue
+            .rows
+            .retain(|s, r| !(*s == row.seq || (r.intent_id == row.intent_id && *s < row.seq)));
+        let head_after = queue
+            .rows
+            .values()
+            .next()
+            .map(|r| (r.seq, r.intent_id.clone()));
         // The next confirmation of the same intent replaces the retained message itself.
-        let replaced = head_after.as_ref().is_some_and(|(_, intent)| *intent == row.intent_id);
+        let replaced = head_after
+            .as_ref()
+            .is_some_and(|(_, intent)| *intent == row.intent_id);
         if !replaced {
             self.clear(&row, clear).await;
         }
@@ -349,7 +429,11 @@ mod tests {
     struct Recorder(mpsc::UnboundedSender<(String, Bytes)>);
 
     impl Publisher for Recorder {
-        async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        async fn publish_retained(
+            &self,
+            topic: String,
+            payload: Bytes,
+        ) -> Result<(), PublishError> {
             drop(self.0.send((topic, payload)));
             Ok(())
         }
@@ -385,7 +469,10 @@ mod tests {
         let (pub_tx, pub_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let signer = Signer { kid: confirmation::kid_for(&key.verifying_key().to_bytes()), key };
+        let signer = Signer {
+            kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
+            key,
+        };
         let presence = Presence::default();
         let router = Router::new(
             store.clone(),
@@ -396,7 +483,16 @@ mod tests {
         );
         let token = CancellationToken::new();
         tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
-        Rig { store, events: events_tx, published: Mutex::new(pub_rx), signer, presence, tenant, token, _dir: dir }
+        Rig {
+            store,
+            events: events_tx,
+            published: Mutex::new(pub_rx),
+            signer,
+            presence,
+            tenant,
+            token,
+            _dir: dir,
+        }
     }
 
     async fn confirm(store: &Store, n: u32) {
@@ -419,16 +515,29 @@ mod tests {
     impl Rig {
         async fn next(&self) -> (String, Bytes) {
             let mut rx = self.published.lock().await;
-            tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap()
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
         }
 
         fn check(&self, payload: &Bytes) -> posgate_proto::confirmation::Confirmation {
-            verify(std::str::from_utf8(payload).unwrap(), &self.signer.key.verifying_key(), "pos-1", 0).unwrap()
+            verify(
+                std::str::from_utf8(payload).unwrap(),
+                &self.signer.key.verifying_key(),
+                "pos-1",
+                0,
+            )
+            .unwrap()
         }
 
         async fn ack(&self, intent: &str, seq: u64) {
             let payload = Bytes::from(format!(r#"{{"intent_id":"{intent}","seq":{seq}}}"#));
-            let event = BrokerEvent::Message { terminal_id: "pos-1".into(), kind: TopicKind::Acks, payload };
+            let event = BrokerEvent::Message {
+                terminal_id: "pos-1".into(),
+                kind: TopicKind::Acks,
+                payload,
+            };
             self.events.send(event).unwrap();
         }
     }
@@ -440,12 +549,18 @@ mod tests {
         let (topic, payload) = rig.next().await;
         assert_eq!(topic, topics::payments(&rig.tenant, "pi_1"));
         let c = rig.check(&payload);
-        assert_eq!((c.seq, c.status, c.amount_micros), (1, ConfirmationStatus::Confirmed, 4_500_000));
+        assert_eq!(
+            (c.seq, c.status, c.amount_micros),
+            (1, ConfirmationStatus::Confirmed, 4_500_000)
+        );
         assert_eq!(c.amount, MicroUsdc(4_500_000).to_string());
 
         rig.ack("pi_1", 1).await;
         let (topic, payload) = rig.next().await;
-        assert_eq!((topic.as_str(), payload.is_empty()), (topics::payments(&rig.tenant, "pi_1").as_str(), true));
+        assert_eq!(
+            (topic.as_str(), payload.is_empty()),
+            (topics::payments(&rig.tenant, "pi_1").as_str(), true)
+        );
         assert!(rig.store.outbox(None).await.unwrap().is_empty());
         rig.token.cancel();
     }
@@ -457,10 +572,18 @@ mod tests {
         rig.next().await;
         rig.ack("pi_1", 2).await; // wrong seq
         rig.ack("pi_other", 1).await; // wrong intent
-        let garbage = BrokerEvent::Message { terminal_id: "pos-1".into(), kind: TopicKind::Acks, payload: Bytes::from_static(b"{") };
+        let garbage = BrokerEvent::Message {
+            terminal_id: "pos-1".into(),
+            kind: TopicKind::Acks,
+            payload: Bytes::from_static(b"{"),
+        };
         rig.events.send(garbage).unwrap();
         // Still there, and a reconnect publishes it again.
-        rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
+        rig.events
+            .send(BrokerEvent::Connected {
+                terminal_id: "pos-1".into(),
+            })
+            .unwrap();
         let (_, payload) = rig.next().await;
         assert_eq!(rig.check(&payload).seq, 1);
         assert_eq!(rig.store.outbox(None).await.unwrap().len(), 1);
@@ -476,21 +599,32 @@ mod tests {
         // Only the head is on the wire; a reconnect publishes the head again.
         let (_, first) = rig.next().await;
         assert_eq!(rig.check(&first).seq, 1);
-        rig.events.send(BrokerEvent::Connected { terminal_id: "pos-1".into() }).unwrap();
+        rig.events
+            .send(BrokerEvent::Connected {
+                terminal_id: "pos-1".into(),
+            })
+            .unwrap();
         let (_, again) = rig.next().await;
         assert_eq!(again, first);
         assert!(rig.presence.read().unwrap()["pos-1"].online);
         for seq in 1..=5u64 {
             rig.ack(&format!("pi_{seq}"), seq).await;
             let (topic, clear) = rig.next().await;
-            assert!(clear.is_empty() && topic.ends_with(&format!("/pi_{seq}")), "{topic}");
+            assert!(
+                clear.is_empty() && topic.ends_with(&format!("/pi_{seq}")),
+                "{topic}"
+            );
             if seq < 5 {
                 let (topic, next) = rig.next().await;
                 assert_eq!(rig.check(&next).seq, seq + 1, "{topic}");
             }
         }
         assert!(rig.store.outbox(None).await.unwrap().is_empty());
-        rig.events.send(BrokerEvent::Disconnected { terminal_id: "pos-1".into() }).unwrap();
+        rig.events
+            .send(BrokerEvent::Disconnected {
+                terminal_id: "pos-1".into(),
+            })
+            .unwrap();
         rig.token.cancel();
     }
 
@@ -513,7 +647,14 @@ mod tests {
         {
             let store = Store::open(dir.path(), 64, 16).unwrap();
             store
-                .register_terminal(NewTerminal { id: "pos-1".into(), tenant: topics::tenant_for("pos-1"), merchant_id: "m".into(), label: None, cert_serial: "01".into(), http_token_sha256: String::new() })
+                .register_terminal(NewTerminal {
+                    id: "pos-1".into(),
+                    tenant: topics::tenant_for("pos-1"),
+                    merchant_id: "m".into(),
+                    label: None,
+                    cert_serial: "01".into(),
+                    http_token_sha256: String::new(),
+                })
                 .await
                 .unwrap();
             confirm(&store, 9).await;
@@ -523,11 +664,25 @@ mod tests {
         let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
         let (_events_tx, events_rx) = mpsc::unbounded_channel();
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let signer = Signer { kid: "k".into(), key };
-        let router = Router::new(store.clone(), Arc::new(Recorder(pub_tx)), signer, Settings { republish_after: Duration::from_secs(60) }, Presence::default());
+        let signer = Signer {
+            kid: "k".into(),
+            key,
+        };
+        let router = Router::new(
+            store.clone(),
+            Arc::new(Recorder(pub_tx)),
+            signer,
+            Settings {
+                republish_after: Duration::from_secs(60),
+            },
+            Presence::default(),
+        );
         let token = CancellationToken::new();
         tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
-        let (topic, _) = tokio::time::timeout(Duration::from_secs(10), pub_rx.recv()).await.unwrap().unwrap();
+        let (topic, _) = tokio::time::timeout(Duration::from_secs(10), pub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(topic.ends_with("/payments/pi_9"), "{topic}");
         token.cancel();
     }

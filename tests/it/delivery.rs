@@ -1,0 +1,130 @@
+//! Confirmations reach their terminal over real MQTT/TLS, whatever happens in between.
+
+use std::time::Duration;
+
+use posgate_proto::confirmation::ConfirmationStatus;
+use posgate_sim::terminal::{Seen, Terminal};
+
+use crate::harness::{eventually, spawn_gateway, status_json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn confirmation_reaches_its_terminal_and_the_ack_clears_it() {
+    let gw = spawn_gateway().await;
+    let mut a = gw.terminal("pos_01").await;
+    gw.pay("pos_01", "pi_del_1").await;
+    let c = a.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(
+        (c.terminal_id.as_str(), c.intent_id.as_str(), c.seq),
+        ("pos_01", "pi_del_1", 1)
+    );
+    assert_eq!(
+        (c.status, c.amount.as_str(), c.amount_micros),
+        (ConfirmationStatus::Confirmed, "4.50", 4_500_000)
+    );
+    assert_eq!(c.order_id.as_deref(), Some("ord-pi_del_1"));
+    // The terminal acked it: nothing pending, and the registry shows the terminal online.
+    let view = eventually(WAIT, || async {
+        let v = gw.terminal_view("pos_01").await;
+        (v["pending"] == 0 && v["online"] == true).then_some(v)
+    })
+    .await;
+    assert!(view["last_seen"].is_string());
+    // The id is taken: a second provisioning is refused.
+    let (status, body) = status_json(
+        gw.admin_post(
+            "/v1/terminals",
+            serde_json::json!({"id": "pos_01", "merchant_id": "m"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    a.disconnect().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_offline_terminal_gets_it_when_it_connects_10_s_later() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("store-12-lane-3").await;
+    gw.pay("store-12-lane-3", "pi_off_1").await;
+    tokio::time::sleep(Duration::from_secs(10)).await; // the terminal is offline for 10 s
+    let mut t = Terminal::connect(bundle, gw.mqtt).await.unwrap();
+    let c = t.next_confirmation(WAIT).await.unwrap();
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_off_1", 1));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hundred_queued_confirmations_arrive_in_seq_order() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_100").await;
+    for n in 1..=100 {
+        gw.pay("pos_100", &format!("pi_q_{n:03}")).await;
+    }
+    assert_eq!(gw.terminal_view("pos_100").await["pending"], 100);
+    let mut t = Terminal::connect(bundle, gw.mqtt).await.unwrap();
+    for n in 1..=100u64 {
+        let c = t.next_confirmation(WAIT).await.unwrap();
+        assert_eq!((c.seq, c.intent_id.clone()), (n, format!("pi_q_{n:03}")));
+    }
+    eventually(WAIT, || async {
+        (gw.terminal_view("pos_100").await["pending"] == 0).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_confirmation_for_an_unregistered_terminal_waits_for_it() {
+    let gw = spawn_gateway().await;
+    gw.pay("pos_later", "pi_wait_1").await;
+    let (_, list) = status_json(gw.admin_get("/v1/undeliverable").await).await;
+    assert_eq!(
+        list["data"],
+        serde_json::json!([{"terminal_id": "pos_later", "intent_id": "pi_wait_1"}])
+    );
+    let mut t = gw.terminal("pos_later").await;
+    let c = t.next_confirmation(WAIT).await.unwrap();
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_wait_1", 1));
+    let (_, list) = status_json(gw.admin_get("/v1/undeliverable").await).await;
+    assert_eq!(list["data"], serde_json::json!([]));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn presence_follows_the_connection_and_the_last_will() {
+    let gw = spawn_gateway().await;
+    let t = gw.terminal("pos_presence").await;
+    eventually(WAIT, || async {
+        (gw.terminal_view("pos_presence").await["online"] == true).then_some(())
+    })
+    .await;
+    t.kill(); // no DISCONNECT: the broker publishes the last will
+    eventually(Duration::from_secs(60), || async {
+        (gw.terminal_view("pos_presence").await["online"] == false).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clean_restart_republishes_what_was_not_acked() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_restart").await;
+    gw.pay("pos_restart", "pi_rs_1").await;
+    let gw = gw.restart().await;
+    let mut t = Terminal::connect(bundle, gw.mqtt).await.unwrap();
+    let c = t.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(c.intent_id, "pi_rs_1");
+    // Any duplicate that follows is recognised by seq, never shown twice.
+    while let Some(seen) = t.next_seen(Duration::from_millis(300)).await {
+        assert!(
+            matches!(seen, Seen::Duplicate { .. } | Seen::Connected),
+            "{seen:?}"
+        );
+    }
+    gw.shutdown().await;
+}

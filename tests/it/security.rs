@@ -1,0 +1,400 @@
+//! Attacks from a terminal's side, over real MQTT/TLS: another terminal's topics, forged and
+//! replayed confirmations, bad and revoked certificates, silent clients.
+
+use std::time::{Duration, Instant};
+
+use posgate::pki::Pki;
+use posgate_proto::confirmation::{self, VerifyError};
+use posgate_proto::topics;
+use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal, connect_raw};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{TestGateway, eventually, spawn_gateway, spawn_with};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Drives the event loop to the CONNACK; `Err` when the connection is refused or fails.
+async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                return if ack.code == rumqttc::ConnectReturnCode::Success {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", ack.code))
+                };
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no CONNACK in time".into()),
+        }
+    }
+}
+
+async fn connect(
+    gw: &TestGateway,
+    identity: &Identity,
+) -> Result<(AsyncClient, EventLoop), String> {
+    let (client, mut eventloop) = connect_raw(gw.mqtt, identity).map_err(|e| e.to_string())?;
+    connack(&mut eventloop).await?;
+    Ok((client, eventloop))
+}
+
+/// What the broker answers next: a SUBACK's codes, a PUBACK, a publish, or the connection's end.
+#[derive(Debug, PartialEq)]
+enum Next {
+    SubAck(Vec<SubscribeReasonCode>),
+    PubAck,
+    Publish(String),
+    Closed,
+}
+
+async fn next(eventloop: &mut EventLoop) -> Next {
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => return Next::SubAck(ack.return_codes),
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => return Next::PubAck,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Next::Publish(p.topic),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Next::Closed,
+            Err(_) => panic!("the broker answered nothing within {WAIT:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn terminal_b_cannot_read_or_write_terminal_a() {
+    let gw = spawn_gateway().await;
+    let a = gw.provision("pos_a").await;
+    let b = gw.provision("pos_b").await;
+    gw.pay("pos_a", "pi_victim").await;
+    let ta = topics::tenant_for("pos_a");
+    let me = Identity::of(&b);
+
+    // Subscriptions outside its own payments and replies are refused.
+    for filter in [
+        topics::payments_filter(&ta),
+        topics::payments(&ta, "pi_victim"),
+        "#".to_owned(),
+        "/tenants/#".to_owned(),
+        "/tenants/+/payments/+".to_owned(),
+        format!("/tenants/{ta}/#"),
+    ] {
+        let (client, mut eventloop) = connect(&gw, &me).await.unwrap();
+        client.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
+        match next(&mut eventloop).await {
+            Next::SubAck(codes) => assert_eq!(codes, [SubscribeReasonCode::Failure], "{filter}"),
+            Next::Closed => {}
+            other => panic!("{filter}: {other:?}"),
+        }
+        // Nothing of A's ever reaches B.
+        assert!(
+            !matches!(next_or_quiet(&mut eventloop).await, Some(Next::Publish(_))),
+            "{filter}"
+        );
+    }
+
+    // Publishing into A's space (a retained fake "paid", an ack of A's intent) cuts B off.
+    let fake = confirmation::sign(
+        &ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        "forged",
+        &sample(&a, "pi_victim"),
+    );
+    for (topic, payload, retain) in [
+        (
+            topics::payments(&ta, "pi_victim"),
+            fake.clone().into_bytes(),
+            true,
+        ),
+        (
+            topics::payments(&ta, "pi_other"),
+            fake.clone().into_bytes(),
+            true,
+        ),
+        (
+            topics::acks(&ta),
+            br#"{"intent_id":"pi_victim","seq":1}"#.to_vec(),
+            false,
+        ),
+        (
+            topics::status(&ta),
+            br#"{"state":"offline"}"#.to_vec(),
+            true,
+        ),
+        (
+            topics::payments(&topics::tenant_for("pos_b"), "pi_victim"),
+            fake.clone().into_bytes(),
+            true,
+        ),
+    ] {
+        let (client, mut eventloop) = connect(&gw, &me).await.unwrap();
+        client
+            .publish(&topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut eventloop).await,
+            Next::Closed,
+            "publishing to {topic} must be refused"
+        );
+    }
+
+    // An ack of A's intent on B's own topic is B's business only: it acks nothing of A's.
+    let (client, mut eventloop) = connect(&gw, &me).await.unwrap();
+    let ack = br#"{"intent_id":"pi_victim","seq":1}"#.to_vec();
+    client
+        .publish(
+            topics::acks(&topics::tenant_for("pos_b")),
+            QoS::AtLeastOnce,
+            false,
+            ack,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut eventloop).await, Next::PubAck);
+
+    // A last will aimed at A's status topic: refused at CONNECT.
+    let mut will = me.clone();
+    will.last_will = Some((topics::status(&ta), br#"{"state":"online"}"#.to_vec()));
+    assert!(connect(&gw, &will).await.is_err());
+
+    // A still has its confirmation pending, and receives exactly that, verified.
+    assert_eq!(gw.terminal_view("pos_a").await["pending"], 1);
+    let mut ta_client = Terminal::connect(a, gw.mqtt).await.unwrap();
+    let c = ta_client.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.seq, c.terminal_id.as_str()),
+        ("pi_victim", 1, "pos_a")
+    );
+    while let Some(seen) = ta_client.next_seen(Duration::from_millis(300)).await {
+        assert!(
+            !matches!(seen, Seen::Rejected(_) | Seen::Confirmation(_)),
+            "A saw something false: {seen:?}"
+        );
+    }
+    gw.shutdown().await;
+}
+
+/// The next event if one comes within a short quiet period.
+async fn next_or_quiet(eventloop: &mut EventLoop) -> Option<Next> {
+    match tokio::time::timeout(Duration::from_millis(300), next(eventloop)).await {
+        Ok(n) => Some(n),
+        Err(_) => None,
+    }
+}
+
+fn sample(bundle: &Bundle, intent: &str) -> confirmation::Confirmation {
+    confirmation::Confirmation {
+        v: 1,
+        terminal_id: bundle.terminal_id.clone(),
+        intent_id: intent.into(),
+        seq: 1,
+        status: confirmation::ConfirmationStatus::Confirmed,
+        context: None,
+        amount: "4.50".into(),
+        amount_micros: 4_500_000,
+        currency: "usd".into(),
+        order_id: None,
+        tx_hash: None,
+        issued_at: "2026-11-25T00:00:00Z".into(),
+    }
+}
+
+#[tokio::test]
+async fn verify_rejects_forged_foreign_and_replayed_confirmations() {
+    let gw = spawn_gateway().await;
+    let mut a = gw.terminal("pos_v").await;
+    gw.pay("pos_v", "pi_v_1").await;
+    let real = a.next_confirmation(WAIT).await.unwrap();
+    let key = a.bundle.gateway_jwk.verifying_key().unwrap();
+    let jws = confirmation::sign(
+        &ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        &a.bundle.gateway_jwk.kid,
+        &real,
+    );
+    assert!(matches!(
+        confirmation::verify(&jws, &key, "pos_v", 0),
+        Err(VerifyError::BadSignature)
+    ));
+    // The gateway's own bytes, as the terminal got them, with the payload altered.
+    let genuine = retained_jws(&gw, &a.bundle).await;
+    assert!(confirmation::verify(&genuine, &key, "pos_v", 0).is_ok());
+    let parts: Vec<&str> = genuine.split('.').collect();
+    let mut altered = real.clone();
+    altered.amount_micros = 1;
+    let payload = base64_url(&serde_json::to_vec(&altered).unwrap());
+    let tampered = format!("{}.{payload}.{}", parts[0], parts[2]);
+    assert!(matches!(
+        confirmation::verify(&tampered, &key, "pos_v", 0),
+        Err(VerifyError::BadSignature)
+    ));
+    assert!(matches!(
+        confirmation::verify(&genuine, &key, "pos_other", 0),
+        Err(VerifyError::WrongTerminal { .. })
+    ));
+    assert!(matches!(
+        confirmation::verify(&genuine, &key, "pos_v", 2),
+        Err(VerifyError::OldSeq { seq: 1, min_seq: 2 })
+    ));
+    gw.shutdown().await;
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A second session of the terminal reads the retained confirmation (before the first one acks it,
+/// the gateway keeps it retained; after, it is republished on reconnect), as raw bytes.
+async fn retained_jws(gw: &TestGateway, bundle: &Bundle) -> String {
+    let mut identity = Identity::of(bundle);
+    identity.last_will = None;
+    let (client, mut eventloop) = connect(gw, &identity).await.unwrap();
+    // Reconnecting makes the gateway publish the head row again even if it was acked meanwhile
+    // (then there is none): pay once more to be sure there is something to read.
+    gw.pay(&bundle.terminal_id, "pi_v_2").await;
+    client
+        .subscribe(&bundle.topics.payments, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::Publish(p)) if !p.payload.is_empty() => {
+                return String::from_utf8(p.payload.to_vec()).unwrap();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_certificates_are_refused() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_c").await;
+
+    // No client certificate.
+    let mut anonymous = Identity::of(&bundle);
+    anonymous.cert_key = None;
+    assert!(connect(&gw, &anonymous).await.is_err());
+
+    // A certificate from another CA (another gateway's), for the same id.
+    let other = spawn_gateway().await;
+    let foreign = other.provision("pos_c").await;
+    let mut identity = Identity::of(&foreign);
+    identity.ca_pem = bundle.ca_pem.clone();
+    assert!(connect(&gw, &identity).await.is_err());
+    other.shutdown().await;
+
+    // An expired certificate from the right CA.
+    let pki = Pki::load_or_create(
+        &gw.data_dir.path().join("."),
+        &["localhost".into(), "127.0.0.1".into()],
+    )
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let expired = pki
+        .issue_terminal_valid(
+            "pos_c",
+            &topics::tenant_for("pos_c"),
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    let mut identity = Identity::of(&bundle);
+    identity.cert_key = Some((expired.cert_pem, expired.key_pem));
+    assert!(connect(&gw, &identity).await.is_err());
+
+    // Its own certificate, but another client id.
+    let mut identity = Identity::of(&bundle);
+    identity.client_id = "pos_d".into();
+    identity.last_will = None;
+    assert!(connect(&gw, &identity).await.is_err());
+
+    // And the genuine article connects.
+    assert!(connect(&gw, &Identity::of(&bundle)).await.is_ok());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn revocation_cuts_the_connection_and_refuses_it_even_after_a_restart() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_r").await;
+    let (_client, mut eventloop) = connect(&gw, &Identity::of(&bundle)).await.unwrap();
+    let response = gw
+        .admin_post("/v1/terminals/pos_r/revoke", serde_json::json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+    // The open connection is cut.
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the revoked terminal's connection is still open after {WAIT:?}"),
+        }
+    }
+    assert!(started.elapsed() < WAIT);
+    assert!(
+        connect(&gw, &Identity::of(&bundle)).await.is_err(),
+        "refused after revocation"
+    );
+    let view = gw.terminal_view("pos_r").await;
+    assert_eq!(
+        (view["revoked"].as_bool(), view["online"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let gw = gw.restart().await;
+    assert!(
+        connect(&gw, &Identity::of(&bundle)).await.is_err(),
+        "refused after a restart"
+    );
+    assert_eq!(
+        gw.admin_post("/v1/terminals/nobody/revoke", serde_json::json!({}))
+            .await
+            .status(),
+        404
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_and_half_handshake_clients_delay_no_one() {
+    let gw = spawn_with(&[("POSGATE__MQTT__HANDSHAKE_TIMEOUT_SECS", "2")]).await;
+    let bundle = gw.provision("pos_s").await;
+    let mut silent = Vec::new();
+    for i in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+        if i % 4 == 0 {
+            // Half a TLS ClientHello: a record header announcing 512 bytes, then 3 of them.
+            stream
+                .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01])
+                .await
+                .unwrap();
+        }
+        silent.push(stream);
+    }
+    let started = Instant::now();
+    let mut t = Terminal::connect(bundle, gw.mqtt).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "a fresh terminal took {took:?} beside 200 silent clients"
+    );
+    gw.pay("pos_s", "pi_s_1").await;
+    assert_eq!(t.next_confirmation(WAIT).await.unwrap().intent_id, "pi_s_1");
+    // The silent ones are dropped after the handshake timeout.
+    let mut buf = [0u8; 16];
+    let first = &mut silent[0];
+    let closed = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(first, &mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client was not dropped: {closed:?}"
+    );
+    eventually(WAIT, || async { Some(()) }).await;
+    gw.shutdown().await;
+}
