@@ -178,10 +178,9 @@ async fn terminal_b_cannot_read_or_write_terminal_a() {
 
 /// The next event if one comes within a short quiet period.
 async fn next_or_quiet(eventloop: &mut EventLoop) -> Option<Next> {
-    match tokio::time::timeout(Duration::from_millis(300), next(eventloop)).await {
-        Ok(n) => Some(n),
-        Err(_) => None,
-    }
+    tokio::time::timeout(Duration::from_millis(300), next(eventloop))
+        .await
+        .ok()
 }
 
 fn sample(bundle: &Bundle, intent: &str) -> confirmation::Confirmation {

@@ -466,12 +466,12 @@ impl Hooks {
         if self.revoked.contains(&client_id, serial) {
             return Err(format!("terminal {client_id:?} is revoked"));
         }
-        if let Some(will) = will_topic(ci) {
-            if will != topics::status(&topics::tenant_for(&client_id)) {
-                return Err(format!(
-                    "last will topic {will:?} is not the terminal's own status topic"
-                ));
-            }
+        if let Some(will) = will_topic(ci)
+            && will != topics::status(&topics::tenant_for(&client_id))
+        {
+            return Err(format!(
+                "last will topic {will:?} is not the terminal's own status topic"
+            ));
         }
         Ok(())
     }

@@ -72,7 +72,7 @@ pub enum AckOutcome {
     /// The row existed and is gone; `clear` when no newer row of that intent is still waiting
     /// (the retained message can be cleared).
     Delivered {
-        row: OutboxRow,
+        row: Box<OutboxRow>,
         removed: usize,
         clear: bool,
     },
@@ -208,7 +208,7 @@ impl Tables<'_> {
                 self.enqueue(&intent.record, now)?;
             }
         }
-        Ok(self.terminal(&record.id)?)
+        self.terminal(&record.id)
     }
 
     fn revoke(
@@ -266,7 +266,7 @@ impl Tables<'_> {
             self.outbox.remove((terminal_id, *s))?;
         }
         Ok(AckOutcome::Delivered {
-            row,
+            row: Box::new(row),
             removed: done.len(),
             clear: !newer_waiting,
         })
@@ -376,29 +376,13 @@ impl Store {
             let txn = db.begin_read()?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut rows = Vec::new();
-            let mut push = |entry: Result<
-                (
-                    redb::AccessGuard<'_, (&str, u64)>,
-                    redb::AccessGuard<'_, &[u8]>,
-                ),
-                redb::StorageError,
-            >|
-             -> Result<(), StoreError> {
+            let range = match terminal_id.as_deref() {
+                Some(id) => outbox.range((id, 0)..=(id, u64::MAX))?,
+                None => outbox.range::<(&str, u64)>(..)?,
+            };
+            for entry in range {
                 let (key, value) = entry?;
                 rows.push(decode(key.value().0, value.value())?);
-                Ok(())
-            };
-            match terminal_id.as_deref() {
-                Some(id) => {
-                    for entry in outbox.range((id, 0)..=(id, u64::MAX))? {
-                        push(entry)?;
-                    }
-                }
-                None => {
-                    for entry in outbox.iter()? {
-                        push(entry)?;
-                    }
-                }
             }
             Ok(rows)
         })

@@ -257,11 +257,11 @@ pub(crate) struct Notices(Mutex<Option<mpsc::UnboundedSender<Vec<OutboxRow>>>>);
 
 impl Notices {
     pub(crate) fn send(&self, rows: Vec<OutboxRow>) {
-        if let Ok(guard) = self.0.lock() {
-            if let Some(tx) = guard.as_ref() {
-                // A gone receiver only loses the hint; the rows stay in the outbox.
-                drop(tx.send(rows));
-            }
+        if let Ok(guard) = self.0.lock()
+            && let Some(tx) = guard.as_ref()
+        {
+            // A gone receiver only loses the hint; the rows stay in the outbox.
+            drop(tx.send(rows));
         }
     }
 }
