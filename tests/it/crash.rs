@@ -21,6 +21,7 @@ pub struct Daemon {
     pub child: Child,
     pub ingress: SocketAddr,
     pub admin: SocketAddr,
+    pub mqtt: SocketAddr,
     pub log: Arc<Mutex<String>>,
 }
 
@@ -39,8 +40,8 @@ pub async fn start_daemon(data_dir: &Path) -> Daemon {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let log = Arc::new(Mutex::new(String::new()));
-    let (mut ingress, mut admin) = (None, None);
-    while ingress.is_none() || admin.is_none() {
+    let (mut ingress, mut admin, mut mqtt) = (None, None, None);
+    while ingress.is_none() || admin.is_none() || mqtt.is_none() {
         let line = lines
             .next_line()
             .await
@@ -48,6 +49,7 @@ pub async fn start_daemon(data_dir: &Path) -> Daemon {
             .expect("posgate exited before listening");
         ingress = ingress.or_else(|| find_addr(&line, "ingress_addr="));
         admin = admin.or_else(|| find_addr(&line, "admin_addr="));
+        mqtt = mqtt.or_else(|| find_addr(&line, "mqtt_addr="));
         log.lock().unwrap().push_str(&line);
     }
     // Keep draining stdout so the daemon never blocks on a full pipe.
@@ -63,6 +65,7 @@ pub async fn start_daemon(data_dir: &Path) -> Daemon {
         child,
         ingress: ingress.unwrap(),
         admin: admin.unwrap(),
+        mqtt: mqtt.unwrap(),
         log,
     }
 }
@@ -194,4 +197,42 @@ async fn sigterm_stops_cleanly_with_exit_0() {
         "{}",
         daemon.log.lock().unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_200_before_the_ack_still_delivers_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = start_daemon(dir.path()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bundle: posgate_sim::terminal::Bundle = http
+        .post(format!("http://{}/v1/terminals", daemon.admin))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"id": "pos_crash", "merchant_id": "m"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The terminal is offline: nobody can ack before the kill.
+    let intent = Intent::new("pi_crash_ack", MicroUsdc(4_500_000), "pos_crash");
+    let body = events::intent_event("evt_crash_ack", "confirmed", &intent);
+    let mut request = http.post(format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH));
+    for (k, v) in events::signed_headers(SECRET, events::now_unix(), body.as_bytes()) {
+        request = request.header(k, v);
+    }
+    assert_eq!(request.body(body).send().await.unwrap().status(), 200);
+    daemon.child.start_kill().unwrap();
+    daemon.child.wait().await.unwrap();
+
+    let daemon = start_daemon(dir.path()).await;
+    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
+        .await
+        .unwrap();
+    let c = terminal
+        .next_confirmation(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_crash_ack", 1));
+    sigterm(&daemon).await;
 }
