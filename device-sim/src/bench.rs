@@ -46,7 +46,7 @@ pub struct IngestOptions {
 }
 
 /// Latency summary in milliseconds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -56,7 +56,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Self {
+    /// From a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
         let ms = |v: u64| v as f64 / 1000.0;
         Latency {
             p50: ms(h.value_at_quantile(0.50)),
@@ -93,15 +94,23 @@ pub struct IngestReport {
     pub target_rss_mib: Option<f64>,
 }
 
+/// The admin token of gateways the benchmarks start.
+pub const CHILD_ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
 /// A `posgate` child process with a temporary data dir.
-struct Child {
-    process: tokio::process::Child,
-    ingress: SocketAddr,
-    admin: SocketAddr,
+pub struct Child {
+    pub process: tokio::process::Child,
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub mqtt: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
-fn default_posgate_bin() -> anyhow::Result<PathBuf> {
+/// The `posgate` binary next to this executable.
+///
+/// # Errors
+/// When it is not there.
+pub fn default_posgate_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let bin = exe.with_file_name("posgate");
     if !bin.exists() {
@@ -113,17 +122,36 @@ fn default_posgate_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-async fn start_child(bin: &Path, secret: &str, log_level: &str) -> anyhow::Result<Child> {
+/// Starts `posgate` on 127.0.0.1:0 ports with a temporary data dir and waits for its addresses.
+///
+/// # Errors
+/// When it cannot start or does not report its addresses within 30 s.
+pub async fn start_child(
+    bin: &Path,
+    secret: &str,
+    log_level: &str,
+    extra_env: &[(&str, &str)],
+) -> anyhow::Result<Child> {
     let dir = tempfile::tempdir().context("creating a temporary data dir")?;
     let log_path = dir.path().join("posgate.log");
     let log = std::fs::File::create(&log_path).context("creating the child's log")?;
-    let process = tokio::process::Command::new(bin)
+    let mut command = tokio::process::Command::new(bin);
+    command
         .env("POSGATE__DATA_DIR", dir.path().join("data"))
         .env("POSGATE__INGRESS__LISTEN", "127.0.0.1:0")
         .env("POSGATE__ADMIN__LISTEN", "127.0.0.1:0")
         .env("POSGATE__MQTT__LISTEN", "127.0.0.1:0")
         .env("POSGATE__PROVIDER__WEBHOOK_SECRETS", secret)
-        .env("POSGATE__LOG__LEVEL", log_level)
+        .env("POSGATE__ADMIN__TOKEN", CHILD_ADMIN_TOKEN)
+        // The bound addresses are logged at info by these two modules, whatever the level asked.
+        .env(
+            "POSGATE__LOG__LEVEL",
+            format!("{log_level},posgate::app=info,posgate::broker=info"),
+        );
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    let process = command
         .stdout(log)
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
@@ -132,14 +160,16 @@ async fn start_child(bin: &Path, secret: &str, log_level: &str) -> anyhow::Resul
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if let (Some(ingress), Some(admin)) = (
+        if let (Some(ingress), Some(admin), Some(mqtt)) = (
             find_addr(&text, "ingress_addr="),
             find_addr(&text, "admin_addr="),
+            find_addr(&text, "mqtt_addr="),
         ) {
             return Ok(Child {
                 process,
                 ingress,
                 admin,
+                mqtt,
                 _dir: dir,
             });
         }
@@ -175,7 +205,11 @@ struct WorkerResult {
     errors: u64,
 }
 
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+/// A histogram of microseconds up to 60 s.
+///
+/// # Errors
+/// Never in practice (fixed bounds).
+pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
@@ -348,7 +382,7 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 Some(bin) => bin.clone(),
                 None => default_posgate_bin()?,
             };
-            let c = start_child(&bin, &opts.secret, &opts.log_level).await?;
+            let c = start_child(&bin, &opts.secret, &opts.log_level, &[]).await?;
             let addrs = (c.ingress, Some(c.admin));
             child = Some(c);
             addrs

@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`events`]: provider event bodies exactly as the provider sends them, and their signed headers.
 //! - [`terminal`]: a simulated terminal over MQTT/TLS: verifies, deduplicates, acks.
+//! - [`fleet`]: N terminals and the fleet benchmarks (connect, storm, churn, e2e).
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 
 pub mod bench;
 pub mod events;
+pub mod fleet;
 pub mod terminal;

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use posgate_proto::confirmation::{self, Ack, Confirmation, Jwk, StatusMessage, VerifyError};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
@@ -51,7 +53,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 ///
 /// # Errors
 /// When a PEM does not parse.
-pub fn tls_config(ca_pem: &str, cert_key: Option<(&str, &str)>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn tls_config(
+    ca_pem: &str,
+    cert_key: Option<(&str, &str)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.context("CA PEM")?)?;
@@ -62,8 +67,11 @@ pub fn tls_config(ca_pem: &str, cert_key: Option<(&str, &str)>) -> anyhow::Resul
     let config = match cert_key {
         Some((cert_pem, key_pem)) => {
             let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().context("client cert PEM")?;
-            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("client key PEM")?;
+                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .context("client cert PEM")?;
+            let key =
+                PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("client key PEM")?;
             builder.with_client_auth_cert(certs, key)?
         }
         None => builder.with_no_client_auth(),
@@ -98,15 +106,32 @@ impl Identity {
 ///
 /// # Errors
 /// When the identity's PEMs do not parse.
-pub fn connect_raw(addr: SocketAddr, identity: &Identity) -> anyhow::Result<(AsyncClient, EventLoop)> {
+pub fn connect_raw(
+    addr: SocketAddr,
+    identity: &Identity,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
     // The IP is both where to dial and the name checked in the server certificate (an IP SAN).
-    let mut options = MqttOptions::new(identity.client_id.clone(), addr.ip().to_string(), addr.port());
+    let mut options = MqttOptions::new(
+        identity.client_id.clone(),
+        addr.ip().to_string(),
+        addr.port(),
+    );
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
-    let cert_key = identity.cert_key.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config(&identity.ca_pem, cert_key)?)));
+    let cert_key = identity
+        .cert_key
+        .as_ref()
+        .map(|(c, k)| (c.as_str(), k.as_str()));
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        tls_config(&identity.ca_pem, cert_key)?,
+    )));
     if let Some((topic, payload)) = &identity.last_will {
-        options.set_last_will(LastWill::new(topic, payload.clone(), QoS::AtLeastOnce, true));
+        options.set_last_will(LastWill::new(
+            topic,
+            payload.clone(),
+            QoS::AtLeastOnce,
+            true,
+        ));
     }
     Ok(AsyncClient::new(options, 256))
 }
@@ -146,6 +171,109 @@ impl SeqTracker {
     }
 }
 
+/// Where a session reports what it sees; returning `false` ends the session.
+pub type Sink = Box<dyn FnMut(Seen) -> bool + Send>;
+
+/// Starts a terminal session: connects with the bundle's identity (and last will), subscribes to
+/// its payments and RPC replies after every (re)connect, announces itself online, verifies every
+/// confirmation, acks it, and reports to `sink`. Reconnects by itself after an error.
+///
+/// # Errors
+/// When the bundle's key or PEMs do not parse.
+pub fn spawn_session(
+    bundle: &Bundle,
+    addr: SocketAddr,
+    mut sink: Sink,
+) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
+    let key = bundle
+        .gateway_jwk
+        .verifying_key()
+        .map_err(|e| anyhow!("gateway_jwk: {e}"))?;
+    let (client, mut eventloop) = connect_raw(addr, &Identity::of(bundle))?;
+    let (b, c) = (bundle.clone(), client.clone());
+    let task = tokio::spawn(async move {
+        let mut tracker = SeqTracker::default();
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // Clean session: subscribe again after every (re)connect.
+                    let online = serde_json::to_vec(&StatusMessage::online()).unwrap_or_default();
+                    let sub = c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await;
+                    let sub2 = c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await;
+                    let status = c
+                        .publish(&b.topics.status, QoS::AtLeastOnce, true, online)
+                        .await;
+                    if sub.is_err() || sub2.is_err() || status.is_err() {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure))
+                    {
+                        sink(Seen::Disconnected("subscription refused".into()));
+                    } else if ack.return_codes.len() == 1 && !sink(Seen::Connected) {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.payload.is_empty()
+                        || !p.topic.starts_with(b.topics.payments.trim_end_matches('+'))
+                    {
+                        continue;
+                    }
+                    let event = match std::str::from_utf8(&p.payload)
+                        .map_err(|_| VerifyError::Malformed)
+                        .and_then(|jws| {
+                            confirmation::verify(jws, &key, &b.terminal_id, tracker.min_seq)
+                        }) {
+                        Ok(conf) => {
+                            let ack = Ack {
+                                intent_id: conf.intent_id.clone(),
+                                seq: conf.seq,
+                            };
+                            let payload = serde_json::to_vec(&ack).unwrap_or_default();
+                            if c.publish(&b.topics.acks, QoS::AtLeastOnce, false, payload)
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                            if tracker.record(conf.seq) {
+                                Seen::Confirmation(conf)
+                            } else {
+                                Seen::Duplicate {
+                                    intent_id: conf.intent_id,
+                                    seq: conf.seq,
+                                }
+                            }
+                        }
+                        Err(VerifyError::OldSeq { seq, .. }) => Seen::Duplicate {
+                            intent_id: String::new(),
+                            seq,
+                        },
+                        Err(e) => Seen::Rejected(e.to_string()),
+                    };
+                    if !sink(event) {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !sink(Seen::Disconnected(e.to_string())) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+
+    Ok((client, task))
+}
+
 /// A connected simulated terminal.
 pub struct Terminal {
     pub bundle: Bundle,
@@ -161,69 +289,15 @@ impl Terminal {
     /// # Errors
     /// When the connection is refused or not subscribed within 10 s.
     pub async fn connect(bundle: Bundle, addr: SocketAddr) -> anyhow::Result<Terminal> {
-        let key = bundle.gateway_jwk.verifying_key().map_err(|e| anyhow!("gateway_jwk: {e}"))?;
-        let (client, mut eventloop) = connect_raw(addr, &Identity::of(&bundle))?;
         let (tx, seen) = mpsc::unbounded_channel();
-        let (b, c) = (bundle.clone(), client.clone());
-        let task = tokio::spawn(async move {
-            let mut tracker = SeqTracker::default();
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        // Clean session: subscribe again after every (re)connect.
-                        let online = serde_json::to_vec(&StatusMessage::online()).unwrap_or_default();
-                        let sub = c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await;
-                        let sub2 = c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await;
-                        let status = c.publish(&b.topics.status, QoS::AtLeastOnce, true, online).await;
-                        if sub.is_err() || sub2.is_err() || status.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        if ack.return_codes.iter().any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure)) {
-                            drop(tx.send(Seen::Disconnected("subscription refused".into())));
-                        } else if ack.return_codes.len() == 1 && tx.send(Seen::Connected).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.payload.is_empty() || !p.topic.starts_with(b.topics.payments.trim_end_matches('+')) {
-                            continue;
-                        }
-                        let event = match std::str::from_utf8(&p.payload)
-                            .map_err(|_| VerifyError::Malformed)
-                            .and_then(|jws| confirmation::verify(jws, &key, &b.terminal_id, tracker.min_seq))
-                        {
-                            Ok(conf) => {
-                                let ack = Ack { intent_id: conf.intent_id.clone(), seq: conf.seq };
-                                let payload = serde_json::to_vec(&ack).unwrap_or_default();
-                                if c.publish(&b.topics.acks, QoS::AtLeastOnce, false, payload).await.is_err() {
-                                    break;
-                                }
-                                if tracker.record(conf.seq) {
-                                    Seen::Confirmation(conf)
-                                } else {
-                                    Seen::Duplicate { intent_id: conf.intent_id, seq: conf.seq }
-                                }
-                            }
-                            Err(VerifyError::OldSeq { seq, .. }) => Seen::Duplicate { intent_id: String::new(), seq },
-                            Err(e) => Seen::Rejected(e.to_string()),
-                        };
-                        if tx.send(event).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if tx.send(Seen::Disconnected(e.to_string())).is_err() {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        });
-        let mut terminal = Terminal { bundle, client, seen, task };
+        let (client, task) =
+            spawn_session(&bundle, addr, Box::new(move |event| tx.send(event).is_ok()))?;
+        let mut terminal = Terminal {
+            bundle,
+            client,
+            seen,
+            task,
+        };
         match tokio::time::timeout(Duration::from_secs(10), terminal.seen.recv()).await {
             Ok(Some(Seen::Connected)) => Ok(terminal),
             Ok(Some(other)) => {
@@ -232,14 +306,20 @@ impl Terminal {
             }
             _ => {
                 terminal.task.abort();
-                bail!("{} did not connect within 10 s", terminal.bundle.terminal_id)
+                bail!(
+                    "{} did not connect within 10 s",
+                    terminal.bundle.terminal_id
+                )
             }
         }
     }
 
     /// The next thing seen, if any within `timeout`.
     pub async fn next_seen(&mut self, timeout: Duration) -> Option<Seen> {
-        tokio::time::timeout(timeout, self.seen.recv()).await.ok().flatten()
+        tokio::time::timeout(timeout, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The next new confirmation within `timeout` (skipping duplicates and reconnects; a rejected

@@ -1,0 +1,702 @@
+//! A fleet of simulated terminals, and the benchmarks that need one: connect rate, reconnect
+//! storms, RSS and churn, webhook → terminal latency.
+//!
+//! The gateway runs as a separate process (one process may hold about 20,000 open files here):
+//! started by the benchmark (`posgate` next to this executable) or given by address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use posgate_proto::MicroUsdc;
+use rumqttc::AsyncClient;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::bench::{
+    CHILD_ADMIN_TOKEN, Child, Latency, default_posgate_bin, new_histogram, rss_mib, start_child,
+};
+use crate::events::{self, Intent};
+use crate::terminal::{Bundle, Seen, spawn_session};
+
+/// Where the gateway under test is.
+#[derive(Clone, Debug)]
+pub struct TargetOptions {
+    /// `ingress,admin,mqtt` addresses of a running gateway; `None` starts a child.
+    pub addrs: Option<(SocketAddr, SocketAddr, SocketAddr)>,
+    pub admin_token: Option<String>,
+    pub secret: String,
+    pub posgate_bin: Option<PathBuf>,
+    pub log_level: String,
+    /// Process whose RSS is reported (default: the child).
+    pub pid: Option<u32>,
+}
+
+/// A gateway under test.
+pub struct Target {
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub token: String,
+    pub secret: String,
+    pub pid: Option<u32>,
+    child: Option<Child>,
+}
+
+impl Target {
+    /// Starts or attaches to the gateway.
+    ///
+    /// # Errors
+    /// When the child cannot be started.
+    pub async fn new(opts: &TargetOptions) -> anyhow::Result<Target> {
+        match opts.addrs {
+            Some((ingress, admin, mqtt)) => Ok(Target {
+                ingress,
+                admin,
+                mqtt,
+                token: opts
+                    .admin_token
+                    .clone()
+                    .context("--admin-token is needed with a running gateway")?,
+                secret: opts.secret.clone(),
+                pid: opts.pid,
+                child: None,
+            }),
+            None => {
+                let bin = match &opts.posgate_bin {
+                    Some(bin) => bin.clone(),
+                    None => default_posgate_bin()?,
+                };
+                let child = start_child(&bin, &opts.secret, &opts.log_level, &[]).await?;
+                Ok(Target {
+                    ingress: child.ingress,
+                    admin: child.admin,
+                    mqtt: child.mqtt,
+                    token: CHILD_ADMIN_TOKEN.to_owned(),
+                    secret: opts.secret.clone(),
+                    pid: opts.pid.or_else(|| child.process.id()),
+                    child: Some(child),
+                })
+            }
+        }
+    }
+
+    /// RSS of the gateway process, if known.
+    pub fn rss_mib(&self) -> Option<f64> {
+        self.pid.and_then(rss_mib)
+    }
+
+    /// Stops a child gateway.
+    pub async fn stop(mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.process.kill().await.ok();
+        }
+    }
+}
+
+/// Provisions `n` terminals `{prefix}{i}` through the admin API, `concurrency` at a time.
+///
+/// # Errors
+/// When a provisioning call fails.
+pub async fn provision(
+    target: &Target,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Bundle>> {
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let url = format!("http://{}/v1/terminals", target.admin);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let out = Arc::new(Mutex::new(vec![None; n]));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (http, url, next, out, token, prefix) = (
+            http.clone(),
+            url.clone(),
+            next.clone(),
+            out.clone(),
+            target.token.clone(),
+            prefix.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"id": format!("{prefix}{i}"), "merchant_id": "mer_bench"}))
+                    .send()
+                    .await?;
+                if response.status() != 201 {
+                    bail!("provisioning {prefix}{i}: {}", response.status());
+                }
+                let bundle: Bundle = response.json().await?;
+                if let Ok(mut out) = out.lock() {
+                    out[i] = Some(bundle);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let bundles = out
+        .lock()
+        .map(|mut v| v.drain(..).flatten().collect())
+        .unwrap_or_default();
+    Ok(bundles)
+}
+
+/// What a fleet member saw, and when.
+#[derive(Debug)]
+pub struct FleetEvent {
+    pub terminal: usize,
+    pub seen: Seen,
+    pub at: Instant,
+}
+
+/// N terminal sessions reporting into one channel.
+pub struct Fleet {
+    pub bundles: Vec<Bundle>,
+    sessions: Vec<Option<(AsyncClient, JoinHandle<()>)>>,
+    tx: mpsc::UnboundedSender<FleetEvent>,
+    pub events: mpsc::UnboundedReceiver<FleetEvent>,
+    addr: SocketAddr,
+}
+
+impl Fleet {
+    pub fn new(bundles: Vec<Bundle>, addr: SocketAddr) -> Fleet {
+        let (tx, events) = mpsc::unbounded_channel();
+        let sessions = bundles.iter().map(|_| None).collect();
+        Fleet {
+            bundles,
+            sessions,
+            tx,
+            events,
+            addr,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bundles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bundles.is_empty()
+    }
+
+    /// Starts terminal `i`'s session (it connects, retrying by itself).
+    ///
+    /// # Errors
+    /// When its bundle does not parse.
+    pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        let tx = self.tx.clone();
+        let sink = Box::new(move |seen| {
+            tx.send(FleetEvent {
+                terminal: i,
+                seen,
+                at: Instant::now(),
+            })
+            .is_ok()
+        });
+        self.sessions[i] = Some(spawn_session(&self.bundles[i], self.addr, sink)?);
+        Ok(())
+    }
+
+    /// Drops terminal `i`'s connection without DISCONNECT (a crash, a cable pulled).
+    pub fn kill(&mut self, i: usize) {
+        if let Some((_, task)) = self.sessions[i].take() {
+            task.abort();
+        }
+    }
+
+    /// Waits until every terminal in `which` has reported `Connected`; returns the time taken.
+    ///
+    /// # Errors
+    /// When not all connect within `timeout`.
+    pub async fn wait_connected(
+        &mut self,
+        which: &[usize],
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut waiting: std::collections::HashSet<usize> = which.iter().copied().collect();
+        while !waiting.is_empty() {
+            let left = timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(FleetEvent {
+                    terminal,
+                    seen: Seen::Connected,
+                    ..
+                })) => {
+                    waiting.remove(&terminal);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => bail!(
+                    "{} of {} terminals not connected after {timeout:?}",
+                    waiting.len(),
+                    which.len()
+                ),
+            }
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// Results of a fleet benchmark, printed as a table and written as JSON.
+#[derive(Debug, Default, Serialize)]
+pub struct FleetReport {
+    pub scenario: String,
+    pub terminals: usize,
+    pub rows: Vec<serde_json::Value>,
+    pub latency_ms: Option<Latency>,
+    pub sent: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub gateway_rss_mib: Vec<f64>,
+}
+
+/// `bench connect`: N new mutual-TLS terminals, `concurrency` connecting at a time.
+///
+/// # Errors
+/// On setup failures or when terminals do not connect.
+pub async fn connect_rate(
+    target: &Target,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<FleetReport> {
+    let bundles = provision(target, "bench-c-", n, 32).await?;
+    let mut fleet = Fleet::new(bundles, target.mqtt);
+    let started = Instant::now();
+    let mut connected = 0usize;
+    let mut started_count = 0usize;
+    while started_count < n.min(concurrency.max(1)) {
+        fleet.start(started_count)?;
+        started_count += 1;
+    }
+    while connected < n {
+        match tokio::time::timeout(Duration::from_secs(60), fleet.events.recv()).await {
+            Ok(Some(FleetEvent {
+                seen: Seen::Connected,
+                ..
+            })) => {
+                connected += 1;
+                if started_count < n {
+                    fleet.start(started_count)?;
+                    started_count += 1;
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => bail!("only {connected} of {n} connected"),
+        }
+    }
+    let took = started.elapsed();
+    let rate = n as f64 / took.as_secs_f64();
+    let mut report = FleetReport {
+        scenario: "connect".into(),
+        terminals: n,
+        ..Default::default()
+    };
+    report.rows.push(serde_json::json!({"concurrency": concurrency, "seconds": took.as_secs_f64(), "per_second": rate}));
+    report.gateway_rss_mib.extend(target.rss_mib());
+    Ok(report)
+}
+
+/// `bench storm`: every round, all N terminals drop, each gets a confirmation while offline, then
+/// all reconnect at once (retrying on their own); the round ends when every one has its
+/// confirmation.
+///
+/// # Errors
+/// On setup failures, or when a round does not complete within `timeout`.
+pub async fn storm(
+    target: &Target,
+    n: usize,
+    rounds: usize,
+    timeout: Duration,
+) -> anyhow::Result<FleetReport> {
+    let bundles = provision(target, "bench-s-", n, 32).await?;
+    let mut fleet = Fleet::new(bundles, target.mqtt);
+    let mut report = FleetReport {
+        scenario: "storm".into(),
+        terminals: n,
+        ..Default::default()
+    };
+    let sender = WebhookSender::new(target.ingress, &target.secret, 16).await?;
+    for round in 0..rounds {
+        for i in 0..n {
+            fleet.kill(i);
+        }
+        // One pending confirmation each, committed before anyone reconnects.
+        let intents: Vec<(String, String)> = (0..n)
+            .map(|i| {
+                (
+                    fleet.bundles[i].terminal_id.clone(),
+                    format!("pi_s{round}_{i}"),
+                )
+            })
+            .collect();
+        sender.send_all(&intents).await?;
+        let started = Instant::now();
+        for i in 0..n {
+            fleet.start(i)?;
+        }
+        let mut waiting: std::collections::HashSet<usize> = (0..n).collect();
+        let mut connected = std::collections::HashSet::new();
+        let mut all_connected = None;
+        while !waiting.is_empty() {
+            let left = timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, fleet.events.recv()).await {
+                Ok(Some(FleetEvent {
+                    terminal,
+                    seen: Seen::Confirmation(c),
+                    ..
+                })) => {
+                    if c.intent_id == format!("pi_s{round}_{terminal}") {
+                        waiting.remove(&terminal);
+                        report.delivered += 1;
+                    }
+                }
+                Ok(Some(FleetEvent {
+                    terminal,
+                    seen: Seen::Connected,
+                    ..
+                })) => {
+                    connected.insert(terminal);
+                    if connected.len() == n {
+                        all_connected = Some(started.elapsed());
+                    }
+                }
+                Ok(Some(FleetEvent {
+                    seen: Seen::Duplicate { .. },
+                    ..
+                })) => report.duplicates += 1,
+                Ok(Some(FleetEvent {
+                    seen: Seen::Rejected(_),
+                    ..
+                })) => report.rejected += 1,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => bail!(
+                    "round {round}: {} of {n} confirmations missing after {timeout:?}",
+                    waiting.len()
+                ),
+            }
+        }
+        let took = started.elapsed();
+        report.sent += n as u64;
+        let rss = target.rss_mib();
+        report.gateway_rss_mib.extend(rss);
+        report.rows.push(serde_json::json!({
+            "round": round + 1,
+            "all_delivered_secs": took.as_secs_f64(),
+            "all_connected_secs": all_connected.map(|d| d.as_secs_f64()),
+            "gateway_rss_mib": rss,
+        }));
+    }
+    report.lost = report.sent - report.delivered;
+    Ok(report)
+}
+
+/// `bench churn`: N connected, then `cycles` times `k` of them drop and reconnect; RSS after each.
+///
+/// # Errors
+/// On setup failures or when terminals do not reconnect.
+pub async fn churn(
+    target: &Target,
+    n: usize,
+    k: usize,
+    cycles: usize,
+) -> anyhow::Result<FleetReport> {
+    let bundles = provision(target, "bench-r-", n, 32).await?;
+    let mut fleet = Fleet::new(bundles, target.mqtt);
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(1000) {
+        for &i in chunk {
+            fleet.start(i)?;
+        }
+        fleet
+            .wait_connected(chunk, Duration::from_secs(120))
+            .await?;
+    }
+    let mut report = FleetReport {
+        scenario: "churn".into(),
+        terminals: n,
+        ..Default::default()
+    };
+    let baseline = target.rss_mib();
+    report.gateway_rss_mib.extend(baseline);
+    report
+        .rows
+        .push(serde_json::json!({"cycle": 0, "connected": n, "gateway_rss_mib": baseline}));
+    for cycle in 1..=cycles {
+        let which: Vec<usize> = (0..k).map(|j| (cycle * k + j) % n).collect();
+        for &i in &which {
+            fleet.kill(i);
+        }
+        for &i in &which {
+            fleet.start(i)?;
+        }
+        let took = fleet
+            .wait_connected(&which, Duration::from_secs(120))
+            .await?;
+        let rss = target.rss_mib();
+        report.gateway_rss_mib.extend(rss);
+        report.rows.push(serde_json::json!({
+            "cycle": cycle, "reconnected": k, "reconnect_secs": took.as_secs_f64(), "gateway_rss_mib": rss,
+        }));
+    }
+    Ok(report)
+}
+
+/// `bench e2e`: N connected terminals, R webhooks/s spread over them for `duration`; the time from
+/// the webhook being sent to the signed confirmation being verified at its terminal.
+///
+/// # Errors
+/// On setup failures.
+pub async fn e2e(
+    target: &Target,
+    n: usize,
+    rate: u64,
+    duration: Duration,
+    senders: usize,
+) -> anyhow::Result<FleetReport> {
+    let bundles = provision(target, "bench-e-", n, 32).await?;
+    let mut fleet = Fleet::new(bundles, target.mqtt);
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(1000) {
+        for &i in chunk {
+            fleet.start(i)?;
+        }
+        fleet
+            .wait_connected(chunk, Duration::from_secs(120))
+            .await?;
+    }
+    let terminals: Arc<Vec<String>> = Arc::new(
+        fleet
+            .bundles
+            .iter()
+            .map(|b| b.terminal_id.clone())
+            .collect(),
+    );
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let answered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let senders = senders.max(1);
+    let per_sender = rate as f64 / senders as f64;
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (terminals, sent_at, answered_at, ingress, secret) = (
+            terminals.clone(),
+            sent_at.clone(),
+            answered_at.clone(),
+            target.ingress,
+            target.secret.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut conn = WebhookConn::connect(ingress).await?;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut k = 0u64;
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                tick.tick().await;
+                let t = ((k as usize) * senders + s) % terminals.len();
+                let intent = format!("pi_e{s}_{k}");
+                k += 1;
+                let body = events::intent_event(
+                    &format!("evt_{intent}"),
+                    "confirmed",
+                    &Intent::new(&intent, MicroUsdc(4_500_000), &terminals[t]),
+                );
+                let now = Instant::now();
+                if let Ok(mut map) = sent_at.lock() {
+                    map.insert(intent.clone(), now);
+                }
+                if conn.post(&secret, body).await.is_err() {
+                    errors += 1;
+                    if let Ok(mut map) = sent_at.lock() {
+                        map.remove(&intent);
+                    }
+                } else if let Ok(mut map) = answered_at.lock() {
+                    map.insert(intent, Instant::now());
+                }
+            }
+            anyhow::Ok(errors)
+        }));
+    }
+    let mut histogram: Histogram<u64> = new_histogram()?;
+    let mut push: Histogram<u64> = new_histogram()?;
+    let mut report = FleetReport {
+        scenario: "e2e".into(),
+        terminals: n,
+        ..Default::default()
+    };
+    let mut send_errors = 0;
+    let mut senders_done = false;
+    let mut tasks = Box::pin(futures::future::join_all(tasks));
+    let drain_deadline = end + Duration::from_secs(10);
+    loop {
+        let expected = sent_at.lock().map(|m| m.len()).unwrap_or(0);
+        if senders_done && expected == 0 {
+            break;
+        }
+        if Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::select! {
+            result = &mut tasks, if !senders_done => {
+                for r in result { send_errors += r??; }
+                senders_done = true;
+            }
+            event = fleet.events.recv() => match event {
+                Some(FleetEvent { seen: Seen::Confirmation(c), at, .. }) => {
+                    let sent = sent_at.lock().ok().and_then(|mut m| m.remove(&c.intent_id));
+                    if let Some(sent) = sent {
+                        histogram.record(at.duration_since(sent).as_micros().max(1) as u64)?;
+                        report.delivered += 1;
+                    }
+                    // The push alone: from the gateway's 200 to the terminal (when the 200 came first).
+                    if let Some(answered) = answered_at.lock().ok().and_then(|mut m| m.remove(&c.intent_id)) {
+                        push.record(at.saturating_duration_since(answered).as_micros().max(1) as u64)?;
+                    }
+                }
+                Some(FleetEvent { seen: Seen::Duplicate { .. }, .. }) => report.duplicates += 1,
+                Some(FleetEvent { seen: Seen::Rejected(_), .. }) => report.rejected += 1,
+                Some(_) => {}
+                None => break,
+            },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    report.lost = sent_at.lock().map(|m| m.len() as u64).unwrap_or(0);
+    report.sent = report.delivered + report.lost;
+    report.latency_ms = Some(Latency::of(&histogram));
+    report.gateway_rss_mib.extend(target.rss_mib());
+    let push = Latency::of(&push);
+    report.rows.push(serde_json::json!({
+        "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": send_errors,
+        "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
+        "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
+    }));
+    Ok(report)
+}
+
+/// One keep-alive HTTP/1.1 connection that posts signed webhooks.
+struct WebhookConn {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl WebhookConn {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<WebhookConn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(WebhookConn { addr, sender })
+    }
+
+    async fn post(&mut self, secret: &str, body: String) -> anyhow::Result<()> {
+        let mut request = Request::post(events::WEBHOOK_PATH)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json");
+        for (name, value) in events::signed_headers(secret, events::now_unix(), body.as_bytes()) {
+            request = request.header(name, value);
+        }
+        self.sender.ready().await?;
+        let response = self
+            .sender
+            .send_request(request.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        if status != 200 {
+            bail!("webhook answered {status}");
+        }
+        Ok(())
+    }
+}
+
+/// Sends batches of confirmations over a few connections.
+struct WebhookSender {
+    conns: Vec<tokio::sync::Mutex<WebhookConn>>,
+    secret: String,
+}
+
+impl WebhookSender {
+    async fn new(addr: SocketAddr, secret: &str, n: usize) -> anyhow::Result<WebhookSender> {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            conns.push(tokio::sync::Mutex::new(WebhookConn::connect(addr).await?));
+        }
+        Ok(WebhookSender {
+            conns,
+            secret: secret.to_owned(),
+        })
+    }
+
+    /// Confirms each `(terminal, intent)`; returns once every webhook was answered 200.
+    async fn send_all(&self, intents: &[(String, String)]) -> anyhow::Result<()> {
+        let chunks: Vec<&[(String, String)]> = intents
+            .chunks(intents.len().div_ceil(self.conns.len()).max(1))
+            .collect();
+        let futures = chunks
+            .into_iter()
+            .zip(&self.conns)
+            .map(|(chunk, conn)| async move {
+                let mut conn = conn.lock().await;
+                for (terminal, intent) in chunk {
+                    let body = events::intent_event(
+                        &format!("evt_{intent}"),
+                        "confirmed",
+                        &Intent::new(intent, MicroUsdc(4_500_000), terminal),
+                    );
+                    conn.post(&self.secret, body).await?;
+                }
+                anyhow::Ok(())
+            });
+        for result in futures::future::join_all(futures).await {
+            result?;
+        }
+        Ok(())
+    }
+}
+
+/// Prints a fleet report.
+pub fn print(report: &FleetReport) {
+    println!("bench {}: {} terminals", report.scenario, report.terminals);
+    for row in &report.rows {
+        println!("  {row}");
+    }
+    if let Some(l) = &report.latency_ms {
+        println!(
+            "  webhook sent -> confirmation verified at the terminal: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+    }
+    println!(
+        "  sent {}, delivered {}, lost {}, duplicates {}, rejected {}",
+        report.sent, report.delivered, report.lost, report.duplicates, report.rejected
+    );
+    if !report.gateway_rss_mib.is_empty() {
+        let list: Vec<String> = report
+            .gateway_rss_mib
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect();
+        println!("  gateway RSS (MiB): {}", list.join(", "));
+    }
+}
