@@ -305,7 +305,8 @@ impl Store {
             .await
     }
 
-    /// Records a terminal's ack.
+    /// Records a terminal's ack. Not fsync'd on its own: an ack lost in a crash means one more
+    /// delivery of a confirmation the terminal already has, which it deduplicates.
     ///
     /// # Errors
     /// As any write.
@@ -328,7 +329,8 @@ impl Store {
         terminal_id: String,
         at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.write(move |t| t.touch(&terminal_id, at)).await
+        self.write_eventual(move |t| t.touch(&terminal_id, at))
+            .await
     }
 
     /// One terminal.

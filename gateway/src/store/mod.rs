@@ -218,6 +218,19 @@ pub struct IntentFilter {
 trait WriteJob: Send {
     fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError>;
     fn finish(self: Box<Self>, committed: bool);
+    /// Whether its commit must be on disk before it is answered (see [`Durability`]).
+    fn durability(&self) -> Durability;
+}
+
+/// How durable a write must be when it is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// fsync'd before the answer: accepted events, registrations, revocations.
+    Immediate,
+    /// Committed (visible, ordered) but on disk only with the next durable commit: acks and
+    /// last-seen times, whose loss in a crash costs a republish the terminal deduplicates, never
+    /// a confirmation. A batch of only these skips the fsync.
+    Eventual,
 }
 
 type Job = Box<dyn WriteJob>;
@@ -226,6 +239,7 @@ struct Typed<T, F> {
     work: Option<F>,
     result: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
+    durability: Durability,
 }
 
 impl<T, F> WriteJob for Typed<T, F>
@@ -238,6 +252,10 @@ where
             self.result = Some(work(tables)?);
         }
         Ok(())
+    }
+
+    fn durability(&self) -> Durability {
+        self.durability
     }
 
     fn finish(self: Box<Self>, committed: bool) {
@@ -367,11 +385,29 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        self.submit(work, Durability::Immediate).await
+    }
+
+    /// As [`Store::write`], answered without waiting for the disk ([`Durability::Eventual`]).
+    async fn write_eventual<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.submit(work, Durability::Eventual).await
+    }
+
+    async fn submit<T, F>(&self, work: F, durability: Durability) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(Typed {
             work: Some(work),
             result: None,
             reply,
+            durability,
         });
         let sender = self.sender().ok_or(StoreError::Closed)?;
         sender.try_send(job).map_err(|e| match e {

@@ -8,12 +8,16 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use super::Durability as StoreDurability;
 use super::{
     EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
     Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, StoreError, StoredEvent, StoredIntent,
     TERMINALS, UNDELIVERABLE, decode,
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
+
+/// Most consecutive batches committed without fsync.
+const MAX_LAZY_STREAK: u32 = 64;
 
 /// Runs until every sender is gone and the queue is empty. New outbox rows of each commit go to
 /// `notices` after the commit (a hint for the router; the rows are the truth).
@@ -25,6 +29,7 @@ pub(super) fn run(
     notices: &Notices,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut lazy_streak = 0u32;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -34,7 +39,17 @@ pub(super) fn run(
             }
         }
         let started = std::time::Instant::now();
-        let result = commit_batch(db, &mut batch);
+        let lazy = batch
+            .iter()
+            .all(|job| job.durability() == StoreDurability::Eventual);
+        // Every so often a batch of only eventual writes is made durable anyway, so that they
+        // never pile up unpersisted for long.
+        lazy_streak = if lazy { lazy_streak + 1 } else { 0 };
+        let durable = !lazy || lazy_streak >= MAX_LAZY_STREAK;
+        if durable {
+            lazy_streak = 0;
+        }
+        let result = commit_batch(db, &mut batch, durable);
         healthy.store(result.is_ok(), Ordering::Relaxed);
         let committed = match result {
             Ok(new_rows) => {
@@ -57,12 +72,26 @@ pub(super) fn run(
             job.finish(committed);
         }
     }
+    // A clean close leaves nothing unpersisted.
+    if lazy_streak > 0
+        && let Err(e) = commit_batch(db, &mut [], true)
+    {
+        tracing::warn!(error = %e, "final durable commit failed; the last acks may be replayed");
+    }
 }
 
 /// One write transaction for the whole batch, committed durably. Any error aborts all of it.
-fn commit_batch(db: &Database, batch: &mut [Job]) -> Result<Vec<OutboxRow>, StoreError> {
+fn commit_batch(
+    db: &Database,
+    batch: &mut [Job],
+    durable: bool,
+) -> Result<Vec<OutboxRow>, StoreError> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate);
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    });
     let new_rows = {
         let mut t = Tables::open(&txn)?;
         for job in batch.iter_mut() {
