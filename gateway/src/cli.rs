@@ -142,6 +142,13 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
     };
     runtime.block_on(async move {
         let grace = Duration::from_secs(config.shutdown.grace_secs);
+        let mut signals = match crate::shutdown::Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("posgate: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let gateway = match Gateway::build(config).await {
             Ok(gateway) => gateway,
             Err(e) => {
@@ -153,14 +160,7 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
         let running = gateway.spawn();
         let token = running.token();
         tokio::select! {
-            signal = crate::shutdown::signal() => match signal {
-                Ok(name) => tracing::info!(signal = name, "shutting down"),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for signals; stopping");
-                    running.shutdown(grace).await;
-                    return ExitCode::from(1);
-                }
-            },
+            name = signals.recv() => tracing::info!(signal = name, "shutting down"),
             () = token.cancelled() => tracing::info!("shutdown requested"),
         }
         running.shutdown(grace).await;
