@@ -53,6 +53,12 @@ struct Args {
     no_busy_check: bool,
     #[arg(long, default_value_t = 1000)]
     max_handshaking: usize,
+    /// listener message_expiry_interval in seconds (rmqtt default 300; 0 is tested on purpose)
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    message_expiry_secs: u64,
+    /// experiment: do NOT check the last-will topic in the auth hook (shows wills skip the publish ACL)
+    #[arg(long)]
+    no_will_check: bool,
 }
 
 #[derive(Default)]
@@ -68,6 +74,7 @@ struct Stats {
 }
 
 struct State {
+    will_check: bool,
     revoked_cn: RwLock<HashSet<String>>,
     revoked_serial: RwLock<HashSet<String>>,
     stats: Stats,
@@ -134,7 +141,7 @@ impl Handler for Hooks {
                         return refuse(format!("serial {serial} revoked"));
                     }
                 }
-                if let Some(w) = will_topic(ci) {
+                if let Some(w) = will_topic(ci).filter(|_| st.will_check) {
                     if !w.starts_with(&prefix(org)) {
                         return refuse(format!("last will topic {w} outside tenant {org}"));
                     }
@@ -298,6 +305,7 @@ async fn main() -> Result<()> {
     rmqtt_retainer::register(&scx, true, false).await?;
 
     let st = Arc::new(State {
+        will_check: !args.no_will_check,
         revoked_cn: RwLock::new(HashSet::new()),
         revoked_serial: RwLock::new(HashSet::new()),
         stats: Stats::default(),
@@ -333,7 +341,7 @@ async fn main() -> Result<()> {
         .max_inflight(std::num::NonZeroU16::new(1).unwrap_or(std::num::NonZeroU16::MIN))
         .max_mqueue_len(1000)
         .session_expiry_interval(Duration::from_secs(7 * 24 * 3600))
-        .message_expiry_interval(Duration::from_secs(7 * 24 * 3600))
+        .message_expiry_interval(Duration::from_secs(args.message_expiry_secs))
         .bind()?
         .tls()?;
     let bound = listener.local_addr()?;
