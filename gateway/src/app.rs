@@ -25,6 +25,7 @@ use crate::admin::{self, Admin, Fleet, TokenError};
 use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
 use crate::ingress::{self, Ingress};
+use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::store::{Store, StoreError};
@@ -46,6 +47,8 @@ pub enum BuildError {
     Pki(#[from] PkiError),
     #[error("starting the MQTT broker")]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("binding the {name} listener on {addr}")]
     Bind {
         name: &'static str,
@@ -65,6 +68,7 @@ pub struct Gateway {
     broker_events: mpsc::UnboundedReceiver<BrokerEvent>,
     ingress: TcpListener,
     admin: TcpListener,
+    metrics: Metrics,
 }
 
 /// A serving gateway.
@@ -149,6 +153,8 @@ impl Gateway {
 
         let ingress = bind("ingress", config.ingress.listen).await?;
         let admin = bind("admin", config.admin.listen).await?;
+        let metrics = Metrics::new()?;
+        store.observe_commits(metrics.store_commit.clone());
         Ok(Gateway {
             config,
             store,
@@ -158,6 +164,7 @@ impl Gateway {
             broker_events,
             ingress,
             admin,
+            metrics,
         })
     }
 
@@ -172,6 +179,7 @@ impl Gateway {
             broker_events,
             ingress,
             admin,
+            metrics,
         } = self;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -186,6 +194,7 @@ impl Gateway {
         }
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),
+            metrics: metrics.clone(),
             secrets: config.provider.webhook_secrets.clone(),
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,
@@ -206,6 +215,7 @@ impl Gateway {
                 republish_after: Duration::from_secs(config.delivery.republish_after_secs),
             },
             presence.clone(),
+            metrics.clone(),
         );
         tracker.spawn(
             router
@@ -221,17 +231,20 @@ impl Gateway {
             .cloned()
             .unwrap_or_else(|| "localhost".into());
         let revoker = handle.clone();
+        let counter = handle.clone();
         let fleet = Fleet {
             pki,
             presence,
             mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
             revoke: Arc::new(move |t| revoker.revoke(&t.id, &t.cert_serial)),
+            connections: Arc::new(move || counter.connections() as i64),
         };
         let admin_router = admin::router(Arc::new(Admin {
             store: store.clone(),
             token: admin_token.clone(),
             ready: ready.clone(),
             fleet,
+            metrics: metrics.clone(),
         }));
         let tasks = vec![
             serve(&tracker, &token, "ingress", ingress, ingress_router),

@@ -5,13 +5,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::Gateway;
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG, Env};
+use crate::notify::{Notifier, NotifyEnv};
 
 /// `EX_USAGE`: bad usage, configuration or environment; systemd does not restart on it.
 pub const EXIT_USAGE: u8 = 64;
@@ -159,11 +162,26 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
         };
         let running = gateway.spawn();
         let token = running.token();
+        // systemd (Type=notify): ready now that every listener is bound; watchdog while healthy.
+        let notifier = Arc::new(Notifier::from_env(
+            &NotifyEnv::from_process(),
+            std::process::id(),
+        ));
+        notifier.ready(&format!(
+            "serving: ingress {}, admin {}, mqtt {}",
+            running.ingress_addr, running.admin_addr, running.mqtt_addr
+        ));
+        let store = running.store().clone();
+        let stop_watchdog = CancellationToken::new();
+        notifier.spawn_watchdog(move || store.is_healthy(), stop_watchdog.clone());
         tokio::select! {
             name = signals.recv() => tracing::info!(signal = name, "shutting down"),
             () = token.cancelled() => tracing::info!("shutdown requested"),
         }
+        notifier.stopping("draining");
         running.shutdown(grace).await;
+        // Pings continued through the drain (bounded by grace_secs < WatchdogSec); now they stop.
+        stop_watchdog.cancel();
         ExitCode::SUCCESS
     })
 }

@@ -7,6 +7,8 @@
 //! - [`app`] — [`Gateway::build`] (opens the store, binds every listener), [`Gateway::spawn`] →
 //!   [`Running`] (bound addresses, graceful shutdown).
 //! - [`shutdown`] — SIGTERM/SIGINT.
+//! - [`notify`] — systemd's `sd_notify` protocol: `READY=1`, `STOPPING=1`, watchdog pings while
+//!   healthy; a no-op outside systemd.
 //! - [`telemetry`] — the tracing subscriber (plain or JSON); only the binary installs it.
 //! - [`domain`] — the intent state machine, pure and forward-only.
 //! - [`ingress`] — `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer.
@@ -16,6 +18,7 @@
 //! - [`store`] — redb tables, one writer thread with group commit, typed reads.
 //! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
 //! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
+//! - [`metrics`] — the Prometheus registry served at `/metrics`.
 //! - [`http`] — the shared error body.
 
 pub mod admin;
@@ -26,6 +29,8 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ingress;
+pub mod metrics;
+pub mod notify;
 pub mod pki;
 pub mod router;
 pub mod shutdown;

@@ -9,6 +9,8 @@ mod cli;
 mod crash;
 mod delivery;
 mod harness;
+mod metrics;
+mod notify;
 mod security;
 mod shutdown;
 mod webhooks;

@@ -32,6 +32,7 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::IntentStatus;
 use crate::http::error;
+use crate::metrics::Metrics;
 use crate::pki::Pki;
 use crate::router::Presence;
 use crate::store::TerminalRecord;
@@ -50,6 +51,7 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     /// Terminal provisioning and revocation.
     pub fleet: Fleet,
+    pub metrics: Metrics,
 }
 
 /// What the terminal endpoints need besides the store.
@@ -60,6 +62,8 @@ pub struct Fleet {
     pub mqtt_url: String,
     /// Cuts a revoked terminal's connections and refuses its certificate from now on.
     pub revoke: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
+    /// The broker's number of open connections.
+    pub connections: Arc<dyn Fn() -> i64 + Send + Sync>,
 }
 
 /// Errors loading or creating the admin token.
@@ -141,6 +145,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(api)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(admin)
@@ -175,6 +180,39 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: refreshes the gauges that describe the store, then the text format.
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let m = &admin.metrics;
+    if let Ok(rows) = admin.store.outbox(None).await {
+        m.outbox_depth.set(rows.len() as i64);
+        let now_us = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+        let oldest = rows.iter().map(|r| r.accepted_at_us).min();
+        m.outbox_oldest_age
+            .set(oldest.map_or(0, |t| (now_us - t).max(0) / 1_000_000));
+    }
+    if let Ok(list) = admin.store.undeliverable().await {
+        m.undeliverable.set(list.len() as i64);
+    }
+    if let Ok(terminals) = admin.store.terminals().await {
+        m.terminals_registered.set(
+            terminals
+                .iter()
+                .filter(|(t, _)| t.revoked_at.is_none())
+                .count() as i64,
+        );
+    }
+    if let Ok(presence) = admin.fleet.presence.read() {
+        m.terminals_online
+            .set(presence.values().filter(|p| p.online).count() as i64);
+    }
+    m.broker_connections.set((admin.fleet.connections)());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.encode(),
+    )
+        .into_response()
 }
 
 pub(crate) fn store_error(e: &StoreError) -> Response {

@@ -23,12 +23,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use posgate_proto::event::{Envelope, EnvelopeError, EventData};
+use posgate_proto::event::{Envelope, EnvelopeError, EventData, EventType};
 use posgate_proto::webhook::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER};
 use secrecy::SecretString;
 use time::OffsetDateTime;
 
 use crate::http::error;
+use crate::metrics::Metrics;
 use crate::store::{IncomingEvent, Ingested, Store, StoreError};
 
 /// The webhook path.
@@ -37,6 +38,7 @@ pub const PATH: &str = "/webhooks/stablegenius";
 /// Settings the handler needs.
 pub struct Ingress {
     pub store: Store,
+    pub metrics: Metrics,
     pub secrets: Vec<SecretString>,
     pub body_limit_bytes: usize,
     pub tolerance_secs: i64,
@@ -121,10 +123,28 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
 
 async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    match handle(&ingress, &headers, body).await {
+    let result = handle(&ingress, &headers, body).await;
+    let m = &ingress.metrics;
+    m.ingest_answer.observe(started.elapsed().as_secs_f64());
+    match result {
         Ok(answer) => {
             let micros = started.elapsed().as_micros() as u64;
             let duplicate = answer.ingested == Ingested::Duplicate;
+            let outcome = if duplicate { "duplicate" } else { "accepted" };
+            m.webhooks
+                .with_label_values(&[EventType::from_name(&answer.kind).label(), outcome])
+                .inc();
+            m.secret_matches
+                .with_label_values(&[answer.secret_slot.to_string().as_str()])
+                .inc();
+            m.timestamp_skew.set(answer.skew_s);
+            if let Ingested::New { effects, .. } = &answer.ingested {
+                for (_, effect) in effects.iter().filter(|(_, e)| e.from != e.to) {
+                    m.transitions
+                        .with_label_values(&[effect.from.as_str(), effect.to.as_str()])
+                        .inc();
+                }
+            }
             if let Ingested::New { outcome, effects } = &answer.ingested {
                 for (intent_id, effect) in effects {
                     tracing::info!(
@@ -150,6 +170,12 @@ async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => {
+            m.webhooks.with_label_values(&["none", e.outcome()]).inc();
+            if let IngressError::Unauthorized(reason) = &e {
+                m.signature_failures
+                    .with_label_values(&[reason.reason()])
+                    .inc();
+            }
             match &e {
                 IngressError::Store { .. } => {
                     tracing::error!(error = %e, error_chain = ?e, "webhook not stored")
@@ -165,6 +191,10 @@ struct Answer {
     event_id: String,
     kind: String,
     ingested: Ingested,
+    /// Which configured secret verified it.
+    secret_slot: usize,
+    /// Our clock minus the provider's timestamp.
+    skew_s: i64,
 }
 
 async fn handle(
@@ -189,7 +219,7 @@ async fn handle(
     })?;
 
     let now = OffsetDateTime::now_utc();
-    verify(ingress, headers, &raw, now.unix_timestamp())?;
+    let (secret_slot, skew_s) = verify(ingress, headers, &raw, now.unix_timestamp())?;
 
     let envelope = match Envelope::parse(&raw) {
         Ok(envelope) => envelope,
@@ -235,6 +265,8 @@ async fn handle(
         event_id,
         kind,
         ingested,
+        secret_slot,
+        skew_s,
     })
 }
 
@@ -244,7 +276,7 @@ fn verify(
     headers: &HeaderMap,
     raw: &[u8],
     now: i64,
-) -> Result<usize, SignatureError> {
+) -> Result<(usize, i64), SignatureError> {
     let timestamp = headers
         .get(TIMESTAMP_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -262,7 +294,12 @@ fn verify(
             now,
             ingress.tolerance_secs,
         ) {
-            Ok(slot) => return Ok(slot),
+            Ok(slot) => {
+                return Ok((
+                    slot,
+                    now - posgate_proto::webhook::parse_timestamp(timestamp)?,
+                ));
+            }
             Err(e) => last = e,
         }
     }

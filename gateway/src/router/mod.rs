@@ -26,6 +26,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::store::{AckOutcome, OutboxRow, Store};
 
 /// Why a publish failed (the row stays in the outbox and is published again later).
@@ -113,6 +114,8 @@ struct Queue {
     rows: BTreeMap<u64, OutboxRow>,
     /// When the head row was last published.
     head_published: Option<Instant>,
+    /// The highest seq published at least once (to tell first publishes from republishes).
+    last_seq_published: u64,
 }
 
 /// The router task.
@@ -127,6 +130,7 @@ pub struct Router<P> {
     signer: Signer,
     settings: Settings,
     presence: Presence,
+    metrics: Metrics,
     queues: HashMap<String, Queue>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
@@ -139,6 +143,7 @@ impl<P: Publisher> Router<P> {
         signer: Signer,
         settings: Settings,
         presence: Presence,
+        metrics: Metrics,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         Router {
@@ -147,6 +152,7 @@ impl<P: Publisher> Router<P> {
             signer,
             settings,
             presence,
+            metrics,
             queues: HashMap::new(),
             internal_tx,
             internal_rx,
@@ -264,6 +270,13 @@ impl<P: Publisher> Router<P> {
             return;
         }
         queue.head_published = Some(Instant::now());
+        if head.seq > queue.last_seq_published {
+            queue.last_seq_published = head.seq;
+            self.metrics.published.inc();
+        } else {
+            self.metrics.republished.inc();
+        }
+        self.metrics.broker_publishes.inc();
         let topic = topics::payments(&head.tenant, &head.intent_id);
         let payload = self.signer.sign(head);
         let seq = head.seq;
@@ -376,6 +389,8 @@ impl<P: Publisher> Router<P> {
             - i128::from(row.accepted_at_us)) as f64
             / 1000.0;
         tracing::info!(terminal_id, intent_id = %row.intent_id, seq = row.seq, latency_ms, "confirmation delivered");
+        self.metrics.acked.inc();
+        self.metrics.delivery.observe(latency_ms / 1000.0);
         let Some(queue) = self.queues.get_mut(terminal_id) else {
             self.clear(&row, clear).await;
             return;
@@ -407,6 +422,7 @@ impl<P: Publisher> Router<P> {
 
     async fn clear(&self, row: &OutboxRow, clear: bool) {
         if clear {
+            self.metrics.broker_publishes.inc();
             let topic = topics::payments(&row.tenant, &row.intent_id);
             if let Err(e) = self.publisher.publish_retained(topic, Bytes::new()).await {
                 tracing::warn!(error = %e, "could not clear a delivered confirmation");
@@ -480,6 +496,7 @@ mod tests {
             signer.clone(),
             Settings { republish_after },
             presence.clone(),
+            Metrics::new().unwrap(),
         );
         let token = CancellationToken::new();
         tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
@@ -676,6 +693,7 @@ mod tests {
                 republish_after: Duration::from_secs(60),
             },
             Presence::default(),
+            Metrics::new().unwrap(),
         );
         let token = CancellationToken::new();
         tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));

@@ -31,7 +31,7 @@ use writer::Tables;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -298,6 +298,7 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
     notices: Arc<Notices>,
+    commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
 }
 
 // === impl Store ===
@@ -329,13 +330,15 @@ impl Store {
         let (tx, rx) = mpsc::channel(queue_depth);
         let healthy = Arc::new(AtomicBool::new(true));
         let notices = Arc::new(Notices::default());
+        let commit_seconds: Arc<OnceLock<prometheus::Histogram>> = Arc::default();
         let writer = {
+            let commit_seconds = commit_seconds.clone();
             let db = db.clone();
             let healthy = healthy.clone();
             let notices = notices.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer::run(&db, rx, max_batch, &healthy, &notices))
+                .spawn(move || writer::run(&db, rx, max_batch, &healthy, &notices, &commit_seconds))
                 .map_err(StoreError::Thread)?
         };
         Ok(Store {
@@ -346,6 +349,7 @@ impl Store {
                 writer: Mutex::new(Some(writer)),
                 healthy,
                 notices,
+                commit_seconds,
             }),
         })
     }
@@ -357,6 +361,11 @@ impl Store {
             *slot = Some(tx);
         }
         rx
+    }
+
+    /// Records the duration of every later group commit into `histogram`.
+    pub fn observe_commits(&self, histogram: prometheus::Histogram) {
+        drop(self.inner.commit_seconds.set(histogram));
     }
 
     /// Where the database file lives.

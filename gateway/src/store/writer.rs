@@ -1,5 +1,6 @@
 //! The writer thread: group commit and the per-event logic inside the write transaction.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
@@ -27,6 +28,7 @@ pub(super) fn run(
     max_batch: usize,
     healthy: &AtomicBool,
     notices: &Notices,
+    commit_seconds: &OnceLock<prometheus::Histogram>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut lazy_streak = 0u32;
@@ -50,6 +52,9 @@ pub(super) fn run(
             lazy_streak = 0;
         }
         let result = commit_batch(db, &mut batch, durable);
+        if let Some(h) = commit_seconds.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         healthy.store(result.is_ok(), Ordering::Relaxed);
         let committed = match result {
             Ok(new_rows) => {

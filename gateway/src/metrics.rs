@@ -1,0 +1,218 @@
+//! The one Prometheus registry of a gateway, served at `/metrics` on the admin listener.
+//!
+//! One [`Metrics`] per gateway (not a global recorder), so several gateways in one process (tests)
+//! never share counters. Names and units follow Prometheus conventions (`posgate_…_total`,
+//! `…_seconds`); `deploy/prometheus/posgate-rules.yml` and the dashboard are built on them. Gauges
+//! that describe the store (outbox, registry) are refreshed when `/metrics` is scraped.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets for latencies from 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Every metric of the daemon.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `posgate_webhooks_total{event_type,outcome}`.
+    pub webhooks: IntCounterVec,
+    /// `posgate_webhook_signature_failures_total{reason}`.
+    pub signature_failures: IntCounterVec,
+    /// `posgate_webhook_secret_matches_total{slot}`.
+    pub secret_matches: IntCounterVec,
+    /// `posgate_webhook_timestamp_skew_seconds`: our clock minus the provider's, last seen.
+    pub timestamp_skew: IntGauge,
+    /// `posgate_ingest_answer_seconds`.
+    pub ingest_answer: Histogram,
+    /// `posgate_store_commit_seconds`.
+    pub store_commit: Histogram,
+    /// `posgate_intent_transitions_total{from,to}`.
+    pub transitions: IntCounterVec,
+    /// `posgate_confirmations_published_total`.
+    pub published: IntCounter,
+    /// `posgate_confirmations_republished_total`.
+    pub republished: IntCounter,
+    /// `posgate_confirmations_acked_total`.
+    pub acked: IntCounter,
+    /// `posgate_delivery_seconds`: webhook accepted → terminal ack.
+    pub delivery: Histogram,
+    /// `posgate_outbox_depth`.
+    pub outbox_depth: IntGauge,
+    /// `posgate_outbox_oldest_age_seconds`.
+    pub outbox_oldest_age: IntGauge,
+    /// `posgate_undeliverable`.
+    pub undeliverable: IntGauge,
+    /// `posgate_terminals_registered`.
+    pub terminals_registered: IntGauge,
+    /// `posgate_terminals_online`.
+    pub terminals_online: IntGauge,
+    /// `posgate_broker_connections`.
+    pub broker_connections: IntGauge,
+    /// `posgate_broker_publishes_total`.
+    pub broker_publishes: IntCounter,
+    /// `posgate_reconcile_runs_total`.
+    pub reconcile_runs: IntCounter,
+    /// `posgate_reconcile_findings_total{kind}`.
+    pub reconcile_findings: IntCounterVec,
+}
+
+/// Registration failed (a duplicate name: a programming error).
+#[derive(Debug, thiserror::Error)]
+#[error("registering metrics")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+fn histogram(registry: &Registry, name: &str, help: &str) -> Result<Histogram, MetricsError> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    ///
+    /// # Errors
+    /// Only on a duplicate registration (a bug).
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let r = Registry::new();
+        let build = IntGaugeVec::new(
+            Opts::new("posgate_build_info", "Build of the running daemon"),
+            &["version"],
+        )?;
+        r.register(Box::new(build.clone()))?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Ok(Metrics {
+            webhooks: counter_vec(
+                &r,
+                "posgate_webhooks_total",
+                "Webhook deliveries by event type and outcome",
+                &["event_type", "outcome"],
+            )?,
+            signature_failures: counter_vec(
+                &r,
+                "posgate_webhook_signature_failures_total",
+                "Refused webhook signatures by reason",
+                &["reason"],
+            )?,
+            secret_matches: counter_vec(
+                &r,
+                "posgate_webhook_secret_matches_total",
+                "Verified webhooks by the slot of the secret that matched (0 = first)",
+                &["slot"],
+            )?,
+            timestamp_skew: gauge(
+                &r,
+                "posgate_webhook_timestamp_skew_seconds",
+                "Our clock minus the provider's webhook timestamp, last seen",
+            )?,
+            ingest_answer: histogram(
+                &r,
+                "posgate_ingest_answer_seconds",
+                "Time to answer a webhook",
+            )?,
+            store_commit: histogram(
+                &r,
+                "posgate_store_commit_seconds",
+                "Time of one group commit",
+            )?,
+            transitions: counter_vec(
+                &r,
+                "posgate_intent_transitions_total",
+                "Intent status transitions",
+                &["from", "to"],
+            )?,
+            published: counter(
+                &r,
+                "posgate_confirmations_published_total",
+                "Confirmations published for the first time",
+            )?,
+            republished: counter(
+                &r,
+                "posgate_confirmations_republished_total",
+                "Confirmations published again (reconnect, restart, timeout)",
+            )?,
+            acked: counter(
+                &r,
+                "posgate_confirmations_acked_total",
+                "Confirmations acked by their terminal",
+            )?,
+            delivery: histogram(
+                &r,
+                "posgate_delivery_seconds",
+                "Webhook accepted to terminal ack",
+            )?,
+            outbox_depth: gauge(
+                &r,
+                "posgate_outbox_depth",
+                "Confirmations waiting for their terminal's ack",
+            )?,
+            outbox_oldest_age: gauge(
+                &r,
+                "posgate_outbox_oldest_age_seconds",
+                "Age of the oldest unacked confirmation",
+            )?,
+            undeliverable: gauge(
+                &r,
+                "posgate_undeliverable",
+                "Confirmations waiting for a terminal that is not registered",
+            )?,
+            terminals_registered: gauge(
+                &r,
+                "posgate_terminals_registered",
+                "Registered, unrevoked terminals",
+            )?,
+            terminals_online: gauge(&r, "posgate_terminals_online", "Terminals connected now")?,
+            broker_connections: gauge(&r, "posgate_broker_connections", "MQTT connections")?,
+            broker_publishes: counter(
+                &r,
+                "posgate_broker_publishes_total",
+                "Publishes the gateway made into the broker",
+            )?,
+            reconcile_runs: counter(&r, "posgate_reconcile_runs_total", "Reconciliation runs")?,
+            reconcile_findings: counter_vec(
+                &r,
+                "posgate_reconcile_findings_total",
+                "What reconciliation found that no webhook said",
+                &["kind"],
+            )?,
+            registry: r,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

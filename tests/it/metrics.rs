@@ -1,0 +1,83 @@
+//! `/metrics` after a real webhook and a real delivery.
+
+use std::time::Duration;
+
+use crate::harness::{eventually, spawn_gateway};
+
+/// The value of the sample whose line starts with `prefix` (name and labels).
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn counters_and_histograms_move_with_a_webhook_and_a_delivery() {
+    let gw = spawn_gateway().await;
+    let scrape = || async {
+        let response = gw
+            .http
+            .get(format!("http://{}/metrics", gw.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    };
+    let before = scrape().await;
+    assert_eq!(sample(&before, "posgate_build_info{"), Some(1.0));
+    assert_eq!(sample(&before, "posgate_delivery_seconds_count"), Some(0.0));
+
+    let mut t = gw.terminal("pos_m").await;
+    gw.pay("pos_m", "pi_m_1").await;
+    t.next_confirmation(Duration::from_secs(10)).await.unwrap();
+    // A forged delivery too.
+    let body = posgate_sim::events::intent_event(
+        "evt_m_x",
+        "confirmed",
+        &posgate_sim::events::Intent::new("pi_m_x", posgate_proto::MicroUsdc(1), "pos_m"),
+    );
+    let headers = posgate_sim::events::signed_headers(
+        "not-the-secret",
+        posgate_sim::events::now_unix(),
+        body.as_bytes(),
+    );
+    assert_eq!(gw.post_with(body, &headers).await.status(), 401);
+
+    let after = eventually(Duration::from_secs(10), || async {
+        let text = scrape().await;
+        (sample(&text, "posgate_delivery_seconds_count") == Some(1.0)).then_some(text)
+    })
+    .await;
+    let expect = [
+        (
+            "posgate_webhooks_total{event_type=\"payment_intent.confirmed\",outcome=\"accepted\"}",
+            1.0,
+        ),
+        (
+            "posgate_webhooks_total{event_type=\"none\",outcome=\"bad_signature\"}",
+            1.0,
+        ),
+        (
+            "posgate_webhook_signature_failures_total{reason=\"mismatch\"}",
+            1.0,
+        ),
+        ("posgate_webhook_secret_matches_total{slot=\"0\"}", 1.0),
+        (
+            "posgate_intent_transitions_total{from=\"awaiting_payment\",to=\"confirmed\"}",
+            1.0,
+        ),
+        ("posgate_confirmations_published_total", 1.0),
+        ("posgate_confirmations_acked_total", 1.0),
+        ("posgate_ingest_answer_seconds_count", 2.0),
+        ("posgate_terminals_registered", 1.0),
+        ("posgate_terminals_online", 1.0),
+        ("posgate_broker_connections", 1.0),
+        ("posgate_outbox_depth", 0.0),
+    ];
+    for (prefix, want) in expect {
+        assert_eq!(sample(&after, prefix), Some(want), "{prefix} in\n{after}");
+    }
+    assert!(sample(&after, "posgate_store_commit_seconds_count").is_some_and(|n| n >= 2.0));
+    gw.shutdown().await;
+}
