@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::admin::{self, Admin, Fleet, TokenError};
 use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
-use crate::ingress::{self, Ingress};
+use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
 use crate::router::{self, BrokerEvent, Presence, Signer};
@@ -85,6 +85,8 @@ pub struct Running {
     pub mqtt_plain_addr: Option<SocketAddr>,
     admin_token: SecretString,
     store: Store,
+    secrets: Secrets,
+    broker: broker::Handle,
     token: CancellationToken,
     tracker: TaskTracker,
     tasks: Vec<JoinHandle<()>>,
@@ -192,10 +194,11 @@ impl Gateway {
                 "provider.webhook_secrets is empty: every webhook is answered 401 until one is set"
             );
         }
+        let secrets: Secrets = Arc::new(RwLock::new(config.provider.webhook_secrets.clone()));
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),
             metrics: metrics.clone(),
-            secrets: config.provider.webhook_secrets.clone(),
+            secrets: secrets.clone(),
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,
         }));
@@ -262,6 +265,8 @@ impl Gateway {
             mqtt_plain_addr: addrs.plain,
             admin_token,
             store,
+            secrets,
+            broker: handle,
             token,
             tracker,
             tasks,
@@ -314,6 +319,39 @@ impl Running {
     /// The store, for in-process inspection (tests, the simulator's demo).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Applies what can change without a restart (SIGHUP): the webhook secrets from `config`, and
+    /// the revocations recorded in the store. Connections stay up.
+    ///
+    /// # Errors
+    /// When the store cannot be read (nothing is changed then).
+    pub async fn reload(&self, config: &Config) -> Result<(), StoreError> {
+        let serials = self.store.revoked_serials().await?;
+        let revoked: Vec<String> = self
+            .store
+            .terminals()
+            .await?
+            .into_iter()
+            .filter(|(t, _)| t.revoked_at.is_some())
+            .map(|(t, _)| t.id)
+            .collect();
+        let count = config.provider.webhook_secrets.len();
+        if let Ok(mut secrets) = self.secrets.write() {
+            *secrets = config.provider.webhook_secrets.clone();
+        }
+        self.broker.set_revoked(&serials, &revoked);
+        if count == 0 {
+            tracing::warn!(
+                "reloaded: provider.webhook_secrets is empty, every webhook is answered 401"
+            );
+        }
+        tracing::info!(
+            webhook_secrets = count,
+            revoked_terminals = revoked.len(),
+            "reloaded"
+        );
+        Ok(())
     }
 
     /// Stops the listeners, waits at most `grace` for in-flight requests, then closes the store.

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Gateway;
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG, Env};
 use crate::notify::{Notifier, NotifyEnv};
+use crate::shutdown::Request;
 
 /// `EX_USAGE`: bad usage, configuration or environment; systemd does not restart on it.
 pub const EXIT_USAGE: u8 = 64;
@@ -143,6 +144,7 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let (file, env) = (file.map(Path::to_path_buf), env.clone());
     runtime.block_on(async move {
         let grace = Duration::from_secs(config.shutdown.grace_secs);
         let mut signals = match crate::shutdown::Signals::install() {
@@ -174,9 +176,27 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
         let store = running.store().clone();
         let stop_watchdog = CancellationToken::new();
         notifier.spawn_watchdog(move || store.is_healthy(), stop_watchdog.clone());
-        tokio::select! {
-            name = signals.recv() => tracing::info!(signal = name, "shutting down"),
-            () = token.cancelled() => tracing::info!("shutdown requested"),
+        loop {
+            tokio::select! {
+                request = signals.recv() => match request {
+                    Request::Stop(name) => {
+                        tracing::info!(signal = name, "shutting down");
+                        break;
+                    }
+                    Request::Reload => match Config::load(file.as_deref(), &env) {
+                        Ok(config) => {
+                            if let Err(e) = running.reload(&config).await {
+                                tracing::error!(error = %error_chain(&e), "reload failed; nothing changed");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %error_chain(&e), "reload refused: invalid configuration; nothing changed"),
+                    },
+                },
+                () = token.cancelled() => {
+                    tracing::info!("shutdown requested");
+                    break;
+                }
+            }
         }
         notifier.stopping("draining");
         running.shutdown(grace).await;

@@ -1,4 +1,4 @@
-//! Termination signals.
+//! Signals: SIGTERM/SIGINT stop the daemon, SIGHUP reloads what can change without a restart.
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -8,6 +8,16 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 pub struct Signals {
     term: Signal,
     int: Signal,
+    hup: Signal,
+}
+
+/// What a signal asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// SIGTERM or SIGINT: drain and stop.
+    Stop(&'static str),
+    /// SIGHUP: reload webhook secrets and revocations.
+    Reload,
 }
 
 impl Signals {
@@ -19,14 +29,16 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Resolves on the next SIGTERM or SIGINT, naming it.
-    pub async fn recv(&mut self) -> &'static str {
+    /// Resolves on the next SIGTERM, SIGINT or SIGHUP.
+    pub async fn recv(&mut self) -> Request {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Request::Stop("SIGTERM"),
+            _ = self.int.recv() => Request::Stop("SIGINT"),
+            _ = self.hup.recv() => Request::Reload,
         }
     }
 }

@@ -26,14 +26,24 @@ pub struct Daemon {
 }
 
 pub async fn start_daemon(data_dir: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"))
+    start_daemon_with(data_dir, None).await
+}
+
+/// With `config`, the webhook secrets come from that file (`--config`), not the environment.
+pub async fn start_daemon_with(data_dir: &Path, config: Option<&Path>) -> Daemon {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"));
+    command
         .env_clear()
         .env("POSGATE__DATA_DIR", data_dir)
         .env("POSGATE__INGRESS__LISTEN", "127.0.0.1:0")
         .env("POSGATE__ADMIN__LISTEN", "127.0.0.1:0")
         .env("POSGATE__MQTT__LISTEN", "127.0.0.1:0")
-        .env("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET)
-        .env("POSGATE__ADMIN__TOKEN", TOKEN)
+        .env("POSGATE__ADMIN__TOKEN", TOKEN);
+    match config {
+        Some(file) => command.arg("run").arg("--config").arg(file),
+        None => command.env("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
+    };
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -234,5 +244,95 @@ async fn sigkill_after_200_before_the_ack_still_delivers_after_restart() {
         .await
         .unwrap();
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_crash_ack", 1));
+    sigterm(&daemon).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("posgate.toml");
+    std::fs::write(&config, "[provider]\nwebhook_secrets = [\"whsec_old\"]\n").unwrap();
+    let daemon = start_daemon_with(&dir.path().join("data"), Some(&config)).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bundle: posgate_sim::terminal::Bundle = http
+        .post(format!("http://{}/v1/terminals", daemon.admin))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"id": "pos_hup", "merchant_id": "m"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
+        .await
+        .unwrap();
+    let send = |secret: &'static str, n: u32| {
+        let (http, url) = (
+            http.clone(),
+            format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH),
+        );
+        async move {
+            let intent = Intent::new(&format!("pi_hup_{n}"), MicroUsdc(1_000_000), "pos_hup");
+            let body = events::intent_event(&format!("evt_hup_{n}"), "confirmed", &intent);
+            let mut request = http.post(url);
+            for (k, v) in events::signed_headers(secret, events::now_unix(), body.as_bytes()) {
+                request = request.header(k, v);
+            }
+            request.body(body).send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(send("whsec_new", 1).await, 401);
+    // Rotation, step 1: add the new secret, reload.
+    std::fs::write(
+        &config,
+        "[provider]\nwebhook_secrets = [\"whsec_new\", \"whsec_old\"]\n",
+    )
+    .unwrap();
+    let pid = daemon.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut n = 2;
+    crate::harness::eventually(Duration::from_secs(10), || {
+        n += 1;
+        let attempt = send("whsec_new", n);
+        async move { (attempt.await == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        send("whsec_old", 100).await,
+        200,
+        "the old secret still works during the overlap"
+    );
+    // A bad config is refused at reload, and nothing changes.
+    std::fs::write(&config, "[provider]\nwebhook_secrets = 7\n").unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(send("whsec_old", 101).await, 200);
+    // The terminal's session survived the reloads: it gets its confirmations without reconnecting.
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match terminal
+            .next_seen(Duration::from_secs(10))
+            .await
+            .expect("confirmations keep coming")
+        {
+            posgate_sim::terminal::Seen::Confirmation(c) => got.push(c.intent_id),
+            posgate_sim::terminal::Seen::Disconnected(why) => {
+                panic!("the terminal was dropped: {why}")
+            }
+            _ => {}
+        }
+    }
     sigterm(&daemon).await;
 }

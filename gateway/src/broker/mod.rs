@@ -335,6 +335,17 @@ impl Handle {
         tokio::spawn(async move { kick(&scx, &id).await });
     }
 
+    /// Adds every serial and terminal id of these lists to the refused ones (revocations are
+    /// never undone: a revoked terminal is provisioned again under a new id).
+    pub fn set_revoked(&self, serials: &[String], terminal_ids: &[String]) {
+        if let Ok(mut set) = self.revoked.serials.write() {
+            set.extend(serials.iter().map(|s| normalize_serial(s)));
+        }
+        if let Ok(mut set) = self.revoked.terminals.write() {
+            set.extend(terminal_ids.iter().cloned());
+        }
+    }
+
     /// Number of connected clients.
     pub fn connections(&self) -> isize {
         self.scx.connections.count()

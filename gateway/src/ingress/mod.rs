@@ -35,11 +35,15 @@ use crate::store::{IncomingEvent, Ingested, Store, StoreError};
 /// The webhook path.
 pub const PATH: &str = "/webhooks/stablegenius";
 
+/// The webhook secrets, shared with whoever reloads them.
+pub type Secrets = Arc<std::sync::RwLock<Vec<SecretString>>>;
+
 /// Settings the handler needs.
 pub struct Ingress {
     pub store: Store,
     pub metrics: Metrics,
-    pub secrets: Vec<SecretString>,
+    /// Replaced as a whole on reload (SIGHUP); read once per delivery.
+    pub secrets: Secrets,
     pub body_limit_bytes: usize,
     pub tolerance_secs: i64,
 }
@@ -286,8 +290,13 @@ fn verify(
         let Ok(signature) = value.to_str() else {
             continue;
         };
+        let secrets = ingress
+            .secrets
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         match posgate_proto::verify(
-            &ingress.secrets,
+            &secrets,
             timestamp,
             signature,
             raw,
