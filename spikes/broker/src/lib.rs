@@ -57,7 +57,11 @@ pub fn root_store(dir: &Path) -> Result<rustls::RootCertStore> {
 }
 
 /// rustls client config presenting client certificate `i`.
-pub fn client_config(dir: &Path, roots: &rustls::RootCertStore, i: usize) -> Result<Arc<rustls::ClientConfig>> {
+pub fn client_config(
+    dir: &Path,
+    roots: &rustls::RootCertStore,
+    i: usize,
+) -> Result<Arc<rustls::ClientConfig>> {
     let path = client_pem_path(dir, i);
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(&path)?.collect::<Result<_, _>>()?;

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 
 #[derive(Parser)]
@@ -28,9 +28,15 @@ fn main() -> Result<()> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = DistinguishedName::new();
-    ca_params.distinguished_name.push(DnType::CommonName, "posgate spike CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "posgate spike CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     std::fs::write(args.dir.join("ca.pem"), ca_cert.pem())?;
     let issuer = Issuer::new(ca_params, ca_key);
@@ -51,9 +57,15 @@ fn main() -> Result<()> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::OrganizationName, tenant.clone());
+        p.distinguished_name
+            .push(DnType::OrganizationName, tenant.clone());
         p.distinguished_name.push(DnType::CommonName, cn.clone());
-        let bytes: Vec<u8> = serial.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+        let bytes: Vec<u8> = serial
+            .to_be_bytes()
+            .iter()
+            .copied()
+            .skip_while(|b| *b == 0)
+            .collect();
         p.serial_number = Some(SerialNumber::from(bytes));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, &issuer)?;
@@ -62,6 +74,10 @@ fn main() -> Result<()> {
         std::fs::write(args.dir.join("clients").join(format!("{i}.pem")), pem)?;
         writeln!(index, "{i}\t{tenant}\t{cn}\t{serial:x}")?;
     }
-    println!("wrote CA, server cert and {} client certs to {}", args.clients, args.dir.display());
+    println!(
+        "wrote CA, server cert and {} client certs to {}",
+        args.clients,
+        args.dir.display()
+    );
     Ok(())
 }

@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use broker_spike::{ClientIdent, anon_client_config, client_config, fd_count, mib, read_index, root_store, rss_kib};
+use broker_spike::{
+    ClientIdent, anon_client_config, client_config, fd_count, mib, read_index, root_store, rss_kib,
+};
 use clap::{Parser, Subcommand};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, SubscribeReasonCode,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -126,11 +128,9 @@ impl Ctx {
         let mut o = MqttOptions::new(id.cn.clone(), self.addr.ip().to_string(), self.addr.port());
         o.set_keep_alive(Duration::from_secs(60));
         o.set_clean_session(self.clean);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client_config(
-            &self.certs,
-            &self.roots,
-            i,
-        )?)));
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            client_config(&self.certs, &self.roots, i)?,
+        )));
         let _ = timeout_secs;
         Ok(o)
     }
@@ -160,7 +160,11 @@ fn new_client(o: MqttOptions, timeout_secs: u64) -> (AsyncClient, EventLoop) {
 async fn connect_sub(ctx: &Ctx, i: usize, timeout_secs: u64) -> Result<(AsyncClient, EventLoop)> {
     let o = ctx.options(i, timeout_secs)?;
     let (c, mut el) = new_client(o, timeout_secs);
-    c.subscribe(format!("/tenants/{}/payments/+", ctx.tenant(i)), QoS::AtLeastOnce).await?;
+    c.subscribe(
+        format!("/tenants/{}/payments/+", ctx.tenant(i)),
+        QoS::AtLeastOnce,
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -168,7 +172,10 @@ async fn connect_sub(ctx: &Ctx, i: usize, timeout_secs: u64) -> Result<(AsyncCli
             Err(_) => return Err(anyhow!("timeout")),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(Event::Incoming(Packet::SubAck(s)))) => {
-                if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                if s.return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
                     return Err(anyhow!("suback failure"));
                 }
                 return Ok((c, el));
@@ -277,9 +284,13 @@ async fn stop_all(held: Vec<(usize, Held)>, graceful: bool) {
 }
 
 async fn connect_rate(ctx: Arc<Ctx>, n: usize, concurrency: usize, start: usize) -> Result<()> {
-    println!("connect-rate: n={n} concurrency={concurrency} before: {}", ctx.rss());
+    println!(
+        "connect-rate: n={n} concurrency={concurrency} before: {}",
+        ctx.rss()
+    );
     let dropped = Arc::new(AtomicUsize::new(0));
-    let (held, fails, el, mut lat) = connect_many(&ctx, start..start + n, concurrency, 30, dropped).await;
+    let (held, fails, el, mut lat) =
+        connect_many(&ctx, start..start + n, concurrency, 30, dropped).await;
     let ok = held.len();
     println!(
         "connect-rate: ok={ok} failed={fails} elapsed={:.2}s rate={:.0} clients/s latency p50={:.0}ms p99={:.0}ms max={:.0}ms after: {}",
@@ -296,7 +307,10 @@ async fn connect_rate(ctx: Arc<Ctx>, n: usize, concurrency: usize, start: usize)
 
 fn client_hello_bytes(ctx: &Ctx) -> Result<Vec<u8>> {
     let cfg = client_config(&ctx.certs, &ctx.roots, 0)?;
-    let mut conn = rustls::ClientConnection::new(cfg, rustls::pki_types::ServerName::try_from("localhost")?.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(
+        cfg,
+        rustls::pki_types::ServerName::try_from("localhost")?.to_owned(),
+    )?;
     let mut buf = Vec::new();
     conn.write_tls(&mut buf)?;
     Ok(buf)
@@ -370,14 +384,27 @@ async fn silent(
         let r = connect_sub(&ctx, start + k, 30).await;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         worst = worst.max(ms);
-        println!("silent: probe {k}: {} in {ms:.0} ms", if r.is_ok() { "connected+subscribed" } else { "FAILED" });
+        println!(
+            "silent: probe {k}: {} in {ms:.0} ms",
+            if r.is_ok() {
+                "connected+subscribed"
+            } else {
+                "FAILED"
+            }
+        );
         if let Err(e) = r {
             println!("  error: {e}");
         }
     }
     let dropped = Arc::new(AtomicUsize::new(0));
-    let (held, fails, el, mut lat) =
-        connect_many(&ctx, start + probes..start + probes + batch, batch.max(1), 30, dropped).await;
+    let (held, fails, el, mut lat) = connect_many(
+        &ctx,
+        start + probes..start + probes + batch,
+        batch.max(1),
+        30,
+        dropped,
+    )
+    .await;
     println!(
         "silent: worst single probe {worst:.0} ms; batch of {batch} concurrent new clients: ok={} failed={fails} all done in {:.2}s (p50 {:.0} ms, max {:.0} ms)",
         held.len(),
@@ -417,13 +444,19 @@ async fn post_tls_silent(ctx: Arc<Ctx>, n: usize, wait_secs: u64, start: usize) 
         let cfg = client_config(&ctx.certs, &ctx.roots, start + k)?;
         let tcp = TcpStream::connect(ctx.addr).await?;
         let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(rustls::pki_types::ServerName::IpAddress(ctx.addr.ip().into()), tcp)
+            .connect(
+                rustls::pki_types::ServerName::IpAddress(ctx.addr.ip().into()),
+                tcp,
+            )
             .await
             .context("tls handshake")?;
         streams.push(tls);
     }
     let t0 = Instant::now();
-    println!("post-tls-silent: {n} TLS sessions established with valid client certs, sending nothing; broker {}", ctx.rss());
+    println!(
+        "post-tls-silent: {n} TLS sessions established with valid client certs, sending nothing; broker {}",
+        ctx.rss()
+    );
     let closed_at = Arc::new(Mutex::new(Vec::<f64>::new()));
     let mut js = Vec::new();
     for mut s in streams {
@@ -451,7 +484,14 @@ async fn post_tls_silent(ctx: Arc<Ctx>, n: usize, wait_secs: u64, start: usize) 
     Ok(())
 }
 
-async fn hold_cmd(ctx: Arc<Ctx>, n: usize, concurrency: usize, cycles: usize, churn: usize, settle: u64) -> Result<()> {
+async fn hold_cmd(
+    ctx: Arc<Ctx>,
+    n: usize,
+    concurrency: usize,
+    cycles: usize,
+    churn: usize,
+    settle: u64,
+) -> Result<()> {
     println!("hold: broker before: {}", ctx.rss());
     let dropped = Arc::new(AtomicUsize::new(0));
     let (mut held, fails, el, _) = connect_many(&ctx, 0..n, concurrency, 30, dropped.clone()).await;
@@ -463,7 +503,12 @@ async fn hold_cmd(ctx: Arc<Ctx>, n: usize, concurrency: usize, cycles: usize, ch
     );
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let base = ctx.pid.and_then(|p| rss_kib(p).ok()).unwrap_or(0);
-    println!("hold: {} idle mTLS terminals connected: broker {} (dropped so far {})", held.len(), ctx.rss(), dropped.load(Ordering::Relaxed));
+    println!(
+        "hold: {} idle mTLS terminals connected: broker {} (dropped so far {})",
+        held.len(),
+        ctx.rss(),
+        dropped.load(Ordering::Relaxed)
+    );
     for cycle in 1..=cycles {
         // take `churn` clients from the front, disconnect gracefully, reconnect
         let k = churn.min(held.len());
@@ -480,7 +525,12 @@ async fn hold_cmd(ctx: Arc<Ctx>, n: usize, concurrency: usize, cycles: usize, ch
             let dropped = dropped.clone();
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await;
-                (i, connect_sub(&ctx, i, 30).await.map(|(c, el)| hold(c, el, dropped)))
+                (
+                    i,
+                    connect_sub(&ctx, i, 30)
+                        .await
+                        .map(|(c, el)| hold(c, el, dropped)),
+                )
             }));
         }
         let mut f = 0;
@@ -500,7 +550,11 @@ async fn hold_cmd(ctx: Arc<Ctx>, n: usize, concurrency: usize, cycles: usize, ch
             t.elapsed().as_secs_f64(),
             held.len(),
             ctx.rss(),
-            if base > 0 { (now as f64 - base as f64) * 100.0 / base as f64 } else { f64::NAN }
+            if base > 0 {
+                (now as f64 - base as f64) * 100.0 / base as f64
+            } else {
+                f64::NAN
+            }
         );
     }
     tokio::time::sleep(Duration::from_secs(settle)).await;
@@ -509,11 +563,25 @@ async fn hold_cmd(ctx: Arc<Ctx>, n: usize, concurrency: usize, cycles: usize, ch
     Ok(())
 }
 
-async fn storm(ctx: Arc<Ctx>, n: usize, storms: usize, timeout_secs: u64, concurrency: usize, max_secs: u64) -> Result<()> {
+async fn storm(
+    ctx: Arc<Ctx>,
+    n: usize,
+    storms: usize,
+    timeout_secs: u64,
+    concurrency: usize,
+    max_secs: u64,
+) -> Result<()> {
     let dropped = Arc::new(AtomicUsize::new(0));
     let (mut held, fails, el, _) = connect_many(&ctx, 0..n, concurrency, 30, dropped.clone()).await;
-    println!("storm: initial {} connected (failed {fails}) in {:.1}s; broker {}", held.len(), el.as_secs_f64(), ctx.rss());
-    let mut missing: Vec<usize> = (0..n).filter(|i| !held.iter().any(|(j, _)| j == i)).collect();
+    println!(
+        "storm: initial {} connected (failed {fails}) in {:.1}s; broker {}",
+        held.len(),
+        el.as_secs_f64(),
+        ctx.rss()
+    );
+    let mut missing: Vec<usize> = (0..n)
+        .filter(|i| !held.iter().any(|(j, _)| j == i))
+        .collect();
     for s in 1..=storms {
         let mut ids: Vec<usize> = held.iter().map(|(i, _)| *i).collect();
         ids.append(&mut missing);
@@ -536,7 +604,10 @@ async fn storm(ctx: Arc<Ctx>, n: usize, storms: usize, timeout_secs: u64, concur
                                 return (i, None);
                             }
                             // small jitter before retrying, like a terminal would
-                            tokio::time::sleep(Duration::from_millis(100 + (i as u64 * 7919) % 900)).await;
+                            tokio::time::sleep(Duration::from_millis(
+                                100 + (i as u64 * 7919) % 900,
+                            ))
+                            .await;
                         }
                     }
                 }
@@ -615,16 +686,23 @@ fn short_err(e: &ConnectionError) -> String {
 
 async fn isolation(ctx: Arc<Ctx>) -> Result<()> {
     let (ta, tb) = (ctx.tenant(0).to_string(), ctx.tenant(1).to_string());
-    println!("isolation: A = {} (tenant {ta}), B = {} (tenant {tb})", ctx.idents[0].cn, ctx.idents[1].cn);
+    println!(
+        "isolation: A = {} (tenant {ta}), B = {} (tenant {tb})",
+        ctx.idents[0].cn, ctx.idents[1].cn
+    );
     let alog: Log = Arc::new(Mutex::new(Vec::new()));
     // victim A: subscribed to its whole tenant
     let (ac, mut ael) = new_client(ctx.options(0, 10)?, 10);
-    ac.subscribe(format!("/tenants/{ta}/#"), QoS::AtLeastOnce).await?;
+    ac.subscribe(format!("/tenants/{ta}/#"), QoS::AtLeastOnce)
+        .await?;
     drive(&mut ael, Duration::from_millis(1500), &alog, "A").await;
     let alog2 = alog.clone();
     let a_task = tokio::spawn(async move {
         loop {
-            if drive(&mut ael, Duration::from_secs(3600), &alog2, "A").await.is_some() {
+            if drive(&mut ael, Duration::from_secs(3600), &alog2, "A")
+                .await
+                .is_some()
+            {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -645,7 +723,12 @@ async fn isolation(ctx: Arc<Ctx>) -> Result<()> {
         let blog: Log = Arc::new(Mutex::new(Vec::new()));
         let mut o = ctx.options(1, 10)?;
         if *what == "will-retained" {
-            o.set_last_will(LastWill::new(topic.clone(), "PAID (forged will)", QoS::AtLeastOnce, true));
+            o.set_last_will(LastWill::new(
+                topic.clone(),
+                "PAID (forged will)",
+                QoS::AtLeastOnce,
+                true,
+            ));
         }
         let (bc, mut bel) = new_client(o, 10);
         let mut ended = drive(&mut bel, Duration::from_millis(800), &blog, "B").await;
@@ -656,20 +739,33 @@ async fn isolation(ctx: Arc<Ctx>) -> Result<()> {
                     ended = drive(&mut bel, Duration::from_millis(800), &blog, "B").await;
                     if ended.is_none() {
                         // does B now see A's traffic? A publishes on its own topic.
-                        ac.publish(format!("/tenants/{ta}/payments/probe{k}"), QoS::AtLeastOnce, false, "secret")
-                            .await?;
+                        ac.publish(
+                            format!("/tenants/{ta}/payments/probe{k}"),
+                            QoS::AtLeastOnce,
+                            false,
+                            "secret",
+                        )
+                        .await?;
                         ended = drive(&mut bel, Duration::from_millis(1200), &blog, "B").await;
                     }
                 }
                 "publish" | "publish-retained" => {
-                    bc.publish(topic.clone(), QoS::AtLeastOnce, *what == "publish-retained", "PAID (forged)").await?;
+                    bc.publish(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        *what == "publish-retained",
+                        "PAID (forged)",
+                    )
+                    .await?;
                     ended = drive(&mut bel, Duration::from_millis(1500), &blog, "B").await;
                 }
                 "will-retained" => {
                     // vanish without DISCONNECT so the broker fires the will
                     drop(bel);
                     drop(bc);
-                    blog.lock().await.push("B: dropped socket without DISCONNECT".into());
+                    blog.lock()
+                        .await
+                        .push("B: dropped socket without DISCONNECT".into());
                     tokio::time::sleep(Duration::from_millis(1500)).await;
                     ended = Some(String::new());
                 }
@@ -693,7 +789,8 @@ async fn isolation(ctx: Arc<Ctx>) -> Result<()> {
     let mut o = ctx.options(0, 10)?;
     o.set_clean_session(true);
     let (rc, mut rel) = new_client(o, 10);
-    rc.subscribe(format!("/tenants/{ta}/payments/+"), QoS::AtLeastOnce).await?;
+    rc.subscribe(format!("/tenants/{ta}/payments/+"), QoS::AtLeastOnce)
+        .await?;
     drive(&mut rel, Duration::from_millis(2000), &rlog, "A'").await;
     println!("fresh subscriber A' on /tenants/{ta}/payments/+ (retained check):");
     for l in rlog.lock().await.iter() {
@@ -725,7 +822,10 @@ async fn revocation(ctx: Arc<Ctx>, control: Option<SocketAddr>) -> Result<()> {
     {
         let tcp = TcpStream::connect(ctx.addr).await?;
         let r = tokio_rustls::TlsConnector::from(anon_client_config(&ctx.roots)?)
-            .connect(rustls::pki_types::ServerName::IpAddress(ctx.addr.ip().into()), tcp)
+            .connect(
+                rustls::pki_types::ServerName::IpAddress(ctx.addr.ip().into()),
+                tcp,
+            )
             .await;
         let outcome = match r {
             Err(e) => format!("handshake failed: {e}"),
@@ -744,7 +844,9 @@ async fn revocation(ctx: Arc<Ctx>, control: Option<SocketAddr>) -> Result<()> {
         println!("no client certificate: {outcome}");
     }
     let Some(control) = control else {
-        println!("no control port: revocation/kick/in-process publish not available for this broker");
+        println!(
+            "no control port: revocation/kick/in-process publish not available for this broker"
+        );
         return Ok(());
     };
     let log: Log = Arc::new(Mutex::new(Vec::new()));
@@ -754,9 +856,15 @@ async fn revocation(ctx: Arc<Ctx>, control: Option<SocketAddr>) -> Result<()> {
     let (_c, mut el) = connect_sub(&ctx, i, 10).await?;
     println!("C ({cn}) connected and subscribed");
     let t = Instant::now();
-    println!("control: revoke-cn {cn} -> {}", ctl(control, &format!("revoke-cn {cn}")).await?);
+    println!(
+        "control: revoke-cn {cn} -> {}",
+        ctl(control, &format!("revoke-cn {cn}")).await?
+    );
     let ended = drive(&mut el, Duration::from_secs(5), &log, "C").await;
-    println!("C after revoke: {ended:?} ({:.0} ms after the revoke call)", t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "C after revoke: {ended:?} ({:.0} ms after the revoke call)",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     match connect_sub(&ctx, i, 10).await {
         Ok(_) => println!("C reconnect: ACCEPTED (bad)"),
         Err(e) => println!("C reconnect: refused: {e}"),
@@ -765,9 +873,19 @@ async fn revocation(ctx: Arc<Ctx>, control: Option<SocketAddr>) -> Result<()> {
     let i = 3;
     let serial = ctx.idents[i].serial_hex.clone();
     let (_d, mut del) = connect_sub(&ctx, i, 10).await?;
-    println!("control: revoke-serial {serial} -> {}", ctl(control, &format!("revoke-serial {serial}")).await?);
-    println!("control: kick {} -> {}", ctx.idents[i].cn, ctl(control, &format!("kick {}", ctx.idents[i].cn)).await?);
-    println!("D after kick: {:?}", drive(&mut del, Duration::from_secs(5), &log, "D").await);
+    println!(
+        "control: revoke-serial {serial} -> {}",
+        ctl(control, &format!("revoke-serial {serial}")).await?
+    );
+    println!(
+        "control: kick {} -> {}",
+        ctx.idents[i].cn,
+        ctl(control, &format!("kick {}", ctx.idents[i].cn)).await?
+    );
+    println!(
+        "D after kick: {:?}",
+        drive(&mut del, Duration::from_secs(5), &log, "D").await
+    );
     match connect_sub(&ctx, i, 10).await {
         Ok(_) => println!("D reconnect: ACCEPTED (bad)"),
         Err(e) => println!("D reconnect (serial {serial} revoked): refused: {e}"),
@@ -778,26 +896,55 @@ async fn revocation(ctx: Arc<Ctx>, control: Option<SocketAddr>) -> Result<()> {
     let topic = format!("/tenants/{te}/payments/pi_1");
     println!("stats before: {}", ctl(control, "stats").await?);
     let t = Instant::now();
-    println!("control: publish {topic} -> {}", ctl(control, &format!("publish {topic} {{\"status\":\"confirmed\"}}")).await?);
+    println!(
+        "control: publish {topic} -> {}",
+        ctl(
+            control,
+            &format!("publish {topic} {{\"status\":\"confirmed\"}}")
+        )
+        .await?
+    );
     let elog: Log = Arc::new(Mutex::new(Vec::new()));
     let (ec, mut eel) = connect_sub(&ctx, i, 10).await?;
     drive(&mut eel, Duration::from_millis(1500), &elog, "E").await;
     for l in elog.lock().await.iter() {
         println!("    {l}");
     }
-    println!("E got it within {:.0} ms of the publish call", t.elapsed().as_secs_f64() * 1000.0);
-    ec.publish(format!("/tenants/{te}/acks"), QoS::AtLeastOnce, false, "{\"intent_id\":\"pi_1\",\"seq\":1}").await?;
-    ec.publish(format!("/tenants/{te}/status"), QoS::AtLeastOnce, true, "{\"state\":\"online\"}").await?;
+    println!(
+        "E got it within {:.0} ms of the publish call",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    ec.publish(
+        format!("/tenants/{te}/acks"),
+        QoS::AtLeastOnce,
+        false,
+        "{\"intent_id\":\"pi_1\",\"seq\":1}",
+    )
+    .await?;
+    ec.publish(
+        format!("/tenants/{te}/status"),
+        QoS::AtLeastOnce,
+        true,
+        "{\"state\":\"online\"}",
+    )
+    .await?;
     drive(&mut eel, Duration::from_millis(1000), &elog, "E").await;
-    println!("stats after E acked and published: {}", ctl(control, "stats").await?);
-    println!("control: clear {topic} -> {}", ctl(control, &format!("clear {topic}")).await?);
+    println!(
+        "stats after E acked and published: {}",
+        ctl(control, "stats").await?
+    );
+    println!(
+        "control: clear {topic} -> {}",
+        ctl(control, &format!("clear {topic}")).await?
+    );
     drop(eel);
     // fresh subscriber: retained payment gone? terminal's own retained status kept?
     let flog: Log = Arc::new(Mutex::new(Vec::new()));
     let mut o = ctx.options(i, 10)?;
     o.set_clean_session(true);
     let (fc, mut fel) = new_client(o, 10);
-    fc.subscribe(format!("/tenants/{te}/#"), QoS::AtLeastOnce).await?;
+    fc.subscribe(format!("/tenants/{te}/#"), QoS::AtLeastOnce)
+        .await?;
     drive(&mut fel, Duration::from_millis(1500), &flog, "E'").await;
     println!("fresh subscriber on /tenants/{te}/# after clear:");
     for l in flog.lock().await.iter() {
@@ -820,21 +967,44 @@ fn load_ctx(args: &Args) -> Result<Ctx> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let ctx = Arc::new(load_ctx(&args)?);
         match args.cmd {
-            Cmd::ConnectRate { n, concurrency, start } => connect_rate(ctx, n, concurrency, start).await,
-            Cmd::Silent { silent: s, half, probes, batch, hold_secs, start } => {
-                silent(ctx, s, half, probes, batch, hold_secs, start).await
-            }
-            Cmd::PostTlsSilent { n, wait_secs, start } => post_tls_silent(ctx, n, wait_secs, start).await,
-            Cmd::Hold { n, concurrency, cycles, churn, settle_secs } => {
-                hold_cmd(ctx, n, concurrency, cycles, churn, settle_secs).await
-            }
-            Cmd::Storm { n, storms, timeout_secs, concurrency, max_secs } => {
-                storm(ctx, n, storms, timeout_secs, concurrency, max_secs).await
-            }
+            Cmd::ConnectRate {
+                n,
+                concurrency,
+                start,
+            } => connect_rate(ctx, n, concurrency, start).await,
+            Cmd::Silent {
+                silent: s,
+                half,
+                probes,
+                batch,
+                hold_secs,
+                start,
+            } => silent(ctx, s, half, probes, batch, hold_secs, start).await,
+            Cmd::PostTlsSilent {
+                n,
+                wait_secs,
+                start,
+            } => post_tls_silent(ctx, n, wait_secs, start).await,
+            Cmd::Hold {
+                n,
+                concurrency,
+                cycles,
+                churn,
+                settle_secs,
+            } => hold_cmd(ctx, n, concurrency, cycles, churn, settle_secs).await,
+            Cmd::Storm {
+                n,
+                storms,
+                timeout_secs,
+                concurrency,
+                max_secs,
+            } => storm(ctx, n, storms, timeout_secs, concurrency, max_secs).await,
             Cmd::Isolation => isolation(ctx).await,
             Cmd::Revocation { control } => revocation(ctx, control).await,
         }

@@ -121,10 +121,17 @@ impl Handler for Hooks {
                 let refuse = |why: String| {
                     log::warn!("auth refused {:?}: {why}", ci.client_id());
                     st.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
-                    (false, Some(HookResult::AuthResult(AuthResult::NotAuthorized)))
+                    (
+                        false,
+                        Some(HookResult::AuthResult(AuthResult::NotAuthorized)),
+                    )
                 };
-                let Some(cert) = cert_of(ci) else { return refuse("no certificate info".into()) };
-                let (Some(cn), Some(org)) = (cert.common_name.as_deref(), cert.organization.as_deref()) else {
+                let Some(cert) = cert_of(ci) else {
+                    return refuse("no certificate info".into());
+                };
+                let (Some(cn), Some(org)) =
+                    (cert.common_name.as_deref(), cert.organization.as_deref())
+                else {
                     return refuse("certificate lacks CN or O".into());
                 };
                 if !tenant_ok(org) {
@@ -136,18 +143,21 @@ impl Handler for Hooks {
                 if st.revoked_cn.read().await.contains(cn) {
                     return refuse(format!("CN {cn} revoked"));
                 }
-                if let Some(serial) = &cert.serial {
-                    if st.revoked_serial.read().await.contains(serial) {
-                        return refuse(format!("serial {serial} revoked"));
-                    }
+                if let Some(serial) = &cert.serial
+                    && st.revoked_serial.read().await.contains(serial)
+                {
+                    return refuse(format!("serial {serial} revoked"));
                 }
-                if let Some(w) = will_topic(ci).filter(|_| st.will_check) {
-                    if !w.starts_with(&prefix(org)) {
-                        return refuse(format!("last will topic {w} outside tenant {org}"));
-                    }
+                if let Some(w) = will_topic(ci).filter(|_| st.will_check)
+                    && !w.starts_with(&prefix(org))
+                {
+                    return refuse(format!("last will topic {w} outside tenant {org}"));
                 }
                 st.stats.auth_ok.fetch_add(1, Ordering::Relaxed);
-                (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None))))
+                (
+                    false,
+                    Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+                )
             }
             Parameter::ClientSubscribeCheckAcl(s, sub) => {
                 let ok = match session_tenant(s).await {
@@ -161,9 +171,9 @@ impl Handler for Hooks {
                     log::warn!("subscribe denied {:?} {}", s.id.client_id, sub.topic_filter);
                     (
                         false,
-                        Some(HookResult::SubscribeAclResult(SubscribeAclResult::new_failure(
-                            SubscribeAckReason::NotAuthorized,
-                        ))),
+                        Some(HookResult::SubscribeAclResult(
+                            SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized),
+                        )),
                     )
                 }
             }
@@ -177,18 +187,35 @@ impl Handler for Hooks {
                 } else {
                     st.stats.pub_denied.fetch_add(1, Ordering::Relaxed);
                     log::warn!("publish denied {:?} {}", s.id.client_id, p.topic);
-                    (false, Some(HookResult::PublishAclResult(PublishAclResult::rejected(true, None))))
+                    (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            true, None,
+                        ))),
+                    )
                 }
             }
             // Runs BEFORE MessagePublishCheckAcl (rmqtt session.rs `_publish`), and for last wills:
             // the daemon must check the tenant itself here.
-            Parameter::MessagePublish(Some(s), from, p) if from.is_custom() || matches!(from.typ(), rmqtt::types::FromType::LastWill) => {
-                let own = matches!(session_tenant(s).await, Some(t) if p.topic.starts_with(&prefix(&t)));
+            Parameter::MessagePublish(Some(s), from, p)
+                if from.is_custom() || matches!(from.typ(), rmqtt::types::FromType::LastWill) =>
+            {
+                let own =
+                    matches!(session_tenant(s).await, Some(t) if p.topic.starts_with(&prefix(&t)));
                 if own {
                     st.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
-                    log::info!("client publish {:?} {} {} bytes", s.id.client_id, p.topic, p.payload.len());
+                    log::info!(
+                        "client publish {:?} {} {} bytes",
+                        s.id.client_id,
+                        p.topic,
+                        p.payload.len()
+                    );
                 } else {
-                    log::warn!("client publish hook saw foreign topic {:?} {} (ignored)", s.id.client_id, p.topic);
+                    log::warn!(
+                        "client publish hook saw foreign topic {:?} {} (ignored)",
+                        s.id.client_id,
+                        p.topic
+                    );
                 }
                 (true, acc)
             }
@@ -211,7 +238,11 @@ impl Handler for Hooks {
 }
 
 async fn kick(scx: &ServerContext, client_id: &str) -> String {
-    let mut entry = scx.extends.shared().await.entry(Id::from(scx.node.id(), ClientId::from(client_id)));
+    let mut entry = scx
+        .extends
+        .shared()
+        .await
+        .entry(Id::from(scx.node.id(), ClientId::from(client_id)));
     if entry.session().is_none() {
         return "not-found".into();
     }
@@ -231,7 +262,12 @@ async fn publish_retained(scx: &ServerContext, topic: &str, payload: &str) -> Re
         payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
         properties: None,
     };
-    let p = Publish::new(Box::new(p), None, None, Some(rmqtt::utils::timestamp_millis()));
+    let p = Publish::new(
+        Box::new(p),
+        None,
+        None,
+        Some(rmqtt::utils::timestamp_millis()),
+    );
     let from = From::from_system(Id::from(scx.node.id(), ClientId::from("posgate")));
     // storage off, retained message without expiry
     rmqtt::session::SessionState::forwards(scx, from, p, false, None).await
@@ -239,7 +275,9 @@ async fn publish_retained(scx: &ServerContext, topic: &str, payload: &str) -> Re
 
 async fn control(scx: ServerContext, st: Arc<State>, l: tokio::net::TcpListener) {
     loop {
-        let Ok((sock, _)) = l.accept().await else { continue };
+        let Ok((sock, _)) = l.accept().await else {
+            continue;
+        };
         let scx = scx.clone();
         let st = st.clone();
         tokio::spawn(async move {
@@ -301,7 +339,10 @@ async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
 
-    let scx = ServerContext::new().busy_check_enable(!args.no_busy_check).build().await;
+    let scx = ServerContext::new()
+        .busy_check_enable(!args.no_busy_check)
+        .build()
+        .await;
     rmqtt_retainer::register(&scx, true, false).await?;
 
     let st = Arc::new(State {
@@ -351,6 +392,10 @@ async fn main() -> Result<()> {
     println!("PID {}", std::process::id());
     tokio::spawn(control(scx.clone(), st.clone(), ctl));
 
-    MqttServer::new(scx).listener_by_id(listener, 1).build().run().await?;
+    MqttServer::new(scx)
+        .listener_by_id(listener, 1)
+        .build()
+        .run()
+        .await?;
     Ok(())
 }

@@ -26,7 +26,11 @@ fn main() -> Result<()> {
     let server = ServerSettings {
         name: "v4-tls".into(),
         listen: args.addr,
-        tls: Some(TlsConfig::Rustls { capath: Some(p("ca.pem")), certpath: p("server.pem"), keypath: p("server.key") }),
+        tls: Some(TlsConfig::Rustls {
+            capath: Some(p("ca.pem")),
+            certpath: p("server.pem"),
+            keypath: p("server.key"),
+        }),
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
