@@ -295,10 +295,13 @@ fn bind(
         .max_inflight(NonZeroU16::new(64).unwrap_or(NonZeroU16::MIN))
         .max_mqueue_len(10_000)
         .max_packet_size(64 * 1024)
-        // Confirmations must not expire inside the broker; the outbox republishes anyway.
-        .session_expiry_interval(Duration::from_secs(7 * 24 * 3600))
-        .max_session_expiry_interval(Duration::from_secs(7 * 24 * 3600))
-        .message_expiry_interval(Duration::from_secs(7 * 24 * 3600));
+        // Retained confirmations must not expire inside the broker (0 would expire retained client
+        // messages at once in rmqtt 0.24); the outbox republishes anyway.
+        .message_expiry_interval(Duration::from_secs(7 * 24 * 3600))
+        // Delivery never depends on a broker session (the outbox is republished on connect), and an
+        // offline session keeps its closed socket's descriptor in rmqtt: keep them short.
+        .session_expiry_interval(Duration::from_secs(3600))
+        .max_session_expiry_interval(Duration::from_secs(3600));
     let builder = match kind {
         Kind::Plain => builder,
         Kind::Tls | Kind::Wss => builder

@@ -132,6 +132,8 @@ pub struct Router<P> {
     presence: Presence,
     metrics: Metrics,
     queues: HashMap<String, Queue>,
+    /// Presence changes not yet written to the registry.
+    last_seen: HashMap<String, OffsetDateTime>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
 }
@@ -154,6 +156,7 @@ impl<P: Publisher> Router<P> {
             presence,
             metrics,
             queues: HashMap::new(),
+            last_seen: HashMap::new(),
             internal_tx,
             internal_rx,
         }
@@ -184,9 +187,13 @@ impl<P: Publisher> Router<P> {
                     Some(event) => self.event(event).await,
                     None => break,
                 },
-                _ = tick.tick() => self.republish_stale().await,
+                _ = tick.tick() => {
+                    self.republish_stale().await;
+                    self.flush_last_seen();
+                }
             }
         }
+        self.flush_last_seen();
     }
 
     /// Reads unacked rows (one terminal's, or all) off the loop and feeds them back to it.
@@ -306,9 +313,10 @@ impl<P: Publisher> Router<P> {
         match event {
             BrokerEvent::Connected { terminal_id } => {
                 self.set_presence(&terminal_id, true);
-                // A resumed session does not always get retained messages again: republish, from
-                // the store (the truth), in seq order.
-                self.load(Some(terminal_id));
+                // A resumed session does not always get retained messages again: republish the
+                // head. The queues mirror the outbox (loaded at startup, then every commit's new
+                // rows), so no read is needed here; a reconnect storm costs no store work.
+                self.publish_head(&terminal_id, true).await;
             }
             BrokerEvent::Disconnected { terminal_id } => self.set_presence(&terminal_id, false),
             BrokerEvent::Message {
@@ -331,7 +339,7 @@ impl<P: Publisher> Router<P> {
         }
     }
 
-    fn set_presence(&self, terminal_id: &str, online: bool) {
+    fn set_presence(&mut self, terminal_id: &str, online: bool) {
         let now = OffsetDateTime::now_utc();
         let changed = match self.presence.write() {
             Ok(mut map) => {
@@ -345,14 +353,24 @@ impl<P: Publisher> Router<P> {
         };
         if changed {
             tracing::info!(%terminal_id, online, "terminal presence");
-            let store = self.store.clone();
-            let id = terminal_id.to_owned();
-            tokio::spawn(async move {
-                if let Err(e) = store.touch_terminal(id, now).await {
-                    tracing::debug!(error = %e, "could not record last_seen");
-                }
-            });
+            // Written in batches by the periodic tick: a reconnect storm must not become a
+            // storm of writes.
+            self.last_seen.insert(terminal_id.to_owned(), now);
         }
+    }
+
+    /// Persists the last-seen times gathered since the previous flush, in one write.
+    fn flush_last_seen(&mut self) {
+        if self.last_seen.is_empty() {
+            return;
+        }
+        let batch: Vec<(String, OffsetDateTime)> = self.last_seen.drain().collect();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_terminals(batch).await {
+                tracing::debug!(error = %e, "could not record last_seen");
+            }
+        });
     }
 
     fn ack(&self, terminal_id: String, payload: &[u8]) {

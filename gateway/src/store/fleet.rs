@@ -320,17 +320,18 @@ impl Store {
             .await
     }
 
-    /// Records when a terminal was last seen (on connect and disconnect).
+    /// Records when terminals were last seen (connects and disconnects, batched).
     ///
     /// # Errors
     /// As any write.
-    pub async fn touch_terminal(
-        &self,
-        terminal_id: String,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        self.write_eventual(move |t| t.touch(&terminal_id, at))
-            .await
+    pub async fn touch_terminals(&self, seen: Vec<(String, OffsetDateTime)>) -> Result<(), StoreError> {
+        self.write_eventual(move |t| {
+            for (terminal_id, at) in &seen {
+                t.touch(terminal_id, *at)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// One terminal.
