@@ -6,9 +6,11 @@
 //! - [`events`]: provider event bodies exactly as the provider sends them, and their signed headers.
 //! - [`terminal`]: a simulated terminal over MQTT/TLS: verifies, deduplicates, acks.
 //! - [`fleet`]: N terminals and the fleet benchmarks (connect, storm, churn, e2e).
+//! - [`provider`]: the payment provider simulator: REST API, signed webhooks with retries and faults.
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 
 pub mod bench;
 pub mod events;
 pub mod fleet;
+pub mod provider;
 pub mod terminal;
