@@ -11,6 +11,7 @@ mod delivery;
 mod harness;
 mod metrics;
 mod notify;
+mod provider_sim;
 mod security;
 mod shutdown;
 mod webhooks;
