@@ -1119,6 +1119,13 @@ impl RunningProvider {
     }
 }
 
+/// Dropping the handle stops the simulator's tasks too (without waiting for them).
+impl Drop for RunningProvider {
+    fn drop(&mut self) {
+        self.core.token.cancel();
+    }
+}
+
 impl Core {
     fn stats(&self) -> Stats {
         Stats {

@@ -609,3 +609,42 @@ async fn control_endpoint_pays() {
     until(|| sim.stats().delivery.delivered == 2).await;
     sim.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn reorder_holds_events_back_and_shuffles_them() {
+    let (url, seen) = receiver("s", 200).await;
+    let mut config = fast(&url, "s");
+    config.faults.reorder = true;
+    config.reorder_window = Duration::from_millis(50);
+    let sim = ProviderSim::start(config).await.unwrap();
+    let ids: Vec<String> = (0..8).map(|i| format!("evt_o_{i}")).collect();
+    for id in &ids {
+        sim.emit_raw(events::envelope(id, "x.y", json!({})))
+            .unwrap();
+    }
+    until(|| sim.stats().delivery.delivered == 8).await;
+    let order: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            serde_json::from_slice::<Value>(&s.body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "every event exactly once");
+    // 1 in 40320 that a shuffle keeps the order.
+    assert_ne!(order, ids, "sent in emission order");
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn the_handle_can_be_shared_across_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RunningProvider>();
+    send_sync::<ProviderConfig>();
+}
