@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use posgate_proto::confirmation::Context;
 use posgate_proto::{ConfirmationStatus, MicroUsdc};
 use posgate_sim::provider::{Faults, ProviderConfig, ProviderSim, RunningProvider, Stats};
 use serde_json::{Value, json};
@@ -226,4 +227,51 @@ async fn simultaneous_duplicates_stale_and_empty_signatures_leave_one_effect() {
     );
     assert_eq!(d.duplicates_sent, 4, "{d:?}");
     assert_eq!(d.attempts.ok, 8, "{d:?}");
+}
+
+#[tokio::test]
+async fn expiry_then_a_late_payment_reach_the_terminal() {
+    let gw = gateway().await;
+    let sim = provider(&gw, Faults::default()).await;
+    let mut terminal = gw.terminal("pos-sim-late").await;
+
+    // ttl 60 s at time scale 0.01: expires after 0.6 s.
+    let response = gw
+        .http
+        .post(format!("{}/payment-intents", sim.api_base()))
+        .bearer_auth("sk_test_posgate")
+        .json(
+            &json!({"amount": 2.00, "currency": "usd", "merchant_id": "mer_test", "ttl": 60,
+            "metadata": {"terminal_id": "pos-sim-late", "order_id": "ord-late"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, intent) = harness::status_json(response).await;
+    assert_eq!(status, 201, "{intent}");
+    let id = intent["id"].as_str().unwrap().to_owned();
+    pay(&gw, &sim, &id, json!({"late": true})).await;
+
+    let expired = terminal.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(
+        (expired.intent_id.as_str(), expired.status),
+        (id.as_str(), ConfirmationStatus::Expired)
+    );
+    let late = terminal.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(late.intent_id, id);
+    assert_eq!(late.status, ConfirmationStatus::Unresolved);
+    assert_eq!(late.context, Some(Context::Late));
+    assert_eq!(late.seq, expired.seq + 1);
+
+    settled(&sim, |s| s.delivery.delivered == 2).await;
+    let stats = sim.stats();
+    assert_eq!(
+        stats
+            .delivery
+            .events_by_type
+            .get("payment_intent.confirmed"),
+        None
+    );
+    sim.shutdown(Duration::from_secs(2)).await;
+    gw.shutdown().await;
 }
