@@ -150,28 +150,13 @@ async fn one_effect_under(faults: Faults, terminal_id: &str) -> Stats {
     }
 
     // The next message to this terminal is the next payment's, with the next seq.
-    let second_id = {
-        // A second order at the same terminal (a new idempotency key).
-        let response = gw
-            .http
-            .post(format!("{}/payment-intents", sim.api_base()))
-            .bearer_auth("sk_test_posgate")
-            .json(
-                &json!({"amount": 1.25, "currency": "usd", "merchant_id": "mer_test",
-                "ttl": 3600, "metadata": {"terminal_id": terminal_id, "order_id": "ord-2"}}),
-            )
-            .send()
-            .await
-            .unwrap();
-        let (status, intent) = harness::status_json(response).await;
-        assert_eq!(status, 201, "{intent}");
-        intent["id"].as_str().unwrap().to_owned()
-    };
+    // A second order at the same terminal.
+    let second_id = create_intent_for_order(&gw, &sim, terminal_id, "2").await;
     sim.pay(&second_id, None, false).unwrap();
     let next = terminal.next_confirmation(WAIT).await.unwrap();
     assert_eq!(next.intent_id, second_id, "a second effect for {id}");
     assert_eq!(next.seq, first.seq + 1);
-    assert_eq!(next.amount_micros, MicroUsdc(1_250_000).0);
+    assert_eq!(next.amount_micros, MicroUsdc(3_100_000).0);
 
     let stats_after = settled(&sim, |s| s.delivery.delivered == 4).await;
     sim.shutdown(Duration::from_secs(2)).await;
@@ -274,4 +259,62 @@ async fn expiry_then_a_late_payment_reach_the_terminal() {
     );
     sim.shutdown(Duration::from_secs(2)).await;
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn rotation_overlap_both_secrets_are_accepted() {
+    let gw = harness::spawn_with(&[(
+        "POSGATE__PROVIDER__WEBHOOK_SECRETS",
+        "whsec_it_old,whsec_it_new",
+    )])
+    .await;
+    let mut config = ProviderConfig::new(gw.webhook_url(), "whsec_it_old");
+    config
+        .webhook_secrets
+        .push("whsec_it_new".to_owned().into());
+    config.time_scale = 0.01;
+    // Duplicates count as retries: half of them are signed with the old secret.
+    config.faults = Faults {
+        duplicate_rate: 1.0,
+        rotate_secret: true,
+        ..Faults::default()
+    };
+    let sim = ProviderSim::start(config).await.unwrap();
+    let mut terminal = gw.terminal("pos-sim-rot").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = create_intent_for_order(&gw, &sim, "pos-sim-rot", &ids.len().to_string()).await;
+        pay(&gw, &sim, &id, json!({})).await;
+        let c = terminal.next_confirmation(WAIT).await.unwrap();
+        assert_eq!(c.intent_id, id);
+        ids.push(id);
+    }
+    let stats = settled(&sim, |s| s.delivery.delivered == 6).await;
+    let d = &stats.delivery;
+    assert_eq!(d.attempts.unauthorized, 0, "{d:?}");
+    assert_eq!(d.attempts.ok, 12, "{d:?}");
+    sim.shutdown(Duration::from_secs(2)).await;
+    gw.shutdown().await;
+}
+
+async fn create_intent_for_order(
+    gw: &TestGateway,
+    sim: &RunningProvider,
+    terminal_id: &str,
+    order: &str,
+) -> String {
+    let response = gw
+        .http
+        .post(format!("{}/payment-intents", sim.api_base()))
+        .bearer_auth("sk_test_posgate")
+        .json(
+            &json!({"amount": 3.10, "currency": "usd", "merchant_id": "mer_test", "ttl": 3600,
+            "metadata": {"terminal_id": terminal_id, "order_id": format!("ord-{order}")}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, intent) = harness::status_json(response).await;
+    assert_eq!(status, 201, "{intent}");
+    intent["id"].as_str().unwrap().to_owned()
 }
