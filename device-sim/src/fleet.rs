@@ -113,8 +113,22 @@ pub async fn provision(
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<Vec<Bundle>> {
+    provision_at(target.admin, &target.token, prefix, n, concurrency).await
+}
+
+/// As [`provision`], against the admin API at `admin` with `token`.
+///
+/// # Errors
+/// When a provisioning call fails.
+pub async fn provision_at(
+    admin: SocketAddr,
+    token: &str,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Bundle>> {
     let http = reqwest::Client::builder().no_proxy().build()?;
-    let url = format!("http://{}/v1/terminals", target.admin);
+    let url = format!("http://{admin}/v1/terminals");
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let out = Arc::new(Mutex::new(vec![None; n]));
     let mut tasks = Vec::new();
@@ -124,7 +138,7 @@ pub async fn provision(
             url.clone(),
             next.clone(),
             out.clone(),
-            target.token.clone(),
+            token.to_owned(),
             prefix.to_owned(),
         );
         tasks.push(tokio::spawn(async move {
@@ -390,8 +404,11 @@ pub async fn storm(
                 })) => report.rejected += 1,
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => bail!(
-                    "round {round}: {} of {n} confirmations missing after {timeout:?}",
-                    waiting.len()
+                    "round {round}: {} of {n} confirmations missing after {timeout:?} \
+                     ({} of {n} terminals connected; first missing: {:?})",
+                    waiting.len(),
+                    connected.len(),
+                    waiting.iter().take(5).collect::<Vec<_>>()
                 ),
             }
         }

@@ -8,6 +8,7 @@ mod admin;
 mod cli;
 mod crash;
 mod delivery;
+mod demo;
 mod harness;
 mod metrics;
 mod notify;

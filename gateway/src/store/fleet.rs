@@ -324,7 +324,10 @@ impl Store {
     ///
     /// # Errors
     /// As any write.
-    pub async fn touch_terminals(&self, seen: Vec<(String, OffsetDateTime)>) -> Result<(), StoreError> {
+    pub async fn touch_terminals(
+        &self,
+        seen: Vec<(String, OffsetDateTime)>,
+    ) -> Result<(), StoreError> {
         self.write_eventual(move |t| {
             for (terminal_id, at) in &seen {
                 t.touch(terminal_id, *at)?;

@@ -1,0 +1,494 @@
+//! The `posgate-sim` command line (in the library, so tests can run it as a process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::{bench, demo, fleet, provider};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "posgate-sim",
+    version,
+    about = "posgate's simulator: provider, terminals, demo, benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole system on one machine: gateway + provider simulator + N terminals, live progress,
+    /// final report; exit 0 only if nothing was lost.
+    Demo {
+        /// Simulated terminals.
+        #[arg(long, default_value_t = 200)]
+        terminals: usize,
+        /// Seconds during which payments are started.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Multiplies the provider's delays (3 s on-chain confirmation at 1.0).
+        #[arg(long, default_value_t = 0.01)]
+        time_scale: f64,
+        /// No disconnects, reboots, underpayments or faulty webhooks.
+        #[arg(long)]
+        no_chaos: bool,
+        /// No live progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Seconds a paid intent may take to reach its terminal before it counts as lost.
+        #[arg(long, default_value_t = 20)]
+        grace: u64,
+        /// The provider drops every webhook (shows that the demo reports loss; for tests).
+        #[arg(long, hide = true)]
+        drop_all_webhooks: bool,
+    },
+    /// The payment provider simulator: REST API under http://ADDR/v1, signed webhooks, faults.
+    Provider(ProviderArgs),
+    /// Measurements; each prints a table and can write a JSON report.
+    Bench {
+        #[command(subcommand)]
+        scenario: Scenario,
+    },
+}
+
+/// `posgate-sim provider` (interfaces.md, "Simulator contract").
+#[derive(clap::Args)]
+struct ProviderArgs {
+    /// Address to listen on; the API lives under http://ADDR/v1.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// Where webhooks go, e.g. http://127.0.0.1:8080/webhooks/stablegenius.
+    #[arg(long)]
+    webhook_url: String,
+    /// Webhook signing secret; give it twice (old, then new) for a rotation overlap.
+    #[arg(long = "webhook-secret", required = true)]
+    webhook_secrets: Vec<String>,
+    /// The only API key accepted (default: any sk_test_… or sk_live_… key).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Multiplies every provider delay (confirmation, ttl, retry schedule).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// On-chain confirmation delay in milliseconds, before scaling.
+    #[arg(long, default_value_t = 3000)]
+    confirm_delay_ms: u64,
+    /// Probability of sending a delivery twice.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_rate: f64,
+    /// Send duplicates at the same instant, with identical headers.
+    #[arg(long)]
+    simultaneous_duplicates: bool,
+    /// Hold events back and send them shuffled.
+    #[arg(long)]
+    reorder: bool,
+    /// How long --reorder holds events back, in milliseconds (not scaled).
+    #[arg(long, default_value_t = 500)]
+    reorder_window_ms: u64,
+    /// Probability that an event is never delivered (dropped after the final attempt).
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Probability of first sending a copy with a 400 s old timestamp.
+    #[arg(long, default_value_t = 0.0)]
+    stale_rate: f64,
+    /// Probability of first sending a copy with a wrong signature.
+    #[arg(long, default_value_t = 0.0)]
+    bad_signature_rate: f64,
+    /// Probability of first sending a copy with an empty signature (`sha256=`).
+    #[arg(long, default_value_t = 0.0)]
+    empty_signature_rate: f64,
+    /// Sign some retries and duplicates with the older secret (needs two --webhook-secret).
+    #[arg(long)]
+    rotate_secret: bool,
+    /// Probability that a /v1 request is answered with an injected 5xx.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Probability that a create is answered 500 after the intent was created.
+    #[arg(long, default_value_t = 0.0)]
+    fail_after_rate: f64,
+    /// Answer 429 beyond this many /v1 requests per minute.
+    #[arg(long)]
+    rate_limit_per_minute: Option<u32>,
+    /// Send `Retry-After: 1` with a 429.
+    #[arg(long)]
+    retry_after: bool,
+    /// Merchant of transfers to unknown addresses.
+    #[arg(long, default_value = "mer_sim")]
+    merchant_id: String,
+}
+
+impl ProviderArgs {
+    fn config(self) -> provider::ProviderConfig {
+        let mut config = provider::ProviderConfig::new(self.webhook_url, String::new());
+        config.listen = self.listen;
+        config.webhook_secrets = self
+            .webhook_secrets
+            .into_iter()
+            .map(secrecy::SecretString::from)
+            .collect();
+        config.api_key = self.api_key.map(secrecy::SecretString::from);
+        config.time_scale = self.time_scale;
+        config.confirm_delay = Duration::from_millis(self.confirm_delay_ms);
+        config.reorder_window = Duration::from_millis(self.reorder_window_ms);
+        config.merchant_id = self.merchant_id;
+        config.faults = provider::Faults {
+            duplicate_rate: self.duplicate_rate,
+            simultaneous_duplicates: self.simultaneous_duplicates,
+            reorder: self.reorder,
+            drop_rate: self.drop_rate,
+            stale_rate: self.stale_rate,
+            bad_signature_rate: self.bad_signature_rate,
+            empty_signature_rate: self.empty_signature_rate,
+            rotate_secret: self.rotate_secret,
+        };
+        config.api_faults = provider::ApiFaults {
+            fail_rate: self.fail_rate,
+            fail_after_rate: self.fail_after_rate,
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            retry_after: self.retry_after,
+        };
+        config
+    }
+}
+
+/// Where the gateway under test is (default: start `posgate` from next to this binary).
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// Ingress address of a running gateway (with --admin, --mqtt and --admin-token).
+    #[arg(long, requires_all = ["admin", "mqtt", "admin_token"])]
+    ingress: Option<SocketAddr>,
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    #[arg(long)]
+    mqtt: Option<SocketAddr>,
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Webhook secret the gateway accepts.
+    #[arg(long, default_value = "whsec_bench")]
+    secret: String,
+    /// The posgate binary to start (default: next to this one).
+    #[arg(long)]
+    posgate_bin: Option<PathBuf>,
+    /// Log level of the started gateway.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    /// Report the RSS of this process (default: the started gateway).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn options(&self) -> fleet::TargetOptions {
+        let addrs = match (self.ingress, self.admin, self.mqtt) {
+            (Some(i), Some(a), Some(m)) => Some((i, a, m)),
+            _ => None,
+        };
+        fleet::TargetOptions {
+            addrs,
+            admin_token: self.admin_token.clone(),
+            secret: self.secret.clone(),
+            posgate_bin: self.posgate_bin.clone(),
+            log_level: self.log_level.clone(),
+            pid: self.pid,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Connect rate: N new mutual-TLS terminals, C connecting at a time.
+    Connect {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 2000)]
+        terminals: usize,
+        #[arg(long, default_value_t = 500)]
+        concurrency: usize,
+    },
+    /// Reconnect storms: all N drop, each gets a confirmation while offline, all reconnect at once.
+    Storm {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        terminals: usize,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Seconds a round may take before it counts as failed.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// RSS at N connected terminals and its drift over cycles of K reconnecting.
+    Churn {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        terminals: usize,
+        #[arg(long, default_value_t = 1000)]
+        reconnect: usize,
+        #[arg(long, default_value_t = 20)]
+        cycles: usize,
+    },
+    /// Webhook sent -> confirmation verified at the terminal, at N terminals and R webhooks/s.
+    E2e {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        terminals: usize,
+        /// Webhooks per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Concurrent webhook senders (keep-alive connections).
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+    },
+    /// Sustained durable webhooks/s and answer times over real HTTP on 127.0.0.1.
+    Ingest {
+        /// Ingress address of a running gateway (default: start `posgate` as a child process).
+        #[arg(long)]
+        target: Option<SocketAddr>,
+        /// Admin address of that gateway, for the /healthz baseline.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Webhook secret the gateway accepts.
+        #[arg(long, default_value = "whsec_bench")]
+        secret: String,
+        /// Concurrent senders, one keep-alive connection each.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Measured seconds per phase.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Unmeasured warm-up seconds per phase.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// The posgate binary to start (default: next to this one).
+        #[arg(long)]
+        posgate_bin: Option<PathBuf>,
+        /// Log level of the started gateway.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Skip the /healthz baseline phase.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Report the RSS of this process (default: the started gateway).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// Entry point of the `posgate-sim` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("posgate-sim: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("posgate-sim: {e:#}");
+            if e.is::<UsageError>() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo {
+            terminals,
+            duration,
+            json,
+            time_scale,
+            no_chaos,
+            quiet,
+            grace,
+            drop_all_webhooks,
+        } => {
+            let options = demo::DemoOptions {
+                terminals,
+                duration: Duration::from_secs(duration),
+                grace: Duration::from_secs(grace),
+                time_scale,
+                chaos: !no_chaos,
+                drop_all_webhooks,
+                progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = demo::run(&options).await?;
+            demo::print(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let clean = report.pos.lost == 0
+                && report.pos.rejected_at_terminal == 0
+                && report.pos.payments > 0;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Provider(args) => {
+            // Before anything listens, so a SIGTERM right after start stops cleanly.
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+            let running = provider::ProviderSim::start(args.config())
+                .await
+                .map_err(|e| anyhow::anyhow!(UsageError(format!("{e:#}"))))?;
+            eprintln!(
+                "posgate-sim provider: API at {}, control at {}/_sim",
+                running.api_base(),
+                running.control_base()
+            );
+            wait_for_signal(term).await?;
+            let stats = running.stats();
+            running.shutdown(Duration::from_secs(5)).await;
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { scenario } => match scenario {
+            Scenario::Ingest {
+                target,
+                admin,
+                secret,
+                concurrency,
+                duration,
+                warmup,
+                posgate_bin,
+                log_level,
+                no_baseline,
+                pid,
+                json,
+            } => {
+                let opts = bench::IngestOptions {
+                    target,
+                    admin,
+                    secret,
+                    concurrency,
+                    duration: Duration::from_secs(duration),
+                    warmup: Duration::from_secs(warmup),
+                    posgate_bin,
+                    log_level,
+                    no_baseline,
+                    pid,
+                };
+                let report = bench::ingest(&opts).await?;
+                bench::print_ingest(&report);
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Scenario::Connect {
+                target,
+                terminals,
+                concurrency,
+            } => {
+                let t = fleet::Target::new(&target.options()).await?;
+                let report = fleet::connect_rate(&t, terminals, concurrency).await;
+                finish(t, report, target.json.as_deref()).await
+            }
+            Scenario::Storm {
+                target,
+                terminals,
+                rounds,
+                timeout,
+            } => {
+                let t = fleet::Target::new(&target.options()).await?;
+                let report =
+                    fleet::storm(&t, terminals, rounds, Duration::from_secs(timeout)).await;
+                finish(t, report, target.json.as_deref()).await
+            }
+            Scenario::Churn {
+                target,
+                terminals,
+                reconnect,
+                cycles,
+            } => {
+                let t = fleet::Target::new(&target.options()).await?;
+                let report = fleet::churn(&t, terminals, reconnect, cycles).await;
+                finish(t, report, target.json.as_deref()).await
+            }
+            Scenario::E2e {
+                target,
+                terminals,
+                rate,
+                duration,
+                senders,
+            } => {
+                let t = fleet::Target::new(&target.options()).await?;
+                let report =
+                    fleet::e2e(&t, terminals, rate, Duration::from_secs(duration), senders).await;
+                finish(t, report, target.json.as_deref()).await
+            }
+        },
+    }
+}
+
+/// Prints and saves a fleet report, stops a started gateway; non-zero exit when anything was lost.
+async fn finish(
+    target: fleet::Target,
+    report: anyhow::Result<fleet::FleetReport>,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    target.stop().await;
+    let report = report?;
+    fleet::print(&report);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.lost == 0 && report.rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A problem before serving starts (bad flags, address in use): exit 64.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Waits for SIGINT or SIGTERM.
+async fn wait_for_signal(mut term: tokio::signal::unix::Signal) -> anyhow::Result<()> {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

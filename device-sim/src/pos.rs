@@ -1,0 +1,280 @@
+//! The point-of-sale flow of simulated terminals, and the demo built on it.
+//!
+//! Each terminal runs the provider guide's flow: the cashier creates an intent (at the provider
+//! simulator, with `metadata.terminal_id`), the customer pays after a short random delay, the
+//! terminal waits for the signed confirmation, verifies it, acks it, and shows it. With chaos on,
+//! terminals drop their connection or reboot in the middle of a payment (keeping the active intent
+//! id, as the guide advises) and the provider sends duplicate, forged and stale deliveries.
+//! Every paid intent must reach its terminal: anything else is counted as lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use posgate_proto::MicroUsdc;
+use posgate_proto::confirmation::ConfirmationStatus;
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::bench::{Latency, new_histogram};
+use crate::fleet::{Fleet, FleetEvent};
+use crate::provider::{NewIntent, RunningProvider};
+use crate::terminal::{Bundle, Seen};
+
+/// How the fleet behaves.
+#[derive(Clone, Debug)]
+pub struct PosOptions {
+    /// How long new payments are started.
+    pub duration: Duration,
+    /// After `duration`, how long outstanding confirmations may take before they count as lost.
+    pub grace: Duration,
+    /// Probability per payment that the terminal drops its connection while waiting.
+    pub disconnect_rate: f64,
+    /// Probability per payment that the terminal reboots (new session, same intent id).
+    pub reboot_rate: f64,
+    /// Probability per payment that the customer pays less than asked.
+    pub underpay_rate: f64,
+}
+
+/// The counts and latencies of a run (the demo's report; field names are fixed by
+/// interfaces.md).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub terminals: usize,
+    pub payments: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates_suppressed: u64,
+    pub forged_rejected: u64,
+    /// Customer pays → the terminal shows it (includes the provider's scaled confirmation delay).
+    pub latency_ms: Latency,
+    pub disconnects: u64,
+    pub reboots: u64,
+    pub underpaid: u64,
+    /// Messages that failed verification at a terminal (must be 0: forgeries never get through).
+    pub rejected_at_terminal: u64,
+}
+
+/// Live counters for a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub payments: AtomicU64,
+    pub delivered: AtomicU64,
+    pub waiting: AtomicU64,
+}
+
+struct Shared {
+    provider: Arc<RunningProvider>,
+    options: PosOptions,
+    progress: Arc<Progress>,
+}
+
+/// What one terminal did.
+#[derive(Default)]
+struct Tally {
+    payments: u64,
+    delivered: u64,
+    lost: u64,
+    duplicates: u64,
+    rejected: u64,
+    disconnects: u64,
+    reboots: u64,
+    underpaid: u64,
+    latencies_us: Vec<u64>,
+}
+
+/// Commands from a terminal's POS task to the fleet owner.
+enum Control {
+    Kill(usize),
+    Start(usize),
+}
+
+/// Runs the POS flow on every terminal of `fleet` until `options.duration` has passed and every
+/// paid intent has been shown or counted lost.
+///
+/// # Errors
+/// When a session cannot be started.
+pub async fn run(
+    mut fleet: Fleet,
+    provider: Arc<RunningProvider>,
+    options: PosOptions,
+    progress: Arc<Progress>,
+) -> anyhow::Result<Report> {
+    let n = fleet.len();
+    let shared = Arc::new(Shared {
+        provider,
+        options: options.clone(),
+        progress,
+    });
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+    let mut inboxes = HashMap::new();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        inboxes.insert(i, tx);
+        let (shared, control, bundle) =
+            (shared.clone(), control_tx.clone(), fleet.bundles[i].clone());
+        tasks.push(tokio::spawn(terminal_loop(i, bundle, shared, rx, control)));
+    }
+    drop(control_tx);
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(500) {
+        for &i in chunk {
+            fleet.start(i)?;
+        }
+        fleet.wait_connected(chunk, Duration::from_secs(60)).await?;
+    }
+    let mut done = futures::future::join_all(tasks);
+    let tallies = loop {
+        tokio::select! {
+            event = fleet.events.recv() => match event {
+                Some(FleetEvent { terminal, seen, at }) => {
+                    if let Some(inbox) = inboxes.get(&terminal) {
+                        drop(inbox.send((seen, at)));
+                    }
+                }
+                None => anyhow::bail!("the fleet's event stream ended"),
+            },
+            control = control_rx.recv() => match control {
+                Some(Control::Kill(i)) => fleet.kill(i),
+                Some(Control::Start(i)) => fleet.start(i)?,
+                None => {}
+            },
+            tallies = &mut done => break tallies,
+        }
+    };
+    for i in 0..n {
+        fleet.kill(i);
+    }
+    let mut report = Report {
+        terminals: n,
+        ..Report::default()
+    };
+    let mut histogram = new_histogram()?;
+    for tally in tallies {
+        let t = tally.context("a terminal task failed")?;
+        report.payments += t.payments;
+        report.delivered += t.delivered;
+        report.lost += t.lost;
+        report.duplicates_suppressed += t.duplicates;
+        report.rejected_at_terminal += t.rejected;
+        report.disconnects += t.disconnects;
+        report.reboots += t.reboots;
+        report.underpaid += t.underpaid;
+        for us in t.latencies_us {
+            histogram.record(us.max(1))?;
+        }
+    }
+    report.latency_ms = Latency::of(&histogram);
+    Ok(report)
+}
+
+/// One terminal's cashier and customer.
+async fn terminal_loop(
+    i: usize,
+    bundle: Bundle,
+    shared: Arc<Shared>,
+    mut inbox: mpsc::UnboundedReceiver<(Seen, Instant)>,
+    control: mpsc::UnboundedSender<Control>,
+) -> Tally {
+    let options = &shared.options;
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    while started.elapsed() < options.duration {
+        let (underpay, chaos, cents) = {
+            let mut rng = rand::rng();
+            (
+                rng.random_bool(options.underpay_rate),
+                rng.random::<f64>(),
+                rng.random_range(100u64..=5000),
+            )
+        };
+        let amount = MicroUsdc(cents * 10_000);
+        let intent = match shared
+            .provider
+            .create_intent(&NewIntent::for_terminal(amount, &bundle.terminal_id))
+        {
+            Ok(intent) => intent,
+            Err(e) => {
+                tracing::warn!(terminal = i, error = ?e, "creating an intent failed");
+                continue;
+            }
+        };
+        let Some(intent_id) = intent["id"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        // The customer scans the QR and pays a moment later.
+        let think = Duration::from_millis(rand::rng().random_range(50..400));
+        tokio::time::sleep(think).await;
+        let paid = if underpay {
+            MicroUsdc(amount.0 - 10_000)
+        } else {
+            amount
+        };
+        let paid_at = Instant::now();
+        if shared.provider.pay(&intent_id, Some(paid), false).is_err() {
+            continue;
+        }
+        tally.payments += 1;
+        tally.underpaid += u64::from(underpay);
+        shared.progress.payments.fetch_add(1, Ordering::Relaxed);
+        shared.progress.waiting.fetch_add(1, Ordering::Relaxed);
+        // Chaos while waiting: the connection drops, or the terminal reboots, for a moment.
+        if chaos < options.disconnect_rate + options.reboot_rate {
+            let reboot = chaos >= options.disconnect_rate;
+            drop(control.send(Control::Kill(i)));
+            let offline = Duration::from_millis(rand::rng().random_range(100..1500));
+            tokio::time::sleep(offline).await;
+            drop(control.send(Control::Start(i)));
+            if reboot {
+                tally.reboots += 1
+            } else {
+                tally.disconnects += 1
+            }
+        }
+        let deadline = paid_at + options.grace;
+        let expected = if underpay {
+            ConfirmationStatus::Unresolved
+        } else {
+            ConfirmationStatus::Confirmed
+        };
+        let shown = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, inbox.recv()).await {
+                Ok(Some((Seen::Confirmation(c), at))) if c.intent_id == intent_id => {
+                    if c.status != expected {
+                        tracing::warn!(terminal = i, %intent_id, status = ?c.status, "unexpected status");
+                    }
+                    break Some(at);
+                }
+                Ok(Some((Seen::Duplicate { .. }, _))) => tally.duplicates += 1,
+                Ok(Some((Seen::Rejected(_), _))) => tally.rejected += 1,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break None,
+            }
+        };
+        shared.progress.waiting.fetch_sub(1, Ordering::Relaxed);
+        match shown {
+            Some(at) => {
+                tally.delivered += 1;
+                tally
+                    .latencies_us
+                    .push(at.duration_since(paid_at).as_micros() as u64);
+                shared.progress.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            None => tally.lost += 1,
+        }
+    }
+    // Duplicates that arrive after the last payment still count.
+    while let Ok((seen, _)) = inbox.try_recv() {
+        match seen {
+            Seen::Duplicate { .. } => tally.duplicates += 1,
+            Seen::Rejected(_) => tally.rejected += 1,
+            _ => {}
+        }
+    }
+    tally
+}
