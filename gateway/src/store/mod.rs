@@ -56,6 +56,9 @@ const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("ou
 const UNDELIVERABLE: MultimapTableDefinition<'_, &str, &str> =
     MultimapTableDefinition::new("undeliverable");
 
+/// redb page cache size.
+const CACHE_BYTES: usize = 128 << 20;
+
 /// File name of the database inside `data_dir`.
 pub const DB_FILE: &str = "posgate.redb";
 
@@ -315,10 +318,15 @@ impl Store {
         max_batch: usize,
     ) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        // redb's page cache defaults to 1 GiB; the working set here (recent intents, the outbox,
+        // the registry) is far smaller, and an edge server's memory is better left to the broker.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
         init_tables(&db).map_err(|e| match e {
             StoreError::Db(source) => StoreError::Init {
                 path: path.clone(),
