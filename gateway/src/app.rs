@@ -130,14 +130,7 @@ impl Gateway {
         let admin_token = admin::load_or_create_token(config.admin.token.as_ref(), &data_dir)?;
 
         // Revocations survive restarts: the broker refuses them from its first connection on.
-        let revoked_serials = store.revoked_serials().await?;
-        let revoked_terminals = store
-            .terminals()
-            .await?
-            .into_iter()
-            .filter(|(t, _)| t.revoked_at.is_some())
-            .map(|(t, _)| t.id)
-            .collect();
+        let (revoked_serials, revoked_terminals) = store.revocations().await?;
         let (events_tx, broker_events) = mpsc::unbounded_channel();
         let settings = broker::Settings {
             listen: config.mqtt.listen,
@@ -327,15 +320,7 @@ impl Running {
     /// # Errors
     /// When the store cannot be read (nothing is changed then).
     pub async fn reload(&self, config: &Config) -> Result<(), StoreError> {
-        let serials = self.store.revoked_serials().await?;
-        let revoked: Vec<String> = self
-            .store
-            .terminals()
-            .await?
-            .into_iter()
-            .filter(|(t, _)| t.revoked_at.is_some())
-            .map(|(t, _)| t.id)
-            .collect();
+        let (serials, revoked) = self.store.revocations().await?;
         let count = config.provider.webhook_secrets.len();
         if let Ok(mut secrets) = self.secrets.write() {
             *secrets = config.provider.webhook_secrets.clone();

@@ -395,19 +395,21 @@ impl Store {
         .await
     }
 
-    /// Serials of every revoked client certificate.
+    /// Every revocation: the serials of revoked client certificates, and the revoked terminal ids.
     ///
     /// # Errors
     /// As any read.
-    pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+    pub async fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
         self.read(|db| {
             let txn = db.begin_read()?;
-            let revoked = txn.open_table(REVOKED)?;
-            let mut out = Vec::new();
-            for entry in revoked.iter()? {
-                out.push(entry?.0.value().to_owned());
+            let mut serials = Vec::new();
+            let mut terminals = Vec::new();
+            for entry in txn.open_table(REVOKED)?.iter()? {
+                let (serial, terminal) = entry?;
+                serials.push(serial.value().to_owned());
+                terminals.push(terminal.value().to_owned());
             }
-            Ok(out)
+            Ok((serials, terminals))
         })
         .await
     }
