@@ -12,7 +12,7 @@ use posgate_sim::events::{self, Intent};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::harness::{SECRET, status_json};
+use crate::harness::{SECRET, signed_post, status_json};
 
 const TOKEN: &str = "crash-test-admin-token";
 
@@ -109,13 +109,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
                 let http = reqwest::Client::builder().no_proxy().build().unwrap();
                 for n in 0.. {
                     let (pi, body) = body_for(sender, n);
-                    let mut request = http.post(&url);
-                    for (k, v) in
-                        events::signed_headers(SECRET, events::now_unix(), body.as_bytes())
-                    {
-                        request = request.header(k, v);
-                    }
-                    match request.body(body.clone()).send().await {
+                    match signed_post(&http, &url, SECRET, body.clone()).send().await {
                         Ok(r) if r.status() == 200 => {
                             let mut acked = acked.lock().unwrap();
                             acked.push((pi, body));
@@ -159,11 +153,13 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
             (200, Some("confirmed")),
             "{pi} lost: {view}"
         );
-        let mut request = http.post(&url);
-        for (k, v) in events::signed_headers(SECRET, events::now_unix(), body.as_bytes()) {
-            request = request.header(k, v);
-        }
-        let (status, answer) = status_json(request.body(body.clone()).send().await.unwrap()).await;
+        let (status, answer) = status_json(
+            signed_post(&http, &url, SECRET, body.clone())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(
             (status, &answer["duplicate"]),
             (200, &serde_json::Value::Bool(true)),
@@ -227,11 +223,15 @@ async fn sigkill_after_200_before_the_ack_still_delivers_after_restart() {
     // The terminal is offline: nobody can ack before the kill.
     let intent = Intent::new("pi_crash_ack", MicroUsdc(4_500_000), "pos_crash");
     let body = events::intent_event("evt_crash_ack", "confirmed", &intent);
-    let mut request = http.post(format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH));
-    for (k, v) in events::signed_headers(SECRET, events::now_unix(), body.as_bytes()) {
-        request = request.header(k, v);
-    }
-    assert_eq!(request.body(body).send().await.unwrap().status(), 200);
+    let url = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    assert_eq!(
+        signed_post(&http, &url, SECRET, body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     daemon.child.start_kill().unwrap();
     daemon.child.wait().await.unwrap();
 
@@ -275,11 +275,12 @@ async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
         async move {
             let intent = Intent::new(&format!("pi_hup_{n}"), MicroUsdc(1_000_000), "pos_hup");
             let body = events::intent_event(&format!("evt_hup_{n}"), "confirmed", &intent);
-            let mut request = http.post(url);
-            for (k, v) in events::signed_headers(secret, events::now_unix(), body.as_bytes()) {
-                request = request.header(k, v);
-            }
-            request.body(body).send().await.unwrap().status().as_u16()
+            signed_post(&http, &url, secret, body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }
     };
     assert_eq!(send("whsec_new", 1).await, 401);

@@ -248,3 +248,17 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A POST of `body` to `url`, signed with `secret` now, ready to send.
+pub fn signed_post(
+    http: &reqwest::Client,
+    url: &str,
+    secret: &str,
+    body: String,
+) -> reqwest::RequestBuilder {
+    let mut request = http.post(url).header("content-type", "application/json");
+    for (name, value) in events::signed_headers(secret, events::now_unix(), body.as_bytes()) {
+        request = request.header(name, value);
+    }
+    request.body(body)
+}

@@ -9,7 +9,7 @@ use posgate_proto::MicroUsdc;
 use posgate_sim::events::{self, Intent};
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{SECRET, spawn_gateway, test_env};
+use crate::harness::{SECRET, signed_post, spawn_gateway, test_env};
 
 #[tokio::test]
 async fn shutdown_mid_stream_keeps_every_acknowledged_event_and_reopens() {
@@ -28,13 +28,7 @@ async fn shutdown_mid_stream_keeps_every_acknowledged_event_and_reopens() {
                         "confirmed",
                         &Intent::new(&pi, MicroUsdc(1), "pos-1"),
                     );
-                    let mut request = http.post(&url);
-                    for (k, v) in
-                        events::signed_headers(SECRET, events::now_unix(), body.as_bytes())
-                    {
-                        request = request.header(k, v);
-                    }
-                    match request.body(body).send().await {
+                    match signed_post(&http, &url, SECRET, body).send().await {
                         Ok(r) if r.status() == 200 => {
                             let mut acked = acked.lock().unwrap();
                             acked.push(pi);
