@@ -27,6 +27,8 @@ use crate::config::Config;
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
+use crate::provider::ProviderClient;
+use crate::reconcile::{self, Reconciler};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::store::{Store, StoreError};
 
@@ -188,9 +190,38 @@ impl Gateway {
             );
         }
         let secrets: Secrets = Arc::new(RwLock::new(config.provider.webhook_secrets.clone()));
+        let reconcile = match &config.provider.api_key {
+            Some(key) => match ProviderClient::new(&config.provider.api_base, key.clone()) {
+                Ok(client) => {
+                    let (reconciler, handle) = Reconciler::new(
+                        store.clone(),
+                        client,
+                        metrics.clone(),
+                        reconcile::interval(config.provider.requests_per_minute),
+                    );
+                    tracker.spawn(
+                        reconciler
+                            .run(token.clone())
+                            .instrument(tracing::info_span!("reconcile")),
+                    );
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "no provider client: reconciliation is off");
+                    None
+                }
+            },
+            None => {
+                tracing::warn!(
+                    "provider.api_key is not set: reconciliation with the provider is off"
+                );
+                None
+            }
+        };
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),
             metrics: metrics.clone(),
+            reconcile,
             secrets: secrets.clone(),
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,

@@ -75,6 +75,9 @@ pub struct ProviderConfig {
     pub webhook_secrets: Vec<SecretString>,
     pub api_base: String,
     pub api_key: Option<SecretString>,
+    /// The provider's rate limit for our key; the gateway budgets 80 % of it, a quarter of that
+    /// for reconciliation.
+    pub requests_per_minute: u32,
 }
 
 /// `[admin]`.
@@ -303,6 +306,8 @@ impl Config {
             "must start with sk_test_ or sk_live_",
         );
 
+        let requests_per_minute = r.in_range::<u32>("provider.requests_per_minute", 1, 100_000);
+
         let admin_listen = r.addr("admin.listen");
         let admin_token = r.optional::<String>("admin.token").flatten();
         r.ensure(
@@ -357,6 +362,7 @@ impl Config {
                         .collect(),
                     api_base: api_base?,
                     api_key: api_key.map(SecretString::from),
+                    requests_per_minute: requests_per_minute?,
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,

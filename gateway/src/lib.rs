@@ -15,6 +15,8 @@
 //! - [`broker`] — the embedded MQTT broker (rmqtt): mutual TLS, isolation, revocation; the only
 //!   module that names the broker library.
 //! - [`router`] — outbox → broker publish, acks → outbox clear, presence; tested over channels.
+//! - [`provider`] — the provider's REST client: timeouts, retries with backoff, typed errors.
+//! - [`reconcile`] — asks the provider what the webhooks left open; feeds it through the store.
 //! - [`store`] — redb tables, one writer thread with group commit, typed reads.
 //! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
 //! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
@@ -32,6 +34,8 @@ pub mod ingress;
 pub mod metrics;
 pub mod notify;
 pub mod pki;
+pub mod provider;
+pub mod reconcile;
 pub mod router;
 pub mod shutdown;
 pub mod store;

@@ -13,6 +13,7 @@ mod harness;
 mod metrics;
 mod notify;
 mod provider_sim;
+mod reconcile;
 mod security;
 mod shutdown;
 mod webhooks;

@@ -30,6 +30,7 @@ use time::OffsetDateTime;
 
 use crate::http::error;
 use crate::metrics::Metrics;
+use crate::reconcile;
 use crate::store::{IncomingEvent, Ingested, Store, StoreError};
 
 /// The webhook path.
@@ -42,6 +43,8 @@ pub type Secrets = Arc<std::sync::RwLock<Vec<SecretString>>>;
 pub struct Ingress {
     pub store: Store,
     pub metrics: Metrics,
+    /// Told about intents an event names that the gateway does not know (when an API key is set).
+    pub reconcile: Option<reconcile::Handle>,
     /// Replaced as a whole on reload (SIGHUP); read once per delivery.
     pub secrets: Secrets,
     pub body_limit_bytes: usize,
@@ -149,7 +152,17 @@ async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
                         .inc();
                 }
             }
-            if let Ingested::New { outcome, effects } = &answer.ingested {
+            if let Ingested::New {
+                outcome,
+                effects,
+                unknown_intents,
+            } = &answer.ingested
+            {
+                if let Some(reconcile) = &ingress.reconcile {
+                    for id in unknown_intents {
+                        reconcile.unknown_intent(id);
+                    }
+                }
                 for (intent_id, effect) in effects {
                     tracing::info!(
                         event_id = %answer.event_id, event_type = %answer.kind, intent_id = %intent_id,

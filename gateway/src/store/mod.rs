@@ -161,6 +161,8 @@ pub enum Ingested {
         outcome: EventOutcome,
         /// Intents whose record this event changed, with what changed.
         effects: Vec<(String, Effect)>,
+        /// Intents this event is about that the gateway does not know yet (it waits for them).
+        unknown_intents: Vec<String>,
     },
     /// The event id was already stored: nothing was done.
     Duplicate,

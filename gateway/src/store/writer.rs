@@ -189,6 +189,12 @@ impl<'txn> Tables<'txn> {
                 source,
             },
         )?;
+        // Intents nobody has named yet: reconciliation asks the provider about them.
+        let unknown_intents = if outcome == EventOutcome::Pending {
+            intent_ids.clone()
+        } else {
+            Vec::new()
+        };
         let stored = StoredEvent {
             id: event.event_id.clone(),
             kind: event.kind.clone(),
@@ -202,7 +208,11 @@ impl<'txn> Tables<'txn> {
             event.event_id.as_str(),
             encode(&event.event_id, &stored)?.as_slice(),
         )?;
-        Ok(Ingested::New { outcome, effects })
+        Ok(Ingested::New {
+            outcome,
+            effects,
+            unknown_intents,
+        })
     }
 
     fn apply_data(

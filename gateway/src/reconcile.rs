@@ -1,0 +1,138 @@
+//! Reconciliation: asks the provider about what the webhooks left open, and feeds the answer
+//! through the same path as a webhook (same store transaction, state machine and outbox).
+//!
+//! Today it covers one case: an event about an intent the gateway has never seen (a transfer or a
+//! settlement for an intent the merchant's backend created, whose `payment_intent.*` event has not
+//! arrived and may never arrive, e.g. an underpayment, which the provider does not confirm). The
+//! gateway GETs the intent; its snapshot creates the record, and the events waiting for it are
+//! applied, so the terminal hears about it. Calls are paced to stay inside the provider's
+//! published rate limit (100 requests/min, budgeted at 80 % in provider-api.md §2.6; reconciliation
+//! takes at most a quarter of it).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use posgate_proto::event::{EventData, PaymentIntent};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::provider::ProviderClient;
+use crate::store::{IncomingEvent, Ingested, Store};
+
+/// The pace of reconciliation calls for a provider rate limit of `requests_per_minute`: a quarter
+/// of 80 % of it (3 s between calls for the documented 100/min).
+pub fn interval(requests_per_minute: u32) -> Duration {
+    let per_minute = (f64::from(requests_per_minute.max(1)) * 0.8 / 4.0).max(1.0 / 60.0);
+    Duration::from_secs_f64(60.0 / per_minute)
+}
+
+/// Where the ingress reports intents it could not resolve.
+#[derive(Clone)]
+pub struct Handle(mpsc::UnboundedSender<String>);
+
+impl Handle {
+    /// Asks for `intent_id` to be looked up at the provider (deduplicated while pending).
+    pub fn unknown_intent(&self, intent_id: &str) {
+        drop(self.0.send(intent_id.to_owned()));
+    }
+}
+
+/// The reconciliation task.
+pub struct Reconciler {
+    store: Store,
+    client: ProviderClient,
+    metrics: Metrics,
+    interval: Duration,
+    rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl Reconciler {
+    /// A reconciler and the handle that feeds it.
+    pub fn new(
+        store: Store,
+        client: ProviderClient,
+        metrics: Metrics,
+        interval: Duration,
+    ) -> (Reconciler, Handle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Reconciler {
+                store,
+                client,
+                metrics,
+                interval,
+                rx,
+            },
+            Handle(tx),
+        )
+    }
+
+    /// Runs until `token` is cancelled.
+    pub async fn run(mut self, token: CancellationToken) {
+        let mut queued: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                Some(id) = self.rx.recv() => {
+                    if seen.insert(id.clone()) {
+                        queued.push(id);
+                    }
+                }
+                _ = tick.tick(), if !queued.is_empty() => {
+                    let id = queued.remove(0);
+                    self.metrics.reconcile_runs.inc();
+                    match self.resolve(&id).await {
+                        Ok(true) => self.metrics.reconcile_findings.with_label_values(&["unknown_intent"]).inc(),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(intent_id = %id, error = %e, "reconciliation failed"),
+                    }
+                    seen.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// GETs the intent and applies its snapshot; `true` when that changed the store.
+    async fn resolve(&self, intent_id: &str) -> anyhow::Result<bool> {
+        if self.store.intent(intent_id.to_owned()).await?.is_some() {
+            return Ok(false); // a webhook named it meanwhile
+        }
+        let raw = self.client.get_intent(intent_id).await?;
+        let snapshot: PaymentIntent = serde_json::from_slice(&raw)?;
+        anyhow::ensure!(
+            snapshot.id == intent_id,
+            "the provider answered for {} instead",
+            snapshot.id
+        );
+        let now = OffsetDateTime::now_utc();
+        let event = IncomingEvent {
+            // One observation, recorded like an event so that the intent's history shows it.
+            event_id: format!("rec_{intent_id}_{}", now.unix_timestamp_nanos()),
+            kind: "reconcile.payment_intent".into(),
+            raw: Bytes::from(raw.to_vec()),
+            received_at: now,
+            created_at: Some(now),
+            data: Ok(EventData::PaymentIntent(snapshot)),
+        };
+        let ingested = self.store.ingest(event).await?;
+        tracing::info!(%intent_id, "reconciled an intent the webhooks had not named");
+        Ok(matches!(ingested, Ingested::New { .. }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stays_inside_a_quarter_of_the_budget() {
+        assert_eq!(interval(100), Duration::from_secs(3));
+        assert_eq!(interval(1000), Duration::from_millis(300));
+    }
+}

@@ -1,0 +1,122 @@
+//! Reconciliation: an intent the webhooks never name (an underpayment, which the provider does not
+//! confirm) is looked up at the provider, and the terminal hears about it.
+
+use std::time::Duration;
+
+use posgate_proto::MicroUsdc;
+use posgate_proto::confirmation::{ConfirmationStatus, Context};
+use posgate_sim::provider::{NewIntent, ProviderConfig, ProviderSim};
+
+use crate::harness::{self, eventually};
+
+const SECRET: &str = "whsec_it_reconcile";
+
+#[tokio::test]
+async fn an_underpayment_reaches_the_terminal_through_a_provider_lookup() {
+    let mut config = ProviderConfig::new("http://127.0.0.1:9/not-yet", SECRET);
+    config.time_scale = 0.01;
+    let sim = ProviderSim::start(config).await.unwrap();
+    let api_base = sim.api_base();
+    let gw = harness::spawn_with(&[
+        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
+        ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
+        ("POSGATE__PROVIDER__API_KEY", "sk_test_reconcile"),
+        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
+    ])
+    .await;
+    sim.set_webhook_url(gw.webhook_url());
+    let mut terminal = gw.terminal("pos_rec").await;
+
+    // Created at the provider by "the merchant's backend": the gateway has never seen it.
+    let intent = sim
+        .create_intent(&NewIntent::for_terminal(MicroUsdc(4_500_000), "pos_rec"))
+        .unwrap();
+    let id = intent["id"].as_str().unwrap().to_owned();
+    sim.pay(&id, Some(MicroUsdc(4_400_000)), false).unwrap();
+
+    // Only `transaction.created` comes; the gateway asks the provider about the intent.
+    let c = terminal
+        .next_confirmation(Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status, c.context),
+        (
+            id.as_str(),
+            ConfirmationStatus::Unresolved,
+            Some(Context::Underpaid)
+        )
+    );
+    assert_eq!(
+        c.amount_micros, 4_500_000,
+        "the amount asked, from the provider's snapshot"
+    );
+    let view = gw.intent(&id).await.unwrap();
+    assert_eq!(
+        (view["status"].as_str(), view["received_micros"].as_u64()),
+        (Some("unresolved"), Some(4_400_000))
+    );
+    let kinds: Vec<&str> = view["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"transaction.created") && kinds.contains(&"reconcile.payment_intent"),
+        "{kinds:?}"
+    );
+    eventually(Duration::from_secs(10), || async {
+        let text = gw
+            .http
+            .get(format!("http://{}/metrics", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("posgate_reconcile_findings_total{kind=\"unknown_intent\"} 1")
+            .then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn the_provider_down_is_retried_and_logged_not_fatal() {
+    // An API base where nothing listens: lookups fail, webhooks are still accepted and kept.
+    let gw = harness::spawn_with(&[
+        ("POSGATE__PROVIDER__API_BASE", "http://127.0.0.1:9/v1"),
+        ("POSGATE__PROVIDER__API_KEY", "sk_test_reconcile"),
+        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
+    ])
+    .await;
+    let pi = posgate_sim::events::Intent::new("pi_rec_down", MicroUsdc(1_000_000), "pos_x");
+    let tx = posgate_sim::events::transaction_event(
+        "evt_rec_down",
+        "txn_rec_down",
+        &pi,
+        MicroUsdc(1),
+        time::OffsetDateTime::now_utc(),
+    );
+    assert_eq!(gw.post_signed(&tx).await.status(), 200);
+    eventually(Duration::from_secs(20), || async {
+        let text = gw
+            .http
+            .get(format!("http://{}/metrics", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("posgate_reconcile_runs_total 1")
+            .then_some(())
+    })
+    .await;
+    assert!(gw.intent("pi_rec_down").await.is_none());
+    assert_eq!(gw.admin_get("/healthz").await.status(), 200);
+    gw.shutdown().await;
+}
