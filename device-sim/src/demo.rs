@@ -86,6 +86,9 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
         ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
         ("POSGATE__DELIVERY__REPUBLISH_AFTER_SECS", "5"),
+        // The simulator has no rate limit: let reconciliation look intents up at once.
+        ("POSGATE__PROVIDER__API_KEY", "sk_test_demo"),
+        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "60000"),
     ]);
     let config = Config::load(None, &env).context("the demo's gateway configuration")?;
     let running = Gateway::build(config)
@@ -130,9 +133,9 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         grace: options.grace,
         disconnect_rate: chaos,
         reboot_rate: chaos,
-        // Not yet: an underpayment only emits `transaction.created`, and an intent the gateway did not
-        // create stays unknown to it until reconciliation (issue 7) asks the provider.
-        underpay_rate: 0.0,
+        // An underpayment only emits `transaction.created`: the gateway learns the intent by asking
+        // the provider (reconciliation), and the terminal shows UNRESOLVED (underpaid).
+        underpay_rate: if options.chaos { 0.05 } else { 0.0 },
     };
     let report = pos::run(fleet, provider.clone(), pos_options, progress).await;
     if let Some(ticker) = ticker {

@@ -236,6 +236,21 @@ impl Fleet {
         }
     }
 
+    /// Starts every terminal, `wave` at a time, each wave connected before the next starts.
+    ///
+    /// # Errors
+    /// When a wave does not connect within `timeout`.
+    pub async fn connect_all(&mut self, wave: usize, timeout: Duration) -> anyhow::Result<()> {
+        let all: Vec<usize> = (0..self.len()).collect();
+        for chunk in all.chunks(wave.max(1)) {
+            for &i in chunk {
+                self.start(i)?;
+            }
+            self.wait_connected(chunk, timeout).await?;
+        }
+        Ok(())
+    }
+
     /// Waits until every terminal in `which` has reported `Connected`; returns the time taken.
     ///
     /// # Errors
@@ -439,15 +454,7 @@ pub async fn churn(
 ) -> anyhow::Result<FleetReport> {
     let bundles = provision(target, "bench-r-", n, 32).await?;
     let mut fleet = Fleet::new(bundles, target.mqtt);
-    let all: Vec<usize> = (0..n).collect();
-    for chunk in all.chunks(1000) {
-        for &i in chunk {
-            fleet.start(i)?;
-        }
-        fleet
-            .wait_connected(chunk, Duration::from_secs(120))
-            .await?;
-    }
+    fleet.connect_all(1000, Duration::from_secs(120)).await?;
     let mut report = FleetReport {
         scenario: "churn".into(),
         terminals: n,
@@ -492,15 +499,7 @@ pub async fn e2e(
 ) -> anyhow::Result<FleetReport> {
     let bundles = provision(target, "bench-e-", n, 32).await?;
     let mut fleet = Fleet::new(bundles, target.mqtt);
-    let all: Vec<usize> = (0..n).collect();
-    for chunk in all.chunks(1000) {
-        for &i in chunk {
-            fleet.start(i)?;
-        }
-        fleet
-            .wait_connected(chunk, Duration::from_secs(120))
-            .await?;
-    }
+    fleet.connect_all(1000, Duration::from_secs(120)).await?;
     let terminals: Arc<Vec<String>> = Arc::new(
         fleet
             .bundles
