@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::{bench, demo, fleet, provider};
+use crate::{bench, compare, demo, fleet, fleet_cmd, pos, provider, remote, watch};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -52,6 +52,15 @@ enum Command {
     },
     /// The payment provider simulator: REST API under http://ADDR/v1, signed webhooks, faults.
     Provider(ProviderArgs),
+    /// One terminal a person can watch: shows the amount and the QR code, waits for the signed
+    /// confirmation, shows PAID, EXPIRED, UNDERPAID or CANCELLED.
+    Terminal(TerminalArgs),
+    /// N terminals running the POS flow against a running gateway and provider simulator; exit
+    /// 0 only if nothing was lost.
+    Fleet(FleetArgs),
+    /// A minimal webhook -> MQTT bridge (HMAC check, retained QoS 1 publish, no durable write),
+    /// to put another broker (e.g. Mosquitto) side by side with posgate in `bench e2e --broker`.
+    Bridge(BridgeArgs),
     /// Measurements; each prints a table and can write a JSON report.
     Bench {
         #[command(subcommand)]
@@ -158,6 +167,123 @@ impl ProviderArgs {
     }
 }
 
+/// `posgate-sim terminal`: one terminal a person can watch.
+#[derive(clap::Args)]
+struct TerminalArgs {
+    /// The terminal's id (provisioned with it; the intent's `metadata.terminal_id`).
+    #[arg(long)]
+    id: String,
+    /// The gateway's admin API, HOST:PORT or http://HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    admin: String,
+    /// The admin token.
+    #[arg(long, env = "POSGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// The gateway's MQTT/TLS listener (default: the bundle's mqtt_url).
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// A provisioning bundle: used when the file exists, written (mode 0600) after provisioning
+    /// when it does not.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Merchant the terminal is registered under.
+    #[arg(long, default_value = "mer_sim")]
+    merchant_id: String,
+    /// The provider (simulator) API.
+    #[arg(long, default_value = "http://127.0.0.1:8090/v1")]
+    provider_api: String,
+    /// The simulator's control endpoint (default: --provider-api without /v1).
+    #[arg(long)]
+    provider_control: Option<String>,
+    /// API key for the provider's REST API.
+    #[arg(long, default_value = remote::DEFAULT_API_KEY)]
+    api_key: String,
+    /// The amount to charge, in USD (exact decimal).
+    #[arg(long, default_value = "4.40")]
+    amount: String,
+    /// Intent time to live in seconds, before the provider's time scale (default: 300).
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// The customer pays by themselves after --pay-after-ms (through POST /_sim/pay/{id}).
+    #[arg(long)]
+    pay: bool,
+    /// How long the customer takes to pay with --pay.
+    #[arg(long, default_value_t = 3000)]
+    pay_after_ms: u64,
+    /// What the customer pays with --pay (default: the amount due; less shows UNDERPAID).
+    #[arg(long)]
+    pay_amount: Option<String>,
+    /// Seconds to wait for the outcome.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+/// `posgate-sim fleet`: the POS fleet against a running gateway and provider simulator.
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// The gateway's admin API, HOST:PORT or http://HOST:PORT.
+    #[arg(long)]
+    admin: String,
+    /// The admin token.
+    #[arg(long, env = "POSGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// The gateway's MQTT/TLS listener.
+    #[arg(long)]
+    mqtt: String,
+    /// The provider (simulator) API.
+    #[arg(long)]
+    provider_api: String,
+    /// The simulator's control endpoint (default: --provider-api without /v1).
+    #[arg(long)]
+    provider_control: Option<String>,
+    /// API key for the provider's REST API.
+    #[arg(long, default_value = remote::DEFAULT_API_KEY)]
+    api_key: String,
+    /// Simulated terminals.
+    #[arg(long, default_value_t = 200)]
+    terminals: usize,
+    /// Seconds during which payments are started.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Seconds a paid intent may take to reach its terminal before it counts as lost.
+    #[arg(long, default_value_t = 20)]
+    grace: u64,
+    /// Probability per payment that the terminal drops its connection while waiting.
+    #[arg(long, default_value_t = 0.0)]
+    disconnect_rate: f64,
+    /// Probability per payment that the terminal reboots while waiting (same intent id).
+    #[arg(long, default_value_t = 0.0)]
+    reboot_rate: f64,
+    /// Terminal ids are PREFIX0, PREFIX1, … (default: fleet-XXXX- with a random XXXX, so runs
+    /// against the same gateway never collide).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No live progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `posgate-sim bridge`: webhooks in, retained QoS 1 MQTT messages out.
+#[derive(clap::Args)]
+struct BridgeArgs {
+    /// Where webhooks are accepted (POST /webhooks/stablegenius); port 0 picks one. The bound
+    /// address is the first line on stdout.
+    #[arg(long, default_value = "127.0.0.1:8085")]
+    listen: SocketAddr,
+    /// The MQTT broker, HOST:PORT, plain TCP.
+    #[arg(long)]
+    broker: String,
+    /// Accepted webhook secret (repeat while rotating).
+    #[arg(long = "webhook-secret", required = true)]
+    webhook_secrets: Vec<String>,
+    /// Clear a message's retained copy when its terminal acks on terminals/{id}/acks.
+    #[arg(long)]
+    clear_on_ack: bool,
+}
+
 /// Where the gateway under test is (default: start `posgate` from next to this binary).
 #[derive(clap::Args)]
 struct TargetArgs {
@@ -253,6 +379,19 @@ enum Scenario {
         /// Concurrent webhook senders (keep-alive connections).
         #[arg(long, default_value_t = 16)]
         senders: usize,
+        /// Measure another MQTT broker instead (HOST:PORT), fed by `posgate-sim bridge`; --pid
+        /// then names the broker's process.
+        #[arg(long, requires = "plain")]
+        broker: Option<String>,
+        /// Terminals connect to --broker without TLS (the only mode for another broker so far).
+        #[arg(long, requires = "broker")]
+        plain: bool,
+        /// A running bridge in front of --broker (default: start one as a child process).
+        #[arg(long, requires = "broker")]
+        bridge: Option<SocketAddr>,
+        /// The started bridge clears retained messages when terminals ack.
+        #[arg(long, requires = "broker")]
+        clear_on_ack: bool,
     },
     /// Sustained durable webhooks/s and answer times over real HTTP on 127.0.0.1.
     Ingest {
@@ -372,6 +511,92 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Terminal(args) => {
+            let options = watch::WatchOptions {
+                amount: watch::parse_amount(&args.amount)
+                    .map_err(|e| anyhow::anyhow!(UsageError(format!("--amount: {e:#}"))))?,
+                pay_amount: args
+                    .pay_amount
+                    .as_deref()
+                    .map(watch::parse_amount)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(UsageError(format!("--pay-amount: {e:#}"))))?,
+                id: args.id,
+                admin: args.admin,
+                admin_token: args.admin_token,
+                mqtt: args.mqtt,
+                bundle: args.bundle,
+                merchant_id: args.merchant_id,
+                provider_api: args.provider_api,
+                provider_control: args.provider_control,
+                api_key: args.api_key,
+                ttl_secs: args.ttl,
+                pay: args.pay,
+                pay_after: Duration::from_millis(args.pay_after_ms),
+                timeout: Duration::from_secs(args.timeout),
+            };
+            watch::run(&options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fleet(args) => {
+            let prefix = args
+                .prefix
+                .unwrap_or_else(|| format!("fleet-{:04x}-", rand::random::<u16>()));
+            let options = fleet_cmd::FleetOptions {
+                admin: args.admin,
+                admin_token: args.admin_token,
+                mqtt: args.mqtt,
+                provider_api: args.provider_api,
+                provider_control: args.provider_control,
+                api_key: args.api_key,
+                terminals: args.terminals,
+                prefix,
+                pos: pos::PosOptions {
+                    duration: Duration::from_secs(args.duration),
+                    grace: Duration::from_secs(args.grace),
+                    disconnect_rate: args.disconnect_rate,
+                    reboot_rate: args.reboot_rate,
+                    underpay_rate: 0.0,
+                },
+                progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = fleet_cmd::run(&options).await?;
+            fleet_cmd::print(&report);
+            if let Some(path) = args.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Bridge(args) => {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+            let broker = remote::resolve(&args.broker)
+                .await
+                .map_err(|e| anyhow::anyhow!(UsageError(format!("--broker: {e:#}"))))?;
+            let bridge = compare::start_bridge(compare::BridgeOptions {
+                listen: args.listen,
+                broker,
+                secrets: args
+                    .webhook_secrets
+                    .into_iter()
+                    .map(secrecy::SecretString::from)
+                    .collect(),
+                clear_on_ack: args.clear_on_ack,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(UsageError(format!("{e:#}"))))?;
+            // The first line on stdout: what `bench e2e --broker` reads.
+            println!("posgate-sim bridge: listening on {}", bridge.addr);
+            std::io::Write::flush(&mut std::io::stdout()).ok();
+            wait_for_signal(term).await?;
+            bridge.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { scenario } => match scenario {
             Scenario::Ingest {
                 target,
@@ -442,6 +667,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate,
                 duration,
                 senders,
+                broker: Some(broker),
+                plain: _,
+                bridge,
+                clear_on_ack,
+            } => {
+                let plain = compare::PlainTarget {
+                    broker: remote::resolve(&broker).await?,
+                    bridge,
+                    secret: target.secret.clone(),
+                    broker_pid: target.pid,
+                    clear_on_ack,
+                };
+                let report = compare::e2e_plain(
+                    &plain,
+                    terminals,
+                    rate,
+                    Duration::from_secs(duration),
+                    senders,
+                )
+                .await;
+                report_only(report, target.json.as_deref())
+            }
+            Scenario::E2e {
+                target,
+                terminals,
+                rate,
+                duration,
+                senders,
+                broker: None,
+                ..
             } => {
                 let t = fleet::Target::new(&target.options()).await?;
                 let report =
@@ -459,6 +714,25 @@ async fn finish(
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     target.stop().await;
+    let report = report?;
+    fleet::print(&report);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.lost == 0 && report.rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints and saves a fleet report measured without a gateway; non-zero exit when anything was
+/// lost.
+fn report_only(
+    report: anyhow::Result<fleet::FleetReport>,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     let report = report?;
     fleet::print(&report);
     if let Some(path) = json {

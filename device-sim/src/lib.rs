@@ -11,12 +11,20 @@
 //! - [`pos`]: the point-of-sale flow of the fleet, with chaos.
 //! - [`demo`]: gateway + provider simulator + fleet in one process, and the report.
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
+//! - [`remote`]: a provider simulator in another process, over its REST API and control endpoint.
+//! - [`watch`]: `posgate-sim terminal`, one terminal a person can watch (QR code, then the outcome).
+//! - [`fleet_cmd`]: `posgate-sim fleet`, the POS fleet against a running gateway and simulator.
+//! - [`compare`]: the webhook bridge for another broker, and `bench e2e --broker … --plain`.
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod demo;
 pub mod events;
 pub mod fleet;
+pub mod fleet_cmd;
 pub mod pos;
 pub mod provider;
+pub mod remote;
 pub mod terminal;
+pub mod watch;

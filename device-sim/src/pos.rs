@@ -24,6 +24,57 @@ use crate::fleet::{Fleet, FleetEvent};
 use crate::provider::{NewIntent, RunningProvider};
 use crate::terminal::{Bundle, Seen};
 
+/// Where the POS flow creates intents and where the customer pays: the in-process provider
+/// simulator ([`RunningProvider`]), or one reached over HTTP ([`crate::remote::RemoteProvider`],
+/// for `posgate-sim fleet` against a running simulator).
+pub trait Checkout: Send + Sync {
+    /// The cashier creates an intent of `amount` for `terminal_id` (`metadata.terminal_id`);
+    /// returns its `pi_…` id.
+    fn new_intent<'a>(
+        &'a self,
+        amount: MicroUsdc,
+        terminal_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<String>>;
+
+    /// The customer pays `amount` to `intent_id`.
+    fn customer_pays<'a>(
+        &'a self,
+        intent_id: &'a str,
+        amount: MicroUsdc,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<()>>;
+}
+
+impl Checkout for RunningProvider {
+    fn new_intent<'a>(
+        &'a self,
+        amount: MicroUsdc,
+        terminal_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<String>> {
+        let id = self
+            .create_intent(&NewIntent::for_terminal(amount, terminal_id))
+            .map_err(anyhow::Error::from)
+            .and_then(|intent| {
+                intent["id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("the intent has no id")
+            });
+        Box::pin(std::future::ready(id))
+    }
+
+    fn customer_pays<'a>(
+        &'a self,
+        intent_id: &'a str,
+        amount: MicroUsdc,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<()>> {
+        let paid = self
+            .pay(intent_id, Some(amount), false)
+            .map(drop)
+            .map_err(anyhow::Error::from);
+        Box::pin(std::future::ready(paid))
+    }
+}
+
 /// How the fleet behaves.
 #[derive(Clone, Debug)]
 pub struct PosOptions {
@@ -67,7 +118,7 @@ pub struct Progress {
 }
 
 struct Shared {
-    provider: Arc<RunningProvider>,
+    provider: Arc<dyn Checkout>,
     options: PosOptions,
     progress: Arc<Progress>,
 }
@@ -98,8 +149,21 @@ enum Control {
 /// # Errors
 /// When a session cannot be started.
 pub async fn run(
-    mut fleet: Fleet,
+    fleet: Fleet,
     provider: Arc<RunningProvider>,
+    options: PosOptions,
+    progress: Arc<Progress>,
+) -> anyhow::Result<Report> {
+    run_with(fleet, provider, options, progress).await
+}
+
+/// As [`run`], creating intents and paying through any [`Checkout`].
+///
+/// # Errors
+/// When a session cannot be started.
+pub async fn run_with(
+    mut fleet: Fleet,
+    provider: Arc<dyn Checkout>,
     options: PosOptions,
     progress: Arc<Progress>,
 ) -> anyhow::Result<Report> {
@@ -193,18 +257,18 @@ async fn terminal_loop(
             )
         };
         let amount = MicroUsdc(cents * 10_000);
-        let intent = match shared
+        let intent_id = match shared
             .provider
-            .create_intent(&NewIntent::for_terminal(amount, &bundle.terminal_id))
+            .new_intent(amount, &bundle.terminal_id)
+            .await
         {
-            Ok(intent) => intent,
+            Ok(id) => id,
             Err(e) => {
                 tracing::warn!(terminal = i, error = ?e, "creating an intent failed");
+                // Not a busy loop when the provider is unreachable.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-        };
-        let Some(intent_id) = intent["id"].as_str().map(str::to_owned) else {
-            continue;
         };
         // The customer scans the QR and pays a moment later.
         let think = Duration::from_millis(rand::rng().random_range(50..400));
@@ -215,7 +279,8 @@ async fn terminal_loop(
             amount
         };
         let paid_at = Instant::now();
-        if shared.provider.pay(&intent_id, Some(paid), false).is_err() {
+        if let Err(e) = shared.provider.customer_pays(&intent_id, paid).await {
+            tracing::warn!(terminal = i, %intent_id, error = ?e, "paying failed");
             continue;
         }
         tally.payments += 1;

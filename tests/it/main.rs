@@ -16,4 +16,5 @@ mod provider_sim;
 mod reconcile;
 mod security;
 mod shutdown;
+mod sim_cli;
 mod webhooks;

@@ -1,0 +1,614 @@
+//! Side by side against another MQTT broker (e.g. Mosquitto): a small webhook bridge and the
+//! `bench e2e` latency measurement over plain MQTT.
+//!
+//! The bridge (`posgate-sim bridge`) is what issue 5's reference setup put in front of Mosquitto
+//! (there in Python, Flask + paho): it checks the webhook's HMAC with [`posgate_proto::verify`],
+//! reads `metadata.terminal_id`, and publishes a small JSON message retained at QoS 1 on
+//! `terminals/{terminal_id}/payments/{intent_id}` through one rumqttc connection, answering `200`
+//! once the publish is queued. No durable write, no signature on the message, no per-terminal
+//! identity: a confirmation in flight when it stops is gone. With `--clear-on-ack` it also
+//! subscribes to `terminals/+/acks` and clears a message's retained copy when its terminal acks
+//! (what posgate does), so both sides move the same number of messages.
+//!
+//! `bench e2e --broker HOST:PORT --plain` starts that bridge as a child process (or uses
+//! `--bridge ADDR`), connects N plain-MQTT terminals that subscribe to their topic and ack each
+//! message, and sends signed webhooks at R/s spread over them exactly as `bench e2e` does for
+//! posgate: the figure is the time from the webhook being sent to the message at its terminal.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use posgate_proto::MicroUsdc;
+use posgate_proto::webhook::{DEFAULT_TOLERANCE_SECS, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::{Latency, new_histogram, rss_mib};
+use crate::events::{self, Intent};
+use crate::fleet::FleetReport;
+
+/// The topic a terminal's messages are published on.
+pub fn payments_topic(terminal_id: &str, intent_id: &str) -> String {
+    format!("terminals/{terminal_id}/payments/{intent_id}")
+}
+
+/// The topic a terminal acks on.
+pub fn acks_topic(terminal_id: &str) -> String {
+    format!("terminals/{terminal_id}/acks")
+}
+
+/// What `posgate-sim bridge` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BridgeOptions {
+    /// Where webhooks are accepted (`POST /webhooks/stablegenius`).
+    pub listen: SocketAddr,
+    /// The MQTT broker, plain TCP.
+    pub broker: SocketAddr,
+    /// Accepted webhook secrets.
+    pub secrets: Vec<SecretString>,
+    /// Clear a message's retained copy when its terminal acks.
+    pub clear_on_ack: bool,
+}
+
+/// A running bridge.
+pub struct RunningBridge {
+    /// The bound webhook address.
+    pub addr: SocketAddr,
+    token: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    mqtt: tokio::task::JoinHandle<()>,
+}
+
+impl RunningBridge {
+    /// Stops serving and drops the broker connection.
+    pub async fn stop(self) {
+        self.token.cancel();
+        drop(self.server.await);
+        self.mqtt.abort();
+    }
+}
+
+struct BridgeState {
+    client: AsyncClient,
+    secrets: Vec<SecretString>,
+}
+
+/// Binds `options.listen`, connects to the broker, and serves webhooks.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn start_bridge(options: BridgeOptions) -> anyhow::Result<RunningBridge> {
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("binding the bridge to {}", options.listen))?;
+    let addr = listener.local_addr()?;
+    let mut mqtt = MqttOptions::new(
+        format!("posgate-sim-bridge-{}", std::process::id()),
+        options.broker.ip().to_string(),
+        options.broker.port(),
+    );
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_clean_session(true);
+    mqtt.set_inflight(1000);
+    mqtt.set_request_channel_capacity(10_000);
+    let (client, eventloop) = AsyncClient::new(mqtt, 10_000);
+    let token = CancellationToken::new();
+    let mqtt = tokio::spawn(drive_bridge(
+        client.clone(),
+        eventloop,
+        options.clear_on_ack,
+    ));
+    let state = Arc::new(BridgeState {
+        client,
+        secrets: options.secrets,
+    });
+    let router = Router::new()
+        .route(events::WEBHOOK_PATH, post(webhook))
+        .with_state(state);
+    let stop = token.clone().cancelled_owned();
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "the bridge's server failed");
+        }
+    });
+    Ok(RunningBridge {
+        addr,
+        token,
+        server,
+        mqtt,
+    })
+}
+
+/// Drives the bridge's broker connection; with `clear_on_ack`, clears acked messages.
+async fn drive_bridge(client: AsyncClient, mut eventloop: EventLoop, clear_on_ack: bool) {
+    // Clears go through their own task: the event loop must never wait on its own request queue.
+    let (clear_tx, mut clear_rx) = mpsc::unbounded_channel::<String>();
+    let clearer = client.clone();
+    tokio::spawn(async move {
+        while let Some(topic) = clear_rx.recv().await {
+            if clearer
+                .publish(topic, QoS::AtLeastOnce, true, Vec::new())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                eprintln!("posgate-sim bridge: connected to the broker");
+                if clear_on_ack
+                    && client
+                        .try_subscribe("terminals/+/acks", QoS::AtLeastOnce)
+                        .is_err()
+                {
+                    eprintln!("posgate-sim bridge: cannot subscribe to acks");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let terminal = p.topic.split('/').nth(1).unwrap_or_default();
+                let intent = serde_json::from_slice::<Value>(&p.payload)
+                    .ok()
+                    .and_then(|v| v["intent_id"].as_str().map(str::to_owned));
+                if let Some(intent) = intent {
+                    drop(clear_tx.send(payments_topic(terminal, &intent)));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("posgate-sim bridge: broker connection: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn error(status: StatusCode, code: &str) -> Response {
+    reply(
+        status,
+        json!({"error": {"code": code, "message": code.replace('_', " ")}}),
+    )
+}
+
+/// `POST /webhooks/stablegenius`: verify, pick the terminal, publish retained at QoS 1.
+async fn webhook(
+    State(state): State<Arc<BridgeState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    if posgate_proto::verify(
+        &state.secrets,
+        header(TIMESTAMP_HEADER),
+        header(SIGNATURE_HEADER),
+        &body,
+        events::now_unix(),
+        DEFAULT_TOLERANCE_SECS,
+    )
+    .is_err()
+    {
+        return error(StatusCode::UNAUTHORIZED, "invalid_signature");
+    }
+    let Ok(envelope) = posgate_proto::Envelope::parse(&body) else {
+        return error(StatusCode::BAD_REQUEST, "not_an_event");
+    };
+    let Ok(data) = serde_json::from_str::<Value>(envelope.data.get()) else {
+        return error(StatusCode::BAD_REQUEST, "not_an_event");
+    };
+    let intent_id = match data["object"].as_str() {
+        Some("payment_intent") => data["id"].as_str(),
+        _ => data["payment_intent_id"].as_str(),
+    };
+    let terminal_id = data["metadata"]["terminal_id"].as_str();
+    let (Some(intent_id), Some(terminal_id)) = (intent_id, terminal_id) else {
+        // Nothing to show on a terminal.
+        return reply(
+            StatusCode::OK,
+            json!({"received": true, "published": false}),
+        );
+    };
+    let topic_safe = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#']);
+    if !topic_safe(intent_id) || !topic_safe(terminal_id) {
+        return error(StatusCode::BAD_REQUEST, "unusable_id");
+    }
+    let message = json!({
+        "intent_id": intent_id,
+        "terminal_id": terminal_id,
+        "event": envelope.kind,
+        "status": data["status"],
+        "amount": data["amount"],
+        "currency": data["currency"],
+    });
+    let payload = serde_json::to_vec(&message).unwrap_or_default();
+    match state
+        .client
+        .publish(
+            payments_topic(terminal_id, intent_id),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        )
+        .await
+    {
+        Ok(()) => reply(StatusCode::OK, json!({"received": true, "published": true})),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+    }
+}
+
+// === the plain-MQTT fleet ===
+
+/// What a plain terminal saw.
+#[derive(Debug)]
+enum PlainSeen {
+    Connected,
+    Message(String),
+    Disconnected,
+}
+
+/// One plain-MQTT terminal: subscribes to its payments, acks every message, reports to `tx`.
+fn spawn_plain_terminal(
+    i: usize,
+    terminal_id: String,
+    broker: SocketAddr,
+    tx: mpsc::UnboundedSender<(usize, PlainSeen, Instant)>,
+) -> tokio::task::JoinHandle<()> {
+    let mut options = MqttOptions::new(
+        format!("plain-{terminal_id}"),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (payments, acks) = (payments_topic(&terminal_id, "+"), acks_topic(&terminal_id));
+    tokio::spawn(async move {
+        loop {
+            let seen = match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if client.subscribe(&payments, QoS::AtLeastOnce).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => PlainSeen::Connected,
+                Ok(Event::Incoming(Packet::Publish(p))) if !p.payload.is_empty() => {
+                    let intent = p.topic.rsplit('/').next().unwrap_or_default().to_owned();
+                    let ack =
+                        serde_json::to_vec(&json!({ "intent_id": intent })).unwrap_or_default();
+                    if client
+                        .publish(&acks, QoS::AtLeastOnce, false, ack)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    PlainSeen::Message(intent)
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    PlainSeen::Disconnected
+                }
+            };
+            if tx.send((i, seen, Instant::now())).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Where the plain-MQTT measurement goes.
+#[derive(Debug)]
+pub struct PlainTarget {
+    /// The broker, plain TCP.
+    pub broker: SocketAddr,
+    /// A running bridge; `None` starts `posgate-sim bridge` (this executable) as a child.
+    pub bridge: Option<SocketAddr>,
+    /// Webhook secret the bridge accepts.
+    pub secret: String,
+    /// The broker's pid, for its RSS.
+    pub broker_pid: Option<u32>,
+    /// Have the started bridge clear retained messages on ack.
+    pub clear_on_ack: bool,
+}
+
+/// A bridge child process.
+struct BridgeChild {
+    process: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+/// Starts `posgate-sim bridge` (this executable) on a free loopback port.
+async fn start_bridge_child(target: &PlainTarget) -> anyhow::Result<BridgeChild> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut process = tokio::process::Command::new(&exe)
+        .args(["bridge", "--listen", "127.0.0.1:0", "--broker"])
+        .arg(target.broker.to_string())
+        .args(["--webhook-secret", &target.secret])
+        .args(target.clear_on_ack.then_some("--clear-on-ack"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} bridge", exe.display()))?;
+    let stdout = process.stdout.take().context("the bridge's stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("the bridge did not report its address within 10 s")??
+        .context("the bridge exited before reporting its address")?;
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address in the bridge's first line {line:?}"))?;
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(BridgeChild { process, addr })
+}
+
+/// `bench e2e --broker HOST:PORT --plain`: N plain-MQTT terminals, R signed webhooks/s through the
+/// bridge; the time from the webhook being sent to the message at its terminal.
+///
+/// # Errors
+/// On setup failures (bridge, broker, terminals not connecting).
+pub async fn e2e_plain(
+    target: &PlainTarget,
+    n: usize,
+    rate: u64,
+    duration: Duration,
+    senders: usize,
+) -> anyhow::Result<FleetReport> {
+    let mut child = match target.bridge {
+        Some(_) => None,
+        None => Some(start_bridge_child(target).await?),
+    };
+    let bridge = match (&child, target.bridge) {
+        (Some(c), _) => c.addr,
+        (None, Some(addr)) => addr,
+        (None, None) => bail!("no bridge"),
+    };
+    let result = measure(target, bridge, n, rate, duration, senders).await;
+    let bridge_rss = child
+        .as_ref()
+        .and_then(|c| c.process.id())
+        .and_then(rss_mib);
+    if let Some(c) = child.as_mut() {
+        c.process.kill().await.ok();
+    }
+    let mut report = result?;
+    let broker_rss = target.broker_pid.and_then(rss_mib);
+    report.rows.push(json!({
+        "broker": target.broker.to_string(), "bridge": bridge.to_string(),
+        "broker_rss_mib": broker_rss, "bridge_rss_mib": bridge_rss,
+        "clear_on_ack": target.clear_on_ack,
+    }));
+    Ok(report)
+}
+
+async fn measure(
+    target: &PlainTarget,
+    bridge: SocketAddr,
+    n: usize,
+    rate: u64,
+    duration: Duration,
+    senders: usize,
+) -> anyhow::Result<FleetReport> {
+    let run = format!("{:04x}", rand::random::<u16>());
+    let terminals: Arc<Vec<String>> =
+        Arc::new((0..n).map(|i| format!("bench-p{run}-{i}")).collect());
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let mut sessions = Vec::with_capacity(n);
+    // Connect in chunks, as `bench e2e` does.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        for &i in chunk {
+            sessions.push(spawn_plain_terminal(
+                i,
+                terminals[i].clone(),
+                target.broker,
+                tx.clone(),
+            ));
+        }
+        let mut waiting: std::collections::HashSet<usize> = chunk.iter().copied().collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !waiting.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, events.recv()).await {
+                Ok(Some((i, PlainSeen::Connected, _))) => {
+                    waiting.remove(&i);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => bail!(
+                    "{} of {n} plain terminals not subscribed after 120 s (is the broker at {} \
+                     up, and does it allow {n} connections?)",
+                    waiting.len(),
+                    target.broker
+                ),
+            }
+        }
+    }
+    drop(tx);
+
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let answered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let senders = senders.max(1);
+    let per_sender = rate as f64 / senders as f64;
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (terminals, sent_at, answered_at, secret, run) = (
+            terminals.clone(),
+            sent_at.clone(),
+            answered_at.clone(),
+            target.secret.clone(),
+            run.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut conn = WebhookConn::connect(bridge).await?;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut k = 0u64;
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                tick.tick().await;
+                let t = ((k as usize) * senders + s) % terminals.len();
+                let intent = format!("pi_p{run}_{s}_{k}");
+                k += 1;
+                let body = events::intent_event(
+                    &format!("evt_{intent}"),
+                    "confirmed",
+                    &Intent::new(&intent, MicroUsdc(4_500_000), &terminals[t]),
+                );
+                let now = Instant::now();
+                if let Ok(mut map) = sent_at.lock() {
+                    map.insert(intent.clone(), now);
+                }
+                if conn.post(&secret, body).await.is_err() {
+                    errors += 1;
+                    if let Ok(mut map) = sent_at.lock() {
+                        map.remove(&intent);
+                    }
+                } else if let Ok(mut map) = answered_at.lock() {
+                    map.insert(intent, Instant::now());
+                }
+            }
+            anyhow::Ok(errors)
+        }));
+    }
+    let mut histogram: Histogram<u64> = new_histogram()?;
+    let mut push: Histogram<u64> = new_histogram()?;
+    let mut report = FleetReport {
+        scenario: "e2e (plain MQTT broker + bridge)".into(),
+        terminals: n,
+        ..Default::default()
+    };
+    let mut send_errors = 0;
+    let mut senders_done = false;
+    let mut tasks = Box::pin(futures::future::join_all(tasks));
+    let drain_deadline = end + Duration::from_secs(10);
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        let expected = sent_at.lock().map(|m| m.len()).unwrap_or(0);
+        if (senders_done && expected == 0) || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::select! {
+            result = &mut tasks, if !senders_done => {
+                for r in result { send_errors += r??; }
+                senders_done = true;
+            }
+            event = events.recv() => match event {
+                Some((_, PlainSeen::Message(intent), at)) => {
+                    let sent = sent_at.lock().ok().and_then(|mut m| m.remove(&intent));
+                    if let Some(sent) = sent {
+                        histogram.record(at.duration_since(sent).as_micros().max(1) as u64)?;
+                        report.delivered += 1;
+                        seen.insert(intent.clone());
+                    } else if seen.contains(&intent) {
+                        report.duplicates += 1;
+                    }
+                    if let Some(answered) = answered_at.lock().ok().and_then(|mut m| m.remove(&intent)) {
+                        push.record(at.saturating_duration_since(answered).as_micros().max(1) as u64)?;
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    for session in sessions {
+        session.abort();
+    }
+    report.lost = sent_at.lock().map(|m| m.len() as u64).unwrap_or(0);
+    report.sent = report.delivered + report.lost;
+    report.latency_ms = Some(Latency::of(&histogram));
+    let push = Latency::of(&push);
+    report.rows.push(json!({
+        "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": send_errors,
+        "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
+        "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
+    }));
+    Ok(report)
+}
+
+/// One keep-alive HTTP/1.1 connection that posts signed webhooks (as `bench e2e`'s senders).
+struct WebhookConn {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl WebhookConn {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<WebhookConn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(WebhookConn { addr, sender })
+    }
+
+    async fn post(&mut self, secret: &str, body: String) -> anyhow::Result<()> {
+        let mut request = Request::post(events::WEBHOOK_PATH)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json");
+        for (name, value) in events::signed_headers(secret, events::now_unix(), body.as_bytes()) {
+            request = request.header(name, value);
+        }
+        self.sender.ready().await?;
+        let response = self
+            .sender
+            .send_request(request.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        if status != 200 {
+            bail!("webhook answered {status}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_per_terminal() {
+        assert_eq!(
+            payments_topic("pos-1", "pi_1"),
+            "terminals/pos-1/payments/pi_1"
+        );
+        assert_eq!(acks_topic("pos-1"), "terminals/pos-1/acks");
+    }
+}

@@ -1,0 +1,165 @@
+//! `posgate-sim fleet`: the POS fleet against a gateway and a provider simulator that already run
+//! (in other processes, or on another machine's loopback).
+//!
+//! N terminals are provisioned through the admin API and connected over mutual TLS; each runs the
+//! POS flow of [`crate::pos`]: the cashier creates an intent over the provider's REST API, the
+//! customer pays through the simulator's `POST /_sim/pay/{id}`, the terminal waits for the signed
+//! confirmation, verifies and acks it. Chaos by flag (disconnects, reboots). The report is the
+//! demo's; anything lost makes the exit code non-zero.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::fleet::{Fleet, provision_at};
+use crate::pos::{self, PosOptions, Progress, Report};
+use crate::remote::{self, RemoteProvider};
+
+/// What `posgate-sim fleet` was asked to do.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    /// The gateway's admin API (`HOST:PORT` or `http://HOST:PORT`).
+    pub admin: String,
+    pub admin_token: String,
+    /// The gateway's MQTT/TLS listener.
+    pub mqtt: String,
+    /// The provider's API, `http://ADDR/v1`.
+    pub provider_api: String,
+    /// The simulator's control endpoint (default: `provider_api` without `/v1`).
+    pub provider_control: Option<String>,
+    pub api_key: String,
+    pub terminals: usize,
+    /// Terminal ids are `{prefix}{i}`.
+    pub prefix: String,
+    /// The POS flow's duration, grace and chaos.
+    pub pos: PosOptions,
+    /// Show a live progress bar (on a TTY).
+    pub progress: bool,
+}
+
+/// The fleet's report: the POS figures plus the provider simulator's counters.
+#[derive(Debug, Serialize)]
+pub struct FleetRunReport {
+    #[serde(flatten)]
+    pub pos: Report,
+    /// `GET /_sim/stats` after the run (null when unreachable).
+    pub provider: serde_json::Value,
+}
+
+impl FleetRunReport {
+    /// Nothing lost, nothing failing verification, and at least one payment made.
+    pub fn clean(&self) -> bool {
+        self.pos.lost == 0 && self.pos.rejected_at_terminal == 0 && self.pos.payments > 0
+    }
+}
+
+/// Runs the fleet.
+///
+/// # Errors
+/// When addresses do not resolve, provisioning fails, or terminals do not connect.
+pub async fn run(options: &FleetOptions) -> anyhow::Result<FleetRunReport> {
+    let admin = remote::resolve(&options.admin).await?;
+    let mqtt = remote::resolve(&options.mqtt).await?;
+    let provider = Arc::new(RemoteProvider::new(
+        &options.provider_api,
+        options.provider_control.as_deref(),
+        &options.api_key,
+    )?);
+    let bundles = provision_at(
+        admin,
+        &options.admin_token,
+        &options.prefix,
+        options.terminals,
+        16,
+    )
+    .await?;
+    let fleet = Fleet::new(bundles, mqtt);
+    let progress = Arc::new(Progress::default());
+    let bar = options.progress.then(|| {
+        let bar = ProgressBar::new(options.pos.duration.as_secs());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let ticker = bar.clone().map(|bar| {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bar.set_position(bar.elapsed().as_secs().min(bar.length().unwrap_or(0)));
+                bar.set_message(format!(
+                    "payments {}  shown {}  waiting {}",
+                    progress.payments.load(Ordering::Relaxed),
+                    progress.delivered.load(Ordering::Relaxed),
+                    progress.waiting.load(Ordering::Relaxed),
+                ));
+            }
+        })
+    });
+    let report = pos::run_with(fleet, provider.clone(), options.pos.clone(), progress).await;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let stats = provider.stats().await.unwrap_or(serde_json::Value::Null);
+    let mut pos = report?;
+    let unauthorized = |kind: &str| {
+        stats["delivery"][kind]["unauthorized"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    pos.forged_rejected = unauthorized("forgeries") + unauthorized("stale");
+    Ok(FleetRunReport {
+        pos,
+        provider: stats,
+    })
+}
+
+/// Prints the report for a person.
+pub fn print(report: &FleetRunReport) {
+    let r = &report.pos;
+    let l = &r.latency_ms;
+    println!("posgate-sim fleet: {} terminals", r.terminals);
+    println!("  payments                 {}", r.payments);
+    println!("  confirmations delivered  {}", r.delivered);
+    println!("  lost                     {}", r.lost);
+    println!(
+        "  duplicates suppressed    {}  (terminal side, by intent and seq)",
+        r.duplicates_suppressed
+    );
+    println!(
+        "  forged webhooks rejected {}  (the provider simulator's faulty copies answered 401)",
+        r.forged_rejected
+    );
+    println!(
+        "  chaos                    {} disconnects, {} reboots",
+        r.disconnects, r.reboots
+    );
+    println!(
+        "  latency, customer pays -> terminal shows it: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
+        l.p50, l.p90, l.p99, l.p999, l.max
+    );
+    if r.rejected_at_terminal > 0 {
+        println!(
+            "  messages failing verification at a terminal: {}",
+            r.rejected_at_terminal
+        );
+    }
+    println!(
+        "  {}",
+        if report.clean() {
+            "nothing lost"
+        } else if r.payments == 0 {
+            "NO PAYMENT WAS MADE"
+        } else {
+            "CONFIRMATIONS WERE LOST"
+        }
+    );
+}
