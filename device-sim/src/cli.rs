@@ -727,14 +727,14 @@ async fn finish(
     })
 }
 
-/// Prints and saves a fleet report measured without a gateway; non-zero exit when anything was
+/// Prints and saves a report measured against another broker; non-zero exit when anything was
 /// lost.
 fn report_only(
     report: anyhow::Result<fleet::FleetReport>,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let report = report?;
-    fleet::print(&report);
+    compare::print(&report);
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
