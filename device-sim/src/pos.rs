@@ -184,13 +184,7 @@ pub async fn run_with(
         tasks.push(tokio::spawn(terminal_loop(i, bundle, shared, rx, control)));
     }
     drop(control_tx);
-    let all: Vec<usize> = (0..n).collect();
-    for chunk in all.chunks(500) {
-        for &i in chunk {
-            fleet.start(i)?;
-        }
-        fleet.wait_connected(chunk, Duration::from_secs(60)).await?;
-    }
+    fleet.connect_all(500, Duration::from_secs(60)).await?;
     let mut done = futures::future::join_all(tasks);
     let tallies = loop {
         tokio::select! {

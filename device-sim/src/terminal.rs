@@ -149,6 +149,8 @@ pub enum Seen {
     Connected,
     /// The connection dropped (the terminal reconnects by itself).
     Disconnected(String),
+    /// A reply on its RPC topic.
+    Rpc(posgate_proto::rpc::Response),
 }
 
 /// Per-terminal deduplication: every seq below `min_seq` was processed; `seen` holds the ones above.
@@ -219,6 +221,17 @@ pub fn spawn_session(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.topic == b.topics.rpc_res {
+                        let reply = serde_json::from_slice(&p.payload)
+                            .map(Seen::Rpc)
+                            .unwrap_or_else(|e| {
+                                Seen::Rejected(format!("unreadable RPC reply: {e}"))
+                            });
+                        if !sink(reply) {
+                            break;
+                        }
+                        continue;
+                    }
                     if p.payload.is_empty()
                         || !p.topic.starts_with(b.topics.payments.trim_end_matches('+'))
                     {
@@ -279,6 +292,8 @@ pub struct Terminal {
     pub bundle: Bundle,
     pub client: AsyncClient,
     seen: mpsc::UnboundedReceiver<Seen>,
+    /// Seen while waiting for an RPC reply; handed out first.
+    held: std::collections::VecDeque<Seen>,
     task: JoinHandle<()>,
 }
 
@@ -296,6 +311,7 @@ impl Terminal {
             bundle,
             client,
             seen,
+            held: Default::default(),
             task,
         };
         match tokio::time::timeout(Duration::from_secs(10), terminal.seen.recv()).await {
@@ -316,6 +332,9 @@ impl Terminal {
 
     /// The next thing seen, if any within `timeout`.
     pub async fn next_seen(&mut self, timeout: Duration) -> Option<Seen> {
+        if let Some(held) = self.held.pop_front() {
+            return Some(held);
+        }
         tokio::time::timeout(timeout, self.seen.recv())
             .await
             .ok()
@@ -336,6 +355,50 @@ impl Terminal {
                 Some(Seen::Rejected(why)) => bail!("a message failed verification: {why}"),
                 Some(_) => continue,
                 None => bail!("no confirmation within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Sends an RPC request and waits for its reply (confirmations that arrive meanwhile are
+    /// kept for [`Terminal::next_confirmation`]).
+    ///
+    /// # Errors
+    /// When the request cannot be sent or no reply comes within `timeout`.
+    pub async fn rpc(
+        &mut self,
+        id: &str,
+        method: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<posgate_proto::rpc::Response> {
+        let request = posgate_proto::rpc::Request {
+            id: id.to_owned(),
+            method: method.to_owned(),
+            params,
+        };
+        self.client
+            .publish(
+                &self.bundle.topics.rpc_req,
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&request)?,
+            )
+            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // From the channel itself: what is held back stays for `next_seen`.
+            match tokio::time::timeout(left, self.seen.recv())
+                .await
+                .ok()
+                .flatten()
+            {
+                Some(Seen::Rpc(reply)) if reply.id == id => return Ok(reply),
+                Some(other @ (Seen::Confirmation(_) | Seen::Rejected(_))) => {
+                    self.held.push_back(other)
+                }
+                Some(_) => {}
+                None => bail!("no reply to {method} {id} within {timeout:?}"),
             }
         }
     }

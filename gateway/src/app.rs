@@ -30,7 +30,10 @@ use crate::pki::{self, Pki, PkiError};
 use crate::provider::ProviderClient;
 use crate::reconcile::{self, Reconciler};
 use crate::router::{self, BrokerEvent, Presence, Signer};
+use crate::rpc::Rpc;
 use crate::store::{Store, StoreError};
+use posgate_proto::qr::Mode;
+use secrecy::ExposeSecret;
 
 /// Why the gateway could not be built. The CLI exits 64 for all of them.
 #[derive(Debug, thiserror::Error)]
@@ -190,30 +193,35 @@ impl Gateway {
             );
         }
         let secrets: Secrets = Arc::new(RwLock::new(config.provider.webhook_secrets.clone()));
-        let reconcile = match &config.provider.api_key {
-            Some(key) => match ProviderClient::new(&config.provider.api_base, key.clone()) {
-                Ok(client) => {
-                    let (reconciler, handle) = Reconciler::new(
-                        store.clone(),
-                        client,
-                        metrics.clone(),
-                        reconcile::interval(config.provider.requests_per_minute),
-                    );
-                    tracker.spawn(
-                        reconciler
-                            .run(token.clone())
-                            .instrument(tracing::info_span!("reconcile")),
-                    );
-                    Some(handle)
-                }
+        let client = config.provider.api_key.as_ref().and_then(|key| {
+            let mode = Mode::of_key(key.expose_secret())?;
+            match ProviderClient::new(&config.provider.api_base, key.clone()) {
+                Ok(client) => Some((client, mode)),
                 Err(e) => {
-                    tracing::error!(error = %e, "no provider client: reconciliation is off");
+                    tracing::error!(error = %e, "no provider client: reconciliation and terminal RPC are off");
                     None
                 }
-            },
+            }
+        });
+        let rpc = Arc::new(Rpc {
+            store: store.clone(),
+            provider: client.clone(),
+        });
+        let reconcile = match client {
+            Some((client, _)) => {
+                let pace = reconcile::interval(config.provider.requests_per_minute);
+                let (reconciler, handle) =
+                    Reconciler::new(store.clone(), client, metrics.clone(), pace);
+                tracker.spawn(
+                    reconciler
+                        .run(token.clone())
+                        .instrument(tracing::info_span!("reconcile")),
+                );
+                Some(handle)
+            }
             None => {
                 tracing::warn!(
-                    "provider.api_key is not set: reconciliation with the provider is off"
+                    "provider.api_key is not set: reconciliation and terminal RPC are off"
                 );
                 None
             }
@@ -243,7 +251,8 @@ impl Gateway {
             },
             presence.clone(),
             metrics.clone(),
-        );
+        )
+        .with_rpc(rpc);
         tracker.spawn(
             router
                 .run(store.subscribe_outbox(), broker_events, token.clone())

@@ -17,6 +17,7 @@
 //! - [`router`] — outbox → broker publish, acks → outbox clear, presence; tested over channels.
 //! - [`provider`] — the provider's REST client: timeouts, retries with backoff, typed errors.
 //! - [`reconcile`] — asks the provider what the webhooks left open; feeds it through the store.
+//! - [`rpc`] — terminal RPC over MQTT: create, get and cancel intents; the API key stays here.
 //! - [`store`] — redb tables, one writer thread with group commit, typed reads.
 //! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
 //! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
@@ -37,6 +38,7 @@ pub mod pki;
 pub mod provider;
 pub mod reconcile;
 pub mod router;
+pub mod rpc;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

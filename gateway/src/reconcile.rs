@@ -40,6 +40,30 @@ impl Handle {
     }
 }
 
+/// Applies an intent object read from the provider (a GET, a create, a cancel) through the same
+/// store transaction, state machine and outbox as a webhook; it is kept like an event, so the
+/// intent's history shows the observation.
+///
+/// # Errors
+/// When the object does not parse or the store fails.
+pub async fn apply_snapshot(
+    store: &Store,
+    raw: Bytes,
+) -> anyhow::Result<(PaymentIntent, Ingested)> {
+    let snapshot: PaymentIntent = serde_json::from_slice(&raw)?;
+    let now = OffsetDateTime::now_utc();
+    let event = IncomingEvent {
+        event_id: format!("rec_{}_{}", snapshot.id, now.unix_timestamp_nanos()),
+        kind: "reconcile.payment_intent".into(),
+        raw,
+        received_at: now,
+        created_at: Some(now),
+        data: Ok(EventData::PaymentIntent(snapshot.clone())),
+    };
+    let ingested = store.ingest(event).await?;
+    Ok((snapshot, ingested))
+}
+
 /// The reconciliation task.
 pub struct Reconciler {
     store: Store,
@@ -104,23 +128,12 @@ impl Reconciler {
             return Ok(false); // a webhook named it meanwhile
         }
         let raw = self.client.get_intent(intent_id).await?;
-        let snapshot: PaymentIntent = serde_json::from_slice(&raw)?;
+        let (snapshot, ingested) = apply_snapshot(&self.store, raw).await?;
         anyhow::ensure!(
             snapshot.id == intent_id,
             "the provider answered for {} instead",
             snapshot.id
         );
-        let now = OffsetDateTime::now_utc();
-        let event = IncomingEvent {
-            // One observation, recorded like an event so that the intent's history shows it.
-            event_id: format!("rec_{intent_id}_{}", now.unix_timestamp_nanos()),
-            kind: "reconcile.payment_intent".into(),
-            raw: Bytes::from(raw.to_vec()),
-            received_at: now,
-            created_at: Some(now),
-            data: Ok(EventData::PaymentIntent(snapshot)),
-        };
-        let ingested = self.store.ingest(event).await?;
         tracing::info!(%intent_id, "reconciled an intent the webhooks had not named");
         Ok(matches!(ingested, Ingested::New { .. }))
     }

@@ -3,6 +3,8 @@
 pub mod amount;
 pub mod confirmation;
 pub mod event;
+pub mod qr;
+pub mod rpc;
 pub mod topics;
 pub mod webhook;
 

@@ -14,6 +14,7 @@ mod metrics;
 mod notify;
 mod provider_sim;
 mod reconcile;
+mod rpc;
 mod security;
 mod shutdown;
 mod sim_cli;

@@ -370,11 +370,17 @@ async fn kick(scx: &ServerContext, client_id: &str) {
     }
 }
 
-impl Publisher for Handle {
-    async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+impl Handle {
+    /// An in-process QoS 1 publish from the gateway itself.
+    async fn forward(
+        &self,
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    ) -> Result<(), PublishError> {
         let publish = CodecPublish {
             dup: false,
-            retain: true,
+            retain,
             qos: QoS::AtLeastOnce,
             topic: topic.clone().into(),
             packet_id: None,
@@ -394,6 +400,16 @@ impl Publisher for Handle {
                 topic,
                 message: e.to_string(),
             })
+    }
+}
+
+impl Publisher for Handle {
+    async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        self.forward(topic, payload, true).await
+    }
+
+    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        self.forward(topic, payload, false).await
     }
 }
 

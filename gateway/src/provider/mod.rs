@@ -76,19 +76,55 @@ impl ProviderClient {
     /// # Errors
     /// [`ProviderError`] after the retries, or at once for a 4xx other than 429.
     pub async fn get_intent(&self, id: &str) -> Result<Bytes, ProviderError> {
-        self.get(&format!("/payment-intents/{id}")).await
+        self.call(
+            reqwest::Method::GET,
+            &format!("/payment-intents/{id}"),
+            None,
+        )
+        .await
     }
 
-    async fn get(&self, path: &str) -> Result<Bytes, ProviderError> {
+    /// `POST /payment-intents` with `body` (which carries its `idempotency_key`: a retry of the
+    /// same request never creates a second intent).
+    ///
+    /// # Errors
+    /// As [`ProviderClient::get_intent`].
+    pub async fn create_intent(&self, body: &serde_json::Value) -> Result<Bytes, ProviderError> {
+        self.call(reqwest::Method::POST, "/payment-intents", Some(body))
+            .await
+    }
+
+    /// `POST /payment-intents/{id}/cancel`.
+    ///
+    /// # Errors
+    /// As [`ProviderClient::get_intent`]; a 409 when the intent is no longer awaiting payment.
+    pub async fn cancel_intent(&self, id: &str) -> Result<Bytes, ProviderError> {
+        let empty = serde_json::json!({});
+        self.call(
+            reqwest::Method::POST,
+            &format!("/payment-intents/{id}/cancel"),
+            Some(&empty),
+        )
+        .await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Bytes, ProviderError> {
         let url = format!("{}{path}", self.base);
         let mut attempt = 0;
         loop {
-            let result = self
+            let mut request = self
                 .http
-                .get(&url)
-                .bearer_auth(self.key.expose_secret())
-                .send()
-                .await;
+                .request(method.clone(), &url)
+                .bearer_auth(self.key.expose_secret());
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let result = request.send().await;
             let retry_after = match result {
                 Ok(response) if response.status().is_success() => {
                     return response

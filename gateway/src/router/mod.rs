@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::rpc::Rpc;
 use crate::store::{AckOutcome, OutboxRow, Store};
 
 /// Why a publish failed (the row stays in the outbox and is published again later).
@@ -41,6 +42,13 @@ pub struct PublishError {
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes a retained QoS 1 message (an empty payload clears the topic's retained message).
     fn publish_retained(
+        &self,
+        topic: String,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Publishes a QoS 1 message that is not retained (RPC replies).
+    fn publish(
         &self,
         topic: String,
         payload: Bytes,
@@ -134,6 +142,8 @@ pub struct Router<P> {
     queues: HashMap<String, Queue>,
     /// Presence changes not yet written to the registry.
     last_seen: HashMap<String, OffsetDateTime>,
+    /// Terminal RPC (`None` in tests that do not need it).
+    rpc: Option<Arc<Rpc>>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
 }
@@ -157,9 +167,16 @@ impl<P: Publisher> Router<P> {
             metrics,
             queues: HashMap::new(),
             last_seen: HashMap::new(),
+            rpc: None,
             internal_tx,
             internal_rx,
         }
+    }
+
+    /// Answers the terminals' RPC requests with `rpc`.
+    pub fn with_rpc(mut self, rpc: Arc<Rpc>) -> Self {
+        self.rpc = Some(rpc);
+        self
     }
 
     /// Runs until `token` is cancelled or the broker's event stream ends.
@@ -332,6 +349,7 @@ impl<P: Publisher> Router<P> {
                         tracing::debug!(%terminal_id, error = %e, "unreadable status message")
                     }
                 },
+                TopicKind::RpcReq => self.rpc(terminal_id, payload),
                 other => {
                     tracing::debug!(%terminal_id, kind = ?other, "message not handled by the router")
                 }
@@ -369,6 +387,20 @@ impl<P: Publisher> Router<P> {
         tokio::spawn(async move {
             if let Err(e) = store.touch_terminals(batch).await {
                 tracing::debug!(error = %e, "could not record last_seen");
+            }
+        });
+    }
+
+    /// Answers an RPC request off the loop (it may call the provider), on the terminal's `rpc/res`.
+    fn rpc(&self, terminal_id: String, payload: Bytes) {
+        let Some(rpc) = self.rpc.clone() else { return };
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            let response = rpc.handle(&terminal_id, &payload).await;
+            let topic = topics::rpc_res(&topics::tenant_for(&terminal_id));
+            let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
+            if let Err(e) = publisher.publish(topic, body).await {
+                tracing::warn!(%terminal_id, error = %e, "RPC answer not published");
             }
         });
     }
@@ -468,6 +500,11 @@ mod tests {
             topic: String,
             payload: Bytes,
         ) -> Result<(), PublishError> {
+            drop(self.0.send((topic, payload)));
+            Ok(())
+        }
+
+        async fn publish(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
             drop(self.0.send((topic, payload)));
             Ok(())
         }

@@ -22,8 +22,10 @@
 //! - `revoked_serials`: client certificate serial → terminal id.
 //! - `outbox`: (terminal id, `seq`) → [`OutboxRow`], deleted only on the terminal's ack.
 //! - `undeliverable`: terminal id (empty: none named) → intent ids waiting for that terminal.
+//! - `rpc_answers`: (terminal id, request id) → the answer given, so a retried request gets it again.
 
 mod fleet;
+mod rpc;
 mod writer;
 
 pub use fleet::{AckOutcome, NewTerminal, OutboxRow, TerminalRecord, Undeliverable};
@@ -55,6 +57,7 @@ const REVOKED: TableDefinition<'_, &str, &str> = TableDefinition::new("revoked_s
 const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
 const UNDELIVERABLE: MultimapTableDefinition<'_, &str, &str> =
     MultimapTableDefinition::new("undeliverable");
+const RPC_ANSWERS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("rpc_answers");
 
 /// redb page cache size.
 const CACHE_BYTES: usize = 128 << 20;
@@ -589,6 +592,7 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(REVOKED)?;
     txn.open_table(OUTBOX)?;
     txn.open_multimap_table(UNDELIVERABLE)?;
+    txn.open_table(RPC_ANSWERS)?;
     txn.commit()?;
     Ok(())
 }

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use super::Durability as StoreDurability;
 use super::{
     EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
-    Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, StoreError, StoredEvent, StoredIntent,
-    TERMINALS, UNDELIVERABLE, decode,
+    Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError, StoredEvent,
+    StoredIntent, TERMINALS, UNDELIVERABLE, decode,
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
@@ -119,6 +119,7 @@ pub(crate) struct Tables<'txn> {
     pub(super) revoked: Table<'txn, &'static str, &'static str>,
     pub(super) outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
     pub(super) undeliverable: MultimapTable<'txn, &'static str, &'static str>,
+    pub(super) rpc_answers: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     /// Outbox rows added in this transaction, handed to the router after the commit.
     pub(super) new_rows: Vec<OutboxRow>,
 }
@@ -146,6 +147,7 @@ impl<'txn> Tables<'txn> {
             revoked: txn.open_table(REVOKED)?,
             outbox: txn.open_table(OUTBOX)?,
             undeliverable: txn.open_multimap_table(UNDELIVERABLE)?,
+            rpc_answers: txn.open_table(RPC_ANSWERS)?,
             new_rows: Vec::new(),
         })
     }
@@ -336,7 +338,7 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    fn create_intent(
+    pub(super) fn create_intent(
         &mut self,
         pi: &PaymentIntent,
         now: OffsetDateTime,
@@ -371,7 +373,7 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Applies the events that arrived before this intent was known, in arrival order.
-    fn resolve_pending(
+    pub(super) fn resolve_pending(
         &mut self,
         intent: &mut StoredIntent,
         effects: &mut Vec<(String, Effect)>,

@@ -1,0 +1,315 @@
+//! Terminal RPC: `create_intent`, `get_intent`, `cancel_intent` over the terminal's own MQTT
+//! connection (`/tenants/{t}/rpc/req` → `/tenants/{t}/rpc/res`).
+//!
+//! The provider's secret API key stays on the gateway: terminals ask the gateway, which calls the
+//! provider (with an idempotency key derived from the terminal's request id, so a retried request
+//! never creates two intents), checks the `qr_payload` before any QR reaches a terminal, and
+//! records the intent as that terminal's before answering. A terminal sees and acts on its own
+//! intents only (another terminal's is "not found"). Every request gets an answer, never silence;
+//! answers are stored, so the same request id gets the same answer. A provider that cannot be
+//! reached gives `provider_unavailable` ("unknown, checking"), never "failed", and nothing is
+//! stored, so the retry goes to the provider again with the same idempotency key.
+
+use std::str::FromStr;
+
+use posgate_proto::MicroUsdc;
+use posgate_proto::event::PaymentIntent;
+use posgate_proto::qr::{self, Mode};
+use posgate_proto::rpc::{CreateIntent, IntentRef, MAX_ID_LEN, Request, Response};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::domain::IntentStatus;
+use crate::provider::{ProviderClient, ProviderError};
+use crate::reconcile::apply_snapshot;
+use crate::store::{Store, StoredIntent};
+
+/// The RPC service.
+pub struct Rpc {
+    pub store: Store,
+    /// `None` when no API key is configured: every call answers `provider_unavailable`.
+    pub provider: Option<(ProviderClient, Mode)>,
+}
+
+type Answer = Result<Value, (&'static str, String)>;
+
+impl Rpc {
+    /// Answers one request from `terminal_id`.
+    pub async fn handle(&self, terminal_id: &str, payload: &[u8]) -> Response {
+        let request: Request = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                // Echo the id if there is one, so the terminal can match the error.
+                let id = serde_json::from_slice::<Value>(payload)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_owned));
+                return Response::err(
+                    &id.unwrap_or_default(),
+                    "invalid_request",
+                    format!("not an RPC request: {e}"),
+                );
+            }
+        };
+        if request.id.is_empty() || request.id.len() > MAX_ID_LEN {
+            return Response::err(
+                &request.id,
+                "invalid_request",
+                format!("id must be 1 to {MAX_ID_LEN} characters"),
+            );
+        }
+        match self
+            .store
+            .rpc_answer(terminal_id.to_owned(), request.id.clone())
+            .await
+        {
+            Ok(Some(answer)) => {
+                return serde_json::from_value(answer).unwrap_or_else(|_| {
+                    Response::err(&request.id, "internal", "stored answer unreadable")
+                });
+            }
+            Ok(None) => {}
+            Err(e) => return Response::err(&request.id, "unavailable", format!("store: {e}")),
+        }
+        let (answer, created) = match request.method.as_str() {
+            "create_intent" => self.create(terminal_id, &request).await,
+            "get_intent" => (self.get(terminal_id, &request).await, None),
+            "cancel_intent" => (self.cancel(terminal_id, &request).await, None),
+            other => (
+                Err(("unknown_method", format!("unknown method {other:?}"))),
+                None,
+            ),
+        };
+        let response = match answer {
+            Ok(result) => Response::ok(&request.id, result),
+            Err((code, message)) => Response::err(&request.id, code, message),
+        };
+        // A transient failure is not an answer: the retry must reach the provider again.
+        let transient = response
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == "provider_unavailable" || e.code == "unavailable");
+        if !transient {
+            let value = serde_json::to_value(&response).unwrap_or_default();
+            if let Err(e) = self
+                .store
+                .save_rpc_answer(terminal_id.to_owned(), request.id.clone(), created, value)
+                .await
+            {
+                tracing::warn!(%terminal_id, request_id = %request.id, error = %e, "RPC answer not stored");
+                return Response::err(
+                    &request.id,
+                    "unavailable",
+                    "the gateway could not record the answer; retry",
+                );
+            }
+        }
+        response
+    }
+
+    fn client(&self) -> Result<&(ProviderClient, Mode), (&'static str, String)> {
+        self.provider.as_ref().ok_or((
+            "provider_unavailable",
+            "the gateway has no provider API key configured".into(),
+        ))
+    }
+
+    async fn create(
+        &self,
+        terminal_id: &str,
+        request: &Request,
+    ) -> (Answer, Option<PaymentIntent>) {
+        let params: CreateIntent = match serde_json::from_value(request.params.clone()) {
+            Ok(p) => p,
+            Err(e) => return (Err(("invalid_params", e.to_string())), None),
+        };
+        let amount = match Decimal::from_str(params.amount.trim())
+            .ok()
+            .and_then(|d| MicroUsdc::try_from(d).ok())
+        {
+            Some(a) if a.0 % 10_000 == 0 && (10_000..=10_000_000_000).contains(&a.0) => a,
+            _ => {
+                return (
+                    Err((
+                        "invalid_params",
+                        "amount: a decimal string, whole cents, 0.01 to 10000".into(),
+                    )),
+                    None,
+                );
+            }
+        };
+        if params.order_id.is_empty() || params.order_id.len() > 64 {
+            return (
+                Err(("invalid_params", "order_id: 1 to 64 characters".into())),
+                None,
+            );
+        }
+        if params.ttl.is_some_and(|t| !(60..=3600).contains(&t)) {
+            return (
+                Err(("invalid_params", "ttl: 60 to 3600 seconds".into())),
+                None,
+            );
+        }
+        let (client, mode) = match self.client() {
+            Ok(c) => c,
+            Err(e) => return (Err(e), None),
+        };
+        let merchant_id = match self.store.terminal(terminal_id.to_owned()).await {
+            Ok(Some(t)) => t.merchant_id,
+            Ok(None) => return (Err(("not_found", "unknown terminal".into())), None),
+            Err(e) => return (Err(("unavailable", format!("store: {e}"))), None),
+        };
+        let mut idempotency_key = format!("posgate:{terminal_id}:{}", request.id);
+        idempotency_key.truncate(64);
+        let mut body = json!({
+            "amount": cents_number(amount),
+            "currency": "usd",
+            "merchant_id": merchant_id,
+            "idempotency_key": idempotency_key,
+            "metadata": {"terminal_id": terminal_id, "order_id": params.order_id},
+        });
+        if let Some(ttl) = params.ttl {
+            body["ttl"] = json!(ttl);
+        }
+        let raw = match client.create_intent(&body).await {
+            Ok(raw) => raw,
+            Err(e) => return (Err(provider_error(&e)), None),
+        };
+        let pi: PaymentIntent = match serde_json::from_slice(&raw) {
+            Ok(pi) => pi,
+            Err(e) => {
+                return (
+                    Err((
+                        "provider_unavailable",
+                        format!("unreadable answer from the provider: {e}"),
+                    )),
+                    None,
+                );
+            }
+        };
+        let qr_payload = pi.qr_payload.clone().unwrap_or_default();
+        let address = pi.payment_address.clone().unwrap_or_default();
+        if let Err(e) = qr::check(&qr_payload, *mode, &address, amount) {
+            tracing::error!(%terminal_id, intent_id = %pi.id, error = %e, "the provider's qr_payload failed its check; no QR shown");
+            return (
+                Err((
+                    "qr_mismatch",
+                    format!("the payment request failed its check: {e}"),
+                )),
+                None,
+            );
+        }
+        let expires_at = pi.expires_at.and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+        let result = json!({
+            "intent_id": pi.id,
+            "qr_payload": qr_payload,
+            "amount": amount.to_string(),
+            "expires_at": expires_at,
+        });
+        (Ok(result), Some(pi))
+    }
+
+    /// The caller's own intent, or "not found".
+    async fn own(
+        &self,
+        terminal_id: &str,
+        request: &Request,
+    ) -> Result<StoredIntent, (&'static str, String)> {
+        let params: IntentRef = serde_json::from_value(request.params.clone())
+            .map_err(|e| ("invalid_params", e.to_string()))?;
+        match self.store.intent(params.intent_id.clone()).await {
+            Ok(Some(i)) if i.record.terminal_id.as_deref() == Some(terminal_id) => Ok(i),
+            Ok(_) => Err((
+                "not_found",
+                format!("no intent {} for this terminal", params.intent_id),
+            )),
+            Err(e) => Err(("unavailable", format!("store: {e}"))),
+        }
+    }
+
+    async fn get(&self, terminal_id: &str, request: &Request) -> Answer {
+        let mut intent = self.own(terminal_id, request).await?;
+        // Still open: the webhooks may have missed something (the guide's reboot case); ask.
+        if intent.record.status == IntentStatus::AwaitingPayment
+            && let Ok((client, _)) = self.client()
+        {
+            match client.get_intent(&intent.record.id).await {
+                Ok(raw) => {
+                    if apply_snapshot(&self.store, raw).await.is_ok() {
+                        intent = self.own(terminal_id, request).await?;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "refresh from the provider failed; answering from the store")
+                }
+            }
+        }
+        Ok(view(&intent))
+    }
+
+    async fn cancel(&self, terminal_id: &str, request: &Request) -> Answer {
+        let intent = self.own(terminal_id, request).await?;
+        let (client, _) = self.client()?;
+        let raw = match client.cancel_intent(&intent.record.id).await {
+            Ok(raw) => raw,
+            // Not awaiting payment any more (perhaps paid a moment ago): read what it is.
+            Err(ProviderError::Status {
+                status: 400 | 409, ..
+            }) => client
+                .get_intent(&intent.record.id)
+                .await
+                .map_err(|e| provider_error(&e))?,
+            Err(e) => return Err(provider_error(&e)),
+        };
+        apply_snapshot(&self.store, raw)
+            .await
+            .map_err(|e| ("unavailable", e.to_string()))?;
+        let intent = self.own(terminal_id, request).await?;
+        Ok(view(&intent))
+    }
+}
+
+fn provider_error(e: &ProviderError) -> (&'static str, String) {
+    match e {
+        ProviderError::Status { status, code, .. }
+            if (400..500).contains(status) && *status != 429 =>
+        {
+            (
+                "rejected",
+                format!(
+                    "the provider refused the request ({status}, {})",
+                    code.as_deref().unwrap_or("no code")
+                ),
+            )
+        }
+        _ => (
+            "provider_unavailable",
+            "the provider could not be reached; the outcome is unknown, checking".into(),
+        ),
+    }
+}
+
+/// A JSON number with exactly two decimals (`4.50`), as the provider's create expects.
+fn cents_number(amount: MicroUsdc) -> Value {
+    let cents = amount.0 / 10_000;
+    format!("{}.{:02}", cents / 100, cents % 100)
+        .parse::<serde_json::Number>()
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
+}
+
+/// What a terminal sees of its intent.
+fn view(intent: &StoredIntent) -> Value {
+    let r = &intent.record;
+    json!({
+        "intent_id": r.id,
+        "status": r.status.as_str(),
+        "context": r.primary_context(),
+        "amount": r.expected_micros.to_string(),
+        "received": r.received_micros.to_string(),
+        "order_id": r.order_id,
+        "expires_at": r.expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+    })
+}
