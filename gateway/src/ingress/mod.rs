@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use posgate_proto::event::{Envelope, EnvelopeError, EventData, EventType};
+use posgate_proto::event::{Envelope, EnvelopeError, EventData, EventType, metadata_str};
 use posgate_proto::webhook::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER};
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -166,6 +166,7 @@ async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
                 for (intent_id, effect) in effects {
                     tracing::info!(
                         event_id = %answer.event_id, event_type = %answer.kind, intent_id = %intent_id,
+                        terminal_id = answer.terminal_id.as_deref().unwrap_or("-"),
                         from = effect.from.as_str(), to = effect.to.as_str(), answer_us = micros,
                         "webhook applied"
                     );
@@ -212,6 +213,8 @@ struct Answer {
     secret_slot: usize,
     /// Our clock minus the provider's timestamp.
     skew_s: i64,
+    /// The terminal the event names (`metadata.terminal_id`), for the log line.
+    terminal_id: Option<String>,
 }
 
 async fn handle(
@@ -257,6 +260,12 @@ async fn handle(
     }
     let kind = envelope.event_type();
     let data = EventData::parse(kind, envelope.data).map_err(|e| e.to_string());
+    let terminal_id = match &data {
+        Ok(EventData::PaymentIntent(pi)) => metadata_str(pi.metadata.as_ref(), "terminal_id"),
+        Ok(EventData::Transaction(tx)) => metadata_str(tx.metadata.as_ref(), "terminal_id"),
+        _ => None,
+    }
+    .map(str::to_owned);
     if let Err(reason) = &data {
         tracing::warn!(event_id = %envelope.id, event_type = %envelope.kind, %reason, "event data does not fit its type; kept as unparsed");
     }
@@ -284,6 +293,7 @@ async fn handle(
         ingested,
         secret_slot,
         skew_s,
+        terminal_id,
     })
 }
 
