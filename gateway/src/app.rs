@@ -203,10 +203,7 @@ impl Gateway {
                 }
             }
         });
-        let rpc = Arc::new(Rpc {
-            store: store.clone(),
-            provider: client.clone(),
-        });
+        let rpc = Arc::new(Rpc::new(store.clone(), client.clone()));
         let reconcile = match client {
             Some((client, _)) => {
                 let pace = reconcile::interval(config.provider.requests_per_minute);

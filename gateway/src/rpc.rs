@@ -10,7 +10,10 @@
 //! reached gives `provider_unavailable` ("unknown, checking"), never "failed", and nothing is
 //! stored, so the retry goes to the provider again with the same idempotency key.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use posgate_proto::MicroUsdc;
 use posgate_proto::event::PaymentIntent;
@@ -26,14 +29,43 @@ use crate::store::{Store, StoredIntent};
 
 /// The RPC service.
 pub struct Rpc {
-    pub store: Store,
+    store: Store,
     /// `None` when no API key is configured: every call answers `provider_unavailable`.
-    pub provider: Option<(ProviderClient, Mode)>,
+    provider: Option<(ProviderClient, Mode)>,
+    /// When each open intent was last refreshed from the provider: a terminal that polls every
+    /// few seconds must not spend the provider's rate limit.
+    refreshed: Mutex<HashMap<String, Instant>>,
 }
+
+/// An open intent is refreshed from the provider at most this often.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
 type Answer = Result<Value, (&'static str, String)>;
 
 impl Rpc {
+    /// The service; `provider` is `None` without an API key.
+    pub fn new(store: Store, provider: Option<(ProviderClient, Mode)>) -> Rpc {
+        Rpc {
+            store,
+            provider,
+            refreshed: Mutex::default(),
+        }
+    }
+
+    /// Whether `intent_id` may be refreshed now (and notes that it is).
+    fn may_refresh(&self, intent_id: &str) -> bool {
+        let Ok(mut map) = self.refreshed.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        map.retain(|_, at| now.duration_since(*at) < REFRESH_EVERY);
+        if map.contains_key(intent_id) {
+            return false;
+        }
+        map.insert(intent_id.to_owned(), now);
+        true
+    }
+
     /// Answers one request from `terminal_id`.
     pub async fn handle(&self, terminal_id: &str, payload: &[u8]) -> Response {
         let request: Request = match serde_json::from_slice(payload) {
@@ -234,6 +266,7 @@ impl Rpc {
         // Still open: the webhooks may have missed something (the guide's reboot case); ask.
         if intent.record.status == IntentStatus::AwaitingPayment
             && let Ok((client, _)) = self.client()
+            && self.may_refresh(&intent.record.id)
         {
             match client.get_intent(&intent.record.id).await {
                 Ok(raw) => {
