@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use super::ApiError;
-use crate::events::{self, USDC_BASE};
+use crate::events;
 
 /// USDC on Base Sepolia, the test-mode `qr_payload` target (provider-api.md §1).
 pub const USDC_BASE_SEPOLIA: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
@@ -41,43 +41,9 @@ pub const IDEMPOTENCY_KEY_MAX_BYTES: usize = 255;
 /// The fee the simulated provider keeps, 1 % (illustrative, like the documented example).
 pub const FEE_PERCENT: u64 = 1;
 
-/// Test or live, chosen by the API key's prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// `sk_test_…`: Base Sepolia, chain 84532.
-    Test,
-    /// `sk_live_…`: Base mainnet, chain 8453.
-    Live,
-}
-
-impl Mode {
-    /// The mode of an API key, if it has one of the two prefixes.
-    pub fn of_key(key: &str) -> Option<Mode> {
-        if key.starts_with("sk_test_") {
-            Some(Mode::Test)
-        } else if key.starts_with("sk_live_") {
-            Some(Mode::Live)
-        } else {
-            None
-        }
-    }
-
-    /// The USDC contract of the mode's chain.
-    pub fn usdc_contract(self) -> &'static str {
-        match self {
-            Mode::Test => USDC_BASE_SEPOLIA,
-            Mode::Live => USDC_BASE,
-        }
-    }
-
-    /// The EIP-155 chain id of the mode's chain.
-    pub fn chain_id(self) -> u64 {
-        match self {
-            Mode::Test => 84532,
-            Mode::Live => 8453,
-        }
-    }
-}
+/// Test or live, chosen by the API key's prefix: the gateway's own definition, so the simulator's
+/// `qr_payload` and the gateway's check of it cannot drift apart.
+pub use posgate_proto::qr::Mode;
 
 /// A random id with a type prefix: `pi_`, `txn_`, `evt_` and 14 (24 for events) base62 characters.
 pub fn new_id(prefix: &str) -> String {
