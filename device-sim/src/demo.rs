@@ -31,8 +31,8 @@ pub struct DemoOptions {
     pub time_scale: f64,
     /// Chaos: terminal disconnects and reboots, faulty webhook deliveries.
     pub chaos: bool,
-    /// The provider never delivers a webhook (what the demo must then report as lost: posgate
-    /// cannot deliver what it never hears about until reconciliation exists).
+    /// The provider never delivers a webhook. The demo's intents are created at the provider (not
+    /// through the gateway), so the gateway never hears of them and the demo must report them lost.
     pub drop_all_webhooks: bool,
     /// Show a live progress bar.
     pub progress: bool,

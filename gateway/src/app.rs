@@ -28,7 +28,7 @@ use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
 use crate::provider::ProviderClient;
-use crate::reconcile::{self, Reconciler};
+use crate::reconcile::{self, Reconciler, Stale};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::rpc::Rpc;
 use crate::store::{Store, StoreError};
@@ -207,8 +207,16 @@ impl Gateway {
         let reconcile = match client {
             Some((client, _)) => {
                 let pace = reconcile::interval(config.provider.requests_per_minute);
-                let (reconciler, handle) =
-                    Reconciler::new(store.clone(), client, metrics.clone(), pace);
+                let (reconciler, handle) = Reconciler::new(
+                    store.clone(),
+                    client,
+                    metrics.clone(),
+                    pace,
+                    Stale {
+                        every: Duration::from_secs(config.provider.reconcile_every_secs),
+                        grace: Duration::from_secs(config.provider.reconcile_grace_secs),
+                    },
+                );
                 tracker.spawn(
                     reconciler
                         .run(token.clone())

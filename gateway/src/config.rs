@@ -78,6 +78,10 @@ pub struct ProviderConfig {
     /// The provider's rate limit for our key; the gateway budgets 80 % of it, a quarter of that
     /// for reconciliation.
     pub requests_per_minute: u32,
+    /// How often open intents are checked for what the webhooks may have missed.
+    pub reconcile_every_secs: u64,
+    /// How long past `expires_at` (or past an exact transfer) an open intent is looked up again.
+    pub reconcile_grace_secs: u64,
 }
 
 /// `[admin]`.
@@ -307,6 +311,8 @@ impl Config {
         );
 
         let requests_per_minute = r.in_range::<u32>("provider.requests_per_minute", 1, 100_000);
+        let reconcile_every_secs = r.in_range::<u64>("provider.reconcile_every_secs", 1, 86_400);
+        let reconcile_grace_secs = r.in_range::<u64>("provider.reconcile_grace_secs", 0, 86_400);
 
         let admin_listen = r.addr("admin.listen");
         let admin_token = r.optional::<String>("admin.token").flatten();
@@ -363,6 +369,8 @@ impl Config {
                     api_base: api_base?,
                     api_key: api_key.map(SecretString::from),
                     requests_per_minute: requests_per_minute?,
+                    reconcile_every_secs: reconcile_every_secs?,
+                    reconcile_grace_secs: reconcile_grace_secs?,
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,

@@ -1,7 +1,9 @@
 //! Reconciliation: asks the provider about what the webhooks left open, and feeds the answer
 //! through the same path as a webhook (same store transaction, state machine and outbox).
 //!
-//! Today it covers one case: an event about an intent the gateway has never seen (a transfer or a
+//! Two cases. Open intents past `expires_at` (or holding an exact transfer) plus a grace period
+//! are looked up again: their `expired` or `confirmed` webhook may have been lost. And an event
+//! about an intent the gateway has never seen (a transfer or a
 //! settlement for an intent the merchant's backend created, whose `payment_intent.*` event has not
 //! arrived and may never arrive, e.g. an underpayment, which the provider does not confirm). The
 //! gateway GETs the intent; its snapshot creates the record, and the events waiting for it are
@@ -18,9 +20,10 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::IntentStatus;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
-use crate::store::{IncomingEvent, Ingested, Store};
+use crate::store::{IncomingEvent, Ingested, IntentFilter, Store};
 
 /// The pace of reconciliation calls for a provider rate limit of `requests_per_minute`: a quarter
 /// of 80 % of it (3 s between calls for the documented 100/min).
@@ -64,12 +67,22 @@ pub async fn apply_snapshot(
     Ok((snapshot, ingested))
 }
 
+/// When open intents are looked at again.
+#[derive(Clone, Copy, Debug)]
+pub struct Stale {
+    /// How often the store is swept for stale intents.
+    pub every: Duration,
+    /// How long past `expires_at` (or past an exact transfer) before an open intent is stale.
+    pub grace: Duration,
+}
+
 /// The reconciliation task.
 pub struct Reconciler {
     store: Store,
     client: ProviderClient,
     metrics: Metrics,
     interval: Duration,
+    stale: Stale,
     rx: mpsc::UnboundedReceiver<String>,
 }
 
@@ -80,6 +93,7 @@ impl Reconciler {
         client: ProviderClient,
         metrics: Metrics,
         interval: Duration,
+        stale: Stale,
     ) -> (Reconciler, Handle) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -88,6 +102,7 @@ impl Reconciler {
                 client,
                 metrics,
                 interval,
+                stale,
                 rx,
             },
             Handle(tx),
@@ -100,6 +115,8 @@ impl Reconciler {
         let mut seen: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(self.stale.every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = token.cancelled() => break,
@@ -108,12 +125,19 @@ impl Reconciler {
                         queued.push(id);
                     }
                 }
+                _ = sweep.tick() => {
+                    for id in self.stale_intents().await {
+                        if seen.insert(id.clone()) {
+                            queued.push(id);
+                        }
+                    }
+                }
                 _ = tick.tick(), if !queued.is_empty() => {
                     let id = queued.remove(0);
                     self.metrics.reconcile_runs.inc();
                     match self.resolve(&id).await {
-                        Ok(true) => self.metrics.reconcile_findings.with_label_values(&["unknown_intent"]).inc(),
-                        Ok(false) => {}
+                        Ok(Some(kind)) => self.metrics.reconcile_findings.with_label_values(&[kind]).inc(),
+                        Ok(None) => {}
                         Err(e) => tracing::warn!(intent_id = %id, error = %e, "reconciliation failed"),
                     }
                     seen.remove(&id);
@@ -122,10 +146,50 @@ impl Reconciler {
         }
     }
 
-    /// GETs the intent and applies its snapshot; `true` when that changed the store.
-    async fn resolve(&self, intent_id: &str) -> anyhow::Result<bool> {
-        if self.store.intent(intent_id.to_owned()).await?.is_some() {
-            return Ok(false); // a webhook named it meanwhile
+    /// Intents still `awaiting_payment` more than the grace period after `expires_at` (their
+    /// `payment_intent.expired` or `.confirmed` webhook may have been lost), and those holding an
+    /// exact, on-time transfer with no confirmation a grace period later (provider-api.md §8).
+    async fn stale_intents(&self) -> Vec<String> {
+        let now = OffsetDateTime::now_utc();
+        let grace = time::Duration::try_from(self.stale.grace).unwrap_or(time::Duration::MINUTE);
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let filter = IntentFilter {
+                status: Some(IntentStatus::AwaitingPayment),
+                terminal_id: None,
+                starting_after: cursor.clone(),
+                limit: 500,
+            };
+            let Ok((page, more)) = self.store.list_intents(filter).await else {
+                break;
+            };
+            for intent in &page {
+                let r = &intent.record;
+                let expired = r.expires_at.is_some_and(|at| at + grace < now);
+                let paid_unconfirmed = !r.txns.is_empty()
+                    && r.received_micros == r.expected_micros
+                    && intent.updated_at + grace < now;
+                if expired || paid_unconfirmed {
+                    out.push(r.id.clone());
+                }
+            }
+            cursor = page.last().map(|i| i.record.id.clone());
+            if !more || cursor.is_none() {
+                break;
+            }
+        }
+        out
+    }
+
+    /// GETs the intent and applies its snapshot; names the finding when that changed something.
+    async fn resolve(&self, intent_id: &str) -> anyhow::Result<Option<&'static str>> {
+        let before = self.store.intent(intent_id.to_owned()).await?;
+        if before
+            .as_ref()
+            .is_some_and(|i| i.record.status != IntentStatus::AwaitingPayment)
+        {
+            return Ok(None); // a webhook settled it meanwhile
         }
         let raw = self.client.get_intent(intent_id).await?;
         let (snapshot, ingested) = apply_snapshot(&self.store, raw).await?;
@@ -134,8 +198,22 @@ impl Reconciler {
             "the provider answered for {} instead",
             snapshot.id
         );
-        tracing::info!(%intent_id, "reconciled an intent the webhooks had not named");
-        Ok(matches!(ingested, Ingested::New { .. }))
+        let changed = match &ingested {
+            Ingested::New { effects, .. } => {
+                before.is_none() || effects.iter().any(|(_, e)| e.from != e.to)
+            }
+            Ingested::Duplicate => false,
+        };
+        if !changed {
+            return Ok(None);
+        }
+        let kind = if before.is_none() {
+            "unknown_intent"
+        } else {
+            "missed_status"
+        };
+        tracing::info!(%intent_id, finding = kind, status = %snapshot.status, "reconciliation found what no webhook said");
+        Ok(Some(kind))
     }
 }
 

@@ -120,3 +120,64 @@ async fn the_provider_down_is_retried_and_logged_not_fatal() {
     assert_eq!(gw.admin_get("/healthz").await.status(), 200);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
+    let mut config = ProviderConfig::new("http://127.0.0.1:9/not-yet", SECRET);
+    config.time_scale = 0.01; // ttl 60 s becomes 0.6 s
+    config.faults.drop_rate = 1.0;
+    let sim = ProviderSim::start(config).await.unwrap();
+    let api_base = sim.api_base();
+    let gw = harness::spawn_with(&[
+        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
+        ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
+        ("POSGATE__PROVIDER__API_KEY", "sk_test_reconcile"),
+        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
+        ("POSGATE__PROVIDER__RECONCILE_EVERY_SECS", "1"),
+        ("POSGATE__PROVIDER__RECONCILE_GRACE_SECS", "1"),
+    ])
+    .await;
+    sim.set_webhook_url(gw.webhook_url());
+    let mut terminal = gw.terminal("pos_drop").await;
+    let reply = terminal
+        .rpc(
+            "c1",
+            "create_intent",
+            serde_json::json!({"amount": "4.50", "order_id": "o-1", "ttl": 60}),
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap();
+    let id = reply.result.unwrap()["intent_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.pay(&id, None, false).unwrap();
+    // No webhook ever comes; the sweep finds the intent open past its expiry and asks.
+    let c = terminal
+        .next_confirmation(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status),
+        (id.as_str(), ConfirmationStatus::Confirmed)
+    );
+    assert!(
+        sim.stats().delivery.dropped > 0,
+        "the simulator really dropped the webhooks"
+    );
+    let text = gw
+        .http
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("posgate_reconcile_findings_total{kind=\"missed_status\"} 1"),
+        "{text}"
+    );
+    gw.shutdown().await;
+}
