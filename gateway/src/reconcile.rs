@@ -11,7 +11,7 @@
 //! published rate limit (100 requests/min, budgeted at 80 % in provider-api.md §2.6; reconciliation
 //! takes at most a quarter of it).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,6 +67,9 @@ pub async fn apply_snapshot(
     Ok((snapshot, ingested))
 }
 
+/// Attempts per lookup before it is left to the sweeps (and the log).
+const MAX_ATTEMPTS: u32 = 5;
+
 /// When open intents are looked at again.
 #[derive(Clone, Copy, Debug)]
 pub struct Stale {
@@ -111,7 +114,8 @@ impl Reconciler {
 
     /// Runs until `token` is cancelled.
     pub async fn run(mut self, token: CancellationToken) {
-        let mut queued: Vec<String> = Vec::new();
+        // (intent id, failed attempts so far); `seen` keeps an id queued once.
+        let mut queued: VecDeque<(String, u32)> = VecDeque::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -122,23 +126,30 @@ impl Reconciler {
                 () = token.cancelled() => break,
                 Some(id) = self.rx.recv() => {
                     if seen.insert(id.clone()) {
-                        queued.push(id);
+                        queued.push_back((id, 0));
                     }
                 }
                 _ = sweep.tick() => {
                     for id in self.stale_intents().await {
                         if seen.insert(id.clone()) {
-                            queued.push(id);
+                            queued.push_back((id, 0));
                         }
                     }
                 }
                 _ = tick.tick(), if !queued.is_empty() => {
-                    let id = queued.remove(0);
+                    let Some((id, failures)) = queued.pop_front() else { continue };
                     self.metrics.reconcile_runs.inc();
                     match self.resolve(&id).await {
                         Ok(Some(kind)) => self.metrics.reconcile_findings.with_label_values(&[kind]).inc(),
                         Ok(None) => {}
-                        Err(e) => tracing::warn!(intent_id = %id, error = %e, "reconciliation failed"),
+                        // The provider may be down for a while: try again later, a few times (an
+                        // open intent is also found again by the next sweeps).
+                        Err(e) if failures + 1 < MAX_ATTEMPTS => {
+                            tracing::warn!(intent_id = %id, error = %e, "reconciliation failed; will retry");
+                            queued.push_back((id, failures + 1));
+                            continue;
+                        }
+                        Err(e) => tracing::error!(intent_id = %id, error = %e, "reconciliation failed; giving up on it"),
                     }
                     seen.remove(&id);
                 }
