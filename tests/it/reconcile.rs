@@ -112,8 +112,12 @@ async fn the_provider_down_is_retried_and_logged_not_fatal() {
             .text()
             .await
             .unwrap();
-        text.contains("posgate_reconcile_runs_total 1")
-            .then_some(())
+        let runs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("posgate_reconcile_runs_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        (runs >= 1.0).then_some(())
     })
     .await;
     assert!(gw.intent("pi_rec_down").await.is_none());
