@@ -139,7 +139,12 @@ impl Reconciler {
                 _ = tick.tick(), if !queued.is_empty() => {
                     let Some((id, failures)) = queued.pop_front() else { continue };
                     self.metrics.reconcile_runs.inc();
-                    match self.resolve(&id).await {
+                    // A lookup may wait on retries: shutdown does not wait for it.
+                    let result = tokio::select! {
+                        result = self.resolve(&id) => result,
+                        () = token.cancelled() => break,
+                    };
+                    match result {
                         Ok(Some(kind)) => self.metrics.reconcile_findings.with_label_values(&[kind]).inc(),
                         Ok(None) => {}
                         // The provider may be down for a while: try again later, a few times (an

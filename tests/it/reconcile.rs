@@ -85,7 +85,7 @@ async fn an_underpayment_reaches_the_terminal_through_a_provider_lookup() {
 }
 
 #[tokio::test]
-async fn the_provider_down_is_retried_and_logged_not_fatal() {
+async fn the_provider_down_is_not_fatal_and_the_event_is_kept() {
     // An API base where nothing listens: lookups fail, webhooks are still accepted and kept.
     let gw = harness::spawn_with(&[
         ("POSGATE__PROVIDER__API_BASE", "http://127.0.0.1:9/v1"),
@@ -122,6 +122,9 @@ async fn the_provider_down_is_retried_and_logged_not_fatal() {
     .await;
     assert!(gw.intent("pi_rec_down").await.is_none());
     assert_eq!(gw.admin_get("/healthz").await.status(), 200);
+    // The transfer is kept, waiting for its intent, and a resend is recognised.
+    let (_, again) = crate::harness::status_json(gw.post_signed(&tx).await).await;
+    assert_eq!(again["duplicate"], true);
     gw.shutdown().await;
 }
 
