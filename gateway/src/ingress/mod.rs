@@ -145,19 +145,17 @@ async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
                 .with_label_values(&[answer.secret_slot.to_string().as_str()])
                 .inc();
             m.timestamp_skew.set(answer.skew_s);
-            if let Ingested::New { effects, .. } = &answer.ingested {
-                for (_, effect) in effects.iter().filter(|(_, e)| e.from != e.to) {
-                    m.transitions
-                        .with_label_values(&[effect.from.as_str(), effect.to.as_str()])
-                        .inc();
-                }
-            }
             if let Ingested::New {
                 outcome,
                 effects,
                 unknown_intents,
             } = &answer.ingested
             {
+                for (_, effect) in effects.iter().filter(|(_, e)| e.from != e.to) {
+                    m.transitions
+                        .with_label_values(&[effect.from.as_str(), effect.to.as_str()])
+                        .inc();
+                }
                 if let Some(reconcile) = &ingress.reconcile {
                     for id in unknown_intents {
                         reconcile.unknown_intent(id);
