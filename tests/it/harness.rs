@@ -262,3 +262,31 @@ pub fn signed_post(
     }
     request.body(body)
 }
+
+/// A provider simulator (time scale 0.01, `faults`) and a gateway wired to it both ways: webhooks
+/// signed with `secret` to the gateway, the gateway's API base and key pointing at the simulator
+/// (rate limit generous), plus `extra` settings.
+pub async fn spawn_with_provider(
+    secret: &str,
+    faults: posgate_sim::provider::Faults,
+    extra: &[(&str, &str)],
+) -> (TestGateway, posgate_sim::provider::RunningProvider) {
+    let mut config =
+        posgate_sim::provider::ProviderConfig::new("http://127.0.0.1:9/not-yet", secret);
+    config.time_scale = 0.01;
+    config.faults = faults;
+    let sim = posgate_sim::provider::ProviderSim::start(config)
+        .await
+        .unwrap();
+    let api_base = sim.api_base();
+    let mut env = vec![
+        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", secret),
+        ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
+        ("POSGATE__PROVIDER__API_KEY", "sk_test_posgate"),
+        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
+    ];
+    env.extend_from_slice(extra);
+    let gw = spawn_with(&env).await;
+    sim.set_webhook_url(gw.webhook_url());
+    (gw, sim)
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use posgate_proto::MicroUsdc;
 use posgate_proto::confirmation::{ConfirmationStatus, Context};
-use posgate_sim::provider::{NewIntent, ProviderConfig, ProviderSim};
+use posgate_sim::provider::{Faults, NewIntent};
 
 use crate::harness::{self, eventually};
 
@@ -13,18 +13,7 @@ const SECRET: &str = "whsec_it_reconcile";
 
 #[tokio::test]
 async fn an_underpayment_reaches_the_terminal_through_a_provider_lookup() {
-    let mut config = ProviderConfig::new("http://127.0.0.1:9/not-yet", SECRET);
-    config.time_scale = 0.01;
-    let sim = ProviderSim::start(config).await.unwrap();
-    let api_base = sim.api_base();
-    let gw = harness::spawn_with(&[
-        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
-        ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
-        ("POSGATE__PROVIDER__API_KEY", "sk_test_reconcile"),
-        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
-    ])
-    .await;
-    sim.set_webhook_url(gw.webhook_url());
+    let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
     let mut terminal = gw.terminal("pos_rec").await;
 
     // Created at the provider by "the merchant's backend": the gateway has never seen it.
@@ -130,21 +119,16 @@ async fn the_provider_down_is_not_fatal_and_the_event_is_kept() {
 
 #[tokio::test]
 async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
-    let mut config = ProviderConfig::new("http://127.0.0.1:9/not-yet", SECRET);
-    config.time_scale = 0.01; // ttl 60 s becomes 0.6 s
-    config.faults.drop_rate = 1.0;
-    let sim = ProviderSim::start(config).await.unwrap();
-    let api_base = sim.api_base();
-    let gw = harness::spawn_with(&[
-        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
-        ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
-        ("POSGATE__PROVIDER__API_KEY", "sk_test_reconcile"),
-        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
+    // Time scale 0.01: a ttl of 60 s becomes 0.6 s.
+    let faults = Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    };
+    let extra = [
         ("POSGATE__PROVIDER__RECONCILE_EVERY_SECS", "1"),
         ("POSGATE__PROVIDER__RECONCILE_GRACE_SECS", "1"),
-    ])
-    .await;
-    sim.set_webhook_url(gw.webhook_url());
+    ];
+    let (gw, sim) = harness::spawn_with_provider(SECRET, faults, &extra).await;
     let mut terminal = gw.terminal("pos_drop").await;
     let reply = terminal
         .rpc(

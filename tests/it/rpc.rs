@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use posgate_proto::confirmation::ConfirmationStatus;
-use posgate_sim::provider::{ProviderConfig, ProviderSim, RunningProvider};
+use posgate_sim::provider::{Faults, RunningProvider};
 use serde_json::json;
 
 use crate::harness::{self, TestGateway};
@@ -13,19 +13,7 @@ const SECRET: &str = "whsec_it_rpc";
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn setup() -> (TestGateway, RunningProvider) {
-    let mut config = ProviderConfig::new("http://127.0.0.1:9/not-yet", SECRET);
-    config.time_scale = 0.01;
-    let sim = ProviderSim::start(config).await.unwrap();
-    let api_base = sim.api_base();
-    let gw = harness::spawn_with(&[
-        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET),
-        ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
-        ("POSGATE__PROVIDER__API_KEY", "sk_test_rpc"),
-        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
-    ])
-    .await;
-    sim.set_webhook_url(gw.webhook_url());
-    (gw, sim)
+    harness::spawn_with_provider(SECRET, Faults::default(), &[]).await
 }
 
 #[tokio::test]
