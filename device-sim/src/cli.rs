@@ -484,9 +484,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            let clean = report.pos.lost == 0
-                && report.pos.rejected_at_terminal == 0
-                && report.pos.payments > 0;
+            let clean = report.pos.clean();
             Ok(if clean {
                 ExitCode::SUCCESS
             } else {

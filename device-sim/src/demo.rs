@@ -157,40 +157,5 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
 
 /// Prints the report for a person.
 pub fn print(report: &DemoReport) {
-    let r = &report.pos;
-    let l = &r.latency_ms;
-    println!("posgate demo: {} terminals", r.terminals);
-    println!("  payments                 {}", r.payments);
-    println!("  confirmations delivered  {}", r.delivered);
-    println!("  lost                     {}", r.lost);
-    println!(
-        "  duplicates suppressed    {}  (terminal side, by intent and seq)",
-        r.duplicates_suppressed
-    );
-    println!(
-        "  forged webhooks rejected {}  (bad, empty or stale signatures, answered 401)",
-        r.forged_rejected
-    );
-    println!(
-        "  chaos                    {} disconnects, {} reboots, {} underpayments",
-        r.disconnects, r.reboots, r.underpaid
-    );
-    println!(
-        "  latency, customer pays -> terminal shows it: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
-        l.p50, l.p90, l.p99, l.p999, l.max
-    );
-    if r.rejected_at_terminal > 0 {
-        println!(
-            "  messages failing verification at a terminal: {}",
-            r.rejected_at_terminal
-        );
-    }
-    println!(
-        "  {}",
-        if r.lost == 0 {
-            "nothing lost"
-        } else {
-            "CONFIRMATIONS WERE LOST"
-        }
-    );
+    report.pos.print("posgate demo");
 }

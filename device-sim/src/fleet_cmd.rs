@@ -52,7 +52,7 @@ pub struct FleetRunReport {
 impl FleetRunReport {
     /// Nothing lost, nothing failing verification, and at least one payment made.
     pub fn clean(&self) -> bool {
-        self.pos.lost == 0 && self.pos.rejected_at_terminal == 0 && self.pos.payments > 0
+        self.pos.clean()
     }
 }
 
@@ -124,42 +124,5 @@ pub async fn run(options: &FleetOptions) -> anyhow::Result<FleetRunReport> {
 
 /// Prints the report for a person.
 pub fn print(report: &FleetRunReport) {
-    let r = &report.pos;
-    let l = &r.latency_ms;
-    println!("posgate-sim fleet: {} terminals", r.terminals);
-    println!("  payments                 {}", r.payments);
-    println!("  confirmations delivered  {}", r.delivered);
-    println!("  lost                     {}", r.lost);
-    println!(
-        "  duplicates suppressed    {}  (terminal side, by intent and seq)",
-        r.duplicates_suppressed
-    );
-    println!(
-        "  forged webhooks rejected {}  (the provider simulator's faulty copies answered 401)",
-        r.forged_rejected
-    );
-    println!(
-        "  chaos                    {} disconnects, {} reboots",
-        r.disconnects, r.reboots
-    );
-    println!(
-        "  latency, customer pays -> terminal shows it: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
-        l.p50, l.p90, l.p99, l.p999, l.max
-    );
-    if r.rejected_at_terminal > 0 {
-        println!(
-            "  messages failing verification at a terminal: {}",
-            r.rejected_at_terminal
-        );
-    }
-    println!(
-        "  {}",
-        if report.clean() {
-            "nothing lost"
-        } else if r.payments == 0 {
-            "NO PAYMENT WAS MADE"
-        } else {
-            "CONFIRMATIONS WERE LOST"
-        }
-    );
+    report.pos.print("posgate-sim fleet");
 }

@@ -109,6 +109,52 @@ pub struct Report {
     pub rejected_at_terminal: u64,
 }
 
+impl Report {
+    /// Nothing lost, nothing failing verification, and at least one payment made.
+    pub fn clean(&self) -> bool {
+        self.lost == 0 && self.rejected_at_terminal == 0 && self.payments > 0
+    }
+
+    /// Prints the report for a person under `title`.
+    pub fn print(&self, title: &str) {
+        let l = &self.latency_ms;
+        println!("{title}: {} terminals", self.terminals);
+        println!("  payments                 {}", self.payments);
+        println!("  confirmations delivered  {}", self.delivered);
+        println!("  lost                     {}", self.lost);
+        println!(
+            "  duplicates suppressed    {}  (terminal side, by intent and seq)",
+            self.duplicates_suppressed
+        );
+        println!(
+            "  forged webhooks rejected {}  (bad, empty or stale signatures, answered 401)",
+            self.forged_rejected
+        );
+        println!(
+            "  chaos                    {} disconnects, {} reboots, {} underpayments",
+            self.disconnects, self.reboots, self.underpaid
+        );
+        println!(
+            "  latency, customer pays -> terminal shows it: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        if self.rejected_at_terminal > 0 {
+            println!(
+                "  messages failing verification at a terminal: {}",
+                self.rejected_at_terminal
+            );
+        }
+        let verdict = if self.clean() {
+            "nothing lost"
+        } else if self.payments == 0 {
+            "NO PAYMENT WAS MADE"
+        } else {
+            "CONFIRMATIONS WERE LOST"
+        };
+        println!("  {verdict}");
+    }
+}
+
 /// Live counters for a progress display.
 #[derive(Debug, Default)]
 pub struct Progress {
