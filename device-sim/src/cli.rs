@@ -254,6 +254,12 @@ struct FleetArgs {
     /// Probability per payment that the terminal reboots while waiting (same intent id).
     #[arg(long, default_value_t = 0.0)]
     reboot_rate: f64,
+    /// Probability per payment that the terminal goes offline for 2 to 6 s while waiting.
+    #[arg(long, default_value_t = 0.0)]
+    offline_rate: f64,
+    /// A connection storm every SECS seconds: all terminals drop and reconnect at once.
+    #[arg(long, value_name = "SECS")]
+    storm_every: Option<u64>,
     /// Terminal ids are PREFIX0, PREFIX1, … (default: fleet-XXXX- with a random XXXX, so runs
     /// against the same gateway never collide).
     #[arg(long)]
@@ -555,6 +561,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     disconnect_rate: args.disconnect_rate,
                     reboot_rate: args.reboot_rate,
                     underpay_rate: 0.0,
+                    offline_rate: args.offline_rate,
+                    storm_every: args.storm_every.map(Duration::from_secs),
                 },
                 progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };

@@ -136,6 +136,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         // An underpayment only emits `transaction.created`: the gateway learns the intent by asking
         // the provider (reconciliation), and the terminal shows UNRESOLVED (underpaid).
         underpay_rate: if options.chaos { 0.05 } else { 0.0 },
+        offline_rate: if options.chaos { 0.02 } else { 0.0 },
+        storm_every: None,
     };
     let report = pos::run(fleet, provider.clone(), pos_options, progress).await;
     if let Some(ticker) = ticker {

@@ -216,6 +216,8 @@ impl Fleet {
     /// # Errors
     /// When its bundle does not parse.
     pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        // One session per terminal: a start while one runs replaces it.
+        self.kill(i);
         let tx = self.tx.clone();
         let sink = Box::new(move |seen| {
             tx.send(FleetEvent {

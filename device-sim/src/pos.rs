@@ -88,6 +88,10 @@ pub struct PosOptions {
     pub reboot_rate: f64,
     /// Probability per payment that the customer pays less than asked.
     pub underpay_rate: f64,
+    /// Probability per payment that the terminal goes offline for a longer period (2–6 s).
+    pub offline_rate: f64,
+    /// A connection storm every so often: all terminals drop and reconnect at once.
+    pub storm_every: Option<Duration>,
 }
 
 /// The counts and latencies of a run (the demo's report; field names are fixed by
@@ -104,6 +108,8 @@ pub struct Report {
     pub latency_ms: Latency,
     pub disconnects: u64,
     pub reboots: u64,
+    pub offline_periods: u64,
+    pub storms: u64,
     pub underpaid: u64,
     /// Messages that failed verification at a terminal (must be 0: forgeries never get through).
     pub rejected_at_terminal: u64,
@@ -131,8 +137,8 @@ impl Report {
             self.forged_rejected
         );
         println!(
-            "  chaos                    {} disconnects, {} reboots, {} underpayments",
-            self.disconnects, self.reboots, self.underpaid
+            "  chaos                    {} disconnects, {} reboots, {} offline periods, {} storms, {} underpayments",
+            self.disconnects, self.reboots, self.offline_periods, self.storms, self.underpaid
         );
         println!(
             "  latency, customer pays -> terminal shows it: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
@@ -179,6 +185,7 @@ struct Tally {
     rejected: u64,
     disconnects: u64,
     reboots: u64,
+    offline_periods: u64,
     underpaid: u64,
     latencies_us: Vec<u64>,
 }
@@ -232,8 +239,22 @@ pub async fn run_with(
     drop(control_tx);
     fleet.connect_all(500, Duration::from_secs(60)).await?;
     let mut done = futures::future::join_all(tasks);
+    let mut storms = 0u64;
+    let storm_every = options.storm_every.unwrap_or(Duration::from_secs(3600));
+    let mut storm =
+        tokio::time::interval_at(tokio::time::Instant::now() + storm_every, storm_every);
     let tallies = loop {
         tokio::select! {
+            _ = storm.tick(), if options.storm_every.is_some() => {
+                // Everyone drops at once and reconnects at once, each retrying on its own.
+                for i in 0..n {
+                    fleet.kill(i);
+                }
+                for i in 0..n {
+                    fleet.start(i)?;
+                }
+                storms += 1;
+            }
             event = fleet.events.recv() => match event {
                 Some(FleetEvent { terminal, seen, at }) => {
                     if let Some(inbox) = inboxes.get(&terminal) {
@@ -255,6 +276,7 @@ pub async fn run_with(
     }
     let mut report = Report {
         terminals: n,
+        storms,
         ..Report::default()
     };
     let mut histogram = new_histogram()?;
@@ -267,6 +289,7 @@ pub async fn run_with(
         report.rejected_at_terminal += t.rejected;
         report.disconnects += t.disconnects;
         report.reboots += t.reboots;
+        report.offline_periods += t.offline_periods;
         report.underpaid += t.underpaid;
         for us in t.latencies_us {
             histogram.record(us.max(1))?;
@@ -328,16 +351,28 @@ async fn terminal_loop(
         shared.progress.payments.fetch_add(1, Ordering::Relaxed);
         shared.progress.waiting.fetch_add(1, Ordering::Relaxed);
         // Chaos while waiting: the connection drops, or the terminal reboots, for a moment.
-        if chaos < options.disconnect_rate + options.reboot_rate {
-            let reboot = chaos >= options.disconnect_rate;
+        let (d, r, o) = (
+            options.disconnect_rate,
+            options.reboot_rate,
+            options.offline_rate,
+        );
+        if chaos < d + r + o {
+            // A blip or a reboot: back within 1.5 s; an offline period: 2 to 6 s.
+            let (from, to) = if chaos < d + r {
+                (100, 1500)
+            } else {
+                (2000, 6000)
+            };
             drop(control.send(Control::Kill(i)));
-            let offline = Duration::from_millis(rand::rng().random_range(100..1500));
+            let offline = Duration::from_millis(rand::rng().random_range(from..to));
             tokio::time::sleep(offline).await;
             drop(control.send(Control::Start(i)));
-            if reboot {
+            if chaos < d {
+                tally.disconnects += 1
+            } else if chaos < d + r {
                 tally.reboots += 1
             } else {
-                tally.disconnects += 1
+                tally.offline_periods += 1
             }
         }
         let deadline = paid_at + options.grace;

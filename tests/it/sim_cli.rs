@@ -143,6 +143,10 @@ async fn a_fleet_against_a_running_gateway_and_simulator_loses_nothing() {
             "15",
             "--disconnect-rate",
             "0.1",
+            "--offline-rate",
+            "0.2",
+            "--storm-every",
+            "2",
             "--quiet",
             "--json",
             json.to_str().unwrap(),
@@ -153,6 +157,10 @@ async fn a_fleet_against_a_running_gateway_and_simulator_loses_nothing() {
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["lost"], 0, "{report}");
+    assert!(
+        report["storms"].as_u64().unwrap() >= 1,
+        "a storm happened: {report}"
+    );
     assert!(report["payments"].as_u64().unwrap() >= 10, "{report}");
     assert_eq!(report["delivered"], report["payments"], "{report}");
     assert!(
