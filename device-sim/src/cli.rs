@@ -279,9 +279,12 @@ struct BridgeArgs {
     /// address is the first line on stdout.
     #[arg(long, default_value = "127.0.0.1:8085")]
     listen: SocketAddr,
-    /// The MQTT broker, HOST:PORT, plain TCP.
+    /// The MQTT broker, HOST:PORT (plain TCP, or mutual TLS with --certs).
     #[arg(long)]
     broker: String,
+    /// Mutual TLS to the broker: a directory with ca.pem, client.pem and client.key.
+    #[arg(long)]
+    certs: Option<PathBuf>,
     /// Accepted webhook secret (repeat while rotating).
     #[arg(long = "webhook-secret", required = true)]
     webhook_secrets: Vec<String>,
@@ -387,11 +390,15 @@ enum Scenario {
         senders: usize,
         /// Measure another MQTT broker instead (HOST:PORT), fed by `posgate-sim bridge`; --pid
         /// then names the broker's process.
-        #[arg(long, requires = "plain")]
+        #[arg(long)]
         broker: Option<String>,
-        /// Terminals connect to --broker without TLS (the only mode for another broker so far).
-        #[arg(long, requires = "broker")]
+        /// Terminals connect to --broker without TLS.
+        #[arg(long, requires = "broker", conflicts_with = "certs")]
         plain: bool,
+        /// Terminals (and the bridge) connect to --broker over mutual TLS: a directory with
+        /// ca.pem (the broker's CA), client.pem and client.key.
+        #[arg(long, requires = "broker")]
+        certs: Option<PathBuf>,
         /// A running bridge in front of --broker (default: start one as a child process).
         #[arg(long, requires = "broker")]
         bridge: Option<SocketAddr>,
@@ -593,6 +600,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(secrecy::SecretString::from)
                     .collect(),
                 clear_on_ack: args.clear_on_ack,
+                certs: args.certs,
             })
             .await
             .map_err(|e| anyhow::anyhow!(UsageError(format!("{e:#}"))))?;
@@ -674,11 +682,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 duration,
                 senders,
                 broker: Some(broker),
-                plain: _,
+                plain,
+                certs,
                 bridge,
                 clear_on_ack,
             } => {
+                if !plain && certs.is_none() {
+                    anyhow::bail!(UsageError("--broker needs --plain or --certs DIR".into()));
+                }
                 let plain = compare::PlainTarget {
+                    certs,
                     broker: remote::resolve(&broker).await?,
                     bridge,
                     secret: target.secret.clone(),

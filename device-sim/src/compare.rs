@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,9 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use posgate_proto::MicroUsdc;
 use posgate_proto::webhook::{DEFAULT_TOLERANCE_SECS, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
@@ -59,8 +62,11 @@ pub fn acks_topic(terminal_id: &str) -> String {
 pub struct BridgeOptions {
     /// Where webhooks are accepted (`POST /webhooks/stablegenius`).
     pub listen: SocketAddr,
-    /// The MQTT broker, plain TCP.
+    /// The MQTT broker.
     pub broker: SocketAddr,
+    /// Mutual TLS to the broker with the certificates of this directory ([`tls_transport`]);
+    /// `None` is plain TCP.
+    pub certs: Option<PathBuf>,
     /// Accepted webhook secrets.
     pub secrets: Vec<SecretString>,
     /// Clear a message's retained copy when its terminal acks.
@@ -108,6 +114,9 @@ pub async fn start_bridge(options: BridgeOptions) -> anyhow::Result<RunningBridg
     mqtt.set_clean_session(true);
     mqtt.set_inflight(1000);
     mqtt.set_request_channel_capacity(10_000);
+    if let Some(dir) = &options.certs {
+        mqtt.set_transport(tls_transport(dir)?);
+    }
     let (client, eventloop) = AsyncClient::new(mqtt, 10_000);
     let token = CancellationToken::new();
     let mqtt = tokio::spawn(drive_bridge(
@@ -281,6 +290,7 @@ fn spawn_plain_terminal(
     i: usize,
     terminal_id: String,
     broker: SocketAddr,
+    transport: Option<Transport>,
     tx: mpsc::UnboundedSender<(usize, PlainSeen, Instant)>,
 ) -> tokio::task::JoinHandle<()> {
     let mut options = MqttOptions::new(
@@ -290,6 +300,9 @@ fn spawn_plain_terminal(
     );
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
+    if let Some(transport) = transport {
+        options.set_transport(transport);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let (payments, acks) = (payments_topic(&terminal_id, "+"), acks_topic(&terminal_id));
     tokio::spawn(async move {
@@ -331,8 +344,10 @@ fn spawn_plain_terminal(
 /// Where the plain-MQTT measurement goes.
 #[derive(Debug)]
 pub struct PlainTarget {
-    /// The broker, plain TCP.
+    /// The broker.
     pub broker: SocketAddr,
+    /// Mutual TLS to the broker with this certificate directory; `None` is plain TCP.
+    pub certs: Option<PathBuf>,
     /// A running bridge; `None` starts `posgate-sim bridge` (this executable) as a child.
     pub bridge: Option<SocketAddr>,
     /// Webhook secret the bridge accepts.
@@ -341,6 +356,22 @@ pub struct PlainTarget {
     pub broker_pid: Option<u32>,
     /// Have the started bridge clear retained messages on ack.
     pub clear_on_ack: bool,
+}
+
+/// Mutual TLS to another broker from a certificate directory: `ca.pem` (the broker's CA),
+/// `client.pem` and `client.key` (one client certificate all simulated terminals present). The
+/// broker address is also the name checked in its certificate (an IP SAN for 127.0.0.1).
+///
+/// # Errors
+/// When a file is missing or does not parse.
+pub fn tls_transport(dir: &Path) -> anyhow::Result<Transport> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {}", dir.join(name).display()))
+    };
+    let (ca, cert, key) = (read("ca.pem")?, read("client.pem")?, read("client.key")?);
+    let config = crate::terminal::tls_config(&ca, Some((&cert, &key)))?;
+    Ok(Transport::tls_with_config(TlsConfiguration::Rustls(config)))
 }
 
 /// A bridge child process.
@@ -357,6 +388,12 @@ async fn start_bridge_child(target: &PlainTarget) -> anyhow::Result<BridgeChild>
         .arg(target.broker.to_string())
         .args(["--webhook-secret", &target.secret])
         .args(target.clear_on_ack.then_some("--clear-on-ack"))
+        .args(
+            target
+                .certs
+                .iter()
+                .flat_map(|dir| [std::ffi::OsStr::new("--certs"), dir.as_os_str()]),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
@@ -431,12 +468,14 @@ async fn measure(
     let (tx, mut events) = mpsc::unbounded_channel();
     let mut sessions = Vec::with_capacity(n);
     // Connect in chunks, as `bench e2e` does.
+    let transport = target.certs.as_deref().map(tls_transport).transpose()?;
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         for &i in chunk {
             sessions.push(spawn_plain_terminal(
                 i,
                 terminals[i].clone(),
                 target.broker,
+                transport.clone(),
                 tx.clone(),
             ));
         }
@@ -509,7 +548,11 @@ async fn measure(
     let mut histogram: Histogram<u64> = new_histogram()?;
     let mut push: Histogram<u64> = new_histogram()?;
     let mut report = FleetReport {
-        scenario: "e2e (plain MQTT broker + bridge)".into(),
+        scenario: if target.certs.is_some() {
+            "e2e (another MQTT broker over mutual TLS + bridge)".into()
+        } else {
+            "e2e (plain MQTT broker + bridge)".into()
+        },
         terminals: n,
         ..Default::default()
     };

@@ -185,6 +185,7 @@ async fn the_bridge_checks_the_signature_before_publishing() {
         broker: "127.0.0.1:9".parse().unwrap(),
         secrets: vec![SECRET.to_owned().into()],
         clear_on_ack: false,
+        certs: None,
     })
     .await
     .unwrap();
