@@ -29,10 +29,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use posgate_proto::MicroUsdc;
 use posgate_proto::webhook::{DEFAULT_TOLERANCE_SECS, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -44,8 +40,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bench::{Latency, new_histogram, rss_mib};
-use crate::events::{self, Intent};
-use crate::fleet::FleetReport;
+use crate::events::{self};
+use crate::fleet::{FleetReport, SendLog, spawn_paced_senders};
 
 /// The topic a terminal's messages are published on.
 pub fn payments_topic(terminal_id: &str, intent_id: &str) -> String {
@@ -501,50 +497,21 @@ async fn measure(
 
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let answered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let senders = senders.max(1);
-    let per_sender = rate as f64 / senders as f64;
     let end = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for s in 0..senders {
-        let (terminals, sent_at, answered_at, secret, run) = (
-            terminals.clone(),
-            sent_at.clone(),
-            answered_at.clone(),
-            target.secret.clone(),
-            run.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut conn = WebhookConn::connect(bridge).await?;
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut k = 0u64;
-            let mut errors = 0u64;
-            while Instant::now() < end {
-                tick.tick().await;
-                let t = ((k as usize) * senders + s) % terminals.len();
-                let intent = format!("pi_p{run}_{s}_{k}");
-                k += 1;
-                let body = events::intent_event(
-                    &format!("evt_{intent}"),
-                    "confirmed",
-                    &Intent::new(&intent, MicroUsdc(4_500_000), &terminals[t]),
-                );
-                let now = Instant::now();
-                if let Ok(mut map) = sent_at.lock() {
-                    map.insert(intent.clone(), now);
-                }
-                if conn.post(&secret, body).await.is_err() {
-                    errors += 1;
-                    if let Ok(mut map) = sent_at.lock() {
-                        map.remove(&intent);
-                    }
-                } else if let Ok(mut map) = answered_at.lock() {
-                    map.insert(intent, Instant::now());
-                }
-            }
-            anyhow::Ok(errors)
-        }));
-    }
+    let log = SendLog {
+        sent_at: sent_at.clone(),
+        answered_at: answered_at.clone(),
+    };
+    let tasks = spawn_paced_senders(
+        bridge,
+        &target.secret,
+        terminals,
+        rate,
+        senders,
+        end,
+        &format!("p{run}_"),
+        &log,
+    );
     let mut histogram: Histogram<u64> = new_histogram()?;
     let mut push: Histogram<u64> = new_histogram()?;
     let mut report = FleetReport {
@@ -622,42 +589,6 @@ pub fn print(report: &FleetReport) {
         "  sent {}, delivered {}, lost {}, duplicates {}",
         report.sent, report.delivered, report.lost, report.duplicates
     );
-}
-
-/// One keep-alive HTTP/1.1 connection that posts signed webhooks (as `bench e2e`'s senders).
-struct WebhookConn {
-    addr: SocketAddr,
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl WebhookConn {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<WebhookConn> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(WebhookConn { addr, sender })
-    }
-
-    async fn post(&mut self, secret: &str, body: String) -> anyhow::Result<()> {
-        let mut request = Request::post(events::WEBHOOK_PATH)
-            .header("host", self.addr.to_string())
-            .header("content-type", "application/json");
-        for (name, value) in events::signed_headers(secret, events::now_unix(), body.as_bytes()) {
-            request = request.header(name, value);
-        }
-        self.sender.ready().await?;
-        let response = self
-            .sender
-            .send_request(request.body(Full::new(Bytes::from(body)))?)
-            .await?;
-        let status = response.status();
-        response.into_body().collect().await?;
-        if status != 200 {
-            bail!("webhook answered {status}");
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

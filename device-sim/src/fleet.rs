@@ -511,50 +511,21 @@ pub async fn e2e(
     );
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let answered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let senders = senders.max(1);
-    let per_sender = rate as f64 / senders as f64;
     let end = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for s in 0..senders {
-        let (terminals, sent_at, answered_at, ingress, secret) = (
-            terminals.clone(),
-            sent_at.clone(),
-            answered_at.clone(),
-            target.ingress,
-            target.secret.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut conn = WebhookConn::connect(ingress).await?;
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut k = 0u64;
-            let mut errors = 0u64;
-            while Instant::now() < end {
-                tick.tick().await;
-                let t = ((k as usize) * senders + s) % terminals.len();
-                let intent = format!("pi_e{s}_{k}");
-                k += 1;
-                let body = events::intent_event(
-                    &format!("evt_{intent}"),
-                    "confirmed",
-                    &Intent::new(&intent, MicroUsdc(4_500_000), &terminals[t]),
-                );
-                let now = Instant::now();
-                if let Ok(mut map) = sent_at.lock() {
-                    map.insert(intent.clone(), now);
-                }
-                if conn.post(&secret, body).await.is_err() {
-                    errors += 1;
-                    if let Ok(mut map) = sent_at.lock() {
-                        map.remove(&intent);
-                    }
-                } else if let Ok(mut map) = answered_at.lock() {
-                    map.insert(intent, Instant::now());
-                }
-            }
-            anyhow::Ok(errors)
-        }));
-    }
+    let log = SendLog {
+        sent_at: sent_at.clone(),
+        answered_at: answered_at.clone(),
+    };
+    let tasks = spawn_paced_senders(
+        target.ingress,
+        &target.secret,
+        terminals,
+        rate,
+        senders,
+        end,
+        "e",
+        &log,
+    );
     let mut histogram: Histogram<u64> = new_histogram()?;
     let mut push: Histogram<u64> = new_histogram()?;
     let mut report = FleetReport {
@@ -612,14 +583,80 @@ pub async fn e2e(
     Ok(report)
 }
 
+/// When each webhook was sent, and when it was answered `200`, by intent id.
+#[derive(Clone, Default)]
+pub struct SendLog {
+    /// Removed again when the send failed: what remains is what the gateway accepted.
+    pub sent_at: Arc<Mutex<HashMap<String, Instant>>>,
+    pub answered_at: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+/// `senders` keep-alive connections to `addr`, together posting `rate` signed
+/// `payment_intent.confirmed` webhooks/s until `end`, round robin over `terminals`, intent ids
+/// `pi_{tag}{sender}_{n}`; each task returns its number of failed sends.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_paced_senders(
+    addr: SocketAddr,
+    secret: &str,
+    terminals: Arc<Vec<String>>,
+    rate: u64,
+    senders: usize,
+    end: Instant,
+    tag: &str,
+    log: &SendLog,
+) -> Vec<JoinHandle<anyhow::Result<u64>>> {
+    let senders = senders.max(1);
+    let per_sender = rate as f64 / senders as f64;
+    (0..senders)
+        .map(|s| {
+            let (terminals, log, secret, tag) = (
+                terminals.clone(),
+                log.clone(),
+                secret.to_owned(),
+                tag.to_owned(),
+            );
+            tokio::spawn(async move {
+                let mut conn = WebhookConn::connect(addr).await?;
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut k = 0u64;
+                let mut errors = 0u64;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    let t = ((k as usize) * senders + s) % terminals.len();
+                    let intent = format!("pi_{tag}{s}_{k}");
+                    k += 1;
+                    let body = events::intent_event(
+                        &format!("evt_{intent}"),
+                        "confirmed",
+                        &Intent::new(&intent, MicroUsdc(4_500_000), &terminals[t]),
+                    );
+                    if let Ok(mut map) = log.sent_at.lock() {
+                        map.insert(intent.clone(), Instant::now());
+                    }
+                    if conn.post(&secret, body).await.is_err() {
+                        errors += 1;
+                        if let Ok(mut map) = log.sent_at.lock() {
+                            map.remove(&intent);
+                        }
+                    } else if let Ok(mut map) = log.answered_at.lock() {
+                        map.insert(intent, Instant::now());
+                    }
+                }
+                anyhow::Ok(errors)
+            })
+        })
+        .collect()
+}
+
 /// One keep-alive HTTP/1.1 connection that posts signed webhooks.
-struct WebhookConn {
+pub(crate) struct WebhookConn {
     addr: SocketAddr,
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
 }
 
 impl WebhookConn {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<WebhookConn> {
+    pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<WebhookConn> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -627,7 +664,7 @@ impl WebhookConn {
         Ok(WebhookConn { addr, sender })
     }
 
-    async fn post(&mut self, secret: &str, body: String) -> anyhow::Result<()> {
+    pub(crate) async fn post(&mut self, secret: &str, body: String) -> anyhow::Result<()> {
         let mut request = Request::post(events::WEBHOOK_PATH)
             .header("host", self.addr.to_string())
             .header("content-type", "application/json");
