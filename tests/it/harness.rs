@@ -174,6 +174,23 @@ impl TestGateway {
         assert_eq!(self.post_signed(&body).await.status(), 200);
     }
 
+    /// The `/metrics` text.
+    pub async fn scrape(&self) -> String {
+        let response = self
+            .http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    }
+
+    /// The value of one sample of `/metrics` (see [`sample`]).
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        sample(&self.scrape().await, prefix)
+    }
+
     /// The registry's view of a terminal.
     pub async fn terminal_view(&self, id: &str) -> Value {
         let response = self.admin_get(&format!("/v1/terminals/{id}")).await;
@@ -289,4 +306,15 @@ pub async fn spawn_with_provider(
     let gw = spawn_with(&env).await;
     sim.set_webhook_url(gw.webhook_url());
     (gw, sim)
+}
+
+/// The value of the sample named `prefix` (a name, or a name with its labels) in a `/metrics` text.
+pub fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(prefix).is_some_and(|rest| {
+                prefix.ends_with('{') || rest.starts_with(' ') || rest.starts_with('{')
+            })
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }

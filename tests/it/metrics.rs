@@ -2,29 +2,12 @@
 
 use std::time::Duration;
 
-use crate::harness::{eventually, spawn_gateway};
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
+use crate::harness::{eventually, sample, spawn_gateway};
 
 #[tokio::test]
 async fn counters_and_histograms_move_with_a_webhook_and_a_delivery() {
     let gw = spawn_gateway().await;
-    let scrape = || async {
-        let response = gw
-            .http
-            .get(format!("http://{}/metrics", gw.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.text().await.unwrap()
-    };
-    let before = scrape().await;
+    let before = gw.scrape().await;
     assert_eq!(sample(&before, "posgate_build_info{"), Some(1.0));
     assert_eq!(sample(&before, "posgate_delivery_seconds_count"), Some(0.0));
 
@@ -45,7 +28,7 @@ async fn counters_and_histograms_move_with_a_webhook_and_a_delivery() {
     assert_eq!(gw.post_with(body, &headers).await.status(), 401);
 
     let after = eventually(Duration::from_secs(10), || async {
-        let text = scrape().await;
+        let text = gw.scrape().await;
         (sample(&text, "posgate_delivery_seconds_count") == Some(1.0)).then_some(text)
     })
     .await;

@@ -56,17 +56,10 @@ async fn an_underpayment_reaches_the_terminal_through_a_provider_lookup() {
         "{kinds:?}"
     );
     eventually(Duration::from_secs(10), || async {
-        let text = gw
-            .http
-            .get(format!("http://{}/metrics", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.contains("posgate_reconcile_findings_total{kind=\"unknown_intent\"} 1")
-            .then_some(())
+        let found = gw
+            .metric("posgate_reconcile_findings_total{kind=\"unknown_intent\"}")
+            .await;
+        (found == Some(1.0)).then_some(())
     })
     .await;
     gw.shutdown().await;
@@ -92,19 +85,9 @@ async fn the_provider_down_is_not_fatal_and_the_event_is_kept() {
     );
     assert_eq!(gw.post_signed(&tx).await.status(), 200);
     eventually(Duration::from_secs(20), || async {
-        let text = gw
-            .http
-            .get(format!("http://{}/metrics", gw.admin))
-            .send()
+        let runs = gw
+            .metric("posgate_reconcile_runs_total")
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let runs = text
-            .lines()
-            .find_map(|l| l.strip_prefix("posgate_reconcile_runs_total "))
-            .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0);
         (runs >= 1.0).then_some(())
     })
@@ -157,18 +140,9 @@ async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
         sim.stats().delivery.dropped > 0,
         "the simulator really dropped the webhooks"
     );
-    let text = gw
-        .http
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("posgate_reconcile_findings_total{kind=\"missed_status\"} 1"),
-        "{text}"
-    );
+    let found = gw
+        .metric("posgate_reconcile_findings_total{kind=\"missed_status\"}")
+        .await;
+    assert_eq!(found, Some(1.0));
     gw.shutdown().await;
 }
