@@ -6,18 +6,16 @@
 //! duplicate webhooks, and ends with the report of interfaces.md. Nothing may be lost.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use posgate::Gateway;
 use posgate::config::{Config, Env};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use crate::fleet::{Fleet, provision_at};
-use crate::pos::{self, PosOptions, Progress, Report};
+use crate::pos::{self, PosOptions, Progress, ProgressDisplay, Report};
 use crate::provider::{Faults, ProviderConfig, ProviderSim};
 
 /// Demo settings.
@@ -104,29 +102,9 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     let bundles = provision_at(running.admin_addr, &token, "pos-", options.terminals, 16).await?;
     let fleet = Fleet::new(bundles, running.mqtt_addr);
     let progress = Arc::new(Progress::default());
-    let bar = options.progress.then(|| {
-        let bar = ProgressBar::new(options.duration.as_secs());
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let ticker = bar.clone().map(|bar| {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                bar.set_position(bar.elapsed().as_secs().min(bar.length().unwrap_or(0)));
-                bar.set_message(format!(
-                    "payments {}  shown {}  waiting {}",
-                    progress.payments.load(Ordering::Relaxed),
-                    progress.delivered.load(Ordering::Relaxed),
-                    progress.waiting.load(Ordering::Relaxed),
-                ));
-            }
-        })
-    });
+    let display = options
+        .progress
+        .then(|| ProgressDisplay::start(progress.clone(), options.duration));
     let chaos = if options.chaos { 0.05 } else { 0.0 };
     let pos_options = PosOptions {
         duration: options.duration,
@@ -140,11 +118,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         storm_every: None,
     };
     let report = pos::run(fleet, provider.clone(), pos_options, progress).await;
-    if let Some(ticker) = ticker {
-        ticker.abort();
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    if let Some(display) = display {
+        display.finish();
     }
     let stats = provider.stats();
     running.shutdown(Duration::from_secs(5)).await;

@@ -8,14 +8,11 @@
 //! demo's; anything lost makes the exit code non-zero.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::fleet::{Fleet, provision_at};
-use crate::pos::{self, PosOptions, Progress, Report};
+use crate::pos::{self, PosOptions, Progress, ProgressDisplay, Report};
 use crate::remote::{self, RemoteProvider};
 
 /// What `posgate-sim fleet` was asked to do.
@@ -78,35 +75,12 @@ pub async fn run(options: &FleetOptions) -> anyhow::Result<FleetRunReport> {
     .await?;
     let fleet = Fleet::new(bundles, mqtt);
     let progress = Arc::new(Progress::default());
-    let bar = options.progress.then(|| {
-        let bar = ProgressBar::new(options.pos.duration.as_secs());
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let ticker = bar.clone().map(|bar| {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                bar.set_position(bar.elapsed().as_secs().min(bar.length().unwrap_or(0)));
-                bar.set_message(format!(
-                    "payments {}  shown {}  waiting {}",
-                    progress.payments.load(Ordering::Relaxed),
-                    progress.delivered.load(Ordering::Relaxed),
-                    progress.waiting.load(Ordering::Relaxed),
-                ));
-            }
-        })
-    });
+    let display = options
+        .progress
+        .then(|| ProgressDisplay::start(progress.clone(), options.pos.duration));
     let report = pos::run_with(fleet, provider.clone(), options.pos.clone(), progress).await;
-    if let Some(ticker) = ticker {
-        ticker.abort();
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    if let Some(display) = display {
+        display.finish();
     }
     let stats = provider.stats().await.unwrap_or(serde_json::Value::Null);
     let mut pos = report?;

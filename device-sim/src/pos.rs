@@ -161,6 +161,43 @@ impl Report {
     }
 }
 
+/// A live progress bar over [`Progress`] (on stderr), until [`ProgressDisplay::finish`].
+pub struct ProgressDisplay {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressDisplay {
+    /// Shows `progress` for a run of `duration`, refreshed five times a second.
+    pub fn start(progress: Arc<Progress>, duration: Duration) -> ProgressDisplay {
+        let bar = indicatif::ProgressBar::new(duration.as_secs());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                shown.set_position(shown.elapsed().as_secs().min(shown.length().unwrap_or(0)));
+                shown.set_message(format!(
+                    "payments {}  shown {}  waiting {}",
+                    progress.payments.load(Ordering::Relaxed),
+                    progress.delivered.load(Ordering::Relaxed),
+                    progress.waiting.load(Ordering::Relaxed),
+                ));
+            }
+        });
+        ProgressDisplay { bar, ticker }
+    }
+
+    /// Stops and clears the bar.
+    pub fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Live counters for a progress display.
 #[derive(Debug, Default)]
 pub struct Progress {
