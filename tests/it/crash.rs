@@ -25,6 +25,25 @@ pub struct Daemon {
     pub log: Arc<Mutex<String>>,
 }
 
+impl Daemon {
+    /// Registers a terminal through the admin API; its provisioning bundle.
+    pub async fn provision(
+        &self,
+        http: &reqwest::Client,
+        id: &str,
+    ) -> posgate_sim::terminal::Bundle {
+        let response = http
+            .post(format!("http://{}/v1/terminals", self.admin))
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({"id": id, "merchant_id": "m"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
+    }
+}
+
 pub async fn start_daemon(data_dir: &Path) -> Daemon {
     start_daemon_with(data_dir, None).await
 }
@@ -210,16 +229,7 @@ async fn sigkill_after_200_before_the_ack_still_delivers_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = start_daemon(dir.path()).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let bundle: posgate_sim::terminal::Bundle = http
-        .post(format!("http://{}/v1/terminals", daemon.admin))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"id": "pos_crash", "merchant_id": "m"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bundle = daemon.provision(&http, "pos_crash").await;
     // The terminal is offline: nobody can ack before the kill.
     let intent = Intent::new("pi_crash_ack", MicroUsdc(4_500_000), "pos_crash");
     let body = events::intent_event("evt_crash_ack", "confirmed", &intent);
@@ -254,16 +264,7 @@ async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
     std::fs::write(&config, "[provider]\nwebhook_secrets = [\"whsec_old\"]\n").unwrap();
     let daemon = start_daemon_with(&dir.path().join("data"), Some(&config)).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let bundle: posgate_sim::terminal::Bundle = http
-        .post(format!("http://{}/v1/terminals", daemon.admin))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"id": "pos_hup", "merchant_id": "m"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bundle = daemon.provision(&http, "pos_hup").await;
     let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
         .await
         .unwrap();
