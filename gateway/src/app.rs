@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::admin::{self, Admin, Fleet, TokenError};
 use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
+use crate::ingress::terminal::{self, Channels, Hub, TokenIndex};
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
@@ -71,6 +72,10 @@ pub struct Gateway {
     admin_token: SecretString,
     broker: Broker,
     broker_events: mpsc::UnboundedReceiver<BrokerEvent>,
+    /// Where the HTTP channels inject terminal acks (the broker's event channel).
+    http_acks: mpsc::UnboundedSender<BrokerEvent>,
+    /// Bearer tokens of the HTTP channels, by hash.
+    http_tokens: TokenIndex,
     ingress: TcpListener,
     admin: TcpListener,
     metrics: Metrics,
@@ -137,6 +142,8 @@ impl Gateway {
         // Revocations survive restarts: the broker refuses them from its first connection on.
         let (revoked_serials, revoked_terminals) = store.revocations().await?;
         let (events_tx, broker_events) = mpsc::unbounded_channel();
+        let http_acks = events_tx.clone();
+        let http_tokens = TokenIndex::of(store.terminals().await?.iter().map(|(t, _)| t));
         let settings = broker::Settings {
             listen: config.mqtt.listen,
             ws_listen: config.mqtt.ws_listen,
@@ -162,6 +169,8 @@ impl Gateway {
             admin_token,
             broker,
             broker_events,
+            http_acks,
+            http_tokens,
             ingress,
             admin,
             metrics,
@@ -177,6 +186,8 @@ impl Gateway {
             admin_token,
             broker,
             broker_events,
+            http_acks,
+            http_tokens,
             ingress,
             admin,
             metrics,
@@ -231,6 +242,29 @@ impl Gateway {
                 None
             }
         };
+        let signer = Signer {
+            key: pki.signing_key().clone(),
+            kid: pki.kid().to_owned(),
+        };
+        // The HTTP channels see every publish the router makes, through one broadcast channel
+        // that the hub fans out per terminal.
+        let (published_tx, published_rx) = broadcast::channel(1024);
+        let hub = Hub::default();
+        tracker.spawn(
+            hub.clone()
+                .run(published_rx, token.clone())
+                .instrument(tracing::info_span!("http_channels")),
+        );
+        let channels = Arc::new(Channels {
+            store: store.clone(),
+            signer: signer.clone(),
+            hub: hub.clone(),
+            tokens: http_tokens.clone(),
+            acks: http_acks,
+            shutdown: token.clone(),
+            tracker: tracker.clone(),
+            keepalive: Duration::from_secs(config.ingress.keepalive_secs),
+        });
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -238,7 +272,8 @@ impl Gateway {
             secrets: secrets.clone(),
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,
-        }));
+        }))
+        .merge(terminal::router(channels));
         let addrs = broker.addrs();
         let handle = broker.handle();
         let presence = Presence::default();
@@ -247,17 +282,15 @@ impl Gateway {
         let router = router::Router::new(
             store.clone(),
             Arc::new(handle.clone()),
-            Signer {
-                key: pki.signing_key().clone(),
-                kid: pki.kid().to_owned(),
-            },
+            signer,
             router::Settings {
                 republish_after: Duration::from_secs(config.delivery.republish_after_secs),
             },
             presence.clone(),
             metrics.clone(),
         )
-        .with_rpc(rpc);
+        .with_rpc(rpc)
+        .with_published(published_tx);
         tracker.spawn(
             router
                 .run(store.subscribe_outbox(), broker_events, token.clone())
@@ -277,7 +310,11 @@ impl Gateway {
             pki,
             presence,
             mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
-            revoke: Arc::new(move |t| revoker.revoke(&t.id, &t.cert_serial)),
+            revoke: Arc::new(move |t| {
+                revoker.revoke(&t.id, &t.cert_serial);
+                hub.revoke(&t.id);
+            }),
+            registered: Arc::new(move |t| http_tokens.insert(t)),
             connections: Arc::new(move || counter.connections() as i64),
         };
         let admin_router = admin::router(Arc::new(Admin {

@@ -66,6 +66,8 @@ pub struct IngressConfig {
     pub listen: SocketAddr,
     pub body_limit_bytes: usize,
     pub tolerance_secs: i64,
+    /// How often the terminals' SSE streams get a keep-alive comment and WebSockets a ping.
+    pub keepalive_secs: u64,
 }
 
 /// `[provider]`.
@@ -283,6 +285,7 @@ impl Config {
         let ingress_listen = r.addr("ingress.listen");
         let body_limit_bytes = r.in_range::<usize>("ingress.body_limit_bytes", 1024, 16 << 20);
         let tolerance_secs = r.in_range::<i64>("ingress.tolerance_secs", 1, 3600);
+        let keepalive_secs = r.in_range::<u64>("ingress.keepalive_secs", 1, 3600);
 
         let webhook_secrets = r
             .optional::<Vec<String>>("provider.webhook_secrets")
@@ -360,6 +363,7 @@ impl Config {
                     listen: ingress_listen?,
                     body_limit_bytes: body_limit_bytes?,
                     tolerance_secs: tolerance_secs?,
+                    keepalive_secs: keepalive_secs?,
                 },
                 provider: ProviderConfig {
                     webhook_secrets: webhook_secrets?

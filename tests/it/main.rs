@@ -10,6 +10,7 @@ mod crash;
 mod delivery;
 mod demo;
 mod harness;
+mod http_channels;
 mod metrics;
 mod notify;
 mod provider_sim;

@@ -62,6 +62,8 @@ pub struct Fleet {
     pub mqtt_url: String,
     /// Cuts a revoked terminal's connections and refuses its certificate from now on.
     pub revoke: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
+    /// Told about every terminal just registered (its HTTP bearer token becomes usable).
+    pub registered: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
     /// The broker's number of open connections.
     pub connections: Arc<dyn Fn() -> i64 + Send + Sync>,
 }

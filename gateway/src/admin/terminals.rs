@@ -136,6 +136,7 @@ pub(super) async fn create(State(admin): State<Arc<Admin>>, body: Bytes) -> Resp
         }
         Err(e) => return store_error(&e),
     };
+    (admin.fleet.registered)(&record);
     tracing::info!(terminal_id = %id, %tenant, serial = %record.cert_serial, "terminal provisioned");
     let t = topics::TerminalTopics::new(&tenant);
     let bundle = serde_json::json!({

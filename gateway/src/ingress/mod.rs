@@ -12,9 +12,14 @@
 //! | verified, but not an event envelope | `400` (the body is kept in `rejected`) |
 //! | body over `ingress.body_limit_bytes` | `413` |
 //! | store overloaded or failing | `503` |
+//!
+//! The same listener carries the terminals' HTTP channels (polling, SSE, WebSocket, acks) of
+//! [`terminal`].
 
 use std::sync::Arc;
 use std::time::Instant;
+
+pub mod terminal;
 
 use axum::Router;
 use axum::body::Body;

@@ -23,7 +23,7 @@ use posgate_proto::confirmation::{self, Ack, StatusMessage};
 use posgate_proto::topics::{self, TopicKind};
 use serde::Serialize;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -104,6 +104,17 @@ impl Signer {
     }
 }
 
+/// A confirmation the router just put on the wire (first publish or republish), for the HTTP
+/// channels (`ingress::terminal`), which carry the same bytes to terminals without MQTT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub terminal_id: String,
+    pub intent_id: String,
+    pub seq: u64,
+    /// The JWS, byte for byte what the MQTT topic carries.
+    pub jws: Bytes,
+}
+
 enum Internal {
     /// Rows read from the store: the whole outbox at startup, or one terminal's on reconnect.
     Loaded {
@@ -144,6 +155,8 @@ pub struct Router<P> {
     last_seen: HashMap<String, OffsetDateTime>,
     /// Terminal RPC (`None` in tests that do not need it).
     rpc: Option<Arc<Rpc>>,
+    /// Told about every publish of a head row (`None` when nothing listens).
+    published: Option<broadcast::Sender<Published>>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
 }
@@ -168,6 +181,7 @@ impl<P: Publisher> Router<P> {
             queues: HashMap::new(),
             last_seen: HashMap::new(),
             rpc: None,
+            published: None,
             internal_tx,
             internal_rx,
         }
@@ -176,6 +190,13 @@ impl<P: Publisher> Router<P> {
     /// Answers the terminals' RPC requests with `rpc`.
     pub fn with_rpc(mut self, rpc: Arc<Rpc>) -> Self {
         self.rpc = Some(rpc);
+        self
+    }
+
+    /// Sends every publish and republish of a head row to `published` as well (the HTTP
+    /// channels), so they carry the same bytes at the same moments as MQTT.
+    pub fn with_published(mut self, published: broadcast::Sender<Published>) -> Self {
+        self.published = Some(published);
         self
     }
 
@@ -304,6 +325,15 @@ impl<P: Publisher> Router<P> {
         let topic = topics::payments(&head.tenant, &head.intent_id);
         let payload = self.signer.sign(head);
         let seq = head.seq;
+        if let Some(published) = &self.published {
+            // No receiver (no HTTP client connected) is not an error.
+            drop(published.send(Published {
+                terminal_id: terminal_id.to_owned(),
+                intent_id: head.intent_id.clone(),
+                seq,
+                jws: payload.clone(),
+            }));
+        }
         if let Err(e) = self.publisher.publish_retained(topic, payload).await {
             tracing::warn!(error = %e, %terminal_id, seq, "publish failed; will retry");
         }

@@ -1,0 +1,634 @@
+//! The HTTP channels for terminals without MQTT (issue 7 part 4): polling, Server-Sent Events and
+//! WebSocket on the ingress listener carry the very bytes MQTT carries, take the same acks, and
+//! refuse anyone but the terminal itself.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, Stream, StreamExt};
+use posgate_proto::confirmation::{self, Confirmation};
+use posgate_sim::terminal::{Bundle, Identity, connect_raw};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::harness::{
+    TestGateway, assert_error_body, eventually, spawn_gateway, spawn_with, status_json,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+// === clients ===
+
+/// A bare MQTT/TLS client of the terminal that subscribes to its payments and never acks, so
+/// what it saw can be compared with the HTTP channels.
+struct MqttWatch {
+    rx: mpsc::UnboundedReceiver<(String, Bytes)>,
+    _client: AsyncClient,
+    task: JoinHandle<()>,
+}
+
+impl MqttWatch {
+    async fn start(gw: &TestGateway, bundle: &Bundle) -> MqttWatch {
+        let identity = Identity {
+            last_will: None,
+            ..Identity::of(bundle)
+        };
+        let (client, mut eventloop) = connect_raw(gw.mqtt, &identity).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (c, filter) = (client.clone(), bundle.topics.payments.clone());
+        let task = tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    Event::Incoming(Packet::ConnAck(_)) => {
+                        c.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
+                    }
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        drop(tx.send((String::new(), Bytes::new())))
+                    }
+                    Event::Incoming(Packet::Publish(p)) => drop(tx.send((p.topic, p.payload))),
+                    _ => {}
+                }
+            }
+        });
+        let subscribed = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(subscribed.0, "", "subscribed first");
+        MqttWatch {
+            rx,
+            _client: client,
+            task,
+        }
+    }
+
+    /// The next message on a payments topic that is not `skip` (republishes of what was seen).
+    async fn next_other_than(&mut self, skip: &[Bytes]) -> (String, Bytes) {
+        loop {
+            let (topic, payload) = tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .expect("an MQTT message in time")
+                .unwrap();
+            if !skip.contains(&payload) {
+                return (topic, payload);
+            }
+        }
+    }
+}
+
+impl Drop for MqttWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One block of an SSE stream.
+#[derive(Debug, PartialEq)]
+enum Sse {
+    Event {
+        event: String,
+        id: String,
+        data: String,
+    },
+    Comment,
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// A Server-Sent Events client over reqwest.
+struct SseClient {
+    stream: ByteStream,
+    buffer: String,
+}
+
+impl SseClient {
+    async fn open(gw: &TestGateway, token: &str) -> SseClient {
+        let response = get(gw, "/v1/terminal/events", Some(token)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        SseClient {
+            stream: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next block, `None` when the server ended the stream.
+    async fn next_block(&mut self) -> Option<Sse> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut event, mut id, mut data, mut comment) =
+                    (String::new(), String::new(), String::new(), false);
+                for line in block.lines() {
+                    match line.split_once(':') {
+                        Some(("", _)) => comment = true,
+                        Some(("event", v)) => event = v.trim_start().to_owned(),
+                        Some(("id", v)) => id = v.trim_start().to_owned(),
+                        Some(("data", v)) => data.push_str(v.trim_start()),
+                        _ => {}
+                    }
+                }
+                return Some(if comment && event.is_empty() && data.is_empty() {
+                    Sse::Comment
+                } else {
+                    Sse::Event { event, id, data }
+                });
+            }
+            match tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("SSE data in time")
+            {
+                Some(Ok(chunk)) => self.buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next confirmation event other than `skip` (keep-alives and republishes skipped).
+    async fn next_other_than(&mut self, skip: &[Bytes]) -> (String, Bytes) {
+        loop {
+            match self.next_block().await.expect("the stream is open") {
+                Sse::Event { event, id, data } => {
+                    assert_eq!(event, "confirmation");
+                    let data = Bytes::from(data);
+                    if !skip.contains(&data) {
+                        return (id, data);
+                    }
+                }
+                Sse::Comment => {}
+            }
+        }
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn ws_request(gw: &TestGateway, token: Option<&str>) -> tungstenite::handshake::client::Request {
+    let mut request = format!("ws://{}/v1/terminal/ws", gw.ingress)
+        .into_client_request()
+        .unwrap();
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+async fn ws_connect(gw: &TestGateway, token: &str) -> Ws {
+    let (ws, response) = tokio_tungstenite::connect_async(ws_request(gw, Some(token)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// The status a refused WebSocket handshake was answered with.
+async fn ws_refused(gw: &TestGateway, token: Option<&str>) -> u16 {
+    match tokio_tungstenite::connect_async(ws_request(gw, token)).await {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Ok(_) => panic!("the WebSocket was accepted"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// The next text frame other than `skip`; `Err` with the close frame when the server closed.
+async fn ws_next_other_than(
+    ws: &mut Ws,
+    skip: &[Bytes],
+) -> Result<Bytes, Option<tungstenite::protocol::CloseFrame>> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a WebSocket frame in time")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let data = Bytes::from(text.as_str().to_owned());
+                if !skip.contains(&data) {
+                    return Ok(data);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return Err(frame),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+// === helpers ===
+
+async fn get(gw: &TestGateway, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut request = gw.http.get(format!("http://{}{path}", gw.ingress));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+async fn post_ack(
+    gw: &TestGateway,
+    token: Option<&str>,
+    intent_id: &str,
+    seq: u64,
+) -> (u16, Value) {
+    let mut request = gw
+        .http
+        .post(format!("http://{}/v1/terminal/acks", gw.ingress))
+        .json(&serde_json::json!({"intent_id": intent_id, "seq": seq}));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    status_json(request.send().await.unwrap()).await
+}
+
+async fn poll(gw: &TestGateway, token: Option<&str>, intent_id: &str, query: &str) -> (u16, Value) {
+    status_json(
+        get(
+            gw,
+            &format!("/v1/terminal/payments/{intent_id}{query}"),
+            token,
+        )
+        .await,
+    )
+    .await
+}
+
+/// What a terminal runs on every message.
+fn check(bundle: &Bundle, jws: &Bytes) -> Confirmation {
+    let key = bundle.gateway_jwk.verifying_key().unwrap();
+    confirmation::verify(
+        std::str::from_utf8(jws).unwrap(),
+        &key,
+        &bundle.terminal_id,
+        0,
+    )
+    .unwrap()
+}
+
+async fn pending(gw: &TestGateway, id: &str) -> u64 {
+    gw.terminal_view(id).await["pending"].as_u64().unwrap()
+}
+
+async fn wait_pending(gw: &TestGateway, id: &str, n: u64) {
+    eventually(WAIT, || async {
+        (pending(gw, id).await == n).then_some(())
+    })
+    .await;
+}
+
+// === tests ===
+
+#[tokio::test]
+async fn sse_carries_the_mqtt_bytes_and_an_http_ack_sends_the_next() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_sse").await;
+    let mut mqtt = MqttWatch::start(&gw, &bundle).await;
+    let mut sse = SseClient::open(&gw, &bundle.http_token).await;
+    gw.pay("pos_sse", "pi_sse_1").await;
+    gw.pay("pos_sse", "pi_sse_2").await;
+
+    let (topic, on_mqtt) = mqtt.next_other_than(&[]).await;
+    assert!(topic.ends_with("/payments/pi_sse_1"), "{topic}");
+    let (id, on_sse) = sse.next_other_than(&[]).await;
+    assert_eq!(on_sse, on_mqtt, "the same bytes on both channels");
+    assert_eq!(id, "1");
+    let c = check(&bundle, &on_sse);
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_sse_1", 1));
+    assert_eq!(pending(&gw, "pos_sse").await, 2);
+
+    // An HTTP ack has the MQTT ack's effect: the retained message is cleared, the next goes out
+    // on every channel.
+    let (status, body) = post_ack(&gw, Some(&bundle.http_token), "pi_sse_1", 1).await;
+    assert_eq!((status, body), (202, serde_json::json!({"accepted": true})));
+    let (id, second) = sse.next_other_than(std::slice::from_ref(&on_sse)).await;
+    assert_eq!(id, "2");
+    assert_eq!(check(&bundle, &second).intent_id, "pi_sse_2");
+    let (topic, cleared) = mqtt.next_other_than(std::slice::from_ref(&on_mqtt)).await;
+    assert!(
+        topic.ends_with("/payments/pi_sse_1") && cleared.is_empty(),
+        "{topic} {cleared:?}"
+    );
+    let (topic, on_mqtt) = mqtt.next_other_than(&[Bytes::new()]).await;
+    assert!(topic.ends_with("/payments/pi_sse_2"), "{topic}");
+    assert_eq!(on_mqtt, second);
+    assert_eq!(pending(&gw, "pos_sse").await, 1);
+
+    post_ack(&gw, Some(&bundle.http_token), "pi_sse_2", 2).await;
+    wait_pending(&gw, "pos_sse", 0).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn sse_sends_keep_alive_comments() {
+    let gw = spawn_with(&[("POSGATE__INGRESS__KEEPALIVE_SECS", "1")]).await;
+    let bundle = gw.provision("pos_keep").await;
+    let mut sse = SseClient::open(&gw, &bundle.http_token).await;
+    assert_eq!(sse.next_block().await, Some(Sse::Comment));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_carries_the_mqtt_bytes_and_a_frame_ack_sends_the_next() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_ws").await;
+    let mut mqtt = MqttWatch::start(&gw, &bundle).await;
+    let mut ws = ws_connect(&gw, &bundle.http_token).await;
+    gw.pay("pos_ws", "pi_ws_1").await;
+    gw.pay("pos_ws", "pi_ws_2").await;
+
+    let (topic, on_mqtt) = mqtt.next_other_than(&[]).await;
+    assert!(topic.ends_with("/payments/pi_ws_1"), "{topic}");
+    let on_ws = ws_next_other_than(&mut ws, &[]).await.unwrap();
+    assert_eq!(on_ws, on_mqtt, "the same bytes on both channels");
+    assert_eq!(check(&bundle, &on_ws).seq, 1);
+
+    // The gateway answers pings.
+    ws.send(Message::Ping(Bytes::from_static(b"hi")))
+        .await
+        .unwrap();
+    let pong = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(p))) => break p,
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str().as_bytes(), &on_ws[..]),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"hi");
+
+    // A text frame ack has the MQTT ack's effect.
+    ws.send(Message::text(r#"{"intent_id":"pi_ws_1","seq":1}"#))
+        .await
+        .unwrap();
+    let second = ws_next_other_than(&mut ws, std::slice::from_ref(&on_ws))
+        .await
+        .unwrap();
+    let c = check(&bundle, &second);
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_ws_2", 2));
+    let (topic, cleared) = mqtt.next_other_than(std::slice::from_ref(&on_mqtt)).await;
+    assert!(topic.ends_with("/payments/pi_ws_1") && cleared.is_empty());
+    assert_eq!(mqtt.next_other_than(&[Bytes::new()]).await.1, second);
+
+    // A frame that is not an ack gets an error frame, and the session goes on.
+    ws.send(Message::text("not json")).await.unwrap();
+    let error: Value = serde_json::from_slice(
+        &ws_next_other_than(&mut ws, std::slice::from_ref(&second))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_error_body(&error);
+
+    ws.send(Message::text(r#"{"intent_id":"pi_ws_2","seq":2}"#))
+        .await
+        .unwrap();
+    wait_pending(&gw, "pos_ws", 0).await;
+    ws.close(None).await.unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn polling_returns_the_mqtt_bytes_and_long_polls_for_the_next() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_poll").await;
+    let token = bundle.http_token.as_str();
+    let mut mqtt = MqttWatch::start(&gw, &bundle).await;
+    gw.pay("pos_poll", "pi_poll_1").await;
+    let (_, on_mqtt) = mqtt.next_other_than(&[]).await;
+
+    let (status, body) = poll(&gw, Some(token), "pi_poll_1", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["intent_id"], "pi_poll_1");
+    assert_eq!(body["status"], "confirmed");
+    assert_eq!(body["seq"], 1);
+    let jws = Bytes::from(body["confirmation"].as_str().unwrap().to_owned());
+    assert_eq!(jws, on_mqtt, "the same bytes as MQTT");
+    assert_eq!(check(&bundle, &jws).intent_id, "pi_poll_1");
+
+    // Acked: the state stays readable, the confirmation is gone.
+    assert_eq!(post_ack(&gw, Some(token), "pi_poll_1", 1).await.0, 202);
+    wait_pending(&gw, "pos_poll", 0).await;
+    let (_, body) = poll(&gw, Some(token), "pi_poll_1", "").await;
+    assert_eq!(
+        (&body["status"], &body["confirmation"], &body["seq"]),
+        (&Value::from("confirmed"), &Value::Null, &Value::Null)
+    );
+
+    // A long poll waits for the intent's next confirmation: the provider says pi_poll_2 expired
+    // (delivered and acked), then that it was paid after all.
+    let intent = posgate_sim::events::Intent::new(
+        "pi_poll_2",
+        posgate_proto::MicroUsdc(4_500_000),
+        "pos_poll",
+    );
+    let expired = posgate_sim::events::intent_event("evt_poll_2x", "expired", &intent);
+    assert_eq!(gw.post_signed(&expired).await.status(), 200);
+    let (topic, _) = mqtt.next_other_than(&[on_mqtt, Bytes::new()]).await;
+    assert!(topic.ends_with("/payments/pi_poll_2"), "{topic}");
+    assert_eq!(post_ack(&gw, Some(token), "pi_poll_2", 2).await.0, 202);
+    wait_pending(&gw, "pos_poll", 0).await;
+    let (_, body) = poll(&gw, Some(token), "pi_poll_2", "").await;
+    assert_eq!(
+        (&body["status"], &body["confirmation"]),
+        (&Value::from("expired"), &Value::Null)
+    );
+    let waiting = {
+        let (http, ingress, token) = (gw.http.clone(), gw.ingress, token.to_owned());
+        tokio::spawn(async move {
+            let response = http
+                .get(format!(
+                    "http://{ingress}/v1/terminal/payments/pi_poll_2?wait_secs=30"
+                ))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            status_json(response).await
+        })
+    };
+    gw.pay("pos_poll", "pi_poll_2").await;
+    let (status, body) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["seq"], 3);
+    let third = Bytes::from(body["confirmation"].as_str().unwrap().to_owned());
+    let c = check(&bundle, &third);
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_poll_2", 3));
+    assert_eq!(body["status"], serde_json::to_value(c.status).unwrap());
+    let (topic, on_mqtt) = mqtt.next_other_than(&[Bytes::new()]).await;
+    assert!(topic.ends_with("/payments/pi_poll_2"), "{topic}");
+    assert_eq!(on_mqtt, third, "the same bytes as MQTT");
+
+    // A bad wait is a 400 with the house body; an unknown intent a 404.
+    let (status, body) = poll(&gw, Some(token), "pi_poll_1", "?wait_secs=31").await;
+    assert_eq!(status, 400);
+    assert_error_body(&body);
+    let (status, body) = poll(&gw, Some(token), "pi_nope", "").await;
+    assert_eq!(status, 404);
+    assert_error_body(&body);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_wrong_token_and_revoked_terminals_get_401_and_nothing() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_auth").await;
+    gw.pay("pos_auth", "pi_auth_1").await;
+    let wrong = "0".repeat(64);
+    for token in [None, Some(wrong.as_str()), Some("")] {
+        let (status, body) = poll(&gw, token, "pi_auth_1", "").await;
+        assert_eq!(status, 401, "{token:?} {body}");
+        assert_error_body(&body);
+        assert!(!body.to_string().contains("eyJ"), "no JWS in {body}");
+        let response = get(&gw, "/v1/terminal/events", token).await;
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        assert_error_body(&response.json().await.unwrap());
+        assert_eq!(ws_refused(&gw, token).await, 401);
+        let (status, body) = post_ack(&gw, token, "pi_auth_1", 1).await;
+        assert_eq!(status, 401, "{body}");
+        assert_error_body(&body);
+    }
+    // A scheme other than Bearer is refused too.
+    let response = gw
+        .http
+        .get(format!("http://{}/v1/terminal/events", gw.ingress))
+        .basic_auth("pos_auth", Some(&bundle.http_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(pending(&gw, "pos_auth").await, 1, "no ack got through");
+
+    // Streams open at the revocation end; from then on the terminal is refused everywhere.
+    let token = bundle.http_token.as_str();
+    let mut sse = SseClient::open(&gw, token).await;
+    let mut ws = ws_connect(&gw, token).await;
+    let (_, first) = sse.next_other_than(&[]).await;
+    assert_eq!(ws_next_other_than(&mut ws, &[]).await.unwrap(), first);
+    let (status, _) = status_json(
+        gw.admin_post("/v1/terminals/pos_auth/revoke", Value::Null)
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    loop {
+        match sse.next_block().await {
+            None => break,
+            Some(Sse::Comment) => {}
+            Some(Sse::Event { data, .. }) => assert_eq!(data.as_bytes(), &first[..]),
+        }
+    }
+    let frame = ws_next_other_than(&mut ws, &[first])
+        .await
+        .unwrap_err()
+        .unwrap();
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(poll(&gw, Some(token), "pi_auth_1", "").await.0, 401);
+    assert_eq!(
+        get(&gw, "/v1/terminal/events", Some(token)).await.status(),
+        401
+    );
+    assert_eq!(ws_refused(&gw, Some(token)).await, 401);
+    assert_eq!(post_ack(&gw, Some(token), "pi_auth_1", 1).await.0, 401);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_terminal_never_sees_another_terminals_confirmations() {
+    let gw = spawn_gateway().await;
+    let a = gw.provision("pos_a").await;
+    let b = gw.provision("pos_b").await;
+    let mut sse_a = SseClient::open(&gw, &a.http_token).await;
+    let mut sse_b = SseClient::open(&gw, &b.http_token).await;
+    let mut ws_b = ws_connect(&gw, &b.http_token).await;
+    gw.pay("pos_a", "pi_of_a").await;
+    let (_, for_a) = sse_a.next_other_than(&[]).await;
+    assert_eq!(check(&a, &for_a).intent_id, "pi_of_a");
+
+    // B asks for A's intent: exactly what an unknown intent gets.
+    let (status, foreign) = poll(&gw, Some(&b.http_token), "pi_of_a", "").await;
+    let (_, unknown) = poll(&gw, Some(&b.http_token), "pi_unknown", "").await;
+    assert_eq!((status, &foreign), (404, &unknown));
+    let (status, _) = poll(&gw, Some(&b.http_token), "pi_of_a", "?wait_secs=1").await;
+    assert_eq!(status, 404);
+
+    // B's streams: the first thing they carry is B's own confirmation, nothing of A's before it.
+    gw.pay("pos_b", "pi_of_b").await;
+    let (_, for_b) = sse_b.next_other_than(&[]).await;
+    assert_eq!(check(&b, &for_b).intent_id, "pi_of_b");
+    assert_eq!(ws_next_other_than(&mut ws_b, &[]).await.unwrap(), for_b);
+
+    // B acking A's confirmation changes nothing for A.
+    assert_eq!(
+        post_ack(&gw, Some(&b.http_token), "pi_of_a", 1).await.0,
+        202
+    );
+    assert_eq!(
+        post_ack(&gw, Some(&b.http_token), "pi_of_b", 1).await.0,
+        202
+    );
+    wait_pending(&gw, "pos_b", 0).await;
+    assert_eq!(pending(&gw, "pos_a").await, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn open_streams_do_not_hold_up_shutdown() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_drain").await;
+    let mut sse = SseClient::open(&gw, &bundle.http_token).await;
+    let mut ws = ws_connect(&gw, &bundle.http_token).await;
+    gw.pay("pos_drain", "pi_drain_1").await;
+    let (_, first) = sse.next_other_than(&[]).await;
+    assert_eq!(ws_next_other_than(&mut ws, &[]).await.unwrap(), first);
+    // A long poll on an intent with nothing to deliver (pi_drain_1's confirmation is acked).
+    assert_eq!(
+        post_ack(&gw, Some(&bundle.http_token), "pi_drain_1", 1)
+            .await
+            .0,
+        202
+    );
+    wait_pending(&gw, "pos_drain", 0).await;
+    let long_poll = {
+        let (http, ingress, token) = (gw.http.clone(), gw.ingress, bundle.http_token.clone());
+        tokio::spawn(async move {
+            let response = http
+                .get(format!(
+                    "http://{ingress}/v1/terminal/payments/pi_drain_1?wait_secs=30"
+                ))
+                .bearer_auth(token)
+                .send()
+                .await?;
+            Ok::<_, reqwest::Error>(status_json(response).await)
+        })
+    };
+    let took = gw.shutdown().await;
+    assert!(took < Duration::from_secs(5), "drain took {took:?}");
+    let frame = ws_next_other_than(&mut ws, &[]).await.unwrap_err().unwrap();
+    assert_eq!(frame.code, CloseCode::Away);
+    while let Some(block) = sse.next_block().await {
+        assert!(
+            matches!(block, Sse::Comment | Sse::Event { .. }),
+            "{block:?}"
+        );
+    }
+    // Either it was in when shutdown began and is answered at once with what there is, or the
+    // listener had already stopped; either way it does not wait its 30 s.
+    if let Ok((status, body)) = tokio::time::timeout(Duration::from_secs(5), long_poll)
+        .await
+        .expect("the long poll ends with the drain")
+        .unwrap()
+    {
+        assert_eq!((status, &body["confirmation"]), (200, &Value::Null));
+    }
+}
