@@ -128,6 +128,12 @@ struct ProviderArgs {
     /// Send `Retry-After: 1` with a 429.
     #[arg(long)]
     retry_after: bool,
+    /// Answer a repeated idempotency key (same body) 409 with the original intent, not 200.
+    #[arg(long)]
+    replay_409: bool,
+    /// Give intents a qr_payload for the wrong chain (the gateway must refuse it).
+    #[arg(long)]
+    bad_qr: bool,
     /// Merchant of transfers to unknown addresses.
     #[arg(long, default_value = "mer_sim")]
     merchant_id: String,
@@ -162,6 +168,8 @@ impl ProviderArgs {
             fail_after_rate: self.fail_after_rate,
             rate_limit_per_minute: self.rate_limit_per_minute,
             retry_after: self.retry_after,
+            replay_409: self.replay_409,
+            bad_qr: self.bad_qr,
         };
         config
     }

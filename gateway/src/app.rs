@@ -28,8 +28,8 @@ use crate::ingress::terminal::{self, Channels, Hub, TokenIndex};
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
-use crate::provider::ProviderClient;
-use crate::reconcile::{self, Reconciler, Stale};
+use crate::provider::{Budget, ProviderClient};
+use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::rpc::Rpc;
 use crate::store::{Store, StoreError};
@@ -204,9 +204,14 @@ impl Gateway {
             );
         }
         let secrets: Secrets = Arc::new(RwLock::new(config.provider.webhook_secrets.clone()));
+        // One request budget for every call to the provider: terminal RPC and reconciliation.
+        let budget = Arc::new(Budget::new(
+            config.provider.requests_per_minute,
+            Duration::from_millis(config.provider.rpc_budget_wait_ms),
+        ));
         let client = config.provider.api_key.as_ref().and_then(|key| {
             let mode = Mode::of_key(key.expose_secret())?;
-            match ProviderClient::new(&config.provider.api_base, key.clone()) {
+            match ProviderClient::new(&config.provider.api_base, key.clone(), budget.clone()) {
                 Ok(client) => Some((client, mode)),
                 Err(e) => {
                     tracing::error!(error = %e, "no provider client: reconciliation and terminal RPC are off");
@@ -217,15 +222,17 @@ impl Gateway {
         let rpc = Arc::new(Rpc::new(store.clone(), client.clone()));
         let reconcile = match client {
             Some((client, _)) => {
-                let pace = reconcile::interval(config.provider.requests_per_minute);
                 let (reconciler, handle) = Reconciler::new(
                     store.clone(),
-                    client,
+                    client.background(),
                     metrics.clone(),
-                    pace,
                     Stale {
                         every: Duration::from_secs(config.provider.reconcile_every_secs),
                         grace: Duration::from_secs(config.provider.reconcile_grace_secs),
+                    },
+                    Listing {
+                        every: Duration::from_secs(config.provider.transactions_every_secs),
+                        overlap: Duration::from_secs(config.provider.transactions_overlap_secs),
                     },
                 );
                 tracker.spawn(

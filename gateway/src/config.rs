@@ -84,6 +84,13 @@ pub struct ProviderConfig {
     pub reconcile_every_secs: u64,
     /// How long past `expires_at` (or past an exact transfer) an open intent is looked up again.
     pub reconcile_grace_secs: u64,
+    /// How often the provider's recent transactions are listed, for transfers no webhook
+    /// announced.
+    pub transactions_every_secs: u64,
+    /// How far before the last listing's start the next one begins (clock edges, late entries).
+    pub transactions_overlap_secs: u64,
+    /// How long a terminal's request waits for the request budget before it is refused.
+    pub rpc_budget_wait_ms: u64,
 }
 
 /// `[admin]`.
@@ -316,6 +323,11 @@ impl Config {
         let requests_per_minute = r.in_range::<u32>("provider.requests_per_minute", 1, 100_000);
         let reconcile_every_secs = r.in_range::<u64>("provider.reconcile_every_secs", 1, 86_400);
         let reconcile_grace_secs = r.in_range::<u64>("provider.reconcile_grace_secs", 0, 86_400);
+        let transactions_every_secs =
+            r.in_range::<u64>("provider.transactions_every_secs", 1, 86_400);
+        let transactions_overlap_secs =
+            r.in_range::<u64>("provider.transactions_overlap_secs", 0, 86_400);
+        let rpc_budget_wait_ms = r.in_range::<u64>("provider.rpc_budget_wait_ms", 0, 60_000);
 
         let admin_listen = r.addr("admin.listen");
         let admin_token = r.optional::<String>("admin.token").flatten();
@@ -375,6 +387,9 @@ impl Config {
                     requests_per_minute: requests_per_minute?,
                     reconcile_every_secs: reconcile_every_secs?,
                     reconcile_grace_secs: reconcile_grace_secs?,
+                    transactions_every_secs: transactions_every_secs?,
+                    transactions_overlap_secs: transactions_overlap_secs?,
+                    rpc_budget_wait_ms: rpc_budget_wait_ms?,
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,
@@ -602,6 +617,15 @@ mod tests {
         assert!(c.provider.webhook_secrets.is_empty());
         assert_eq!(c.mqtt.server_names, ["localhost", "127.0.0.1"]);
         assert!(c.mqtt.ws_listen.is_none() && c.mqtt.plain_listen.is_none());
+        assert_eq!(c.provider.requests_per_minute, 100);
+        assert_eq!(c.provider.rpc_budget_wait_ms, 2000);
+        assert_eq!(
+            (
+                c.provider.transactions_every_secs,
+                c.provider.transactions_overlap_secs
+            ),
+            (900, 600)
+        );
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub reconcile_runs: IntCounter,
     /// `posgate_reconcile_findings_total{kind}`.
     pub reconcile_findings: IntCounterVec,
+    /// `posgate_reconcile_listings_total{outcome}`: listings of the provider's transactions.
+    pub reconcile_listings: IntCounterVec,
+    /// `posgate_orphan_transfers_total`: transfers recorded as matching no intent.
+    pub orphan_transfers: IntCounter,
 }
 
 /// Registration failed (a duplicate name: a programming error).
@@ -202,6 +206,17 @@ impl Metrics {
                 "posgate_reconcile_findings_total",
                 "What reconciliation found that no webhook said",
                 &["kind"],
+            )?,
+            reconcile_listings: counter_vec(
+                &r,
+                "posgate_reconcile_listings_total",
+                "Listings of the provider's recent transactions, by outcome (ok, failed)",
+                &["outcome"],
+            )?,
+            orphan_transfers: counter(
+                &r,
+                "posgate_orphan_transfers_total",
+                "Transfers that match no intent, kept as orphans (GET /v1/orphan-transfers)",
             )?,
             registry: r,
         })

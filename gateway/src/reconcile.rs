@@ -1,36 +1,36 @@
 //! Reconciliation: asks the provider about what the webhooks left open, and feeds the answer
 //! through the same path as a webhook (same store transaction, state machine and outbox).
 //!
-//! Two cases. Open intents past `expires_at` (or holding an exact transfer) plus a grace period
-//! are looked up again: their `expired` or `confirmed` webhook may have been lost. And an event
+//! Three cases. Open intents past `expires_at` (or holding an exact transfer) plus a grace period
+//! are looked up again: their `expired` or `confirmed` webhook may have been lost. An event
 //! about an intent the gateway has never seen (a transfer or a
 //! settlement for an intent the merchant's backend created, whose `payment_intent.*` event has not
 //! arrived and may never arrive, e.g. an underpayment, which the provider does not confirm). The
 //! gateway GETs the intent; its snapshot creates the record, and the events waiting for it are
-//! applied, so the terminal hears about it. Calls are paced to stay inside the provider's
-//! published rate limit (100 requests/min, budgeted at 80 % in provider-api.md §2.6; reconciliation
-//! takes at most a quarter of it).
+//! applied, so the terminal hears about it. And the provider's recent transactions are listed
+//! (provider-api.md §8: every `provider.transactions_every_secs`, from the start of the last
+//! complete listing minus `provider.transactions_overlap_secs`, the cursor kept in the store):
+//! a transfer no webhook announced goes through the webhook's own path (`Store::ingest_listed`),
+//! one naming an intent we do not know triggers the lookup above, and one matching no intent is
+//! kept as an orphan (admin API, metric, error log).
+//!
+//! Every call takes a background token from the provider budget (provider-api.md §2.6: at most a
+//! quarter of 80 % of the published limit, yielding to terminal requests), which paces this loop.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use posgate_proto::event::{EventData, PaymentIntent};
+use posgate_proto::event::{EventData, PaymentIntent, Transaction};
+use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::IntentStatus;
 use crate::metrics::Metrics;
-use crate::provider::ProviderClient;
-use crate::store::{IncomingEvent, Ingested, IntentFilter, Store};
-
-/// The pace of reconciliation calls for a provider rate limit of `requests_per_minute`: a quarter
-/// of 80 % of it (3 s between calls for the documented 100/min).
-pub fn interval(requests_per_minute: u32) -> Duration {
-    let per_minute = (f64::from(requests_per_minute.max(1)) * 0.8 / 4.0).max(1.0 / 60.0);
-    Duration::from_secs_f64(60.0 / per_minute)
-}
+use crate::provider::{ProviderClient, ProviderError};
+use crate::store::{IncomingEvent, Ingested, IntentFilter, Listed, Store};
 
 /// Where the ingress reports intents it could not resolve.
 #[derive(Clone)]
@@ -53,11 +53,24 @@ pub async fn apply_snapshot(
     store: &Store,
     raw: Bytes,
 ) -> anyhow::Result<(PaymentIntent, Ingested)> {
+    apply_snapshot_as(store, raw, "reconcile.payment_intent").await
+}
+
+/// As [`apply_snapshot`], kept under the event kind `kind` (the intent's history names why the
+/// gateway read it, e.g. `rpc.qr_rejected`).
+///
+/// # Errors
+/// As [`apply_snapshot`].
+pub async fn apply_snapshot_as(
+    store: &Store,
+    raw: Bytes,
+    kind: &str,
+) -> anyhow::Result<(PaymentIntent, Ingested)> {
     let snapshot: PaymentIntent = serde_json::from_slice(&raw)?;
     let now = OffsetDateTime::now_utc();
     let event = IncomingEvent {
         event_id: format!("rec_{}_{}", snapshot.id, now.unix_timestamp_nanos()),
-        kind: "reconcile.payment_intent".into(),
+        kind: kind.into(),
         raw,
         received_at: now,
         created_at: Some(now),
@@ -79,24 +92,94 @@ pub struct Stale {
     pub grace: Duration,
 }
 
+/// When the provider's transactions are listed.
+#[derive(Clone, Copy, Debug)]
+pub struct Listing {
+    /// How often.
+    pub every: Duration,
+    /// How far before the last complete listing's start the next one begins.
+    pub overlap: Duration,
+}
+
+/// Page size of a listing (the provider's maximum, in the simulator at least).
+const PAGE_LIMIT: &str = "100";
+
+/// Where a listing starts: the last complete listing's start (or now, on the very first run: older
+/// transfers predate this gateway) minus the overlap.
+pub fn window_start(
+    cursor: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+    overlap: Duration,
+) -> OffsetDateTime {
+    let overlap = time::Duration::try_from(overlap).unwrap_or(time::Duration::ZERO);
+    cursor.unwrap_or(now) - overlap
+}
+
+/// What one listing found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ListingReport {
+    /// Transfers the provider listed.
+    pub listed: usize,
+    /// New to the gateway (no webhook brought them), applied through the webhook path.
+    pub missed: usize,
+    /// Newly recorded orphans.
+    pub orphans: usize,
+    /// Intents worth a lookup (named by a transfer, unknown here).
+    pub lookups: Vec<String>,
+    /// Listed items that did not parse as a transaction.
+    pub unparsed: usize,
+}
+
+impl ListingReport {
+    /// Counts what the store did with one listed transfer.
+    pub fn note(&mut self, listed: &Listed) {
+        match listed {
+            Listed::Duplicate => {}
+            Listed::Waiting {
+                intent_id,
+                orphaned,
+            } => {
+                self.orphans += usize::from(*orphaned);
+                self.lookups.extend(intent_id.clone());
+            }
+            Listed::New { ingested, orphaned } => {
+                self.orphans += usize::from(*orphaned);
+                self.missed += usize::from(!*orphaned);
+                if let Ingested::New {
+                    unknown_intents, ..
+                } = ingested
+                {
+                    self.lookups.extend(unknown_intents.iter().cloned());
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
 /// The reconciliation task.
 pub struct Reconciler {
     store: Store,
     client: ProviderClient,
     metrics: Metrics,
-    interval: Duration,
     stale: Stale,
+    listing: Listing,
     rx: mpsc::UnboundedReceiver<String>,
 }
 
 impl Reconciler {
-    /// A reconciler and the handle that feeds it.
+    /// A reconciler and the handle that feeds it; `client` should be a background client
+    /// ([`ProviderClient::background`]), which paces it.
     pub fn new(
         store: Store,
         client: ProviderClient,
         metrics: Metrics,
-        interval: Duration,
         stale: Stale,
+        listing: Listing,
     ) -> (Reconciler, Handle) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -104,8 +187,8 @@ impl Reconciler {
                 store,
                 client,
                 metrics,
-                interval,
                 stale,
+                listing,
                 rx,
             },
             Handle(tx),
@@ -117,26 +200,47 @@ impl Reconciler {
         // (intent id, failed attempts so far); `seen` keeps an id queued once.
         let mut queued: VecDeque<(String, u32)> = VecDeque::new();
         let mut seen: HashSet<String> = HashSet::new();
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(self.stale.every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut listing = tokio::time::interval(self.listing.every);
+        listing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let queue =
+            |id: String, queued: &mut VecDeque<(String, u32)>, seen: &mut HashSet<String>| {
+                if seen.insert(id.clone()) {
+                    queued.push_back((id, 0));
+                }
+            };
         loop {
             tokio::select! {
                 () = token.cancelled() => break,
-                Some(id) = self.rx.recv() => {
-                    if seen.insert(id.clone()) {
-                        queued.push_back((id, 0));
-                    }
-                }
+                Some(id) = self.rx.recv() => queue(id, &mut queued, &mut seen),
                 _ = sweep.tick() => {
                     for id in self.stale_intents().await {
-                        if seen.insert(id.clone()) {
-                            queued.push_back((id, 0));
+                        queue(id, &mut queued, &mut seen);
+                    }
+                }
+                _ = listing.tick() => {
+                    // Many pages may take a while (each call waits for its budget): shutdown
+                    // does not wait for them; the cursor only moves after a complete listing.
+                    let result = tokio::select! {
+                        result = self.list_transactions() => result,
+                        () = token.cancelled() => break,
+                    };
+                    match result {
+                        Ok(report) => {
+                            self.metrics.reconcile_listings.with_label_values(&["ok"]).inc();
+                            for id in report.lookups {
+                                queue(id, &mut queued, &mut seen);
+                            }
+                        }
+                        Err(e) => {
+                            self.metrics.reconcile_listings.with_label_values(&["failed"]).inc();
+                            tracing::warn!(error = %e, error_chain = ?e, "listing the provider's transactions failed; the next listing starts from the same cursor");
                         }
                     }
                 }
-                _ = tick.tick(), if !queued.is_empty() => {
+                // The lookups pace themselves: each call waits for a background token.
+                () = std::future::ready(()), if !queued.is_empty() => {
                     let Some((id, failures)) = queued.pop_front() else { continue };
                     self.metrics.reconcile_runs.inc();
                     // A lookup may wait on retries: shutdown does not wait for it.
@@ -147,6 +251,11 @@ impl Reconciler {
                     match result {
                         Ok(Some(kind)) => self.metrics.reconcile_findings.with_label_values(&[kind]).inc(),
                         Ok(None) => {}
+                        // The provider does not know it: asking again will not change that.
+                        Err(e) if is_not_found(&e) => {
+                            self.metrics.reconcile_findings.with_label_values(&["unknown_at_provider"]).inc();
+                            tracing::error!(intent_id = %id, error = %e, "the provider does not know this intent (404); its events stay kept, unapplied");
+                        }
                         // The provider may be down for a while: try again later, a few times (an
                         // open intent is also found again by the next sweeps).
                         Err(e) if failures + 1 < MAX_ATTEMPTS => {
@@ -198,6 +307,92 @@ impl Reconciler {
         out
     }
 
+    /// Lists the provider's transactions since the cursor (minus the overlap), page by page, and
+    /// feeds each transfer through the store; moves the cursor when every page was read.
+    async fn list_transactions(&self) -> anyhow::Result<ListingReport> {
+        let started = OffsetDateTime::now_utc();
+        let cursor = self.store.transactions_cursor().await?;
+        let from = window_start(cursor, started, self.listing.overlap);
+        let date_from = from.format(&time::format_description::well_known::Rfc3339)?;
+        let mut report = ListingReport::default();
+        let mut after: Option<String> = None;
+        loop {
+            // No merchant_id filter: the API key is the account's, and one listing covers every
+            // merchant the gateway's terminals belong to.
+            let mut query = vec![
+                ("date_from", date_from.clone()),
+                ("status", "confirmed".to_owned()),
+                ("limit", PAGE_LIMIT.to_owned()),
+            ];
+            if let Some(after) = &after {
+                query.push(("starting_after", after.clone()));
+            }
+            let page = self.client.list_transactions(&query).await?;
+            for item in &page.data {
+                report.listed += 1;
+                let raw = item.get();
+                let id: IdOnly = serde_json::from_str(raw)?;
+                after = Some(id.id.clone());
+                let tx: Transaction = match serde_json::from_str(raw) {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        report.unparsed += 1;
+                        tracing::error!(txn_id = %id.id, error = %e, "a listed transaction does not parse; it is skipped");
+                        continue;
+                    }
+                };
+                let listed = self
+                    .store
+                    .ingest_listed(tx, raw.to_owned(), OffsetDateTime::now_utc())
+                    .await?;
+                self.observe(&id.id, &listed);
+                report.note(&listed);
+            }
+            if !page.has_more || page.data.is_empty() {
+                break;
+            }
+        }
+        self.store.set_transactions_cursor(started).await?;
+        tracing::debug!(listed = report.listed, missed = report.missed, orphans = report.orphans, %date_from, "listed the provider's transactions");
+        Ok(report)
+    }
+
+    /// Metrics and logs for one listed transfer.
+    fn observe(&self, txn_id: &str, listed: &Listed) {
+        let (ingested, orphaned) = match listed {
+            Listed::Duplicate => return,
+            Listed::Waiting { orphaned, .. } => (None, *orphaned),
+            Listed::New { ingested, orphaned } => (Some(ingested), *orphaned),
+        };
+        if orphaned {
+            self.metrics.orphan_transfers.inc();
+            self.metrics
+                .reconcile_findings
+                .with_label_values(&["orphan_transfer"])
+                .inc();
+            tracing::error!(%txn_id, "a transfer matches no intent: kept as an orphan (GET /v1/orphan-transfers)");
+        }
+        let Some(Ingested::New { effects, .. }) = ingested else {
+            return;
+        };
+        if !orphaned {
+            self.metrics
+                .reconcile_findings
+                .with_label_values(&["missed_transfer"])
+                .inc();
+        }
+        for (intent_id, effect) in effects {
+            if effect.from != effect.to {
+                self.metrics
+                    .transitions
+                    .with_label_values(&[effect.from.as_str(), effect.to.as_str()])
+                    .inc();
+            }
+            tracing::info!(%txn_id, %intent_id, from = effect.from.as_str(), to = effect.to.as_str(),
+                "reconciliation found a transfer no webhook announced");
+        }
+    }
+
     /// GETs the intent and applies its snapshot; names the finding when that changed something.
     async fn resolve(&self, intent_id: &str) -> anyhow::Result<Option<&'static str>> {
         let before = self.store.intent(intent_id.to_owned()).await?;
@@ -233,13 +428,78 @@ impl Reconciler {
     }
 }
 
+fn is_not_found(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ProviderError>(),
+        Some(ProviderError::Status { status: 404, .. })
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use time::macros::datetime;
+
     #[test]
-    fn stays_inside_a_quarter_of_the_budget() {
-        assert_eq!(interval(100), Duration::from_secs(3));
-        assert_eq!(interval(1000), Duration::from_millis(300));
+    fn the_window_overlaps_the_last_listing() {
+        let now = datetime!(2026-04-01 20:15:00 UTC);
+        let last = datetime!(2026-04-01 20:00:00 UTC);
+        let ten = Duration::from_secs(600);
+        assert_eq!(
+            window_start(Some(last), now, ten),
+            datetime!(2026-04-01 19:50:00 UTC)
+        );
+        // First run: only what is recent (older transfers predate the gateway).
+        assert_eq!(
+            window_start(None, now, ten),
+            datetime!(2026-04-01 20:05:00 UTC)
+        );
+        // After a long outage the window reaches back to the last complete listing.
+        let week = datetime!(2026-03-25 20:00:00 UTC);
+        assert_eq!(
+            window_start(Some(week), now, ten),
+            datetime!(2026-03-25 19:50:00 UTC)
+        );
+    }
+
+    #[test]
+    fn the_report_counts_what_each_transfer_did() {
+        let mut report = ListingReport::default();
+        report.note(&Listed::Duplicate);
+        report.note(&Listed::Waiting {
+            intent_id: Some("pi_1".into()),
+            orphaned: false,
+        });
+        report.note(&Listed::Waiting {
+            intent_id: None,
+            orphaned: true,
+        });
+        report.note(&Listed::New {
+            ingested: Ingested::New {
+                outcome: crate::store::EventOutcome::Pending,
+                effects: Vec::new(),
+                unknown_intents: vec!["pi_2".into()],
+            },
+            orphaned: false,
+        });
+        report.note(&Listed::New {
+            ingested: Ingested::New {
+                outcome: crate::store::EventOutcome::Pending,
+                effects: Vec::new(),
+                unknown_intents: Vec::new(),
+            },
+            orphaned: true,
+        });
+        assert_eq!(
+            report,
+            ListingReport {
+                listed: 0,
+                missed: 1,
+                orphans: 2,
+                lookups: vec!["pi_1".into(), "pi_2".into()],
+                unparsed: 0,
+            }
+        );
     }
 }

@@ -9,6 +9,15 @@
 //! answers are stored, so the same request id gets the same answer. A provider that cannot be
 //! reached gives `provider_unavailable` ("unknown, checking"), never "failed", and nothing is
 //! stored, so the retry goes to the provider again with the same idempotency key.
+//!
+//! Provider calls share one request budget with reconciliation (provider-api.md §2.6); a request
+//! that finds it spent for longer than `provider.rpc_budget_wait_ms` is answered `rate_limited`
+//! (not stored: the retry is a new try). A `409` on create (the idempotency key matched an earlier
+//! request, §2.5) that carries that request's intent (ours: same terminal, order and amount) is
+//! used like a `2xx`; any other `409` is answered `idempotency_conflict`: the outcome of the
+//! earlier request is unknown, start a new attempt with a new request id. A `qr_payload` that
+//! fails its EIP-681 check (§7) is never shown: the intent is kept (its history shows
+//! `rpc.qr_rejected`) and cancelled at the provider, and the terminal is answered `qr_mismatch`.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -21,10 +30,11 @@ use posgate_proto::qr::{self, Mode};
 use posgate_proto::rpc::{CreateIntent, IntentRef, MAX_ID_LEN, Request, Response};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::domain::IntentStatus;
 use crate::provider::{ProviderClient, ProviderError};
-use crate::reconcile::apply_snapshot;
+use crate::reconcile::{apply_snapshot, apply_snapshot_as};
 use crate::store::{Store, StoredIntent};
 
 /// The RPC service.
@@ -116,10 +126,9 @@ impl Rpc {
             Err((code, message)) => Response::err(&request.id, code, message),
         };
         // A transient failure is not an answer: the retry must reach the provider again.
-        let transient = response
-            .error
-            .as_ref()
-            .is_some_and(|e| e.code == "provider_unavailable" || e.code == "unavailable");
+        let transient = response.error.as_ref().is_some_and(|e| {
+            e.code == "provider_unavailable" || e.code == "unavailable" || e.code == "rate_limited"
+        });
         if !transient {
             let value = serde_json::to_value(&response).unwrap_or_default();
             if let Err(e) = self
@@ -190,8 +199,7 @@ impl Rpc {
             Ok(None) => return (Err(("not_found", "unknown terminal".into())), None),
             Err(e) => return (Err(("unavailable", format!("store: {e}"))), None),
         };
-        let mut idempotency_key = format!("posgate:{terminal_id}:{}", request.id);
-        idempotency_key.truncate(64);
+        let idempotency_key = idempotency_key(terminal_id, &request.id);
         let mut body = json!({
             "amount": cents_number(amount),
             "currency": "usd",
@@ -204,6 +212,31 @@ impl Rpc {
         }
         let raw = match client.create_intent(&body).await {
             Ok(raw) => raw,
+            // The key matched an earlier request (provider-api.md §2.5).
+            Err(ProviderError::Status {
+                status: 409,
+                body: answer,
+                code,
+                ..
+            }) => match original_intent(&answer, terminal_id, &params.order_id, amount) {
+                Some(raw) => {
+                    tracing::info!(%terminal_id, %idempotency_key, "409 with the original intent: using it");
+                    raw
+                }
+                None => {
+                    tracing::warn!(%terminal_id, %idempotency_key, code = code.as_deref().unwrap_or("-"),
+                        "409: the idempotency key was already used and the original intent is not in the answer; the earlier request's outcome is unknown");
+                    return (
+                        Err((
+                            "idempotency_conflict",
+                            "the provider already holds another request under this request id; \
+                             its outcome is unknown: start a new attempt with a new request id"
+                                .into(),
+                        )),
+                        None,
+                    );
+                }
+            },
             Err(e) => return (Err(provider_error(&e)), None),
         };
         let pi: PaymentIntent = match serde_json::from_slice(&raw) {
@@ -221,13 +254,31 @@ impl Rpc {
         let qr_payload = pi.qr_payload.clone().unwrap_or_default();
         let address = pi.payment_address.clone().unwrap_or_default();
         if let Err(e) = qr::check(&qr_payload, *mode, &address, amount) {
-            tracing::error!(%terminal_id, intent_id = %pi.id, error = %e, "the provider's qr_payload failed its check; no QR shown");
+            tracing::error!(%terminal_id, intent_id = %pi.id, error = %e, "the provider's qr_payload failed its check; no QR shown, cancelling the intent");
+            // No open intent may stay behind at the provider: cancel it, and keep what it says
+            // (the intent is stored, its history shows the rejection).
+            let outcome = match cancel_or_read(client, &pi.id).await {
+                Ok(raw) => match apply_snapshot_as(&self.store, raw, QR_REJECTED).await {
+                    Ok((snapshot, _)) => format!("it is {} at the provider", snapshot.status),
+                    Err(e) => {
+                        tracing::error!(intent_id = %pi.id, error = %e, "recording the cancelled intent failed");
+                        "it was cancelled at the provider".into()
+                    }
+                },
+                Err(cancel) => {
+                    tracing::error!(intent_id = %pi.id, error = %cancel, "cancelling an intent with a bad qr_payload failed; it expires on its own");
+                    "cancelling it failed; it expires on its own".into()
+                }
+            };
             return (
                 Err((
                     "qr_mismatch",
-                    format!("the payment request failed its check: {e}"),
+                    format!(
+                        "the payment request for {} failed its check ({e}); {outcome}",
+                        pi.id
+                    ),
                 )),
-                None,
+                Some(pi),
             );
         }
         let expires_at = pi.expires_at.and_then(|t| {
@@ -285,17 +336,9 @@ impl Rpc {
     async fn cancel(&self, terminal_id: &str, request: &Request) -> Answer {
         let intent = self.own(terminal_id, request).await?;
         let (client, _) = self.client()?;
-        let raw = match client.cancel_intent(&intent.record.id).await {
-            Ok(raw) => raw,
-            // Not awaiting payment any more (perhaps paid a moment ago): read what it is.
-            Err(ProviderError::Status {
-                status: 400 | 409, ..
-            }) => client
-                .get_intent(&intent.record.id)
-                .await
-                .map_err(|e| provider_error(&e))?,
-            Err(e) => return Err(provider_error(&e)),
-        };
+        let raw = cancel_or_read(client, &intent.record.id)
+            .await
+            .map_err(|e| provider_error(&e))?;
         apply_snapshot(&self.store, raw)
             .await
             .map_err(|e| ("unavailable", e.to_string()))?;
@@ -304,8 +347,61 @@ impl Rpc {
     }
 }
 
+/// The kind under which the snapshot of an intent cancelled for a bad `qr_payload` is kept.
+const QR_REJECTED: &str = "rpc.qr_rejected";
+
+/// Cancels an intent; when it is no longer awaiting payment (perhaps paid a moment ago), reads
+/// what it is instead. Either way, the intent object.
+async fn cancel_or_read(client: &ProviderClient, id: &str) -> Result<bytes::Bytes, ProviderError> {
+    match client.cancel_intent(id).await {
+        Err(ProviderError::Status {
+            status: 400 | 409, ..
+        }) => client.get_intent(id).await,
+        other => other,
+    }
+}
+
+/// The idempotency key of a create: `posgate:{terminal_id}:{request_id}`, or, when that is longer
+/// than 64 characters, `posgate:` and a SHA-256 prefix of it (truncating instead could give two
+/// different requests the same key).
+fn idempotency_key(terminal_id: &str, request_id: &str) -> String {
+    let key = format!("posgate:{terminal_id}:{request_id}");
+    if key.len() <= 64 {
+        return key;
+    }
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("posgate:{}", &digest[..56])
+}
+
+/// The intent in a 409's body, when it is the one this request would have created: an object
+/// with `"object":"payment_intent"` for this terminal, order and amount (provider-api.md §2.5).
+fn original_intent(
+    body: &bytes::Bytes,
+    terminal_id: &str,
+    order_id: &str,
+    amount: MicroUsdc,
+) -> Option<bytes::Bytes> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    if value["object"] != "payment_intent" {
+        return None;
+    }
+    let pi: PaymentIntent = serde_json::from_value(value).ok()?;
+    let meta = pi.metadata.as_ref()?;
+    let ours = meta.get("terminal_id").and_then(Value::as_str) == Some(terminal_id)
+        && meta.get("order_id").and_then(Value::as_str) == Some(order_id)
+        && pi.amount == amount;
+    ours.then(|| body.clone())
+}
+
 fn provider_error(e: &ProviderError) -> (&'static str, String) {
     match e {
+        ProviderError::Budget { source, .. } => (
+            "rate_limited",
+            format!(
+                "the gateway's request budget at the provider is spent; retry in {} s",
+                source.retry_after.as_secs().max(1)
+            ),
+        ),
         ProviderError::Status { status, code, .. }
             if (400..500).contains(status) && *status != 429 =>
         {
@@ -345,4 +441,48 @@ fn view(intent: &StoredIntent) -> Value {
         "order_id": r.order_id,
         "expires_at": r.expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_idempotency_keys_are_hashed_not_truncated() {
+        assert_eq!(idempotency_key("pos-1", "r1"), "posgate:pos-1:r1");
+        let terminal = "store-0012-lane-0003-terminal-with-a-long-name";
+        let a = idempotency_key(terminal, "request-0000000000000000000000000000001");
+        let b = idempotency_key(terminal, "request-0000000000000000000000000000002");
+        assert_ne!(a, b);
+        assert_eq!((a.len(), b.len()), (64, 64));
+        assert!(a.starts_with("posgate:"));
+        assert_eq!(
+            a,
+            idempotency_key(terminal, "request-0000000000000000000000000000001")
+        );
+    }
+
+    #[test]
+    fn a_409_body_is_used_only_when_it_is_our_intent() {
+        let intent = |terminal: &str, order: &str, amount: &str| {
+            bytes::Bytes::from(format!(
+                r#"{{"id":"pi_1","object":"payment_intent","status":"awaiting_payment","amount":{amount},"metadata":{{"terminal_id":"{terminal}","order_id":"{order}"}}}}"#
+            ))
+        };
+        let amount = MicroUsdc(4_500_000);
+        let ours = intent("pos-1", "ord-1", "4.50");
+        assert_eq!(original_intent(&ours, "pos-1", "ord-1", amount), Some(ours));
+        for other in [
+            intent("pos-2", "ord-1", "4.50"),
+            intent("pos-1", "ord-2", "4.50"),
+            intent("pos-1", "ord-1", "4.40"),
+            bytes::Bytes::from_static(
+                br#"{"error":{"type":"idempotency_error","code":"idempotency_key_reused"}}"#,
+            ),
+            bytes::Bytes::from_static(br#"{"object":"transaction","id":"txn_1"}"#),
+            bytes::Bytes::new(),
+        ] {
+            assert_eq!(original_intent(&other, "pos-1", "ord-1", amount), None);
+        }
+    }
 }

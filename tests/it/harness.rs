@@ -213,6 +213,18 @@ impl TestGateway {
         self.running.shutdown(Duration::from_secs(10)).await
     }
 
+    /// Stops (cleanly), keeping the data dir for [`Stopped::start`].
+    pub async fn stop(self) -> Stopped {
+        let TestGateway {
+            data_dir,
+            extra,
+            running,
+            ..
+        } = self;
+        running.shutdown(Duration::from_secs(10)).await;
+        Stopped { data_dir, extra }
+    }
+
     /// Stops (cleanly) and starts again on the same data dir.
     pub async fn restart(self) -> TestGateway {
         let TestGateway {
@@ -223,6 +235,19 @@ impl TestGateway {
         } = self;
         running.shutdown(Duration::from_secs(10)).await;
         start(data_dir, extra).await
+    }
+}
+
+/// A gateway stopped by [`TestGateway::stop`]: its data dir and settings.
+pub struct Stopped {
+    data_dir: TempDir,
+    extra: Vec<(String, String)>,
+}
+
+impl Stopped {
+    /// Starts it again on the same data dir (new ports).
+    pub async fn start(self) -> TestGateway {
+        start(self.data_dir, self.extra).await
     }
 }
 
@@ -288,16 +313,37 @@ pub async fn spawn_with_provider(
     faults: posgate_sim::provider::Faults,
     extra: &[(&str, &str)],
 ) -> (TestGateway, posgate_sim::provider::RunningProvider) {
+    let mut config = sim_config(secret);
+    config.faults = faults;
+    spawn_with_sim(config, extra).await
+}
+
+/// The simulator settings [`spawn_with_provider`] starts from (time scale 0.01, no faults), for
+/// tests that set more (REST faults, …) before [`spawn_with_sim`].
+pub fn sim_config(secret: &str) -> posgate_sim::provider::ProviderConfig {
     let mut config =
         posgate_sim::provider::ProviderConfig::new("http://127.0.0.1:9/not-yet", secret);
     config.time_scale = 0.01;
-    config.faults = faults;
+    config
+}
+
+/// As [`spawn_with_provider`], with the simulator started from `config` (its first webhook
+/// secret is the gateway's).
+pub async fn spawn_with_sim(
+    config: posgate_sim::provider::ProviderConfig,
+    extra: &[(&str, &str)],
+) -> (TestGateway, posgate_sim::provider::RunningProvider) {
+    let secret = config
+        .webhook_secrets
+        .first()
+        .map(|s| s.expose_secret().to_owned())
+        .unwrap_or_default();
     let sim = posgate_sim::provider::ProviderSim::start(config)
         .await
         .unwrap();
     let api_base = sim.api_base();
     let mut env = vec![
-        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", secret),
+        ("POSGATE__PROVIDER__WEBHOOK_SECRETS", secret.as_str()),
         ("POSGATE__PROVIDER__API_BASE", api_base.as_str()),
         ("POSGATE__PROVIDER__API_KEY", "sk_test_posgate"),
         ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),

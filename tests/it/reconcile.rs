@@ -146,3 +146,250 @@ async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
     assert_eq!(found, Some(1.0));
     gw.shutdown().await;
 }
+
+/// Every webhook dropped, reconciliation's sweep out of the way (60 s): only the listing of the
+/// provider's transactions (every second here) can find these transfers.
+async fn listing_only() -> (harness::TestGateway, posgate_sim::provider::RunningProvider) {
+    let faults = Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    };
+    let extra = [("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1")];
+    harness::spawn_with_provider(SECRET, faults, &extra).await
+}
+
+async fn metric_or_zero(gw: &harness::TestGateway, name: &str) -> f64 {
+    gw.metric(name).await.unwrap_or(0.0)
+}
+
+async fn listings(gw: &harness::TestGateway) -> f64 {
+    metric_or_zero(gw, "posgate_reconcile_listings_total{outcome=\"ok\"}").await
+}
+
+async fn orphans(gw: &harness::TestGateway) -> Vec<serde_json::Value> {
+    let response = gw.admin_get("/v1/orphan-transfers").await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn transfers_no_webhook_announced_are_found_by_the_listing_once() {
+    let (gw, sim) = listing_only().await;
+    let mut terminal = gw.terminal("pos_list").await;
+
+    // A: created by the terminal (known to the gateway), underpaid.
+    let reply = terminal
+        .rpc(
+            "c1",
+            "create_intent",
+            serde_json::json!({"amount": "4.50", "order_id": "o-a", "ttl": 3600}),
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap();
+    let a = reply.result.unwrap()["intent_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.pay(&a, Some(MicroUsdc(4_400_000)), false).unwrap();
+    // B: created by "the merchant's backend" (unknown to the gateway), underpaid.
+    let mut new = NewIntent::for_terminal(MicroUsdc(2_000_000), "pos_list");
+    new.ttl_secs = Some(3600);
+    let b = sim.create_intent(&new).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.pay(&b, Some(MicroUsdc(1_500_000)), false).unwrap();
+    // C: a transfer to an address no intent has.
+    let orphan = sim.pay_unknown(MicroUsdc(1_000_000), None).unwrap();
+
+    // The terminal hears about both underpayments, though no webhook ever arrived.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let c = terminal
+            .next_confirmation(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(
+            (c.status, c.context),
+            (ConfirmationStatus::Unresolved, Some(Context::Underpaid)),
+            "{c:?}"
+        );
+        got.push(c.intent_id);
+    }
+    got.sort();
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    let stats = sim.stats().delivery;
+    assert!(stats.dropped >= 3 && stats.delivered == 0, "{stats:?}");
+    let view = gw.intent(&a).await.unwrap();
+    assert_eq!(view["received_micros"], 4_400_000);
+    assert!(
+        view["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "reconcile.transaction"),
+        "{view}"
+    );
+
+    // C is kept as an orphan, visible to the operator.
+    let found = eventually(Duration::from_secs(10), || async {
+        let list = orphans(&gw).await;
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["txn_id"], orphan.transaction_id.as_str());
+    assert_eq!(found[0]["amount_micros"], 1_000_000);
+    assert_eq!(found[0]["payment_intent_id"], serde_json::Value::Null);
+
+    // Every transfer listed again (the window overlaps): no second effect.
+    let before = listings(&gw).await;
+    let a_before = gw.intent(&a).await.unwrap();
+    eventually(Duration::from_secs(15), || async {
+        (listings(&gw).await >= before + 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(gw.intent(&a).await.unwrap(), a_before);
+    assert_eq!(
+        gw.intent(&b).await.unwrap()["transactions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(orphans(&gw).await.len(), 1);
+    assert_eq!(
+        metric_or_zero(&gw, "posgate_orphan_transfers_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric_or_zero(
+            &gw,
+            "posgate_reconcile_findings_total{kind=\"missed_transfer\"}"
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        metric_or_zero(
+            &gw,
+            "posgate_reconcile_findings_total{kind=\"unknown_intent\"}"
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        terminal
+            .next_confirmation(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "nothing new for the terminal"
+    );
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_exact_transfer_found_by_the_listing_ends_confirmed() {
+    let faults = Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    };
+    let extra = [
+        ("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1"),
+        ("POSGATE__PROVIDER__RECONCILE_EVERY_SECS", "1"),
+        ("POSGATE__PROVIDER__RECONCILE_GRACE_SECS", "1"),
+    ];
+    let (gw, sim) = harness::spawn_with_provider(SECRET, faults, &extra).await;
+    let mut terminal = gw.terminal("pos_exact").await;
+    let reply = terminal
+        .rpc(
+            "c1",
+            "create_intent",
+            serde_json::json!({"amount": "7.25", "order_id": "o-x", "ttl": 3600}),
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap();
+    let id = reply.result.unwrap()["intent_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.pay(&id, None, false).unwrap();
+    // The listing records the exact transfer (no news for the terminal: the provider confirms);
+    // a grace period later the sweep asks the provider, which says confirmed.
+    let c = terminal
+        .next_confirmation(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status, c.amount_micros),
+        (id.as_str(), ConfirmationStatus::Confirmed, 7_250_000)
+    );
+    let view = gw.intent(&id).await.unwrap();
+    assert_eq!(view["transactions"].as_array().unwrap().len(), 1, "{view}");
+    assert_eq!(
+        metric_or_zero(
+            &gw,
+            "posgate_reconcile_findings_total{kind=\"missed_transfer\"}"
+        )
+        .await,
+        1.0
+    );
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_the_listing_where_it_stopped() {
+    let faults = Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    };
+    // No overlap: only the stored cursor can bring back what happened while the gateway was down.
+    let extra = [
+        ("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1"),
+        ("POSGATE__PROVIDER__TRANSACTIONS_OVERLAP_SECS", "0"),
+    ];
+    let (gw, sim) = harness::spawn_with_provider(SECRET, faults, &extra).await;
+    let bundle = gw.provision("pos_restart").await;
+    let mut new = NewIntent::for_terminal(MicroUsdc(3_000_000), "pos_restart");
+    new.ttl_secs = Some(3600);
+    let id = sim.create_intent(&new).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(Duration::from_secs(10), || async {
+        (listings(&gw).await >= 1.0).then_some(())
+    })
+    .await;
+    // Paid while the gateway is down; confirmed on chain before it is back.
+    let stopped = gw.stop().await;
+    sim.pay(&id, Some(MicroUsdc(2_000_000)), false).unwrap();
+    eventually(Duration::from_secs(10), || async {
+        (sim.stats().api.transactions >= 1).then_some(())
+    })
+    .await;
+    let gw = stopped.start().await;
+    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, gw.mqtt)
+        .await
+        .unwrap();
+    let c = terminal
+        .next_confirmation(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status, c.context),
+        (
+            id.as_str(),
+            ConfirmationStatus::Unresolved,
+            Some(Context::Underpaid)
+        )
+    );
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}

@@ -190,3 +190,227 @@ async fn the_provider_down_gives_a_clear_error_and_a_retry_creates_one_intent() 
     assert!(e.message.contains("unknown"), "{}", e.message);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_409_with_the_original_intent_is_used_and_any_other_is_a_clear_conflict() {
+    let mut config = harness::sim_config(SECRET);
+    config.api_faults.replay_409 = true;
+    let (gw, sim) = harness::spawn_with_sim(config, &[]).await;
+    let mut t = gw.terminal("pos_409").await;
+    // Earlier requests under the keys the gateway derives from request ids r1 and r2: r1's with
+    // exactly the body the gateway will send, r2's with another amount.
+    let earlier = |key: &str, amount: u64| {
+        let mut new = posgate_sim::provider::NewIntent::for_terminal(
+            posgate_proto::MicroUsdc(amount),
+            "pos_409",
+        );
+        new.merchant_id = "mer_test".into();
+        new.metadata.insert("order_id".into(), json!("ord-409"));
+        new.idempotency_key = Some(key.into());
+        sim.create_intent(&new).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let original = earlier("posgate:pos_409:r1", 4_500_000);
+    earlier("posgate:pos_409:r2", 1_000_000);
+    assert_eq!(sim.stats().api.intents_created, 2);
+
+    // The provider answers 409 with the intent r1 created: the terminal gets that intent.
+    let params = json!({"amount": "4.50", "order_id": "ord-409"});
+    let reply = t
+        .rpc("r1", "create_intent", params.clone(), WAIT)
+        .await
+        .unwrap();
+    let result = reply.result.unwrap_or_else(|| panic!("{:?}", reply.error));
+    assert_eq!(result["intent_id"], original.as_str());
+    assert!(
+        result["qr_payload"]
+            .as_str()
+            .unwrap()
+            .ends_with("uint256=4500000")
+    );
+    let view = gw.intent(&original).await.unwrap();
+    assert_eq!(view["terminal_id"], "pos_409");
+
+    // A 409 without our intent (another body under that key): a clear error, nothing created.
+    let reply = t
+        .rpc("r2", "create_intent", params.clone(), WAIT)
+        .await
+        .unwrap();
+    let e = reply.error.expect("an error");
+    assert_eq!(e.code, "idempotency_conflict", "{}", e.message);
+    assert!(e.message.contains("new request id"), "{}", e.message);
+    // It is an answer: the same request id gets it again, without asking the provider.
+    let requests = sim.stats().api.requests;
+    let again = t
+        .rpc("r2", "create_intent", params.clone(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.error.map(|e| e.code).as_deref(),
+        Some("idempotency_conflict")
+    );
+    assert_eq!(sim.stats().api.requests, requests);
+    // A new attempt works.
+    let reply = t.rpc("r3", "create_intent", params, WAIT).await.unwrap();
+    assert!(reply.result.is_some(), "{:?}", reply.error);
+    assert_eq!(sim.stats().api.intents_created, 3);
+    assert_eq!(sim.stats().api.idempotency_conflicts, 1);
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_bad_qr_payload_is_never_shown_and_the_intent_is_cancelled() {
+    let mut config = harness::sim_config(SECRET);
+    config.api_faults.bad_qr = true;
+    let (gw, sim) = harness::spawn_with_sim(config, &[]).await;
+    let mut t = gw.terminal("pos_qr").await;
+    let reply = t
+        .rpc(
+            "q1",
+            "create_intent",
+            json!({"amount": "4.50", "order_id": "ord-qr"}),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(reply.result.is_none(), "no QR for the terminal");
+    let e = reply.error.expect("an error");
+    assert_eq!(e.code, "qr_mismatch");
+    assert!(e.message.contains("cancelled"), "{}", e.message);
+
+    // The intent is kept, as this terminal's, with the rejection in its history; cancelled at
+    // the provider, so nothing open is left behind.
+    let list = gw
+        .admin_get("/v1/payment-intents?terminal_id=pos_qr")
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let intents = list["data"].as_array().unwrap();
+    assert_eq!(intents.len(), 1, "{list}");
+    let id = intents[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(intents[0]["status"], "cancelled");
+    assert!(
+        intents[0]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "rpc.qr_rejected"),
+        "{list}"
+    );
+    assert_eq!(sim.intent(&id).unwrap()["status"], "cancelled");
+    assert_eq!(sim.stats().api.intents_created, 1);
+    // The terminal is told the intent is cancelled (it never showed it).
+    let c = t.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status),
+        (id.as_str(), ConfirmationStatus::Cancelled)
+    );
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit() {
+    const LIMIT: u32 = 60;
+    let mut config = harness::sim_config(SECRET);
+    // The provider refuses anything beyond its limit (one fixed minute, as documented).
+    config.api_faults.rate_limit_per_minute = Some(LIMIT);
+    let extra = [
+        ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "60"),
+        ("POSGATE__PROVIDER__RPC_BUDGET_WAIT_MS", "2000"),
+        // Reconciliation wants to call as often as it can.
+        ("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1"),
+        ("POSGATE__PROVIDER__RECONCILE_EVERY_SECS", "1"),
+    ];
+    let started = tokio::time::Instant::now();
+    let (gw, sim) = harness::spawn_with_sim(config, &extra).await;
+    let rates = posgate::provider::Rates::for_limit(LIMIT);
+    let mut terminals = Vec::new();
+    for i in 0..12 {
+        terminals.push(gw.terminal(&format!("pos_busy{i}")).await);
+    }
+    // Twelve cashiers at once: more than the burst. Every one gets an answer: an intent, or a
+    // clear `rate_limited` with the time to wait.
+    let replies = futures::future::join_all(terminals.iter_mut().enumerate().map(|(i, t)| {
+        t.rpc(
+            "b1",
+            "create_intent",
+            json!({"amount": "1.00", "order_id": format!("o-{i}")}),
+            WAIT,
+        )
+    }))
+    .await;
+    let mut created = 0;
+    let mut refused = 0;
+    for reply in replies {
+        let reply = reply.expect("every request is answered");
+        match (reply.result, reply.error) {
+            (Some(_), None) => created += 1,
+            (None, Some(e)) => {
+                assert_eq!(e.code, "rate_limited", "{}", e.message);
+                assert!(e.message.contains("retry in"), "{}", e.message);
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        created >= 1 && refused >= 1,
+        "created {created}, refused {refused}"
+    );
+    // Reconciliation keeps running, and a cashier who retries is still served.
+    let t = &mut terminals[0];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for attempt in 0.. {
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        // Not found is answered from the store, whatever the budget.
+        let reply = t
+            .rpc(
+                &format!("g{attempt}"),
+                "get_intent",
+                json!({"intent_id": "pi_none"}),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.error.map(|e| e.code).as_deref(), Some("not_found"));
+        let reply = t
+            .rpc(
+                &format!("c{attempt}"),
+                "create_intent",
+                json!({"amount": "2.00", "order_id": "o-retry"}),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        match reply.error {
+            None => break,
+            Some(e) => assert_eq!(e.code, "rate_limited", "{}", e.message),
+        }
+    }
+    harness::eventually(Duration::from_secs(20), || async {
+        let ok = gw
+            .metric("posgate_reconcile_listings_total{outcome=\"ok\"}")
+            .await
+            .unwrap_or(0.0);
+        (ok >= 2.0).then_some(())
+    })
+    .await;
+    // At the provider: never refused, and never more than the bucket allows since the start.
+    let stats = sim.stats().api;
+    let allowed = rates.most_in(started.elapsed()) + 1;
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert!(
+        stats.requests <= allowed,
+        "{} requests in {:?}, bucket allows {allowed}",
+        stats.requests,
+        started.elapsed()
+    );
+    assert!(stats.requests >= 4, "{stats:?}");
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}

@@ -139,6 +139,13 @@ pub struct ApiFaults {
     pub rate_limit_per_minute: Option<u32>,
     /// Send `Retry-After` with a 429 (the provider does not document it, so off by default).
     pub retry_after: bool,
+    /// Answer a create that repeats an idempotency key with the same body `409` with the original
+    /// intent as the body, instead of `200` (provider-api.md §2.5: what a real 409 carries is
+    /// undocumented; a different body is always a `409` with an error body).
+    pub replay_409: bool,
+    /// Intent objects carry a `qr_payload` for the wrong chain (Ethereum mainnet, `@1`), which
+    /// the gateway's EIP-681 check must refuse (provider-api.md §7).
+    pub bad_qr: bool,
 }
 
 /// How to start a [`ProviderSim`].
@@ -481,7 +488,12 @@ impl Core {
                     .intents
                     .get(&id)
                     .ok_or_else(|| ApiError::not_found("id", "payment intent"))?;
-                return Ok((200, intent.to_json()));
+                let status = if self.config.api_faults.replay_409 {
+                    409
+                } else {
+                    200
+                };
+                return Ok((status, self.object(intent)));
             }
             Replay::Conflict => {
                 bump(&self.counters.idempotency_conflicts);
@@ -511,7 +523,7 @@ impl Core {
             payment: None,
             api_base: self.api_base.clone(),
         };
-        let object = intent.to_json();
+        let object = self.object(&intent);
         state.idempotency.remember(&request, &id, now);
         state
             .by_address
@@ -552,7 +564,7 @@ impl Core {
         state
             .intents
             .get(id)
-            .map(Intent::to_json)
+            .map(|intent| self.object(intent))
             .ok_or_else(|| ApiError::not_found("id", "payment intent"))
     }
 
@@ -579,7 +591,24 @@ impl Core {
         let object = intent.to_json();
         drop(state);
         self.emit("payment_intent.cancelled", Some(id), object.clone());
-        Ok(object)
+        Ok(self.tampered(object))
+    }
+
+    /// An intent object as the REST API shows it (with the `bad_qr` fault applied).
+    fn object(&self, intent: &Intent) -> Value {
+        self.tampered(intent.to_json())
+    }
+
+    /// Applies the `bad_qr` fault: the `qr_payload` names chain 1 instead of the mode's.
+    fn tampered(&self, mut object: Value) -> Value {
+        if self.config.api_faults.bad_qr
+            && let Some(qr) = object["qr_payload"].as_str()
+            && let Some((target, rest)) = qr.split_once('@')
+            && let Some((_, call)) = rest.split_once('/')
+        {
+            object["qr_payload"] = Value::from(format!("{target}@1/{call}"));
+        }
+        object
     }
 
     /// Expires an intent that is still awaiting payment (the expiry timer).

@@ -253,6 +253,58 @@ async fn idempotency_keys_over_http() {
 }
 
 #[tokio::test]
+async fn replay_409_answers_a_repeated_key_with_the_original_intent() {
+    let (url, _) = receiver("s", 200).await;
+    let mut config = fast(&url, "s");
+    config.api_faults.replay_409 = true;
+    let sim = ProviderSim::start(config).await.unwrap();
+    let create = format!("{}/payment-intents", sim.api_base());
+    let body = json!({"amount": 4.5, "currency": "usd", "merchant_id": "mer_1",
+        "idempotency_key": "k-409"});
+    let (s1, first) = post_json(&create, "sk_test_abc", &body).await;
+    assert_eq!(s1, 201, "{first}");
+    let (s2, second) = post_json(&create, "sk_test_abc", &body).await;
+    assert_eq!(s2, 409, "{second}");
+    assert_eq!(
+        (second["object"].as_str(), &second["id"]),
+        (Some("payment_intent"), &first["id"])
+    );
+    // A different body under the same key is still an error body.
+    let mut other = body.clone();
+    other["amount"] = json!(4.4);
+    let (s3, conflict) = post_json(&create, "sk_test_abc", &other).await;
+    assert_eq!(s3, 409);
+    assert_error(&conflict, "idempotency_key_reused");
+    assert_eq!(sim.stats().api.intents_created, 1);
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn bad_qr_names_the_wrong_chain() {
+    let (url, _) = receiver("s", 200).await;
+    let mut config = fast(&url, "s");
+    config.api_faults.bad_qr = true;
+    let sim = ProviderSim::start(config).await.unwrap();
+    let create = format!("{}/payment-intents", sim.api_base());
+    let body = json!({"amount": 4.5, "currency": "usd", "merchant_id": "mer_1"});
+    let (status, intent) = post_json(&create, "sk_test_abc", &body).await;
+    assert_eq!(status, 201, "{intent}");
+    let qr = intent["qr_payload"].as_str().unwrap();
+    let address = intent["payment_address"].as_str().unwrap();
+    assert!(
+        qr.starts_with("ethereum:0x036CbD53842c5426634e7929541eC2318f3dCF7e@1/transfer?"),
+        "{qr}"
+    );
+    assert_eq!(
+        posgate_proto::qr::check(qr, Mode::Test, address, MicroUsdc(4_500_000)),
+        Err(posgate_proto::qr::QrError::Chain(Some("1".into())))
+    );
+    let id = intent["id"].as_str().unwrap();
+    assert_eq!(sim.intent(id).unwrap()["qr_payload"], qr);
+    sim.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn intents_carry_the_mode_qr_payload_and_cancel_once() {
     let (url, seen) = receiver("s", 200).await;
     let sim = ProviderSim::start(fast(&url, "s")).await.unwrap();

@@ -10,6 +10,7 @@
 //! | `POST /v1/terminals/{id}/revoke` | `200`; disconnected and refused from then on |
 //! | `GET /v1/payment-intents/{id}`, `GET /v1/payment-intents?…` | the gateway's view of intents |
 //! | `GET /v1/undeliverable` | confirmations waiting for a terminal that is not registered |
+//! | `GET /v1/orphan-transfers` | transfers that match no intent (found by reconciliation) |
 //!
 //! Missing or wrong token: `401`. Unknown id: `404`. Bad JSON or field: `422` naming the field.
 
@@ -38,6 +39,7 @@ use crate::router::Presence;
 use crate::store::TerminalRecord;
 use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
 
+mod orphans;
 mod terminals;
 
 /// File name of the generated admin token inside `data_dir`.
@@ -143,6 +145,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/terminals/{id}", get(terminals::get))
         .route("/v1/terminals/{id}/revoke", post(terminals::revoke))
         .route("/v1/undeliverable", get(terminals::undeliverable))
+        .route("/v1/orphan-transfers", get(orphans::list))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -4,7 +4,18 @@
 //! (0.5 s, 1 s, 2 s, jittered; `Retry-After` honoured on 429), and every error mapped to a
 //! [`ProviderError`] that keeps the status, the provider's `error.type`/`error.code` and the path.
 //! The API key is a secret: it is sent as a bearer token and never logged.
+//!
+//! Every attempt (retries included) first takes a token from the one [`Budget`] that all callers
+//! share (provider-api.md §2.6): a client made for terminal RPC is [`Priority::Interactive`], the
+//! one reconciliation uses ([`ProviderClient::background`]) is [`Priority::Background`].
 
+mod budget;
+mod list;
+
+pub use budget::{Budget, Exhausted, Priority, Rates};
+pub use list::{ListPage, parse_list};
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +32,17 @@ pub enum ProviderError {
         path: String,
         error_type: Option<String>,
         code: Option<String>,
+        /// The answer's body, as sent (a 409 on create may carry the original intent, §2.5).
+        body: Bytes,
     },
+    #[error("no request budget left for {path}")]
+    Budget {
+        path: String,
+        #[source]
+        source: Exhausted,
+    },
+    #[error("the provider's answer to {path} is not what the API promises: {reason}")]
+    Unexpected { path: String, reason: String },
     #[error("calling the provider at {path}")]
     Transport {
         path: String,
@@ -40,14 +61,22 @@ pub struct ProviderClient {
     key: SecretString,
     /// Delays before the retries (3 retries by default).
     backoff: Vec<Duration>,
+    /// The request budget shared by every client of this provider.
+    budget: Arc<Budget>,
+    priority: Priority,
 }
 
 impl ProviderClient {
-    /// A client for `api_base` (e.g. `https://api.stablegenius.co/v1`) with the API key.
+    /// An interactive client for `api_base` (e.g. `https://api.stablegenius.co/v1`) with the API
+    /// key, taking its tokens from `budget`.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(api_base: &str, key: SecretString) -> Result<ProviderClient, ProviderError> {
+    pub fn new(
+        api_base: &str,
+        key: SecretString,
+        budget: Arc<Budget>,
+    ) -> Result<ProviderClient, ProviderError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
@@ -62,7 +91,18 @@ impl ProviderClient {
             base: api_base.trim_end_matches('/').to_owned(),
             key,
             backoff,
+            budget,
+            priority: Priority::Interactive,
         })
+    }
+
+    /// The same client, for background work (reconciliation): a quarter of the budget at most,
+    /// and it yields to interactive calls.
+    pub fn background(&self) -> ProviderClient {
+        ProviderClient {
+            priority: Priority::Background,
+            ..self.clone()
+        }
     }
 
     /// The same client with other retry delays (tests).
@@ -108,6 +148,30 @@ impl ProviderClient {
         .await
     }
 
+    /// `GET /transactions` with `query` (`date_from`, `limit`, `starting_after`, …): one page,
+    /// parsed strictly (a shape we do not expect is an error, never an empty list).
+    ///
+    /// # Errors
+    /// As [`ProviderClient::get_intent`], or [`ProviderError::Unexpected`] for a body that is not
+    /// a list.
+    pub async fn list_transactions(
+        &self,
+        query: &[(&str, String)],
+    ) -> Result<ListPage, ProviderError> {
+        let mut path = String::from("/transactions");
+        for (i, (name, value)) in query.iter().enumerate() {
+            path.push(if i == 0 { '?' } else { '&' });
+            path.push_str(name);
+            path.push('=');
+            path.push_str(&encode_query(value));
+        }
+        let raw = self.call(reqwest::Method::GET, &path, None).await?;
+        parse_list(&raw).map_err(|reason| ProviderError::Unexpected {
+            path: "/transactions".into(),
+            reason,
+        })
+    }
+
     async fn call(
         &self,
         method: reqwest::Method,
@@ -116,7 +180,17 @@ impl ProviderClient {
     ) -> Result<Bytes, ProviderError> {
         let url = format!("{}{path}", self.base);
         let mut attempt = 0;
+        let mut last_error: Option<ProviderError> = None;
         loop {
+            // Every attempt is a request the provider counts.
+            if let Err(source) = self.budget.acquire(self.priority).await {
+                // A retry that finds no budget reports what made it retry: the outcome of the
+                // earlier attempt is unknown, which is not the same as "never sent".
+                return Err(last_error.unwrap_or(ProviderError::Budget {
+                    path: path.to_owned(),
+                    source,
+                }));
+            }
             let mut request = self
                 .http
                 .request(method.clone(), &url)
@@ -143,12 +217,14 @@ impl ProviderClient {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let body: serde_json::Value = response.json().await.unwrap_or_default();
+                    let raw = response.bytes().await.unwrap_or_default();
+                    let body: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
                     let error = ProviderError::Status {
                         status: status.as_u16(),
                         path: path.to_owned(),
                         error_type: body["error"]["type"].as_str().map(str::to_owned),
                         code: body["error"]["code"].as_str().map(str::to_owned),
+                        body: raw,
                     };
                     let transient =
                         status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
@@ -156,16 +232,19 @@ impl ProviderClient {
                         return Err(error);
                     }
                     tracing::debug!(%error, attempt, "provider call failed; retrying");
+                    last_error = Some(error);
                     retry_after
                 }
                 Err(source) => {
+                    let error = ProviderError::Transport {
+                        path: path.to_owned(),
+                        source,
+                    };
                     if attempt >= self.backoff.len() {
-                        return Err(ProviderError::Transport {
-                            path: path.to_owned(),
-                            source,
-                        });
+                        return Err(error);
                     }
-                    tracing::debug!(error = %source, attempt, "provider unreachable; retrying");
+                    tracing::debug!(%error, attempt, "provider unreachable; retrying");
+                    last_error = Some(error);
                     None
                 }
             };
@@ -174,5 +253,32 @@ impl ProviderClient {
             tokio::time::sleep(retry_after.unwrap_or(base + jitter)).await;
             attempt += 1;
         }
+    }
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay).
+fn encode_query(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(
+            encode_query("2026-04-01T20:00:12+00:00"),
+            "2026-04-01T20%3A00%3A12%2B00%3A00"
+        );
+        assert_eq!(encode_query("txn_3Jm7Qe1VbY9s"), "txn_3Jm7Qe1VbY9s");
     }
 }

@@ -23,12 +23,15 @@
 //! - `outbox`: (terminal id, `seq`) → [`OutboxRow`], deleted only on the terminal's ack.
 //! - `undeliverable`: terminal id (empty: none named) → intent ids waiting for that terminal.
 //! - `rpc_answers`: (terminal id, request id) → the answer given, so a retried request gets it again.
+//! - `orphan_transfers`, `reconcile_state`: see `store/reconcile.rs`.
 
 mod fleet;
+mod reconcile;
 mod rpc;
 mod writer;
 
 pub use fleet::{AckOutcome, NewTerminal, OutboxRow, TerminalRecord, Undeliverable};
+pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
 use writer::Tables;
 
 use std::path::{Path, PathBuf};

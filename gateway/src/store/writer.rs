@@ -120,6 +120,8 @@ pub(crate) struct Tables<'txn> {
     pub(super) outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
     pub(super) undeliverable: MultimapTable<'txn, &'static str, &'static str>,
     pub(super) rpc_answers: Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    /// Reconciliation's own tables (`store/reconcile.rs`).
+    pub(super) reconcile: super::reconcile::ReconcileTables<'txn>,
     /// Outbox rows added in this transaction, handed to the router after the commit.
     pub(super) new_rows: Vec<OutboxRow>,
 }
@@ -131,7 +133,7 @@ pub(super) fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8
     })
 }
 
-fn address_key(address: &str) -> String {
+pub(super) fn address_key(address: &str) -> String {
     format!("addr:{}", address.to_ascii_lowercase())
 }
 
@@ -148,6 +150,7 @@ impl<'txn> Tables<'txn> {
             outbox: txn.open_table(OUTBOX)?,
             undeliverable: txn.open_multimap_table(UNDELIVERABLE)?,
             rpc_answers: txn.open_table(RPC_ANSWERS)?,
+            reconcile: super::reconcile::ReconcileTables::open(txn)?,
             new_rows: Vec::new(),
         })
     }
@@ -356,7 +359,10 @@ impl<'txn> Tables<'txn> {
         })
     }
 
-    fn find_intent_for(&self, tx: &Transaction) -> Result<Option<StoredIntent>, StoreError> {
+    pub(super) fn find_intent_for(
+        &self,
+        tx: &Transaction,
+    ) -> Result<Option<StoredIntent>, StoreError> {
         if let Some(id) = &tx.payment_intent_id
             && let Some(intent) = self.intent(id)?
         {

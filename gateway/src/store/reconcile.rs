@@ -1,0 +1,513 @@
+//! What reconciliation needs from the store: transfers found by listing the provider's
+//! transactions, the orphan transfers among them, and the listing's cursor.
+//!
+//! Tables (values are JSON):
+//! - `orphan_transfers`: `txn_…` → [`OrphanTransfer`]: transfers that match no intent (no
+//!   `payment_intent_id` and no intent with their address; provider-api.md §6.5). Never pushed to
+//!   a terminal, never dropped; the admin API lists them (`GET /v1/orphan-transfers`).
+//! - `reconcile_state`: `transactions_cursor` → when the last complete listing started, so a
+//!   restart resumes from there instead of skipping a window.
+//!
+//! A listed transfer goes through the webhook's own path ([`Tables::ingest`]: the same event
+//! dedupe, state machine and outbox, in the same write transaction), as an event with the
+//! deterministic id `evt_rec_{txn_id}` whose body is a `transaction.created` envelope around the
+//! provider's transaction object, byte for byte. Before that, a transfer the gateway already has
+//! (recorded on an intent, or kept by a webhook while it waits for its intent) is recognised by
+//! its `txn_…` id and has no second effect.
+
+use posgate_proto::event::{Envelope, EventData, Transaction};
+use redb::{ReadableMultimapTable, ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::writer::{Tables, address_key, encode};
+use super::{EventOutcome, IncomingEvent, Ingested, Store, StoreError, StoredEvent, decode};
+
+const ORPHAN_TRANSFERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("orphan_transfers");
+const RECONCILE_STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("reconcile_state");
+
+const CURSOR_KEY: &str = "transactions_cursor";
+
+/// The stored kind of an event made from a listed transfer.
+pub const LISTED_KIND: &str = "reconcile.transaction";
+
+/// The event id under which a listed transfer is stored (and deduplicated).
+pub fn listed_event_id(txn_id: &str) -> String {
+    format!("evt_rec_{txn_id}")
+}
+
+/// A transfer that matches no intent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OrphanTransfer {
+    pub txn_id: String,
+    /// The intent the provider named, if any.
+    pub payment_intent_id: Option<String>,
+    pub payment_address: Option<String>,
+    /// Decimal string, e.g. `"1.00"`.
+    pub amount: String,
+    pub amount_micros: u64,
+    pub tx_hash: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub confirmed_at: Option<OffsetDateTime>,
+    /// When the gateway recorded it as an orphan.
+    #[serde(with = "time::serde::rfc3339")]
+    pub found_at: OffsetDateTime,
+    /// The stored event that carried it (a webhook's `evt_…`, or `evt_rec_…` from a listing).
+    pub event_id: String,
+}
+
+/// What became of a listed transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// Already recorded on an intent, or seen by an earlier listing: nothing was done.
+    Duplicate,
+    /// A webhook brought it before and it still waits for its intent: nothing was applied.
+    Waiting {
+        /// The intent it names (worth a lookup at the provider).
+        intent_id: Option<String>,
+        /// Recorded as an orphan just now.
+        orphaned: bool,
+    },
+    /// New to the gateway: applied through the webhook path.
+    New {
+        ingested: Ingested,
+        /// Recorded as an orphan just now (it matches no intent).
+        orphaned: bool,
+    },
+}
+
+/// The reconciliation tables of one write transaction.
+pub(crate) struct ReconcileTables<'txn> {
+    orphans: Table<'txn, &'static str, &'static [u8]>,
+    state: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> ReconcileTables<'txn> {
+    pub(super) fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(ReconcileTables {
+            orphans: txn.open_table(ORPHAN_TRANSFERS)?,
+            state: txn.open_table(RECONCILE_STATE)?,
+        })
+    }
+}
+
+/// A `transaction.created` envelope around the provider's transaction object (kept exact), so a
+/// listed transfer that waits for its intent is replayed like a webhook's.
+fn envelope(event_id: &str, raw_tx: &str, created_at: OffsetDateTime) -> String {
+    let created = created_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    format!(
+        r#"{{"id":{},"object":"event","type":"transaction.created","api_version":"2026-04-01","created_at":{},"data":{raw_tx}}}"#,
+        serde_json::Value::from(event_id),
+        serde_json::Value::from(created),
+    )
+}
+
+impl Tables<'_> {
+    /// Applies one transfer found by a listing (see the module docs).
+    fn ingest_listed(
+        &mut self,
+        tx: &Transaction,
+        raw_tx: &str,
+        now: OffsetDateTime,
+    ) -> Result<Listed, StoreError> {
+        let event_id = listed_event_id(&tx.id);
+        if self.events.get(event_id.as_str())?.is_some() {
+            return Ok(Listed::Duplicate);
+        }
+        match self.find_intent_for(tx)? {
+            Some(intent) if intent.record.txns.iter().any(|t| t == &tx.id) => {
+                return Ok(Listed::Duplicate);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(webhook_event) = self.pending_transfer(tx)? {
+                    let orphaned = tx.payment_intent_id.is_none()
+                        && self.record_orphan(tx, &webhook_event, now)?;
+                    return Ok(Listed::Waiting {
+                        intent_id: tx.payment_intent_id.clone(),
+                        orphaned,
+                    });
+                }
+            }
+        }
+        let event = IncomingEvent {
+            event_id: event_id.clone(),
+            kind: LISTED_KIND.into(),
+            raw: bytes::Bytes::from(envelope(&event_id, raw_tx, now)),
+            received_at: now,
+            created_at: Some(now),
+            data: Ok(EventData::Transaction(tx.clone())),
+        };
+        let ingested = self.ingest(&event)?;
+        let pending = matches!(
+            &ingested,
+            Ingested::New {
+                outcome: EventOutcome::Pending,
+                ..
+            }
+        );
+        let orphaned =
+            pending && tx.payment_intent_id.is_none() && self.record_orphan(tx, &event_id, now)?;
+        Ok(Listed::New { ingested, orphaned })
+    }
+
+    /// The id of a stored event that carries `tx` and waits for its intent, if any.
+    fn pending_transfer(&self, tx: &Transaction) -> Result<Option<String>, StoreError> {
+        let mut keys = Vec::new();
+        keys.extend(tx.payment_intent_id.clone());
+        keys.extend(tx.payment_address.as_deref().map(address_key));
+        for key in keys {
+            let ids: Vec<String> = self
+                .pending
+                .get(key.as_str())?
+                .map(|v| v.map(|v| v.value().to_owned()))
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                let Some(value) = self.events.get(id.as_str())? else {
+                    continue;
+                };
+                let stored: StoredEvent = decode(&id, value.value())?;
+                let carries = Envelope::parse(stored.raw.get().as_bytes())
+                    .ok()
+                    .and_then(|env| EventData::parse(env.event_type(), env.data).ok())
+                    .is_some_and(|data| matches!(data, EventData::Transaction(t) if t.id == tx.id));
+                if carries {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records `tx` as an orphan; `false` when it already was one.
+    fn record_orphan(
+        &mut self,
+        tx: &Transaction,
+        event_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        if self.reconcile.orphans.get(tx.id.as_str())?.is_some() {
+            return Ok(false);
+        }
+        let orphan = OrphanTransfer {
+            txn_id: tx.id.clone(),
+            payment_intent_id: tx.payment_intent_id.clone(),
+            payment_address: tx.payment_address.clone(),
+            amount: tx.amount.to_string(),
+            amount_micros: tx.amount.0,
+            tx_hash: tx.tx_hash.clone(),
+            confirmed_at: tx.confirmed_at,
+            found_at: now,
+            event_id: event_id.to_owned(),
+        };
+        self.reconcile
+            .orphans
+            .insert(tx.id.as_str(), encode(&tx.id, &orphan)?.as_slice())?;
+        Ok(true)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    #[serde(with = "time::serde::rfc3339")]
+    at: OffsetDateTime,
+}
+
+impl Store {
+    /// Applies a transfer found by listing the provider's transactions, durably, through the
+    /// webhook's path; `raw_tx` is the provider's transaction object as sent.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn ingest_listed(
+        &self,
+        tx: Transaction,
+        raw_tx: String,
+        now: OffsetDateTime,
+    ) -> Result<Listed, StoreError> {
+        self.write(move |t| t.ingest_listed(&tx, &raw_tx, now))
+            .await
+    }
+
+    /// When the last complete listing of the provider's transactions started.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn transactions_cursor(&self) -> Result<Option<OffsetDateTime>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(RECONCILE_STATE) {
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                other => other?,
+            };
+            let value = table.get(CURSOR_KEY)?;
+            value
+                .map(|v| decode::<Cursor>(CURSOR_KEY, v.value()).map(|c| c.at))
+                .transpose()
+        })
+        .await
+    }
+
+    /// Durably records that a complete listing started at `at`.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn set_transactions_cursor(&self, at: OffsetDateTime) -> Result<(), StoreError> {
+        self.write(move |t| {
+            let bytes = encode(CURSOR_KEY, &Cursor { at })?;
+            t.reconcile.state.insert(CURSOR_KEY, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every orphan transfer, oldest first.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn orphan_transfers(&self) -> Result<Vec<OrphanTransfer>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(ORPHAN_TRANSFERS) {
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                other => other?,
+            };
+            let mut out: Vec<OrphanTransfer> = Vec::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                out.push(decode(key.value(), value.value())?);
+            }
+            out.sort_by_key(|o| o.found_at);
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use posgate_proto::MicroUsdc;
+    use posgate_proto::event::PaymentIntent;
+
+    use super::*;
+    use crate::domain::{IntentStatus, UnresolvedContext};
+
+    const ADDRESS: &str = "0xAbC0000000000000000000000000000000000001";
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16, 16).unwrap();
+        (dir, store)
+    }
+
+    fn raw_tx(id: &str, intent: Option<&str>, address: &str, amount: &str) -> String {
+        let intent = intent.map_or("null".to_owned(), |i| format!("{i:?}"));
+        format!(
+            r#"{{"id":"{id}","object":"transaction","payment_intent_id":{intent},"amount":{amount},"payment_address":"{address}","tx_hash":"0xfeed","confirmed_at":"2026-04-01T20:00:07Z"}}"#
+        )
+    }
+
+    async fn list(store: &Store, raw: &str) -> Listed {
+        let tx: Transaction = serde_json::from_str(raw).unwrap();
+        store
+            .ingest_listed(tx, raw.to_owned(), OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+    }
+
+    async fn known_intent(store: &Store, id: &str) {
+        let pi: PaymentIntent = serde_json::from_value(serde_json::json!({
+            "id": id, "status": "awaiting_payment", "amount": 4.5,
+            "payment_address": ADDRESS, "expires_at": "2026-04-01T20:04:21Z",
+            "metadata": {"terminal_id": "pos-1", "order_id": "ord-1"}
+        }))
+        .unwrap();
+        store
+            .save_rpc_answer(
+                "pos-1".into(),
+                format!("req-{id}"),
+                Some(pi),
+                serde_json::json!({}),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn applied(listed: &Listed) -> bool {
+        matches!(
+            listed,
+            Listed::New {
+                ingested: Ingested::New {
+                    outcome: EventOutcome::Applied,
+                    ..
+                },
+                orphaned: false
+            }
+        )
+    }
+
+    #[tokio::test]
+    async fn a_listed_underpayment_moves_a_known_intent_once() {
+        let (_dir, store) = store();
+        known_intent(&store, "pi_1").await;
+        let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
+        let first = list(&store, &raw).await;
+        assert!(applied(&first), "{first:?}");
+        let intent = store.intent("pi_1".into()).await.unwrap().unwrap();
+        assert_eq!(intent.record.status, IntentStatus::Unresolved);
+        assert_eq!(
+            intent.record.primary_context(),
+            Some(UnresolvedContext::Underpaid)
+        );
+        let outbox = store.outbox(None).await.unwrap().len();
+        // Seen again (the listing overlaps): no second effect.
+        assert_eq!(list(&store, &raw).await, Listed::Duplicate);
+        let again = store.intent("pi_1".into()).await.unwrap().unwrap();
+        assert_eq!(again, intent);
+        assert_eq!(store.outbox(None).await.unwrap().len(), outbox);
+    }
+
+    #[tokio::test]
+    async fn a_transfer_a_webhook_already_brought_is_a_duplicate() {
+        let (_dir, store) = store();
+        known_intent(&store, "pi_1").await;
+        let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
+        let body = format!(
+            r#"{{"id":"evt_w1","object":"event","type":"transaction.created","created_at":"2026-04-01T20:00:12Z","data":{raw}}}"#
+        );
+        let tx: Transaction = serde_json::from_str(&raw).unwrap();
+        store
+            .ingest(IncomingEvent {
+                event_id: "evt_w1".into(),
+                kind: "transaction.created".into(),
+                raw: bytes::Bytes::from(body),
+                received_at: OffsetDateTime::now_utc(),
+                created_at: None,
+                data: Ok(EventData::Transaction(tx)),
+            })
+            .await
+            .unwrap();
+        let before = store.intent("pi_1".into()).await.unwrap().unwrap();
+        assert_eq!(list(&store, &raw).await, Listed::Duplicate);
+        assert_eq!(store.intent("pi_1".into()).await.unwrap().unwrap(), before);
+        assert!(
+            store
+                .event(listed_event_id("txn_1"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn matched_by_address_when_the_intent_id_is_missing() {
+        let (_dir, store) = store();
+        known_intent(&store, "pi_1").await;
+        let raw = raw_tx("txn_1", None, &ADDRESS.to_lowercase(), "4.50");
+        assert!(applied(&list(&store, &raw).await));
+        let intent = store.intent("pi_1".into()).await.unwrap().unwrap();
+        assert_eq!(intent.record.txns, ["txn_1"]);
+        assert_eq!(intent.record.received_micros, MicroUsdc(4_500_000));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_intent_waits_and_is_applied_when_it_appears() {
+        let (_dir, store) = store();
+        let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
+        let listed = list(&store, &raw).await;
+        let Listed::New {
+            ingested:
+                Ingested::New {
+                    outcome,
+                    unknown_intents,
+                    ..
+                },
+            orphaned,
+        } = listed
+        else {
+            panic!("{listed:?}")
+        };
+        assert_eq!(
+            (outcome, unknown_intents, orphaned),
+            (EventOutcome::Pending, vec!["pi_1".to_owned()], false)
+        );
+        // The intent appears (the lookup's snapshot, or a create): the waiting transfer applies.
+        known_intent(&store, "pi_1").await;
+        let intent = store.intent("pi_1".into()).await.unwrap().unwrap();
+        assert_eq!(intent.record.txns, ["txn_1"]);
+        assert_eq!(intent.record.status, IntentStatus::Unresolved);
+        assert_eq!(list(&store, &raw).await, Listed::Duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_transfer_matching_nothing_is_an_orphan_once() {
+        let (_dir, store) = store();
+        let raw = raw_tx("txn_9", None, "0x9999", "1.00");
+        let listed = list(&store, &raw).await;
+        assert!(
+            matches!(listed, Listed::New { orphaned: true, .. }),
+            "{listed:?}"
+        );
+        assert_eq!(list(&store, &raw).await, Listed::Duplicate);
+        let orphans = store.orphan_transfers().await.unwrap();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(
+            (orphans[0].txn_id.as_str(), orphans[0].amount_micros),
+            ("txn_9", 1_000_000)
+        );
+        assert_eq!(orphans[0].event_id, listed_event_id("txn_9"));
+    }
+
+    #[tokio::test]
+    async fn a_webhook_orphan_is_recorded_by_the_listing() {
+        let (_dir, store) = store();
+        let raw = raw_tx("txn_9", None, "0x9999", "1.00");
+        let body = format!(
+            r#"{{"id":"evt_w9","object":"event","type":"transaction.created","created_at":"2026-04-01T20:00:12Z","data":{raw}}}"#
+        );
+        let tx: Transaction = serde_json::from_str(&raw).unwrap();
+        store
+            .ingest(IncomingEvent {
+                event_id: "evt_w9".into(),
+                kind: "transaction.created".into(),
+                raw: bytes::Bytes::from(body),
+                received_at: OffsetDateTime::now_utc(),
+                created_at: None,
+                data: Ok(EventData::Transaction(tx)),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            list(&store, &raw).await,
+            Listed::Waiting {
+                intent_id: None,
+                orphaned: true
+            }
+        );
+        assert_eq!(
+            list(&store, &raw).await,
+            Listed::Waiting {
+                intent_id: None,
+                orphaned: false
+            }
+        );
+        let orphans = store.orphan_transfers().await.unwrap();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].event_id, "evt_w9");
+    }
+
+    #[tokio::test]
+    async fn the_cursor_survives_a_reopen() {
+        let (dir, store) = store();
+        assert_eq!(store.transactions_cursor().await.unwrap(), None);
+        assert!(store.orphan_transfers().await.unwrap().is_empty());
+        let at = time::macros::datetime!(2026-04-01 20:00:00 UTC);
+        store.set_transactions_cursor(at).await.unwrap();
+        store.close().await;
+        let store = Store::open(dir.path(), 16, 16).unwrap();
+        assert_eq!(store.transactions_cursor().await.unwrap(), Some(at));
+        store.close().await;
+    }
+}
