@@ -25,6 +25,7 @@ use crate::admin::{self, Admin, Fleet, TokenError};
 use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
 use crate::ingress::terminal::{self, Channels, Hub, TokenIndex};
+use crate::ingress::tls::{self, TlsError, TlsListener, TlsPeer};
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
@@ -55,6 +56,8 @@ pub enum BuildError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("setting up TLS on the ingress listener")]
+    IngressTls(#[from] TlsError),
     #[error("binding the {name} listener on {addr}")]
     Bind {
         name: &'static str,
@@ -76,6 +79,8 @@ pub struct Gateway {
     http_acks: mpsc::UnboundedSender<BrokerEvent>,
     /// Bearer tokens of the HTTP channels, by hash.
     http_tokens: TokenIndex,
+    /// Set when `ingress.tls`: the ingress listener serves TLS itself.
+    ingress_tls: Option<Arc<rustls::ServerConfig>>,
     ingress: TcpListener,
     admin: TcpListener,
     metrics: Metrics,
@@ -158,6 +163,11 @@ impl Gateway {
         let broker =
             Broker::build(&settings, revoked_serials, revoked_terminals, events_tx).await?;
 
+        let ingress_tls = if config.ingress.tls {
+            Some(tls::server_config(&pki)?)
+        } else {
+            None
+        };
         let ingress = bind("ingress", config.ingress.listen).await?;
         let admin = bind("admin", config.admin.listen).await?;
         let metrics = Metrics::new()?;
@@ -171,6 +181,7 @@ impl Gateway {
             broker_events,
             http_acks,
             http_tokens,
+            ingress_tls,
             ingress,
             admin,
             metrics,
@@ -188,6 +199,7 @@ impl Gateway {
             broker_events,
             http_acks,
             http_tokens,
+            ingress_tls,
             ingress,
             admin,
             metrics,
@@ -331,11 +343,18 @@ impl Gateway {
             fleet,
             metrics: metrics.clone(),
         }));
+        let ingress_task = match ingress_tls {
+            Some(config) => {
+                let listener = TlsListener::spawn(ingress, config, &tracker, token.clone());
+                serve_tls(&tracker, &token, listener, ingress_router)
+            }
+            None => serve(&tracker, &token, "ingress", ingress, ingress_router),
+        };
         let tasks = vec![
-            serve(&tracker, &token, "ingress", ingress, ingress_router),
+            ingress_task,
             serve(&tracker, &token, "admin", admin, admin_router),
         ];
-        tracing::info!(%ingress_addr, "ingress listening (POST {})", ingress::PATH);
+        tracing::info!(%ingress_addr, tls = config.ingress.tls, "ingress listening (POST {})", ingress::PATH);
         tracing::info!(%admin_addr, "admin listening");
         tracing::info!(path = %store.path().display(), "store open");
         ready.store(true, Ordering::Relaxed);
@@ -382,6 +401,26 @@ fn serve(
             }
         }
         .instrument(tracing::info_span!("listener", name)),
+    )
+}
+
+/// [`serve`] for the TLS ingress: the handlers see the client certificate as `ConnectInfo`.
+fn serve_tls(
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+    listener: TlsListener,
+    router: Router,
+) -> JoinHandle<()> {
+    let stop = token.clone().cancelled_owned();
+    tracker.spawn(
+        async move {
+            let service = router.into_make_service_with_connect_info::<TlsPeer>();
+            let server = axum::serve(listener, service).with_graceful_shutdown(stop);
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "listener failed");
+            }
+        }
+        .instrument(tracing::info_span!("listener", name = "ingress")),
     )
 }
 

@@ -68,6 +68,9 @@ pub struct IngressConfig {
     pub tolerance_secs: i64,
     /// How often the terminals' SSE streams get a keep-alive comment and WebSockets a ping.
     pub keepalive_secs: u64,
+    /// Serve TLS on this listener (the gateway's server certificate; client certificates of the
+    /// gateway CA optional, and then a terminal's identity).
+    pub tls: bool,
 }
 
 /// `[provider]`.
@@ -293,6 +296,7 @@ impl Config {
         let body_limit_bytes = r.in_range::<usize>("ingress.body_limit_bytes", 1024, 16 << 20);
         let tolerance_secs = r.in_range::<i64>("ingress.tolerance_secs", 1, 3600);
         let keepalive_secs = r.in_range::<u64>("ingress.keepalive_secs", 1, 3600);
+        let ingress_tls = r.required::<bool>("ingress.tls");
 
         let webhook_secrets = r
             .optional::<Vec<String>>("provider.webhook_secrets")
@@ -376,6 +380,7 @@ impl Config {
                     body_limit_bytes: body_limit_bytes?,
                     tolerance_secs: tolerance_secs?,
                     keepalive_secs: keepalive_secs?,
+                    tls: ingress_tls?,
                 },
                 provider: ProviderConfig {
                     webhook_secrets: webhook_secrets?

@@ -14,13 +14,16 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::harness::{
-    TestGateway, assert_error_body, eventually, spawn_gateway, spawn_with, status_json,
+    SECRET, TestGateway, assert_error_body, eventually, signed_post, spawn_gateway, spawn_with,
+    status_json,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -111,7 +114,10 @@ struct SseClient {
 
 impl SseClient {
     async fn open(gw: &TestGateway, token: &str) -> SseClient {
-        let response = get(gw, "/v1/terminal/events", Some(token)).await;
+        SseClient::of(get(gw, "/v1/terminal/events", Some(token)).await)
+    }
+
+    fn of(response: reqwest::Response) -> SseClient {
         assert_eq!(response.status(), 200);
         assert_eq!(
             response.headers()["content-type"].to_str().unwrap(),
@@ -614,7 +620,10 @@ async fn open_streams_do_not_hold_up_shutdown() {
     };
     let took = gw.shutdown().await;
     assert!(took < Duration::from_secs(5), "drain took {took:?}");
-    let frame = ws_next_other_than(&mut ws, &[]).await.unwrap_err().unwrap();
+    let frame = ws_next_other_than(&mut ws, &[first])
+        .await
+        .unwrap_err()
+        .unwrap();
     assert_eq!(frame.code, CloseCode::Away);
     while let Some(block) = sse.next_block().await {
         assert!(
@@ -631,4 +640,167 @@ async fn open_streams_do_not_hold_up_shutdown() {
     {
         assert_eq!((status, &body["confirmation"]), (200, &Value::Null));
     }
+}
+
+// === TLS on the ingress listener, client certificates ===
+
+/// An HTTPS client trusting the gateway CA, presenting `cert_key` (PEM cert, PEM key) if given.
+fn tls_client(ca_pem: &str, cert_key: Option<(&str, &str)>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap());
+    if let Some((cert, key)) = cert_key {
+        let pem = format!("{cert}\n{key}");
+        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// A WebSocket over TLS presenting the bundle's client certificate, no bearer token.
+async fn wss_connect(gw: &TestGateway, bundle: &Bundle) -> WebSocketStream<TlsStream<TcpStream>> {
+    let config = posgate_sim::terminal::tls_config(
+        &bundle.ca_pem,
+        Some((&bundle.cert_pem, &bundle.key_pem)),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(gw.ingress).await.unwrap();
+    let name = ServerName::IpAddress(gw.ingress.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let request = format!("wss://{}/v1/terminal/ws", gw.ingress)
+        .into_client_request()
+        .unwrap();
+    let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+#[tokio::test]
+async fn over_tls_the_client_certificate_authenticates_the_terminal() {
+    let gw = spawn_with(&[("POSGATE__INGRESS__TLS", "true")]).await;
+    let a = gw.provision("pos_tls_a").await;
+    let b = gw.provision("pos_tls_b").await;
+    let url = |path: &str| format!("https://{}{path}", gw.ingress);
+    let as_a = tls_client(&a.ca_pem, Some((&a.cert_pem, &a.key_pem)));
+    let as_b = tls_client(&b.ca_pem, Some((&b.cert_pem, &b.key_pem)));
+    let anonymous = tls_client(&a.ca_pem, None);
+    let mut mqtt = MqttWatch::start(&gw, &a).await;
+
+    // A's certificate alone opens its streams.
+    let mut sse = SseClient::of(as_a.get(url("/v1/terminal/events")).send().await.unwrap());
+    let mut ws = wss_connect(&gw, &a).await;
+    // Webhooks come over TLS too now.
+    let intent = posgate_sim::events::Intent::new(
+        "pi_tls_1",
+        posgate_proto::MicroUsdc(4_500_000),
+        "pos_tls_a",
+    );
+    let body = posgate_sim::events::intent_event("evt_tls_1", "confirmed", &intent);
+    let webhook = signed_post(&anonymous, &url("/webhooks/stablegenius"), SECRET, body);
+    assert_eq!(webhook.send().await.unwrap().status(), 200);
+
+    let (_, on_mqtt) = mqtt.next_other_than(&[]).await;
+    let (_, on_sse) = sse.next_other_than(&[]).await;
+    assert_eq!(on_sse, on_mqtt, "the same bytes as MQTT");
+    assert_eq!(check(&a, &on_sse).intent_id, "pi_tls_1");
+    let on_ws = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => break Bytes::from(t.as_str().to_owned()),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(on_ws, on_mqtt);
+    let (status, polled) = status_json(
+        as_a.get(url("/v1/terminal/payments/pi_tls_1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{polled}");
+    assert_eq!(
+        polled["confirmation"].as_str().unwrap().as_bytes(),
+        &on_mqtt[..]
+    );
+
+    // The bearer token works over TLS too; no credentials, or two that disagree, do not.
+    let with_token = anonymous
+        .get(url("/v1/terminal/payments/pi_tls_1"))
+        .bearer_auth(&a.http_token);
+    assert_eq!(with_token.send().await.unwrap().status(), 200);
+    let (status, body) = status_json(
+        anonymous
+            .get(url("/v1/terminal/payments/pi_tls_1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_error_body(&body);
+    let mixed = as_a
+        .get(url("/v1/terminal/payments/pi_tls_1"))
+        .bearer_auth(&b.http_token);
+    assert_eq!(mixed.send().await.unwrap().status(), 401);
+    // B's certificate does not see A's intent.
+    let foreign = as_b.get(url("/v1/terminal/payments/pi_tls_1"));
+    assert_eq!(foreign.send().await.unwrap().status(), 404);
+
+    // A certificate naming A but issued by another CA fails the handshake; plain HTTP gets nothing.
+    let other = tempfile::tempdir().unwrap();
+    let forged = posgate::pki::Pki::load_or_create(other.path(), &["127.0.0.1".into()])
+        .unwrap()
+        .issue_terminal("pos_tls_a", &posgate_proto::topics::tenant_for("pos_tls_a"))
+        .unwrap();
+    let forger = tls_client(&a.ca_pem, Some((&forged.cert_pem, &forged.key_pem)));
+    assert!(
+        forger
+            .get(url("/v1/terminal/payments/pi_tls_1"))
+            .send()
+            .await
+            .is_err()
+    );
+    let plain = gw
+        .http
+        .get(format!(
+            "http://{}/v1/terminal/payments/pi_tls_1",
+            gw.ingress
+        ))
+        .bearer_auth(&a.http_token)
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+
+    // An ack over the certificate-authenticated WebSocket clears it.
+    ws.send(Message::text(r#"{"intent_id":"pi_tls_1","seq":1}"#))
+        .await
+        .unwrap();
+    wait_pending(&gw, "pos_tls_a", 0).await;
+
+    // Revoked: the certificate is refused, the open streams end.
+    let (status, _) = status_json(
+        gw.admin_post("/v1/terminals/pos_tls_a/revoke", Value::Null)
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    while let Some(block) = sse.next_block().await {
+        assert!(matches!(block, Sse::Comment | Sse::Event { .. }));
+    }
+    let closed = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(closed.code, CloseCode::Policy);
+    let refused = as_a.get(url("/v1/terminal/payments/pi_tls_1"));
+    assert_eq!(refused.send().await.unwrap().status(), 401);
+    gw.shutdown().await;
 }

@@ -14,12 +14,13 @@
 //! | store overloaded or failing | `503` |
 //!
 //! The same listener carries the terminals' HTTP channels (polling, SSE, WebSocket, acks) of
-//! [`terminal`].
+//! [`terminal`], and serves TLS itself when `ingress.tls` is set ([`tls`]).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 pub mod terminal;
+pub mod tls;
 
 use axum::Router;
 use axum::body::Body;

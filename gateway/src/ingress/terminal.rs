@@ -40,7 +40,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::tls::TlsPeer;
 use crate::http::error;
 use crate::pki::CertIdentity;
 use crate::router::{BrokerEvent, Published, Signer};
@@ -224,12 +225,8 @@ impl TokenIndex {
 
 // === authentication ===
 
-/// The client certificate a TLS connection presented, already verified against the gateway CA
-/// (put into the request's extensions by the TLS listener).
-#[derive(Clone, Debug)]
-pub struct ClientCert(pub CertIdentity);
-
-/// The verified client certificate of the request's connection, if any.
+/// The verified client certificate of the request's connection, if any (only a TLS listener,
+/// `ingress.tls`, has one).
 struct Peer(Option<CertIdentity>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
@@ -237,7 +234,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
         Ok(Peer(
-            parts.extensions.get::<ClientCert>().map(|c| c.0.clone()),
+            parts
+                .extensions
+                .get::<ConnectInfo<TlsPeer>>()
+                .and_then(|c| c.0.cert.clone()),
         ))
     }
 }
@@ -368,6 +368,10 @@ struct Feed {
     terminal_id: String,
     signals: broadcast::Receiver<Signal>,
     resync: bool,
+    /// After a store read: the seq it sent, and how many signals were already queued then. A
+    /// publish of that same row among those is the one the read already carried (skipped); a
+    /// later one is a republish (sent, as MQTT sends it).
+    just_read: Option<(u64, usize)>,
 }
 
 impl Feed {
@@ -381,6 +385,7 @@ impl Feed {
             terminal_id,
             signals,
             resync: true,
+            just_read: None,
         }
     }
 
@@ -400,8 +405,10 @@ impl Feed {
                         End::Failed
                     })?;
                 self.resync = false;
+                self.just_read = None;
                 // Stop-and-wait, as on MQTT: only the head is on the wire.
                 if let Some(head) = rows.first() {
+                    self.just_read = Some((head.seq, self.signals.len()));
                     return Ok(Arc::new(Published {
                         terminal_id: head.terminal_id.clone(),
                         intent_id: head.intent_id.clone(),
@@ -414,7 +421,17 @@ impl Feed {
                 biased;
                 () = self.channels.shutdown.cancelled() => return Err(End::ShuttingDown),
                 signal = self.signals.recv() => match signal {
-                    Ok(Signal::Published(p)) => return Ok(p),
+                    Ok(Signal::Published(p)) => {
+                        if let Some((seq, n)) = self.just_read.take()
+                            && n > 0
+                        {
+                            self.just_read = Some((seq, n - 1));
+                            if p.seq == seq {
+                                continue;
+                            }
+                        }
+                        return Ok(p);
+                    }
                     Ok(Signal::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.resync = true;
                     }
