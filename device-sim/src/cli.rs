@@ -396,6 +396,10 @@ enum Scenario {
         /// Concurrent webhook senders (keep-alive connections).
         #[arg(long, default_value_t = 16)]
         senders: usize,
+        /// How the terminals get their confirmations: MQTT/TLS, or the ingress listener's
+        /// Server-Sent Events or WebSocket (bearer token).
+        #[arg(long, value_enum, default_value = "mqtt", conflicts_with = "broker")]
+        channel: crate::http_terminal::Channel,
         /// Measure another MQTT broker instead (HOST:PORT), fed by `posgate-sim bridge`; --pid
         /// then names the broker's process.
         #[arg(long)]
@@ -694,6 +698,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 certs,
                 bridge,
                 clear_on_ack,
+                ..
             } => {
                 if !plain && certs.is_none() {
                     anyhow::bail!(UsageError("--broker needs --plain or --certs DIR".into()));
@@ -722,12 +727,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate,
                 duration,
                 senders,
+                channel,
                 broker: None,
                 ..
             } => {
                 let t = fleet::Target::new(&target.options()).await?;
-                let report =
-                    fleet::e2e(&t, terminals, rate, Duration::from_secs(duration), senders).await;
+                let report = fleet::e2e(
+                    &t,
+                    terminals,
+                    rate,
+                    Duration::from_secs(duration),
+                    senders,
+                    channel,
+                )
+                .await;
                 finish(t, report, target.json.as_deref()).await
             }
         },

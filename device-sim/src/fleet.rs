@@ -26,6 +26,7 @@ use crate::bench::{
     CHILD_ADMIN_TOKEN, Child, Latency, default_posgate_bin, new_histogram, rss_mib, start_child,
 };
 use crate::events::{self, Intent};
+use crate::http_terminal::{Channel, spawn_http_session};
 use crate::terminal::{Bundle, Seen, spawn_session};
 
 /// Where the gateway under test is.
@@ -184,10 +185,13 @@ pub struct FleetEvent {
 /// N terminal sessions reporting into one channel.
 pub struct Fleet {
     pub bundles: Vec<Bundle>,
-    sessions: Vec<Option<(AsyncClient, JoinHandle<()>)>>,
+    sessions: Vec<Option<(Option<AsyncClient>, JoinHandle<()>)>>,
     tx: mpsc::UnboundedSender<FleetEvent>,
     pub events: mpsc::UnboundedReceiver<FleetEvent>,
     addr: SocketAddr,
+    /// `Mqtt` (to `addr`), or an HTTP channel of the ingress at `ingress`.
+    channel: Channel,
+    ingress: Option<SocketAddr>,
 }
 
 impl Fleet {
@@ -200,6 +204,23 @@ impl Fleet {
             tx,
             events,
             addr,
+            channel: Channel::Mqtt,
+            ingress: None,
+        }
+    }
+
+    /// A fleet whose terminals use `channel`: MQTT at `mqtt`, or an HTTP channel of the ingress
+    /// listener at `ingress`.
+    pub fn over(
+        bundles: Vec<Bundle>,
+        channel: Channel,
+        mqtt: SocketAddr,
+        ingress: SocketAddr,
+    ) -> Fleet {
+        Fleet {
+            channel,
+            ingress: Some(ingress),
+            ..Fleet::new(bundles, mqtt)
         }
     }
 
@@ -227,7 +248,16 @@ impl Fleet {
             })
             .is_ok()
         });
-        self.sessions[i] = Some(spawn_session(&self.bundles[i], self.addr, sink)?);
+        self.sessions[i] = Some(match (self.channel, self.ingress) {
+            (Channel::Sse | Channel::Ws, Some(ingress)) => (
+                None,
+                spawn_http_session(&self.bundles[i], ingress, self.channel, sink)?,
+            ),
+            _ => {
+                let (client, task) = spawn_session(&self.bundles[i], self.addr, sink)?;
+                (Some(client), task)
+            }
+        });
         Ok(())
     }
 
@@ -498,9 +528,10 @@ pub async fn e2e(
     rate: u64,
     duration: Duration,
     senders: usize,
+    channel: Channel,
 ) -> anyhow::Result<FleetReport> {
     let bundles = provision(target, "bench-e-", n, 32).await?;
-    let mut fleet = Fleet::new(bundles, target.mqtt);
+    let mut fleet = Fleet::over(bundles, channel, target.mqtt, target.ingress);
     fleet.connect_all(1000, Duration::from_secs(120)).await?;
     let terminals: Arc<Vec<String>> = Arc::new(
         fleet
@@ -576,6 +607,7 @@ pub async fn e2e(
     report.gateway_rss_mib.extend(target.rss_mib());
     let push = Latency::of(&push);
     report.rows.push(serde_json::json!({
+        "channel": channel,
         "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": send_errors,
         "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
         "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),

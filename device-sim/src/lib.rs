@@ -6,6 +6,7 @@
 //! - [`cli`]: the `posgate-sim` command line.
 //! - [`events`]: provider event bodies exactly as the provider sends them, and their signed headers.
 //! - [`terminal`]: a simulated terminal over MQTT/TLS: verifies, deduplicates, acks.
+//! - [`http_terminal`]: the same terminal on the gateway's HTTP channels (SSE, WebSocket).
 //! - [`fleet`]: N terminals and the fleet benchmarks (connect, storm, churn, e2e).
 //! - [`provider`]: the payment provider simulator: REST API, signed webhooks with retries and faults.
 //! - [`pos`]: the point-of-sale flow of the fleet, with chaos.
@@ -23,6 +24,7 @@ pub mod demo;
 pub mod events;
 pub mod fleet;
 pub mod fleet_cmd;
+pub mod http_terminal;
 pub mod pos;
 pub mod provider;
 pub mod remote;
