@@ -11,7 +11,8 @@
 //!   healthy; a no-op outside systemd.
 //! - [`telemetry`] — the tracing subscriber (plain or JSON); only the binary installs it.
 //! - [`domain`] — the intent state machine, pure and forward-only.
-//! - [`ingress`] — `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer.
+//! - [`ingress`] — `POST /webhooks/stablegenius`: verify the raw bytes, store durably, answer; and
+//!   the HTTP channels of terminals without MQTT (polling, SSE, WebSocket, acks; optional TLS).
 //! - [`broker`] — the embedded MQTT broker (rmqtt): mutual TLS, isolation, revocation; the only
 //!   module that names the broker library.
 //! - [`router`] — outbox → broker publish, acks → outbox clear, presence; tested over channels.

@@ -190,7 +190,8 @@ impl Hub {
 // === TokenIndex ===
 
 /// Bearer token hashes → terminal ids, so a token is found without scanning the registry. Loaded
-/// at startup and told about every new terminal; the store stays the truth (see [`authenticate`]).
+/// at startup and told about every new terminal; the store stays the truth (every request
+/// re-reads the terminal).
 #[derive(Clone, Default)]
 pub struct TokenIndex {
     by_hash: Arc<RwLock<HashMap<[u8; 32], String>>>,
