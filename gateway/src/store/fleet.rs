@@ -316,7 +316,7 @@ impl Store {
         intent_id: String,
         seq: u64,
     ) -> Result<AckOutcome, StoreError> {
-        self.write(move |t| t.ack(&terminal_id, &intent_id, seq))
+        self.write_eventual(move |t| t.ack(&terminal_id, &intent_id, seq))
             .await
     }
 

@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
 use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
@@ -10,6 +11,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::Durability as StoreDurability;
+use super::wal::Wal;
 use super::{
     EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
     Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError, StoredEvent,
@@ -17,13 +19,26 @@ use super::{
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
-/// Most consecutive batches committed without fsync.
-const MAX_LAZY_STREAK: u32 = 64;
+/// Longest time between two durable redb commits while non-durable ones are piling up (a
+/// checkpoint: after it the event log starts again, and acks are on disk).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// How a batch is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Commit {
+    /// A durable redb commit (fsync of every page it wrote).
+    Durable,
+    /// A redb commit without fsync, then the batch's events appended to the log with one fsync.
+    Logged,
+    /// A redb commit without fsync: nothing in the batch must be on disk when answered.
+    Lazy,
+}
 
 /// Runs until every sender is gone and the queue is empty. New outbox rows of each commit go to
 /// `notices` after the commit (a hint for the router; the rows are the truth).
 pub(super) fn run(
     db: &Database,
+    mut wal: Wal,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     healthy: &AtomicBool,
@@ -31,7 +46,8 @@ pub(super) fn run(
     commit_seconds: &OnceLock<prometheus::Histogram>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    let mut lazy_streak = 0u32;
+    // Since when commits have been left off the disk (none: everything is durable).
+    let mut dirty_since: Option<Instant> = None;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -40,18 +56,8 @@ pub(super) fn run(
                 Err(_) => break,
             }
         }
-        let started = std::time::Instant::now();
-        let lazy = batch
-            .iter()
-            .all(|job| job.durability() == StoreDurability::Eventual);
-        // Every so often a batch of only eventual writes is made durable anyway, so that they
-        // never pile up unpersisted for long.
-        lazy_streak = if lazy { lazy_streak + 1 } else { 0 };
-        let durable = !lazy || lazy_streak >= MAX_LAZY_STREAK;
-        if durable {
-            lazy_streak = 0;
-        }
-        let result = commit_batch(db, &mut batch, durable);
+        let started = Instant::now();
+        let result = commit(db, &mut wal, &mut batch, &mut dirty_since);
         if let Some(h) = commit_seconds.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
@@ -77,26 +83,107 @@ pub(super) fn run(
             job.finish(committed);
         }
     }
-    // A clean close leaves nothing unpersisted.
-    if lazy_streak > 0
-        && let Err(e) = commit_batch(db, &mut [], true)
-    {
-        tracing::warn!(error = %e, "final durable commit failed; the last acks may be replayed");
+    // A clean close leaves nothing only in the log or in memory.
+    if dirty_since.is_some() {
+        match commit_batch(db, &mut [], Durability::Immediate) {
+            Ok(_) => wal.reset(),
+            Err(e) => {
+                tracing::warn!(error = %e, "final durable commit failed; the log and the last acks will be replayed")
+            }
+        }
     }
 }
 
-/// One write transaction for the whole batch, committed durably. Any error aborts all of it.
-fn commit_batch(
+/// Commits one batch the cheapest way that keeps every promise made to its jobs.
+fn commit(
     db: &Database,
+    wal: &mut Wal,
     batch: &mut [Job],
-    durable: bool,
+    dirty_since: &mut Option<Instant>,
 ) -> Result<Vec<OutboxRow>, StoreError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(if durable {
+    let durable_jobs = batch
+        .iter()
+        .filter(|job| job.durability() == StoreDurability::Immediate);
+    let mut logged = Vec::new();
+    let mut all_logged = true;
+    for job in durable_jobs {
+        match job.logged() {
+            Some(event) => logged.push(event),
+            None => all_logged = false,
+        }
+    }
+    let checkpoint_due = dirty_since.is_some_and(|at| at.elapsed() >= CHECKPOINT_EVERY)
+        || wal.used() >= wal.capacity() / 2;
+    let records = if all_logged && !logged.is_empty() && !checkpoint_due {
+        // Encoding fails only for an event that cannot be serialized: commit durably instead.
+        wal.encode(&logged)
+            .ok()
+            .filter(|r| wal.fits(r.len() as u64))
+    } else {
+        None
+    };
+    let count = logged.len() as u64;
+    drop(logged);
+    let mode = match (&records, checkpoint_due, all_logged) {
+        (Some(_), _, _) => Commit::Logged,
+        (None, false, true) if count == 0 => Commit::Lazy,
+        _ => Commit::Durable,
+    };
+    let redb_durability = if mode == Commit::Durable {
         Durability::Immediate
     } else {
         Durability::None
-    });
+    };
+    let new_rows = commit_batch(db, batch, redb_durability)?;
+    match (mode, records) {
+        (Commit::Durable, _) => {
+            *dirty_since = None;
+            wal.reset();
+        }
+        (Commit::Logged, Some(records)) => {
+            dirty_since.get_or_insert_with(Instant::now);
+            if let Err(e) = wal.append(&records, count) {
+                // Visible in redb but on disk nowhere: make it durable there, or fail the batch
+                // (its senders are not answered 200; the provider retries).
+                tracing::warn!(error = %e, path = %wal.path().display(), "event log write failed; committing durably instead");
+                commit_batch(db, &mut [], Durability::Immediate)?;
+                *dirty_since = None;
+                wal.reset();
+            }
+        }
+        _ => {
+            dirty_since.get_or_insert_with(Instant::now);
+        }
+    }
+    Ok(new_rows)
+}
+
+/// Applies events read back from the log, in order, in one durable commit; returns how many had
+/// an effect (the others were already stored).
+pub(super) fn replay(db: &Database, events: &[IncomingEvent]) -> Result<usize, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate);
+    let mut applied = 0;
+    {
+        let mut t = Tables::open(&txn)?;
+        for event in events {
+            if matches!(t.ingest(event)?, Ingested::New { .. }) {
+                applied += 1;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(applied)
+}
+
+/// One write transaction for the whole batch. Any error aborts all of it.
+fn commit_batch(
+    db: &Database,
+    batch: &mut [Job],
+    durability: Durability,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability);
     let new_rows = {
         let mut t = Tables::open(&txn)?;
         for job in batch.iter_mut() {
