@@ -416,10 +416,20 @@ impl Store {
             let db = db.clone();
             let healthy = healthy.clone();
             let notices = notices.clone();
+            let path = path.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
                 .spawn(move || {
-                    writer::run(&db, wal, rx, max_batch, &healthy, &notices, &commit_seconds)
+                    writer::run(
+                        &db,
+                        &path,
+                        wal,
+                        rx,
+                        max_batch,
+                        &healthy,
+                        &notices,
+                        &commit_seconds,
+                    )
                 })
                 .map_err(StoreError::Thread)?
         };

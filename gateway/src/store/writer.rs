@@ -1,5 +1,6 @@
 //! The writer thread: group commit and the per-event logic inside the write transaction.
 
+use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +24,10 @@ use crate::domain::{self, Effect, Input, IntentRecord};
 /// checkpoint: after it the event log starts again, and acks are on disk).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// How often pages written by commits without fsync are pushed to the disk in the background,
+/// so that the next checkpoint has little left to write and stalls the writer only briefly.
+const BACKGROUND_SYNC_EVERY: Duration = Duration::from_millis(50);
+
 /// How a batch is made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Commit {
@@ -38,12 +43,49 @@ enum Commit {
 /// `notices` after the commit (a hint for the router; the rows are the truth).
 pub(super) fn run(
     db: &Database,
+    db_path: &Path,
+    wal: Wal,
+    rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    healthy: &AtomicBool,
+    notices: &Notices,
+    commit_seconds: &OnceLock<prometheus::Histogram>,
+) {
+    let dirty = AtomicBool::new(false);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        // Its own handle on the database file: an fsync flushes the file's pages whoever wrote
+        // them. It changes nothing about what a crash keeps (the OS may write pages back at any
+        // time); it only moves the writing out of the checkpoint.
+        if let Ok(file) = std::fs::File::open(db_path) {
+            let dirty = &dirty;
+            scope.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(BACKGROUND_SYNC_EVERY)
+                {
+                    if dirty.swap(false, Ordering::Relaxed)
+                        && let Err(e) = file.sync_data()
+                    {
+                        tracing::debug!(error = %e, "background sync of the database file failed");
+                    }
+                }
+            });
+        }
+        write_loop(db, wal, rx, max_batch, healthy, notices, commit_seconds, &dirty);
+        drop(stop_tx);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_loop(
+    db: &Database,
     mut wal: Wal,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     healthy: &AtomicBool,
     notices: &Notices,
     commit_seconds: &OnceLock<prometheus::Histogram>,
+    dirty: &AtomicBool,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     // Since when commits have been left off the disk (none: everything is durable).
@@ -58,6 +100,7 @@ pub(super) fn run(
         }
         let started = Instant::now();
         let result = commit(db, &mut wal, &mut batch, &mut dirty_since);
+        dirty.store(dirty_since.is_some(), Ordering::Relaxed);
         if let Some(h) = commit_seconds.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
