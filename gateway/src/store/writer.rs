@@ -201,21 +201,29 @@ fn commit(
     Ok(new_rows)
 }
 
-/// Applies events read back from the log, in order, in one durable commit; returns how many had
-/// an effect (the others were already stored).
+/// Applies events read back from the log, in order, then commits durably; returns how many had an
+/// effect (the others were already stored). Each event has its own transaction, so one that can no
+/// longer be applied (it failed then too, and was never answered `200`) is skipped, not fatal.
 pub(super) fn replay(db: &Database, events: &[IncomingEvent]) -> Result<usize, StoreError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate);
     let mut applied = 0;
-    {
-        let mut t = Tables::open(&txn)?;
-        for event in events {
-            if matches!(t.ingest(event)?, Ingested::New { .. }) {
-                applied += 1;
+    for event in events {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::None);
+        let outcome = Tables::open(&txn).and_then(|mut t| t.ingest(event));
+        match outcome {
+            Ok(ingested) => {
+                txn.commit()?;
+                if matches!(ingested, Ingested::New { .. }) {
+                    applied += 1;
+                }
+            }
+            Err(e) => {
+                tracing::error!(event_id = %event.event_id, error = %e, error_chain = ?e, "an event from the log cannot be applied; skipped");
+                txn.abort()?;
             }
         }
     }
-    txn.commit()?;
+    commit_batch(db, &mut [], Durability::Immediate)?;
     Ok(applied)
 }
 
