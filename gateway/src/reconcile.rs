@@ -25,6 +25,7 @@ use posgate_proto::event::{EventData, PaymentIntent, Transaction};
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::IntentStatus;
@@ -79,6 +80,12 @@ pub async fn apply_snapshot_as(
     let ingested = store.ingest(event).await?;
     Ok((snapshot, ingested))
 }
+
+/// How long a lookup waits after it is asked for (and between attempts). The provider sends a
+/// payment's `transaction.created` and `payment_intent.confirmed` together, in either order: when
+/// the transfer comes first, the confirmation usually follows within moments, and a lookup right
+/// away would spend the provider budget (and a durable write) on what the next webhook says.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Attempts per lookup before it is left to the sweeps (and the log).
 const MAX_ATTEMPTS: u32 = 5;
@@ -197,19 +204,20 @@ impl Reconciler {
 
     /// Runs until `token` is cancelled.
     pub async fn run(mut self, token: CancellationToken) {
-        // (intent id, failed attempts so far); `seen` keeps an id queued once.
-        let mut queued: VecDeque<(String, u32)> = VecDeque::new();
+        // (intent id, failed attempts so far, not before); `seen` keeps an id queued once.
+        let mut queued: VecDeque<(String, u32, Instant)> = VecDeque::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut sweep = tokio::time::interval(self.stale.every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listing = tokio::time::interval(self.listing.every);
         listing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let queue =
-            |id: String, queued: &mut VecDeque<(String, u32)>, seen: &mut HashSet<String>| {
-                if seen.insert(id.clone()) {
-                    queued.push_back((id, 0));
-                }
-            };
+        let queue = |id: String,
+                     queued: &mut VecDeque<(String, u32, Instant)>,
+                     seen: &mut HashSet<String>| {
+            if seen.insert(id.clone()) {
+                queued.push_back((id, 0, Instant::now() + SETTLE));
+            }
+        };
         loop {
             tokio::select! {
                 () = token.cancelled() => break,
@@ -239,9 +247,10 @@ impl Reconciler {
                         }
                     }
                 }
-                // The lookups pace themselves: each call waits for a background token.
-                () = std::future::ready(()), if !queued.is_empty() => {
-                    let Some((id, failures)) = queued.pop_front() else { continue };
+                // Entries become due in order, each SETTLE after it was queued; the provider
+                // calls then pace themselves (each waits for a background token).
+                () = tokio::time::sleep_until(queued.front().map_or_else(Instant::now, |q| q.2)), if !queued.is_empty() => {
+                    let Some((id, failures, _)) = queued.pop_front() else { continue };
                     self.metrics.reconcile_runs.inc();
                     // A lookup may wait on retries: shutdown does not wait for it.
                     let result = tokio::select! {
@@ -260,7 +269,7 @@ impl Reconciler {
                         // open intent is also found again by the next sweeps).
                         Err(e) if failures + 1 < MAX_ATTEMPTS => {
                             tracing::warn!(intent_id = %id, error = %e, "reconciliation failed; will retry");
-                            queued.push_back((id, failures + 1));
+                            queued.push_back((id, failures + 1, Instant::now() + SETTLE));
                             continue;
                         }
                         Err(e) => tracing::error!(intent_id = %id, error = %e, "reconciliation failed; giving up on it"),
