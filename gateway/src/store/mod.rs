@@ -420,16 +420,12 @@ impl Store {
             std::thread::Builder::new()
                 .name("store-writer".into())
                 .spawn(move || {
-                    writer::run(
-                        &db,
-                        &path,
-                        wal,
-                        rx,
-                        max_batch,
-                        &healthy,
-                        &notices,
-                        &commit_seconds,
-                    )
+                    let out = writer::Outputs {
+                        healthy: &healthy,
+                        notices: &notices,
+                        commit_seconds: &commit_seconds,
+                    };
+                    writer::run(&db, &path, wal, rx, max_batch, &out);
                 })
                 .map_err(StoreError::Thread)?
         };

@@ -32,7 +32,7 @@ use super::IncomingEvent;
 
 const MAGIC: u32 = 0x5047_574C; // "PGWL"
 const HEAD: usize = 4 + 8 + 4 + 4 + 4;
-const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// The log file's name in `data_dir`.
 pub(crate) const FILE: &str = "posgate.wal";
@@ -212,10 +212,8 @@ impl Wal {
     /// Encodes `events` as the next records (not yet written).
     pub(crate) fn encode(&mut self, events: &[&IncomingEvent]) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        let mut lsn = self.next_lsn;
-        for event in events {
+        for (lsn, event) in (self.next_lsn..).zip(events) {
             out.extend(encode(lsn, event)?);
-            lsn += 1;
         }
         Ok(out)
     }

@@ -39,6 +39,16 @@ enum Commit {
     Lazy,
 }
 
+/// Where the writer reports.
+pub(super) struct Outputs<'a> {
+    /// Whether the last commit succeeded.
+    pub healthy: &'a AtomicBool,
+    /// New outbox rows, after each commit.
+    pub notices: &'a Notices,
+    /// The duration of every commit, once metrics are attached.
+    pub commit_seconds: &'a OnceLock<prometheus::Histogram>,
+}
+
 /// Runs until every sender is gone and the queue is empty. New outbox rows of each commit go to
 /// `notices` after the commit (a hint for the router; the rows are the truth).
 pub(super) fn run(
@@ -47,9 +57,7 @@ pub(super) fn run(
     wal: Wal,
     rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    healthy: &AtomicBool,
-    notices: &Notices,
-    commit_seconds: &OnceLock<prometheus::Histogram>,
+    out: &Outputs<'_>,
 ) {
     let dirty = AtomicBool::new(false);
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -71,20 +79,17 @@ pub(super) fn run(
                 }
             });
         }
-        write_loop(db, wal, rx, max_batch, healthy, notices, commit_seconds, &dirty);
+        write_loop(db, wal, rx, max_batch, out, &dirty);
         drop(stop_tx);
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write_loop(
     db: &Database,
     mut wal: Wal,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    healthy: &AtomicBool,
-    notices: &Notices,
-    commit_seconds: &OnceLock<prometheus::Histogram>,
+    out: &Outputs<'_>,
     dirty: &AtomicBool,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
@@ -101,10 +106,10 @@ fn write_loop(
         let started = Instant::now();
         let result = commit(db, &mut wal, &mut batch, &mut dirty_since);
         dirty.store(dirty_since.is_some(), Ordering::Relaxed);
-        if let Some(h) = commit_seconds.get() {
+        if let Some(h) = out.commit_seconds.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
-        healthy.store(result.is_ok(), Ordering::Relaxed);
+        out.healthy.store(result.is_ok(), Ordering::Relaxed);
         let committed = match result {
             Ok(new_rows) => {
                 tracing::trace!(
@@ -113,7 +118,7 @@ fn write_loop(
                     "committed"
                 );
                 if !new_rows.is_empty() {
-                    notices.send(new_rows);
+                    out.notices.send(new_rows);
                 }
                 true
             }
