@@ -65,21 +65,26 @@ pub(super) fn run(
         // Its own handle on the database file: an fsync flushes the file's pages whoever wrote
         // them. It changes nothing about what a crash keeps (the OS may write pages back at any
         // time); it only moves the writing out of the checkpoint.
-        if let Ok(file) = std::fs::File::open(db_path) {
-            let dirty = &dirty;
-            scope.spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stop_rx.recv_timeout(BACKGROUND_SYNC_EVERY)
-                {
-                    if dirty.swap(false, Ordering::Relaxed)
-                        && let Err(e) = file.sync_data()
+        let dirty = &dirty;
+        let syncer = std::fs::File::open(db_path).and_then(|file| {
+            std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn_scoped(scope, move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stop_rx.recv_timeout(BACKGROUND_SYNC_EVERY)
                     {
-                        tracing::debug!(error = %e, "background sync of the database file failed");
+                        if dirty.swap(false, Ordering::Relaxed)
+                            && let Err(e) = file.sync_data()
+                        {
+                            tracing::debug!(error = %e, "background sync of the database file failed");
+                        }
                     }
-                }
-            });
+                })
+        });
+        if let Err(e) = syncer {
+            tracing::warn!(error = %e, "no background sync of the database file: checkpoints will take longer");
         }
-        write_loop(db, wal, rx, max_batch, out, &dirty);
+        write_loop(db, wal, rx, max_batch, out, dirty);
         drop(stop_tx);
     });
 }
