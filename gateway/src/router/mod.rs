@@ -121,10 +121,9 @@ enum Internal {
         terminal_id: Option<String>,
         rows: Vec<OutboxRow>,
     },
-    Acked {
-        terminal_id: String,
-        outcome: AckOutcome,
-    },
+    /// The outcome of one ack write: every ack it carried, in order (`None`: not stored; the row
+    /// stays and is published again, and the terminal acks again).
+    Acked(Vec<(String, Option<AckOutcome>)>),
 }
 
 /// One terminal's unacked rows, mirrored from the store, and whether its head is on the wire.
@@ -159,6 +158,10 @@ pub struct Router<P> {
     published: Option<broadcast::Sender<Published>>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
+    /// Acks waiting for the next ack write.
+    acks: Vec<(String, Ack)>,
+    /// An ack write is on its way (its outcome comes back as [`Internal::Acked`]).
+    ack_in_flight: bool,
 }
 
 impl<P: Publisher> Router<P> {
@@ -184,6 +187,8 @@ impl<P: Publisher> Router<P> {
             published: None,
             internal_tx,
             internal_rx,
+            acks: Vec::new(),
+            ack_in_flight: false,
         }
     }
 
@@ -219,7 +224,15 @@ impl<P: Publisher> Router<P> {
                 Some(batch) = rows.recv() => self.add_rows(batch).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Loaded { terminal_id, rows } => self.loaded(terminal_id, rows).await,
-                    Internal::Acked { terminal_id, outcome } => self.acked(&terminal_id, outcome).await,
+                    Internal::Acked(outcomes) => {
+                        self.ack_in_flight = false;
+                        for (terminal_id, outcome) in outcomes {
+                            if let Some(outcome) = outcome {
+                                self.acked(&terminal_id, outcome).await;
+                            }
+                        }
+                        self.flush_acks();
+                    }
                 },
                 event = events.recv() => match event {
                     Some(event) => self.event(event).await,
@@ -435,7 +448,7 @@ impl<P: Publisher> Router<P> {
         });
     }
 
-    fn ack(&self, terminal_id: String, payload: &[u8]) {
+    fn ack(&mut self, terminal_id: String, payload: &[u8]) {
         let ack: Ack = match serde_json::from_slice(payload) {
             Ok(ack) => ack,
             Err(e) => {
@@ -443,21 +456,34 @@ impl<P: Publisher> Router<P> {
                 return;
             }
         };
+        self.acks.push((terminal_id, ack));
+        self.flush_acks();
+    }
+
+    /// Stores the waiting acks in one write, off the loop, unless a write is already in flight:
+    /// acks arriving meanwhile go into the next one. An idle gateway stores an ack at once; a busy
+    /// one shares each write (and its turn at the writer) among many acks.
+    fn flush_acks(&mut self) {
+        if self.ack_in_flight || self.acks.is_empty() {
+            return;
+        }
+        self.ack_in_flight = true;
+        let acks = std::mem::take(&mut self.acks);
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
         tokio::spawn(async move {
-            match store
-                .ack(terminal_id.clone(), ack.intent_id.clone(), ack.seq)
-                .await
-            {
-                Ok(outcome) => drop(tx.send(Internal::Acked {
-                    terminal_id,
-                    outcome,
-                })),
-                // Not committed: the row stays and is published again; the terminal acks again.
+            let keys = acks
+                .iter()
+                .map(|(t, a)| (t.clone(), a.intent_id.clone(), a.seq))
+                .collect();
+            let outcomes: Vec<Option<AckOutcome>> = match store.ack_many(keys).await {
+                Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
                 Err(e) => {
-                    tracing::warn!(%terminal_id, intent_id = %ack.intent_id, seq = ack.seq, error = %e, "ack not stored")
+                    tracing::warn!(acks = acks.len(), error = %e, "acks not stored; the confirmations will be published again");
+                    acks.iter().map(|_| None).collect()
                 }
-            }
+            };
+            let outcomes = acks.into_iter().map(|(t, _)| t).zip(outcomes).collect();
+            drop(tx.send(Internal::Acked(outcomes)));
         });
     }
 
@@ -727,6 +753,35 @@ mod tests {
                 terminal_id: "pos-1".into(),
             })
             .unwrap();
+        rig.token.cancel();
+    }
+
+    #[tokio::test]
+    async fn acks_arriving_together_share_a_write_and_each_counts() {
+        let rig = rig(Duration::from_secs(60)).await;
+        for n in 1..=3 {
+            confirm(&rig.store, n).await;
+        }
+        let (_, first) = rig.next().await;
+        assert_eq!(rig.check(&first).seq, 1);
+        // A burst: the right ack between a wrong one and a repeat of itself.
+        rig.ack("pi_9", 9).await;
+        rig.ack("pi_1", 1).await;
+        rig.ack("pi_1", 1).await;
+        let (topic, clear) = rig.next().await;
+        assert!(clear.is_empty() && topic.ends_with("/pi_1"), "{topic}");
+        let (_, second) = rig.next().await;
+        assert_eq!(rig.check(&second).seq, 2);
+        // The next two acked back to back: both stored, nothing left.
+        rig.ack("pi_2", 2).await;
+        let (_, clear) = rig.next().await;
+        assert!(clear.is_empty());
+        let (_, third) = rig.next().await;
+        assert_eq!(rig.check(&third).seq, 3);
+        rig.ack("pi_3", 3).await;
+        let (_, clear) = rig.next().await;
+        assert!(clear.is_empty());
+        assert!(rig.store.outbox(None).await.unwrap().is_empty());
         rig.token.cancel();
     }
 

@@ -305,19 +305,22 @@ impl Store {
             .await
     }
 
-    /// Records a terminal's ack. Not fsync'd on its own: an ack lost in a crash means one more
-    /// delivery of a confirmation the terminal already has, which it deduplicates.
+    /// Records terminals' acks `(terminal, intent, seq)` in one write, with an outcome for each,
+    /// in order. Not fsync'd on its own: an ack lost in a crash means one more delivery of a
+    /// confirmation the terminal already has, which it deduplicates.
     ///
     /// # Errors
-    /// As any write.
-    pub async fn ack(
+    /// As any write; then none of them is recorded.
+    pub async fn ack_many(
         &self,
-        terminal_id: String,
-        intent_id: String,
-        seq: u64,
-    ) -> Result<AckOutcome, StoreError> {
-        self.write_eventual(move |t| t.ack(&terminal_id, &intent_id, seq))
-            .await
+        acks: Vec<(String, String, u64)>,
+    ) -> Result<Vec<AckOutcome>, StoreError> {
+        self.write_eventual(move |t| {
+            acks.iter()
+                .map(|(terminal_id, intent_id, seq)| t.ack(terminal_id, intent_id, *seq))
+                .collect()
+        })
+        .await
     }
 
     /// Records when terminals were last seen (connects and disconnects, batched).
