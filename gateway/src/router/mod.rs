@@ -582,14 +582,7 @@ mod tests {
         let store = Store::open(dir.path(), 64, 16).unwrap();
         let tenant = topics::tenant_for("pos-1");
         store
-            .register_terminal(NewTerminal {
-                id: "pos-1".into(),
-                tenant: tenant.clone(),
-                merchant_id: "mer_1".into(),
-                label: None,
-                cert_serial: "01".into(),
-                http_token_sha256: String::new(),
-            })
+            .register_terminal(NewTerminal::for_test("pos-1"))
             .await
             .unwrap()
             .unwrap();
@@ -804,14 +797,7 @@ mod tests {
         {
             let store = Store::open(dir.path(), 64, 16).unwrap();
             store
-                .register_terminal(NewTerminal {
-                    id: "pos-1".into(),
-                    tenant: topics::tenant_for("pos-1"),
-                    merchant_id: "m".into(),
-                    label: None,
-                    cert_serial: "01".into(),
-                    http_token_sha256: String::new(),
-                })
+                .register_terminal(NewTerminal::for_test("pos-1"))
                 .await
                 .unwrap();
             confirm(&store, 9).await;

@@ -53,6 +53,22 @@ pub struct NewTerminal {
     pub http_token_sha256: String,
 }
 
+#[cfg(test)]
+impl NewTerminal {
+    /// A terminal for unit tests: `id` with its own tenant (`topics::tenant_for`), merchant
+    /// `mer_test`, certificate serial `01`, no HTTP token.
+    pub(crate) fn for_test(id: &str) -> NewTerminal {
+        NewTerminal {
+            id: id.into(),
+            tenant: posgate_proto::topics::tenant_for(id),
+            merchant_id: "mer_test".into(),
+            label: None,
+            cert_serial: "01".into(),
+            http_token_sha256: String::new(),
+        }
+    }
+}
+
 /// One confirmation waiting for its terminal's ack.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OutboxRow {

@@ -317,6 +317,25 @@ mod tests {
             .unwrap()
     }
 
+    /// The transfer `raw` as a `transaction.created` webhook brought it, under `event_id`.
+    async fn webhook(store: &Store, event_id: &str, raw: &str) {
+        let body = format!(
+            r#"{{"id":"{event_id}","object":"event","type":"transaction.created","created_at":"2026-04-01T20:00:12Z","data":{raw}}}"#
+        );
+        let tx: Transaction = serde_json::from_str(raw).unwrap();
+        store
+            .ingest(IncomingEvent {
+                event_id: event_id.into(),
+                kind: "transaction.created".into(),
+                raw: bytes::Bytes::from(body),
+                received_at: OffsetDateTime::now_utc(),
+                created_at: None,
+                data: Ok(EventData::Transaction(tx)),
+            })
+            .await
+            .unwrap();
+    }
+
     async fn known_intent(store: &Store, id: &str) {
         let pi: PaymentIntent = serde_json::from_value(serde_json::json!({
             "id": id, "status": "awaiting_payment", "amount": 4.5,
@@ -374,21 +393,7 @@ mod tests {
         let (_dir, store) = store();
         known_intent(&store, "pi_1").await;
         let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
-        let body = format!(
-            r#"{{"id":"evt_w1","object":"event","type":"transaction.created","created_at":"2026-04-01T20:00:12Z","data":{raw}}}"#
-        );
-        let tx: Transaction = serde_json::from_str(&raw).unwrap();
-        store
-            .ingest(IncomingEvent {
-                event_id: "evt_w1".into(),
-                kind: "transaction.created".into(),
-                raw: bytes::Bytes::from(body),
-                received_at: OffsetDateTime::now_utc(),
-                created_at: None,
-                data: Ok(EventData::Transaction(tx)),
-            })
-            .await
-            .unwrap();
+        webhook(&store, "evt_w1", &raw).await;
         let before = store.intent("pi_1".into()).await.unwrap().unwrap();
         assert_eq!(list(&store, &raw).await, Listed::Duplicate);
         assert_eq!(store.intent("pi_1".into()).await.unwrap().unwrap(), before);
@@ -464,21 +469,7 @@ mod tests {
     async fn a_webhook_orphan_is_recorded_by_the_listing() {
         let (_dir, store) = store();
         let raw = raw_tx("txn_9", None, "0x9999", "1.00");
-        let body = format!(
-            r#"{{"id":"evt_w9","object":"event","type":"transaction.created","created_at":"2026-04-01T20:00:12Z","data":{raw}}}"#
-        );
-        let tx: Transaction = serde_json::from_str(&raw).unwrap();
-        store
-            .ingest(IncomingEvent {
-                event_id: "evt_w9".into(),
-                kind: "transaction.created".into(),
-                raw: bytes::Bytes::from(body),
-                received_at: OffsetDateTime::now_utc(),
-                created_at: None,
-                data: Ok(EventData::Transaction(tx)),
-            })
-            .await
-            .unwrap();
+        webhook(&store, "evt_w9", &raw).await;
         assert_eq!(
             list(&store, &raw).await,
             Listed::Waiting {

@@ -381,14 +381,7 @@ mod tests {
         let store = Store::open(live.path(), 64, 16).unwrap();
         // A durable commit first (a registration is not logged), then events that are.
         store
-            .register_terminal(crate::store::NewTerminal {
-                id: "pos-1".into(),
-                tenant: "t1".into(),
-                merchant_id: "m".into(),
-                label: None,
-                cert_serial: "01".into(),
-                http_token_sha256: String::new(),
-            })
+            .register_terminal(crate::store::NewTerminal::for_test("pos-1"))
             .await
             .unwrap()
             .unwrap();
