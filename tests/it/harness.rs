@@ -164,6 +164,11 @@ impl TestGateway {
     /// Provisions a terminal and connects it over MQTT/TLS.
     pub async fn terminal(&self, id: &str) -> Terminal {
         let bundle = self.provision(id).await;
+        self.connect(bundle).await
+    }
+
+    /// Connects an already provisioned terminal over MQTT/TLS (again, after a reboot or restart).
+    pub async fn connect(&self, bundle: Bundle) -> Terminal {
         Terminal::connect(bundle, self.mqtt).await.unwrap()
     }
 
@@ -189,6 +194,16 @@ impl TestGateway {
     /// The value of one sample of `/metrics` (see [`sample`]).
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
         sample(&self.scrape().await, prefix)
+    }
+
+    /// Waits until the sample `prefix` of `/metrics` is at least `at_least` (a missing sample
+    /// counts as 0), for at most `within`.
+    pub async fn metric_reaches(&self, prefix: &str, at_least: f64, within: Duration) {
+        eventually(within, || async {
+            let value = self.metric(prefix).await.unwrap_or(0.0);
+            (value >= at_least).then_some(())
+        })
+        .await;
     }
 
     /// The registry's view of a terminal.
@@ -227,14 +242,7 @@ impl TestGateway {
 
     /// Stops (cleanly) and starts again on the same data dir.
     pub async fn restart(self) -> TestGateway {
-        let TestGateway {
-            data_dir,
-            extra,
-            running,
-            ..
-        } = self;
-        running.shutdown(Duration::from_secs(10)).await;
-        start(data_dir, extra).await
+        self.stop().await.start().await
     }
 }
 
@@ -270,6 +278,20 @@ pub fn assert_error_body(body: &Value) {
         error["message"].as_str().is_some(),
         "no error.message in {body}"
     );
+}
+
+/// Asks for an intent over `terminal`'s RPC (`create_intent` with `params`, 15 s to answer) and
+/// returns its id; panics with the error if the gateway answers one. Tests of the reply itself
+/// (errors, a repeated request id, the QR) call `rpc` directly.
+pub async fn create_intent(terminal: &mut Terminal, request_id: &str, params: Value) -> String {
+    let reply = terminal
+        .rpc(request_id, "create_intent", params, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let result = reply
+        .result
+        .unwrap_or_else(|| panic!("create_intent {request_id}: {:?}", reply.error));
+    result["intent_id"].as_str().unwrap().to_owned()
 }
 
 /// Polls `check` until it returns `Some`, every 20 ms, for at most `within`.

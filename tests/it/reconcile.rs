@@ -5,11 +5,22 @@ use std::time::Duration;
 
 use posgate_proto::MicroUsdc;
 use posgate_proto::confirmation::{ConfirmationStatus, Context};
-use posgate_sim::provider::{Faults, NewIntent};
+use posgate_sim::provider::{Faults, NewIntent, RunningProvider};
 
-use crate::harness::{self, eventually};
+use crate::harness::{self, TestGateway, eventually};
 
 const SECRET: &str = "whsec_it_reconcile";
+const LISTINGS_OK: &str = "posgate_reconcile_listings_total{outcome=\"ok\"}";
+
+/// A gateway and a provider simulator that drops every webhook, with `extra` settings: only
+/// reconciliation can tell the gateway what happened.
+async fn webhooks_dropped(extra: &[(&str, &str)]) -> (TestGateway, RunningProvider) {
+    let faults = Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    };
+    harness::spawn_with_provider(SECRET, faults, extra).await
+}
 
 #[tokio::test]
 async fn an_underpayment_reaches_the_terminal_through_a_provider_lookup() {
@@ -84,14 +95,8 @@ async fn the_provider_down_is_not_fatal_and_the_event_is_kept() {
         time::OffsetDateTime::now_utc(),
     );
     assert_eq!(gw.post_signed(&tx).await.status(), 200);
-    eventually(Duration::from_secs(20), || async {
-        let runs = gw
-            .metric("posgate_reconcile_runs_total")
-            .await
-            .unwrap_or(0.0);
-        (runs >= 1.0).then_some(())
-    })
-    .await;
+    gw.metric_reaches("posgate_reconcile_runs_total", 1.0, Duration::from_secs(20))
+        .await;
     assert!(gw.intent("pi_rec_down").await.is_none());
     assert_eq!(gw.admin_get("/healthz").await.status(), 200);
     // The transfer is kept, waiting for its intent, and a resend is recognised.
@@ -103,29 +108,18 @@ async fn the_provider_down_is_not_fatal_and_the_event_is_kept() {
 #[tokio::test]
 async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
     // Time scale 0.01: a ttl of 60 s becomes 0.6 s.
-    let faults = Faults {
-        drop_rate: 1.0,
-        ..Faults::default()
-    };
-    let extra = [
+    let (gw, sim) = webhooks_dropped(&[
         ("POSGATE__PROVIDER__RECONCILE_EVERY_SECS", "1"),
         ("POSGATE__PROVIDER__RECONCILE_GRACE_SECS", "1"),
-    ];
-    let (gw, sim) = harness::spawn_with_provider(SECRET, faults, &extra).await;
+    ])
+    .await;
     let mut terminal = gw.terminal("pos_drop").await;
-    let reply = terminal
-        .rpc(
-            "c1",
-            "create_intent",
-            serde_json::json!({"amount": "4.50", "order_id": "o-1", "ttl": 60}),
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap();
-    let id = reply.result.unwrap()["intent_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = harness::create_intent(
+        &mut terminal,
+        "c1",
+        serde_json::json!({"amount": "4.50", "order_id": "o-1", "ttl": 60}),
+    )
+    .await;
     sim.pay(&id, None, false).unwrap();
     // No webhook ever comes; the sweep finds the intent open past its expiry and asks.
     let c = terminal
@@ -149,24 +143,15 @@ async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
 
 /// Every webhook dropped, reconciliation's sweep out of the way (60 s): only the listing of the
 /// provider's transactions (every second here) can find these transfers.
-async fn listing_only() -> (harness::TestGateway, posgate_sim::provider::RunningProvider) {
-    let faults = Faults {
-        drop_rate: 1.0,
-        ..Faults::default()
-    };
-    let extra = [("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1")];
-    harness::spawn_with_provider(SECRET, faults, &extra).await
+async fn listing_only() -> (TestGateway, RunningProvider) {
+    webhooks_dropped(&[("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1")]).await
 }
 
-async fn metric_or_zero(gw: &harness::TestGateway, name: &str) -> f64 {
+async fn metric_or_zero(gw: &TestGateway, name: &str) -> f64 {
     gw.metric(name).await.unwrap_or(0.0)
 }
 
-async fn listings(gw: &harness::TestGateway) -> f64 {
-    metric_or_zero(gw, "posgate_reconcile_listings_total{outcome=\"ok\"}").await
-}
-
-async fn orphans(gw: &harness::TestGateway) -> Vec<serde_json::Value> {
+async fn orphans(gw: &TestGateway) -> Vec<serde_json::Value> {
     let response = gw.admin_get("/v1/orphan-transfers").await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -179,19 +164,12 @@ async fn transfers_no_webhook_announced_are_found_by_the_listing_once() {
     let mut terminal = gw.terminal("pos_list").await;
 
     // A: created by the terminal (known to the gateway), underpaid.
-    let reply = terminal
-        .rpc(
-            "c1",
-            "create_intent",
-            serde_json::json!({"amount": "4.50", "order_id": "o-a", "ttl": 3600}),
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap();
-    let a = reply.result.unwrap()["intent_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let a = harness::create_intent(
+        &mut terminal,
+        "c1",
+        serde_json::json!({"amount": "4.50", "order_id": "o-a", "ttl": 3600}),
+    )
+    .await;
     sim.pay(&a, Some(MicroUsdc(4_400_000)), false).unwrap();
     // B: created by "the merchant's backend" (unknown to the gateway), underpaid.
     let mut new = NewIntent::for_terminal(MicroUsdc(2_000_000), "pos_list");
@@ -247,12 +225,10 @@ async fn transfers_no_webhook_announced_are_found_by_the_listing_once() {
     assert_eq!(found[0]["payment_intent_id"], serde_json::Value::Null);
 
     // Every transfer listed again (the window overlaps): no second effect.
-    let before = listings(&gw).await;
+    let before = metric_or_zero(&gw, LISTINGS_OK).await;
     let a_before = gw.intent(&a).await.unwrap();
-    eventually(Duration::from_secs(15), || async {
-        (listings(&gw).await >= before + 2.0).then_some(())
-    })
-    .await;
+    gw.metric_reaches(LISTINGS_OK, before + 2.0, Duration::from_secs(15))
+        .await;
     assert_eq!(gw.intent(&a).await.unwrap(), a_before);
     assert_eq!(
         gw.intent(&b).await.unwrap()["transactions"]
@@ -295,30 +271,19 @@ async fn transfers_no_webhook_announced_are_found_by_the_listing_once() {
 
 #[tokio::test]
 async fn an_exact_transfer_found_by_the_listing_ends_confirmed() {
-    let faults = Faults {
-        drop_rate: 1.0,
-        ..Faults::default()
-    };
-    let extra = [
+    let (gw, sim) = webhooks_dropped(&[
         ("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1"),
         ("POSGATE__PROVIDER__RECONCILE_EVERY_SECS", "1"),
         ("POSGATE__PROVIDER__RECONCILE_GRACE_SECS", "1"),
-    ];
-    let (gw, sim) = harness::spawn_with_provider(SECRET, faults, &extra).await;
+    ])
+    .await;
     let mut terminal = gw.terminal("pos_exact").await;
-    let reply = terminal
-        .rpc(
-            "c1",
-            "create_intent",
-            serde_json::json!({"amount": "7.25", "order_id": "o-x", "ttl": 3600}),
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap();
-    let id = reply.result.unwrap()["intent_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = harness::create_intent(
+        &mut terminal,
+        "c1",
+        serde_json::json!({"amount": "7.25", "order_id": "o-x", "ttl": 3600}),
+    )
+    .await;
     sim.pay(&id, None, false).unwrap();
     // The listing records the exact transfer (no news for the terminal: the provider confirms);
     // a grace period later the sweep asks the provider, which says confirmed.
@@ -346,16 +311,12 @@ async fn an_exact_transfer_found_by_the_listing_ends_confirmed() {
 
 #[tokio::test]
 async fn a_restart_resumes_the_listing_where_it_stopped() {
-    let faults = Faults {
-        drop_rate: 1.0,
-        ..Faults::default()
-    };
     // No overlap: only the stored cursor can bring back what happened while the gateway was down.
-    let extra = [
+    let (gw, sim) = webhooks_dropped(&[
         ("POSGATE__PROVIDER__TRANSACTIONS_EVERY_SECS", "1"),
         ("POSGATE__PROVIDER__TRANSACTIONS_OVERLAP_SECS", "0"),
-    ];
-    let (gw, sim) = harness::spawn_with_provider(SECRET, faults, &extra).await;
+    ])
+    .await;
     let bundle = gw.provision("pos_restart").await;
     let mut new = NewIntent::for_terminal(MicroUsdc(3_000_000), "pos_restart");
     new.ttl_secs = Some(3600);
@@ -363,10 +324,8 @@ async fn a_restart_resumes_the_listing_where_it_stopped() {
         .as_str()
         .unwrap()
         .to_owned();
-    eventually(Duration::from_secs(10), || async {
-        (listings(&gw).await >= 1.0).then_some(())
-    })
-    .await;
+    gw.metric_reaches(LISTINGS_OK, 1.0, Duration::from_secs(10))
+        .await;
     // Paid while the gateway is down; confirmed on chain before it is back.
     let stopped = gw.stop().await;
     sim.pay(&id, Some(MicroUsdc(2_000_000)), false).unwrap();
@@ -375,9 +334,7 @@ async fn a_restart_resumes_the_listing_where_it_stopped() {
     })
     .await;
     let gw = stopped.start().await;
-    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, gw.mqtt)
-        .await
-        .unwrap();
+    let mut terminal = gw.connect(bundle).await;
     let c = terminal
         .next_confirmation(Duration::from_secs(20))
         .await

@@ -77,31 +77,20 @@ async fn a_terminal_creates_an_intent_and_receives_its_confirmation() {
 async fn after_a_reboot_get_intent_tells_the_outcome() {
     let (gw, sim) = setup().await;
     let bundle = gw.provision("pos_reboot").await;
-    let mut t = posgate_sim::terminal::Terminal::connect(bundle.clone(), gw.mqtt)
-        .await
-        .unwrap();
-    let reply = t
-        .rpc(
-            "c1",
-            "create_intent",
-            json!({"amount": "12.34", "order_id": "ord-7"}),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    let intent_id = reply.result.unwrap()["intent_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mut t = gw.connect(bundle.clone()).await;
+    let intent_id = harness::create_intent(
+        &mut t,
+        "c1",
+        json!({"amount": "12.34", "order_id": "ord-7"}),
+    )
+    .await;
     t.kill(); // the terminal reboots; it kept only the intent id
     sim.pay(&intent_id, None, false).unwrap();
     harness::eventually(WAIT, || async {
         (gw.intent(&intent_id).await.unwrap()["status"] == "confirmed").then_some(())
     })
     .await;
-    let mut t = posgate_sim::terminal::Terminal::connect(bundle, gw.mqtt)
-        .await
-        .unwrap();
+    let mut t = gw.connect(bundle).await;
     let got = t
         .rpc("g1", "get_intent", json!({"intent_id": intent_id}), WAIT)
         .await
@@ -115,19 +104,8 @@ async fn another_terminal_s_intent_and_bad_requests_get_errors_not_silence() {
     let (gw, _sim) = setup().await;
     let mut a = gw.terminal("pos_ra").await;
     let mut b = gw.terminal("pos_rb").await;
-    let reply = a
-        .rpc(
-            "a1",
-            "create_intent",
-            json!({"amount": "1.00", "order_id": "o"}),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    let intent_id = reply.result.unwrap()["intent_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let intent_id =
+        harness::create_intent(&mut a, "a1", json!({"amount": "1.00", "order_id": "o"})).await;
     for (method, id) in [("get_intent", "b1"), ("cancel_intent", "b2")] {
         let r = b
             .rpc(id, method, json!({"intent_id": intent_id}), WAIT)
@@ -253,8 +231,7 @@ async fn a_409_with_the_original_intent_is_used_and_any_other_is_a_clear_conflic
     );
     assert_eq!(sim.stats().api.requests, requests);
     // A new attempt works.
-    let reply = t.rpc("r3", "create_intent", params, WAIT).await.unwrap();
-    assert!(reply.result.is_some(), "{:?}", reply.error);
+    harness::create_intent(&mut t, "r3", params).await;
     assert_eq!(sim.stats().api.intents_created, 3);
     assert_eq!(sim.stats().api.idempotency_conflicts, 1);
     gw.shutdown().await;
@@ -392,13 +369,11 @@ async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit
             Some(e) => assert_eq!(e.code, "rate_limited", "{}", e.message),
         }
     }
-    harness::eventually(Duration::from_secs(20), || async {
-        let ok = gw
-            .metric("posgate_reconcile_listings_total{outcome=\"ok\"}")
-            .await
-            .unwrap_or(0.0);
-        (ok >= 2.0).then_some(())
-    })
+    gw.metric_reaches(
+        "posgate_reconcile_listings_total{outcome=\"ok\"}",
+        2.0,
+        Duration::from_secs(20),
+    )
     .await;
     // At the provider: never refused, and never more than the bucket allows since the start.
     let stats = sim.stats().api;
