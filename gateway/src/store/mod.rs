@@ -7,7 +7,7 @@
 //! one-fsync-per-request ceiling (about 2,000–4,000/s here) without weakening that promise.
 //! A batch whose durable jobs are all events is committed to redb without fsync and its events
 //! are appended to the event log ([`wal`]) with one small fsync instead; a durable redb commit at
-//! least every second (and at every other durable write, and at close) makes the log redundant.
+//! least every 100 ms (and at every other durable write, and at close) makes the log redundant.
 //! At open, the events still in the log are applied again (idempotently) before anything else.
 //! Because jobs are applied in sequence inside the transaction, two identical deliveries at the
 //! same instant are a check-then-insert on the same transaction: exactly one has an effect.
@@ -74,7 +74,7 @@ const CACHE_BYTES: usize = 128 << 20;
 pub const DB_FILE: &str = "posgate.redb";
 
 /// Size of the preallocated event log; a durable redb commit is forced when half of it is used
-/// (about 8,000 typical events), which at 1,000 events/s the one-second checkpoint comes before.
+/// (about 8,000 typical events); at any realistic rate the 100 ms checkpoint comes first.
 const WAL_BYTES: u64 = 16 << 20;
 
 /// Store failures. Ingress answers all of them `503`: the provider retries later.

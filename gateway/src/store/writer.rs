@@ -21,8 +21,10 @@ use super::{
 use crate::domain::{self, Effect, Input, IntentRecord};
 
 /// Longest time between two durable redb commits while non-durable ones are piling up (a
-/// checkpoint: after it the event log starts again, and acks are on disk).
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// checkpoint: after it the event log starts again, and acks are on disk). Short, because a
+/// checkpoint frees the pages of every commit since the last one, inside the writer: a second's
+/// worth stalled it for ~30 ms (`posgate-sim bench e2e`, p99).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// How often pages written by commits without fsync are pushed to the disk in the background,
 /// so that the next checkpoint has little left to write and stalls the writer only briefly.
