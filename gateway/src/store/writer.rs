@@ -26,6 +26,9 @@ use crate::domain::{self, Effect, Input, IntentRecord};
 /// worth stalled it for ~30 ms (`posgate-sim bench e2e`, p99).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// Batches with more events than this are committed durably to redb rather than logged.
+const LOG_AT_MOST: usize = 4;
+
 /// How often pages written by commits without fsync are pushed to the disk in the background,
 /// so that the next checkpoint has little left to write and stalls the writer only briefly.
 const BACKGROUND_SYNC_EVERY: Duration = Duration::from_millis(50);
@@ -169,7 +172,10 @@ fn commit(
     }
     let checkpoint_due = dirty_since.is_some_and(|at| at.elapsed() >= CHECKPOINT_EVERY)
         || wal.used() >= wal.capacity() / 2;
-    let records = if all_logged && !logged.is_empty() && !checkpoint_due {
+    // A large batch means a busy writer: one durable commit serves all of it at a small cost per
+    // event, and leaves no pages for a checkpoint to free later.
+    let small = logged.len() <= LOG_AT_MOST;
+    let records = if all_logged && !logged.is_empty() && small && !checkpoint_due {
         // Encoding fails only for an event that cannot be serialized: commit durably instead.
         wal.encode(&logged)
             .ok()
