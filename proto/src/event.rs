@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
-use serde::{Deserialize, Deserializer, Serializer};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
@@ -118,11 +118,11 @@ impl EventType {
 pub type Metadata = BTreeMap<String, serde_json::Value>;
 
 /// A payment intent snapshot (`data` of `payment_intent.*` events, and the REST object).
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub struct PaymentIntent {
     pub id: String,
     pub status: String,
-    #[serde(deserialize_with = "de_micros", serialize_with = "ser_micros")]
+    #[serde(deserialize_with = "de_micros")]
     pub amount: MicroUsdc,
     #[serde(default)]
     pub currency: Option<String>,
@@ -146,12 +146,12 @@ pub struct PaymentIntent {
 
 /// An on-chain transfer (`data` of `transaction.created`; the payload is inferred, so most fields
 /// are optional).
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub struct Transaction {
     pub id: String,
     #[serde(default)]
     pub payment_intent_id: Option<String>,
-    #[serde(deserialize_with = "de_micros", serialize_with = "ser_micros")]
+    #[serde(deserialize_with = "de_micros")]
     pub amount: MicroUsdc,
     #[serde(default)]
     pub payment_address: Option<String>,
@@ -164,7 +164,7 @@ pub struct Transaction {
 }
 
 /// A settlement (`data` of `settlement.*`; inferred: only the listed intents are read).
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub struct Settlement {
     pub id: String,
     #[serde(default)]
@@ -219,17 +219,6 @@ pub fn metadata_str<'m>(metadata: Option<&'m Metadata>, key: &str) -> Option<&'m
 pub fn de_micros<'de, D: Deserializer<'de>>(de: D) -> Result<MicroUsdc, D::Error> {
     let value: Decimal = rust_decimal::serde::arbitrary_precision::deserialize(de)?;
     MicroUsdc::try_from(value).map_err(serde::de::Error::custom)
-}
-
-/// Writes an amount as the decimal JSON number [`de_micros`] reads back (`4.5` → `4.500000`).
-///
-/// # Errors
-/// The serializer's own.
-pub fn ser_micros<S: Serializer>(amount: &MicroUsdc, ser: S) -> Result<S::Ok, S::Error> {
-    rust_decimal::serde::arbitrary_precision::serialize(
-        &Decimal::from_i128_with_scale(i128::from(amount.0), 6),
-        ser,
-    )
 }
 
 #[cfg(test)]
@@ -295,29 +284,6 @@ mod tests {
                 EventData::parse(env.event_type(), env.data).is_err(),
                 "{amount}"
             );
-        }
-    }
-
-    #[test]
-    fn data_survives_a_serde_round_trip() {
-        let body = r#"{"id":"pi_1","status":"confirmed","amount":4.5,"currency":"USDC","merchant_id":"m","payment_address":"0xAb","qr_payload":"q","expires_at":"2026-04-01T10:00:00Z","created_at":"2026-04-01T09:00:00Z","confirmed_at":"2026-04-01T09:30:00.5Z","tx_hash":"0x1","metadata":{"terminal_id":"pos-1","n":3}}"#;
-        let pi: PaymentIntent = serde_json::from_str(body).unwrap();
-        let again: PaymentIntent =
-            serde_json::from_str(&serde_json::to_string(&pi).unwrap()).unwrap();
-        assert_eq!(format!("{again:?}"), format!("{pi:?}"));
-        for micros in [0, 1, 4_500_000, 999_999_999_999] {
-            let tx = Transaction {
-                id: "tx".into(),
-                payment_intent_id: None,
-                amount: MicroUsdc(micros),
-                payment_address: None,
-                tx_hash: None,
-                confirmed_at: None,
-                metadata: None,
-            };
-            let again: Transaction =
-                serde_json::from_str(&serde_json::to_string(&tx).unwrap()).unwrap();
-            assert_eq!(again.amount, MicroUsdc(micros));
         }
     }
 }

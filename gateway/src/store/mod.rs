@@ -2,13 +2,9 @@
 //!
 //! Every accepted webhook becomes one [`Job`] on a bounded queue. A single writer thread takes all
 //! jobs that are waiting, applies them one after another inside **one** write transaction and
-//! makes it durable before any of their senders is answered: a `200` always means durable.
-//! Grouping concurrent requests into one commit is what lifts ingest above the
+//! commits it with `Durability::Immediate` (fsync) before any of their senders is answered: a `200`
+//! always means durable. Grouping concurrent requests into one commit is what lifts ingest above the
 //! one-fsync-per-request ceiling (about 2,000–4,000/s here) without weakening that promise.
-//! A batch whose durable jobs are all events is committed to redb without fsync and its events
-//! are appended to the event log ([`wal`]) with one small fsync instead; a durable redb commit at
-//! least every 100 ms (and at every other durable write, and at close) makes the log redundant.
-//! At open, the events still in the log are applied again (idempotently) before anything else.
 //! Because jobs are applied in sequence inside the transaction, two identical deliveries at the
 //! same instant are a check-then-insert on the same transaction: exactly one has an effect.
 //!
@@ -32,7 +28,6 @@
 mod fleet;
 mod reconcile;
 mod rpc;
-mod wal;
 mod writer;
 
 pub use fleet::{AckOutcome, NewTerminal, OutboxRow, TerminalRecord, Undeliverable};
@@ -73,10 +68,6 @@ const CACHE_BYTES: usize = 128 << 20;
 /// File name of the database inside `data_dir`.
 pub const DB_FILE: &str = "posgate.redb";
 
-/// Size of the preallocated event log; a durable redb commit is forced when half of it is used
-/// (about 8,000 typical events); at any realistic rate the 100 ms checkpoint comes first.
-const WAL_BYTES: u64 = 16 << 20;
-
 /// Store failures. Ingress answers all of them `503`: the provider retries later.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,12 +85,6 @@ pub enum StoreError {
     },
     #[error("starting the store writer thread")]
     Thread(#[source] std::io::Error),
-    #[error("event log {path}")]
-    Log {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("store queue is full")]
     Overloaded,
     #[error("store is closed")]
@@ -246,22 +231,6 @@ trait WriteJob: Send {
     fn finish(self: Box<Self>, committed: bool);
     /// Whether its commit must be on disk before it is answered (see [`Durability`]).
     fn durability(&self) -> Durability;
-    /// The event to append to the log when the batch is not committed durably to redb itself.
-    fn logged(&self) -> Option<&IncomingEvent> {
-        None
-    }
-}
-
-/// Sends a job's answer: its result if the batch was committed, [`StoreError::NotCommitted`]
-/// otherwise.
-fn answer<T>(reply: oneshot::Sender<Result<T, StoreError>>, committed: bool, result: Option<T>) {
-    let answer = match (committed, result) {
-        (true, Some(result)) => Ok(result),
-        _ => Err(StoreError::NotCommitted),
-    };
-    // A dropped receiver means the request was abandoned (client gone, shutdown): what was
-    // committed stays committed and a retry is a duplicate.
-    drop(reply.send(answer));
 }
 
 /// How durable a write must be when it is answered.
@@ -301,33 +270,13 @@ where
     }
 
     fn finish(self: Box<Self>, committed: bool) {
-        answer(self.reply, committed, self.result);
-    }
-}
-
-/// An event to store: the one job that may be made durable by the event log.
-struct Ingest {
-    event: IncomingEvent,
-    result: Option<Ingested>,
-    reply: oneshot::Sender<Result<Ingested, StoreError>>,
-}
-
-impl WriteJob for Ingest {
-    fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
-        self.result = Some(tables.ingest(&self.event)?);
-        Ok(())
-    }
-
-    fn durability(&self) -> Durability {
-        Durability::Immediate
-    }
-
-    fn logged(&self) -> Option<&IncomingEvent> {
-        Some(&self.event)
-    }
-
-    fn finish(self: Box<Self>, committed: bool) {
-        answer(self.reply, committed, self.result);
+        let answer = match (committed, self.result) {
+            (true, Some(result)) => Ok(result),
+            _ => Err(StoreError::NotCommitted),
+        };
+        // A dropped receiver means the request was abandoned (client gone, shutdown): what was
+        // committed stays committed and a retry is a duplicate.
+        drop(self.reply.send(answer));
     }
 }
 
@@ -393,19 +342,6 @@ impl Store {
             },
             other => other,
         })?;
-        let log_error = |source| StoreError::Log {
-            path: data_dir.join(wal::FILE),
-            source,
-        };
-        let (wal, logged) = wal::Wal::open(data_dir, WAL_BYTES).map_err(log_error)?;
-        if !logged.is_empty() {
-            let replayed = writer::replay(&db, &logged)?;
-            tracing::info!(
-                events = logged.len(),
-                applied = replayed,
-                "events from the log applied again (the others were already stored)"
-            );
-        }
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(queue_depth);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -416,17 +352,9 @@ impl Store {
             let db = db.clone();
             let healthy = healthy.clone();
             let notices = notices.clone();
-            let path = path.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || {
-                    let out = writer::Outputs {
-                        healthy: &healthy,
-                        notices: &notices,
-                        commit_seconds: &commit_seconds,
-                    };
-                    writer::run(&db, &path, wal, rx, max_batch, &out);
-                })
+                .spawn(move || writer::run(&db, rx, max_batch, &healthy, &notices, &commit_seconds))
                 .map_err(StoreError::Thread)?
         };
         Ok(Store {
@@ -500,21 +428,18 @@ impl Store {
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        self.enqueue(Box::new(Typed {
+        let job: Job = Box::new(Typed {
             work: Some(work),
             result: None,
             reply,
             durability,
-        }))?;
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    fn enqueue(&self, job: Job) -> Result<(), StoreError> {
+        });
         let sender = self.sender().ok_or(StoreError::Closed)?;
         sender.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-        })
+        })?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores one verified event and applies it, durably, before returning.
@@ -522,13 +447,7 @@ impl Store {
     /// # Errors
     /// As [`Store::write`]; none of them committed anything for this event.
     pub async fn ingest(&self, event: IncomingEvent) -> Result<Ingested, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(Box::new(Ingest {
-            event,
-            result: None,
-            reply,
-        }))?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.write(move |t| t.ingest(&event)).await
     }
 
     /// Keeps a verified body that was not an event envelope, for forensics.

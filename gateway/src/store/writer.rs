@@ -1,9 +1,7 @@
 //! The writer thread: group commit and the per-event logic inside the write transaction.
 
-use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
 use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
@@ -12,7 +10,6 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::Durability as StoreDurability;
-use super::wal::Wal;
 use super::{
     EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
     Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError, StoredEvent,
@@ -20,91 +17,21 @@ use super::{
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
-/// Longest time between two durable redb commits while non-durable ones are piling up (a
-/// checkpoint: after it the event log starts again, and acks are on disk). Short, because a
-/// checkpoint frees the pages of every commit since the last one, inside the writer: a second's
-/// worth stalled it for ~30 ms (`posgate-sim bench e2e`, p99).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-
-/// Batches with more events than this are committed durably to redb rather than logged.
-const LOG_AT_MOST: usize = 4;
-
-/// How often pages written by commits without fsync are pushed to the disk in the background,
-/// so that the next checkpoint has little left to write and stalls the writer only briefly.
-const BACKGROUND_SYNC_EVERY: Duration = Duration::from_millis(50);
-
-/// How a batch is made durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Commit {
-    /// A durable redb commit (fsync of every page it wrote).
-    Durable,
-    /// A redb commit without fsync, then the batch's events appended to the log with one fsync.
-    Logged,
-    /// A redb commit without fsync: nothing in the batch must be on disk when answered.
-    Lazy,
-}
-
-/// Where the writer reports.
-pub(super) struct Outputs<'a> {
-    /// Whether the last commit succeeded.
-    pub healthy: &'a AtomicBool,
-    /// New outbox rows, after each commit.
-    pub notices: &'a Notices,
-    /// The duration of every commit, once metrics are attached.
-    pub commit_seconds: &'a OnceLock<prometheus::Histogram>,
-}
+/// Most consecutive batches committed without fsync.
+const MAX_LAZY_STREAK: u32 = 64;
 
 /// Runs until every sender is gone and the queue is empty. New outbox rows of each commit go to
 /// `notices` after the commit (a hint for the router; the rows are the truth).
 pub(super) fn run(
     db: &Database,
-    db_path: &Path,
-    wal: Wal,
-    rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    out: &Outputs<'_>,
-) {
-    let dirty = AtomicBool::new(false);
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    std::thread::scope(|scope| {
-        // Its own handle on the database file: an fsync flushes the file's pages whoever wrote
-        // them. It changes nothing about what a crash keeps (the OS may write pages back at any
-        // time); it only moves the writing out of the checkpoint.
-        let dirty = &dirty;
-        let syncer = std::fs::File::open(db_path).and_then(|file| {
-            std::thread::Builder::new()
-                .name("store-sync".into())
-                .spawn_scoped(scope, move || {
-                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                        stop_rx.recv_timeout(BACKGROUND_SYNC_EVERY)
-                    {
-                        if dirty.swap(false, Ordering::Relaxed)
-                            && let Err(e) = file.sync_data()
-                        {
-                            tracing::debug!(error = %e, "background sync of the database file failed");
-                        }
-                    }
-                })
-        });
-        if let Err(e) = syncer {
-            tracing::warn!(error = %e, "no background sync of the database file: checkpoints will take longer");
-        }
-        write_loop(db, wal, rx, max_batch, out, dirty);
-        drop(stop_tx);
-    });
-}
-
-fn write_loop(
-    db: &Database,
-    mut wal: Wal,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    out: &Outputs<'_>,
-    dirty: &AtomicBool,
+    healthy: &AtomicBool,
+    notices: &Notices,
+    commit_seconds: &OnceLock<prometheus::Histogram>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    // Since when commits have been left off the disk (none: everything is durable).
-    let mut dirty_since: Option<Instant> = None;
+    let mut lazy_streak = 0u32;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -113,13 +40,22 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let started = Instant::now();
-        let result = commit(db, &mut wal, &mut batch, &mut dirty_since);
-        dirty.store(dirty_since.is_some(), Ordering::Relaxed);
-        if let Some(h) = out.commit_seconds.get() {
+        let started = std::time::Instant::now();
+        let lazy = batch
+            .iter()
+            .all(|job| job.durability() == StoreDurability::Eventual);
+        // Every so often a batch of only eventual writes is made durable anyway, so that they
+        // never pile up unpersisted for long.
+        lazy_streak = if lazy { lazy_streak + 1 } else { 0 };
+        let durable = !lazy || lazy_streak >= MAX_LAZY_STREAK;
+        if durable {
+            lazy_streak = 0;
+        }
+        let result = commit_batch(db, &mut batch, durable);
+        if let Some(h) = commit_seconds.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
-        out.healthy.store(result.is_ok(), Ordering::Relaxed);
+        healthy.store(result.is_ok(), Ordering::Relaxed);
         let committed = match result {
             Ok(new_rows) => {
                 tracing::trace!(
@@ -128,7 +64,7 @@ fn write_loop(
                     "committed"
                 );
                 if !new_rows.is_empty() {
-                    out.notices.send(new_rows);
+                    notices.send(new_rows);
                 }
                 true
             }
@@ -141,118 +77,26 @@ fn write_loop(
             job.finish(committed);
         }
     }
-    // A clean close leaves nothing only in the log or in memory.
-    if dirty_since.is_some() {
-        match commit_batch(db, &mut [], Durability::Immediate) {
-            Ok(_) => wal.reset(),
-            Err(e) => {
-                tracing::warn!(error = %e, "final durable commit failed; the log and the last acks will be replayed")
-            }
-        }
+    // A clean close leaves nothing unpersisted.
+    if lazy_streak > 0
+        && let Err(e) = commit_batch(db, &mut [], true)
+    {
+        tracing::warn!(error = %e, "final durable commit failed; the last acks may be replayed");
     }
 }
 
-/// Commits one batch the cheapest way that keeps every promise made to its jobs.
-fn commit(
-    db: &Database,
-    wal: &mut Wal,
-    batch: &mut [Job],
-    dirty_since: &mut Option<Instant>,
-) -> Result<Vec<OutboxRow>, StoreError> {
-    let durable_jobs = batch
-        .iter()
-        .filter(|job| job.durability() == StoreDurability::Immediate);
-    let mut logged = Vec::new();
-    let mut all_logged = true;
-    for job in durable_jobs {
-        match job.logged() {
-            Some(event) => logged.push(event),
-            None => all_logged = false,
-        }
-    }
-    let checkpoint_due = dirty_since.is_some_and(|at| at.elapsed() >= CHECKPOINT_EVERY)
-        || wal.used() >= wal.capacity() / 2;
-    // A large batch means a busy writer: one durable commit serves all of it at a small cost per
-    // event, and leaves no pages for a checkpoint to free later.
-    let small = logged.len() <= LOG_AT_MOST;
-    let records = if all_logged && !logged.is_empty() && small && !checkpoint_due {
-        // Encoding fails only for an event that cannot be serialized: commit durably instead.
-        wal.encode(&logged)
-            .ok()
-            .filter(|r| wal.fits(r.len() as u64))
-    } else {
-        None
-    };
-    let count = logged.len() as u64;
-    drop(logged);
-    let mode = match (&records, checkpoint_due, all_logged) {
-        (Some(_), _, _) => Commit::Logged,
-        (None, false, true) if count == 0 => Commit::Lazy,
-        _ => Commit::Durable,
-    };
-    let redb_durability = if mode == Commit::Durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    let new_rows = commit_batch(db, batch, redb_durability)?;
-    match (mode, records) {
-        (Commit::Durable, _) => {
-            *dirty_since = None;
-            wal.reset();
-        }
-        (Commit::Logged, Some(records)) => {
-            dirty_since.get_or_insert_with(Instant::now);
-            if let Err(e) = wal.append(&records, count) {
-                // Visible in redb but on disk nowhere: make it durable there, or fail the batch
-                // (its senders are not answered 200; the provider retries).
-                tracing::warn!(error = %e, path = %wal.path().display(), "event log write failed; committing durably instead");
-                commit_batch(db, &mut [], Durability::Immediate)?;
-                *dirty_since = None;
-                wal.reset();
-            }
-        }
-        _ => {
-            dirty_since.get_or_insert_with(Instant::now);
-        }
-    }
-    Ok(new_rows)
-}
-
-/// Applies events read back from the log, in order, then commits durably; returns how many had an
-/// effect (the others were already stored). Each event has its own transaction, so one that can no
-/// longer be applied (it failed then too, and was never answered `200`) is skipped, not fatal.
-pub(super) fn replay(db: &Database, events: &[IncomingEvent]) -> Result<usize, StoreError> {
-    let mut applied = 0;
-    for event in events {
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::None);
-        let outcome = Tables::open(&txn).and_then(|mut t| t.ingest(event));
-        match outcome {
-            Ok(ingested) => {
-                txn.commit()?;
-                if matches!(ingested, Ingested::New { .. }) {
-                    applied += 1;
-                }
-            }
-            Err(e) => {
-                tracing::error!(event_id = %event.event_id, error = %e, error_chain = ?e, "an event from the log cannot be applied; skipped");
-                txn.abort()?;
-            }
-        }
-    }
-    commit_batch(db, &mut [], Durability::Immediate)?;
-    Ok(applied)
-}
-
-/// One write transaction for the whole batch. Any error aborts all of it.
+/// One write transaction for the whole batch, committed durably. Any error aborts all of it.
 fn commit_batch(
     db: &Database,
     batch: &mut [Job],
-    durability: Durability,
+    durable: bool,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(durability);
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    });
     let new_rows = {
         let mut t = Tables::open(&txn)?;
         for job in batch.iter_mut() {
