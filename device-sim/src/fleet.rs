@@ -4,7 +4,7 @@
 //! The gateway runs as a separate process (one process may hold about 20,000 open files here):
 //! started by the benchmark (`posgate` next to this executable) or given by address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -182,12 +182,16 @@ pub struct FleetEvent {
     pub at: Instant,
 }
 
-/// N terminal sessions reporting into one channel.
+/// N terminal sessions reporting into one channel, read with [`Fleet::next_event`].
 pub struct Fleet {
     pub bundles: Vec<Bundle>,
     sessions: Vec<Option<(Option<AsyncClient>, JoinHandle<()>)>>,
     tx: mpsc::UnboundedSender<FleetEvent>,
-    pub events: mpsc::UnboundedReceiver<FleetEvent>,
+    events: mpsc::UnboundedReceiver<FleetEvent>,
+    /// Events [`Fleet::wait_connected`] read but was not waiting for, handed out first by
+    /// [`Fleet::next_event`]. Terminals may already be paying while others still connect (the
+    /// POS flow starts each terminal at once): a confirmation read here must still be counted.
+    held: VecDeque<FleetEvent>,
     addr: SocketAddr,
     /// `Mqtt` (to `addr`), or an HTTP channel of the ingress at `ingress`.
     channel: Channel,
@@ -203,6 +207,7 @@ impl Fleet {
             sessions,
             tx,
             events,
+            held: VecDeque::new(),
             addr,
             channel: Channel::Mqtt,
             ingress: None,
@@ -230,6 +235,18 @@ impl Fleet {
 
     pub fn is_empty(&self) -> bool {
         self.bundles.is_empty()
+    }
+
+    /// The next thing a terminal saw: first what [`Fleet::wait_connected`] held back, then the
+    /// channel, in the order the sessions reported it; `None` when the channel is closed.
+    ///
+    /// Cancel-safe (for `select!`): an event is only taken from the queue or the channel when it
+    /// is returned.
+    pub async fn next_event(&mut self) -> Option<FleetEvent> {
+        match self.held.pop_front() {
+            Some(event) => Some(event),
+            None => self.events.recv().await,
+        }
     }
 
     /// Starts terminal `i`'s session (it connects, retrying by itself).
@@ -284,6 +301,9 @@ impl Fleet {
     }
 
     /// Waits until every terminal in `which` has reported `Connected`; returns the time taken.
+    /// Every other event read meanwhile (other terminals' confirmations, duplicates, rejections,
+    /// disconnects, extra `Connected`s) is kept, in order, for [`Fleet::next_event`]: nothing a
+    /// terminal saw is dropped here.
     ///
     /// # Errors
     /// When not all connect within `timeout`.
@@ -304,7 +324,7 @@ impl Fleet {
                 })) => {
                     waiting.remove(&terminal);
                 }
-                Ok(Some(_)) => {}
+                Ok(Some(other)) => self.held.push_back(other),
                 Ok(None) | Err(_) => bail!(
                     "{} of {} terminals not connected after {timeout:?}",
                     waiting.len(),
@@ -350,7 +370,7 @@ pub async fn connect_rate(
         started_count += 1;
     }
     while connected < n {
-        match tokio::time::timeout(Duration::from_secs(60), fleet.events.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(60), fleet.next_event()).await {
             Ok(Some(FleetEvent {
                 seen: Seen::Connected,
                 ..
@@ -420,7 +440,7 @@ pub async fn storm(
         let mut all_connected = None;
         while !waiting.is_empty() {
             let left = timeout.saturating_sub(started.elapsed());
-            match tokio::time::timeout(left, fleet.events.recv()).await {
+            match tokio::time::timeout(left, fleet.next_event()).await {
                 Ok(Some(FleetEvent {
                     terminal,
                     seen: Seen::Confirmation(c),
@@ -581,7 +601,7 @@ pub async fn e2e(
                 for r in result { send_errors += r??; }
                 senders_done = true;
             }
-            event = fleet.events.recv() => match event {
+            event = fleet.next_event() => match event {
                 Some(FleetEvent { seen: Seen::Confirmation(c), at, .. }) => {
                     let sent = sent_at.lock().ok().and_then(|mut m| m.remove(&c.intent_id));
                     if let Some(sent) = sent {
@@ -785,5 +805,95 @@ pub fn print(report: &FleetReport) {
             .map(|r| format!("{r:.0}"))
             .collect();
         println!("  gateway RSS (MiB): {}", list.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use posgate_proto::confirmation::{Confirmation, ConfirmationStatus};
+
+    use super::*;
+
+    fn confirmation(terminal_id: &str, intent_id: &str, seq: u64) -> Confirmation {
+        Confirmation {
+            v: 1,
+            terminal_id: terminal_id.into(),
+            intent_id: intent_id.into(),
+            seq,
+            status: ConfirmationStatus::Confirmed,
+            context: None,
+            amount: "4.50".into(),
+            amount_micros: 4_500_000,
+            currency: "usd".into(),
+            order_id: None,
+            tx_hash: None,
+            issued_at: "2026-11-25T00:00:00Z".into(),
+        }
+    }
+
+    /// The demo's intermittent loss: terminal 0 connected, paid and got its confirmation while
+    /// terminal 1 was still connecting; waiting for terminal 1 threw the confirmation away, so
+    /// the POS flow counted a delivered (and acked) confirmation as lost.
+    #[tokio::test]
+    async fn what_arrives_while_waiting_for_connections_is_kept_in_order() {
+        let mut fleet = Fleet::new(Vec::new(), SocketAddr::from(([127, 0, 0, 1], 1)));
+        let conf = confirmation("pos-0", "pi_early", 1);
+        let seen = [
+            (0, Seen::Connected),
+            (0, Seen::Confirmation(conf.clone())),
+            (
+                0,
+                Seen::Duplicate {
+                    intent_id: "pi_early".into(),
+                    seq: 1,
+                },
+            ),
+            (1, Seen::Disconnected("connection refused".into())),
+            (1, Seen::Connected),
+        ];
+        for (terminal, seen) in seen {
+            let at = Instant::now();
+            fleet.tx.send(FleetEvent { terminal, seen, at }).unwrap();
+        }
+        fleet
+            .wait_connected(&[0, 1], Duration::from_secs(10))
+            .await
+            .unwrap();
+        // After the connect phase, in the order the sessions reported them, then the channel.
+        let late = confirmation("pos-1", "pi_late", 1);
+        let at = Instant::now();
+        fleet
+            .tx
+            .send(FleetEvent {
+                terminal: 1,
+                seen: Seen::Confirmation(late.clone()),
+                at,
+            })
+            .unwrap();
+        // Up to the last event sent (so a dropped one fails the comparison instead of hanging).
+        let mut next = Vec::new();
+        loop {
+            let event = fleet.next_event().await.unwrap();
+            let last = event.seen == Seen::Confirmation(late.clone());
+            next.push((event.terminal, event.seen));
+            if last {
+                break;
+            }
+        }
+        assert_eq!(
+            next,
+            [
+                (0, Seen::Confirmation(conf)),
+                (
+                    0,
+                    Seen::Duplicate {
+                        intent_id: "pi_early".into(),
+                        seq: 1
+                    }
+                ),
+                (1, Seen::Disconnected("connection refused".into())),
+                (1, Seen::Confirmation(late)),
+            ]
+        );
     }
 }

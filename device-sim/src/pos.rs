@@ -274,6 +274,8 @@ pub async fn run_with(
         tasks.push(tokio::spawn(terminal_loop(i, bundle, shared, rx, control)));
     }
     drop(control_tx);
+    // The terminals are already paying: a confirmation that reaches one while others still
+    // connect is held by the fleet and handed out by `next_event` below, not dropped.
     fleet.connect_all(500, Duration::from_secs(60)).await?;
     let mut done = futures::future::join_all(tasks);
     let mut storms = 0u64;
@@ -292,7 +294,7 @@ pub async fn run_with(
                 }
                 storms += 1;
             }
-            event = fleet.events.recv() => match event {
+            event = fleet.next_event() => match event {
                 Some(FleetEvent { terminal, seen, at }) => {
                     if let Some(inbox) = inboxes.get(&terminal) {
                         drop(inbox.send((seen, at)));
