@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use futures::{SinkExt, StreamExt};
-use posgate_proto::confirmation::{self, Ack, VerifyError};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::terminal::{Bundle, Seen, SeqTracker, Sink};
+use crate::terminal::{Bundle, Checker, Seen, SeqTracker, Sink};
 
 /// How a terminal gets its confirmations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -26,45 +25,6 @@ pub enum Channel {
     Sse,
     /// WebSocket on the ingress listener.
     Ws,
-}
-
-/// What a session needs to check and ack a confirmation.
-struct Checker {
-    key: ed25519_dalek::VerifyingKey,
-    terminal_id: String,
-    tracker: SeqTracker,
-}
-
-impl Checker {
-    /// Verifies `jws`; the ack to send (if it verified) and what to report.
-    fn check(&mut self, jws: &str) -> (Option<Ack>, Seen) {
-        match confirmation::verify(jws, &self.key, &self.terminal_id, self.tracker.min_seq) {
-            Ok(c) => {
-                let ack = Ack {
-                    intent_id: c.intent_id.clone(),
-                    seq: c.seq,
-                };
-                let seen = if self.tracker.record(c.seq) {
-                    Seen::Confirmation(c)
-                } else {
-                    Seen::Duplicate {
-                        intent_id: c.intent_id,
-                        seq: c.seq,
-                    }
-                };
-                (Some(ack), seen)
-            }
-            // Already processed and acked.
-            Err(VerifyError::OldSeq { seq, .. }) => (
-                None,
-                Seen::Duplicate {
-                    intent_id: String::new(),
-                    seq,
-                },
-            ),
-            Err(e) => (None, Seen::Rejected(e.to_string())),
-        }
-    }
 }
 
 /// Starts a terminal session on `channel` (`Sse` or `Ws`) against the ingress at `ingress`; it

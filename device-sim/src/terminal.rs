@@ -173,6 +173,42 @@ impl SeqTracker {
     }
 }
 
+/// What a session needs to check and ack a confirmation (the same on every channel).
+pub(crate) struct Checker {
+    pub(crate) key: ed25519_dalek::VerifyingKey,
+    pub(crate) terminal_id: String,
+    pub(crate) tracker: SeqTracker,
+}
+
+impl Checker {
+    /// Verifies `jws`; the ack to send (if it verified) and what to report.
+    ///
+    /// Every confirmation that is genuinely ours is acked, also one already seen (a republish
+    /// after an ack the gateway lost): the gateway sends a terminal's next confirmation only after
+    /// the current one is acked, so a terminal silent on a repeat would stall its own queue. Only
+    /// new seqs are shown; the tracker tells them apart.
+    pub(crate) fn check(&mut self, jws: &str) -> (Option<Ack>, Seen) {
+        match confirmation::verify(jws, &self.key, &self.terminal_id, 0) {
+            Ok(c) => {
+                let ack = Ack {
+                    intent_id: c.intent_id.clone(),
+                    seq: c.seq,
+                };
+                let seen = if self.tracker.record(c.seq) {
+                    Seen::Confirmation(c)
+                } else {
+                    Seen::Duplicate {
+                        intent_id: c.intent_id,
+                        seq: c.seq,
+                    }
+                };
+                (Some(ack), seen)
+            }
+            Err(e) => (None, Seen::Rejected(e.to_string())),
+        }
+    }
+}
+
 /// Where a session reports what it sees; returning `false` ends the session.
 pub type Sink = Box<dyn FnMut(Seen) -> bool + Send>;
 
@@ -194,7 +230,11 @@ pub fn spawn_session(
     let (client, mut eventloop) = connect_raw(addr, &Identity::of(bundle))?;
     let (b, c) = (bundle.clone(), client.clone());
     let task = tokio::spawn(async move {
-        let mut tracker = SeqTracker::default();
+        let mut checker = Checker {
+            key,
+            terminal_id: b.terminal_id.clone(),
+            tracker: SeqTracker::default(),
+        };
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -237,38 +277,19 @@ pub fn spawn_session(
                     {
                         continue;
                     }
-                    let event = match std::str::from_utf8(&p.payload)
-                        .map_err(|_| VerifyError::Malformed)
-                        .and_then(|jws| {
-                            confirmation::verify(jws, &key, &b.terminal_id, tracker.min_seq)
-                        }) {
-                        Ok(conf) => {
-                            let ack = Ack {
-                                intent_id: conf.intent_id.clone(),
-                                seq: conf.seq,
-                            };
-                            let payload = serde_json::to_vec(&ack).unwrap_or_default();
-                            if c.publish(&b.topics.acks, QoS::AtLeastOnce, false, payload)
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                            if tracker.record(conf.seq) {
-                                Seen::Confirmation(conf)
-                            } else {
-                                Seen::Duplicate {
-                                    intent_id: conf.intent_id,
-                                    seq: conf.seq,
-                                }
-                            }
-                        }
-                        Err(VerifyError::OldSeq { seq, .. }) => Seen::Duplicate {
-                            intent_id: String::new(),
-                            seq,
-                        },
-                        Err(e) => Seen::Rejected(e.to_string()),
+                    let (ack, event) = match std::str::from_utf8(&p.payload) {
+                        Ok(jws) => checker.check(jws),
+                        Err(_) => (None, Seen::Rejected(VerifyError::Malformed.to_string())),
                     };
+                    if let Some(ack) = ack {
+                        let payload = serde_json::to_vec(&ack).unwrap_or_default();
+                        if c.publish(&b.topics.acks, QoS::AtLeastOnce, false, payload)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
                     if !sink(event) {
                         break;
                     }
@@ -418,7 +439,51 @@ impl Terminal {
 
 #[cfg(test)]
 mod tests {
+    use posgate_proto::confirmation::{Confirmation, ConfirmationStatus, VERSION};
+
     use super::*;
+
+    #[test]
+    fn a_repeated_confirmation_is_acked_again_but_not_shown_again() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let kid = confirmation::kid_for(&key.verifying_key().to_bytes());
+        let jws = |seq: u64, terminal: &str| {
+            confirmation::sign(
+                &key,
+                &kid,
+                &Confirmation {
+                    v: VERSION,
+                    terminal_id: terminal.into(),
+                    intent_id: format!("pi_{seq}"),
+                    seq,
+                    status: ConfirmationStatus::Confirmed,
+                    context: None,
+                    amount: "4.40".into(),
+                    amount_micros: 4_400_000,
+                    currency: "usd".into(),
+                    order_id: None,
+                    tx_hash: None,
+                    issued_at: "2026-04-01T20:00:12Z".into(),
+                },
+            )
+        };
+        let mut checker = Checker {
+            key: key.verifying_key(),
+            terminal_id: "pos-1".into(),
+            tracker: SeqTracker::default(),
+        };
+        let (ack, seen) = checker.check(&jws(1, "pos-1"));
+        assert_eq!(ack.map(|a| a.seq), Some(1));
+        assert!(matches!(seen, Seen::Confirmation(_)));
+        // The gateway lost that ack and sends seq 1 again: acked again, shown once.
+        let (ack, seen) = checker.check(&jws(1, "pos-1"));
+        assert_eq!(ack.map(|a| (a.intent_id, a.seq)), Some(("pi_1".into(), 1)));
+        assert!(matches!(seen, Seen::Duplicate { seq: 1, .. }));
+        // Someone else's confirmation: neither acked nor shown.
+        let (ack, seen) = checker.check(&jws(2, "pos-2"));
+        assert!(ack.is_none());
+        assert!(matches!(seen, Seen::Rejected(_)));
+    }
 
     #[test]
     fn seq_tracker_dedupes_out_of_order() {
