@@ -476,7 +476,7 @@ impl<P: Publisher> Router<P> {
                 .map(|(t, a)| (t.clone(), a.intent_id.clone(), a.seq))
                 .collect();
             let outcomes: Vec<Option<AckOutcome>> = match store.ack_many(keys).await {
-                Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
+                Ok(outcomes) => outcomes,
                 Err(e) => {
                     tracing::warn!(acks = acks.len(), error = %e, "acks not stored; the confirmations will be published again");
                     acks.iter().map(|_| None).collect()

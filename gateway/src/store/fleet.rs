@@ -322,19 +322,27 @@ impl Store {
     }
 
     /// Records terminals' acks `(terminal, intent, seq)` in one write, with an outcome for each,
-    /// in order. Not fsync'd on its own: an ack lost in a crash means one more delivery of a
-    /// confirmation the terminal already has, which it deduplicates.
+    /// in order (`None`: that ack could not be applied, e.g. its row does not decode; it is
+    /// logged and the others still count). Not fsync'd on its own: an ack lost in a crash means
+    /// one more delivery of a confirmation the terminal already has, which it deduplicates.
     ///
     /// # Errors
     /// As any write; then none of them is recorded.
     pub async fn ack_many(
         &self,
         acks: Vec<(String, String, u64)>,
-    ) -> Result<Vec<AckOutcome>, StoreError> {
+    ) -> Result<Vec<Option<AckOutcome>>, StoreError> {
         self.write_eventual(move |t| {
-            acks.iter()
-                .map(|(terminal_id, intent_id, seq)| t.ack(terminal_id, intent_id, *seq))
-                .collect()
+            Ok(acks
+                .iter()
+                .map(|(terminal_id, intent_id, seq)| {
+                    t.ack(terminal_id, intent_id, *seq)
+                        .inspect_err(|e| {
+                            tracing::error!(%terminal_id, %intent_id, seq, error = %e, error_chain = ?e, "ack not applied");
+                        })
+                        .ok()
+                })
+                .collect())
         })
         .await
     }
