@@ -7,8 +7,8 @@
 //! idempotent: the signed bytes of a row never change, and terminals deduplicate by intent and seq.
 //!
 //! Delivery is stop-and-wait per terminal (see [`Router`]), which keeps `seq` order on the wire.
-//! One task owns the state; acks are committed by short tasks of their own so that many acks share
-//! one group commit, and report back to the loop.
+//! One task owns the state; acks are stored off the loop, at most one write in flight, acks that
+//! arrive meanwhile batched into the next, and report back to it.
 //!
 //! The broker is behind [`Publisher`] and [`BrokerEvent`], so this module is tested over channels.
 
