@@ -450,9 +450,12 @@ impl Running {
     pub async fn reload(&self, config: &Config) -> Result<(), StoreError> {
         let (serials, revoked) = self.store.revocations().await?;
         let count = config.provider.webhook_secrets.len();
-        if let Ok(mut secrets) = self.secrets.write() {
-            *secrets = config.provider.webhook_secrets.clone();
-        }
+        // Replaced whole, so a poisoned lock holds nothing half-written: never skip a rotation.
+        *self
+            .secrets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            config.provider.webhook_secrets.clone();
         self.broker.set_revoked(&serials, &revoked);
         if count == 0 {
             tracing::warn!(

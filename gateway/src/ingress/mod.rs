@@ -313,15 +313,16 @@ fn verify(
         .and_then(|v| v.to_str().ok())
         .ok_or(SignatureError::MissingHeader(TIMESTAMP_HEADER))?;
     let mut last = SignatureError::MissingHeader(SIGNATURE_HEADER);
+    // Held only while the MACs are computed (no await). A reload that panicked mid-write cannot
+    // leave a half-written Vec (it is replaced whole), so a poisoned lock still holds good secrets.
+    let secrets = ingress
+        .secrets
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for value in headers.get_all(SIGNATURE_HEADER) {
         let Ok(signature) = value.to_str() else {
             continue;
         };
-        let secrets = ingress
-            .secrets
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default();
         match posgate_proto::verify(
             &secrets,
             timestamp,
