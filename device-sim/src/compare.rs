@@ -575,16 +575,10 @@ async fn measure(
 
 /// Prints a plain-broker report (as [`crate::fleet::print`], naming what was measured here).
 pub fn print(report: &FleetReport) {
-    println!("bench {}: {} terminals", report.scenario, report.terminals);
-    for row in &report.rows {
-        println!("  {row}");
-    }
-    if let Some(l) = &report.latency_ms {
-        println!(
-            "  webhook sent -> message received at the terminal (no signature to verify): p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
-            l.p50, l.p90, l.p99, l.p999, l.max
-        );
-    }
+    crate::fleet::print_measured(
+        report,
+        "webhook sent -> message received at the terminal (no signature to verify)",
+    );
     println!(
         "  sent {}, delivered {}, lost {}, duplicates {}",
         report.sent, report.delivered, report.lost, report.duplicates

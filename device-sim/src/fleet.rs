@@ -737,6 +737,21 @@ impl WebhookConn {
     }
 }
 
+/// Prints a report's heading, its rows, and its latency naming what was `measured` (the counts
+/// are the caller's).
+pub(crate) fn print_measured(report: &FleetReport, measured: &str) {
+    println!("bench {}: {} terminals", report.scenario, report.terminals);
+    for row in &report.rows {
+        println!("  {row}");
+    }
+    if let Some(l) = &report.latency_ms {
+        println!(
+            "  {measured}: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+    }
+}
+
 /// Sends batches of confirmations over a few connections.
 struct WebhookSender {
     conns: Vec<tokio::sync::Mutex<WebhookConn>>,
@@ -784,16 +799,10 @@ impl WebhookSender {
 
 /// Prints a fleet report.
 pub fn print(report: &FleetReport) {
-    println!("bench {}: {} terminals", report.scenario, report.terminals);
-    for row in &report.rows {
-        println!("  {row}");
-    }
-    if let Some(l) = &report.latency_ms {
-        println!(
-            "  webhook sent -> confirmation verified at the terminal: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
-            l.p50, l.p90, l.p99, l.p999, l.max
-        );
-    }
+    print_measured(
+        report,
+        "webhook sent -> confirmation verified at the terminal",
+    );
     println!(
         "  sent {}, delivered {}, lost {}, duplicates {}, rejected {}",
         report.sent, report.delivered, report.lost, report.duplicates, report.rejected

@@ -12,7 +12,7 @@ use posgate_sim::events::{self, Intent};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::harness::{SECRET, signed_post, status_json};
+use crate::harness::{self, SECRET, signed_post, status_json};
 
 const TOKEN: &str = "crash-test-admin-token";
 
@@ -81,15 +81,7 @@ pub async fn start_daemon_with(data_dir: &Path, config: Option<&Path>) -> Daemon
         mqtt = mqtt.or_else(|| find_addr(&line, "mqtt_addr="));
         log.lock().unwrap().push_str(&line);
     }
-    // Keep draining stdout so the daemon never blocks on a full pipe.
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
+    harness::keep_reading(lines, log.clone());
     Daemon {
         child,
         ingress: ingress.unwrap(),
@@ -190,14 +182,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
 
 /// SIGTERM: exit 0 after closing the store.
 pub async fn sigterm(daemon: &Daemon) {
-    let pid = daemon.child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    harness::signal(&daemon.child, "TERM");
 }
 
 #[tokio::test]
@@ -291,14 +276,7 @@ async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
         "[provider]\nwebhook_secrets = [\"whsec_new\", \"whsec_old\"]\n",
     )
     .unwrap();
-    let pid = daemon.child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    harness::signal(&daemon.child, "HUP");
     let mut n = 2;
     crate::harness::eventually(Duration::from_secs(10), || {
         n += 1;
@@ -313,13 +291,7 @@ async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
     );
     // A bad config is refused at reload, and nothing changes.
     std::fs::write(&config, "[provider]\nwebhook_secrets = 7\n").unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    harness::signal(&daemon.child, "HUP");
     assert_eq!(send("whsec_old", 101).await, 200);
     // The terminal's session survived the reloads: it gets its confirmations without reconnecting.
     let mut got = Vec::new();

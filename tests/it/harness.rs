@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use posgate::config::{Config, Env};
@@ -280,14 +280,25 @@ pub fn assert_error_body(body: &Value) {
     );
 }
 
+/// Calls `method` with `params` over `terminal`'s RPC and returns the reply; panics if none comes
+/// within 15 s.
+pub async fn rpc(
+    terminal: &mut Terminal,
+    request_id: &str,
+    method: &str,
+    params: Value,
+) -> posgate_proto::rpc::Response {
+    terminal
+        .rpc(request_id, method, params, Duration::from_secs(15))
+        .await
+        .unwrap()
+}
+
 /// Asks for an intent over `terminal`'s RPC (`create_intent` with `params`, 15 s to answer) and
 /// returns its id; panics with the error if the gateway answers one. Tests of the reply itself
-/// (errors, a repeated request id, the QR) call `rpc` directly.
+/// (errors, a repeated request id, the QR) call [`rpc`] directly.
 pub async fn create_intent(terminal: &mut Terminal, request_id: &str, params: Value) -> String {
-    let reply = terminal
-        .rpc(request_id, "create_intent", params, Duration::from_secs(15))
-        .await
-        .unwrap();
+    let reply = rpc(terminal, request_id, "create_intent", params).await;
     let result = reply
         .result
         .unwrap_or_else(|| panic!("create_intent {request_id}: {:?}", reply.error));
@@ -385,4 +396,31 @@ pub fn sample(text: &str, prefix: &str) -> Option<f64> {
             })
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Sends `signal` (`"TERM"`, `"HUP"`, …) to the running `child` with kill(1).
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Appends every further line of a child's output to `log`, in a task, so the child never blocks
+/// on a full pipe and its output is there for failure messages.
+pub fn keep_reading<R>(mut lines: tokio::io::Lines<R>, log: Arc<Mutex<String>>)
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
 }

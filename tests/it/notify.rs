@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
-use crate::harness::SECRET;
+use crate::harness::{self, SECRET};
 
 fn start(data_dir: &Path, notify_socket: &Path) -> (Child, Arc<Mutex<String>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"))
@@ -29,15 +29,8 @@ fn start(data_dir: &Path, notify_socket: &Path) -> (Child, Arc<Mutex<String>>) {
         .unwrap();
     // Keep draining stdout so the daemon never blocks on a full pipe; keep it for failure messages.
     let log = Arc::new(Mutex::new(String::new()));
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    harness::keep_reading(lines, log.clone());
     (child, log)
 }
 
@@ -95,14 +88,7 @@ async fn daemon_reports_ready_watchdog_and_stopping() {
     until(&socket, "WATCHDOG=1", Duration::from_secs(5), &log).await;
 
     // SIGTERM: STOPPING=1 (watchdog pings may come first), then exit 0.
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    harness::signal(&child, "TERM");
     let (stopping, _) = until(&socket, "STOPPING=1", Duration::from_secs(10), &log).await;
     assert!(stopping.contains("STATUS=draining"), "{stopping}");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())

@@ -7,7 +7,7 @@ use posgate_proto::confirmation::ConfirmationStatus;
 use posgate_sim::provider::{Faults, RunningProvider};
 use serde_json::json;
 
-use crate::harness::{self, TestGateway};
+use crate::harness::{self, TestGateway, rpc};
 
 const SECRET: &str = "whsec_it_rpc";
 const WAIT: Duration = Duration::from_secs(15);
@@ -20,15 +20,8 @@ async fn setup() -> (TestGateway, RunningProvider) {
 async fn a_terminal_creates_an_intent_and_receives_its_confirmation() {
     let (gw, sim) = setup().await;
     let mut t = gw.terminal("pos_rpc").await;
-    let reply = t
-        .rpc(
-            "r1",
-            "create_intent",
-            json!({"amount": "4.40", "order_id": "ord-1"}),
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let params = json!({"amount": "4.40", "order_id": "ord-1"});
+    let reply = rpc(&mut t, "r1", "create_intent", params.clone()).await;
     let result = reply.result.unwrap_or_else(|| panic!("{:?}", reply.error));
     let intent_id = result["intent_id"].as_str().unwrap().to_owned();
     assert_eq!(result["amount"], "4.40");
@@ -46,15 +39,7 @@ async fn a_terminal_creates_an_intent_and_receives_its_confirmation() {
     );
 
     // The same request id again: the same answer, and still one intent at the provider.
-    let again = t
-        .rpc(
-            "r1",
-            "create_intent",
-            json!({"amount": "4.40", "order_id": "ord-1"}),
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let again = rpc(&mut t, "r1", "create_intent", params).await;
     assert_eq!(again.result.unwrap()["intent_id"], intent_id.as_str());
     assert_eq!(sim.stats().api.intents_created, 1);
 
@@ -65,10 +50,7 @@ async fn a_terminal_creates_an_intent_and_receives_its_confirmation() {
         (c.intent_id.as_str(), c.status),
         (intent_id.as_str(), ConfirmationStatus::Confirmed)
     );
-    let got = t
-        .rpc("r2", "get_intent", json!({"intent_id": intent_id}), WAIT)
-        .await
-        .unwrap();
+    let got = rpc(&mut t, "r2", "get_intent", json!({"intent_id": intent_id})).await;
     assert_eq!(got.result.unwrap()["status"], "confirmed");
     gw.shutdown().await;
 }
@@ -91,10 +73,7 @@ async fn after_a_reboot_get_intent_tells_the_outcome() {
     })
     .await;
     let mut t = gw.connect(bundle).await;
-    let got = t
-        .rpc("g1", "get_intent", json!({"intent_id": intent_id}), WAIT)
-        .await
-        .unwrap();
+    let got = rpc(&mut t, "g1", "get_intent", json!({"intent_id": intent_id})).await;
     assert_eq!(got.result.unwrap()["status"], "confirmed");
     gw.shutdown().await;
 }
@@ -107,10 +86,7 @@ async fn another_terminal_s_intent_and_bad_requests_get_errors_not_silence() {
     let intent_id =
         harness::create_intent(&mut a, "a1", json!({"amount": "1.00", "order_id": "o"})).await;
     for (method, id) in [("get_intent", "b1"), ("cancel_intent", "b2")] {
-        let r = b
-            .rpc(id, method, json!({"intent_id": intent_id}), WAIT)
-            .await
-            .unwrap();
+        let r = rpc(&mut b, id, method, json!({"intent_id": intent_id})).await;
         assert_eq!(
             r.error.map(|e| e.code).as_deref(),
             Some("not_found"),
@@ -124,23 +100,18 @@ async fn another_terminal_s_intent_and_bad_requests_get_errors_not_silence() {
         (json!({"amount": "4.40"}), "x4"),
         (json!({"amount": "4.40", "order_id": "o", "ttl": 5}), "x5"),
     ] {
-        let r = b
-            .rpc(id, "create_intent", params.clone(), WAIT)
-            .await
-            .unwrap();
+        let r = rpc(&mut b, id, "create_intent", params.clone()).await;
         assert_eq!(
             r.error.map(|e| e.code).as_deref(),
             Some("invalid_params"),
             "{params}"
         );
     }
-    let r = b.rpc("x6", "pay_me", json!({}), WAIT).await.unwrap();
+    let r = rpc(&mut b, "x6", "pay_me", json!({})).await;
     assert_eq!(r.error.map(|e| e.code).as_deref(), Some("unknown_method"));
     // A's own cancel works and is idempotent by request id.
-    let r = a
-        .rpc("a2", "cancel_intent", json!({"intent_id": intent_id}), WAIT)
-        .await
-        .unwrap();
+    let cancel = json!({"intent_id": intent_id});
+    let r = rpc(&mut a, "a2", "cancel_intent", cancel).await;
     assert_eq!(r.result.unwrap()["status"], "cancelled");
     gw.shutdown().await;
 }
@@ -196,10 +167,7 @@ async fn a_409_with_the_original_intent_is_used_and_any_other_is_a_clear_conflic
 
     // The provider answers 409 with the intent r1 created: the terminal gets that intent.
     let params = json!({"amount": "4.50", "order_id": "ord-409"});
-    let reply = t
-        .rpc("r1", "create_intent", params.clone(), WAIT)
-        .await
-        .unwrap();
+    let reply = rpc(&mut t, "r1", "create_intent", params.clone()).await;
     let result = reply.result.unwrap_or_else(|| panic!("{:?}", reply.error));
     assert_eq!(result["intent_id"], original.as_str());
     assert!(
@@ -212,19 +180,13 @@ async fn a_409_with_the_original_intent_is_used_and_any_other_is_a_clear_conflic
     assert_eq!(view["terminal_id"], "pos_409");
 
     // A 409 without our intent (another body under that key): a clear error, nothing created.
-    let reply = t
-        .rpc("r2", "create_intent", params.clone(), WAIT)
-        .await
-        .unwrap();
+    let reply = rpc(&mut t, "r2", "create_intent", params.clone()).await;
     let e = reply.error.expect("an error");
     assert_eq!(e.code, "idempotency_conflict", "{}", e.message);
     assert!(e.message.contains("new request id"), "{}", e.message);
     // It is an answer: the same request id gets it again, without asking the provider.
     let requests = sim.stats().api.requests;
-    let again = t
-        .rpc("r2", "create_intent", params.clone(), WAIT)
-        .await
-        .unwrap();
+    let again = rpc(&mut t, "r2", "create_intent", params.clone()).await;
     assert_eq!(
         again.error.map(|e| e.code).as_deref(),
         Some("idempotency_conflict")
@@ -244,15 +206,8 @@ async fn a_bad_qr_payload_is_never_shown_and_the_intent_is_cancelled() {
     config.api_faults.bad_qr = true;
     let (gw, sim) = harness::spawn_with_sim(config, &[]).await;
     let mut t = gw.terminal("pos_qr").await;
-    let reply = t
-        .rpc(
-            "q1",
-            "create_intent",
-            json!({"amount": "4.50", "order_id": "ord-qr"}),
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let params = json!({"amount": "4.50", "order_id": "ord-qr"});
+    let reply = rpc(&mut t, "q1", "create_intent", params).await;
     assert!(reply.result.is_none(), "no QR for the terminal");
     let e = reply.error.expect("an error");
     assert_eq!(e.code, "qr_mismatch");
@@ -345,25 +300,11 @@ async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit
     for attempt in 0.. {
         assert!(tokio::time::Instant::now() < deadline, "never served again");
         // Not found is answered from the store, whatever the budget.
-        let reply = t
-            .rpc(
-                &format!("g{attempt}"),
-                "get_intent",
-                json!({"intent_id": "pi_none"}),
-                WAIT,
-            )
-            .await
-            .unwrap();
+        let params = json!({"intent_id": "pi_none"});
+        let reply = rpc(t, &format!("g{attempt}"), "get_intent", params).await;
         assert_eq!(reply.error.map(|e| e.code).as_deref(), Some("not_found"));
-        let reply = t
-            .rpc(
-                &format!("c{attempt}"),
-                "create_intent",
-                json!({"amount": "2.00", "order_id": "o-retry"}),
-                WAIT,
-            )
-            .await
-            .unwrap();
+        let params = json!({"amount": "2.00", "order_id": "o-retry"});
+        let reply = rpc(t, &format!("c{attempt}"), "create_intent", params).await;
         match reply.error {
             None => break,
             Some(e) => assert_eq!(e.code, "rate_limited", "{}", e.message),

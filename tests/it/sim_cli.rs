@@ -15,8 +15,9 @@ async fn provider_for(gw: &TestGateway) -> RunningProvider {
     ProviderSim::start(config).await.unwrap()
 }
 
-/// Runs the simulator binary to its end (at most `within`); exit code and stdout.
-async fn sim(args: &[String], within: Duration) -> (Option<i32>, String, String) {
+/// Runs the simulator binary with `args` to its end (at most `within`), asserts it exits 0, and
+/// returns its stdout.
+async fn sim(args: &[&str], within: Duration) -> String {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_posgate-sim-under-test"))
         .args(args)
         .kill_on_drop(true)
@@ -25,26 +26,30 @@ async fn sim(args: &[String], within: Duration) -> (Option<i32>, String, String)
         .await
         .expect("posgate-sim finished in time")
         .unwrap();
-    (
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
         out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watched_terminal_shows_the_qr_code_then_paid() {
     let gw = harness::spawn_gateway().await;
     let provider = provider_for(&gw).await;
-    let (admin, mqtt) = (gw.admin.to_string(), gw.mqtt.to_string());
+    let (admin, mqtt, api) = (
+        gw.admin.to_string(),
+        gw.mqtt.to_string(),
+        provider.api_base(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("pos_watch.json");
-    let (code, stdout, stderr) = sim(
-        &args(&[
+    // The terminal `pos_watch` with its bundle, paid `pay_after_ms` after it shows the QR code.
+    let watch = |pay_after_ms: &'static str| {
+        vec![
             "terminal",
             "--id",
             "pos_watch",
@@ -52,24 +57,20 @@ async fn a_watched_terminal_shows_the_qr_code_then_paid() {
             &admin,
             "--admin-token",
             &gw.admin_token,
-            "--mqtt",
-            &mqtt,
             "--provider-api",
-            &provider.api_base(),
-            "--amount",
-            "4.40",
+            &api,
             "--bundle",
             bundle.to_str().unwrap(),
             "--pay",
             "--pay-after-ms",
-            "300",
+            pay_after_ms,
             "--timeout",
             "30",
-        ]),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+        ]
+    };
+    let mut first = watch("300");
+    first.extend(["--mqtt", &mqtt, "--amount", "4.40"]);
+    let stdout = sim(&first, Duration::from_secs(60)).await;
     // The QR block: lines of half blocks, wider than 20 modules, before the outcome.
     let qr_lines = stdout
         .lines()
@@ -88,29 +89,8 @@ async fn a_watched_terminal_shows_the_qr_code_then_paid() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&bundle).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
-    let (code, stdout, stderr) = sim(
-        &args(&[
-            "terminal",
-            "--id",
-            "pos_watch",
-            "--admin",
-            &admin,
-            "--admin-token",
-            &gw.admin_token,
-            "--provider-api",
-            &provider.api_base(),
-            "--bundle",
-            bundle.to_str().unwrap(),
-            "--pay",
-            "--pay-after-ms",
-            "100",
-            "--timeout",
-            "30",
-        ]),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    // Again from the kept bundle, without `--mqtt` or `--amount`.
+    let stdout = sim(&watch("100"), Duration::from_secs(60)).await;
     assert!(
         stdout.lines().any(|l| l.trim_start().starts_with("PAID")),
         "{stdout}"
@@ -124,8 +104,8 @@ async fn a_fleet_against_a_running_gateway_and_simulator_loses_nothing() {
     let provider = provider_for(&gw).await;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("fleet.json");
-    let (code, stdout, stderr) = sim(
-        &args(&[
+    sim(
+        &[
             "fleet",
             "--admin",
             &format!("http://{}", gw.admin),
@@ -150,11 +130,10 @@ async fn a_fleet_against_a_running_gateway_and_simulator_loses_nothing() {
             "--quiet",
             "--json",
             json.to_str().unwrap(),
-        ]),
+        ],
         Duration::from_secs(90),
     )
     .await;
-    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["lost"], 0, "{report}");
     assert!(

@@ -23,10 +23,10 @@ use super::{ApiError, Core, model};
 pub(super) fn router(core: Arc<Core>) -> Router {
     Router::new()
         .route("/v1/payment-intents", post(create_intent))
-        .route("/v1/payment-intents/{id}", get(get_intent))
-        .route("/v1/payment-intents/{id}/cancel", post(cancel_intent))
+        .route("/v1/payment-intents/{id}", get(by_id(Core::intent)))
+        .route("/v1/payment-intents/{id}/cancel", post(by_id(Core::cancel)))
         .route("/v1/transactions", get(list_transactions))
-        .route("/v1/transactions/{id}", get(get_transaction))
+        .route("/v1/transactions/{id}", get(by_id(Core::transaction)))
         .route("/_sim/pay/{intent_id}", post(sim_pay))
         .route("/_sim/pay-unknown", post(sim_pay_unknown))
         .route("/_sim/stats", get(sim_stats))
@@ -97,26 +97,18 @@ async fn create_intent(State(core): State<Arc<Core>>, headers: HeaderMap, body: 
     }
 }
 
-async fn get_intent(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(e) = gate(&core, &headers) {
-        return reject(&core, e);
+/// A gated call on the `{id}` of its path (get an intent, cancel it, get a transaction): the gate
+/// first, then `op` on the id.
+fn by_id(
+    op: fn(&Core, &str) -> Result<Value, ApiError>,
+) -> impl Fn(State<Arc<Core>>, HeaderMap, Path<String>) -> std::future::Ready<Response>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |State(core): State<Arc<Core>>, headers: HeaderMap, Path(id): Path<String>| {
+        std::future::ready(gated(&core, &headers, || op(&core, &id)))
     }
-    result(core.intent(&id))
-}
-
-async fn cancel_intent(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(e) = gate(&core, &headers) {
-        return reject(&core, e);
-    }
-    result(core.cancel(&id))
 }
 
 async fn list_transactions(
@@ -124,21 +116,19 @@ async fn list_transactions(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(e) = gate(&core, &headers) {
-        return reject(&core, e);
-    }
-    result(core.list_transactions(&query))
+    gated(&core, &headers, || core.list_transactions(&query))
 }
 
-async fn get_transaction(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+/// The gate, then `op`'s object answered 200 (or its error).
+fn gated(
+    core: &Core,
+    headers: &HeaderMap,
+    op: impl FnOnce() -> Result<Value, ApiError>,
 ) -> Response {
-    if let Err(e) = gate(&core, &headers) {
-        return reject(&core, e);
+    if let Err(e) = gate(core, headers) {
+        return reject(core, e);
     }
-    result(core.transaction(&id))
+    result(op())
 }
 
 /// The optional body of `/_sim/pay/{id}`: `{"amount":"4.40","late":false}` (amount as a decimal

@@ -656,37 +656,11 @@ impl Core {
         let amount = amount.unwrap_or(intent.amount);
         let deadline = state.deadlines.get(intent_id).copied();
         drop(state);
-        if amount.0 == 0 {
-            return Err(ApiError::invalid(
-                "amount",
-                "amount_invalid",
-                "amount must be positive",
-            ));
-        }
-        let txn_id = model::new_id("txn_");
         let mut wait = self.scaled(self.config.confirm_delay);
         if late && let Some(deadline) = deadline {
             wait += deadline.saturating_duration_since(tokio::time::Instant::now());
         }
-        let core = Arc::clone(self);
-        let token = self.token.clone();
-        let (intent, txn) = (intent_id.to_owned(), txn_id.clone());
-        self.tracker.spawn(
-            async move {
-                tokio::select! {
-                    () = token.cancelled() => {}
-                    () = tokio::time::sleep(wait) => core.confirm_transfer(Some(&intent), None, &txn, amount, late),
-                }
-            }
-            .instrument(tracing::info_span!("payment", intent_id = %intent_id)),
-        );
-        Ok(PayReceipt {
-            intent_id: Some(intent_id.to_owned()),
-            transaction_id: txn_id,
-            amount: amount.to_string(),
-            amount_micros: amount.0,
-            late,
-        })
+        self.schedule_transfer(Some(intent_id), None, amount, late, wait)
     }
 
     /// Schedules a transfer to an address no intent has (`payment_intent_id: null`).
@@ -694,6 +668,21 @@ impl Core {
         self: &Arc<Self>,
         amount: MicroUsdc,
         address: Option<String>,
+    ) -> Result<PayReceipt, ApiError> {
+        let wait = self.scaled(self.config.confirm_delay);
+        let address = address.unwrap_or_else(model::random_address);
+        self.schedule_transfer(None, Some(address), amount, false, wait)
+    }
+
+    /// Refuses a zero `amount`, else lands a new transfer of it on chain after `wait` (unless the
+    /// simulator stops first): to `intent_id`'s address, or to `address` when no intent is named.
+    fn schedule_transfer(
+        self: &Arc<Self>,
+        intent_id: Option<&str>,
+        address: Option<String>,
+        amount: MicroUsdc,
+        late: bool,
+        wait: Duration,
     ) -> Result<PayReceipt, ApiError> {
         if amount.0 == 0 {
             return Err(ApiError::invalid(
@@ -703,26 +692,28 @@ impl Core {
             ));
         }
         let txn_id = model::new_id("txn_");
-        let wait = self.scaled(self.config.confirm_delay);
-        let address = address.unwrap_or_else(model::random_address);
+        let span = match intent_id {
+            Some(intent_id) => tracing::info_span!("payment", intent_id = %intent_id),
+            None => tracing::info_span!("payment_unknown"),
+        };
         let core = Arc::clone(self);
         let token = self.token.clone();
-        let txn = txn_id.clone();
+        let (intent, txn) = (intent_id.map(str::to_owned), txn_id.clone());
         self.tracker.spawn(
             async move {
                 tokio::select! {
                     () = token.cancelled() => {}
-                    () = tokio::time::sleep(wait) => core.confirm_transfer(None, Some(address), &txn, amount, false),
+                    () = tokio::time::sleep(wait) => core.confirm_transfer(intent.as_deref(), address, &txn, amount, late),
                 }
             }
-            .instrument(tracing::info_span!("payment_unknown")),
+            .instrument(span),
         );
         Ok(PayReceipt {
-            intent_id: None,
+            intent_id: intent_id.map(str::to_owned),
             transaction_id: txn_id,
             amount: amount.to_string(),
             amount_micros: amount.0,
-            late: false,
+            late,
         })
     }
 

@@ -251,11 +251,24 @@ impl<P: Publisher> Router<P> {
     fn load(&self, terminal_id: Option<String>) {
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
         tokio::spawn(async move {
-            match store.outbox(terminal_id.clone()).await {
-                Ok(rows) => drop(tx.send(Internal::Loaded { terminal_id, rows })),
-                Err(e) => {
-                    tracing::error!(error = %e, terminal_id = ?terminal_id, "cannot read the outbox")
+            // Retried until it succeeds (or the router is gone): the startup load is the only way
+            // rows from before a restart get back on the wire.
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match store.outbox(terminal_id.clone()).await {
+                    Ok(rows) => {
+                        drop(tx.send(Internal::Loaded { terminal_id, rows }));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, error_chain = ?e, terminal_id = ?terminal_id, retry_in_ms = pause.as_millis() as u64, "cannot read the outbox");
+                    }
                 }
+                tokio::time::sleep(pause).await;
+                if tx.is_closed() {
+                    return;
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         });
     }
