@@ -21,6 +21,8 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::amount::MicroUsdc;
+
 /// The payload version this crate writes and accepts.
 pub const VERSION: u32 = 1;
 /// The only `alg` accepted.
@@ -85,6 +87,35 @@ pub struct Confirmation {
     pub tx_hash: Option<String>,
     /// When the gateway issued this message, RFC 3339 UTC.
     pub issued_at: String,
+}
+
+impl Confirmation {
+    /// A confirmation of [`VERSION`] with `status` for `amount`, whose decimal (`amount`) and
+    /// integer (`amount_micros`) forms therefore agree, in `usd`; no context, order or
+    /// transaction (set those fields where they apply).
+    pub fn new(
+        terminal_id: &str,
+        intent_id: &str,
+        seq: u64,
+        status: ConfirmationStatus,
+        amount: MicroUsdc,
+        issued_at: &str,
+    ) -> Confirmation {
+        Confirmation {
+            v: VERSION,
+            terminal_id: terminal_id.to_owned(),
+            intent_id: intent_id.to_owned(),
+            seq,
+            status,
+            context: None,
+            amount: amount.to_string(),
+            amount_micros: amount.0,
+            currency: "usd".to_owned(),
+            order_id: None,
+            tx_hash: None,
+            issued_at: issued_at.to_owned(),
+        }
+    }
 }
 
 /// A terminal's acknowledgement on `/tenants/{t}/acks`: `{"intent_id":"pi_…","seq":N}`.

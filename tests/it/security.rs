@@ -184,20 +184,14 @@ async fn next_or_quiet(eventloop: &mut EventLoop) -> Option<Next> {
 }
 
 fn sample(bundle: &Bundle, intent: &str) -> confirmation::Confirmation {
-    confirmation::Confirmation {
-        v: 1,
-        terminal_id: bundle.terminal_id.clone(),
-        intent_id: intent.into(),
-        seq: 1,
-        status: confirmation::ConfirmationStatus::Confirmed,
-        context: None,
-        amount: "4.50".into(),
-        amount_micros: 4_500_000,
-        currency: "usd".into(),
-        order_id: None,
-        tx_hash: None,
-        issued_at: "2026-11-25T00:00:00Z".into(),
-    }
+    confirmation::Confirmation::new(
+        &bundle.terminal_id,
+        intent,
+        1,
+        confirmation::ConfirmationStatus::Confirmed,
+        posgate_proto::MicroUsdc(4_500_000),
+        "2026-11-25T00:00:00Z",
+    )
 }
 
 #[tokio::test]

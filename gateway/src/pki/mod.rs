@@ -1214,20 +1214,14 @@ mod tests {
         let key = SigningKey::from_pkcs8_pem(&pem).unwrap();
         assert_eq!(key.to_bytes(), pki.signing_key().to_bytes());
         // A signature made with it verifies with the published JWK.
-        let c = posgate_proto::Confirmation {
-            v: 1,
-            terminal_id: "pos_01".into(),
-            intent_id: "pi_1".into(),
-            seq: 1,
-            status: posgate_proto::ConfirmationStatus::Confirmed,
-            context: None,
-            amount: "4.40".into(),
-            amount_micros: 4_400_000,
-            currency: "usd".into(),
-            order_id: None,
-            tx_hash: None,
-            issued_at: "2026-04-01T20:00:12Z".into(),
-        };
+        let c = posgate_proto::Confirmation::new(
+            "pos_01",
+            "pi_1",
+            1,
+            posgate_proto::ConfirmationStatus::Confirmed,
+            posgate_proto::MicroUsdc(4_400_000),
+            "2026-04-01T20:00:12Z",
+        );
         let jws = posgate_proto::confirmation::sign(pki.signing_key(), pki.kid(), &c);
         let vk = pki.jwk().verifying_key().unwrap();
         assert_eq!(

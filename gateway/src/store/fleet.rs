@@ -162,19 +162,21 @@ impl Tables<'_> {
         let seq = terminal.next_seq;
         terminal.next_seq += 1;
         self.save_terminal(&terminal)?;
-        let confirmation = Confirmation {
-            v: 1,
-            terminal_id: terminal.id.clone(),
-            intent_id: record.id.clone(),
+        let issued_at = accepted_at.format(&Rfc3339).unwrap_or_default();
+        let base = Confirmation::new(
+            &terminal.id,
+            &record.id,
             seq,
             status,
+            record.expected_micros,
+            &issued_at,
+        );
+        let confirmation = Confirmation {
             context,
-            amount: record.expected_micros.to_string(),
-            amount_micros: record.expected_micros.0,
-            currency: record.currency.clone().unwrap_or_else(|| "usd".to_owned()),
+            currency: record.currency.clone().unwrap_or(base.currency.clone()),
             order_id: record.order_id.clone(),
             tx_hash: record.tx_hash.clone(),
-            issued_at: accepted_at.format(&Rfc3339).unwrap_or_default(),
+            ..base
         };
         let row = OutboxRow {
             terminal_id: terminal.id.clone(),
