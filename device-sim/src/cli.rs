@@ -506,8 +506,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = demo::run(&options).await?;
             demo::print(&report);
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                write_json(&path, &report)?;
             }
             let clean = report.pos.clean();
             Ok(if clean {
@@ -588,8 +587,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = fleet_cmd::run(&options).await?;
             fleet_cmd::print(&report);
             if let Some(path) = args.json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                write_json(&path, &report)?;
             }
             Ok(if report.clean() {
                 ExitCode::SUCCESS
@@ -754,17 +752,7 @@ async fn finish(
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     target.stop().await;
-    let report = report?;
-    fleet::print(&report);
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(if report.lost == 0 && report.rejected == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    conclude(&report?, fleet::print, json)
 }
 
 /// Prints and saves a report measured against another broker; non-zero exit when anything was
@@ -773,17 +761,31 @@ fn report_only(
     report: anyhow::Result<fleet::FleetReport>,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let report = report?;
-    compare::print(&report);
+    conclude(&report?, compare::print, json)
+}
+
+/// Prints a fleet report with `print` and saves it to `json`; non-zero exit when anything was
+/// lost or rejected.
+fn conclude(
+    report: &fleet::FleetReport,
+    print: fn(&fleet::FleetReport),
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    print(report);
     if let Some(path) = json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, report)?;
     }
     Ok(if report.lost == 0 && report.rejected == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Writes a report as pretty JSON to `path`.
+fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A problem before serving starts (bad flags, address in use): exit 64.

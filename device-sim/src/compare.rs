@@ -15,10 +15,9 @@
 //! message, and sends signed webhooks at R/s spread over them exactly as `bench e2e` does for
 //! posgate: the figure is the time from the webhook being sent to the message at its terminal.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -28,7 +27,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use posgate_proto::webhook::{DEFAULT_TOLERANCE_SECS, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -39,9 +37,9 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::{Latency, new_histogram, rss_mib};
+use crate::bench::rss_mib;
 use crate::events::{self};
-use crate::fleet::{FleetReport, SendLog, spawn_paced_senders};
+use crate::fleet::{FleetReport, Paced};
 
 /// The topic a terminal's messages are published on.
 pub fn payments_topic(terminal_id: &str, intent_id: &str) -> String {
@@ -495,25 +493,15 @@ async fn measure(
     }
     drop(tx);
 
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let answered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let end = Instant::now() + duration;
-    let log = SendLog {
-        sent_at: sent_at.clone(),
-        answered_at: answered_at.clone(),
-    };
-    let tasks = spawn_paced_senders(
+    let mut paced = Paced::start(
         bridge,
         &target.secret,
         terminals,
         rate,
         senders,
-        end,
+        duration,
         &format!("p{run}_"),
-        &log,
-    );
-    let mut histogram: Histogram<u64> = new_histogram()?;
-    let mut push: Histogram<u64> = new_histogram()?;
+    )?;
     let mut report = FleetReport {
         scenario: if target.certs.is_some() {
             "e2e (another MQTT broker over mutual TLS + bridge)".into()
@@ -523,33 +511,17 @@ async fn measure(
         terminals: n,
         ..Default::default()
     };
-    let mut send_errors = 0;
-    let mut senders_done = false;
-    let mut tasks = Box::pin(futures::future::join_all(tasks));
-    let drain_deadline = end + Duration::from_secs(10);
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-    loop {
-        let expected = sent_at.lock().map(|m| m.len()).unwrap_or(0);
-        if (senders_done && expected == 0) || Instant::now() > drain_deadline {
-            break;
-        }
+    while !paced.over() {
         tokio::select! {
-            result = &mut tasks, if !senders_done => {
-                for r in result { send_errors += r??; }
-                senders_done = true;
-            }
+            result = paced.senders_finished() => result?,
             event = events.recv() => match event {
                 Some((_, PlainSeen::Message(intent), at)) => {
-                    let sent = sent_at.lock().ok().and_then(|mut m| m.remove(&intent));
-                    if let Some(sent) = sent {
-                        histogram.record(at.duration_since(sent).as_micros().max(1) as u64)?;
+                    if paced.arrived(&intent, at)? {
                         report.delivered += 1;
-                        seen.insert(intent.clone());
+                        seen.insert(intent);
                     } else if seen.contains(&intent) {
                         report.duplicates += 1;
-                    }
-                    if let Some(answered) = answered_at.lock().ok().and_then(|mut m| m.remove(&intent)) {
-                        push.record(at.saturating_duration_since(answered).as_micros().max(1) as u64)?;
                     }
                 }
                 Some(_) => {}
@@ -561,15 +533,8 @@ async fn measure(
     for session in sessions {
         session.abort();
     }
-    report.lost = sent_at.lock().map(|m| m.len() as u64).unwrap_or(0);
-    report.sent = report.delivered + report.lost;
-    report.latency_ms = Some(Latency::of(&histogram));
-    let push = Latency::of(&push);
-    report.rows.push(json!({
-        "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": send_errors,
-        "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
-        "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
-    }));
+    let row = paced.finish(&mut report, rate, duration);
+    report.rows.push(row);
     Ok(report)
 }
 

@@ -560,57 +560,27 @@ pub async fn e2e(
             .map(|b| b.terminal_id.clone())
             .collect(),
     );
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let answered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let end = Instant::now() + duration;
-    let log = SendLog {
-        sent_at: sent_at.clone(),
-        answered_at: answered_at.clone(),
-    };
-    let tasks = spawn_paced_senders(
+    let mut paced = Paced::start(
         target.ingress,
         &target.secret,
         terminals,
         rate,
         senders,
-        end,
+        duration,
         "e",
-        &log,
-    );
-    let mut histogram: Histogram<u64> = new_histogram()?;
-    let mut push: Histogram<u64> = new_histogram()?;
+    )?;
     let mut report = FleetReport {
         scenario: "e2e".into(),
         terminals: n,
         ..Default::default()
     };
-    let mut send_errors = 0;
-    let mut senders_done = false;
-    let mut tasks = Box::pin(futures::future::join_all(tasks));
-    let drain_deadline = end + Duration::from_secs(10);
-    loop {
-        let expected = sent_at.lock().map(|m| m.len()).unwrap_or(0);
-        if senders_done && expected == 0 {
-            break;
-        }
-        if Instant::now() > drain_deadline {
-            break;
-        }
+    while !paced.over() {
         tokio::select! {
-            result = &mut tasks, if !senders_done => {
-                for r in result { send_errors += r??; }
-                senders_done = true;
-            }
+            result = paced.senders_finished() => result?,
             event = fleet.next_event() => match event {
                 Some(FleetEvent { seen: Seen::Confirmation(c), at, .. }) => {
-                    let sent = sent_at.lock().ok().and_then(|mut m| m.remove(&c.intent_id));
-                    if let Some(sent) = sent {
-                        histogram.record(at.duration_since(sent).as_micros().max(1) as u64)?;
+                    if paced.arrived(&c.intent_id, at)? {
                         report.delivered += 1;
-                    }
-                    // The push alone: from the gateway's 200 to the terminal (when the 200 came first).
-                    if let Some(answered) = answered_at.lock().ok().and_then(|mut m| m.remove(&c.intent_id)) {
-                        push.record(at.saturating_duration_since(answered).as_micros().max(1) as u64)?;
                     }
                 }
                 Some(FleetEvent { seen: Seen::Duplicate { .. }, .. }) => report.duplicates += 1,
@@ -621,18 +591,126 @@ pub async fn e2e(
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-    report.lost = sent_at.lock().map(|m| m.len() as u64).unwrap_or(0);
-    report.sent = report.delivered + report.lost;
-    report.latency_ms = Some(Latency::of(&histogram));
+    let mut row = paced.finish(&mut report, rate, duration);
     report.gateway_rss_mib.extend(target.rss_mib());
-    let push = Latency::of(&push);
-    report.rows.push(serde_json::json!({
-        "channel": channel,
-        "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": send_errors,
-        "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
-        "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
-    }));
+    row["channel"] = serde_json::json!(channel);
+    report.rows.push(row);
     Ok(report)
+}
+
+/// The sending half of an end-to-end run (`bench e2e`, against posgate or another broker): paced
+/// senders, and the webhooks they had accepted, awaiting their terminals.
+pub(crate) struct Paced {
+    log: SendLog,
+    tasks: std::pin::Pin<Box<futures::future::JoinAll<JoinHandle<anyhow::Result<u64>>>>>,
+    senders_done: bool,
+    send_errors: u64,
+    /// Ten seconds past the sending's end: what has not arrived by then is lost.
+    drain_deadline: Instant,
+    /// Webhook sent -> message at the terminal.
+    histogram: Histogram<u64>,
+    /// The push alone: from the `200` to the terminal (when the `200` came first).
+    push: Histogram<u64>,
+}
+
+impl Paced {
+    /// Starts [`spawn_paced_senders`] to `addr` for `duration`.
+    ///
+    /// # Errors
+    /// When a histogram cannot be made.
+    pub(crate) fn start(
+        addr: SocketAddr,
+        secret: &str,
+        terminals: Arc<Vec<String>>,
+        rate: u64,
+        senders: usize,
+        duration: Duration,
+        tag: &str,
+    ) -> anyhow::Result<Paced> {
+        let end = Instant::now() + duration;
+        let log = SendLog::default();
+        let tasks = spawn_paced_senders(addr, secret, terminals, rate, senders, end, tag, &log);
+        Ok(Paced {
+            log,
+            tasks: Box::pin(futures::future::join_all(tasks)),
+            senders_done: false,
+            send_errors: 0,
+            drain_deadline: end + Duration::from_secs(10),
+            histogram: new_histogram()?,
+            push: new_histogram()?,
+        })
+    }
+
+    /// Whether the run is over: the senders are done and every accepted webhook has arrived, or
+    /// the drain deadline has passed.
+    pub(crate) fn over(&self) -> bool {
+        let expected = self.log.sent_at.lock().map(|m| m.len()).unwrap_or(0);
+        (self.senders_done && expected == 0) || Instant::now() > self.drain_deadline
+    }
+
+    /// Resolves when the senders have finished (never again after that), counting their failed
+    /// sends. Cancel-safe (for `select!`).
+    ///
+    /// # Errors
+    /// When a sender task failed.
+    pub(crate) async fn senders_finished(&mut self) -> anyhow::Result<()> {
+        if self.senders_done {
+            return std::future::pending().await;
+        }
+        for r in (&mut self.tasks).await {
+            self.send_errors += r??;
+        }
+        self.senders_done = true;
+        Ok(())
+    }
+
+    /// The message for `intent` arrived at its terminal `at`: records its latencies; `false` when
+    /// no accepted webhook was awaiting it (a repeat).
+    ///
+    /// # Errors
+    /// When a latency cannot be recorded.
+    pub(crate) fn arrived(&mut self, intent: &str, at: Instant) -> anyhow::Result<bool> {
+        let sent = self
+            .log
+            .sent_at
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(intent));
+        if let Some(sent) = sent {
+            self.histogram
+                .record(at.duration_since(sent).as_micros().max(1) as u64)?;
+        }
+        let answered = self
+            .log
+            .answered_at
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(intent));
+        if let Some(answered) = answered {
+            self.push
+                .record(at.saturating_duration_since(answered).as_micros().max(1) as u64)?;
+        }
+        Ok(sent.is_some())
+    }
+
+    /// Counts what is still awaited as lost into `report`, with the latency; returns the row of
+    /// the run's figures.
+    pub(crate) fn finish(
+        self,
+        report: &mut FleetReport,
+        rate: u64,
+        duration: Duration,
+    ) -> serde_json::Value {
+        report.lost = self.log.sent_at.lock().map(|m| m.len() as u64).unwrap_or(0);
+        report.sent = report.delivered + report.lost;
+        report.latency_ms = Some(Latency::of(&self.histogram));
+        let push = Latency::of(&self.push);
+        serde_json::json!({
+            "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": self.send_errors,
+            "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
+            "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
+        })
+    }
 }
 
 /// When each webhook was sent, and when it was answered `200`, by intent id.

@@ -76,20 +76,12 @@ impl RemoteProvider {
     /// When the call fails or is not answered 200/201.
     pub async fn create_intent(&self, intent: &NewIntent) -> anyhow::Result<Value> {
         let url = format!("{}/payment-intents", self.api_base);
-        let response = self
+        let request = self
             .http
             .post(&url)
             .bearer_auth(&self.api_key)
-            .json(&intent.to_body())
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("POST {url} answered {status}: {body}");
-        }
-        Ok(body)
+            .json(&intent.to_body());
+        post(&url, request).await
     }
 
     /// `POST /_sim/pay/{id}`: the customer pays `amount` (default: exactly what is due), `late`
@@ -108,19 +100,7 @@ impl RemoteProvider {
         if let Some(amount) = amount {
             body["amount"] = events::number(amount);
         }
-        let response = self
-            .http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("POST {url} answered {status}: {body}");
-        }
-        Ok(body)
+        post(&url, self.http.post(&url).json(&body)).await
     }
 
     /// `GET /_sim/stats`: the simulator's counters.
@@ -163,6 +143,23 @@ impl Checkout for RemoteProvider {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move { self.pay(intent_id, Some(amount), false).await.map(drop) })
     }
+}
+
+/// Sends `request`, a `POST` to `url`, and returns its JSON body (`null` when it has none).
+///
+/// # Errors
+/// When the call fails or is not answered 2xx.
+async fn post(url: &str, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("POST {url} answered {status}: {body}");
+    }
+    Ok(body)
 }
 
 /// Parses an address given as `HOST:PORT`, `IP:PORT` or `http://HOST:PORT[/]` (the admin API's
