@@ -505,15 +505,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report = demo::run(&options).await?;
             demo::print(&report);
-            if let Some(path) = json {
-                write_json(&path, &report)?;
-            }
-            let clean = report.pos.clean();
-            Ok(if clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            save(&report, json.as_deref(), report.pos.clean())
         }
         Command::Provider(args) => {
             // Before anything listens, so a SIGTERM right after start stops cleanly.
@@ -586,14 +578,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report = fleet_cmd::run(&options).await?;
             fleet_cmd::print(&report);
-            if let Some(path) = args.json {
-                write_json(&path, &report)?;
-            }
-            Ok(if report.clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            save(&report, args.json.as_deref(), report.clean())
         }
         Command::Bridge(args) => {
             let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -650,8 +635,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let report = bench::ingest(&opts).await?;
                 bench::print_ingest(&report);
                 if let Some(path) = json {
-                    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    write_json(&path, &report)?;
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -772,10 +756,19 @@ fn conclude(
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     print(report);
+    save(report, json, report.lost == 0 && report.rejected == 0)
+}
+
+/// Saves a printed report to `json` when given; non-zero exit unless the run was `clean`.
+fn save(
+    report: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+    clean: bool,
+) -> anyhow::Result<ExitCode> {
     if let Some(path) = json {
         write_json(path, report)?;
     }
-    Ok(if report.lost == 0 && report.rejected == 0 {
+    Ok(if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
