@@ -902,20 +902,14 @@ mod tests {
     use super::*;
 
     fn confirmation(terminal_id: &str, intent_id: &str, seq: u64) -> Confirmation {
-        Confirmation {
-            v: 1,
-            terminal_id: terminal_id.into(),
-            intent_id: intent_id.into(),
+        Confirmation::new(
+            terminal_id,
+            intent_id,
             seq,
-            status: ConfirmationStatus::Confirmed,
-            context: None,
-            amount: "4.50".into(),
-            amount_micros: 4_500_000,
-            currency: "usd".into(),
-            order_id: None,
-            tx_hash: None,
-            issued_at: "2026-11-25T00:00:00Z".into(),
-        }
+            ConfirmationStatus::Confirmed,
+            posgate_proto::MicroUsdc(4_500_000),
+            "2026-11-25T00:00:00Z",
+        )
     }
 
     /// The demo's intermittent loss: terminal 0 connected, paid and got its confirmation while

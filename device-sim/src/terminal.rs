@@ -439,7 +439,7 @@ impl Terminal {
 
 #[cfg(test)]
 mod tests {
-    use posgate_proto::confirmation::{Confirmation, ConfirmationStatus, VERSION};
+    use posgate_proto::confirmation::{Confirmation, ConfirmationStatus};
 
     use super::*;
 
@@ -451,20 +451,14 @@ mod tests {
             confirmation::sign(
                 &key,
                 &kid,
-                &Confirmation {
-                    v: VERSION,
-                    terminal_id: terminal.into(),
-                    intent_id: format!("pi_{seq}"),
+                &Confirmation::new(
+                    terminal,
+                    &format!("pi_{seq}"),
                     seq,
-                    status: ConfirmationStatus::Confirmed,
-                    context: None,
-                    amount: "4.40".into(),
-                    amount_micros: 4_400_000,
-                    currency: "usd".into(),
-                    order_id: None,
-                    tx_hash: None,
-                    issued_at: "2026-04-01T20:00:12Z".into(),
-                },
+                    ConfirmationStatus::Confirmed,
+                    posgate_proto::MicroUsdc(4_400_000),
+                    "2026-04-01T20:00:12Z",
+                ),
             )
         };
         let mut checker = Checker {
