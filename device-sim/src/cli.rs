@@ -387,15 +387,11 @@ enum Scenario {
         target: TargetArgs,
         #[arg(long, default_value_t = 1000)]
         terminals: usize,
-        /// Webhooks per second.
-        #[arg(long, default_value_t = 1000)]
-        rate: u64,
+        #[command(flatten)]
+        pacing: crate::fleet::Pacing,
         /// Measured seconds.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// Concurrent webhook senders (keep-alive connections).
-        #[arg(long, default_value_t = 16)]
-        senders: usize,
         /// How the terminals get their confirmations: MQTT/TLS, or the ingress listener's
         /// Server-Sent Events or WebSocket (bearer token).
         #[arg(long, value_enum, default_value = "mqtt", conflicts_with = "broker")]
@@ -672,9 +668,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Scenario::E2e {
                 target,
                 terminals,
-                rate,
+                pacing,
                 duration,
-                senders,
                 broker: Some(broker),
                 plain,
                 certs,
@@ -693,22 +688,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     broker_pid: target.pid,
                     clear_on_ack,
                 };
-                let report = compare::e2e_plain(
-                    &plain,
-                    terminals,
-                    rate,
-                    Duration::from_secs(duration),
-                    senders,
-                )
-                .await;
+                let report =
+                    compare::e2e_plain(&plain, terminals, pacing, Duration::from_secs(duration))
+                        .await;
                 report_only(report, target.json.as_deref())
             }
             Scenario::E2e {
                 target,
                 terminals,
-                rate,
+                pacing,
                 duration,
-                senders,
                 channel,
                 broker: None,
                 ..
@@ -717,9 +706,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let report = fleet::e2e(
                     &t,
                     terminals,
-                    rate,
+                    pacing,
                     Duration::from_secs(duration),
-                    senders,
                     channel,
                 )
                 .await;

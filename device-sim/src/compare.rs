@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bench::rss_mib;
 use crate::events::{self};
-use crate::fleet::{FleetReport, Paced};
+use crate::fleet::{FleetReport, Paced, Pacing};
 
 /// The topic a terminal's messages are published on.
 pub fn payments_topic(terminal_id: &str, intent_id: &str) -> String {
@@ -417,9 +417,8 @@ async fn start_bridge_child(target: &PlainTarget) -> anyhow::Result<BridgeChild>
 pub async fn e2e_plain(
     target: &PlainTarget,
     n: usize,
-    rate: u64,
+    pacing: Pacing,
     duration: Duration,
-    senders: usize,
 ) -> anyhow::Result<FleetReport> {
     let mut child = match target.bridge {
         Some(_) => None,
@@ -430,7 +429,7 @@ pub async fn e2e_plain(
         (None, Some(addr)) => addr,
         (None, None) => bail!("no bridge"),
     };
-    let result = measure(target, bridge, n, rate, duration, senders).await;
+    let result = measure(target, bridge, n, pacing, duration).await;
     let bridge_rss = child
         .as_ref()
         .and_then(|c| c.process.id())
@@ -452,9 +451,8 @@ async fn measure(
     target: &PlainTarget,
     bridge: SocketAddr,
     n: usize,
-    rate: u64,
+    pacing: Pacing,
     duration: Duration,
-    senders: usize,
 ) -> anyhow::Result<FleetReport> {
     let run = format!("{:04x}", rand::random::<u16>());
     let terminals: Arc<Vec<String>> =
@@ -497,8 +495,7 @@ async fn measure(
         bridge,
         &target.secret,
         terminals,
-        rate,
-        senders,
+        pacing,
         duration,
         &format!("p{run}_"),
     )?;
@@ -533,7 +530,7 @@ async fn measure(
     for session in sessions {
         session.abort();
     }
-    let row = paced.finish(&mut report, rate, duration);
+    let row = paced.finish(&mut report, duration);
     report.rows.push(row);
     Ok(report)
 }

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use posgate_proto::MicroUsdc;
+use rand::{Rng, SeedableRng};
 use rumqttc::AsyncClient;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -545,9 +546,8 @@ pub async fn churn(
 pub async fn e2e(
     target: &Target,
     n: usize,
-    rate: u64,
+    pacing: Pacing,
     duration: Duration,
-    senders: usize,
     channel: Channel,
 ) -> anyhow::Result<FleetReport> {
     let bundles = provision(target, "bench-e-", n, 32).await?;
@@ -564,8 +564,7 @@ pub async fn e2e(
         target.ingress,
         &target.secret,
         terminals,
-        rate,
-        senders,
+        pacing,
         duration,
         "e",
     )?;
@@ -591,7 +590,7 @@ pub async fn e2e(
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-    let mut row = paced.finish(&mut report, rate, duration);
+    let mut row = paced.finish(&mut report, duration);
     report.gateway_rss_mib.extend(target.rss_mib());
     row["channel"] = serde_json::json!(channel);
     report.rows.push(row);
@@ -611,6 +610,7 @@ pub(crate) struct Paced {
     histogram: Histogram<u64>,
     /// The push alone: from the `200` to the terminal (when the `200` came first).
     push: Histogram<u64>,
+    pacing: Pacing,
 }
 
 impl Paced {
@@ -622,14 +622,13 @@ impl Paced {
         addr: SocketAddr,
         secret: &str,
         terminals: Arc<Vec<String>>,
-        rate: u64,
-        senders: usize,
+        pacing: Pacing,
         duration: Duration,
         tag: &str,
     ) -> anyhow::Result<Paced> {
         let end = Instant::now() + duration;
         let log = SendLog::default();
-        let tasks = spawn_paced_senders(addr, secret, terminals, rate, senders, end, tag, &log);
+        let tasks = spawn_paced_senders(addr, secret, terminals, pacing, end, tag, &log);
         Ok(Paced {
             log,
             tasks: Box::pin(futures::future::join_all(tasks)),
@@ -638,6 +637,7 @@ impl Paced {
             drain_deadline: end + Duration::from_secs(10),
             histogram: new_histogram()?,
             push: new_histogram()?,
+            pacing,
         })
     }
 
@@ -695,18 +695,14 @@ impl Paced {
 
     /// Counts what is still awaited as lost into `report`, with the latency; returns the row of
     /// the run's figures.
-    pub(crate) fn finish(
-        self,
-        report: &mut FleetReport,
-        rate: u64,
-        duration: Duration,
-    ) -> serde_json::Value {
+    pub(crate) fn finish(self, report: &mut FleetReport, duration: Duration) -> serde_json::Value {
         report.lost = self.log.sent_at.lock().map(|m| m.len() as u64).unwrap_or(0);
         report.sent = report.delivered + report.lost;
         report.latency_ms = Some(Latency::of(&self.histogram));
         let push = Latency::of(&self.push);
         serde_json::json!({
-            "rate_per_s": rate, "duration_secs": duration.as_secs_f64(), "send_errors": self.send_errors,
+            "rate_per_s": self.pacing.rate, "arrivals": self.pacing.arrivals,
+            "senders": self.pacing.senders, "duration_secs": duration.as_secs_f64(), "send_errors": self.send_errors,
             "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
             "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
         })
@@ -721,22 +717,74 @@ pub struct SendLog {
     pub answered_at: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
-/// `senders` keep-alive connections to `addr`, together posting `rate` signed
+/// How webhooks are sent in a paced benchmark.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct Pacing {
+    /// Webhooks per second, all senders together.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Concurrent webhook senders (keep-alive connections).
+    #[arg(long, default_value_t = 16)]
+    pub senders: usize,
+    /// When the webhooks leave: evenly spaced (`even`), as independent payments would
+    /// (`poisson`: exponential gaps, so they sometimes bunch up), or all senders in step
+    /// (`burst`: `senders` webhooks at once, `rate/senders` times a second).
+    #[arg(long, value_enum, default_value = "even")]
+    pub arrivals: Arrivals,
+}
+
+/// The schedule of a paced run's sends, all senders together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arrivals {
+    /// One every `1/rate` seconds: each sender at `senders/rate`, their phases spread evenly
+    /// over that period (senders started in step would send in bursts of `senders`).
+    Even,
+    /// A Poisson process of `rate` per second (each sender one of `rate/senders`).
+    Poisson,
+    /// Every sender at `senders/rate`, all in the same phase.
+    Burst,
+}
+
+impl Pacing {
+    /// Sender `s`'s schedule: its first send and the gap to each next one.
+    fn schedule(self, s: usize) -> impl FnMut() -> Duration {
+        let senders = self.senders.max(1);
+        let period = Duration::from_secs_f64(senders as f64 / self.rate.max(1) as f64);
+        let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
+        let arrivals = self.arrivals;
+        let mut first = true;
+        move || match arrivals {
+            Arrivals::Burst if first => {
+                first = false;
+                Duration::ZERO
+            }
+            Arrivals::Even if first => {
+                first = false;
+                period.mul_f64(s as f64 / senders as f64)
+            }
+            Arrivals::Even | Arrivals::Burst => period,
+            // 1 - U is in (0, 1], so the logarithm is finite.
+            Arrivals::Poisson => period.mul_f64(-(1.0 - rng.random::<f64>()).ln()),
+        }
+    }
+}
+
+/// `pacing.senders` keep-alive connections to `addr`, together posting `pacing.rate` signed
 /// `payment_intent.confirmed` webhooks/s until `end`, round robin over `terminals`, intent ids
-/// `pi_{tag}{sender}_{n}`; each task returns its number of failed sends.
-#[allow(clippy::too_many_arguments)]
+/// `pi_{tag}{sender}_{n}`; each task returns its number of failed sends. A sender waits for each
+/// answer; one that falls behind its schedule catches up at once.
 pub fn spawn_paced_senders(
     addr: SocketAddr,
     secret: &str,
     terminals: Arc<Vec<String>>,
-    rate: u64,
-    senders: usize,
+    pacing: Pacing,
     end: Instant,
     tag: &str,
     log: &SendLog,
 ) -> Vec<JoinHandle<anyhow::Result<u64>>> {
-    let senders = senders.max(1);
-    let per_sender = rate as f64 / senders as f64;
+    let senders = pacing.senders.max(1);
+    let start = tokio::time::Instant::now();
     (0..senders)
         .map(|s| {
             let (terminals, log, secret, tag) = (
@@ -745,14 +793,15 @@ pub fn spawn_paced_senders(
                 secret.to_owned(),
                 tag.to_owned(),
             );
+            let mut gap = pacing.schedule(s);
             tokio::spawn(async move {
                 let mut conn = WebhookConn::connect(addr).await?;
-                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut next = start + gap();
                 let mut k = 0u64;
                 let mut errors = 0u64;
                 while Instant::now() < end {
-                    tick.tick().await;
+                    tokio::time::sleep_until(next).await;
+                    next += gap();
                     let t = ((k as usize) * senders + s) % terminals.len();
                     let intent = format!("pi_{tag}{s}_{k}");
                     k += 1;
