@@ -33,7 +33,7 @@ use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::rpc::Rpc;
-use crate::store::{Store, StoreError};
+use crate::store::{Revocation, Store, StoreError};
 use posgate_proto::qr::Mode;
 use secrecy::ExposeSecret;
 
@@ -279,7 +279,7 @@ impl Gateway {
             signer: signer.clone(),
             hub: hub.clone(),
             tokens: http_tokens.clone(),
-            acks: http_acks,
+            acks: http_acks.clone(),
             shutdown: token.clone(),
             tracker: tracker.clone(),
             keepalive: Duration::from_secs(config.ingress.keepalive_secs),
@@ -329,9 +329,14 @@ impl Gateway {
             pki,
             presence,
             mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
-            revoke: Arc::new(move |t| {
-                revoker.revoke(&t.id, &t.cert_serial);
-                hub.revoke(&t.id);
+            revoke: Arc::new(move |r: &Revocation| {
+                revoker.revoke(&r.record.id, &r.record.cert_serial);
+                hub.revoke(&r.record.id);
+                // The router stops republishing what was parked and clears it from the broker.
+                drop(http_acks.send(BrokerEvent::Revoked {
+                    terminal_id: r.record.id.clone(),
+                    parked: r.parked.clone(),
+                }));
             }),
             registered: Arc::new(move |t| http_tokens.insert(t)),
             connections: Arc::new(move || counter.connections() as i64),

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use posgate_proto::confirmation::ConfirmationStatus;
 use posgate_sim::terminal::{Seen, Terminal};
+use serde_json::{Value, json};
 
-use crate::harness::{eventually, spawn_gateway, status_json};
+use crate::harness::{assert_error_body, eventually, spawn_gateway, status_json};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -126,5 +127,85 @@ async fn a_clean_restart_republishes_what_was_not_acked() {
             "{seen:?}"
         );
     }
+    gw.shutdown().await;
+}
+
+/// A lost terminal is revoked with payments still pending: they leave the outbox (no unacked
+/// alert that could never clear, no republishing into the void) and wait as undeliverable until
+/// the operator assigns them to the replacement, which gets them over MQTT/TLS, signed for it.
+#[tokio::test]
+async fn a_revoked_terminals_pending_confirmations_go_to_the_terminal_they_are_assigned_to() {
+    let gw = spawn_gateway().await;
+    gw.provision("pos_lost").await; // never connects again
+    gw.pay("pos_lost", "pi_lost_1").await;
+    gw.pay("pos_lost", "pi_lost_2").await;
+    assert_eq!(gw.terminal_view("pos_lost").await["pending"], 2);
+    assert_eq!(gw.metric("posgate_outbox_depth").await, Some(2.0));
+    let (status, body) = status_json(
+        gw.admin_post("/v1/terminals/pos_lost/revoke", json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(gw.terminal_view("pos_lost").await["pending"], 0);
+    assert_eq!(gw.metric("posgate_outbox_depth").await, Some(0.0));
+    assert_eq!(gw.metric("posgate_undeliverable").await, Some(2.0));
+    let (_, list) = status_json(gw.admin_get("/v1/undeliverable").await).await;
+    assert_eq!(
+        list["data"],
+        json!([
+            {"terminal_id": "pos_lost", "intent_id": "pi_lost_1"},
+            {"terminal_id": "pos_lost", "intent_id": "pi_lost_2"},
+        ])
+    );
+
+    let assign = |intent: &'static str, body: Value| {
+        let gw = &gw;
+        async move {
+            status_json(
+                gw.admin_post(&format!("/v1/undeliverable/{intent}/assign"), body)
+                    .await,
+            )
+            .await
+        }
+    };
+    // Refused, and nothing moves: the revoked terminal itself, an unknown one, a bad body, an
+    // unknown intent.
+    for (body, status) in [
+        (json!({"terminal_id": "pos_lost"}), 422),
+        (json!({"terminal_id": "pos_nobody"}), 422),
+        (json!({"terminal_id": "bad id!"}), 422),
+        (json!({}), 422),
+        (json!(["pos_new"]), 422),
+    ] {
+        let (got, answer) = assign("pi_lost_1", body.clone()).await;
+        assert_eq!(got, status, "{body} -> {answer}");
+        assert_error_body(&answer);
+    }
+    let (got, answer) = assign("pi_nope", json!({"terminal_id": "pos_lost"})).await;
+    assert_eq!(got, 404, "{answer}");
+
+    let mut b = gw.terminal("pos_new").await;
+    for intent in ["pi_lost_1", "pi_lost_2"] {
+        let (got, answer) = assign(intent, json!({"terminal_id": "pos_new"})).await;
+        assert_eq!(got, 200, "{answer}");
+    }
+    // The Terminal verifies each JWS against the gateway key, its own id and seq.
+    for (n, intent) in [(1, "pi_lost_1"), (2, "pi_lost_2")] {
+        let c = b.next_confirmation(WAIT).await.unwrap();
+        assert_eq!(
+            (c.terminal_id.as_str(), c.intent_id.as_str(), c.seq),
+            ("pos_new", intent, n)
+        );
+    }
+    let (got, answer) = assign("pi_lost_1", json!({"terminal_id": "pos_new"})).await;
+    assert_eq!(got, 409, "{answer}");
+    let (_, list) = status_json(gw.admin_get("/v1/undeliverable").await).await;
+    assert_eq!(list["data"], json!([]));
+    assert_eq!(
+        gw.intent("pi_lost_1").await.unwrap()["terminal_id"],
+        "pos_new"
+    );
+    b.disconnect().await;
     gw.shutdown().await;
 }

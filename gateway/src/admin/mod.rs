@@ -9,7 +9,8 @@
 //! | `GET /v1/terminals`, `GET /v1/terminals/{id}` | registry with `online`, `last_seen`, `pending` |
 //! | `POST /v1/terminals/{id}/revoke` | `200`; disconnected and refused from then on |
 //! | `GET /v1/payment-intents/{id}`, `GET /v1/payment-intents?…` | the gateway's view of intents |
-//! | `GET /v1/undeliverable` | confirmations waiting for a terminal that is not registered |
+//! | `GET /v1/undeliverable` | confirmations waiting for a terminal that is not registered (or revoked) |
+//! | `POST /v1/undeliverable/{intent_id}/assign` | `{"terminal_id"}`: send that confirmation to another terminal |
 //! | `GET /v1/orphan-transfers` | transfers that match no intent (found by reconciliation) |
 //!
 //! Missing or wrong token: `401`. Unknown id: `404`. Bad JSON or field: `422` naming the field.
@@ -36,8 +37,8 @@ use crate::http::error;
 use crate::metrics::Metrics;
 use crate::pki::Pki;
 use crate::router::Presence;
-use crate::store::TerminalRecord;
 use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
+use crate::store::{Revocation, TerminalRecord};
 
 mod orphans;
 mod terminals;
@@ -62,8 +63,9 @@ pub struct Fleet {
     pub presence: Presence,
     /// `mqtts://host:port` for provisioning bundles.
     pub mqtt_url: String,
-    /// Cuts a revoked terminal's connections and refuses its certificate from now on.
-    pub revoke: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
+    /// Cuts a revoked terminal's connections and refuses its certificate from now on; tells the
+    /// router which confirmations left the outbox.
+    pub revoke: Arc<dyn Fn(&Revocation) + Send + Sync>,
     /// Told about every terminal just registered (its HTTP bearer token becomes usable).
     pub registered: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
     /// The broker's number of open connections.
@@ -145,6 +147,10 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/terminals/{id}", get(terminals::get))
         .route("/v1/terminals/{id}/revoke", post(terminals::revoke))
         .route("/v1/undeliverable", get(terminals::undeliverable))
+        .route(
+            "/v1/undeliverable/{intent_id}/assign",
+            post(terminals::assign),
+        )
         .route("/v1/orphan-transfers", get(orphans::list))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()

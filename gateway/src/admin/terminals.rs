@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use super::{Admin, store_error};
 use crate::http::error;
 use crate::router::PresenceEntry;
-use crate::store::{NewTerminal, TerminalRecord};
+use crate::store::{AssignRefused, NewTerminal, TerminalRecord};
 
 fn rfc3339(t: Option<time::OffsetDateTime>) -> Option<String> {
     t.and_then(|t| t.format(&Rfc3339).ok())
@@ -194,12 +194,54 @@ pub(super) async fn revoke(
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     match admin.store.revoke_terminal(id.clone()).await {
-        Ok(Some(record)) => {
-            (admin.fleet.revoke)(&record);
-            tracing::warn!(terminal_id = %id, serial = %record.cert_serial, "terminal revoked");
-            Json(view(&admin, &record, 0)).into_response()
+        Ok(Some(revocation)) => {
+            (admin.fleet.revoke)(&revocation);
+            let record = &revocation.record;
+            tracing::warn!(terminal_id = %id, serial = %record.cert_serial, undeliverable = revocation.parked.len(), "terminal revoked");
+            Json(view(&admin, record, 0)).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such terminal"),
+        Err(e) => store_error(&e),
+    }
+}
+
+/// `POST /v1/undeliverable/{intent_id}/assign` `{"terminal_id"}`: a payment made for a terminal
+/// that is unknown or revoked goes to the one named (the replacement, or the right lane).
+pub(super) async fn assign(
+    State(admin): State<Arc<Admin>>,
+    UrlPath(intent_id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    let request: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        Ok(_) => return invalid("body", "must be a JSON object"),
+        Err(e) => return invalid("body", &format!("not JSON: {e}")),
+    };
+    let terminal_id = match request.get("terminal_id").and_then(|v| v.as_str()) {
+        Some(id) if topics::valid_terminal_id(id) => id.to_owned(),
+        Some(_) => return invalid("terminal_id", "1-64 characters of A-Z a-z 0-9 _ . -"),
+        None => return invalid("terminal_id", "required string"),
+    };
+    match admin
+        .store
+        .assign_undeliverable(intent_id.clone(), terminal_id.clone())
+        .await
+    {
+        Ok(Ok(())) => {
+            tracing::warn!(%intent_id, %terminal_id, "undeliverable confirmation assigned");
+            Json(serde_json::json!({ "intent_id": intent_id, "terminal_id": terminal_id }))
+                .into_response()
+        }
+        Ok(Err(AssignRefused::NoIntent)) => {
+            error(StatusCode::NOT_FOUND, "not_found", "no such payment intent")
+        }
+        Ok(Err(AssignRefused::NotWaiting)) => error(
+            StatusCode::CONFLICT,
+            "not_undeliverable",
+            format!("{intent_id} is not waiting for a terminal (see GET /v1/undeliverable)"),
+        ),
+        Ok(Err(AssignRefused::NoTerminal)) => invalid("terminal_id", "no such terminal"),
+        Ok(Err(AssignRefused::Revoked)) => invalid("terminal_id", "that terminal is revoked"),
         Err(e) => store_error(&e),
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! The broker is behind [`Publisher`] and [`BrokerEvent`], so this module is tested over channels.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -63,6 +63,12 @@ pub enum BrokerEvent {
     },
     Disconnected {
         terminal_id: String,
+    },
+    /// The terminal was revoked; `parked` are its confirmations that left the outbox with it
+    /// (now undeliverable).
+    Revoked {
+        terminal_id: String,
+        parked: Vec<OutboxRow>,
     },
     /// A publish the terminal made under its own tenant.
     Message {
@@ -162,6 +168,9 @@ pub struct Router<P> {
     acks: Vec<(String, Ack)>,
     /// An ack write is on its way (its outcome comes back as [`Internal::Acked`]).
     ack_in_flight: bool,
+    /// Terminals revoked while running: a notice of their rows committed just before the
+    /// revocation may arrive after it, and must not queue them again.
+    revoked: HashSet<String>,
 }
 
 impl<P: Publisher> Router<P> {
@@ -189,6 +198,7 @@ impl<P: Publisher> Router<P> {
             internal_rx,
             acks: Vec::new(),
             ack_in_flight: false,
+            revoked: HashSet::new(),
         }
     }
 
@@ -277,6 +287,9 @@ impl<P: Publisher> Router<P> {
     async fn add_rows(&mut self, rows: Vec<OutboxRow>) {
         let mut touched = Vec::new();
         for row in rows {
+            if self.revoked.contains(&row.terminal_id) {
+                continue;
+            }
             let id = row.terminal_id.clone();
             self.queues
                 .entry(id.clone())
@@ -392,6 +405,20 @@ impl<P: Publisher> Router<P> {
                 self.publish_head(&terminal_id, true).await;
             }
             BrokerEvent::Disconnected { terminal_id } => self.set_presence(&terminal_id, false),
+            BrokerEvent::Revoked {
+                terminal_id,
+                parked,
+            } => {
+                self.set_presence(&terminal_id, false);
+                self.queues.remove(&terminal_id);
+                let mut cleared = HashSet::new();
+                for row in &parked {
+                    if cleared.insert(row.intent_id.as_str()) {
+                        self.clear(row, true).await;
+                    }
+                }
+                self.revoked.insert(terminal_id);
+            }
             BrokerEvent::Message {
                 terminal_id,
                 kind,
@@ -720,6 +747,41 @@ mod tests {
             (topics::payments(&rig.tenant, "pi_1").as_str(), true)
         );
         assert!(rig.store.outbox(None).await.unwrap().is_empty());
+        rig.token.cancel();
+    }
+
+    /// After a revocation the router clears what was on the wire for the terminal and never
+    /// publishes its parked rows again: not on the republish timer, not from a late notice.
+    #[tokio::test]
+    async fn a_revoked_terminal_is_cleared_and_never_republished() {
+        let rig = rig(Duration::from_millis(200)).await;
+        confirm(&rig.store, 1).await;
+        confirm(&rig.store, 2).await;
+        rig.expect_head(1).await;
+        let revocation = rig
+            .store
+            .revoke_terminal("pos-1".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(revocation.parked.len(), 2);
+        assert!(rig.store.outbox(None).await.unwrap().is_empty());
+        // A notice of a row committed just before the revocation, arriving after it.
+        let late = revocation.parked[1].clone();
+        rig.events
+            .send(BrokerEvent::Revoked {
+                terminal_id: "pos-1".into(),
+                parked: revocation.parked,
+            })
+            .unwrap();
+        rig.expect_cleared("pi_1").await;
+        rig.expect_cleared("pi_2").await;
+        rig.store.notify_for_test(vec![late]);
+        // Several republish periods: nothing more goes out.
+        let mut rx = rig.published.lock().await;
+        let quiet = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+        assert!(quiet.is_err(), "published after revocation: {quiet:?}");
+        assert!(!rig.presence.read().unwrap()["pos-1"].online);
         rig.token.cancel();
     }
 

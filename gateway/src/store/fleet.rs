@@ -82,6 +82,27 @@ pub struct OutboxRow {
     pub accepted_at_us: i64,
 }
 
+/// A revoked terminal, and the confirmations it will never ack: taken out of the outbox and
+/// kept as undeliverable (by intent) until someone assigns them to another terminal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    pub record: TerminalRecord,
+    pub parked: Vec<OutboxRow>,
+}
+
+/// Why an undeliverable confirmation could not be assigned to a terminal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AssignRefused {
+    /// No such intent.
+    NoIntent,
+    /// The intent's confirmation is not waiting for a terminal (it has one, or there is none).
+    NotWaiting,
+    /// No such terminal.
+    NoTerminal,
+    /// That terminal is revoked.
+    Revoked,
+}
+
 /// What an ack did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AckOutcome {
@@ -229,11 +250,7 @@ impl Tables<'_> {
         self.terminal(&record.id)
     }
 
-    fn revoke(
-        &mut self,
-        id: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<TerminalRecord>, StoreError> {
+    fn revoke(&mut self, id: &str, now: OffsetDateTime) -> Result<Option<Revocation>, StoreError> {
         let Some(mut terminal) = self.terminal(id)? else {
             return Ok(None);
         };
@@ -243,7 +260,56 @@ impl Tables<'_> {
         }
         self.revoked
             .insert(terminal.cert_serial.as_str(), terminal.id.as_str())?;
-        Ok(Some(terminal))
+        let parked = self.park(&terminal.id)?;
+        Ok(Some(Revocation {
+            record: terminal,
+            parked,
+        }))
+    }
+
+    /// Moves a terminal's unacked confirmations to undeliverable: nobody will ack them (a revoked
+    /// terminal), and left in the outbox they would be republished and alerted on forever.
+    fn park(&mut self, terminal_id: &str) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut rows = Vec::new();
+        for entry in self
+            .outbox
+            .range((terminal_id, 0)..=(terminal_id, u64::MAX))?
+        {
+            let (_, value) = entry?;
+            rows.push(decode::<OutboxRow>(terminal_id, value.value())?);
+        }
+        for row in &rows {
+            self.outbox.remove((terminal_id, row.seq))?;
+            self.undeliverable
+                .insert(terminal_id, row.intent_id.as_str())?;
+        }
+        Ok(rows)
+    }
+
+    /// Sends an undeliverable intent's confirmation to `terminal_id` from now on (its record
+    /// names that terminal; later events follow it).
+    fn assign(
+        &mut self,
+        intent_id: &str,
+        terminal_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Result<(), AssignRefused>, StoreError> {
+        let Some(mut intent) = self.intent(intent_id)? else {
+            return Ok(Err(AssignRefused::NoIntent));
+        };
+        match self.terminal(terminal_id)? {
+            None => return Ok(Err(AssignRefused::NoTerminal)),
+            Some(t) if t.revoked_at.is_some() => return Ok(Err(AssignRefused::Revoked)),
+            Some(_) => {}
+        }
+        let key = intent.record.terminal_id.as_deref().unwrap_or(NO_TERMINAL);
+        if !self.undeliverable.remove(key, intent_id)? {
+            return Ok(Err(AssignRefused::NotWaiting));
+        }
+        intent.record.terminal_id = Some(terminal_id.to_owned());
+        self.save_intent(&intent)?;
+        self.enqueue(&intent.record, now)?;
+        Ok(Ok(()))
     }
 
     fn ack(
@@ -314,12 +380,27 @@ impl Store {
             .await
     }
 
-    /// Revokes a terminal (idempotent); `None` for an unknown id.
+    /// Revokes a terminal (idempotent); `None` for an unknown id. Its unacked confirmations
+    /// become undeliverable in the same write.
     ///
     /// # Errors
     /// As any write.
-    pub async fn revoke_terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
+    pub async fn revoke_terminal(&self, id: String) -> Result<Option<Revocation>, StoreError> {
         self.write(move |t| t.revoke(&id, OffsetDateTime::now_utc()))
+            .await
+    }
+
+    /// Assigns an undeliverable confirmation to another (registered, not revoked) terminal; its
+    /// confirmation is queued for that terminal in the same write.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn assign_undeliverable(
+        &self,
+        intent_id: String,
+        terminal_id: String,
+    ) -> Result<Result<(), AssignRefused>, StoreError> {
+        self.write(move |t| t.assign(&intent_id, &terminal_id, OffsetDateTime::now_utc()))
             .await
     }
 

@@ -30,7 +30,9 @@ mod reconcile;
 mod rpc;
 mod writer;
 
-pub use fleet::{AckOutcome, NewTerminal, OutboxRow, TerminalRecord, Undeliverable};
+pub use fleet::{
+    AckOutcome, AssignRefused, NewTerminal, OutboxRow, Revocation, TerminalRecord, Undeliverable,
+};
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
 use writer::Tables;
 
@@ -377,6 +379,12 @@ impl Store {
             *slot = Some(tx);
         }
         rx
+    }
+
+    /// Hands `rows` to the outbox subscriber as if a commit had just added them (a late notice).
+    #[cfg(test)]
+    pub(crate) fn notify_for_test(&self, rows: Vec<OutboxRow>) {
+        self.inner.notices.send(rows);
     }
 
     /// Records the duration of every later group commit into `histogram`.
