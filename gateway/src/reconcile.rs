@@ -264,6 +264,7 @@ impl Reconciler {
                         Err(e) if is_not_found(&e) => {
                             self.metrics.reconcile_findings.with_label_values(&["unknown_at_provider"]).inc();
                             tracing::error!(intent_id = %id, error = %e, "the provider does not know this intent (404); its events stay kept, unapplied");
+                            self.orphan_unknown_intent(&id).await;
                         }
                         // The provider may be down for a while: try again later, a few times (an
                         // open intent is also found again by the next sweeps).
@@ -276,6 +277,30 @@ impl Reconciler {
                     }
                     seen.remove(&id);
                 }
+            }
+        }
+    }
+
+    /// Money sent for an intent the provider does not know matches no intent: each such transfer
+    /// becomes an orphan (the operator's list and alert), as one with no intent named would.
+    async fn orphan_unknown_intent(&self, intent_id: &str) {
+        match self
+            .store
+            .orphan_unknown_intent(intent_id.to_owned(), OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(txn_ids) => {
+                for txn_id in txn_ids {
+                    self.metrics.orphan_transfers.inc();
+                    self.metrics
+                        .reconcile_findings
+                        .with_label_values(&["orphan_transfer"])
+                        .inc();
+                    tracing::error!(%txn_id, %intent_id, "a transfer names an intent the provider does not know: kept as an orphan (GET /v1/orphan-transfers)");
+                }
+            }
+            Err(e) => {
+                tracing::error!(%intent_id, error = %e, error_chain = ?e, "could not record the transfers of an unknown intent as orphans")
             }
         }
     }

@@ -350,3 +350,74 @@ async fn a_restart_resumes_the_listing_where_it_stopped() {
     gw.shutdown().await;
     sim.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A transfer names an intent the provider answers `404` for (a typo in the merchant's backend,
+/// an intent of another account): the money matches no intent, so the operator sees it as an
+/// orphan, with the alert's counter, as one that names no intent at all.
+#[tokio::test]
+async fn a_transfer_for_an_intent_the_provider_does_not_know_becomes_an_orphan() {
+    let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
+    let ghost = posgate_sim::events::Intent::new("pi_ghost", MicroUsdc(3_000_000), "pos_x");
+    let body = posgate_sim::events::transaction_event(
+        "evt_ghost_1",
+        "txn_ghost_1",
+        &ghost,
+        MicroUsdc(3_000_000),
+        time::OffsetDateTime::now_utc(),
+    );
+    sim.emit_raw(body).unwrap();
+    let found = eventually(Duration::from_secs(15), || async {
+        let list = orphans(&gw).await;
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (
+            found[0]["txn_id"].as_str(),
+            found[0]["payment_intent_id"].as_str(),
+            found[0]["amount_micros"].as_u64(),
+            found[0]["event_id"].as_str(),
+        ),
+        (
+            Some("txn_ghost_1"),
+            Some("pi_ghost"),
+            Some(3_000_000),
+            Some("evt_ghost_1")
+        )
+    );
+    assert_eq!(
+        metric_or_zero(&gw, "posgate_orphan_transfers_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric_or_zero(
+            &gw,
+            "posgate_reconcile_findings_total{kind=\"unknown_at_provider\"}"
+        )
+        .await,
+        1.0
+    );
+    // Delivered again by the provider: still one orphan.
+    sim.emit_raw(posgate_sim::events::transaction_event(
+        "evt_ghost_2",
+        "txn_ghost_1",
+        &ghost,
+        MicroUsdc(3_000_000),
+        time::OffsetDateTime::now_utc(),
+    ))
+    .unwrap();
+    gw.metric_reaches(
+        "posgate_reconcile_findings_total{kind=\"unknown_at_provider\"}",
+        2.0,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(orphans(&gw).await.len(), 1);
+    assert_eq!(
+        metric_or_zero(&gw, "posgate_orphan_transfers_total").await,
+        1.0
+    );
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}

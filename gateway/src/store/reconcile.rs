@@ -3,7 +3,8 @@
 //!
 //! Tables (values are JSON):
 //! - `orphan_transfers`: `txn_…` → [`OrphanTransfer`]: transfers that match no intent (no
-//!   `payment_intent_id` and no intent with their address; provider-api.md §6.5). Never pushed to
+//!   `payment_intent_id` and no intent with their address, provider-api.md §6.5; or naming an
+//!   intent the provider answers `404` for). Never pushed to
 //!   a terminal, never dropped; the admin API lists them (`GET /v1/orphan-transfers`).
 //! - `reconcile_state`: `transactions_cursor` → when the last complete listing started, so a
 //!   restart resumes from there instead of skipping a window.
@@ -159,26 +160,55 @@ impl Tables<'_> {
         keys.extend(tx.payment_intent_id.clone());
         keys.extend(tx.payment_address.as_deref().map(address_key));
         for key in keys {
-            let ids: Vec<String> = self
-                .pending
-                .get(key.as_str())?
-                .map(|v| v.map(|v| v.value().to_owned()))
-                .collect::<Result<_, _>>()?;
-            for id in ids {
-                let Some(value) = self.events.get(id.as_str())? else {
-                    continue;
-                };
-                let stored: StoredEvent = decode(&id, value.value())?;
-                let carries = Envelope::parse(stored.raw.get().as_bytes())
-                    .ok()
-                    .and_then(|env| EventData::parse(env.event_type(), env.data).ok())
-                    .is_some_and(|data| matches!(data, EventData::Transaction(t) if t.id == tx.id));
-                if carries {
-                    return Ok(Some(id));
-                }
+            if let Some((id, _)) = self
+                .pending_transfers(&key)?
+                .into_iter()
+                .find(|(_, t)| t.id == tx.id)
+            {
+                return Ok(Some(id));
             }
         }
         Ok(None)
+    }
+
+    /// The transfers kept under `key` (an intent id or [`address_key`]) while they wait for their
+    /// intent, with the ids of the events that carry them.
+    fn pending_transfers(&self, key: &str) -> Result<Vec<(String, Transaction)>, StoreError> {
+        let ids: Vec<String> = self
+            .pending
+            .get(key)?
+            .map(|v| v.map(|v| v.value().to_owned()))
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(value) = self.events.get(id.as_str())? else {
+                continue;
+            };
+            let stored: StoredEvent = decode(&id, value.value())?;
+            if let Some(EventData::Transaction(tx)) = Envelope::parse(stored.raw.get().as_bytes())
+                .ok()
+                .and_then(|env| EventData::parse(env.event_type(), env.data).ok())
+            {
+                out.push((id, tx));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The provider does not know `intent_id`: the transfers waiting for it match no intent and
+    /// are recorded as orphans (they stay kept under the intent too). Returns the new orphans.
+    fn orphan_unknown_intent(
+        &mut self,
+        intent_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut new = Vec::new();
+        for (event_id, tx) in self.pending_transfers(intent_id)? {
+            if self.record_orphan(&tx, &event_id, now)? {
+                new.push(tx.id);
+            }
+        }
+        Ok(new)
     }
 
     /// Records `tx` as an orphan; `false` when it already was one.
@@ -228,6 +258,20 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<Listed, StoreError> {
         self.write(move |t| t.ingest_listed(&tx, &raw_tx, now))
+            .await
+    }
+
+    /// Records the transfers waiting for `intent_id`, which the provider does not know, as
+    /// orphans; returns the `txn_…` ids newly recorded.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn orphan_unknown_intent(
+        &self,
+        intent_id: String,
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write(move |t| t.orphan_unknown_intent(&intent_id, now))
             .await
     }
 
