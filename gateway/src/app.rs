@@ -231,7 +231,9 @@ impl Gateway {
                 }
             }
         });
-        let rpc = Arc::new(Rpc::new(store.clone(), client.clone()));
+        let rpc = Arc::new(
+            Rpc::new(store.clone(), client.clone()).with_metrics(metrics.rpc_requests.clone()),
+        );
         let reconcile = match client {
             Some((client, _)) => {
                 let (reconciler, handle) = Reconciler::new(
@@ -283,6 +285,7 @@ impl Gateway {
             shutdown: token.clone(),
             tracker: tracker.clone(),
             keepalive: Duration::from_secs(config.ingress.keepalive_secs),
+            streams: metrics.http_streams.clone(),
         });
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),

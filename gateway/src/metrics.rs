@@ -64,6 +64,10 @@ pub struct Metrics {
     pub reconcile_listings: IntCounterVec,
     /// `posgate_orphan_transfers_total`: transfers recorded as matching no intent.
     pub orphan_transfers: IntCounter,
+    /// `posgate_rpc_requests_total{method,outcome}`: terminal RPC answers.
+    pub rpc_requests: IntCounterVec,
+    /// `posgate_http_streams{channel}`: open SSE and WebSocket streams of terminals.
+    pub http_streams: IntGaugeVec,
 }
 
 /// Registration failed (a duplicate name: a programming error).
@@ -92,6 +96,17 @@ fn counter_vec(
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
+}
+
+fn gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
@@ -217,6 +232,20 @@ impl Metrics {
                 &r,
                 "posgate_orphan_transfers_total",
                 "Transfers that match no intent, kept as orphans (GET /v1/orphan-transfers)",
+            )?,
+            rpc_requests: counter_vec(
+                &r,
+                "posgate_rpc_requests_total",
+                "Terminal RPC requests by method and answer: ok, replayed (a retry answered from \
+                 the store), or the error code (rate_limited: the provider budget was spent; \
+                 qr_mismatch: the provider's QR payload failed the check; provider_unavailable; …)",
+                &["method", "outcome"],
+            )?,
+            http_streams: gauge_vec(
+                &r,
+                "posgate_http_streams",
+                "Open terminal streams on the ingress listener, by channel (sse, ws)",
+                &["channel"],
             )?,
             registry: r,
         })

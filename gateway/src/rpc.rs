@@ -19,6 +19,7 @@
 //! fails its EIP-681 check (§7) is never shown: the intent is kept (its history shows
 //! `rpc.qr_rejected`) and cancelled at the provider, and the terminal is answered `qr_mismatch`.
 
+use prometheus::IntCounterVec;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -45,6 +46,8 @@ pub struct Rpc {
     /// When each open intent was last refreshed from the provider: a terminal that polls every
     /// few seconds must not spend the provider's rate limit.
     refreshed: Mutex<HashMap<String, Instant>>,
+    /// `posgate_rpc_requests_total{method,outcome}` (`None` in tests that do not count).
+    requests: Option<IntCounterVec>,
 }
 
 /// An open intent is refreshed from the provider at most this often.
@@ -59,6 +62,7 @@ impl Rpc {
             store,
             provider,
             refreshed: Mutex::default(),
+            requests: None,
         }
     }
 
@@ -76,8 +80,29 @@ impl Rpc {
         true
     }
 
+    /// Counts every answer in `requests` (`{method, outcome}`).
+    pub fn with_metrics(mut self, requests: IntCounterVec) -> Rpc {
+        self.requests = Some(requests);
+        self
+    }
+
     /// Answers one request from `terminal_id`.
     pub async fn handle(&self, terminal_id: &str, payload: &[u8]) -> Response {
+        let (method, replayed, response) = self.answer(terminal_id, payload).await;
+        if let Some(requests) = &self.requests {
+            let outcome = match (&response.error, replayed) {
+                (_, true) => "replayed",
+                (None, false) => "ok",
+                (Some(e), false) => e.code.as_str(),
+            };
+            requests.with_label_values(&[method, outcome]).inc();
+        }
+        response
+    }
+
+    /// The answer, with the method for the metric (one of ours, never the terminal's string) and
+    /// whether it was replayed from the store.
+    async fn answer(&self, terminal_id: &str, payload: &[u8]) -> (&'static str, bool, Response) {
         let request: Request = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -85,19 +110,27 @@ impl Rpc {
                 let id = serde_json::from_slice::<Value>(payload)
                     .ok()
                     .and_then(|v| v["id"].as_str().map(str::to_owned));
-                return Response::err(
+                let response = Response::err(
                     &id.unwrap_or_default(),
                     "invalid_request",
                     format!("not an RPC request: {e}"),
                 );
+                return ("other", false, response);
             }
         };
+        let method = match request.method.as_str() {
+            "create_intent" => "create_intent",
+            "get_intent" => "get_intent",
+            "cancel_intent" => "cancel_intent",
+            _ => "other",
+        };
         if request.id.is_empty() || request.id.len() > MAX_ID_LEN {
-            return Response::err(
+            let response = Response::err(
                 &request.id,
                 "invalid_request",
                 format!("id must be 1 to {MAX_ID_LEN} characters"),
             );
+            return (method, false, response);
         }
         match self
             .store
@@ -105,12 +138,16 @@ impl Rpc {
             .await
         {
             Ok(Some(answer)) => {
-                return serde_json::from_value(answer).unwrap_or_else(|_| {
+                let response = serde_json::from_value(answer).unwrap_or_else(|_| {
                     Response::err(&request.id, "internal", "stored answer unreadable")
                 });
+                return (method, true, response);
             }
             Ok(None) => {}
-            Err(e) => return Response::err(&request.id, "unavailable", format!("store: {e}")),
+            Err(e) => {
+                let response = Response::err(&request.id, "unavailable", format!("store: {e}"));
+                return (method, false, response);
+            }
         }
         let (answer, created) = match request.method.as_str() {
             "create_intent" => self.create(terminal_id, &request).await,
@@ -137,14 +174,15 @@ impl Rpc {
                 .await
             {
                 tracing::warn!(%terminal_id, request_id = %request.id, error = %e, "RPC answer not stored");
-                return Response::err(
+                let response = Response::err(
                     &request.id,
                     "unavailable",
                     "the gateway could not record the answer; retry",
                 );
+                return (method, false, response);
             }
         }
-        response
+        (method, false, response)
     }
 
     fn client(&self) -> Result<&(ProviderClient, Mode), (&'static str, String)> {

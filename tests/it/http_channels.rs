@@ -301,6 +301,10 @@ async fn sse_carries_the_mqtt_bytes_and_an_http_ack_sends_the_next() {
     let bundle = gw.provision("pos_sse").await;
     let mut mqtt = MqttWatch::start(&gw, &bundle).await;
     let mut sse = SseClient::open(&gw, &bundle.http_token).await;
+    assert_eq!(
+        gw.metric("posgate_http_streams{channel=\"sse\"}").await,
+        Some(1.0)
+    );
     gw.pay("pos_sse", "pi_sse_1").await;
     gw.pay("pos_sse", "pi_sse_2").await;
 
@@ -350,6 +354,12 @@ async fn websocket_carries_the_mqtt_bytes_and_a_frame_ack_sends_the_next() {
     let bundle = gw.provision("pos_ws").await;
     let mut mqtt = MqttWatch::start(&gw, &bundle).await;
     let mut ws = ws_connect(&gw, &bundle.http_token).await;
+    gw.metric_reaches(
+        "posgate_http_streams{channel=\"ws\"}",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     gw.pay("pos_ws", "pi_ws_1").await;
     gw.pay("pos_ws", "pi_ws_2").await;
 
@@ -400,6 +410,10 @@ async fn websocket_carries_the_mqtt_bytes_and_a_frame_ack_sends_the_next() {
         .unwrap();
     wait_pending(&gw, "pos_ws", 0).await;
     ws.close(None).await.unwrap();
+    eventually(WAIT, || async {
+        (gw.metric("posgate_http_streams{channel=\"ws\"}").await == Some(0.0)).then_some(())
+    })
+    .await;
     gw.shutdown().await;
 }
 

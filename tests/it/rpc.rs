@@ -212,6 +212,11 @@ async fn a_bad_qr_payload_is_never_shown_and_the_intent_is_cancelled() {
     let e = reply.error.expect("an error");
     assert_eq!(e.code, "qr_mismatch");
     assert!(e.message.contains("cancelled"), "{}", e.message);
+    assert_eq!(
+        gw.metric("posgate_rpc_requests_total{method=\"create_intent\",outcome=\"qr_mismatch\"}")
+            .await,
+        Some(1.0)
+    );
 
     // The intent is kept, as this terminal's, with the rejection in its history; cancelled at
     // the provider, so nothing open is left behind.
@@ -293,6 +298,20 @@ async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit
     assert!(
         created >= 1 && refused >= 1,
         "created {created}, refused {refused}"
+    );
+    let counted = |outcome: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(&format!(
+                "posgate_rpc_requests_total{{method=\"create_intent\",outcome=\"{outcome}\"}}"
+            ))
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    assert_eq!(
+        (counted("ok").await, counted("rate_limited").await),
+        (created as f64, refused as f64)
     );
     // Reconciliation keeps running, and a cashier who retries is still served.
     let t = &mut terminals[0];

@@ -30,6 +30,7 @@
 //! **Shutdown:** streams end when shutdown starts (WebSocket: close frame 1001), so they never hold
 //! the drain up; long polls answer at once with what they have.
 
+use prometheus::{IntGauge, IntGaugeVec};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, RwLock};
@@ -92,6 +93,8 @@ pub struct Channels {
     pub tracker: TaskTracker,
     /// SSE keep-alive comments and WebSocket pings.
     pub keepalive: Duration,
+    /// `posgate_http_streams{channel}`: each open stream counts while its feed lives.
+    pub streams: IntGaugeVec,
 }
 
 /// The HTTP channels' routes (merged into the ingress router).
@@ -373,20 +376,33 @@ struct Feed {
     /// publish of that same row among those is the one the read already carried (skipped); a
     /// later one is a republish (sent, as MQTT sends it).
     just_read: Option<(u64, usize)>,
+    /// Its `posgate_http_streams` gauge, decremented when the feed is dropped.
+    open: IntGauge,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 impl Feed {
+    /// The feed of one stream on `channel` (`"sse"` or `"ws"`).
     fn new(
         channels: Arc<Channels>,
         terminal_id: String,
         signals: broadcast::Receiver<Signal>,
+        channel: &'static str,
     ) -> Feed {
+        let open = channels.streams.with_label_values(&[channel]);
+        open.inc();
         Feed {
             channels,
             terminal_id,
             signals,
             resync: true,
             just_read: None,
+            open,
         }
     }
 
@@ -555,7 +571,7 @@ async fn events(State(channels): State<Arc<Channels>>, peer: Peer, headers: Head
     let terminal_id = auth.terminal.id;
     tracing::info!(%terminal_id, "SSE stream opened");
     let keepalive = channels.keepalive;
-    let feed = Feed::new(channels, terminal_id, signals);
+    let feed = Feed::new(channels, terminal_id, signals, "sse");
     let stream = futures::stream::unfold(feed, |mut feed| async move {
         match feed.next().await {
             Ok(p) => {
@@ -697,7 +713,7 @@ async fn ws(
         .max_message_size(ACK_LIMIT_BYTES)
         .on_upgrade(move |socket| {
             async move {
-                let feed = Feed::new(channels.clone(), terminal_id.clone(), signals);
+                let feed = Feed::new(channels.clone(), terminal_id.clone(), signals, "ws");
                 session(channels, terminal_id, feed, socket).await;
                 drop(held);
             }
