@@ -25,6 +25,7 @@
 //! - `rpc_answers`: (terminal id, request id) → the answer given, so a retried request gets it again.
 //! - `orphan_transfers`, `reconcile_state`: see `store/reconcile.rs`.
 
+mod barrier;
 mod fleet;
 mod reconcile;
 mod rpc;
@@ -93,6 +94,8 @@ pub enum StoreError {
     Closed,
     #[error("the write transaction was not committed")]
     NotCommitted,
+    #[error("an fdatasync of the database failed; restart once the disk is fixed")]
+    SyncFailed,
     #[error("database operation failed")]
     Db(#[from] Box<redb::Error>),
     #[error("stored record {key} is corrupt")]
@@ -312,6 +315,8 @@ struct Inner {
     healthy: Arc<AtomicBool>,
     notices: Arc<Notices>,
     commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
+    /// Reads wait for the commits before them to be on disk (see [`Store::read`]).
+    syncer: barrier::Syncer,
 }
 
 // === impl Store ===
@@ -330,13 +335,23 @@ impl Store {
         let path = data_dir.join(DB_FILE);
         // redb's page cache defaults to 1 GiB; the working set here (recent intents, the outbox,
         // the registry) is far smaller, and an edge server's memory is better left to the broker.
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let open = || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            let (backend, syncer) = barrier::BarrierFile::new(file)?;
+            let db = redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create_with_backend(backend)?;
+            Ok::<_, redb::DatabaseError>((db, syncer))
+        };
+        let (db, syncer) = open().map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
         init_tables(&db).map_err(|e| match e {
             StoreError::Db(source) => StoreError::Init {
                 path: path.clone(),
@@ -350,13 +365,16 @@ impl Store {
         let notices = Arc::new(Notices::default());
         let commit_seconds: Arc<OnceLock<prometheus::Histogram>> = Arc::default();
         let writer = {
-            let commit_seconds = commit_seconds.clone();
+            let shared = writer::Shared {
+                healthy: healthy.clone(),
+                notices: notices.clone(),
+                commit_seconds: commit_seconds.clone(),
+                syncer: syncer.clone(),
+            };
             let db = db.clone();
-            let healthy = healthy.clone();
-            let notices = notices.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer::run(&db, rx, max_batch, &healthy, &notices, &commit_seconds))
+                .spawn(move || writer::run(&db, rx, max_batch, &shared))
                 .map_err(StoreError::Thread)?
         };
         Ok(Store {
@@ -368,6 +386,7 @@ impl Store {
                 healthy,
                 notices,
                 commit_seconds,
+                syncer,
             }),
         })
     }
@@ -483,9 +502,17 @@ impl Store {
             .ok()
             .and_then(|db| db.clone())
             .ok_or(StoreError::Closed)?;
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|_| StoreError::Closed)?
+        let syncer = self.inner.syncer.clone();
+        tokio::task::spawn_blocking(move || {
+            // A commit is visible before its fdatasync completes: a reader must not hand out
+            // (to a terminal, say) what a crash could still take back.
+            if !syncer.wait_all() {
+                return Err(StoreError::SyncFailed);
+            }
+            f(&db)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
     }
 
     /// One intent.

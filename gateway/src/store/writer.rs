@@ -1,7 +1,7 @@
 //! The writer thread: group commit and the per-event logic inside the write transaction.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
 use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::Durability as StoreDurability;
+use super::barrier::Syncer;
 use super::{
     EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
     Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError, StoredEvent,
@@ -20,16 +21,22 @@ use crate::domain::{self, Effect, Input, IntentRecord};
 /// Most consecutive batches committed without fsync.
 const MAX_LAZY_STREAK: u32 = 64;
 
-/// Runs until every sender is gone and the queue is empty. New outbox rows of each commit go to
-/// `notices` after the commit (a hint for the router; the rows are the truth).
-pub(super) fn run(
-    db: &Database,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    healthy: &AtomicBool,
-    notices: &Notices,
-    commit_seconds: &OnceLock<prometheus::Histogram>,
-) {
+/// What the writer shares with the store's handles.
+pub(super) struct Shared {
+    pub(super) healthy: Arc<AtomicBool>,
+    pub(super) notices: Arc<Notices>,
+    pub(super) commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
+    pub(super) syncer: Syncer,
+}
+
+/// Runs until every sender is gone and the queue is empty.
+///
+/// A durable batch is committed with redb's eventual durability, whose sync the database file
+/// turns into a write barrier ([`super::barrier`]): its `fdatasync` runs while the next batch is
+/// applied. Every batch is answered, and its new outbox rows go to the notices (a hint for the
+/// router; the rows are the truth), only once the commits up to its own are on disk, so answers
+/// keep their order and none reveals what a crash could take back.
+pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, shared: &Shared) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut lazy_streak = 0u32;
     while let Some(first) = rx.blocking_recv() {
@@ -52,29 +59,38 @@ pub(super) fn run(
             lazy_streak = 0;
         }
         let result = commit_batch(db, &mut batch, durable);
-        if let Some(h) = commit_seconds.get() {
+        if let Some(h) = shared.commit_seconds.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
-        healthy.store(result.is_ok(), Ordering::Relaxed);
-        let committed = match result {
+        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+        match result {
             Ok(new_rows) => {
                 tracing::trace!(
-                    jobs = batch.len(),
+                    jobs = jobs.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "committed"
                 );
-                if !new_rows.is_empty() {
-                    notices.send(new_rows);
-                }
-                true
+                let (healthy, notices) = (shared.healthy.clone(), shared.notices.clone());
+                let answer = move |on_disk: bool| {
+                    healthy.store(on_disk, Ordering::Relaxed);
+                    if on_disk && !new_rows.is_empty() {
+                        notices.send(new_rows);
+                    }
+                    for job in jobs {
+                        job.finish(on_disk);
+                    }
+                };
+                shared
+                    .syncer
+                    .after(shared.syncer.requested(), Box::new(answer));
             }
             Err(e) => {
-                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), "store commit failed; nothing of this batch was kept");
-                false
+                shared.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, error_chain = ?e, jobs = jobs.len(), "store commit failed; nothing of this batch was kept");
+                for job in jobs {
+                    job.finish(false);
+                }
             }
-        };
-        for job in batch.drain(..) {
-            job.finish(committed);
         }
     }
     // A clean close leaves nothing unpersisted.
@@ -83,9 +99,13 @@ pub(super) fn run(
     {
         tracing::warn!(error = %e, "final durable commit failed; the last acks may be replayed");
     }
+    if !shared.syncer.wait_all() {
+        tracing::warn!("the last commits could not be synced to disk");
+    }
 }
 
-/// One write transaction for the whole batch, committed durably. Any error aborts all of it.
+/// One write transaction for the whole batch; `durable`: with a sync (a barrier, completed on
+/// the syncer thread), else visible only. Any error aborts all of it.
 fn commit_batch(
     db: &Database,
     batch: &mut [Job],
@@ -93,7 +113,7 @@ fn commit_batch(
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(if durable {
-        Durability::Immediate
+        Durability::Eventual
     } else {
         Durability::None
     });

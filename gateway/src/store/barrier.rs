@@ -1,0 +1,479 @@
+//! The database file, with redb's "eventual" sync as a write barrier: the `fdatasync` of a commit
+//! runs on a syncer thread while the writer already builds the next batch.
+//!
+//! redb asks of `sync_data(eventual = true)` only that every write before it reaches the disk
+//! before any write after it (its `StorageBackend` contract). So [`BarrierFile::sync_data`] starts
+//! an `fdatasync` and returns; the next write (the next commit's pages) waits until that sync has
+//! completed. A commit's data is durable once [`Syncer::synced`] reaches the generation its sync
+//! was given; the writer answers a durable batch only then ([`Syncer::after`]).
+//!
+//! A failed `fdatasync` poisons the file: the kernel may have dropped the pages it could not
+//! write, so nothing after it can be trusted. Every later write and sync fails, the waiting
+//! batches are answered "not committed", and the store reports unhealthy until a restart reads
+//! the disk again.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use redb::StorageBackend;
+use redb::backends::FileBackend;
+
+/// What runs once a generation is on disk (`true`) or can never be (`false`).
+pub(super) type Completion = Box<dyn FnOnce(bool) + Send>;
+
+#[derive(Default)]
+struct State {
+    /// Syncs asked for so far; the generation of the latest.
+    requested: u64,
+    /// Every generation up to this one is on disk.
+    synced: u64,
+    /// An `fdatasync` failed: nothing is durable from here on.
+    failed: bool,
+    stop: bool,
+    /// Completions waiting for their generation, in order.
+    waiting: VecDeque<(u64, Completion)>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// The same file, for the syncer thread's `fdatasync`.
+    file: File,
+    /// Tests hold the disk back or make it fail.
+    #[cfg(test)]
+    faults: Mutex<Faults>,
+    #[cfg(test)]
+    faults_changed: Condvar,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+struct Faults {
+    /// The next `fdatasync` waits while this is set.
+    hold: bool,
+    /// The next `fdatasync` fails.
+    fail: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding it; a poisoned lock still holds consistent counters.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks until no sync is in flight: the barrier before any write.
+    fn idle(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        while state.synced < state.requested && !state.failed {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.failed {
+            return Err(poisoned());
+        }
+        Ok(())
+    }
+
+    fn run(&self) {
+        loop {
+            let target = {
+                let mut state = self.lock();
+                while state.synced == state.requested && !state.stop {
+                    state = self
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                if state.synced == state.requested || state.failed {
+                    return;
+                }
+                state.requested
+            };
+            let result = self.sync_file();
+            let done: Vec<Completion> = {
+                let mut state = self.lock();
+                let ok = match &result {
+                    Ok(()) => {
+                        state.synced = target;
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "fdatasync of the database failed: the store stops accepting writes; restart posgate once the disk is fixed");
+                        state.failed = true;
+                        false
+                    }
+                };
+                let mut done = Vec::new();
+                while state
+                    .waiting
+                    .front()
+                    .is_some_and(|(g, _)| !ok || *g <= state.synced)
+                {
+                    if let Some((_, completion)) = state.waiting.pop_front() {
+                        done.push(completion);
+                    }
+                }
+                self.changed.notify_all();
+                done
+            };
+            let ok = result.is_ok();
+            for completion in done {
+                completion(ok);
+            }
+            if !ok {
+                return;
+            }
+        }
+    }
+}
+
+impl Shared {
+    #[cfg(not(test))]
+    fn sync_file(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    #[cfg(test)]
+    fn sync_file(&self) -> io::Result<()> {
+        let mut faults = self.faults.lock().unwrap();
+        while faults.hold {
+            faults = self.faults_changed.wait(faults).unwrap();
+        }
+        if std::mem::take(&mut faults.fail) {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        self.file.sync_data()
+    }
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("an earlier fdatasync of the database failed")
+}
+
+/// The database file as redb's storage backend.
+pub(super) struct BarrierFile {
+    inner: FileBackend,
+    shared: Arc<Shared>,
+    syncer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for BarrierFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BarrierFile").finish_non_exhaustive()
+    }
+}
+
+/// The writer's view of the syncs.
+#[derive(Clone)]
+pub(super) struct Syncer(Arc<Shared>);
+
+impl BarrierFile {
+    /// Wraps `file` (locked against a second process, as redb's own backend does) and starts its
+    /// syncer thread.
+    ///
+    /// # Errors
+    /// When the file is already open elsewhere, cannot be duplicated, or the thread cannot start.
+    pub(super) fn new(file: File) -> Result<(BarrierFile, Syncer), redb::DatabaseError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            file: file.try_clone()?,
+            #[cfg(test)]
+            faults: Mutex::default(),
+            #[cfg(test)]
+            faults_changed: Condvar::new(),
+        });
+        let inner = FileBackend::new(file)?;
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn(move || shared.run())?
+        };
+        let syncer = Syncer(shared.clone());
+        Ok((
+            BarrierFile {
+                inner,
+                shared,
+                syncer: Mutex::new(Some(thread)),
+            },
+            syncer,
+        ))
+    }
+}
+
+impl StorageBackend for BarrierFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.inner.read(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.shared.idle()?;
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self, eventual: bool) -> io::Result<()> {
+        let mut state = self.shared.lock();
+        if state.failed {
+            return Err(poisoned());
+        }
+        state.requested += 1;
+        let generation = state.requested;
+        self.shared.changed.notify_all();
+        if eventual {
+            return Ok(());
+        }
+        while state.synced < generation && !state.failed {
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.failed {
+            return Err(poisoned());
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.shared.idle()?;
+        self.inner.write(offset, data)
+    }
+}
+
+impl Drop for BarrierFile {
+    /// Lets the last sync finish before the file closes.
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        let thread = self
+            .syncer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            drop(thread.join());
+        }
+    }
+}
+
+impl Syncer {
+    /// The generation of the latest sync asked for: right after a durable commit, that commit's.
+    pub(super) fn requested(&self) -> u64 {
+        self.0.lock().requested
+    }
+
+    /// Runs `completion` once `generation` is on disk (`true`), at once if it already is, or
+    /// with `false` if it never will be.
+    pub(super) fn after(&self, generation: u64, completion: Completion) {
+        let mut state = self.0.lock();
+        if state.failed {
+            drop(state);
+            completion(false);
+        } else if state.synced >= generation {
+            drop(state);
+            completion(true);
+        } else {
+            state.waiting.push_back((generation, completion));
+        }
+    }
+
+    /// Holds every `fdatasync` back (`true`) until released (`false`).
+    #[cfg(test)]
+    pub(super) fn hold(&self, hold: bool) {
+        self.0.faults.lock().unwrap().hold = hold;
+        self.0.faults_changed.notify_all();
+    }
+
+    /// The next `fdatasync` fails.
+    #[cfg(test)]
+    pub(super) fn fail_next(&self) {
+        self.0.faults.lock().unwrap().fail = true;
+    }
+
+    /// Blocks until everything committed so far is on disk; `false` if it never will be.
+    pub(super) fn wait_all(&self) -> bool {
+        let mut state = self.0.lock();
+        let generation = state.requested;
+        while state.synced < generation && !state.failed {
+            state = self
+                .0
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        !state.failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn file() -> (tempfile::TempDir, BarrierFile, Syncer) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let (backend, syncer) = BarrierFile::new(f).unwrap();
+        (dir, backend, syncer)
+    }
+
+    #[test]
+    fn completions_run_in_order_once_their_generation_is_synced() {
+        let (_dir, backend, syncer) = file();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for n in 0..3u64 {
+            backend.write(n * 4096, &[n as u8; 4096]).unwrap();
+            backend.sync_data(true).unwrap();
+            let generation = syncer.requested();
+            assert_eq!(generation, n + 1);
+            let tx = tx.clone();
+            syncer.after(
+                generation,
+                Box::new(move |ok| {
+                    // Run only once its generation is on disk.
+                    tx.send((n, ok)).unwrap();
+                }),
+            );
+        }
+        let ran: Vec<(u64, bool)> = (0..3)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(ran, vec![(0, true), (1, true), (2, true)]);
+        assert!(syncer.wait_all());
+        assert!(syncer.0.lock().synced >= 3);
+        assert_eq!(backend.read(4096, 1).unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn a_write_after_an_eventual_sync_waits_for_it() {
+        let (_dir, backend, syncer) = file();
+        backend.write(0, b"before").unwrap();
+        backend.sync_data(true).unwrap();
+        let generation = syncer.requested();
+        // The barrier: once a later write returns, the earlier sync is done.
+        backend.write(8, b"after").unwrap();
+        let state = syncer.0.lock();
+        assert!(
+            state.synced >= generation,
+            "{} < {generation}",
+            state.synced
+        );
+    }
+
+    #[test]
+    fn an_immediate_sync_returns_once_on_disk_and_completions_already_synced_run_at_once() {
+        let (_dir, backend, syncer) = file();
+        backend.write(0, b"x").unwrap();
+        backend.sync_data(false).unwrap();
+        assert_eq!(syncer.0.lock().synced, 1);
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        syncer.after(
+            1,
+            Box::new(move |ok| {
+                assert!(ok);
+                c.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// The store on this file: what is answered, and when.
+#[cfg(test)]
+mod store_tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use time::OffsetDateTime;
+
+    use super::super::{IncomingEvent, Ingested, Store, StoreError};
+
+    fn event(n: u32) -> IncomingEvent {
+        IncomingEvent {
+            event_id: format!("evt_b{n}"),
+            kind: "settlement.completed".into(),
+            raw: Bytes::from(format!(r#"{{"id":"evt_b{n}"}}"#)),
+            received_at: OffsetDateTime::now_utc(),
+            created_at: None,
+            data: Err("not needed here".into()),
+        }
+    }
+
+    /// The `200` of a webhook waits for its commit's fdatasync, and so does a duplicate of it
+    /// (whose commit reads the first one's unsynced data); a reader does not see it before.
+    #[tokio::test]
+    async fn nothing_is_answered_or_read_before_its_commit_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16, 16).unwrap();
+        let syncer = store.inner.syncer.clone();
+        let before = syncer.requested();
+        syncer.hold(true);
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move { store.ingest(event(1)).await }
+        });
+        // Committed (a sync is asked for), not yet on disk.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while syncer.requested() <= before {
+            assert!(tokio::time::Instant::now() < deadline, "never committed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let duplicate = tokio::spawn({
+            let store = store.clone();
+            async move { store.ingest(event(1)).await }
+        });
+        let read = tokio::spawn({
+            let store = store.clone();
+            async move { store.event("evt_b1".into()).await }
+        });
+        // Held back for a while: none of them is answered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!first.is_finished() && !duplicate.is_finished() && !read.is_finished());
+        syncer.hold(false);
+        assert!(matches!(first.await.unwrap(), Ok(Ingested::New { .. })));
+        assert_eq!(duplicate.await.unwrap().unwrap(), Ingested::Duplicate);
+        assert!(read.await.unwrap().unwrap().is_some());
+        store.close().await;
+    }
+
+    /// A failed fdatasync: the batch waiting for it is not answered as stored, the store turns
+    /// unhealthy and refuses every later write (the kernel may have dropped the pages).
+    #[tokio::test]
+    async fn a_failed_fdatasync_answers_not_committed_and_stops_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16, 16).unwrap();
+        store.ingest(event(1)).await.unwrap();
+        assert!(store.is_healthy());
+        store.inner.syncer.fail_next();
+        assert!(matches!(
+            store.ingest(event(2)).await,
+            Err(StoreError::NotCommitted)
+        ));
+        assert!(!store.is_healthy());
+        assert!(store.ingest(event(3)).await.is_err());
+        assert!(matches!(
+            store.event("evt_b1".into()).await,
+            Err(StoreError::SyncFailed)
+        ));
+        store.close().await;
+    }
+}
