@@ -160,7 +160,7 @@ impl Metrics {
             store_commit: histogram(
                 &r,
                 "posgate_store_commit_seconds",
-                "Time of one group commit",
+                "Time of one group commit, from its transaction's start to its data on disk",
             )?,
             transitions: counter_vec(
                 &r,

@@ -59,9 +59,7 @@ pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, 
             lazy_streak = 0;
         }
         let result = commit_batch(db, &mut batch, durable);
-        if let Some(h) = shared.commit_seconds.get() {
-            h.observe(started.elapsed().as_secs_f64());
-        }
+        let commit_seconds = shared.commit_seconds.get().cloned();
         let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
         match result {
             Ok(new_rows) => {
@@ -72,6 +70,9 @@ pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, 
                 );
                 let (healthy, notices) = (shared.healthy.clone(), shared.notices.clone());
                 let answer = move |on_disk: bool| {
+                    if let Some(h) = commit_seconds {
+                        h.observe(started.elapsed().as_secs_f64());
+                    }
                     healthy.store(on_disk, Ordering::Relaxed);
                     if on_disk && !new_rows.is_empty() {
                         notices.send(new_rows);
@@ -85,6 +86,9 @@ pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, 
                     .after(shared.syncer.requested(), Box::new(answer));
             }
             Err(e) => {
+                if let Some(h) = commit_seconds {
+                    h.observe(started.elapsed().as_secs_f64());
+                }
                 shared.healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, error_chain = ?e, jobs = jobs.len(), "store commit failed; nothing of this batch was kept");
                 for job in jobs {
