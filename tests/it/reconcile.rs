@@ -14,6 +14,18 @@ const LISTINGS_OK: &str = "posgate_reconcile_listings_total{outcome=\"ok\"}";
 
 /// A gateway and a provider simulator that drops every webhook, with `extra` settings: only
 /// reconciliation can tell the gateway what happened.
+/// A `transaction.created` event paying `amount` for `intent_id` (terminal `pos_x`), now.
+fn transfer_event(intent_id: &str, event_id: &str, txn_id: &str, amount: MicroUsdc) -> String {
+    let intent = posgate_sim::events::Intent::new(intent_id, MicroUsdc(1_000_000), "pos_x");
+    posgate_sim::events::transaction_event(
+        event_id,
+        txn_id,
+        &intent,
+        amount,
+        time::OffsetDateTime::now_utc(),
+    )
+}
+
 async fn webhooks_dropped(extra: &[(&str, &str)]) -> (TestGateway, RunningProvider) {
     let faults = Faults {
         drop_rate: 1.0,
@@ -86,14 +98,7 @@ async fn the_provider_down_is_not_fatal_and_the_event_is_kept() {
         ("POSGATE__PROVIDER__REQUESTS_PER_MINUTE", "6000"),
     ])
     .await;
-    let pi = posgate_sim::events::Intent::new("pi_rec_down", MicroUsdc(1_000_000), "pos_x");
-    let tx = posgate_sim::events::transaction_event(
-        "evt_rec_down",
-        "txn_rec_down",
-        &pi,
-        MicroUsdc(1),
-        time::OffsetDateTime::now_utc(),
-    );
+    let tx = transfer_event("pi_rec_down", "evt_rec_down", "txn_rec_down", MicroUsdc(1));
     assert_eq!(gw.post_signed(&tx).await.status(), 200);
     gw.metric_reaches("posgate_reconcile_runs_total", 1.0, Duration::from_secs(20))
         .await;
@@ -357,15 +362,14 @@ async fn a_restart_resumes_the_listing_where_it_stopped() {
 #[tokio::test]
 async fn a_transfer_for_an_intent_the_provider_does_not_know_becomes_an_orphan() {
     let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
-    let ghost = posgate_sim::events::Intent::new("pi_ghost", MicroUsdc(3_000_000), "pos_x");
-    let body = posgate_sim::events::transaction_event(
+    let amount = MicroUsdc(3_000_000);
+    sim.emit_raw(transfer_event(
+        "pi_ghost",
         "evt_ghost_1",
         "txn_ghost_1",
-        &ghost,
-        MicroUsdc(3_000_000),
-        time::OffsetDateTime::now_utc(),
-    );
-    sim.emit_raw(body).unwrap();
+        amount,
+    ))
+    .unwrap();
     let found = eventually(Duration::from_secs(15), || async {
         let list = orphans(&gw).await;
         (!list.is_empty()).then_some(list)
@@ -399,12 +403,11 @@ async fn a_transfer_for_an_intent_the_provider_does_not_know_becomes_an_orphan()
         1.0
     );
     // Delivered again by the provider: still one orphan.
-    sim.emit_raw(posgate_sim::events::transaction_event(
+    sim.emit_raw(transfer_event(
+        "pi_ghost",
         "evt_ghost_2",
         "txn_ghost_1",
-        &ghost,
-        MicroUsdc(3_000_000),
-        time::OffsetDateTime::now_utc(),
+        amount,
     ))
     .unwrap();
     gw.metric_reaches(

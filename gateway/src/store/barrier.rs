@@ -64,19 +64,26 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Blocks until no sync is in flight: the barrier before any write.
-    fn idle(&self) -> io::Result<()> {
-        let mut state = self.lock();
-        while state.synced < state.requested && !state.failed {
+    /// Waits until `generation` is on disk; `false` if it never will be.
+    fn wait_synced(&self, mut state: MutexGuard<'_, State>, generation: u64) -> bool {
+        while state.synced < generation && !state.failed {
             state = self
                 .changed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        if state.failed {
-            return Err(poisoned());
+        !state.failed
+    }
+
+    /// Blocks until no sync is in flight: the barrier before any write.
+    fn idle(&self) -> io::Result<()> {
+        let state = self.lock();
+        let generation = state.requested;
+        if self.wait_synced(state, generation) {
+            Ok(())
+        } else {
+            Err(poisoned())
         }
-        Ok(())
     }
 
     fn run(&self) {
@@ -229,20 +236,11 @@ impl StorageBackend for BarrierFile {
         state.requested += 1;
         let generation = state.requested;
         self.shared.changed.notify_all();
-        if eventual {
-            return Ok(());
+        if eventual || self.shared.wait_synced(state, generation) {
+            Ok(())
+        } else {
+            Err(poisoned())
         }
-        while state.synced < generation && !state.failed {
-            state = self
-                .shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        if state.failed {
-            return Err(poisoned());
-        }
-        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -303,16 +301,9 @@ impl Syncer {
 
     /// Blocks until everything committed so far is on disk; `false` if it never will be.
     pub(super) fn wait_all(&self) -> bool {
-        let mut state = self.0.lock();
+        let state = self.0.lock();
         let generation = state.requested;
-        while state.synced < generation && !state.failed {
-            state = self
-                .0
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        !state.failed
+        self.0.wait_synced(state, generation)
     }
 }
 
