@@ -4,8 +4,8 @@
 //! redb asks of `sync_data(eventual = true)` only that every write before it reaches the disk
 //! before any write after it (its `StorageBackend` contract). So [`BarrierFile::sync_data`] starts
 //! an `fdatasync` and returns; the next write (the next commit's pages) waits until that sync has
-//! completed. A commit's data is durable once [`Syncer::synced`] reaches the generation its sync
-//! was given; the writer answers a durable batch only then ([`Syncer::after`]).
+//! completed. A commit's data is durable once the sync it asked for (its generation) has completed;
+//! the writer answers each batch only then ([`Syncer::after`]), in commit order.
 //!
 //! A failed `fdatasync` poisons the file: the kernel may have dropped the pages it could not
 //! write, so nothing after it can be trusted. Every later write and sync fails, the waiting
@@ -35,6 +35,25 @@ struct State {
     stop: bool,
     /// Completions waiting for their generation, in order.
     waiting: VecDeque<(u64, Completion)>,
+    /// The syncer thread is running completions: a later one must queue behind them.
+    running: bool,
+}
+
+impl State {
+    /// The completions that can run now, in order (all of them once a sync has failed).
+    fn runnable(&mut self) -> Vec<Completion> {
+        let mut out = Vec::new();
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(g, _)| self.failed || *g <= self.synced)
+        {
+            if let Some((_, completion)) = self.waiting.pop_front() {
+                out.push(completion);
+            }
+        }
+        out
+    }
 }
 
 struct Shared {
@@ -102,35 +121,29 @@ impl Shared {
                 state.requested
             };
             let result = self.sync_file();
-            let done: Vec<Completion> = {
+            let ok = result.is_ok();
+            let mut done = {
                 let mut state = self.lock();
-                let ok = match &result {
-                    Ok(()) => {
-                        state.synced = target;
-                        true
-                    }
+                match &result {
+                    Ok(()) => state.synced = target,
                     Err(e) => {
                         tracing::error!(error = %e, "fdatasync of the database failed: the store stops accepting writes; restart posgate once the disk is fixed");
                         state.failed = true;
-                        false
-                    }
-                };
-                let mut done = Vec::new();
-                while state
-                    .waiting
-                    .front()
-                    .is_some_and(|(g, _)| !ok || *g <= state.synced)
-                {
-                    if let Some((_, completion)) = state.waiting.pop_front() {
-                        done.push(completion);
                     }
                 }
                 self.changed.notify_all();
+                let done = state.runnable();
+                state.running = !done.is_empty();
                 done
             };
-            let ok = result.is_ok();
-            for completion in done {
-                completion(ok);
+            // Completions queued meanwhile behind these run here too, so the order holds.
+            while !done.is_empty() {
+                for completion in done {
+                    completion(ok);
+                }
+                let mut state = self.lock();
+                done = state.runnable();
+                state.running = !done.is_empty();
             }
             if !ok {
                 return;
@@ -271,14 +284,15 @@ impl Syncer {
         self.0.lock().requested
     }
 
-    /// Runs `completion` once `generation` is on disk (`true`), at once if it already is, or
-    /// with `false` if it never will be.
+    /// Runs `completion` once `generation` is on disk (`true`), or with `false` if it never will
+    /// be; after every completion given before it. At once (on this thread) when nothing is
+    /// ahead of it.
     pub(super) fn after(&self, generation: u64, completion: Completion) {
         let mut state = self.0.lock();
         if state.failed {
             drop(state);
             completion(false);
-        } else if state.synced >= generation {
+        } else if state.synced >= generation && state.waiting.is_empty() && !state.running {
             drop(state);
             completion(true);
         } else {
@@ -351,6 +365,28 @@ mod tests {
         assert!(syncer.wait_all());
         assert!(syncer.0.lock().synced >= 3);
         assert_eq!(backend.read(4096, 1).unwrap(), vec![1]);
+    }
+
+    /// A completion whose generation is already synced still waits for the ones given before it
+    /// (here: held behind a sync that is not done).
+    #[test]
+    fn a_completion_never_overtakes_an_earlier_one() {
+        let (_dir, backend, syncer) = file();
+        backend.write(0, b"x").unwrap();
+        backend.sync_data(false).unwrap();
+        syncer.hold(true);
+        backend.sync_data(true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first = tx.clone();
+        syncer.after(2, Box::new(move |ok| first.send(("durable", ok)).unwrap()));
+        // Generation 1 is on disk, but the completion of 2 is ahead of it.
+        syncer.after(1, Box::new(move |ok| tx.send(("eventual", ok)).unwrap()));
+        assert!(rx.try_recv().is_err());
+        syncer.hold(false);
+        let order: Vec<_> = (0..2)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(order, vec![("durable", true), ("eventual", true)]);
     }
 
     #[test]
