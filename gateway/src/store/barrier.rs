@@ -59,8 +59,6 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
-    /// The same file, for the syncer thread's `fdatasync`.
-    file: File,
     /// Tests hold the disk back or make it fail.
     #[cfg(test)]
     faults: Mutex<Faults>,
@@ -105,7 +103,9 @@ impl Shared {
         }
     }
 
-    fn run(&self) {
+    /// The syncer thread, with its own handle of the file (closed when the thread ends, so the
+    /// file's lock goes with the database, whatever [`Syncer`] clones live on).
+    fn run(&self, file: &File) {
         loop {
             let target = {
                 let mut state = self.lock();
@@ -120,7 +120,7 @@ impl Shared {
                 }
                 state.requested
             };
-            let result = self.sync_file();
+            let result = self.sync_file(file);
             let ok = result.is_ok();
             let mut done = {
                 let mut state = self.lock();
@@ -154,12 +154,12 @@ impl Shared {
 
 impl Shared {
     #[cfg(not(test))]
-    fn sync_file(&self) -> io::Result<()> {
-        self.file.sync_data()
+    fn sync_file(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
     }
 
     #[cfg(test)]
-    fn sync_file(&self) -> io::Result<()> {
+    fn sync_file(&self, file: &File) -> io::Result<()> {
         let mut faults = self.faults.lock().unwrap();
         while faults.hold {
             faults = self.faults_changed.wait(faults).unwrap();
@@ -167,7 +167,7 @@ impl Shared {
         if std::mem::take(&mut faults.fail) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
-        self.file.sync_data()
+        file.sync_data()
     }
 }
 
@@ -199,10 +199,10 @@ impl BarrierFile {
     /// # Errors
     /// When the file is already open elsewhere, cannot be duplicated, or the thread cannot start.
     pub(super) fn new(file: File) -> Result<(BarrierFile, Syncer), redb::DatabaseError> {
+        let sync_handle = file.try_clone()?;
         let shared = Arc::new(Shared {
             state: Mutex::default(),
             changed: Condvar::new(),
-            file: file.try_clone()?,
             #[cfg(test)]
             faults: Mutex::default(),
             #[cfg(test)]
@@ -213,7 +213,7 @@ impl BarrierFile {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("store-sync".into())
-                .spawn(move || shared.run())?
+                .spawn(move || shared.run(&sync_handle))?
         };
         let syncer = Syncer(shared.clone());
         Ok((
@@ -480,6 +480,21 @@ mod store_tests {
         assert_eq!(duplicate.await.unwrap().unwrap(), Ingested::Duplicate);
         assert!(read.await.unwrap().unwrap().is_some());
         store.close().await;
+    }
+
+    /// A restart in the same process must find the file free once `close` has returned, even
+    /// while handles of the old store live on (tasks not yet finished).
+    #[tokio::test]
+    async fn a_closed_store_releases_the_file_while_its_handles_live_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16, 16).unwrap();
+        store.ingest(event(1)).await.unwrap();
+        let lingering = store.clone();
+        store.close().await;
+        let again = Store::open(dir.path(), 16, 16).expect("reopened while a handle lives on");
+        assert!(again.event("evt_b1".into()).await.unwrap().is_some());
+        again.close().await;
+        drop(lingering);
     }
 
     /// A failed fdatasync: the batch waiting for it is not answered as stored, the store turns

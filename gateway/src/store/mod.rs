@@ -614,8 +614,31 @@ impl Store {
             tracing::error!("store writer thread panicked");
         }
         self.inner.healthy.store(false, Ordering::Relaxed);
-        let db = self.inner.db.lock().ok().and_then(|mut db| db.take());
-        drop(db);
+        let Some(mut db) = self.inner.db.lock().ok().and_then(|mut db| db.take()) else {
+            return;
+        };
+        // A read in flight holds the database (and so the file's lock) until it ends: wait for
+        // it, so that a restart in this process finds the file free.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(last) => {
+                    // Closing writes redb's allocator state and syncs: off the runtime.
+                    drop(tokio::task::spawn_blocking(move || drop(last)).await);
+                    return;
+                }
+                Err(shared) if std::time::Instant::now() < deadline => {
+                    db = shared;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "reads still hold the database after 10 s; it closes when they end"
+                    );
+                    return;
+                }
+            }
+        }
     }
 }
 
