@@ -721,10 +721,10 @@ pub struct SendLog {
 #[derive(Clone, Copy, Debug, clap::Args)]
 pub struct Pacing {
     /// Webhooks per second, all senders together.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: u64,
     /// Concurrent webhook senders (keep-alive connections).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub senders: usize,
     /// When the webhooks leave: evenly spaced (`even`), as independent payments would
     /// (`poisson`: exponential gaps, so they sometimes bunch up), or all senders in step
