@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use posgate_proto::confirmation::ConfirmationStatus;
+use posgate_sim::events;
 use posgate_sim::terminal::{Seen, Terminal};
 use serde_json::{Value, json};
 
@@ -205,6 +206,25 @@ async fn a_revoked_terminals_pending_confirmations_go_to_the_terminal_they_are_a
     assert_eq!(
         gw.intent("pi_lost_1").await.unwrap()["terminal_id"],
         "pos_new"
+    );
+    b.disconnect().await;
+    gw.shutdown().await;
+}
+
+/// The provider settles only what it confirmed: a payment settled before its terminal was
+/// registered still reaches it, as paid.
+#[tokio::test]
+async fn a_payment_settled_before_its_terminal_is_registered_reaches_it_as_confirmed() {
+    let gw = spawn_gateway().await;
+    gw.pay("pos_set_b", "pi_set_b").await;
+    let body = events::settlement_event("evt_settle_b", &["pi_set_b"]);
+    assert_eq!(gw.post_signed(&body).await.status(), 200);
+    assert_eq!(gw.intent("pi_set_b").await.unwrap()["status"], "settled");
+    let mut b = gw.terminal("pos_set_b").await;
+    let c = b.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status, c.seq),
+        ("pi_set_b", ConfirmationStatus::Confirmed, 1)
     );
     b.disconnect().await;
     gw.shutdown().await;

@@ -424,3 +424,30 @@ async fn a_transfer_for_an_intent_the_provider_does_not_know_becomes_an_orphan()
     gw.shutdown().await;
     sim.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The provider settles only what it confirmed: with the `confirmed` webhook lost, a settlement
+/// that lists the intent is the first news of the payment, and the terminal shows it as paid.
+#[tokio::test]
+async fn a_settlement_is_the_first_news_of_a_payment_and_the_terminal_shows_it_paid() {
+    let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
+    let mut terminal = gw.terminal("pos_settle").await;
+    let id = harness::create_intent(
+        &mut terminal,
+        "c1",
+        serde_json::json!({"amount": "4.50", "order_id": "o-s", "ttl": 3600}),
+    )
+    .await;
+    let body = posgate_sim::events::settlement_event("evt_settle_1", &[id.as_str()]);
+    sim.emit_raw(body).unwrap();
+    let c = terminal
+        .next_confirmation(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.intent_id.as_str(), c.status),
+        (id.as_str(), ConfirmationStatus::Confirmed)
+    );
+    assert_eq!(gw.intent(&id).await.unwrap()["status"], "settled");
+    gw.shutdown().await;
+    sim.shutdown(Duration::from_secs(1)).await;
+}

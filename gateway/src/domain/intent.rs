@@ -190,7 +190,11 @@ pub fn apply(
     }
     let to = record.status;
     let notify = match to {
-        IntentStatus::AwaitingPayment | IntentStatus::Settled => false,
+        IntentStatus::AwaitingPayment => false,
+        // The provider settles only what it confirmed: the terminal shows `settled` as paid, so
+        // it hears of it unless it already saw the confirmation (webhooks lost, the intent first
+        // seen settled by a lookup or a settlement event).
+        IntentStatus::Settled => !matches!(from, IntentStatus::Confirmed | IntentStatus::Settled),
         IntentStatus::Unresolved => from != to || record.primary_context() != context_before,
         _ => from != to,
     };
@@ -312,7 +316,8 @@ mod tests {
                     _ => current,
                 };
                 assert_eq!(r.status, want, "{current:?} + {status}");
-                let notify = want != current && want != Settled;
+                // Settled is shown as paid: news unless the terminal already saw `confirmed`.
+                let notify = want != current && !(want == Settled && current == Confirmed);
                 assert_eq!(
                     effect,
                     Effect {

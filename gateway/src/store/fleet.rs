@@ -127,11 +127,12 @@ pub struct Undeliverable {
 
 fn status_of(record: &IntentRecord) -> Option<(ConfirmationStatus, Option<Context>)> {
     let status = match record.status {
-        IntentStatus::Confirmed => ConfirmationStatus::Confirmed,
+        // The provider settles only what it confirmed (provider-api.md §6.1).
+        IntentStatus::Confirmed | IntentStatus::Settled => ConfirmationStatus::Confirmed,
         IntentStatus::Expired => ConfirmationStatus::Expired,
         IntentStatus::Cancelled => ConfirmationStatus::Cancelled,
         IntentStatus::Unresolved => ConfirmationStatus::Unresolved,
-        IntentStatus::AwaitingPayment | IntentStatus::Settled => return None,
+        IntentStatus::AwaitingPayment => return None,
     };
     let context = match (status, record.primary_context()) {
         (ConfirmationStatus::Unresolved, Some(c)) => Some(match c {
