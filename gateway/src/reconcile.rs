@@ -281,6 +281,16 @@ impl Reconciler {
         }
     }
 
+    /// Counts and logs a transfer newly kept as an orphan (`intent_id`: the unknown intent it named).
+    fn orphan_recorded(&self, txn_id: &str, intent_id: Option<&str>) {
+        self.metrics.orphan_transfers.inc();
+        self.metrics
+            .reconcile_findings
+            .with_label_values(&["orphan_transfer"])
+            .inc();
+        tracing::error!(%txn_id, intent_id = intent_id.unwrap_or("-"), "a transfer matches no intent: kept as an orphan (GET /v1/orphan-transfers)");
+    }
+
     /// Money sent for an intent the provider does not know matches no intent: each such transfer
     /// becomes an orphan (the operator's list and alert), as one with no intent named would.
     async fn orphan_unknown_intent(&self, intent_id: &str) {
@@ -291,12 +301,7 @@ impl Reconciler {
         {
             Ok(txn_ids) => {
                 for txn_id in txn_ids {
-                    self.metrics.orphan_transfers.inc();
-                    self.metrics
-                        .reconcile_findings
-                        .with_label_values(&["orphan_transfer"])
-                        .inc();
-                    tracing::error!(%txn_id, %intent_id, "a transfer names an intent the provider does not know: kept as an orphan (GET /v1/orphan-transfers)");
+                    self.orphan_recorded(&txn_id, Some(intent_id));
                 }
             }
             Err(e) => {
@@ -399,12 +404,7 @@ impl Reconciler {
             Listed::New { ingested, orphaned } => (Some(ingested), *orphaned),
         };
         if orphaned {
-            self.metrics.orphan_transfers.inc();
-            self.metrics
-                .reconcile_findings
-                .with_label_values(&["orphan_transfer"])
-                .inc();
-            tracing::error!(%txn_id, "a transfer matches no intent: kept as an orphan (GET /v1/orphan-transfers)");
+            self.orphan_recorded(txn_id, None);
         }
         let Some(Ingested::New { effects, .. }) = ingested else {
             return;

@@ -57,17 +57,36 @@ fn invalid(field: &str, message: &str) -> Response {
     )
 }
 
+/// The request body as a JSON object, or the `422` naming what is wrong with it.
+fn json_object(body: &[u8]) -> Result<serde_json::Value, Box<Response>> {
+    match serde_json::from_slice(body) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err(Box::new(invalid("body", "must be a JSON object"))),
+        Err(e) => Err(Box::new(invalid("body", &format!("not JSON: {e}")))),
+    }
+}
+
+/// The terminal id in `field` of `request`, or the `422` naming the field.
+fn terminal_id_field(request: &serde_json::Value, field: &str) -> Result<String, Box<Response>> {
+    match request.get(field).and_then(|v| v.as_str()) {
+        Some(id) if topics::valid_terminal_id(id) => Ok(id.to_owned()),
+        Some(_) => Err(Box::new(invalid(
+            field,
+            "1-64 characters of A-Z a-z 0-9 _ . -",
+        ))),
+        None => Err(Box::new(invalid(field, "required string"))),
+    }
+}
+
 /// `POST /v1/terminals`.
 pub(super) async fn create(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
-    let request: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v @ serde_json::Value::Object(_)) => v,
-        Ok(_) => return invalid("body", "must be a JSON object"),
-        Err(e) => return invalid("body", &format!("not JSON: {e}")),
+    let request = match json_object(&body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
-    let id = match request.get("id").and_then(|v| v.as_str()) {
-        Some(id) if topics::valid_terminal_id(id) => id.to_owned(),
-        Some(_) => return invalid("id", "1-64 characters of A-Z a-z 0-9 _ . -"),
-        None => return invalid("id", "required string"),
+    let id = match terminal_id_field(&request, "id") {
+        Ok(id) => id,
+        Err(refused) => return *refused,
     };
     let merchant_id = match request.get("merchant_id").and_then(|v| v.as_str()) {
         Some(m) if !m.trim().is_empty() && m.len() <= 255 => m.to_owned(),
@@ -212,15 +231,13 @@ pub(super) async fn assign(
     UrlPath(intent_id): UrlPath<String>,
     body: Bytes,
 ) -> Response {
-    let request: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v @ serde_json::Value::Object(_)) => v,
-        Ok(_) => return invalid("body", "must be a JSON object"),
-        Err(e) => return invalid("body", &format!("not JSON: {e}")),
+    let request = match json_object(&body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
-    let terminal_id = match request.get("terminal_id").and_then(|v| v.as_str()) {
-        Some(id) if topics::valid_terminal_id(id) => id.to_owned(),
-        Some(_) => return invalid("terminal_id", "1-64 characters of A-Z a-z 0-9 _ . -"),
-        None => return invalid("terminal_id", "required string"),
+    let terminal_id = match terminal_id_field(&request, "terminal_id") {
+        Ok(id) => id,
+        Err(refused) => return *refused,
     };
     match admin
         .store
