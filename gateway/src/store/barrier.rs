@@ -381,28 +381,39 @@ mod tests {
         syncer.after(2, Box::new(move |ok| first.send(("durable", ok)).unwrap()));
         // Generation 1 is on disk, but the completion of 2 is ahead of it.
         syncer.after(1, Box::new(move |ok| tx.send(("eventual", ok)).unwrap()));
-        assert!(rx.try_recv().is_err());
+        let early = rx.try_recv();
         syncer.hold(false);
+        assert!(early.is_err(), "ran before the sync: {early:?}");
         let order: Vec<_> = (0..2)
             .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
             .collect();
         assert_eq!(order, vec![("durable", true), ("eventual", true)]);
     }
 
+    /// The barrier: a write after an eventual sync does not start while that sync is held back.
     #[test]
     fn a_write_after_an_eventual_sync_waits_for_it() {
         let (_dir, backend, syncer) = file();
         backend.write(0, b"before").unwrap();
+        syncer.hold(true);
         backend.sync_data(true).unwrap();
         let generation = syncer.requested();
-        // The barrier: once a later write returns, the earlier sync is done.
-        backend.write(8, b"after").unwrap();
-        let state = syncer.0.lock();
-        assert!(
-            state.synced >= generation,
-            "{} < {generation}",
-            state.synced
-        );
+        let backend = Arc::new(backend);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let backend = backend.clone();
+            std::thread::spawn(move || {
+                backend.write(8, b"after").unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        let early = rx.recv_timeout(std::time::Duration::from_millis(200));
+        // Released before asserting, so that a failure does not leave the syncer held.
+        syncer.hold(false);
+        assert!(early.is_err(), "the write went ahead of the sync");
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        writer.join().unwrap();
+        assert!(syncer.0.lock().synced >= generation);
     }
 
     #[test]
@@ -472,10 +483,19 @@ mod store_tests {
             let store = store.clone();
             async move { store.event("evt_b1".into()).await }
         });
-        // Held back for a while: none of them is answered.
+        // Held back for a while: none of them is answered. (Released before asserting, so that a
+        // failure does not leave the syncer held.)
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!first.is_finished() && !duplicate.is_finished() && !read.is_finished());
+        let answered = [
+            first.is_finished(),
+            duplicate.is_finished(),
+            read.is_finished(),
+        ];
         syncer.hold(false);
+        assert_eq!(
+            answered, [false; 3],
+            "answered before the sync: first, duplicate, read"
+        );
         assert!(matches!(first.await.unwrap(), Ok(Ingested::New { .. })));
         assert_eq!(duplicate.await.unwrap().unwrap(), Ingested::Duplicate);
         assert!(read.await.unwrap().unwrap().is_some());
