@@ -111,7 +111,7 @@ pub async fn start_bridge(options: BridgeOptions) -> anyhow::Result<RunningBridg
     if let Some(dir) = &options.certs {
         mqtt.set_transport(tls_transport(dir)?);
     }
-    let (client, eventloop) = AsyncClient::new(mqtt, 10_000);
+    let (client, eventloop) = crate::terminal::client(mqtt, 10_000);
     let token = CancellationToken::new();
     let mqtt = tokio::spawn(drive_bridge(
         client.clone(),
@@ -297,7 +297,7 @@ fn spawn_plain_terminal(
     if let Some(transport) = transport {
         options.set_transport(transport);
     }
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (client, mut eventloop) = crate::terminal::client(options, 64);
     let (payments, acks) = (payments_topic(&terminal_id, "+"), acks_topic(&terminal_id));
     tokio::spawn(async move {
         loop {

@@ -133,7 +133,18 @@ pub fn connect_raw(
             true,
         ));
     }
-    Ok(AsyncClient::new(options, 256))
+    Ok(client(options, 256))
+}
+
+/// An MQTT client with Nagle's algorithm off, as a terminal wanting its acks out at once should
+/// have: its PUBACK and its ack are two small writes back to back, and with Nagle on the second
+/// waits for the broker's delayed ACK of the first (up to 40 ms on Linux).
+pub fn client(options: MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options, cap);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 /// What a [`Terminal`] saw.
