@@ -8,7 +8,8 @@
 //!
 //! Delivery is stop-and-wait per terminal (see [`Router`]), which keeps `seq` order on the wire.
 //! One task owns the state; acks are stored off the loop, at most one write in flight, acks that
-//! arrive meanwhile batched into the next, and report back to it.
+//! arrive meanwhile batched into the next, and report back to it. An ack of the head moves the
+//! terminal on at once, without waiting for that write (see [`Router`]).
 //!
 //! The broker is behind [`Publisher`] and [`BrokerEvent`], so this module is tested over channels.
 
@@ -129,7 +130,16 @@ enum Internal {
     },
     /// The outcome of one ack write: every ack it carried, in order (`None`: not stored; the row
     /// stays and is published again, and the terminal acks again).
-    Acked(Vec<(String, Option<AckOutcome>)>),
+    Acked(Vec<(PendingAck, Option<AckOutcome>)>),
+}
+
+/// An ack on its way to the store.
+struct PendingAck {
+    terminal_id: String,
+    ack: Ack,
+    /// It acked the terminal's head, which the router has already dropped from the queue (and
+    /// whose successor it has already published).
+    advanced: bool,
 }
 
 /// One terminal's unacked rows, mirrored from the store, and whether its head is on the wire.
@@ -148,6 +158,13 @@ struct Queue {
 /// wire; the next one is published when the head is acked. Retained messages are handed out by the
 /// broker in its own order on (re)subscribe, so this is what makes "in `seq` order" hold across
 /// reconnects; a terminal handles one payment at a time, so one message in flight costs nothing.
+///
+/// The terminal's ack of its head moves it on at once: the head leaves the queue, its retained
+/// message is cleared and the next row is published, while the ack is still being stored. The
+/// terminal has the acked row, so order on the wire is kept; the row stays in the outbox until the
+/// ack is stored, and if the store does not confirm it, the terminal's queue is read again from
+/// the outbox (the row goes out once more; terminals deduplicate). Waiting for the ack's write
+/// instead would add a store round trip to every confirmation that queued behind another.
 pub struct Router<P> {
     store: Store,
     publisher: Arc<P>,
@@ -165,7 +182,7 @@ pub struct Router<P> {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     /// Acks waiting for the next ack write.
-    acks: Vec<(String, Ack)>,
+    acks: Vec<PendingAck>,
     /// An ack write is on its way (its outcome comes back as [`Internal::Acked`]).
     ack_in_flight: bool,
     /// Terminals revoked while running: a notice of their rows committed just before the
@@ -236,10 +253,8 @@ impl<P: Publisher> Router<P> {
                     Internal::Loaded { terminal_id, rows } => self.loaded(terminal_id, rows).await,
                     Internal::Acked(outcomes) => {
                         self.ack_in_flight = false;
-                        for (terminal_id, outcome) in outcomes {
-                            if let Some(outcome) = outcome {
-                                self.acked(&terminal_id, outcome).await;
-                            }
+                        for (pending, outcome) in outcomes {
+                            self.acked(pending, outcome).await;
                         }
                         self.flush_acks();
                     }
@@ -424,7 +439,7 @@ impl<P: Publisher> Router<P> {
                 kind,
                 payload,
             } => match kind {
-                TopicKind::Acks => self.ack(terminal_id, &payload),
+                TopicKind::Acks => self.ack(terminal_id, &payload).await,
                 TopicKind::Status => match serde_json::from_slice::<StatusMessage>(&payload) {
                     Ok(status) => self.set_presence(&terminal_id, status.is_online()),
                     Err(_) if payload.is_empty() => {}
@@ -488,7 +503,7 @@ impl<P: Publisher> Router<P> {
         });
     }
 
-    fn ack(&mut self, terminal_id: String, payload: &[u8]) {
+    async fn ack(&mut self, terminal_id: String, payload: &[u8]) {
         let ack: Ack = match serde_json::from_slice(payload) {
             Ok(ack) => ack,
             Err(e) => {
@@ -496,8 +511,33 @@ impl<P: Publisher> Router<P> {
                 return;
             }
         };
-        self.acks.push((terminal_id, ack));
+        let advanced = self.advance(&terminal_id, &ack).await;
+        self.acks.push(PendingAck {
+            terminal_id,
+            ack,
+            advanced,
+        });
         self.flush_acks();
+    }
+
+    /// When `ack` names the terminal's head: drops it, clears its retained message (unless a
+    /// newer row of the same intent will replace it) and publishes the next row.
+    async fn advance(&mut self, terminal_id: &str, ack: &Ack) -> bool {
+        let Some(queue) = self.queues.get_mut(terminal_id) else {
+            return false;
+        };
+        let Some(head) = queue.rows.first_entry() else {
+            return false;
+        };
+        if *head.key() != ack.seq || head.get().intent_id != ack.intent_id {
+            return false;
+        }
+        let row = head.remove();
+        queue.head_published = None;
+        let clear = !queue.rows.values().any(|r| r.intent_id == row.intent_id);
+        self.clear(&row, clear).await;
+        self.publish_head(terminal_id, false).await;
+        true
     }
 
     /// Stores the waiting acks in one write, off the loop, unless a write is already in flight:
@@ -513,7 +553,7 @@ impl<P: Publisher> Router<P> {
         tokio::spawn(async move {
             let keys = acks
                 .iter()
-                .map(|(t, a)| (t.clone(), a.intent_id.clone(), a.seq))
+                .map(|p| (p.terminal_id.clone(), p.ack.intent_id.clone(), p.ack.seq))
                 .collect();
             let outcomes: Vec<Option<AckOutcome>> = match store.ack_many(keys).await {
                 Ok(outcomes) => outcomes,
@@ -522,13 +562,25 @@ impl<P: Publisher> Router<P> {
                     acks.iter().map(|_| None).collect()
                 }
             };
-            let outcomes = acks.into_iter().map(|(t, _)| t).zip(outcomes).collect();
-            drop(tx.send(Internal::Acked(outcomes)));
+            drop(tx.send(Internal::Acked(acks.into_iter().zip(outcomes).collect())));
         });
     }
 
-    async fn acked(&mut self, terminal_id: &str, outcome: AckOutcome) {
-        let AckOutcome::Delivered { row, clear, .. } = outcome else {
+    /// What the store made of an ack.
+    async fn acked(&mut self, pending: PendingAck, outcome: Option<AckOutcome>) {
+        let PendingAck {
+            terminal_id,
+            advanced,
+            ..
+        } = pending;
+        let terminal_id = terminal_id.as_str();
+        let Some(AckOutcome::Delivered { row, clear, .. }) = outcome else {
+            if advanced {
+                // The queue ran ahead of the store: the store's view replaces it (a row not
+                // removed goes out again).
+                tracing::debug!(terminal_id, "an ack acted on was not stored; reloading");
+                self.load(Some(terminal_id.to_owned()));
+            }
             return;
         };
         let latency_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000
@@ -538,7 +590,9 @@ impl<P: Publisher> Router<P> {
         self.metrics.acked.inc();
         self.metrics.delivery.observe(latency_ms / 1000.0);
         let Some(queue) = self.queues.get_mut(terminal_id) else {
-            self.clear(&row, clear).await;
+            if !advanced {
+                self.clear(&row, clear).await;
+            }
             return;
         };
         let head_before = queue.rows.keys().next().copied();
@@ -555,7 +609,7 @@ impl<P: Publisher> Router<P> {
         let replaced = head_after
             .as_ref()
             .is_some_and(|(_, intent)| *intent == row.intent_id);
-        if !replaced {
+        if !replaced && !advanced {
             self.clear(&row, clear).await;
         }
         if head_after.as_ref().map(|(s, _)| *s) != head_before {
@@ -708,6 +762,21 @@ mod tests {
             );
         }
 
+        /// Waits until the outbox holds the rows `seqs` (the router acts on an ack before it is
+        /// stored).
+        async fn outbox_becomes(&self, seqs: &[u64]) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let rows = self.store.outbox(None).await.unwrap();
+                let now: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+                if now == seqs {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "outbox: {now:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
         fn connected(&self) {
             self.events
                 .send(BrokerEvent::Connected {
@@ -746,7 +815,58 @@ mod tests {
             (topic.as_str(), payload.is_empty()),
             (topics::payments(&rig.tenant, "pi_1").as_str(), true)
         );
-        assert!(rig.store.outbox(None).await.unwrap().is_empty());
+        rig.outbox_becomes(&[]).await;
+        rig.token.cancel();
+    }
+
+    /// The ack of the head puts the next confirmation on the wire at once, not after the ack is
+    /// stored: here every store answer is held behind a sync that does not finish.
+    #[tokio::test]
+    async fn an_ack_moves_the_terminal_on_before_it_is_stored() {
+        let rig = rig(Duration::from_secs(60)).await;
+        confirm(&rig.store, 1).await;
+        confirm(&rig.store, 2).await;
+        rig.expect_head(1).await;
+        rig.store.hold_syncs_for_test(true);
+        // A durable write ahead of the ack's: its answer, and so the ack's, waits for the sync.
+        let held = confirm(&rig.store, 3);
+        tokio::pin!(held);
+        assert!(futures::poll!(&mut held).is_pending());
+        rig.ack("pi_1", 1).await;
+        rig.expect_cleared("pi_1").await;
+        rig.expect_head(2).await;
+        assert!(futures::poll!(&mut held).is_pending(), "the store answered");
+        rig.store.hold_syncs_for_test(false);
+        held.await;
+        rig.ack("pi_2", 2).await;
+        rig.expect_cleared("pi_2").await;
+        rig.expect_head(3).await;
+        rig.outbox_becomes(&[3]).await;
+        rig.token.cancel();
+    }
+
+    /// When the store does not confirm an ack the router acted on (its queue had run ahead of
+    /// the outbox), the outbox is read again and its head goes out again.
+    #[tokio::test]
+    async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
+        let rig = rig(Duration::from_secs(60)).await;
+        confirm(&rig.store, 1).await;
+        confirm(&rig.store, 2).await;
+        rig.expect_head(1).await;
+        // Row 1 leaves the outbox behind the router's back: its queue still has it.
+        let outcome = rig
+            .store
+            .ack_many(vec![("pos-1".into(), "pi_1".into(), 1)])
+            .await;
+        assert!(matches!(
+            outcome.unwrap()[..],
+            [Some(AckOutcome::Delivered { .. })]
+        ));
+        rig.ack("pi_1", 1).await;
+        rig.expect_cleared("pi_1").await;
+        rig.expect_head(2).await;
+        // The store found nothing to remove: the outbox is read again, its head republished.
+        rig.expect_head(2).await;
         rig.token.cancel();
     }
 
@@ -824,7 +944,7 @@ mod tests {
                 rig.expect_head(seq + 1).await;
             }
         }
-        assert!(rig.store.outbox(None).await.unwrap().is_empty());
+        rig.outbox_becomes(&[]).await;
         rig.events
             .send(BrokerEvent::Disconnected {
                 terminal_id: "pos-1".into(),
@@ -854,7 +974,7 @@ mod tests {
         rig.expect_head(3).await;
         rig.ack("pi_3", 3).await;
         rig.expect_cleared("pi_3").await;
-        assert!(rig.store.outbox(None).await.unwrap().is_empty());
+        rig.outbox_becomes(&[]).await;
         rig.token.cancel();
     }
 

@@ -401,6 +401,13 @@ impl Store {
     }
 
     /// Hands `rows` to the outbox subscriber as if a commit had just added them (a late notice).
+    /// Holds every `fdatasync` back (`true`) until released (`false`): a durable write then
+    /// waits, and every answer after it.
+    #[cfg(test)]
+    pub(crate) fn hold_syncs_for_test(&self, hold: bool) {
+        self.inner.syncer.hold(hold);
+    }
+
     #[cfg(test)]
     pub(crate) fn notify_for_test(&self, rows: Vec<OutboxRow>) {
         self.inner.notices.send(rows);
