@@ -75,8 +75,8 @@ pub struct Gateway {
     admin_token: SecretString,
     broker: Broker,
     broker_events: mpsc::UnboundedReceiver<BrokerEvent>,
-    /// Where the HTTP channels inject terminal acks (the broker's event channel).
-    http_acks: mpsc::UnboundedSender<BrokerEvent>,
+    /// The router's event channel besides the broker: acks from the HTTP channels, revocations.
+    router_events: mpsc::UnboundedSender<BrokerEvent>,
     /// Bearer tokens of the HTTP channels, by hash.
     http_tokens: TokenIndex,
     /// Set when `ingress.tls`: the ingress listener serves TLS itself.
@@ -147,7 +147,7 @@ impl Gateway {
         // Revocations survive restarts: the broker refuses them from its first connection on.
         let (revoked_serials, revoked_terminals) = store.revocations().await?;
         let (events_tx, broker_events) = mpsc::unbounded_channel();
-        let http_acks = events_tx.clone();
+        let router_events = events_tx.clone();
         let http_tokens = TokenIndex::of(store.terminals().await?.iter().map(|(t, _)| t));
         let settings = broker::Settings {
             listen: config.mqtt.listen,
@@ -179,7 +179,7 @@ impl Gateway {
             admin_token,
             broker,
             broker_events,
-            http_acks,
+            router_events,
             http_tokens,
             ingress_tls,
             ingress,
@@ -197,7 +197,7 @@ impl Gateway {
             admin_token,
             broker,
             broker_events,
-            http_acks,
+            router_events,
             http_tokens,
             ingress_tls,
             ingress,
@@ -281,7 +281,7 @@ impl Gateway {
             signer: signer.clone(),
             hub: hub.clone(),
             tokens: http_tokens.clone(),
-            acks: http_acks.clone(),
+            acks: router_events.clone(),
             shutdown: token.clone(),
             tracker: tracker.clone(),
             keepalive: Duration::from_secs(config.ingress.keepalive_secs),
@@ -336,7 +336,7 @@ impl Gateway {
                 revoker.revoke(&r.record.id, &r.record.cert_serial);
                 hub.revoke(&r.record.id);
                 // The router stops republishing what was parked and clears it from the broker.
-                drop(http_acks.send(BrokerEvent::Revoked {
+                drop(router_events.send(BrokerEvent::Revoked {
                     terminal_id: r.record.id.clone(),
                     parked: r.parked.clone(),
                 }));
