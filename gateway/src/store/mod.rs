@@ -400,7 +400,6 @@ impl Store {
         rx
     }
 
-    /// Hands `rows` to the outbox subscriber as if a commit had just added them (a late notice).
     /// Holds every `fdatasync` back (`true`) until released (`false`): a durable write then
     /// waits, and every answer after it.
     #[cfg(test)]
@@ -408,6 +407,7 @@ impl Store {
         self.inner.syncer.hold(hold);
     }
 
+    /// Hands `rows` to the outbox subscriber as if a commit had just added them (a late notice).
     #[cfg(test)]
     pub(crate) fn notify_for_test(&self, rows: Vec<OutboxRow>) {
         self.inner.notices.send(rows);
