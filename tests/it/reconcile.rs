@@ -4,16 +4,15 @@
 use std::time::Duration;
 
 use posgate_proto::MicroUsdc;
-use posgate_proto::confirmation::{ConfirmationStatus, Context};
+use posgate_proto::confirmation::{Confirmation, ConfirmationStatus, Context};
 use posgate_sim::provider::{Faults, NewIntent, RunningProvider};
+use posgate_sim::terminal::Terminal;
 
 use crate::harness::{self, TestGateway, eventually};
 
 const SECRET: &str = "whsec_it_reconcile";
 const LISTINGS_OK: &str = "posgate_reconcile_listings_total{outcome=\"ok\"}";
 
-/// A gateway and a provider simulator that drops every webhook, with `extra` settings: only
-/// reconciliation can tell the gateway what happened.
 /// A `transaction.created` event paying `amount` for `intent_id` (terminal `pos_x`), now.
 fn transfer_event(intent_id: &str, event_id: &str, txn_id: &str, amount: MicroUsdc) -> String {
     let intent = posgate_sim::events::Intent::new(intent_id, MicroUsdc(1_000_000), "pos_x");
@@ -26,12 +25,30 @@ fn transfer_event(intent_id: &str, event_id: &str, txn_id: &str, amount: MicroUs
     )
 }
 
+/// A gateway and a provider simulator that drops every webhook, with `extra` settings: only
+/// reconciliation can tell the gateway what happened.
 async fn webhooks_dropped(extra: &[(&str, &str)]) -> (TestGateway, RunningProvider) {
     let faults = Faults {
         drop_rate: 1.0,
         ..Faults::default()
     };
     harness::spawn_with_provider(SECRET, faults, extra).await
+}
+
+/// Creates an intent from `terminal` (RPC `create_intent` with `params`), has the customer pay
+/// it in full, and returns its id and the next confirmation the terminal gets.
+async fn created_and_paid(
+    terminal: &mut Terminal,
+    sim: &RunningProvider,
+    params: serde_json::Value,
+) -> (String, Confirmation) {
+    let id = harness::create_intent(terminal, "c1", params).await;
+    sim.pay(&id, None, false).unwrap();
+    let c = terminal
+        .next_confirmation(Duration::from_secs(20))
+        .await
+        .unwrap();
+    (id, c)
 }
 
 #[tokio::test]
@@ -119,18 +136,13 @@ async fn with_every_webhook_dropped_the_confirmation_still_arrives() {
     ])
     .await;
     let mut terminal = gw.terminal("pos_drop").await;
-    let id = harness::create_intent(
+    // No webhook ever comes; the sweep finds the intent open past its expiry and asks.
+    let (id, c) = created_and_paid(
         &mut terminal,
-        "c1",
+        &sim,
         serde_json::json!({"amount": "4.50", "order_id": "o-1", "ttl": 60}),
     )
     .await;
-    sim.pay(&id, None, false).unwrap();
-    // No webhook ever comes; the sweep finds the intent open past its expiry and asks.
-    let c = terminal
-        .next_confirmation(Duration::from_secs(20))
-        .await
-        .unwrap();
     assert_eq!(
         (c.intent_id.as_str(), c.status),
         (id.as_str(), ConfirmationStatus::Confirmed)
@@ -283,19 +295,14 @@ async fn an_exact_transfer_found_by_the_listing_ends_confirmed() {
     ])
     .await;
     let mut terminal = gw.terminal("pos_exact").await;
-    let id = harness::create_intent(
+    // The listing records the exact transfer (no news for the terminal: the provider confirms);
+    // a grace period later the sweep asks the provider, which says confirmed.
+    let (id, c) = created_and_paid(
         &mut terminal,
-        "c1",
+        &sim,
         serde_json::json!({"amount": "7.25", "order_id": "o-x", "ttl": 3600}),
     )
     .await;
-    sim.pay(&id, None, false).unwrap();
-    // The listing records the exact transfer (no news for the terminal: the provider confirms);
-    // a grace period later the sweep asks the provider, which says confirmed.
-    let c = terminal
-        .next_confirmation(Duration::from_secs(20))
-        .await
-        .unwrap();
     assert_eq!(
         (c.intent_id.as_str(), c.status, c.amount_micros),
         (id.as_str(), ConfirmationStatus::Confirmed, 7_250_000)
