@@ -605,11 +605,16 @@ pub(crate) struct Paced {
     senders_done: bool,
     send_errors: u64,
     /// Ten seconds past the sending's end: what has not arrived by then is lost.
-    drain_deadline: Instant,
+    drain_deadline: Option<Instant>,
+    /// In case the senders never end (a target that stops answering).
+    hard_deadline: Instant,
     /// Webhook sent -> message at the terminal.
     histogram: Histogram<u64>,
     /// The push alone: from the `200` to the terminal (when the `200` came first).
     push: Histogram<u64>,
+    /// From when the schedule wanted the webhook sent (a sender held up by a slow answer sends
+    /// late; this counts that wait too) to the terminal.
+    from_schedule: Histogram<u64>,
     pacing: Pacing,
 }
 
@@ -626,17 +631,18 @@ impl Paced {
         duration: Duration,
         tag: &str,
     ) -> anyhow::Result<Paced> {
-        let end = Instant::now() + duration;
         let log = SendLog::default();
-        let tasks = spawn_paced_senders(addr, secret, terminals, pacing, end, tag, &log);
+        let tasks = spawn_paced_senders(addr, secret, terminals, pacing, duration, tag, &log);
         Ok(Paced {
             log,
             tasks: Box::pin(futures::future::join_all(tasks)),
             senders_done: false,
             send_errors: 0,
-            drain_deadline: end + Duration::from_secs(10),
+            drain_deadline: None,
+            hard_deadline: Instant::now() + duration + Duration::from_secs(60),
             histogram: new_histogram()?,
             push: new_histogram()?,
+            from_schedule: new_histogram()?,
             pacing,
         })
     }
@@ -645,7 +651,10 @@ impl Paced {
     /// the drain deadline has passed.
     pub(crate) fn over(&self) -> bool {
         let expected = self.log.sent_at.lock().map(|m| m.len()).unwrap_or(0);
-        (self.senders_done && expected == 0) || Instant::now() > self.drain_deadline
+        let now = Instant::now();
+        (self.senders_done && expected == 0)
+            || self.drain_deadline.is_some_and(|d| now > d)
+            || now > self.hard_deadline
     }
 
     /// Resolves when the senders have finished (never again after that), counting their failed
@@ -661,6 +670,7 @@ impl Paced {
             self.send_errors += r??;
         }
         self.senders_done = true;
+        self.drain_deadline = Some(Instant::now() + Duration::from_secs(10));
         Ok(())
     }
 
@@ -678,7 +688,9 @@ impl Paced {
             .and_then(|mut m| m.remove(intent));
         if let Some(sent) = sent {
             self.histogram
-                .record(at.duration_since(sent).as_micros().max(1) as u64)?;
+                .record(at.duration_since(sent.at).as_micros().max(1) as u64)?;
+            self.from_schedule
+                .record(at.duration_since(sent.scheduled).as_micros().max(1) as u64)?;
         }
         let answered = self
             .log
@@ -700,10 +712,12 @@ impl Paced {
         report.sent = report.delivered + report.lost;
         report.latency_ms = Some(Latency::of(&self.histogram));
         let push = Latency::of(&self.push);
+        let scheduled = Latency::of(&self.from_schedule);
         serde_json::json!({
             "rate_per_s": self.pacing.rate, "arrivals": self.pacing.arrivals,
             "senders": self.pacing.senders, "duration_secs": duration.as_secs_f64(), "send_errors": self.send_errors,
             "answered_to_terminal_ms": {"p50": push.p50, "p99": push.p99},
+            "scheduled_to_terminal_ms": {"p50": scheduled.p50, "p99": scheduled.p99, "p99.9": scheduled.p999},
             "achieved_per_s": report.sent as f64 / duration.as_secs_f64(),
         })
     }
@@ -713,8 +727,15 @@ impl Paced {
 #[derive(Clone, Default)]
 pub struct SendLog {
     /// Removed again when the send failed: what remains is what the gateway accepted.
-    pub sent_at: Arc<Mutex<HashMap<String, Instant>>>,
+    pub sent_at: Arc<Mutex<HashMap<String, Sent>>>,
     pub answered_at: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+/// When a webhook left, and when the schedule wanted it to.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent {
+    pub scheduled: Instant,
+    pub at: Instant,
 }
 
 /// How webhooks are sent in a paced benchmark.
@@ -771,20 +792,22 @@ impl Pacing {
 }
 
 /// `pacing.senders` keep-alive connections to `addr`, together posting `pacing.rate` signed
-/// `payment_intent.confirmed` webhooks/s until `end`, round robin over `terminals`, intent ids
+/// `payment_intent.confirmed` webhooks/s for `duration`, round robin over `terminals`, intent ids
 /// `pi_{tag}{sender}_{n}`; each task returns its number of failed sends. A sender waits for each
-/// answer; one that falls behind its schedule catches up at once.
+/// answer; one that falls behind its schedule catches up at once. The schedule starts once every
+/// sender is connected.
 pub fn spawn_paced_senders(
     addr: SocketAddr,
     secret: &str,
     terminals: Arc<Vec<String>>,
     pacing: Pacing,
-    end: Instant,
+    duration: Duration,
     tag: &str,
     log: &SendLog,
 ) -> Vec<JoinHandle<anyhow::Result<u64>>> {
     let senders = pacing.senders.max(1);
-    let start = tokio::time::Instant::now();
+    let connected = Arc::new(tokio::sync::Barrier::new(senders));
+    let start = Arc::new(std::sync::OnceLock::new());
     (0..senders)
         .map(|s| {
             let (terminals, log, secret, tag) = (
@@ -793,14 +816,22 @@ pub fn spawn_paced_senders(
                 secret.to_owned(),
                 tag.to_owned(),
             );
+            let (connected, start) = (connected.clone(), start.clone());
             let mut gap = pacing.schedule(s);
             tokio::spawn(async move {
-                let mut conn = WebhookConn::connect(addr).await?;
+                let conn = WebhookConn::connect(addr).await;
+                // A sender that could not connect still passes the barrier, or the others
+                // would wait forever.
+                connected.wait().await;
+                let mut conn = conn?;
+                let start = *start.get_or_init(tokio::time::Instant::now);
+                let end = start.into_std() + duration;
                 let mut next = start + gap();
                 let mut k = 0u64;
                 let mut errors = 0u64;
                 while Instant::now() < end {
                     tokio::time::sleep_until(next).await;
+                    let scheduled = next.into_std();
                     next += gap();
                     let t = ((k as usize) * senders + s) % terminals.len();
                     let intent = format!("pi_{tag}{s}_{k}");
@@ -811,7 +842,8 @@ pub fn spawn_paced_senders(
                         &Intent::new(&intent, MicroUsdc(4_500_000), &terminals[t]),
                     );
                     if let Ok(mut map) = log.sent_at.lock() {
-                        map.insert(intent.clone(), Instant::now());
+                        let at = Instant::now();
+                        map.insert(intent.clone(), Sent { scheduled, at });
                     }
                     if conn.post(&secret, body).await.is_err() {
                         errors += 1;
