@@ -604,7 +604,8 @@ pub(crate) struct Paced {
     tasks: std::pin::Pin<Box<futures::future::JoinAll<JoinHandle<anyhow::Result<u64>>>>>,
     senders_done: bool,
     send_errors: u64,
-    /// Ten seconds past the sending's end: what has not arrived by then is lost.
+    /// Ten seconds past the senders' end (set when they finish): what has not arrived by then is
+    /// lost.
     drain_deadline: Option<Instant>,
     /// In case the senders never end (a target that stops answering).
     hard_deadline: Instant,
