@@ -589,10 +589,16 @@ impl<P: Publisher> Router<P> {
         tracing::info!(terminal_id, intent_id = %row.intent_id, seq = row.seq, latency_ms, "confirmation delivered");
         self.metrics.acked.inc();
         self.metrics.delivery.observe(latency_ms / 1000.0);
+        // `advance` cleared it already, unless something (a reload, a late notice) has put the
+        // row back in the queue, and maybe on the wire, since.
+        let clear = clear
+            && (!advanced
+                || self
+                    .queues
+                    .get(terminal_id)
+                    .is_some_and(|q| q.rows.contains_key(&row.seq)));
         let Some(queue) = self.queues.get_mut(terminal_id) else {
-            if !advanced {
-                self.clear(&row, clear).await;
-            }
+            self.clear(&row, clear).await;
             return;
         };
         let head_before = queue.rows.keys().next().copied();
@@ -609,7 +615,7 @@ impl<P: Publisher> Router<P> {
         let replaced = head_after
             .as_ref()
             .is_some_and(|(_, intent)| *intent == row.intent_id);
-        if !replaced && !advanced {
+        if !replaced {
             self.clear(&row, clear).await;
         }
         if head_after.as_ref().map(|(s, _)| *s) != head_before {
@@ -842,6 +848,39 @@ mod tests {
         rig.expect_cleared("pi_2").await;
         rig.expect_head(3).await;
         rig.outbox_becomes(&[3]).await;
+        rig.token.cancel();
+    }
+
+    /// A row the router already moved past that is put back on the wire before its ack is
+    /// stored (here by a late notice and a reconnect; a reload can do the same) is cleared once the
+    /// ack is stored, not left retained.
+    #[tokio::test]
+    async fn a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared() {
+        let rig = rig(Duration::from_secs(60)).await;
+        confirm(&rig.store, 1).await;
+        confirm(&rig.store, 2).await;
+        let first = rig.store.outbox(None).await.unwrap().remove(0);
+        rig.expect_head(1).await;
+        rig.store.hold_syncs_for_test(true);
+        let held = confirm(&rig.store, 3);
+        tokio::pin!(held);
+        assert!(futures::poll!(&mut held).is_pending());
+        rig.ack("pi_1", 1).await;
+        rig.expect_cleared("pi_1").await;
+        rig.expect_head(2).await;
+        rig.store.notify_for_test(vec![first]);
+        // Reconnects republish the head; once the notice is in, that is row 1 again.
+        loop {
+            rig.connected();
+            let (_, payload) = rig.next().await;
+            if rig.check(&payload).seq == 1 {
+                break;
+            }
+        }
+        rig.store.hold_syncs_for_test(false);
+        held.await;
+        rig.expect_cleared("pi_1").await;
+        rig.expect_head(2).await;
         rig.token.cancel();
     }
 
