@@ -37,7 +37,9 @@ use crate::store::{Revocation, Store, StoreError};
 use posgate_proto::qr::Mode;
 use secrecy::ExposeSecret;
 
-/// Why the gateway could not be built. The CLI exits 64 for all of them.
+/// Why the gateway could not be built. The CLI exits 75 (`EX_TEMPFAIL`) for what may pass on its
+/// own ([`BuildError::is_transient`]: a port still in use, a store that cannot be opened yet), so
+/// systemd tries again, and 64 for the rest, which a restart cannot fix.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("creating data_dir {path}")]
@@ -65,6 +67,28 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl BuildError {
+    /// Whether a later start may succeed without anyone changing anything: a port still in use
+    /// (another process, or one that is still stopping) or an address not configured yet, a
+    /// database still held by a process that is stopping, a full or failing disk.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BuildError::Bind { source, .. }
+            | BuildError::Broker(BrokerError::Bind { source, .. }) => matches!(
+                source.kind(),
+                std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+            ),
+            BuildError::Broker(BrokerError::Start(_)) => true,
+            BuildError::Store(e) => e.is_transient(),
+            BuildError::DataDir { source, .. } => crate::store::io_is_transient(source),
+            BuildError::Token(_)
+            | BuildError::Pki(_)
+            | BuildError::Metrics(_)
+            | BuildError::IngressTls(_) => false,
+        }
+    }
 }
 
 /// A gateway whose store is open and whose listeners are bound, not yet serving.
@@ -383,10 +407,20 @@ impl Gateway {
     }
 }
 
+/// Binds with `SO_REUSEADDR`, so that a start on the same port right after a crash or a stop is
+/// not refused for the `TIME_WAIT` connections the previous process left behind.
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| BuildError::Bind { name, addr, source })
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    bind().map_err(|source| BuildError::Bind { name, addr, source })
 }
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {

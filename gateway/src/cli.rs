@@ -1,7 +1,9 @@
 //! The command line: `run` (default), `print-config`, `check-config`.
 //!
-//! Exit codes (interfaces.md): 0 clean stop; 64 for anything wrong before serving starts (bad
-//! usage or config, unusable `data_dir`, a port that cannot be bound); 1 for a failure at runtime.
+//! Exit codes (`docs/interfaces.md`): 0 clean stop; 64 for what a restart cannot fix (bad usage or
+//! config, an unusable `data_dir`, unreadable or invalid certificates); 75 (`EX_TEMPFAIL`) for a
+//! start that failed for a reason that may pass (a port in use, a store that cannot be opened yet),
+//! which systemd restarts; 1 for a failure at runtime.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +21,10 @@ use crate::shutdown::Request;
 
 /// `EX_USAGE`: bad usage, configuration or environment; systemd does not restart on it.
 pub const EXIT_USAGE: u8 = 64;
+
+/// `EX_TEMPFAIL`: a start that failed for a reason that may pass (a port still in use, a store
+/// that cannot be opened yet); systemd restarts it.
+pub const EXIT_TEMPFAIL: u8 = 75;
 
 #[derive(Parser)]
 #[command(
@@ -157,9 +163,10 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
         let gateway = match Gateway::build(config).await {
             Ok(gateway) => gateway,
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot start");
+                let transient = e.is_transient();
+                tracing::error!(error = %error_chain(&e), transient, "cannot start");
                 eprintln!("posgate: cannot start: {}", error_chain(&e));
-                return ExitCode::from(EXIT_USAGE);
+                return ExitCode::from(if transient { EXIT_TEMPFAIL } else { EXIT_USAGE });
             }
         };
         let running = gateway.spawn();

@@ -138,3 +138,59 @@ fn usage_errors_exit_64() {
     assert_eq!(posgate(&["frobnicate"], &[]).status.code(), Some(64));
     assert_eq!(posgate(&["--help"], &[]).status.code(), Some(0));
 }
+
+/// A port that another process holds is a transient failure: exit 75 (`EX_TEMPFAIL`), which the
+/// unit restarts, not 64, which it gives up on.
+#[test]
+fn a_port_in_use_exits_75_for_each_listener() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().to_string();
+    for key in [
+        "POSGATE__INGRESS__LISTEN",
+        "POSGATE__ADMIN__LISTEN",
+        "POSGATE__MQTT__LISTEN",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().display().to_string();
+        let mut env = vec![
+            ("POSGATE__DATA_DIR", data_dir.as_str()),
+            ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0"),
+            ("POSGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("POSGATE__MQTT__LISTEN", "127.0.0.1:0"),
+        ];
+        env.retain(|(k, _)| *k != key);
+        env.push((key, taken.as_str()));
+        let out = posgate(&["run"], &env);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{key}: {err}");
+        assert!(
+            err.contains(&taken),
+            "{key}: the message names the address: {err}"
+        );
+    }
+}
+
+/// A database that another process holds (one still stopping, or a second copy started by hand)
+/// may free up: exit 75.
+#[test]
+fn a_database_held_by_another_process_exits_75() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.path().join("posgate.redb"))
+        .unwrap();
+    held.try_lock().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let env = [
+        ("POSGATE__DATA_DIR", data_dir.as_str()),
+        ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0"),
+        ("POSGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+        ("POSGATE__MQTT__LISTEN", "127.0.0.1:0"),
+    ];
+    let out = posgate(&["run"], &env);
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    drop(held);
+}

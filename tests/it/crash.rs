@@ -12,6 +12,8 @@ use posgate_sim::events::{self, Intent};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use posgate_sim::terminal::{Seen, Terminal};
+
 use crate::harness::{self, SECRET, signed_post, status_json};
 
 const TOKEN: &str = "crash-test-admin-token";
@@ -44,19 +46,56 @@ impl Daemon {
     }
 }
 
+/// Where a daemon listens: any free port for a first start, the same addresses again for a
+/// restart as systemd does it.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+impl Listen {
+    /// Port 0 everywhere on loopback.
+    pub fn any() -> Listen {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Listen {
+            ingress: any,
+            admin: any,
+            mqtt: any,
+        }
+    }
+}
+
+impl Daemon {
+    /// The addresses it bound, for a restart on the same ports.
+    pub fn listen(&self) -> Listen {
+        Listen {
+            ingress: self.ingress,
+            admin: self.admin,
+            mqtt: self.mqtt,
+        }
+    }
+}
+
 pub async fn start_daemon(data_dir: &Path) -> Daemon {
-    start_daemon_with(data_dir, None).await
+    start_daemon_at(data_dir, None, Listen::any()).await
 }
 
 /// With `config`, the webhook secrets come from that file (`--config`), not the environment.
 pub async fn start_daemon_with(data_dir: &Path, config: Option<&Path>) -> Daemon {
+    start_daemon_at(data_dir, config, Listen::any()).await
+}
+
+/// Starts `posgate run` on `listen`; panics with its output if it exits before listening.
+pub async fn start_daemon_at(data_dir: &Path, config: Option<&Path>, listen: Listen) -> Daemon {
     let mut command = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"));
     command
         .env_clear()
         .env("POSGATE__DATA_DIR", data_dir)
-        .env("POSGATE__INGRESS__LISTEN", "127.0.0.1:0")
-        .env("POSGATE__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("POSGATE__MQTT__LISTEN", "127.0.0.1:0")
+        .env("POSGATE__INGRESS__LISTEN", listen.ingress.to_string())
+        .env("POSGATE__ADMIN__LISTEN", listen.admin.to_string())
+        .env("POSGATE__MQTT__LISTEN", listen.mqtt.to_string())
         .env("POSGATE__ADMIN__TOKEN", TOKEN);
     match config {
         Some(file) => command.arg("run").arg("--config").arg(file),
@@ -64,18 +103,25 @@ pub async fn start_daemon_with(data_dir: &Path, config: Option<&Path>) -> Daemon
     };
     let mut child = command
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let log = Arc::new(Mutex::new(String::new()));
+    harness::keep_reading(
+        BufReader::new(child.stderr.take().unwrap()).lines(),
+        log.clone(),
+    );
     let (mut ingress, mut admin, mut mqtt) = (None, None, None);
     while ingress.is_none() || admin.is_none() || mqtt.is_none() {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("posgate exited before listening");
+        let Some(line) = lines.next_line().await.unwrap() else {
+            let status = child.wait().await.unwrap();
+            panic!(
+                "posgate exited ({status}) before listening on {listen:?}:\n{}",
+                log.lock().unwrap()
+            );
+        };
         ingress = ingress.or_else(|| find_addr(&line, "ingress_addr="));
         admin = admin.or_else(|| find_addr(&line, "admin_addr="));
         mqtt = mqtt.or_else(|| find_addr(&line, "mqtt_addr="));
@@ -308,5 +354,124 @@ async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
             _ => {}
         }
     }
+    sigterm(&daemon).await;
+}
+
+/// `n` terminals provisioned on `daemon` and connected over MQTT/TLS.
+async fn connect_terminals(
+    daemon: &Daemon,
+    http: &reqwest::Client,
+    prefix: &str,
+    n: usize,
+) -> Vec<Terminal> {
+    let mut terminals = Vec::with_capacity(n);
+    for i in 0..n {
+        let bundle = daemon.provision(http, &format!("{prefix}_{i}")).await;
+        terminals.push(Terminal::connect(bundle, daemon.mqtt).await.unwrap());
+    }
+    terminals
+}
+
+/// Waits until `terminal` reports `wanted` (`Disconnected` or `Connected`), for at most 20 s.
+async fn wait_for(terminal: &mut Terminal, connected: bool) {
+    loop {
+        match terminal.next_seen(Duration::from_secs(20)).await {
+            Some(Seen::Connected) if connected => return,
+            Some(Seen::Disconnected(_)) if !connected => return,
+            Some(_) => {}
+            None => panic!(
+                "{}: not {} within 20 s",
+                terminal.bundle.terminal_id,
+                if connected {
+                    "reconnected"
+                } else {
+                    "disconnected"
+                }
+            ),
+        }
+    }
+}
+
+/// Each terminal gets a confirmation of a new payment from `daemon`.
+async fn each_is_served(
+    daemon: &Daemon,
+    http: &reqwest::Client,
+    terminals: &mut [Terminal],
+    round: &str,
+) {
+    let url = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    for terminal in terminals.iter() {
+        let id = &terminal.bundle.terminal_id;
+        let intent = Intent::new(&format!("pi_{round}_{id}"), MicroUsdc(2_000_000), id);
+        let body = events::intent_event(&format!("evt_{round}_{id}"), "confirmed", &intent);
+        let response = signed_post(http, &url, SECRET, body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    for terminal in terminals.iter_mut() {
+        let c = terminal
+            .next_confirmation(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.intent_id,
+            format!("pi_{round}_{}", terminal.bundle.terminal_id)
+        );
+    }
+}
+
+/// What systemd does after a crash: the same ports and data dir, at once. The killed process's
+/// connections (terminals, and the HTTP client's kept-alive one) wait in TIME_WAIT on the
+/// listening ports once the peers have closed their side; the new process binds anyway, takes the
+/// terminals back and serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_terminals_connected_restarts_on_the_same_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = start_daemon(dir.path()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut terminals = connect_terminals(&daemon, &http, "pos_kill", 20).await;
+    each_is_served(&daemon, &http, &mut terminals, "before").await;
+    let listen = daemon.listen();
+
+    daemon.child.start_kill().unwrap(); // SIGKILL
+    daemon.child.wait().await.unwrap();
+    // Every terminal has seen its connection end and closed its side (a plain FIN), so the dead
+    // process's side of each waits in TIME_WAIT on the MQTT port.
+    for terminal in &mut terminals {
+        wait_for(terminal, false).await;
+    }
+
+    let daemon = start_daemon_at(dir.path(), None, listen).await;
+    for terminal in &mut terminals {
+        wait_for(terminal, true).await;
+    }
+    each_is_served(&daemon, &http, &mut terminals, "after").await;
+    sigterm(&daemon).await;
+}
+
+/// A clean stop closes the terminals' connections from the server side, so the TIME_WAIT sockets
+/// are the stopped process's own: a start on the same ports right after must still bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_terminals_connected_restarts_on_the_same_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = start_daemon(dir.path()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut terminals = connect_terminals(&daemon, &http, "pos_term", 10).await;
+    let listen = daemon.listen();
+
+    sigterm(&daemon).await;
+    let status = tokio::time::timeout(Duration::from_secs(20), daemon.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    for terminal in &mut terminals {
+        wait_for(terminal, false).await;
+    }
+
+    let daemon = start_daemon_at(dir.path(), None, listen).await;
+    for terminal in &mut terminals {
+        wait_for(terminal, true).await;
+    }
+    each_is_served(&daemon, &http, &mut terminals, "after_term").await;
     sigterm(&daemon).await;
 }

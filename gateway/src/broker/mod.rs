@@ -73,11 +73,13 @@ pub struct Settings {
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("binding the MQTT {name} listener on {addr}: {message}")]
+    #[error("binding the MQTT {name} listener on {addr}")]
     Bind {
         name: &'static str,
         addr: SocketAddr,
-        message: String,
+        /// The socket's error (its kind tells a port in use from a bad certificate file).
+        #[source]
+        source: std::io::Error,
     },
     #[error("starting the broker: {0}")]
     Start(String),
@@ -278,15 +280,25 @@ fn bind(
     kind: Kind,
 ) -> Result<rmqtt::net::Listener, BrokerError> {
     let path = |p: &PathBuf| Some(p.to_string_lossy().into_owned());
-    let err = |e: rmqtt::Error| BrokerError::Bind {
-        name,
-        addr,
-        message: format!("{e:#}"),
+    let err = |e: rmqtt::Error| {
+        // rmqtt's errors are `anyhow`; a socket error inside keeps its kind (a port in use is
+        // worth a restart, a certificate file that cannot be read is not).
+        let kind = e
+            .downcast_ref::<std::io::Error>()
+            .map_or(std::io::ErrorKind::InvalidInput, std::io::Error::kind);
+        BrokerError::Bind {
+            name,
+            addr,
+            source: std::io::Error::new(kind, format!("{e:#}")),
+        }
     };
     let builder = Builder::new()
         .name(name)
         .laddr(addr)
         .backlog(4096)
+        // A start on the same port right after a crash or a stop must not be refused for the
+        // TIME_WAIT connections the previous process left behind.
+        .reuseaddr(Some(true))
         .nodelay(true)
         .max_connections(settings.max_connections)
         .max_handshaking_limit(settings.max_handshaking)

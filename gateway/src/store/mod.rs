@@ -106,6 +106,53 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the same operation may succeed later without anyone changing anything: the
+    /// database held by a process that is still stopping, a full or failing disk, an overloaded
+    /// queue. Not: corruption, permissions, a file format from another version.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Open { source, .. } => match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => true,
+                redb::DatabaseError::Storage(e) => storage_is_transient(e),
+                _ => false,
+            },
+            StoreError::Init { source, .. } | StoreError::Db(source) => match source.as_ref() {
+                redb::Error::DatabaseAlreadyOpen | redb::Error::PreviousIo => true,
+                redb::Error::Io(e) => io_is_transient(e),
+                _ => false,
+            },
+            StoreError::Overloaded
+            | StoreError::NotCommitted
+            | StoreError::SyncFailed
+            | StoreError::Thread(_) => true,
+            StoreError::Closed | StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+fn storage_is_transient(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Io(e) => io_is_transient(e),
+        redb::StorageError::PreviousIo => true,
+        _ => false,
+    }
+}
+
+/// A full disk (`ENOSPC`, `EDQUOT`) or a failing one (`EIO`): may pass without a person.
+pub fn io_is_transient(e: &std::io::Error) -> bool {
+    const EIO: i32 = 5;
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::ResourceBusy
+            | std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::Interrupted
+            | std::io::ErrorKind::TimedOut
+    ) || e.raw_os_error() == Some(EIO)
+}
+
 macro_rules! db_err {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
