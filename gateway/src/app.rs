@@ -33,7 +33,7 @@ use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::rpc::Rpc;
-use crate::store::{Revocation, Store, StoreError};
+use crate::store::{Limits, Revocation, Store, StoreError};
 use posgate_proto::qr::Mode;
 use secrecy::ExposeSecret;
 
@@ -145,12 +145,13 @@ impl Gateway {
             source,
         })?;
         let store = {
-            let (dir, depth, batch) = (
-                data_dir.clone(),
-                config.store.queue_depth,
-                config.store.max_batch,
-            );
-            tokio::task::spawn_blocking(move || Store::open(&dir, depth, batch))
+            let dir = data_dir.clone();
+            let limits = Limits {
+                queue_depth: config.store.queue_depth,
+                max_batch: config.store.max_batch,
+                commit_deadline: Duration::from_millis(config.store.commit_deadline_ms),
+            };
+            tokio::task::spawn_blocking(move || Store::open(&dir, limits))
                 .await
                 .map_err(|e| BuildError::DataDir {
                     path: data_dir.clone(),
@@ -534,5 +535,79 @@ impl Running {
         let took = started.elapsed();
         tracing::info!(took_ms = took.as_millis() as u64, "stopped; store closed");
         took
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use posgate_proto::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
+
+    use super::*;
+    use crate::config::Env;
+
+    const SECRET: &str = "whsec_app_test";
+
+    async fn gateway(dir: &std::path::Path, extra: &[(&str, &str)]) -> Running {
+        let mut pairs = vec![
+            ("POSGATE__DATA_DIR", dir.display().to_string()),
+            ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0".into()),
+            ("POSGATE__ADMIN__LISTEN", "127.0.0.1:0".into()),
+            ("POSGATE__MQTT__LISTEN", "127.0.0.1:0".into()),
+            ("POSGATE__PROVIDER__WEBHOOK_SECRETS", SECRET.into()),
+        ];
+        pairs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let config = Config::load(None, &Env::from_pairs(pairs)).unwrap();
+        Gateway::build(config).await.unwrap().spawn()
+    }
+
+    async fn post(running: &Running, body: &str) -> (u16, String) {
+        let ts = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+        let signature = posgate_proto::webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
+        let response = reqwest::Client::new()
+            .post(format!("http://{}{}", running.ingress_addr, ingress::PATH))
+            .header(TIMESTAMP_HEADER, ts)
+            .header(SIGNATURE_HEADER, signature)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    async fn readyz(running: &Running) -> u16 {
+        reqwest::get(format!("http://{}/readyz", running.admin_addr))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// A disk that stops answering (an fdatasync held back): the webhook waiting for it is
+    /// answered `503` at `store.commit_deadline_ms`, not left hanging; `/readyz` (and with it the
+    /// systemd watchdog) says unhealthy; once the disk answers again, both recover, and the
+    /// webhook's retry is a duplicate (it was committed after all).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_disk_answers_503_and_fails_readiness_until_it_answers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = gateway(dir.path(), &[("POSGATE__STORE__COMMIT_DEADLINE_MS", "300")]).await;
+        let body = r#"{"id":"evt_stall","type":"payment_intent.confirmed","created_at":"2026-01-01T00:00:00Z","data":{"id":"pi_stall","status":"confirmed","amount":"1.00","metadata":{"terminal_id":"pos-1"}}}"#;
+        assert_eq!(readyz(&running).await, 200);
+        running.store().hold_syncs_for_test(true);
+        let stalled = post(&running, body).await;
+        let ready = readyz(&running).await;
+        running.store().hold_syncs_for_test(false);
+        assert_eq!(stalled.0, 503, "{}", stalled.1);
+        assert_eq!(ready, 503, "/readyz while the disk is stalled");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while readyz(&running).await != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "never ready again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let retried = post(&running, body).await;
+        assert_eq!(retried.0, 200);
+        assert!(retried.1.contains(r#""duplicate":true"#), "{}", retried.1);
+        running.shutdown(Duration::from_secs(5)).await;
     }
 }

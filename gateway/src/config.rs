@@ -129,6 +129,9 @@ pub struct StoreConfig {
     pub queue_depth: usize,
     /// Most requests in one write transaction.
     pub max_batch: usize,
+    /// A commit not on disk within this is a stalled store: the webhooks waiting for it are
+    /// answered `503`, `/readyz` says `503`, the systemd watchdog pings stop.
+    pub commit_deadline_ms: u64,
 }
 
 /// `[shutdown]`.
@@ -362,6 +365,7 @@ impl Config {
 
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
         let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
+        let commit_deadline_ms = r.in_range::<u64>("store.commit_deadline_ms", 100, 600_000);
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
 
         r.unknown_keys();
@@ -415,6 +419,7 @@ impl Config {
                 store: StoreConfig {
                     queue_depth: queue_depth?,
                     max_batch: max_batch?,
+                    commit_deadline_ms: commit_deadline_ms?,
                 },
                 shutdown: ShutdownConfig {
                     grace_secs: grace_secs?,

@@ -645,7 +645,7 @@ mod tests {
     use tokio::sync::Mutex;
 
     use super::*;
-    use crate::store::{IncomingEvent, NewTerminal};
+    use crate::store::{IncomingEvent, Limits, NewTerminal};
 
     /// Records every publish.
     struct Recorder(mpsc::UnboundedSender<(String, Bytes)>);
@@ -679,7 +679,7 @@ mod tests {
 
     async fn rig(republish_after: Duration) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 64, 16).unwrap();
+        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
         let tenant = topics::tenant_for("pos-1");
         store
             .register_terminal(NewTerminal::for_test("pos-1"))
@@ -1034,7 +1034,7 @@ mod tests {
     async fn startup_publishes_what_was_left_unacked() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), 64, 16).unwrap();
+            let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
             store
                 .register_terminal(NewTerminal::for_test("pos-1"))
                 .await
@@ -1042,7 +1042,7 @@ mod tests {
             confirm(&store, 9).await;
             store.close().await;
         }
-        let store = Store::open(dir.path(), 64, 16).unwrap();
+        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
         let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
         let (_events_tx, events_rx) = mpsc::unbounded_channel();
         let key = SigningKey::from_bytes(&[7u8; 32]);

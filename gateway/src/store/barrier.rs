@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::StorageBackend;
 use redb::backends::FileBackend;
@@ -37,6 +38,8 @@ struct State {
     waiting: VecDeque<(u64, Completion)>,
     /// The syncer thread is running completions: a later one must queue behind them.
     running: bool,
+    /// When the `fdatasync` in flight began (none in flight: `None`); a stalled disk shows here.
+    syncing_since: Option<Instant>,
 }
 
 impl State {
@@ -118,12 +121,14 @@ impl Shared {
                 if state.synced == state.requested || state.failed {
                     return;
                 }
+                state.syncing_since = Some(Instant::now());
                 state.requested
             };
             let result = self.sync_file(file);
             let ok = result.is_ok();
             let mut done = {
                 let mut state = self.lock();
+                state.syncing_since = None;
                 match &result {
                     Ok(()) => state.synced = target,
                     Err(e) => {
@@ -173,6 +178,17 @@ impl Shared {
 
 fn poisoned() -> io::Error {
     io::Error::other("an earlier fdatasync of the database failed")
+}
+
+/// What [`Syncer::wait_all_for`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Synced {
+    /// Everything committed before the call is on disk.
+    Yes,
+    /// An `fdatasync` failed.
+    Failed,
+    /// Still not on disk when the deadline passed.
+    Stalled,
 }
 
 /// The database file as redb's storage backend.
@@ -319,6 +335,40 @@ impl Syncer {
         let generation = state.requested;
         self.0.wait_synced(state, generation)
     }
+
+    /// As [`Syncer::wait_all`], for at most `deadline`: a stalled disk must not hold a reader for
+    /// ever.
+    pub(super) fn wait_all_for(&self, deadline: Duration) -> Synced {
+        let until = Instant::now() + deadline;
+        let mut state = self.0.lock();
+        let generation = state.requested;
+        while state.synced < generation && !state.failed {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                return Synced::Stalled;
+            };
+            state = self
+                .0
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        if state.failed {
+            Synced::Failed
+        } else {
+            Synced::Yes
+        }
+    }
+
+    /// An `fdatasync` failed: nothing written from here on can be trusted to reach the disk.
+    pub(super) fn failed(&self) -> bool {
+        self.0.lock().failed
+    }
+
+    /// How long the `fdatasync` in flight has been running, if one is.
+    pub(super) fn syncing_for(&self) -> Option<Duration> {
+        self.0.lock().syncing_since.map(|since| since.elapsed())
+    }
 }
 
 #[cfg(test)]
@@ -443,7 +493,7 @@ mod store_tests {
     use bytes::Bytes;
     use time::OffsetDateTime;
 
-    use super::super::{IncomingEvent, Ingested, Store, StoreError};
+    use super::super::{IncomingEvent, Ingested, Limits, Store, StoreError};
 
     fn event(n: u32) -> IncomingEvent {
         IncomingEvent {
@@ -461,8 +511,8 @@ mod store_tests {
     #[tokio::test]
     async fn nothing_is_answered_or_read_before_its_commit_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16, 16).unwrap();
-        let syncer = store.inner.syncer.clone();
+        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
+        let syncer = store.current().unwrap().syncer;
         let before = syncer.requested();
         syncer.hold(true);
         let first = tokio::spawn({
@@ -507,35 +557,85 @@ mod store_tests {
     #[tokio::test]
     async fn a_closed_store_releases_the_file_while_its_handles_live_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16, 16).unwrap();
+        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
         store.ingest(event(1)).await.unwrap();
         let lingering = store.clone();
         store.close().await;
-        let again = Store::open(dir.path(), 16, 16).expect("reopened while a handle lives on");
+        let again =
+            Store::open(dir.path(), Limits::new(16, 16)).expect("reopened while a handle lives on");
         assert!(again.event("evt_b1".into()).await.unwrap().is_some());
         again.close().await;
         drop(lingering);
     }
 
     /// A failed fdatasync: the batch waiting for it is not answered as stored, the store turns
-    /// unhealthy and refuses every later write (the kernel may have dropped the pages).
+    /// unhealthy, then reopens the file from disk (its cached pages dropped) on its own, without
+    /// a write to wake it, and takes writes again; what was committed before is still there.
     #[tokio::test]
-    async fn a_failed_fdatasync_answers_not_committed_and_stops_writes() {
+    async fn a_failed_fdatasync_answers_not_committed_then_the_store_reopens_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16, 16).unwrap();
+        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
         store.ingest(event(1)).await.unwrap();
         assert!(store.is_healthy());
-        store.inner.syncer.fail_next();
+        let failed = store.current().unwrap().syncer;
+        failed.fail_next();
         assert!(matches!(
             store.ingest(event(2)).await,
             Err(StoreError::NotCommitted)
         ));
         assert!(!store.is_healthy());
-        assert!(store.ingest(event(3)).await.is_err());
+        // Reopened by itself.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !store.is_healthy() {
+            assert!(tokio::time::Instant::now() < deadline, "never reopened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(failed.failed(), "the old file stays poisoned");
+        assert!(store.event("evt_b1".into()).await.unwrap().is_some());
         assert!(matches!(
-            store.event("evt_b1".into()).await,
-            Err(StoreError::SyncFailed)
+            store.ingest(event(3)).await,
+            Ok(Ingested::New { .. })
         ));
+        // Event 2 was answered "not committed": its retry is new or (had its pages reached the
+        // disk after all) a duplicate, never lost.
+        assert!(store.ingest(event(2)).await.is_ok());
+        store.close().await;
+    }
+
+    /// A stalled disk (an fdatasync that does not return) is a failed store: the write waiting for
+    /// it is answered `Stalled` at the deadline, reads give up at the deadline too, and the store
+    /// reports unhealthy; once the disk answers, the store is healthy again and the write turns
+    /// out committed (its retry is a duplicate).
+    #[tokio::test]
+    async fn a_commit_past_its_deadline_is_answered_stalled_and_the_store_is_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            commit_deadline: Duration::from_millis(300),
+            ..Limits::new(16, 16)
+        };
+        let store = Store::open(dir.path(), limits).unwrap();
+        store.ingest(event(1)).await.unwrap();
+        let syncer = store.current().unwrap().syncer;
+        syncer.hold(true);
+        let waited = store.ingest(event(2)).await;
+        let read = store.event("evt_b1".into()).await;
+        let healthy = store.is_healthy();
+        syncer.hold(false);
+        assert!(
+            matches!(waited, Err(StoreError::Stalled { deadline_ms: 300 })),
+            "{waited:?}"
+        );
+        assert!(matches!(read, Err(StoreError::Stalled { .. })), "{read:?}");
+        assert!(!healthy, "a stalled store reported healthy");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !store.is_healthy() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never healthy again"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.ingest(event(2)).await.unwrap(), Ingested::Duplicate);
         store.close().await;
     }
 }

@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use posgate_proto::event::EventData;
@@ -94,8 +95,12 @@ pub enum StoreError {
     Closed,
     #[error("the write transaction was not committed")]
     NotCommitted,
-    #[error("an fdatasync of the database failed; restart once the disk is fixed")]
+    #[error("an fdatasync of the database failed; the store reopens the file from disk")]
     SyncFailed,
+    #[error("no commit within the store's deadline of {deadline_ms} ms: the disk may be stalled")]
+    Stalled { deadline_ms: u64 },
+    #[error("the store is reopening the database after a disk failure")]
+    Unavailable,
     #[error("database operation failed")]
     Db(#[from] Box<redb::Error>),
     #[error("stored record {key} is corrupt")]
@@ -125,6 +130,8 @@ impl StoreError {
             StoreError::Overloaded
             | StoreError::NotCommitted
             | StoreError::SyncFailed
+            | StoreError::Stalled { .. }
+            | StoreError::Unavailable
             | StoreError::Thread(_) => true,
             StoreError::Closed | StoreError::Corrupt { .. } => false,
         }
@@ -332,6 +339,77 @@ where
     }
 }
 
+impl StoreError {
+    /// Whether the database must be opened afresh before it can be used again: redb refuses every
+    /// later operation after one I/O error (`PreviousIo`), and after a failed `fdatasync` the
+    /// file's cached pages cannot be trusted.
+    fn needs_reopen(&self) -> bool {
+        match self {
+            StoreError::Db(e) => matches!(
+                e.as_ref(),
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::LockPoisoned(_)
+            ),
+            StoreError::SyncFailed => true,
+            _ => false,
+        }
+    }
+}
+
+/// How the store is sized, and how long a commit may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Writes waiting for the next group commit; beyond it, [`StoreError::Overloaded`].
+    pub queue_depth: usize,
+    /// Most writes in one transaction.
+    pub max_batch: usize,
+    /// A write not durably committed within this is answered [`StoreError::Stalled`] (it may
+    /// still commit later), a read waits at most this long for the disk, and the store reports
+    /// itself unhealthy while a commit or an `fdatasync` has been running longer.
+    pub commit_deadline: Duration,
+}
+
+impl Limits {
+    /// `queue_depth` and `max_batch` with the default commit deadline (5 s).
+    pub fn new(queue_depth: usize, max_batch: usize) -> Limits {
+        Limits {
+            queue_depth,
+            max_batch,
+            commit_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The open database and the syncer of its file; replaced whole when the store reopens it.
+#[derive(Clone)]
+pub(crate) struct Open {
+    db: Arc<Database>,
+    syncer: barrier::Syncer,
+}
+
+/// What the writer thread and the handles know of the store's health.
+#[derive(Default)]
+pub(crate) struct Health {
+    /// The last commit failed, or the database is being reopened.
+    failed: AtomicBool,
+    /// When the writer began the batch it is committing now.
+    busy_since: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn busy(&self, busy: bool) {
+        if let Ok(mut since) = self.busy_since.lock() {
+            *since = busy.then(Instant::now);
+        }
+    }
+
+    fn busy_for(&self) -> Option<Duration> {
+        self.busy_since
+            .lock()
+            .ok()
+            .and_then(|since| since.map(|s| s.elapsed()))
+    }
+}
+
 /// Where the writer hands new outbox rows after each commit.
 #[derive(Default)]
 pub(crate) struct Notices(Mutex<Option<mpsc::UnboundedSender<Vec<OutboxRow>>>>);
@@ -354,16 +432,16 @@ pub struct Store {
 }
 
 struct Inner {
-    /// Taken at [`Store::close`], so the file is released even if a handle outlives the store.
-    db: Mutex<Option<Arc<Database>>>,
+    /// The database; taken at [`Store::close`] (so the file is released even if a handle outlives
+    /// the store) and while the writer reopens it after a disk failure.
+    open: Arc<Mutex<Option<Open>>>,
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    healthy: Arc<AtomicBool>,
+    health: Arc<Health>,
     notices: Arc<Notices>,
     commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
-    /// Reads wait for the commits before them to be on disk (see [`Store::read`]).
-    syncer: barrier::Syncer,
+    commit_deadline: Duration,
 }
 
 // === impl Store ===
@@ -374,66 +452,38 @@ impl Store {
     /// # Errors
     /// [`StoreError::Open`] when the directory or database cannot be created or opened (including
     /// another process holding it), [`StoreError::Init`] when the tables cannot be created.
-    pub fn open(
-        data_dir: &Path,
-        queue_depth: usize,
-        max_batch: usize,
-    ) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
-        // redb's page cache defaults to 1 GiB; the working set here (recent intents, the outbox,
-        // the registry) is far smaller, and an edge server's memory is better left to the broker.
-        let open = || {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            let (backend, syncer) = barrier::BarrierFile::new(file)?;
-            let db = redb::Builder::new()
-                .set_cache_size(CACHE_BYTES)
-                .create_with_backend(backend)?;
-            Ok::<_, redb::DatabaseError>((db, syncer))
-        };
-        let (db, syncer) = open().map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        init_tables(&db).map_err(|e| match e {
-            StoreError::Db(source) => StoreError::Init {
-                path: path.clone(),
-                source,
-            },
-            other => other,
-        })?;
-        let db = Arc::new(db);
-        let (tx, rx) = mpsc::channel(queue_depth);
-        let healthy = Arc::new(AtomicBool::new(true));
+        let open = open_database(&path)?;
+        let (tx, rx) = mpsc::channel(limits.queue_depth);
+        let health = Arc::new(Health::default());
         let notices = Arc::new(Notices::default());
         let commit_seconds: Arc<OnceLock<prometheus::Histogram>> = Arc::default();
+        let slot = Arc::new(Mutex::new(Some(open.clone())));
         let writer = {
             let shared = writer::Shared {
-                healthy: healthy.clone(),
+                health: health.clone(),
                 notices: notices.clone(),
                 commit_seconds: commit_seconds.clone(),
-                syncer: syncer.clone(),
+                slot: slot.clone(),
+                path: path.clone(),
+                wake: tx.downgrade(),
             };
-            let db = db.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer::run(&db, rx, max_batch, &shared))
+                .spawn(move || writer::run(open, rx, limits.max_batch, &shared))
                 .map_err(StoreError::Thread)?
         };
         Ok(Store {
             inner: Arc::new(Inner {
-                db: Mutex::new(Some(db)),
+                open: slot,
                 path,
                 queue: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
-                healthy,
+                health,
                 notices,
                 commit_seconds,
-                syncer,
+                commit_deadline: limits.commit_deadline,
             }),
         })
     }
@@ -451,7 +501,14 @@ impl Store {
     /// waits, and every answer after it.
     #[cfg(test)]
     pub(crate) fn hold_syncs_for_test(&self, hold: bool) {
-        self.inner.syncer.hold(hold);
+        if let Some(open) = self.current() {
+            open.syncer.hold(hold);
+        }
+    }
+
+    /// The open database, unless closed or being reopened.
+    fn current(&self) -> Option<Open> {
+        self.inner.open.lock().ok()?.clone()
     }
 
     /// Hands `rows` to the outbox subscriber as if a commit had just added them (a late notice).
@@ -470,9 +527,18 @@ impl Store {
         &self.inner.path
     }
 
-    /// The writer is running and its last commit succeeded.
+    /// The writer is running, its last commit succeeded, and no commit or `fdatasync` has been
+    /// running longer than the commit deadline (a stalled disk is a failed one).
     pub fn is_healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Relaxed) && self.sender().is_some()
+        let deadline = self.inner.commit_deadline;
+        let Some(open) = self.current() else {
+            return false;
+        };
+        !self.inner.health.failed.load(Ordering::Relaxed)
+            && self.sender().is_some()
+            && !open.syncer.failed()
+            && open.syncer.syncing_for().is_none_or(|d| d < deadline)
+            && self.inner.health.busy_for().is_none_or(|d| d < deadline)
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Job>> {
@@ -484,8 +550,9 @@ impl Store {
     /// # Errors
     /// [`StoreError::Overloaded`] when the queue is full, [`StoreError::Closed`] after
     /// [`Store::close`], [`StoreError::NotCommitted`] when the batch's commit failed, or the error
-    /// `work` returned (which aborts the whole batch). In every error case nothing of `work` is
-    /// committed.
+    /// `work` returned (which aborts the whole batch): in those cases nothing of `work` is
+    /// committed. [`StoreError::Stalled`] when the commit did not complete within the deadline:
+    /// it may still complete later (a retried webhook is then a duplicate).
     async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -520,7 +587,13 @@ impl Store {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
         })?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let deadline = self.inner.commit_deadline;
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Closed)?,
+            Err(_) => Err(StoreError::Stalled {
+                deadline_ms: deadline.as_millis() as u64,
+            }),
+        }
     }
 
     /// Stores one verified event and applies it, durably, before returning.
@@ -549,21 +622,25 @@ impl Store {
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self
-            .inner
-            .db
-            .lock()
-            .ok()
-            .and_then(|db| db.clone())
-            .ok_or(StoreError::Closed)?;
-        let syncer = self.inner.syncer.clone();
+        let Some(Open { db, syncer }) = self.current() else {
+            return Err(if self.sender().is_some() {
+                StoreError::Unavailable
+            } else {
+                StoreError::Closed
+            });
+        };
+        let deadline = self.inner.commit_deadline;
         tokio::task::spawn_blocking(move || {
             // A commit is visible before its fdatasync completes: a reader must not hand out
-            // (to a terminal, say) what a crash could still take back.
-            if !syncer.wait_all() {
-                return Err(StoreError::SyncFailed);
+            // (to a terminal, say) what a crash could still take back; nor wait for ever on a
+            // stalled disk.
+            match syncer.wait_all_for(deadline) {
+                barrier::Synced::Yes => f(&db),
+                barrier::Synced::Failed => Err(StoreError::SyncFailed),
+                barrier::Synced::Stalled => Err(StoreError::Stalled {
+                    deadline_ms: deadline.as_millis() as u64,
+                }),
             }
-            f(&db)
         })
         .await
         .map_err(|_| StoreError::Closed)?
@@ -667,10 +744,12 @@ impl Store {
         {
             tracing::error!("store writer thread panicked");
         }
-        self.inner.healthy.store(false, Ordering::Relaxed);
-        let Some(mut db) = self.inner.db.lock().ok().and_then(|mut db| db.take()) else {
+        self.inner.health.failed.store(true, Ordering::Relaxed);
+        let Some(Open { mut db, syncer }) = self.inner.open.lock().ok().and_then(|mut o| o.take())
+        else {
             return;
         };
+        drop(syncer);
         // A read in flight holds the database (and so the file's lock) until it ends: wait for
         // it, so that a restart in this process finds the file free.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -693,6 +772,55 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+/// Opens the database file afresh: its pages in the kernel's cache dropped first, then redb, which
+/// checks the last commit (and rebuilds its allocator state) after an unclean close, then the
+/// tables. Used at startup and when the writer reopens the file after a disk failure.
+///
+/// Why drop the cache: after a failed `fdatasync`, Linux marks the pages it could not write clean
+/// and keeps them, so a reader of the file (this process, or the next one: the cache outlives
+/// it) would see a commit that never reached the disk (PostgreSQL's "fsyncgate"). Without them,
+/// redb reads what the disk holds, and its checksums reject a commit whose pages are not there.
+fn open_database(path: &Path) -> Result<Open, StoreError> {
+    let open_err = |source: redb::DatabaseError| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| open_err(e.into()))?;
+    drop_cached_pages(&file, path);
+    let (backend, syncer) = barrier::BarrierFile::new(file).map_err(open_err)?;
+    // redb's page cache defaults to 1 GiB; the working set here (recent intents, the outbox,
+    // the registry) is far smaller, and an edge server's memory is better left to the broker.
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create_with_backend(backend)
+        .map_err(open_err)?;
+    init_tables(&db).map_err(|e| match e {
+        StoreError::Db(source) => StoreError::Init {
+            path: path.to_owned(),
+            source,
+        },
+        other => other,
+    })?;
+    Ok(Open {
+        db: Arc::new(db),
+        syncer,
+    })
+}
+
+/// Asks the kernel to forget its cached pages of `file` (`POSIX_FADV_DONTNEED`); dirty pages are
+/// written back, not dropped. Best effort: a file system without it only logs.
+fn drop_cached_pages(file: &std::fs::File, path: &Path) {
+    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
+        tracing::warn!(path = %path.display(), error = %e, "could not drop the database's cached pages");
     }
 }
 

@@ -337,12 +337,13 @@ mod tests {
 
     use super::*;
     use crate::domain::{IntentStatus, UnresolvedContext};
+    use crate::store::Limits;
 
     const ADDRESS: &str = "0xAbC0000000000000000000000000000000000001";
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16, 16).unwrap();
+        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
         (dir, store)
     }
 
@@ -541,7 +542,7 @@ mod tests {
         let at = time::macros::datetime!(2026-04-01 20:00:00 UTC);
         store.set_transactions_cursor(at).await.unwrap();
         store.close().await;
-        let store = Store::open(dir.path(), 16, 16).unwrap();
+        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
         assert_eq!(store.transactions_cursor().await.unwrap(), Some(at));
         store.close().await;
     }

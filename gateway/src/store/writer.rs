@@ -1,7 +1,9 @@
 //! The writer thread: group commit and the per-event logic inside the write transaction.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
 use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
@@ -10,11 +12,10 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::Durability as StoreDurability;
-use super::barrier::Syncer;
 use super::{
-    EVENTS, EventOutcome, EventRef, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested, Job,
-    Notices, OUTBOX, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError, StoredEvent,
-    StoredIntent, TERMINALS, UNDELIVERABLE, decode,
+    EVENTS, EventOutcome, EventRef, Health, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested,
+    Job, Notices, OUTBOX, Open, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError,
+    StoredEvent, StoredIntent, TERMINALS, UNDELIVERABLE, decode,
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
@@ -23,10 +24,15 @@ const MAX_LAZY_STREAK: u32 = 64;
 
 /// What the writer shares with the store's handles.
 pub(super) struct Shared {
-    pub(super) healthy: Arc<AtomicBool>,
+    pub(super) health: Arc<Health>,
     pub(super) notices: Arc<Notices>,
     pub(super) commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
-    pub(super) syncer: Syncer,
+    /// Where the handles find the open database; emptied and refilled by [`recover`].
+    pub(super) slot: Arc<Mutex<Option<Open>>>,
+    pub(super) path: PathBuf,
+    /// Wakes the writer after a failed `fdatasync`, so that it reopens the file even when no
+    /// write comes (weak: the queue still closes when the last handle lets go).
+    pub(super) wake: mpsc::WeakSender<Job>,
 }
 
 /// Runs until every sender is gone and the queue is empty.
@@ -36,7 +42,11 @@ pub(super) struct Shared {
 /// applied. Every batch is answered, and its new outbox rows go to the notices (a hint for the
 /// router; the rows are the truth), only once the commits up to its own are on disk, so answers
 /// keep their order and none reveals what a crash could take back.
-pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, shared: &Shared) {
+///
+/// After an I/O error (a full disk, a failed `fdatasync`) redb refuses every later operation on
+/// the open database, so the writer reopens the file ([`recover`]) and goes on: a full disk heals
+/// in place once there is space again.
+pub(super) fn run(mut open: Open, mut rx: mpsc::Receiver<Job>, max_batch: usize, shared: &Shared) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut lazy_streak = 0u32;
     while let Some(first) = rx.blocking_recv() {
@@ -58,7 +68,9 @@ pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, 
         if durable {
             lazy_streak = 0;
         }
-        let result = commit_batch(db, &mut batch, durable);
+        shared.health.busy(true);
+        let result = commit_batch(&open.db, &mut batch, durable);
+        shared.health.busy(false);
         let commit_seconds = shared.commit_seconds.get().cloned();
         let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
         match result {
@@ -68,44 +80,142 @@ pub(super) fn run(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize, 
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "committed"
                 );
-                let (healthy, notices) = (shared.healthy.clone(), shared.notices.clone());
+                let (health, notices) = (shared.health.clone(), shared.notices.clone());
+                let wake = shared.wake.clone();
                 let answer = move |on_disk: bool| {
                     if let Some(h) = commit_seconds {
                         h.observe(started.elapsed().as_secs_f64());
                     }
-                    healthy.store(on_disk, Ordering::Relaxed);
+                    health.failed.store(!on_disk, Ordering::Relaxed);
                     if on_disk && !new_rows.is_empty() {
                         notices.send(new_rows);
                     }
                     for job in jobs {
                         job.finish(on_disk);
                     }
+                    if !on_disk {
+                        // The next write fails and makes the writer reopen the file; this one
+                        // makes sure there is a next write.
+                        wake_writer(&wake);
+                    }
                 };
-                shared
-                    .syncer
-                    .after(shared.syncer.requested(), Box::new(answer));
+                open.syncer.after(open.syncer.requested(), Box::new(answer));
             }
             Err(e) => {
                 if let Some(h) = commit_seconds {
                     h.observe(started.elapsed().as_secs_f64());
                 }
-                shared.healthy.store(false, Ordering::Relaxed);
+                shared.health.failed.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, error_chain = ?e, jobs = jobs.len(), "store commit failed; nothing of this batch was kept");
                 for job in jobs {
                     job.finish(false);
+                }
+                if e.needs_reopen() {
+                    match recover(open, &mut rx, shared) {
+                        Some(reopened) => open = reopened,
+                        None => return,
+                    }
                 }
             }
         }
     }
     // A clean close leaves nothing unpersisted.
     if lazy_streak > 0
-        && let Err(e) = commit_batch(db, &mut [], true)
+        && let Err(e) = commit_batch(&open.db, &mut [], true)
     {
         tracing::warn!(error = %e, "final durable commit failed; the last acks may be replayed");
     }
-    if !shared.syncer.wait_all() {
+    if !open.syncer.wait_all() {
         tracing::warn!("the last commits could not be synced to disk");
     }
+}
+
+/// A write that changes nothing, sent to wake the writer.
+fn wake_writer(wake: &mpsc::WeakSender<Job>) {
+    if let Some(queue) = wake.upgrade() {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let nothing = |_: &mut Tables<'_>| Ok::<(), StoreError>(());
+        drop(queue.try_send(Box::new(super::Typed {
+            work: Some(nothing),
+            result: None,
+            reply,
+            durability: StoreDurability::Eventual,
+        })));
+    }
+}
+
+/// First and longest pause between two attempts to reopen the database.
+const REOPEN_FIRST: Duration = Duration::from_millis(250);
+const REOPEN_MAX: Duration = Duration::from_secs(5);
+
+/// Closes the failed database and opens the file again, until that works (a full disk: once
+/// there is space) or the store is closed (`None`). Meanwhile reads answer
+/// [`StoreError::Unavailable`] and writes "not committed" (ingress says `503`; the provider
+/// retries), and the store reports itself unhealthy.
+fn recover(open: Open, rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<Open> {
+    shared.health.failed.store(true, Ordering::Relaxed);
+    // Readers let go of the database (those in flight end within the commit deadline), and the
+    // file's lock with it.
+    let taken = shared.slot.lock().ok().and_then(|mut slot| slot.take());
+    drop(taken);
+    let Open { mut db, syncer } = open;
+    drop(syncer);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match Arc::try_unwrap(db) {
+            Ok(last) => {
+                drop(last);
+                break;
+            }
+            Err(shared_db) if std::time::Instant::now() < until => {
+                db = shared_db;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => {
+                tracing::error!(
+                    "reads still hold the failed database after 30 s; cannot reopen it"
+                );
+                return None;
+            }
+        }
+    }
+    tracing::warn!(path = %shared.path.display(), "reopening the database after a disk failure");
+    let mut pause = REOPEN_FIRST;
+    for attempt in 1u64.. {
+        // Wait, answering what comes meanwhile at once.
+        let until = std::time::Instant::now() + pause;
+        while std::time::Instant::now() < until {
+            loop {
+                match rx.try_recv() {
+                    Ok(job) => job.finish(false),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match super::open_database(&shared.path) {
+            Ok(reopened) => {
+                if let Ok(mut slot) = shared.slot.lock() {
+                    *slot = Some(reopened.clone());
+                }
+                shared.health.failed.store(false, Ordering::Relaxed);
+                tracing::info!(
+                    attempts = attempt,
+                    "database reopened; the store takes writes again"
+                );
+                return Some(reopened);
+            }
+            Err(e) => {
+                // One line a minute at most while the disk stays full.
+                if attempt == 1 || attempt % 12 == 0 {
+                    tracing::error!(error = %e, error_chain = ?e, attempts = attempt, "the database cannot be reopened yet; retrying");
+                }
+                pause = (pause * 2).min(REOPEN_MAX);
+            }
+        }
+    }
+    None
 }
 
 /// One write transaction for the whole batch; `durable`: with a sync (a barrier, completed on
