@@ -68,6 +68,12 @@ pub struct Metrics {
     pub rpc_requests: IntCounterVec,
     /// `posgate_http_streams{channel}`: open SSE and WebSocket streams of terminals.
     pub http_streams: IntGaugeVec,
+    /// `posgate_store_healthy`: 1 while the store commits within its deadline, else 0.
+    pub store_healthy: IntGauge,
+    /// `posgate_data_dir_free_bytes`: space left for posgate on the file system of `data_dir`.
+    pub data_dir_free: IntGauge,
+    /// `posgate_data_dir_size_bytes`: size of the file system of `data_dir`.
+    pub data_dir_size: IntGauge,
 }
 
 /// Registration failed (a duplicate name: a programming error).
@@ -246,6 +252,22 @@ impl Metrics {
                 "posgate_http_streams",
                 "Open terminal streams on the ingress listener, by channel (sse, ws)",
                 &["channel"],
+            )?,
+            store_healthy: gauge(
+                &r,
+                "posgate_store_healthy",
+                "1 while the store commits within store.commit_deadline_ms and its last commit \
+                 succeeded; 0 while it is failing, stalled or reopening its database",
+            )?,
+            data_dir_free: gauge(
+                &r,
+                "posgate_data_dir_free_bytes",
+                "Space available to posgate on the file system holding data_dir",
+            )?,
+            data_dir_size: gauge(
+                &r,
+                "posgate_data_dir_size_bytes",
+                "Size of the file system holding data_dir",
             )?,
             registry: r,
         })

@@ -358,7 +358,7 @@ async fn sighup_reloads_webhook_secrets_without_dropping_terminals() {
 }
 
 /// `n` terminals provisioned on `daemon` and connected over MQTT/TLS.
-async fn connect_terminals(
+pub async fn connect_terminals(
     daemon: &Daemon,
     http: &reqwest::Client,
     prefix: &str,
@@ -373,7 +373,7 @@ async fn connect_terminals(
 }
 
 /// Waits until `terminal` reports `wanted` (`Disconnected` or `Connected`), for at most 20 s.
-async fn wait_for(terminal: &mut Terminal, connected: bool) {
+pub async fn wait_for(terminal: &mut Terminal, connected: bool) {
     loop {
         match terminal.next_seen(Duration::from_secs(20)).await {
             Some(Seen::Connected) if connected => return,

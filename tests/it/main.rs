@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod demo;
+mod disk;
 mod harness;
 mod http_channels;
 mod metrics;

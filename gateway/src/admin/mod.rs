@@ -219,6 +219,15 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
             .set(presence.values().filter(|p| p.online).count() as i64);
     }
     m.broker_connections.set((admin.fleet.connections)());
+    m.store_healthy.set(i64::from(admin.store.is_healthy()));
+    if let Some(dir) = admin.store.path().parent()
+        && let Ok(fs) = rustix::fs::statvfs(dir)
+    {
+        let block = i64::try_from(fs.f_frsize).unwrap_or(i64::MAX);
+        let blocks = |n: u64| i64::try_from(n).unwrap_or(i64::MAX).saturating_mul(block);
+        m.data_dir_free.set(blocks(fs.f_bavail));
+        m.data_dir_size.set(blocks(fs.f_blocks));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.encode(),
