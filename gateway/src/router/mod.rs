@@ -130,8 +130,18 @@ enum Internal {
     },
     /// The outcome of one ack write: every ack it carried, in order (`None`: not stored; the row
     /// stays and is published again, and the terminal acks again).
-    Acked(Vec<(PendingAck, Option<AckOutcome>)>),
+    Acked {
+        outcomes: Vec<(PendingAck, Option<AckOutcome>)>,
+        /// The write failed, and the task waited this long before reporting (see
+        /// [`Router::flush_acks`]).
+        failed_after: Option<Duration>,
+    },
 }
+
+/// First and longest pause after an ack write the store refused, before its outcome is acted on
+/// (which republishes the rows it did not remove) and the next ack write.
+const ACK_RETRY_FIRST: Duration = Duration::from_millis(250);
+const ACK_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// An ack on its way to the store.
 struct PendingAck {
@@ -185,6 +195,9 @@ pub struct Router<P> {
     acks: Vec<PendingAck>,
     /// An ack write is on its way (its outcome comes back as [`Internal::Acked`]).
     ack_in_flight: bool,
+    /// The pause after the last ack write, when it failed: a failing store slows republishing
+    /// down instead of storming the terminals.
+    ack_retry: Option<Duration>,
     /// Terminals revoked while running: a notice of their rows committed just before the
     /// revocation may arrive after it, and must not queue them again.
     revoked: HashSet<String>,
@@ -215,6 +228,7 @@ impl<P: Publisher> Router<P> {
             internal_rx,
             acks: Vec::new(),
             ack_in_flight: false,
+            ack_retry: None,
             revoked: HashSet::new(),
         }
     }
@@ -251,8 +265,9 @@ impl<P: Publisher> Router<P> {
                 Some(batch) = rows.recv() => self.add_rows(batch).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Loaded { terminal_id, rows } => self.loaded(terminal_id, rows).await,
-                    Internal::Acked(outcomes) => {
+                    Internal::Acked { outcomes, failed_after } => {
                         self.ack_in_flight = false;
+                        self.ack_retry = failed_after;
                         for (pending, outcome) in outcomes {
                             self.acked(pending, outcome).await;
                         }
@@ -543,6 +558,11 @@ impl<P: Publisher> Router<P> {
     /// Stores the waiting acks in one write, off the loop, unless a write is already in flight:
     /// acks arriving meanwhile go into the next one. An idle gateway stores an ack at once; a busy
     /// one shares each write (and its turn at the writer) among many acks.
+    ///
+    /// A write the store refuses is reported only after a pause that doubles while the store
+    /// keeps failing (250 ms up to 30 s): its rows go out again then, and the acks that arrive
+    /// meanwhile wait for the next write. Without it a failing store and an acking terminal
+    /// would republish and re-ack as fast as they can.
     fn flush_acks(&mut self) {
         if self.ack_in_flight || self.acks.is_empty() {
             return;
@@ -550,19 +570,30 @@ impl<P: Publisher> Router<P> {
         self.ack_in_flight = true;
         let acks = std::mem::take(&mut self.acks);
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
+        let pause = self
+            .ack_retry
+            .map_or(ACK_RETRY_FIRST, |p| (p * 2).min(ACK_RETRY_MAX));
         tokio::spawn(async move {
             let keys = acks
                 .iter()
                 .map(|p| (p.terminal_id.clone(), p.ack.intent_id.clone(), p.ack.seq))
                 .collect();
-            let outcomes: Vec<Option<AckOutcome>> = match store.ack_many(keys).await {
-                Ok(outcomes) => outcomes,
+            let (outcomes, failed_after): (Vec<Option<AckOutcome>>, _) = match store
+                .ack_many(keys)
+                .await
+            {
+                Ok(outcomes) => (outcomes, None),
                 Err(e) => {
-                    tracing::warn!(acks = acks.len(), error = %e, "acks not stored; the confirmations will be published again");
-                    acks.iter().map(|_| None).collect()
+                    tracing::warn!(acks = acks.len(), error = %e, retry_in_ms = pause.as_millis() as u64, "acks not stored; the confirmations will be published again");
+                    tokio::time::sleep(pause).await;
+                    (acks.iter().map(|_| None).collect(), Some(pause))
                 }
             };
-            drop(tx.send(Internal::Acked(acks.into_iter().zip(outcomes).collect())));
+            let outcomes = acks.into_iter().zip(outcomes).collect();
+            drop(tx.send(Internal::Acked {
+                outcomes,
+                failed_after,
+            }));
         });
     }
 
@@ -906,6 +937,33 @@ mod tests {
         rig.expect_head(2).await;
         // The store found nothing to remove: the outbox is read again, its head republished.
         rig.expect_head(2).await;
+        rig.token.cancel();
+    }
+
+    /// A store that refuses every ack write (a full or failing disk) while the terminal acks each
+    /// republish at once: the router slows down (250 ms, then doubling) instead of republishing
+    /// and re-acking as fast as both can. Once the store takes writes, the ack goes through.
+    #[tokio::test]
+    async fn a_failing_store_slows_republishing_down() {
+        let rig = rig(Duration::from_secs(60)).await;
+        confirm(&rig.store, 1).await;
+        let head = rig.expect_head(1).await;
+        rig.store.fail_writes_for_test(true);
+        let started = tokio::time::Instant::now();
+        let mut republished = 0;
+        while started.elapsed() < Duration::from_millis(1500) {
+            rig.ack("pi_1", 1).await;
+            rig.expect_cleared("pi_1").await;
+            // The row comes back (the ack was not stored): ack it again, as a terminal does.
+            assert_eq!(rig.expect_head(1).await, head);
+            republished += 1;
+        }
+        // 250 + 500 + 1000 ms of pauses fit in 1.5 s: three rounds; without a pause, thousands.
+        assert!(republished <= 4, "{republished} republishes in 1.5 s");
+        rig.store.fail_writes_for_test(false);
+        rig.ack("pi_1", 1).await;
+        rig.expect_cleared("pi_1").await;
+        rig.outbox_becomes(&[]).await;
         rig.token.cancel();
     }
 

@@ -442,6 +442,9 @@ struct Inner {
     notices: Arc<Notices>,
     commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
     commit_deadline: Duration,
+    /// Tests make every write fail.
+    #[cfg(test)]
+    fail_writes: AtomicBool,
 }
 
 // === impl Store ===
@@ -484,6 +487,8 @@ impl Store {
                 notices,
                 commit_seconds,
                 commit_deadline: limits.commit_deadline,
+                #[cfg(test)]
+                fail_writes: AtomicBool::new(false),
             }),
         })
     }
@@ -504,6 +509,12 @@ impl Store {
         if let Some(open) = self.current() {
             open.syncer.hold(hold);
         }
+    }
+
+    /// Every later write fails (`true`) with [`StoreError::NotCommitted`], until released.
+    #[cfg(test)]
+    pub(crate) fn fail_writes_for_test(&self, fail: bool) {
+        self.inner.fail_writes.store(fail, Ordering::Relaxed);
     }
 
     /// The open database, unless closed or being reopened.
@@ -575,6 +586,10 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        #[cfg(test)]
+        if self.inner.fail_writes.load(Ordering::Relaxed) {
+            return Err(StoreError::NotCommitted);
+        }
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(Typed {
             work: Some(work),
