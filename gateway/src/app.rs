@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -25,7 +23,7 @@ use crate::admin::{self, Admin, Fleet, TokenError};
 use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
 use crate::ingress::terminal::{self, Channels, Hub, TokenIndex};
-use crate::ingress::tls::{self, TlsError, TlsListener, TlsPeer};
+use crate::ingress::tls::{self, TlsError, TlsListener};
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
@@ -33,6 +31,7 @@ use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::rpc::Rpc;
+use crate::serve;
 use crate::store::{Limits, Revocation, Store, StoreError};
 use posgate_proto::qr::Mode;
 use secrecy::ExposeSecret;
@@ -127,8 +126,9 @@ pub struct Running {
     secrets: Secrets,
     broker: broker::Handle,
     token: CancellationToken,
+    /// Cancelled when the grace period is over: connections still open are dropped.
+    hard_stop: CancellationToken,
     tracker: TaskTracker,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 // === impl Gateway ===
@@ -230,6 +230,7 @@ impl Gateway {
             metrics,
         } = self;
         let token = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(false));
         let ingress_addr = local_addr(&ingress, config.ingress.listen);
@@ -337,7 +338,8 @@ impl Gateway {
             metrics.clone(),
         )
         .with_rpc(rpc)
-        .with_published(published_tx);
+        .with_published(published_tx)
+        .with_tracker(tracker.clone());
         tracker.spawn(
             router
                 .run(store.subscribe_outbox(), broker_events, token.clone())
@@ -376,17 +378,29 @@ impl Gateway {
             fleet,
             metrics: metrics.clone(),
         }));
-        let ingress_task = match ingress_tls {
+        let stop = serve::Stop {
+            graceful: token.clone(),
+            hard: hard_stop.clone(),
+        };
+        match ingress_tls {
             Some(config) => {
                 let listener = TlsListener::spawn(ingress, config, &tracker, token.clone());
-                serve_tls(&tracker, &token, listener, ingress_router)
+                tracker.spawn(
+                    serve::serve(listener, ingress_router, tracker.clone(), stop.clone())
+                        .instrument(tracing::info_span!("listener", name = "ingress")),
+                );
             }
-            None => serve(&tracker, &token, "ingress", ingress, ingress_router),
-        };
-        let tasks = vec![
-            ingress_task,
-            serve(&tracker, &token, "admin", admin, admin_router),
-        ];
+            None => {
+                tracker.spawn(
+                    serve::serve(ingress, ingress_router, tracker.clone(), stop.clone())
+                        .instrument(tracing::info_span!("listener", name = "ingress")),
+                );
+            }
+        }
+        tracker.spawn(
+            serve::serve(admin, admin_router, tracker.clone(), stop)
+                .instrument(tracing::info_span!("listener", name = "admin")),
+        );
         tracing::info!(%ingress_addr, tls = config.ingress.tls, "ingress listening (POST {})", ingress::PATH);
         tracing::info!(%admin_addr, "admin listening");
         tracing::info!(path = %store.path().display(), "store open");
@@ -402,8 +416,8 @@ impl Gateway {
             secrets,
             broker: handle,
             token,
+            hard_stop,
             tracker,
-            tasks,
         }
     }
 }
@@ -426,45 +440,6 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Build
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
-}
-
-fn serve(
-    tracker: &TaskTracker,
-    token: &CancellationToken,
-    name: &'static str,
-    listener: TcpListener,
-    router: Router,
-) -> JoinHandle<()> {
-    let stop = token.clone().cancelled_owned();
-    tracker.spawn(
-        async move {
-            let server = axum::serve(listener, router).with_graceful_shutdown(stop);
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "listener failed");
-            }
-        }
-        .instrument(tracing::info_span!("listener", name)),
-    )
-}
-
-/// [`serve`] for the TLS ingress: the handlers see the client certificate as `ConnectInfo`.
-fn serve_tls(
-    tracker: &TaskTracker,
-    token: &CancellationToken,
-    listener: TlsListener,
-    router: Router,
-) -> JoinHandle<()> {
-    let stop = token.clone().cancelled_owned();
-    tracker.spawn(
-        async move {
-            let service = router.into_make_service_with_connect_info::<TlsPeer>();
-            let server = axum::serve(listener, service).with_graceful_shutdown(stop);
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "listener failed");
-            }
-        }
-        .instrument(tracing::info_span!("listener", name = "ingress")),
-    )
 }
 
 // === impl Running ===
@@ -513,8 +488,8 @@ impl Running {
         Ok(())
     }
 
-    /// Stops the listeners, waits at most `grace` for in-flight requests, then closes the store.
-    /// Returns how long the drain took.
+    /// Stops the listeners, waits at most `grace` for in-flight requests, then cuts every
+    /// connection still open and closes the store. Returns how long the drain took.
     pub async fn shutdown(self, grace: Duration) -> Duration {
         let started = Instant::now();
         self.token.cancel();
@@ -527,8 +502,13 @@ impl Running {
                 grace_secs = grace.as_secs_f64(),
                 "in-flight requests did not finish in time; cutting them"
             );
-            for task in &self.tasks {
-                task.abort();
+            self.hard_stop.cancel();
+            // The connections end at once; give what else is left a moment, then go on.
+            if tokio::time::timeout(Duration::from_secs(1), self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("tasks still running after the hard stop; closing the store anyway");
             }
         }
         self.store.close().await;
@@ -609,5 +589,53 @@ mod tests {
         assert_eq!(retried.0, 200);
         assert!(retried.1.contains(r#""duplicate":true"#), "{}", retried.1);
         running.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// A request stuck inside the daemon (its commit waits on a disk that does not answer) is
+    /// cut at the end of the grace period: its connection is closed, not left running after
+    /// `shutdown` returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_closes_the_connection_of_a_stuck_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        let running = gateway(
+            dir.path(),
+            &[("POSGATE__STORE__COMMIT_DEADLINE_MS", "60000")],
+        )
+        .await;
+        let store = running.store().clone();
+        let body = r#"{"id":"evt_stuck","type":"payment_intent.confirmed","created_at":"2026-01-01T00:00:00Z","data":{"id":"pi_stuck","status":"confirmed","amount":"1.00","metadata":{"terminal_id":"pos-1"}}}"#;
+        let ts = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+        let signature = posgate_proto::webhook::sign(SECRET.as_bytes(), &ts, body.as_bytes());
+        let request = format!(
+            "POST {} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{TIMESTAMP_HEADER}: {ts}\r\n{SIGNATURE_HEADER}: {signature}\r\ncontent-length: {}\r\n\r\n{body}",
+            ingress::PATH,
+            body.len()
+        );
+        let before = store.syncs_requested_for_test();
+        store.hold_syncs_for_test(true);
+        let mut stream = tokio::net::TcpStream::connect(running.ingress_addr)
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // The webhook is committed and waits for its fdatasync, which does not come.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.syncs_requested_for_test() == before {
+            assert!(tokio::time::Instant::now() < deadline, "never committed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let shutdown = tokio::spawn(running.shutdown(Duration::from_millis(300)));
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .is_ok();
+        // The store closes only once its last commit is answered: let the disk answer now.
+        store.hold_syncs_for_test(false);
+        shutdown.await.unwrap();
+        assert!(
+            closed,
+            "the stuck request's connection was still open 5 s after a 300 ms grace period"
+        );
     }
 }

@@ -24,6 +24,8 @@
 //! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
 //! - [`metrics`] — the Prometheus registry served at `/metrics`.
 //! - [`http`] — the shared error body.
+//! - [`serve`] — the HTTP listeners' accept loops: a task per connection in the tracker, a
+//!   header-read timeout, graceful then hard stop.
 
 pub mod admin;
 pub mod app;
@@ -40,6 +42,7 @@ pub mod provider;
 pub mod reconcile;
 pub mod router;
 pub mod rpc;
+pub mod serve;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use posgate::Gateway;
 use posgate::config::{Config, Env};
 use posgate_proto::MicroUsdc;
 use posgate_sim::events::{self, Intent};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{SECRET, signed_post, spawn_gateway, test_env};
 
@@ -73,6 +73,14 @@ async fn a_stuck_request_is_cut_after_the_grace_period() {
     assert!(
         took < Duration::from_secs(5),
         "shutdown took {took:?} with a 1 s grace"
+    );
+    // Its connection was cut, not left running after the daemon "stopped": the client reads the
+    // end of the stream (or a reset) at once.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the stuck request's connection is still open after shutdown"
     );
     // The store was closed: the database can be opened again at once.
     let config = Config::load(None, &Env::from_pairs(test_env(dir.path(), &[]))).unwrap();

@@ -26,6 +26,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::rpc::Rpc;
@@ -201,6 +202,9 @@ pub struct Router<P> {
     /// Terminals revoked while running: a notice of their rows committed just before the
     /// revocation may arrive after it, and must not queue them again.
     revoked: HashSet<String>,
+    /// Where the router's own tasks run (store reads and writes, RPC answers): the gateway's
+    /// tracker, so that shutdown waits for them before closing the store.
+    tasks: TaskTracker,
 }
 
 impl<P: Publisher> Router<P> {
@@ -230,7 +234,14 @@ impl<P: Publisher> Router<P> {
             ack_in_flight: false,
             ack_retry: None,
             revoked: HashSet::new(),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Runs the router's own tasks in `tracker` (the gateway's), so that shutdown waits for them.
+    pub fn with_tracker(mut self, tracker: TaskTracker) -> Self {
+        self.tasks = tracker;
+        self
     }
 
     /// Answers the terminals' RPC requests with `rpc`.
@@ -284,13 +295,17 @@ impl<P: Publisher> Router<P> {
                 }
             }
         }
-        self.flush_last_seen();
+        // The last presence changes are written before the router ends, so before the store
+        // closes (shutdown waits for the router, then closes the store).
+        if let Some(write) = self.last_seen_write() {
+            write.await;
+        }
     }
 
     /// Reads unacked rows (one terminal's, or all) off the loop and feeds them back to it.
     fn load(&self, terminal_id: Option<String>) {
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // Retried until it succeeds (or the router is gone): the startup load is the only way
             // rows from before a restart get back on the wire.
             let mut pause = Duration::from_millis(100);
@@ -490,25 +505,33 @@ impl<P: Publisher> Router<P> {
         }
     }
 
-    /// Persists the last-seen times gathered since the previous flush, in one write.
+    /// Persists the last-seen times gathered since the previous flush, in one write (off the
+    /// loop).
     fn flush_last_seen(&mut self) {
+        if let Some(write) = self.last_seen_write() {
+            self.tasks.spawn(write);
+        }
+    }
+
+    /// The write of the last-seen times gathered since the previous flush, if any.
+    fn last_seen_write(&mut self) -> Option<impl Future<Output = ()> + Send + 'static> {
         if self.last_seen.is_empty() {
-            return;
+            return None;
         }
         let batch: Vec<(String, OffsetDateTime)> = self.last_seen.drain().collect();
         let store = self.store.clone();
-        tokio::spawn(async move {
+        Some(async move {
             if let Err(e) = store.touch_terminals(batch).await {
                 tracing::debug!(error = %e, "could not record last_seen");
             }
-        });
+        })
     }
 
     /// Answers an RPC request off the loop (it may call the provider), on the terminal's `rpc/res`.
     fn rpc(&self, terminal_id: String, payload: Bytes) {
         let Some(rpc) = self.rpc.clone() else { return };
         let publisher = self.publisher.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let response = rpc.handle(&terminal_id, &payload).await;
             let topic = topics::rpc_res(&topics::tenant_for(&terminal_id));
             let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
@@ -573,7 +596,7 @@ impl<P: Publisher> Router<P> {
         let pause = self
             .ack_retry
             .map_or(ACK_RETRY_FIRST, |p| (p * 2).min(ACK_RETRY_MAX));
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let keys = acks
                 .iter()
                 .map(|p| (p.terminal_id.clone(), p.ack.intent_id.clone(), p.ack.seq))

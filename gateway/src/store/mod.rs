@@ -517,6 +517,12 @@ impl Store {
         self.inner.fail_writes.store(fail, Ordering::Relaxed);
     }
 
+    /// How many `fdatasync`s the open database has asked for so far.
+    #[cfg(test)]
+    pub(crate) fn syncs_requested_for_test(&self) -> u64 {
+        self.current().map_or(0, |open| open.syncer.requested())
+    }
+
     /// The open database, unless closed or being reopened.
     fn current(&self) -> Option<Open> {
         self.inner.open.lock().ok()?.clone()

@@ -1,0 +1,76 @@
+//! Serving the HTTP listeners (ingress, admin): one accept loop per listener, one task per
+//! connection in the gateway's `TaskTracker`, and a two-step stop.
+//!
+//! `axum::serve` spawns its connection tasks where nothing can reach them: a stuck request (a body
+//! that never comes, a handler that never returns) outlived the daemon's shutdown. Here every
+//! connection task watches two tokens: the shutdown token asks it to finish (hyper's graceful
+//! shutdown: the request in flight completes, keep-alive ends), and the hard stop, cancelled when
+//! the grace period is over, drops the connection with whatever it was doing.
+//!
+//! A client must send its request head within [`HEADER_READ_TIMEOUT`] (hyper's timer; without
+//! it, a client sending a header byte now and then held its connection for ever).
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::serve::Listener;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Most time a client may take to send a request's head (request line and headers).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tokens a connection watches.
+#[derive(Clone)]
+pub struct Stop {
+    /// Cancelled when shutdown begins: stop accepting, finish what is in flight.
+    pub graceful: CancellationToken,
+    /// Cancelled when the grace period is over: drop every connection now.
+    pub hard: CancellationToken,
+}
+
+/// Accepts on `listener` until `stop.graceful` is cancelled; serves each connection with `router`
+/// in a task of `tracker`. Each request carries `ConnectInfo<L::Addr>` (for the TLS ingress: the
+/// client's certificate).
+pub async fn serve<L>(mut listener: L, router: Router, tracker: TaskTracker, stop: Stop)
+where
+    L: Listener,
+    L::Addr: Clone + Send + Sync + 'static,
+{
+    loop {
+        let (io, peer) = tokio::select! {
+            () = stop.graceful.cancelled() => return,
+            // axum's `Listener::accept` retries failed accepts itself, with a pause.
+            accepted = listener.accept() => accepted,
+        };
+        let service =
+            TowerToHyperService::new(router.clone().layer(axum::Extension(ConnectInfo(peer))));
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                    }
+                    return;
+                }
+                () = stop.graceful.cancelled() => connection.as_mut().graceful_shutdown(),
+                () = stop.hard.cancelled() => return,
+            }
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.hard.cancelled() => {}
+            }
+        });
+    }
+}
