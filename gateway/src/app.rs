@@ -21,15 +21,15 @@ use tracing::Instrument;
 
 use crate::admin::{self, Admin, Fleet, TokenError};
 use crate::broker::{self, Broker, BrokerError};
+use crate::channels::{self, Channels, Hub, TokenIndex};
 use crate::config::Config;
-use crate::ingress::terminal::{self, Channels, Hub, TokenIndex};
+use crate::delivery::{self, BrokerEvent, Presence, Signer};
 use crate::ingress::tls::{self, TlsError, TlsListener};
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{self, Pki, PkiError};
 use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
-use crate::router::{self, BrokerEvent, Presence, Signer};
 use crate::rpc::Rpc;
 use crate::serve;
 use crate::store::{Limits, Revocation, Store, StoreError};
@@ -321,17 +321,17 @@ impl Gateway {
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,
         }))
-        .merge(terminal::router(channels));
+        .merge(channels::router(channels));
         let addrs = broker.addrs();
         let handle = broker.handle();
         let presence = Presence::default();
 
-        // The router first, so that nothing committed from now on misses it.
-        let router = router::Router::new(
+        // Delivery first, so that nothing committed from now on misses it.
+        let engine = delivery::Engine::new(
             store.clone(),
             Arc::new(handle.clone()),
             signer,
-            router::Settings {
+            delivery::Settings {
                 republish_after: Duration::from_secs(config.delivery.republish_after_secs),
             },
             presence.clone(),
@@ -341,9 +341,9 @@ impl Gateway {
         .with_published(published_tx)
         .with_tracker(tracker.clone());
         tracker.spawn(
-            router
+            engine
                 .run(store.subscribe_outbox(), broker_events, token.clone())
-                .instrument(tracing::info_span!("router")),
+                .instrument(tracing::info_span!("delivery")),
         );
         broker.spawn(&tracker, token.clone());
 

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Gateway;
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG, Env};
-use crate::notify::{Notifier, NotifyEnv};
 use crate::shutdown::Request;
+use crate::systemd::{Notifier, NotifyEnv};
 
 /// `EX_USAGE`: bad usage, configuration or environment; systemd does not restart on it.
 pub const EXIT_USAGE: u8 = 64;

@@ -7,7 +7,7 @@
 //! - [`app`] — [`Gateway::build`] (opens the store, binds every listener), [`Gateway::spawn`] →
 //!   [`Running`] (bound addresses, graceful shutdown).
 //! - [`shutdown`] — SIGTERM/SIGINT.
-//! - [`notify`] — systemd's `sd_notify` protocol: `READY=1`, `STOPPING=1`, watchdog pings while
+//! - [`systemd`] — systemd's `sd_notify` protocol: `READY=1`, `STOPPING=1`, watchdog pings while
 //!   healthy; a no-op outside systemd.
 //! - [`telemetry`] — the tracing subscriber (plain or JSON); only the binary installs it.
 //! - [`domain`] — the intent state machine, pure and forward-only.
@@ -30,21 +30,22 @@
 pub mod admin;
 pub mod app;
 pub mod broker;
+pub mod channels;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod domain;
 pub mod http;
 pub mod ingress;
 pub mod metrics;
-pub mod notify;
 pub mod pki;
 pub mod provider;
 pub mod reconcile;
-pub mod router;
 pub mod rpc;
 pub mod serve;
 pub mod shutdown;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 
 pub use app::{BuildError, Gateway, Running};

@@ -32,11 +32,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::delivery::Presence;
 use crate::domain::IntentStatus;
 use crate::http::error;
 use crate::metrics::Metrics;
 use crate::pki::Pki;
-use crate::router::Presence;
 use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
 use crate::store::{Revocation, TerminalRecord};
 

@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 
 use super::{Admin, store_error};
+use crate::delivery::PresenceEntry;
 use crate::http::error;
-use crate::router::PresenceEntry;
 use crate::store::{AssignRefused, NewTerminal, TerminalRecord};
 
 fn rfc3339(t: Option<time::OffsetDateTime>) -> Option<String> {

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::router::{BrokerEvent, PublishError, Publisher};
+use crate::delivery::{BrokerEvent, PublishError, Publisher};
 
 /// Listener ids inside rmqtt.
 const TLS_LISTENER: u16 = 1;

@@ -19,7 +19,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-pub mod terminal;
 pub mod tls;
 
 use axum::Router;

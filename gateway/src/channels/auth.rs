@@ -1,0 +1,182 @@
+//! Who is asking: a bearer token from the provisioning bundle, or the terminal's client
+//! certificate on the TLS ingress; revoked terminals refused on every request.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::broadcast;
+
+use crate::http::error;
+use crate::ingress::tls::TlsPeer;
+use crate::pki::CertIdentity;
+use crate::store::{StoreError, TerminalRecord};
+
+use super::*;
+
+/// Bearer token hashes → terminal ids, so a token is found without scanning the registry. Loaded
+/// at startup and told about every new terminal; the store stays the truth (every request
+/// re-reads the terminal).
+#[derive(Clone, Default)]
+pub struct TokenIndex {
+    by_hash: Arc<RwLock<HashMap<[u8; 32], String>>>,
+}
+
+impl TokenIndex {
+    /// An index of these terminals.
+    pub fn of<'a>(terminals: impl IntoIterator<Item = &'a TerminalRecord>) -> Self {
+        let index = TokenIndex::default();
+        for t in terminals {
+            index.insert(t);
+        }
+        index
+    }
+
+    /// Adds (or replaces) a terminal's token hash; a terminal without one is skipped.
+    pub fn insert(&self, terminal: &TerminalRecord) {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(&terminal.http_token_sha256, &mut hash).is_err() {
+            return;
+        }
+        if let Ok(mut map) = self.by_hash.write() {
+            map.insert(hash, terminal.id.clone());
+        }
+    }
+
+    pub(super) fn lookup(&self, token: &str) -> Option<String> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.by_hash.read().ok()?.get(&hash).cloned()
+    }
+}
+
+/// The verified client certificate of the request's connection, if any (only a TLS listener,
+/// `ingress.tls`, has one).
+pub(super) struct Peer(Option<CertIdentity>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<TlsPeer>>()
+                .and_then(|c| c.0.cert.clone()),
+        ))
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Refused {
+    #[error("no credentials")]
+    Missing,
+    #[error("unknown bearer token")]
+    UnknownToken,
+    #[error("the bearer token and the client certificate name different terminals")]
+    Mismatch,
+    #[error("terminal {0} is unknown or revoked, or its credentials do not match")]
+    Terminal(String),
+    #[error("reading the registry")]
+    Store(#[source] StoreError),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Store(e) => {
+                tracing::error!(error = %e, error_chain = ?e, "terminal authentication: store unavailable");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "try again later",
+                )
+            }
+            // One generic answer: the caller learns nothing about which check failed.
+            refused => {
+                tracing::debug!(reason = %refused, "terminal request refused");
+                let mut response = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing, invalid or revoked terminal credentials",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+        }
+    }
+}
+
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Serials compare without leading zeros, case-insensitively.
+pub(super) fn same_serial(a: &str, b: &str) -> bool {
+    let norm = |s: &str| s.trim_start_matches('0').to_ascii_lowercase();
+    norm(a) == norm(b)
+}
+
+/// An authenticated terminal, with a subscription to its streams when asked for.
+pub(super) struct Authenticated {
+    pub(super) terminal: TerminalRecord,
+    pub(super) signals: Option<broadcast::Receiver<Signal>>,
+}
+
+/// Who is asking: the terminal named by the bearer token and/or the client certificate, checked
+/// against the registry (not revoked, same token hash in constant time, same certificate serial).
+///
+/// With `subscribe`, the terminal's signals are subscribed to *before* the registry is read, so a
+/// revocation committed after that read still reaches the stream.
+pub(super) async fn authenticate(
+    channels: &Channels,
+    headers: &HeaderMap,
+    peer: &Peer,
+    subscribe: bool,
+) -> Result<Authenticated, Refused> {
+    let token = bearer(headers);
+    let by_token = match token {
+        Some(token) => Some(channels.tokens.lookup(token).ok_or(Refused::UnknownToken)?),
+        None if headers.contains_key(header::AUTHORIZATION) => return Err(Refused::UnknownToken),
+        None => None,
+    };
+    let by_cert = peer.0.as_ref().map(|c| c.cn.clone());
+    let id = match (by_token, by_cert) {
+        (Some(a), Some(b)) if a != b => return Err(Refused::Mismatch),
+        (Some(id), _) | (None, Some(id)) => id,
+        (None, None) => return Err(Refused::Missing),
+    };
+    let signals = subscribe.then(|| channels.hub.subscribe(&id));
+    let terminal = channels
+        .store
+        .terminal(id.clone())
+        .await
+        .map_err(Refused::Store)?
+        .filter(|t| t.revoked_at.is_none())
+        .ok_or_else(|| Refused::Terminal(id.clone()))?;
+    if let Some(token) = token {
+        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        if !bool::from(hash.as_bytes().ct_eq(terminal.http_token_sha256.as_bytes())) {
+            return Err(Refused::Terminal(id));
+        }
+    }
+    if let Some(cert) = &peer.0
+        && (!same_serial(&cert.serial_hex, &terminal.cert_serial) || cert.o != terminal.tenant)
+    {
+        return Err(Refused::Terminal(id));
+    }
+    Ok(Authenticated { terminal, signals })
+}

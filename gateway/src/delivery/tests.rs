@@ -1,0 +1,467 @@
+//! The engine over channels: a recording publisher, a real store in a temp dir.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use posgate_proto::confirmation;
+use posgate_proto::topics::{self, TopicKind};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use posgate_proto::MicroUsdc;
+use posgate_proto::confirmation::{ConfirmationStatus, verify};
+use posgate_proto::event::{Envelope, EventData};
+use tokio::sync::Mutex;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::store::{AckOutcome, IncomingEvent, Limits, NewTerminal, Store};
+
+/// Records every publish.
+struct Recorder(mpsc::UnboundedSender<(String, Bytes)>);
+
+impl Publisher for Recorder {
+    async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        drop(self.0.send((topic, payload)));
+        Ok(())
+    }
+
+    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        drop(self.0.send((topic, payload)));
+        Ok(())
+    }
+}
+
+struct Rig {
+    store: Store,
+    events: mpsc::UnboundedSender<BrokerEvent>,
+    published: Mutex<mpsc::UnboundedReceiver<(String, Bytes)>>,
+    signer: Signer,
+    presence: Presence,
+    tenant: String,
+    token: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(republish_after: Duration) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+    let tenant = topics::tenant_for("pos-1");
+    store
+        .register_terminal(NewTerminal::for_test("pos-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (pub_tx, pub_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let signer = Signer {
+        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
+        key,
+    };
+    let presence = Presence::default();
+    let router = Engine::new(
+        store.clone(),
+        Arc::new(Recorder(pub_tx)),
+        signer.clone(),
+        Settings { republish_after },
+        presence.clone(),
+        Metrics::new().unwrap(),
+    );
+    let token = CancellationToken::new();
+    tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
+    Rig {
+        store,
+        events: events_tx,
+        published: Mutex::new(pub_rx),
+        signer,
+        presence,
+        tenant,
+        token,
+        _dir: dir,
+    }
+}
+
+async fn confirm(store: &Store, n: u32) {
+    let body = format!(
+        r#"{{"id":"evt_{n}","type":"payment_intent.confirmed","data":{{"id":"pi_{n}","status":"confirmed","amount":4.5,"metadata":{{"terminal_id":"pos-1"}}}}}}"#
+    );
+    let env = Envelope::parse(body.as_bytes()).unwrap();
+    let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
+    let event = IncomingEvent {
+        event_id: env.id.clone(),
+        kind: env.kind.clone(),
+        raw: Bytes::from(body.clone()),
+        received_at: OffsetDateTime::now_utc(),
+        created_at: None,
+        data,
+    };
+    store.ingest(event).await.unwrap();
+}
+
+impl Rig {
+    async fn next(&self) -> (String, Bytes) {
+        let mut rx = self.published.lock().await;
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    fn check(&self, payload: &Bytes) -> posgate_proto::confirmation::Confirmation {
+        verify(
+            std::str::from_utf8(payload).unwrap(),
+            &self.signer.key.verifying_key(),
+            "pos-1",
+            0,
+        )
+        .unwrap()
+    }
+
+    /// The next publish is the head with `seq`; returns its bytes.
+    async fn expect_head(&self, seq: u64) -> Bytes {
+        let (topic, payload) = self.next().await;
+        assert_eq!(self.check(&payload).seq, seq, "{topic}");
+        payload
+    }
+
+    /// The next publish clears `intent`'s retained confirmation.
+    async fn expect_cleared(&self, intent: &str) {
+        let (topic, payload) = self.next().await;
+        assert!(
+            payload.is_empty() && topic.ends_with(&format!("/{intent}")),
+            "{topic}"
+        );
+    }
+
+    /// Waits until the outbox holds the rows `seqs` (the router acts on an ack before it is
+    /// stored).
+    async fn outbox_becomes(&self, seqs: &[u64]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = self.store.outbox(None).await.unwrap();
+            let now: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+            if now == seqs {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "outbox: {now:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn connected(&self) {
+        self.events
+            .send(BrokerEvent::Connected {
+                terminal_id: "pos-1".into(),
+            })
+            .unwrap();
+    }
+
+    async fn ack(&self, intent: &str, seq: u64) {
+        let payload = Bytes::from(format!(r#"{{"intent_id":"{intent}","seq":{seq}}}"#));
+        let event = BrokerEvent::Message {
+            terminal_id: "pos-1".into(),
+            kind: TopicKind::Acks,
+            payload,
+        };
+        self.events.send(event).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn publishes_signed_then_clears_on_ack() {
+    let rig = rig(Duration::from_secs(60)).await;
+    confirm(&rig.store, 1).await;
+    let (topic, payload) = rig.next().await;
+    assert_eq!(topic, topics::payments(&rig.tenant, "pi_1"));
+    let c = rig.check(&payload);
+    assert_eq!(
+        (c.seq, c.status, c.amount_micros),
+        (1, ConfirmationStatus::Confirmed, 4_500_000)
+    );
+    assert_eq!(c.amount, MicroUsdc(4_500_000).to_string());
+
+    rig.ack("pi_1", 1).await;
+    let (topic, payload) = rig.next().await;
+    assert_eq!(
+        (topic.as_str(), payload.is_empty()),
+        (topics::payments(&rig.tenant, "pi_1").as_str(), true)
+    );
+    rig.outbox_becomes(&[]).await;
+    rig.token.cancel();
+}
+
+/// The ack of the head puts the next confirmation on the wire at once, not after the ack is
+/// stored: here every store answer is held behind a sync that does not finish.
+#[tokio::test]
+async fn an_ack_moves_the_terminal_on_before_it_is_stored() {
+    let rig = rig(Duration::from_secs(60)).await;
+    confirm(&rig.store, 1).await;
+    confirm(&rig.store, 2).await;
+    rig.expect_head(1).await;
+    rig.store.hold_syncs_for_test(true);
+    // A durable write ahead of the ack's: its answer, and so the ack's, waits for the sync.
+    let held = confirm(&rig.store, 3);
+    tokio::pin!(held);
+    assert!(futures::poll!(&mut held).is_pending());
+    rig.ack("pi_1", 1).await;
+    rig.expect_cleared("pi_1").await;
+    rig.expect_head(2).await;
+    assert!(futures::poll!(&mut held).is_pending(), "the store answered");
+    rig.store.hold_syncs_for_test(false);
+    held.await;
+    rig.ack("pi_2", 2).await;
+    rig.expect_cleared("pi_2").await;
+    rig.expect_head(3).await;
+    rig.outbox_becomes(&[3]).await;
+    rig.token.cancel();
+}
+
+/// A row the router already moved past that is put back on the wire before its ack is
+/// stored (here by a late notice and a reconnect; a reload can do the same) is cleared once the
+/// ack is stored, not left retained.
+#[tokio::test]
+async fn a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared() {
+    let rig = rig(Duration::from_secs(60)).await;
+    confirm(&rig.store, 1).await;
+    confirm(&rig.store, 2).await;
+    let first = rig.store.outbox(None).await.unwrap().remove(0);
+    rig.expect_head(1).await;
+    rig.store.hold_syncs_for_test(true);
+    let held = confirm(&rig.store, 3);
+    tokio::pin!(held);
+    assert!(futures::poll!(&mut held).is_pending());
+    rig.ack("pi_1", 1).await;
+    rig.expect_cleared("pi_1").await;
+    rig.expect_head(2).await;
+    rig.store.notify_for_test(vec![first]);
+    // Reconnects republish the head; once the notice is in, that is row 1 again.
+    loop {
+        rig.connected();
+        let (_, payload) = rig.next().await;
+        if rig.check(&payload).seq == 1 {
+            break;
+        }
+    }
+    rig.store.hold_syncs_for_test(false);
+    held.await;
+    rig.expect_cleared("pi_1").await;
+    rig.expect_head(2).await;
+    rig.token.cancel();
+}
+
+/// When the store does not confirm an ack the router acted on (its queue had run ahead of
+/// the outbox), the outbox is read again and its head goes out again.
+#[tokio::test]
+async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
+    let rig = rig(Duration::from_secs(60)).await;
+    confirm(&rig.store, 1).await;
+    confirm(&rig.store, 2).await;
+    rig.expect_head(1).await;
+    // Row 1 leaves the outbox behind the router's back: its queue still has it.
+    let outcome = rig
+        .store
+        .ack_many(vec![("pos-1".into(), "pi_1".into(), 1)])
+        .await;
+    assert!(matches!(
+        outcome.unwrap()[..],
+        [Some(AckOutcome::Delivered { .. })]
+    ));
+    rig.ack("pi_1", 1).await;
+    rig.expect_cleared("pi_1").await;
+    rig.expect_head(2).await;
+    // The store found nothing to remove: the outbox is read again, its head republished.
+    rig.expect_head(2).await;
+    rig.token.cancel();
+}
+
+/// A store that refuses every ack write (a full or failing disk) while the terminal acks each
+/// republish at once: the router slows down (250 ms, then doubling) instead of republishing
+/// and re-acking as fast as both can. Once the store takes writes, the ack goes through.
+#[tokio::test]
+async fn a_failing_store_slows_republishing_down() {
+    let rig = rig(Duration::from_secs(60)).await;
+    confirm(&rig.store, 1).await;
+    let head = rig.expect_head(1).await;
+    rig.store.fail_writes_for_test(true);
+    let started = tokio::time::Instant::now();
+    let mut republished = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        rig.ack("pi_1", 1).await;
+        rig.expect_cleared("pi_1").await;
+        // The row comes back (the ack was not stored): ack it again, as a terminal does.
+        assert_eq!(rig.expect_head(1).await, head);
+        republished += 1;
+    }
+    // 250 + 500 + 1000 ms of pauses fit in 1.5 s: three rounds; without a pause, thousands.
+    assert!(republished <= 4, "{republished} republishes in 1.5 s");
+    rig.store.fail_writes_for_test(false);
+    rig.ack("pi_1", 1).await;
+    rig.expect_cleared("pi_1").await;
+    rig.outbox_becomes(&[]).await;
+    rig.token.cancel();
+}
+
+/// After a revocation the router clears what was on the wire for the terminal and never
+/// publishes its parked rows again: not on the republish timer, not from a late notice.
+#[tokio::test]
+async fn a_revoked_terminal_is_cleared_and_never_republished() {
+    let rig = rig(Duration::from_millis(200)).await;
+    confirm(&rig.store, 1).await;
+    confirm(&rig.store, 2).await;
+    rig.expect_head(1).await;
+    let revocation = rig
+        .store
+        .revoke_terminal("pos-1".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revocation.parked.len(), 2);
+    assert!(rig.store.outbox(None).await.unwrap().is_empty());
+    // A notice of a row committed just before the revocation, arriving after it.
+    let late = revocation.parked[1].clone();
+    rig.events
+        .send(BrokerEvent::Revoked {
+            terminal_id: "pos-1".into(),
+            parked: revocation.parked,
+        })
+        .unwrap();
+    rig.expect_cleared("pi_1").await;
+    rig.expect_cleared("pi_2").await;
+    rig.store.notify_for_test(vec![late]);
+    // Several republish periods: nothing more goes out.
+    let mut rx = rig.published.lock().await;
+    let quiet = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+    assert!(quiet.is_err(), "published after revocation: {quiet:?}");
+    assert!(!rig.presence.read().unwrap()["pos-1"].online);
+    rig.token.cancel();
+}
+
+#[tokio::test]
+async fn a_wrong_ack_changes_nothing() {
+    let rig = rig(Duration::from_secs(60)).await;
+    confirm(&rig.store, 1).await;
+    rig.next().await;
+    rig.ack("pi_1", 2).await; // wrong seq
+    rig.ack("pi_other", 1).await; // wrong intent
+    let garbage = BrokerEvent::Message {
+        terminal_id: "pos-1".into(),
+        kind: TopicKind::Acks,
+        payload: Bytes::from_static(b"{"),
+    };
+    rig.events.send(garbage).unwrap();
+    // Still there, and a reconnect publishes it again.
+    rig.connected();
+    rig.expect_head(1).await;
+    assert_eq!(rig.store.outbox(None).await.unwrap().len(), 1);
+    rig.token.cancel();
+}
+
+#[tokio::test]
+async fn one_in_flight_per_terminal_in_seq_order() {
+    let rig = rig(Duration::from_secs(60)).await;
+    for n in 1..=5 {
+        confirm(&rig.store, n).await;
+    }
+    // Only the head is on the wire; a reconnect publishes the head again.
+    let first = rig.expect_head(1).await;
+    rig.connected();
+    let again = rig.expect_head(1).await;
+    assert_eq!(again, first);
+    assert!(rig.presence.read().unwrap()["pos-1"].online);
+    for seq in 1..=5u64 {
+        rig.ack(&format!("pi_{seq}"), seq).await;
+        rig.expect_cleared(&format!("pi_{seq}")).await;
+        if seq < 5 {
+            rig.expect_head(seq + 1).await;
+        }
+    }
+    rig.outbox_becomes(&[]).await;
+    rig.events
+        .send(BrokerEvent::Disconnected {
+            terminal_id: "pos-1".into(),
+        })
+        .unwrap();
+    rig.token.cancel();
+}
+
+#[tokio::test]
+async fn acks_sent_in_a_burst_each_count() {
+    let rig = rig(Duration::from_secs(60)).await;
+    for n in 1..=3 {
+        confirm(&rig.store, n).await;
+    }
+    rig.expect_head(1).await;
+    // Sent before the first is stored, so later ones wait for the write in flight and go
+    // into the next ones: a wrong ack, the right one, a repeat of it, and an ack for a row
+    // not yet out. However they are split into writes, each counts, in order.
+    rig.ack("pi_9", 9).await;
+    rig.ack("pi_1", 1).await;
+    rig.ack("pi_1", 1).await;
+    rig.ack("pi_2", 2).await;
+    rig.expect_cleared("pi_1").await;
+    // pi_2's early ack counted too: its row is gone once published, and 3 follows.
+    rig.expect_head(2).await;
+    rig.expect_cleared("pi_2").await;
+    rig.expect_head(3).await;
+    rig.ack("pi_3", 3).await;
+    rig.expect_cleared("pi_3").await;
+    rig.outbox_becomes(&[]).await;
+    rig.token.cancel();
+}
+
+#[tokio::test]
+async fn unacked_rows_are_published_again_after_the_timeout() {
+    let rig = rig(Duration::from_millis(100)).await;
+    confirm(&rig.store, 1).await;
+    let (_, first) = rig.next().await;
+    let (_, again) = rig.next().await;
+    assert_eq!(first, again, "a republish sends identical bytes");
+    rig.ack("pi_1", 1).await;
+    let (_, clear) = rig.next().await;
+    assert!(clear.is_empty());
+    rig.token.cancel();
+}
+
+#[tokio::test]
+async fn startup_publishes_what_was_left_unacked() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+        store
+            .register_terminal(NewTerminal::for_test("pos-1"))
+            .await
+            .unwrap();
+        confirm(&store, 9).await;
+        store.close().await;
+    }
+    let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
+    let (_events_tx, events_rx) = mpsc::unbounded_channel();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let signer = Signer {
+        kid: "k".into(),
+        key,
+    };
+    let router = Engine::new(
+        store.clone(),
+        Arc::new(Recorder(pub_tx)),
+        signer,
+        Settings {
+            republish_after: Duration::from_secs(60),
+        },
+        Presence::default(),
+        Metrics::new().unwrap(),
+    );
+    let token = CancellationToken::new();
+    tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
+    let (topic, _) = tokio::time::timeout(Duration::from_secs(10), pub_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(topic.ends_with("/payments/pi_9"), "{topic}");
+    token.cancel();
+}
