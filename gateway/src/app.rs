@@ -98,8 +98,8 @@ pub struct Gateway {
     admin_token: SecretString,
     broker: Broker,
     broker_events: mpsc::UnboundedReceiver<BrokerEvent>,
-    /// The router's event channel besides the broker: acks from the HTTP channels, revocations.
-    router_events: mpsc::UnboundedSender<BrokerEvent>,
+    /// The delivery engine's event channel besides the broker: acks from the HTTP channels, revocations.
+    delivery_events: mpsc::UnboundedSender<BrokerEvent>,
     /// Bearer tokens of the HTTP channels, by hash.
     http_tokens: TokenIndex,
     /// Set when `ingress.tls`: the ingress listener serves TLS itself.
@@ -172,7 +172,7 @@ impl Gateway {
         // Revocations survive restarts: the broker refuses them from its first connection on.
         let (revoked_serials, revoked_terminals) = store.revocations().await?;
         let (events_tx, broker_events) = mpsc::unbounded_channel();
-        let router_events = events_tx.clone();
+        let delivery_events = events_tx.clone();
         let http_tokens = TokenIndex::of(store.terminals().await?.iter().map(|(t, _)| t));
         let settings = broker::Settings {
             listen: config.mqtt.listen,
@@ -204,7 +204,7 @@ impl Gateway {
             admin_token,
             broker,
             broker_events,
-            router_events,
+            delivery_events,
             http_tokens,
             ingress_tls,
             ingress,
@@ -222,7 +222,7 @@ impl Gateway {
             admin_token,
             broker,
             broker_events,
-            router_events,
+            delivery_events,
             http_tokens,
             ingress_tls,
             ingress,
@@ -293,7 +293,7 @@ impl Gateway {
             key: pki.signing_key().clone(),
             kid: pki.kid().to_owned(),
         };
-        // The HTTP channels see every publish the router makes, through one broadcast channel
+        // The HTTP channels see every publish the delivery engine makes, through one broadcast channel
         // that the hub fans out per terminal.
         let (published_tx, published_rx) = broadcast::channel(1024);
         let hub = Hub::default();
@@ -307,7 +307,7 @@ impl Gateway {
             signer: signer.clone(),
             hub: hub.clone(),
             tokens: http_tokens.clone(),
-            acks: router_events.clone(),
+            acks: delivery_events.clone(),
             shutdown: token.clone(),
             tracker: tracker.clone(),
             keepalive: Duration::from_secs(config.ingress.keepalive_secs),
@@ -353,21 +353,17 @@ impl Gateway {
             .first()
             .cloned()
             .unwrap_or_else(|| "localhost".into());
-        let revoker = handle.clone();
+        let revoker = Revoker {
+            broker: handle.clone(),
+            hub,
+            delivery: delivery_events,
+        };
         let counter = handle.clone();
         let fleet = Fleet {
             pki,
             presence,
             mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
-            revoke: Arc::new(move |r: &Revocation| {
-                revoker.revoke(&r.record.id, &r.record.cert_serial);
-                hub.revoke(&r.record.id);
-                // The router stops republishing what was parked and clears it from the broker.
-                drop(router_events.send(BrokerEvent::Revoked {
-                    terminal_id: r.record.id.clone(),
-                    parked: r.parked.clone(),
-                }));
-            }),
+            revoke: Arc::new(move |r: &Revocation| revoker.revoke(r)),
             registered: Arc::new(move |t| http_tokens.insert(t)),
             connections: Arc::new(move || counter.connections() as i64),
         };
@@ -440,6 +436,26 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Build
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
+}
+
+/// What a revocation does outside the store (which has already marked the terminal revoked and
+/// parked its unacked confirmations): the broker refuses its certificate and cuts its session, its
+/// HTTP streams end, and delivery stops republishing what was parked and clears it from the broker.
+struct Revoker {
+    broker: broker::Handle,
+    hub: Hub,
+    delivery: mpsc::UnboundedSender<BrokerEvent>,
+}
+
+impl Revoker {
+    fn revoke(&self, r: &Revocation) {
+        self.broker.revoke(&r.record.id, &r.record.cert_serial);
+        self.hub.revoke(&r.record.id);
+        drop(self.delivery.send(BrokerEvent::Revoked {
+            terminal_id: r.record.id.clone(),
+            parked: r.parked.clone(),
+        }));
+    }
 }
 
 // === impl Running ===

@@ -64,7 +64,7 @@ pub struct Fleet {
     /// `mqtts://host:port` for provisioning bundles.
     pub mqtt_url: String,
     /// Cuts a revoked terminal's connections and refuses its certificate from now on; tells the
-    /// router which confirmations left the outbox.
+    /// delivery engine which confirmations left the outbox.
     pub revoke: Arc<dyn Fn(&Revocation) + Send + Sync>,
     /// Told about every terminal just registered (its HTTP bearer token becomes usable).
     pub registered: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,

@@ -47,7 +47,7 @@ impl IntoResponse for AckError {
     }
 }
 
-/// Hands an ack to the router, exactly as the broker hands it an MQTT ack.
+/// Hands an ack to the delivery engine, exactly as the broker hands it an MQTT ack.
 pub(super) fn forward_ack(
     channels: &Channels,
     terminal_id: &str,

@@ -17,7 +17,7 @@ pub(super) enum End {
     Failed,
 }
 
-/// One terminal's confirmations as the router puts them on the wire: first its head from the
+/// One terminal's confirmations as the delivery engine puts them on the wire: first its head from the
 /// store, then every publish. `next` is cancel-safe (a store read that is cut is done again).
 pub(super) struct Feed {
     pub(super) channels: Arc<Channels>,

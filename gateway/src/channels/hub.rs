@@ -18,7 +18,7 @@ pub(super) enum Signal {
     Revoked,
 }
 
-/// Per-terminal fan-out of the router's publishes to the open streams and long polls.
+/// Per-terminal fan-out of the delivery engine's publishes to the open streams and long polls.
 #[derive(Clone, Default)]
 pub struct Hub {
     terminals: Arc<Mutex<HashMap<String, broadcast::Sender<Signal>>>>,
@@ -60,7 +60,7 @@ impl Hub {
         }
     }
 
-    /// Forwards the router's publishes until `token` is cancelled or the router is gone.
+    /// Forwards the delivery engine's publishes until `token` is cancelled or the delivery engine is gone.
     pub async fn run(
         self,
         mut published: broadcast::Receiver<Published>,
@@ -75,7 +75,7 @@ impl Hub {
                         self.send(&id, Signal::Published(Arc::new(p)));
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "HTTP channels fell behind the router; every stream re-reads the store");
+                        tracing::warn!(missed, "HTTP channels fell behind the delivery engine; every stream re-reads the store");
                         let ids: Vec<String> = self.lock().keys().cloned().collect();
                         for id in ids {
                             self.send(&id, Signal::Resync);

@@ -1,6 +1,6 @@
 //! The HTTP channels for terminals that cannot speak MQTT : polling, Server-Sent Events
 //! and a WebSocket on the ingress listener. They carry the same signed confirmations as MQTT (the
-//! delivery engine's JWS bytes, never re-encoded) and take the same acks (injected into the router exactly
+//! delivery engine's JWS bytes, never re-encoded) and take the same acks (injected into the delivery engine exactly
 //! as an MQTT ack on `/tenants/{t}/acks` is), so the outbox stays the one truth whichever channel a
 //! terminal uses, and a terminal may even use several at once.
 //!
@@ -9,12 +9,12 @@
 //! | `GET /v1/terminal/payments/{intent_id}[?wait_secs=N]` | `200 {"intent_id","status","seq","confirmation"}`; `confirmation` is the JWS of this terminal's newest unacked confirmation of the intent, or `null`; with `wait_secs` (≤ 30) the answer waits for one (long polling) |
 //! | `GET /v1/terminal/events` | `text/event-stream`: `event: confirmation`, `id: <seq>`, `data: <jws>`; keep-alive comments every `ingress.keepalive_secs` |
 //! | `GET /v1/terminal/ws` | WebSocket: a text frame per confirmation (the JWS); the terminal acks with a text frame `{"intent_id","seq"}` |
-//! | `POST /v1/terminal/acks` `{"intent_id","seq"}` | `202 {"accepted":true}`: handed to the router, which commits it as an MQTT ack |
+//! | `POST /v1/terminal/acks` `{"intent_id","seq"}` | `202 {"accepted":true}`: handed to the delivery engine, which commits it as an MQTT ack |
 //!
-//! **Delivery** is the router's (stop-and-wait per terminal, see [`crate::delivery`]): a stream
+//! **Delivery** is the delivery engine's (stop-and-wait per terminal, see [`crate::delivery`]): a stream
 //! starts with the terminal's head (its lowest unacked `seq`) read from the store, then carries
-//! whatever the router publishes for that terminal, republishes included, at the moment MQTT
-//! gets it. The router reports every publish on one broadcast channel; [`Hub`] fans it out per
+//! whatever the delivery engine publishes for that terminal, republishes included, at the moment MQTT
+//! gets it. The delivery engine reports every publish on one broadcast channel; [`Hub`] fans it out per
 //! terminal, so a publish wakes only that terminal's streams. A stream that falls behind re-reads
 //! the store (the outbox is the truth, so nothing is lost, at worst something is sent twice; the
 //! terminal deduplicates by `intent_id` + `seq` as it does on MQTT).
@@ -91,11 +91,11 @@ const ACK_LIMIT_BYTES: usize = 4096;
 /// What the handlers share.
 pub struct Channels {
     pub store: Store,
-    /// Signs rows read from the store (deterministic: the same bytes the router publishes).
+    /// Signs rows read from the store (deterministic: the same bytes the delivery engine publishes).
     pub signer: Signer,
     pub hub: Hub,
     pub tokens: TokenIndex,
-    /// The router's event channel: acks go in here exactly as the broker's do.
+    /// The delivery engine's event channel: acks go in here exactly as the broker's do.
     pub acks: mpsc::UnboundedSender<BrokerEvent>,
     /// Cancelled when shutdown starts: streams end, long polls answer.
     pub shutdown: CancellationToken,

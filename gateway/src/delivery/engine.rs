@@ -40,7 +40,7 @@ pub(super) enum Internal {
 pub(super) struct PendingAck {
     pub(super) terminal_id: String,
     pub(super) ack: Ack,
-    /// It acked the terminal's head, which the router has already dropped from the queue (and
+    /// It acked the terminal's head, which the delivery engine has already dropped from the queue (and
     /// whose successor it has already published).
     pub(super) advanced: bool,
 }
@@ -94,7 +94,7 @@ pub struct Engine<P> {
     /// Terminals revoked while running: a notice of their rows committed just before the
     /// revocation may arrive after it, and must not queue them again.
     pub(super) revoked: HashSet<String>,
-    /// Where the router's own tasks run (store reads and writes, RPC answers): the gateway's
+    /// Where the delivery engine's own tasks run (store reads and writes, RPC answers): the gateway's
     /// tracker, so that shutdown waits for them before closing the store.
     pub(super) tasks: TaskTracker,
 }
@@ -130,7 +130,7 @@ impl<P: Publisher> Engine<P> {
         }
     }
 
-    /// Runs the router's own tasks in `tracker` (the gateway's), so that shutdown waits for them.
+    /// Runs the delivery engine's own tasks in `tracker` (the gateway's), so that shutdown waits for them.
     pub fn with_tracker(mut self, tracker: TaskTracker) -> Self {
         self.tasks = tracker;
         self
@@ -187,8 +187,8 @@ impl<P: Publisher> Engine<P> {
                 }
             }
         }
-        // The last presence changes are written before the router ends, so before the store
-        // closes (shutdown waits for the router, then closes the store).
+        // The last presence changes are written before the delivery engine ends, so before the store
+        // closes (shutdown waits for the delivery engine, then closes the store).
         if let Some(write) = self.last_seen_write() {
             write.await;
         }
@@ -198,7 +198,7 @@ impl<P: Publisher> Engine<P> {
     pub(super) fn load(&self, terminal_id: Option<String>) {
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
         self.tasks.spawn(async move {
-            // Retried until it succeeds (or the router is gone): the startup load is the only way
+            // Retried until it succeeds (or the delivery engine is gone): the startup load is the only way
             // rows from before a restart get back on the wire.
             let mut pause = Duration::from_millis(100);
             loop {
@@ -371,7 +371,7 @@ impl<P: Publisher> Engine<P> {
                 },
                 TopicKind::RpcReq => self.rpc(terminal_id, payload),
                 other => {
-                    tracing::debug!(%terminal_id, kind = ?other, "message not handled by the router")
+                    tracing::debug!(%terminal_id, kind = ?other, "message not handled by delivery")
                 }
             },
         }

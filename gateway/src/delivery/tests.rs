@@ -63,7 +63,7 @@ async fn rig(republish_after: Duration) -> Rig {
         key,
     };
     let presence = Presence::default();
-    let router = Engine::new(
+    let engine = Engine::new(
         store.clone(),
         Arc::new(Recorder(pub_tx)),
         signer.clone(),
@@ -72,7 +72,7 @@ async fn rig(republish_after: Duration) -> Rig {
         Metrics::new().unwrap(),
     );
     let token = CancellationToken::new();
-    tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
+    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
     Rig {
         store,
         events: events_tx,
@@ -137,7 +137,7 @@ impl Rig {
         );
     }
 
-    /// Waits until the outbox holds the rows `seqs` (the router acts on an ack before it is
+    /// Waits until the outbox holds the rows `seqs` (the delivery engine acts on an ack before it is
     /// stored).
     async fn outbox_becomes(&self, seqs: &[u64]) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -220,7 +220,7 @@ async fn an_ack_moves_the_terminal_on_before_it_is_stored() {
     rig.token.cancel();
 }
 
-/// A row the router already moved past that is put back on the wire before its ack is
+/// A row the delivery engine already moved past that is put back on the wire before its ack is
 /// stored (here by a late notice and a reconnect; a reload can do the same) is cleared once the
 /// ack is stored, not left retained.
 #[tokio::test]
@@ -253,7 +253,7 @@ async fn a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared() {
     rig.token.cancel();
 }
 
-/// When the store does not confirm an ack the router acted on (its queue had run ahead of
+/// When the store does not confirm an ack the delivery engine acted on (its queue had run ahead of
 /// the outbox), the outbox is read again and its head goes out again.
 #[tokio::test]
 async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
@@ -261,7 +261,7 @@ async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
     confirm(&rig.store, 1).await;
     confirm(&rig.store, 2).await;
     rig.expect_head(1).await;
-    // Row 1 leaves the outbox behind the router's back: its queue still has it.
+    // Row 1 leaves the outbox behind the delivery engine's back: its queue still has it.
     let outcome = rig
         .store
         .ack_many(vec![("pos-1".into(), "pi_1".into(), 1)])
@@ -279,7 +279,7 @@ async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
 }
 
 /// A store that refuses every ack write (a full or failing disk) while the terminal acks each
-/// republish at once: the router slows down (250 ms, then doubling) instead of republishing
+/// republish at once: the delivery engine slows down (250 ms, then doubling) instead of republishing
 /// and re-acking as fast as both can. Once the store takes writes, the ack goes through.
 #[tokio::test]
 async fn a_failing_store_slows_republishing_down() {
@@ -305,7 +305,7 @@ async fn a_failing_store_slows_republishing_down() {
     rig.token.cancel();
 }
 
-/// After a revocation the router clears what was on the wire for the terminal and never
+/// After a revocation the delivery engine clears what was on the wire for the terminal and never
 /// publishes its parked rows again: not on the republish timer, not from a late notice.
 #[tokio::test]
 async fn a_revoked_terminal_is_cleared_and_never_republished() {
@@ -446,7 +446,7 @@ async fn startup_publishes_what_was_left_unacked() {
         kid: "k".into(),
         key,
     };
-    let router = Engine::new(
+    let engine = Engine::new(
         store.clone(),
         Arc::new(Recorder(pub_tx)),
         signer,
@@ -457,7 +457,7 @@ async fn startup_publishes_what_was_left_unacked() {
         Metrics::new().unwrap(),
     );
     let token = CancellationToken::new();
-    tokio::spawn(router.run(store.subscribe_outbox(), events_rx, token.clone()));
+    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
     let (topic, _) = tokio::time::timeout(Duration::from_secs(10), pub_rx.recv())
         .await
         .unwrap()

@@ -14,7 +14,7 @@
 //! | store overloaded or failing | `503` |
 //!
 //! The same listener carries the terminals' HTTP channels (polling, SSE, WebSocket, acks) of
-//! [`terminal`], and serves TLS itself when `ingress.tls` is set ([`tls`]).
+//! [`crate::channels`], and serves TLS itself when `ingress.tls` is set ([`tls`]).
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,7 +1,7 @@
 //! TLS on the ingress listener itself (`ingress.tls`), for terminals that reach the HTTP channels
 //! without a reverse proxy: rustls with the gateway's server certificate (`data_dir/pki/server.pem`,
 //! the SANs of `mqtt.server_names`), HTTP/1.1. A client certificate is optional; one that is
-//! presented must chain to the gateway CA (else the handshake fails), and [`super::terminal`] then
+//! presented must chain to the gateway CA (else the handshake fails), and [`crate::channels`] then
 //! takes it as the terminal's identity (CN = terminal id), checked against the registry like the
 //! broker does (serial, tenant, revocation).
 //!

@@ -2,7 +2,7 @@
 //!
 //! Every accepted webhook becomes one [`Job`] on a bounded queue. A single writer thread takes all
 //! jobs that are waiting, applies them one after another inside **one** write transaction and
-//! commits it with `Durability::Immediate` (fsync) before any of their senders is answered: a `200`
+//! commits it, synced to disk (`fdatasync`), before any of their senders is answered: a `200`
 //! always means durable. Grouping concurrent requests into one commit is what lifts ingest above the
 //! one-fsync-per-request ceiling (about 2,000–4,000/s here) without weakening that promise.
 //! Because jobs are applied in sequence inside the transaction, two identical deliveries at the
@@ -26,12 +26,12 @@
 //! - `orphan_transfers`, `reconcile_state`: see `store/reconcile.rs`.
 
 mod barrier;
-mod fleet;
+mod outbox;
 mod reconcile;
 mod rpc;
 mod writer;
 
-pub use fleet::{
+pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, Revocation, TerminalRecord, Undeliverable,
 };
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
@@ -292,15 +292,18 @@ trait WriteJob: Send {
     fn durability(&self) -> Durability;
 }
 
-/// How durable a write must be when it is answered.
+/// How durable a write must be when it is answered. (Not redb's `Durability`: every synced batch
+/// is committed with redb's *eventual* durability, whose sync our database file turns into a
+/// write barrier with its own `fdatasync`; see `barrier.rs`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Durability {
-    /// fsync'd before the answer: accepted events, registrations, revocations.
-    Immediate,
-    /// Committed (visible, ordered) but on disk only with the next durable commit: acks and
+    /// On disk (`fdatasync` completed) before the answer: accepted events, registrations,
+    /// revocations.
+    Synced,
+    /// Committed (visible, ordered) but on disk only with the next synced commit: acks and
     /// last-seen times, whose loss in a crash costs a republish the terminal deduplicates, never
-    /// a confirmation. A batch of only these skips the fsync.
-    Eventual,
+    /// a confirmation. A batch of only these skips the `fdatasync`.
+    Deferred,
 }
 
 type Job = Box<dyn WriteJob>;
@@ -575,16 +578,16 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Immediate).await
+        self.submit(work, Durability::Synced).await
     }
 
-    /// As [`Store::write`], answered without waiting for the disk ([`Durability::Eventual`]).
-    async fn write_eventual<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// As [`Store::write`], answered without waiting for the disk ([`Durability::Deferred`]).
+    async fn write_deferred<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Eventual).await
+        self.submit(work, Durability::Deferred).await
     }
 
     async fn submit<T, F>(&self, work: F, durability: Durability) -> Result<T, StoreError>

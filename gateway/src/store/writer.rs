@@ -40,7 +40,7 @@ pub(super) struct Shared {
 /// A durable batch is committed with redb's eventual durability, whose sync the database file
 /// turns into a write barrier ([`super::barrier`]): its `fdatasync` runs while the next batch is
 /// applied. Every batch is answered, and its new outbox rows go to the notices (a hint for the
-/// router; the rows are the truth), only once the commits up to its own are on disk, so answers
+/// delivery engine; the rows are the truth), only once the commits up to its own are on disk, so answers
 /// keep their order and none reveals what a crash could take back.
 ///
 /// After an I/O error (a full disk, a failed `fdatasync`) redb refuses every later operation on
@@ -60,7 +60,7 @@ pub(super) fn run(mut open: Open, mut rx: mpsc::Receiver<Job>, max_batch: usize,
         let started = std::time::Instant::now();
         let lazy = batch
             .iter()
-            .all(|job| job.durability() == StoreDurability::Eventual);
+            .all(|job| job.durability() == StoreDurability::Deferred);
         // Every so often a batch of only eventual writes is made durable anyway, so that they
         // never pile up unpersisted for long.
         lazy_streak = if lazy { lazy_streak + 1 } else { 0 };
@@ -139,7 +139,7 @@ fn wake_writer(wake: &mpsc::WeakSender<Job>) {
             work: Some(nothing),
             result: None,
             reply,
-            durability: StoreDurability::Eventual,
+            durability: StoreDurability::Deferred,
         })));
     }
 }
@@ -226,6 +226,7 @@ fn commit_batch(
     durable: bool,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let mut txn = db.begin_write()?;
+    // redb's "eventual" is our synced commit: its sync is the barrier's fdatasync (barrier.rs).
     txn.set_durability(if durable {
         Durability::Eventual
     } else {
@@ -242,7 +243,7 @@ fn commit_batch(
     Ok(new_rows)
 }
 
-/// The tables of one write transaction, and what the batch produced for the router.
+/// The tables of one write transaction, and what the batch produced for the delivery engine.
 pub(crate) struct Tables<'txn> {
     pub(super) events: Table<'txn, &'static str, &'static [u8]>,
     pub(super) intents: Table<'txn, &'static str, &'static [u8]>,
@@ -256,7 +257,7 @@ pub(crate) struct Tables<'txn> {
     pub(super) rpc_answers: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     /// Reconciliation's own tables (`store/reconcile.rs`).
     pub(super) reconcile: super::reconcile::ReconcileTables<'txn>,
-    /// Outbox rows added in this transaction, handed to the router after the commit.
+    /// Outbox rows added in this transaction, handed to the delivery engine after the commit.
     pub(super) new_rows: Vec<OutboxRow>,
 }
 

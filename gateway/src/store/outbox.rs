@@ -416,7 +416,7 @@ impl Store {
         &self,
         acks: Vec<(String, String, u64)>,
     ) -> Result<Vec<Option<AckOutcome>>, StoreError> {
-        self.write_eventual(move |t| {
+        self.write_deferred(move |t| {
             Ok(acks
                 .iter()
                 .map(|(terminal_id, intent_id, seq)| {
@@ -439,7 +439,7 @@ impl Store {
         &self,
         seen: Vec<(String, OffsetDateTime)>,
     ) -> Result<(), StoreError> {
-        self.write_eventual(move |t| {
+        self.write_deferred(move |t| {
             for (terminal_id, at) in &seen {
                 t.touch(terminal_id, *at)?;
             }
