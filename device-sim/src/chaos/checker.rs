@@ -36,6 +36,8 @@ struct Sent {
 struct TerminalState {
     /// The highest `seq` shown.
     last_seq: u64,
+    /// How many `seq`s were shown.
+    shown: u64,
     /// The reconnect round in which it last connected.
     connected_round: u64,
 }
@@ -55,8 +57,12 @@ pub struct Confirmations {
     pub rejected: u64,
     /// Shown with another amount, on another terminal, or a repeat with another `seq`.
     pub mismatched: u64,
-    /// `seq` numbers skipped.
+    /// `seq` numbers skipped: not yet shown when a higher one was shown.
     pub gaps: u64,
+    /// Of those, the ones that came later (out of order, shown then).
+    pub out_of_order: u64,
+    /// Of those, the ones that never came (after the drain).
+    pub never_filled: u64,
     /// Confirmations that came again with a `seq` already shown (acked again, not shown).
     pub repeats: u64,
     /// Connections that ended (by a fault, or otherwise).
@@ -254,6 +260,11 @@ impl Checker {
                 .collect();
             lost.sort_by_key(|(_, e)| e.first_sent);
             counts.lost = lost.len() as u64;
+            counts.never_filled = s
+                .terminals
+                .iter()
+                .map(|t| t.last_seq.saturating_sub(t.shown))
+                .sum();
             for (intent, e) in lost.iter().take(EXAMPLES) {
                 counts
                     .examples
@@ -282,19 +293,28 @@ impl State {
         now: Instant,
     ) {
         let last = self.terminals[terminal].last_seq;
-        if seq <= last {
+        let first_time = self
+            .sent
+            .get(intent_id)
+            .is_some_and(|e| e.shown.is_none() && e.terminal == terminal);
+        if seq <= last && !first_time {
             // A new session (after a drop) sees again what the last one was shown.
             self.counts.repeats += 1;
             self.check_repeat(terminal, intent_id, seq);
             return;
         }
+        if seq <= last {
+            self.counts.out_of_order += 1;
+        }
         if seq > last + 1 {
             self.counts.gaps += seq - last - 1;
             self.example(format!(
-                "terminal {terminal}: seq {seq} after {last} ({intent_id})"
+                "terminal {terminal}: seq {seq} shown after {last} ({intent_id})"
             ));
         }
-        self.terminals[terminal].last_seq = seq;
+        let t = &mut self.terminals[terminal];
+        t.last_seq = t.last_seq.max(seq);
+        t.shown += 1;
         let Some(sent) = self.sent.get_mut(intent_id) else {
             self.counts.never_sent += 1;
             self.example(format!(
@@ -385,6 +405,12 @@ mod tests {
             (c.delivered, c.repeats, c.gaps, c.never_sent, c.lost),
             (2, 1, 1, 1, 2)
         );
+        assert_eq!((c.out_of_order, c.never_filled), (0, 1));
+        // Seq 2 comes late: delivered, out of order, and the gap is filled.
+        checker.seen(0, confirmation("pi_2", 2, 1_001));
+        let (c, _, _) = checker.summary();
+        assert_eq!((c.delivered, c.out_of_order, c.never_filled), (3, 1, 0));
+        assert_eq!((c.gaps, c.lost, c.repeats), (1, 1, 1));
         assert!(!c.clean());
         assert!(!checker.all_delivered(Duration::from_millis(10)).await);
     }
