@@ -358,7 +358,8 @@ struct Soak<'a> {
 
 impl Soak<'_> {
     /// Faults until the duration is over, one at a time; each kind is due again a random interval
-    /// after it was last due, so a long fault does not stretch the others' intervals.
+    /// after it was last due (now at the earliest), so a long fault neither stretches the others'
+    /// intervals nor starves them.
     async fn run(&mut self) -> anyhow::Result<()> {
         let end = self.started + self.opts.duration;
         let opts = self.opts;
@@ -384,6 +385,9 @@ impl Soak<'_> {
         };
         while let Some((i, fault, at)) = next(&due) {
             tokio::time::sleep_until(at).await;
+            if Instant::now() >= end {
+                break;
+            }
             self.apply(fault).await?;
             let every = match fault {
                 Fault::Kill => opts.kill_every,
@@ -392,7 +396,12 @@ impl Soak<'_> {
                 Fault::DiskFull => None,
             };
             match every {
-                Some(every) => due[i].1 = at + every.pick(&mut self.rng),
+                Some(every) => {
+                    // Anchored to when it was due; but after a fault that ran long this kind is
+                    // due now at the earliest, behind the others already overdue.
+                    let again = at + every.pick(&mut self.rng);
+                    due[i].1 = again.max(Instant::now());
+                }
                 None => {
                     due.remove(i);
                 }
