@@ -11,6 +11,8 @@
 //! - [`provider`]: the payment provider simulator: REST API, signed webhooks with retries and faults.
 //! - [`pos`]: the point-of-sale flow of the fleet, with chaos.
 //! - [`demo`]: gateway + provider simulator + fleet in one process, and the report.
+//! - [`chaos`]: `posgate-sim chaos`, the real `posgate` binary killed, stopped, starved of disk under
+//!   load, and the checker that proves nothing was lost.
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 //! - [`remote`]: a provider simulator in another process, over its REST API and control endpoint.
 //! - [`watch`]: `posgate-sim terminal`, one terminal a person can watch (QR code, then the outcome).
@@ -18,6 +20,7 @@
 //! - [`compare`]: the webhook bridge for another broker, and `bench e2e --broker … --plain`.
 
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod compare;
 pub mod demo;

@@ -1,0 +1,124 @@
+//! The simulated terminals: most on MQTT/TLS, some on SSE or WebSocket; each session verifies,
+//! acks and reports to the [`Checker`], and reconnects by itself when the daemon goes away. A
+//! session can be dropped (no DISCONNECT: a crash, a cable pulled) and started again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use super::checker::Checker;
+use crate::http_terminal::{Channel, spawn_http_session};
+use crate::terminal::{Bundle, spawn_session};
+
+/// How many terminals use which channel.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Mix {
+    pub mqtt: usize,
+    pub sse: usize,
+    pub ws: usize,
+}
+
+/// Every terminal's session.
+pub struct Terminals {
+    bundles: Vec<Bundle>,
+    channels: Vec<Channel>,
+    sessions: Vec<Option<JoinHandle<()>>>,
+    mqtt: SocketAddr,
+    ingress: SocketAddr,
+    checker: Arc<Checker>,
+}
+
+impl Terminals {
+    /// Terminals for `bundles`; the last `http` of them alternate between SSE and WebSocket.
+    /// Nothing connects before [`Terminals::start`].
+    pub fn new(
+        bundles: Vec<Bundle>,
+        http: usize,
+        mqtt: SocketAddr,
+        ingress: SocketAddr,
+        checker: Arc<Checker>,
+    ) -> Terminals {
+        let first_http = bundles.len().saturating_sub(http);
+        let channels = (0..bundles.len())
+            .map(|i| match i.checked_sub(first_http) {
+                None => Channel::Mqtt,
+                Some(k) if k % 2 == 0 => Channel::Sse,
+                Some(_) => Channel::Ws,
+            })
+            .collect();
+        let sessions = bundles.iter().map(|_| None).collect();
+        Terminals {
+            bundles,
+            channels,
+            sessions,
+            mqtt,
+            ingress,
+            checker,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bundles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bundles.is_empty()
+    }
+
+    /// How many use each channel.
+    pub fn mix(&self) -> Mix {
+        let count = |c| self.channels.iter().filter(|&&x| x == c).count();
+        Mix {
+            mqtt: count(Channel::Mqtt),
+            sse: count(Channel::Sse),
+            ws: count(Channel::Ws),
+        }
+    }
+
+    /// Starts terminal `i`'s session (replacing one that runs).
+    ///
+    /// # Errors
+    /// When its bundle does not parse.
+    pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        self.drop_session(i);
+        let checker = self.checker.clone();
+        let sink = Box::new(move |seen| {
+            checker.seen(i, seen);
+            true
+        });
+        let task = match self.channels[i] {
+            Channel::Mqtt => spawn_session(&self.bundles[i], self.mqtt, sink)?.1,
+            channel => spawn_http_session(&self.bundles[i], self.ingress, channel, sink)?,
+        };
+        self.sessions[i] = Some(task);
+        Ok(())
+    }
+
+    /// Starts every terminal.
+    ///
+    /// # Errors
+    /// When a bundle does not parse.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        (0..self.len()).try_for_each(|i| self.start(i))
+    }
+
+    /// Ends terminal `i`'s connection without a goodbye.
+    pub fn drop_session(&mut self, i: usize) {
+        if let Some(task) = self.sessions[i].take() {
+            task.abort();
+        }
+    }
+
+    /// Ends every session.
+    pub fn stop_all(&mut self) {
+        (0..self.len()).for_each(|i| self.drop_session(i));
+    }
+}
+
+impl Drop for Terminals {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
