@@ -94,6 +94,8 @@ pub struct Engine<P> {
     /// Terminals revoked while running: a notice of their rows committed just before the
     /// revocation may arrive after it, and must not queue them again.
     pub(super) revoked: HashSet<String>,
+    /// The startup load (the whole outbox) is in; nothing is published before.
+    pub(super) started: bool,
     /// Where the delivery engine's own tasks run (store reads and writes, RPC answers): the gateway's
     /// tracker, so that shutdown waits for them before closing the store.
     pub(super) tasks: TaskTracker,
@@ -126,6 +128,7 @@ impl<P: Publisher> Engine<P> {
             ack_in_flight: false,
             ack_retry: None,
             revoked: HashSet::new(),
+            started: false,
             tasks: TaskTracker::new(),
         }
     }
@@ -255,7 +258,14 @@ impl<P: Publisher> Engine<P> {
         let force = terminal_id.is_some();
         let ids: Vec<String> = match terminal_id {
             Some(id) => vec![id],
-            None => fresh.keys().cloned().collect(),
+            None => {
+                // Nothing was published before this: the rows committed meanwhile (by notice)
+                // wait in their queues behind the older rows this read found.
+                self.started = true;
+                let mut ids: HashSet<String> = fresh.keys().cloned().collect();
+                ids.extend(self.queues.keys().cloned());
+                ids.into_iter().collect()
+            }
         };
         for id in ids {
             let rows = fresh.remove(&id).unwrap_or_default();
@@ -278,8 +288,15 @@ impl<P: Publisher> Engine<P> {
         }
     }
 
-    /// Publishes the terminal's head row, unless it is already on the wire (or `force`).
+    /// Publishes the terminal's head row, unless it is already on the wire (or `force`), or the
+    /// startup load is not in yet.
     pub(super) async fn publish_head(&mut self, terminal_id: &str, force: bool) {
+        // Before the startup load, a queue knows only the rows committed since the start: its
+        // "head" may be newer than rows still in the outbox, and publishing it would show the
+        // terminal a later `seq` first.
+        if !self.started {
+            return;
+        }
         let Some(queue) = self.queues.get_mut(terminal_id) else {
             return;
         };
