@@ -23,7 +23,9 @@ use prometheus::IntCounterVec;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use posgate_proto::MicroUsdc;
 use posgate_proto::event::PaymentIntent;

@@ -17,7 +17,7 @@
 //! [`crate::channels`], and serves TLS itself when `ingress.tls` is set ([`tls`]).
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 pub mod tls;
 

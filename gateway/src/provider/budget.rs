@@ -46,6 +46,8 @@ pub struct Exhausted {
 pub struct TokioClock;
 
 impl Clock for TokioClock {
+    // governor wants std's type; the value comes from tokio's (paused) clock.
+    #[allow(clippy::disallowed_types)]
     type Instant = std::time::Instant;
 
     fn now(&self) -> Self::Instant {

@@ -12,6 +12,9 @@
 //! batches are answered "not committed", and the store reports unhealthy until a restart reads
 //! the disk again.
 
+// std's clock on purpose: the syncer thread and the condvar timeouts run on OS threads, outside any runtime.
+#![allow(clippy::disallowed_types)]
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;

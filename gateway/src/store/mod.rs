@@ -25,6 +25,9 @@
 //! - `rpc_answers`: (terminal id, request id) → the answer given, so a retried request gets it again.
 //! - `orphan_transfers`, `reconcile_state`: see `store/reconcile.rs`.
 
+// std's clock on purpose: `Health` is written by the writer thread and read from any thread: real time, not a (test-paused) runtime clock.
+#![allow(clippy::disallowed_types)]
+
 mod barrier;
 mod outbox;
 mod reconcile;
@@ -776,7 +779,7 @@ impl Store {
         drop(syncer);
         // A read in flight holds the database (and so the file's lock) until it ends: wait for
         // it, so that a restart in this process finds the file free.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match Arc::try_unwrap(db) {
                 Ok(last) => {
@@ -784,7 +787,7 @@ impl Store {
                     drop(tokio::task::spawn_blocking(move || drop(last)).await);
                     return;
                 }
-                Err(shared) if std::time::Instant::now() < deadline => {
+                Err(shared) if tokio::time::Instant::now() < deadline => {
                     db = shared;
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                 }

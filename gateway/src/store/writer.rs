@@ -1,9 +1,12 @@
 //! The writer thread: group commit and the per-event logic inside the write transaction.
 
+// std's clock on purpose: the writer is an OS thread, outside any runtime.
+#![allow(clippy::disallowed_types)]
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
 use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
@@ -57,7 +60,7 @@ pub(super) fn run(mut open: Open, mut rx: mpsc::Receiver<Job>, max_batch: usize,
                 Err(_) => break,
             }
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let lazy = batch
             .iter()
             .all(|job| job.durability() == StoreDurability::Deferred);
@@ -160,14 +163,14 @@ fn recover(open: Open, rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<
     drop(taken);
     let Open { mut db, syncer } = open;
     drop(syncer);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let until = Instant::now() + Duration::from_secs(30);
     loop {
         match Arc::try_unwrap(db) {
             Ok(last) => {
                 drop(last);
                 break;
             }
-            Err(shared_db) if std::time::Instant::now() < until => {
+            Err(shared_db) if Instant::now() < until => {
                 db = shared_db;
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -183,8 +186,8 @@ fn recover(open: Open, rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<
     let mut pause = REOPEN_FIRST;
     for attempt in 1u64.. {
         // Wait, answering what comes meanwhile at once.
-        let until = std::time::Instant::now() + pause;
-        while std::time::Instant::now() < until {
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
             loop {
                 match rx.try_recv() {
                     Ok(job) => job.finish(false),
