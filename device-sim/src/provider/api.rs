@@ -18,7 +18,8 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 
-use super::{ApiError, Core, model};
+use super::state::Core;
+use super::{ApiError, model};
 
 pub(super) fn router(core: Arc<Core>) -> Router {
     Router::new()

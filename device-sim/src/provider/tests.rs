@@ -1,16 +1,21 @@
 //! The simulator against a tiny webhook receiver that verifies with `posgate_proto::verify`.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use bytes::Bytes;
+use posgate_proto::MicroUsdc;
 use posgate_proto::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, vectors};
-use serde_json::json;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
 
 use super::*;
+use crate::events;
 
 /// One POST the receiver saw.
 #[derive(Clone, Debug)]
