@@ -252,7 +252,7 @@ impl Gateway {
         let client = config.provider.api_key.as_ref().and_then(|key| {
             let mode = Mode::of_key(key.expose_secret())?;
             match ProviderClient::new(&config.provider.api_base, key.clone(), budget.clone()) {
-                Ok(client) => Some((client, mode)),
+                Ok(client) => Some((client.with_metrics(metrics.provider.clone()), mode)),
                 Err(e) => {
                     tracing::error!(error = %e, "no provider client: reconciliation and terminal RPC are off");
                     None

@@ -6,8 +6,8 @@
 //! that describe the store (outbox, registry) are refreshed when `/metrics` is scraped.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for latencies from 100 µs to 10 s.
@@ -68,6 +68,8 @@ pub struct Metrics {
     pub rpc_requests: IntCounterVec,
     /// `posgate_http_streams{channel}`: open SSE and WebSocket streams of terminals.
     pub http_streams: IntGaugeVec,
+    /// Calls to the provider (`posgate_provider_requests_total`, `…_request_seconds`).
+    pub provider: crate::provider::CallMetrics,
     /// `posgate_store_healthy`: 1 while the store commits within its deadline, else 0.
     pub store_healthy: IntGauge,
     /// `posgate_data_dir_free_bytes`: space left for posgate on the file system of `data_dir`.
@@ -83,6 +85,18 @@ pub struct MetricsError(#[from] prometheus::Error);
 
 fn histogram(registry: &Registry, name: &str, help: &str) -> Result<Histogram, MetricsError> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<HistogramVec, MetricsError> {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    let h = HistogramVec::new(opts, labels)?;
     registry.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -134,7 +148,7 @@ impl Metrics {
         )?;
         r.register(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Ok(Metrics {
+        let metrics = Metrics {
             webhooks: counter_vec(
                 &r,
                 "posgate_webhooks_total",
@@ -253,6 +267,21 @@ impl Metrics {
                 "Open terminal streams on the ingress listener, by channel (sse, ws)",
                 &["channel"],
             )?,
+            provider: crate::provider::CallMetrics {
+                requests: counter_vec(
+                    &r,
+                    "posgate_provider_requests_total",
+                    "Requests to the provider's API, every attempt (retries included), by endpoint \
+                     and outcome: ok, the HTTP status (404, 409, 429, …), 5xx, or unreachable",
+                    &["endpoint", "outcome"],
+                )?,
+                seconds: histogram_vec(
+                    &r,
+                    "posgate_provider_request_seconds",
+                    "Time of each request to the provider's API until its answer, by endpoint",
+                    &["endpoint"],
+                )?,
+            },
             store_healthy: gauge(
                 &r,
                 "posgate_store_healthy",
@@ -270,7 +299,67 @@ impl Metrics {
                 "Size of the file system holding data_dir",
             )?,
             registry: r,
-        })
+        };
+        metrics.init_known_labels();
+        Ok(metrics)
+    }
+
+    /// Creates the series whose label values are known in advance, at 0: a fresh daemon exports
+    /// them, so dashboards show 0 rather than "No data" and `rate()` has a starting point.
+    fn init_known_labels(&self) {
+        for channel in ["sse", "ws"] {
+            self.http_streams.with_label_values(&[channel]);
+        }
+        for kind in [
+            "unknown_intent",
+            "missed_status",
+            "missed_transfer",
+            "orphan_transfer",
+            "unknown_at_provider",
+        ] {
+            self.reconcile_findings.with_label_values(&[kind]);
+        }
+        for outcome in ["ok", "failed"] {
+            self.reconcile_listings.with_label_values(&[outcome]);
+        }
+        for method in ["create_intent", "get_intent", "cancel_intent"] {
+            self.rpc_requests.with_label_values(&[method, "ok"]);
+        }
+        for reason in [
+            "missing_header",
+            "bad_timestamp",
+            "stale",
+            "bad_format",
+            "mismatch",
+            "no_secret",
+        ] {
+            self.signature_failures.with_label_values(&[reason]);
+        }
+        for outcome in [
+            "bad_signature",
+            "stale",
+            "too_large",
+            "malformed",
+            "store_error",
+        ] {
+            self.webhooks.with_label_values(&["none", outcome]);
+        }
+        for event_type in [
+            "payment_intent.confirmed",
+            "payment_intent.expired",
+            "payment_intent.cancelled",
+            "transaction.created",
+            "settlement.completed",
+            "settlement.failed",
+        ] {
+            self.webhooks.with_label_values(&[event_type, "accepted"]);
+        }
+        self.secret_matches.with_label_values(&["0"]);
+        self.transitions
+            .with_label_values(&["awaiting_payment", "confirmed"]);
+        for endpoint in crate::provider::ENDPOINTS {
+            self.provider.requests.with_label_values(&[endpoint, "ok"]);
+        }
     }
 
     /// The text exposition format.

@@ -80,14 +80,6 @@ impl Notifier {
         Notifier { target, watchdog }
     }
 
-    /// A notifier that sends nothing.
-    pub fn disabled() -> Notifier {
-        Notifier {
-            target: None,
-            watchdog: None,
-        }
-    }
-
     /// Whether a notification socket is configured.
     pub fn is_enabled(&self) -> bool {
         self.target.is_some()

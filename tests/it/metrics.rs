@@ -68,3 +68,30 @@ async fn counters_and_histograms_move_with_a_webhook_and_a_delivery() {
     assert!(sample(&after, "posgate_store_commit_seconds_count").is_some_and(|n| n >= 2.0));
     gw.shutdown().await;
 }
+
+/// A fresh daemon already exports the series whose labels are known (at 0), and the store and
+/// disk gauges: the shipped dashboard and alerts have data from the first scrape.
+#[tokio::test]
+async fn a_fresh_daemon_exports_its_known_series() {
+    let gw = spawn_gateway().await;
+    let text = gw.scrape().await;
+    for series in [
+        r#"posgate_http_streams{channel="sse"}"#,
+        r#"posgate_http_streams{channel="ws"}"#,
+        r#"posgate_reconcile_findings_total{kind="missed_status"}"#,
+        r#"posgate_reconcile_listings_total{outcome="failed"}"#,
+        r#"posgate_rpc_requests_total{method="create_intent",outcome="ok"}"#,
+        r#"posgate_webhook_signature_failures_total{reason="mismatch"}"#,
+        r#"posgate_provider_requests_total{endpoint="get_intent",outcome="ok"}"#,
+        r#"posgate_webhooks_total{event_type="none",outcome="store_error"}"#,
+        r#"posgate_webhook_secret_matches_total{slot="0"}"#,
+        r#"posgate_intent_transitions_total{from="awaiting_payment",to="confirmed"}"#,
+    ] {
+        assert_eq!(sample(&text, series), Some(0.0), "{series} in:\n{text}");
+    }
+    assert_eq!(sample(&text, "posgate_store_healthy"), Some(1.0));
+    let free = sample(&text, "posgate_data_dir_free_bytes").unwrap();
+    let size = sample(&text, "posgate_data_dir_size_bytes").unwrap();
+    assert!(free > 0.0 && free <= size, "free {free} of {size}");
+    gw.shutdown().await;
+}

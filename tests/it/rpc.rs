@@ -52,6 +52,18 @@ async fn a_terminal_creates_an_intent_and_receives_its_confirmation() {
     );
     let got = rpc(&mut t, "r2", "get_intent", json!({"intent_id": intent_id})).await;
     assert_eq!(got.result.unwrap()["status"], "confirmed");
+    // Every call to the provider is counted by endpoint and outcome, with its time.
+    let metrics = gw.scrape().await;
+    let created = harness::sample(
+        &metrics,
+        r#"posgate_provider_requests_total{endpoint="create_intent",outcome="ok"}"#,
+    );
+    assert_eq!(created, Some(1.0), "one create reached the provider");
+    let timed = harness::sample(
+        &metrics,
+        r#"posgate_provider_request_seconds_count{endpoint="create_intent"}"#,
+    );
+    assert_eq!(timed, Some(1.0));
     gw.shutdown().await;
 }
 

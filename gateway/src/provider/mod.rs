@@ -64,7 +64,26 @@ pub struct ProviderClient {
     /// The request budget shared by every client of this provider.
     budget: Arc<Budget>,
     priority: Priority,
+    metrics: Option<CallMetrics>,
 }
+
+/// The metrics of calls to the provider.
+#[derive(Clone)]
+pub struct CallMetrics {
+    /// `posgate_provider_requests_total{endpoint,outcome}`: every attempt (retries included);
+    /// `outcome` is `ok`, the status (`404`, `409`, `429`, `5xx`, …) or `unreachable`.
+    pub requests: prometheus::IntCounterVec,
+    /// `posgate_provider_request_seconds{endpoint}`: each attempt's time to the answer's head.
+    pub seconds: prometheus::HistogramVec,
+}
+
+/// The endpoints the gateway calls, as metric labels.
+pub const ENDPOINTS: [&str; 4] = [
+    "get_intent",
+    "create_intent",
+    "cancel_intent",
+    "list_transactions",
+];
 
 impl ProviderClient {
     /// An interactive client for `api_base` (e.g. `https://api.stablegenius.co/v1`) with the API
@@ -93,6 +112,7 @@ impl ProviderClient {
             backoff,
             budget,
             priority: Priority::Interactive,
+            metrics: None,
         })
     }
 
@@ -105,9 +125,10 @@ impl ProviderClient {
         }
     }
 
-    /// The same client with other retry delays (tests).
-    pub fn with_backoff(mut self, backoff: Vec<Duration>) -> ProviderClient {
-        self.backoff = backoff;
+    /// Counts every attempt in `metrics` (`posgate_provider_requests_total{endpoint,outcome}`,
+    /// `posgate_provider_request_seconds{endpoint}`).
+    pub fn with_metrics(mut self, metrics: CallMetrics) -> ProviderClient {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -117,6 +138,7 @@ impl ProviderClient {
     /// [`ProviderError`] after the retries, or at once for a 4xx other than 429.
     pub async fn get_intent(&self, id: &str) -> Result<Bytes, ProviderError> {
         self.call(
+            "get_intent",
             reqwest::Method::GET,
             &format!("/payment-intents/{id}"),
             None,
@@ -130,8 +152,13 @@ impl ProviderClient {
     /// # Errors
     /// As [`ProviderClient::get_intent`].
     pub async fn create_intent(&self, body: &serde_json::Value) -> Result<Bytes, ProviderError> {
-        self.call(reqwest::Method::POST, "/payment-intents", Some(body))
-            .await
+        self.call(
+            "create_intent",
+            reqwest::Method::POST,
+            "/payment-intents",
+            Some(body),
+        )
+        .await
     }
 
     /// `POST /payment-intents/{id}/cancel`.
@@ -141,6 +168,7 @@ impl ProviderClient {
     pub async fn cancel_intent(&self, id: &str) -> Result<Bytes, ProviderError> {
         let empty = serde_json::json!({});
         self.call(
+            "cancel_intent",
             reqwest::Method::POST,
             &format!("/payment-intents/{id}/cancel"),
             Some(&empty),
@@ -165,15 +193,28 @@ impl ProviderClient {
             path.push('=');
             path.push_str(&encode_query(value));
         }
-        let raw = self.call(reqwest::Method::GET, &path, None).await?;
+        let raw = self
+            .call("list_transactions", reqwest::Method::GET, &path, None)
+            .await?;
         parse_list(&raw).map_err(|reason| ProviderError::Unexpected {
             path: "/transactions".into(),
             reason,
         })
     }
 
+    /// Counts one attempt at `endpoint`.
+    fn observe(&self, endpoint: &str, outcome: &str, started: tokio::time::Instant) {
+        if let Some(m) = &self.metrics {
+            m.requests.with_label_values(&[endpoint, outcome]).inc();
+            m.seconds
+                .with_label_values(&[endpoint])
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
     async fn call(
         &self,
+        endpoint: &'static str,
         method: reqwest::Method,
         path: &str,
         body: Option<&serde_json::Value>,
@@ -198,7 +239,15 @@ impl ProviderClient {
             if let Some(body) = body {
                 request = request.json(body);
             }
+            let started = tokio::time::Instant::now();
             let result = request.send().await;
+            let outcome = match &result {
+                Ok(r) if r.status().is_success() => "ok".to_owned(),
+                Ok(r) if r.status().is_server_error() => "5xx".to_owned(),
+                Ok(r) => r.status().as_u16().to_string(),
+                Err(_) => "unreachable".to_owned(),
+            };
+            self.observe(endpoint, &outcome, started);
             let retry_after = match result {
                 Ok(response) if response.status().is_success() => {
                     return response

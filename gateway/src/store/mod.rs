@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use posgate_proto::event::EventData;
-use redb::{Database, MultimapTableDefinition, ReadableMultimapTable, TableDefinition};
+use redb::{Database, MultimapTableDefinition, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -735,26 +735,6 @@ impl Store {
                 }
             }
             Ok((page, has_more))
-        })
-        .await
-    }
-
-    /// Events waiting for an intent or address we do not know (`pi_…` or `addr:0x…` keys).
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn pending_events(&self) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(|db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_multimap_table(PENDING)?;
-            let mut out = Vec::new();
-            for entry in table.iter()? {
-                let (key, values) = entry?;
-                for value in values {
-                    out.push((key.value().to_owned(), value?.value().to_owned()));
-                }
-            }
-            Ok(out)
         })
         .await
     }
