@@ -1,0 +1,138 @@
+//! The `posgate-sim` command line (in the library, so tests can run it as a process).
+//!
+//! This file parses the command line, dispatches to the subcommand and maps errors to exit codes
+//! (64 for a [`UsageError`], 1 otherwise). Each subcommand has a file here with its flags and its
+//! run: `demo`, `provider`, `terminal`, `fleet`, `bridge`, `chaos`, and `bench` with its scenarios.
+
+mod bench;
+mod bridge;
+mod chaos;
+mod demo;
+mod fleet;
+mod provider;
+mod terminal;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "posgate-sim",
+    version,
+    about = "posgate's simulator: provider, terminals, demo, benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole system on one machine: gateway + provider simulator + N terminals, live progress,
+    /// final report; exit 0 only if nothing was lost.
+    Demo(demo::DemoArgs),
+    /// The payment provider simulator: REST API under http://ADDR/v1, signed webhooks, faults.
+    Provider(provider::ProviderArgs),
+    /// One terminal a person can watch: shows the amount and the QR code, waits for the signed
+    /// confirmation, shows PAID, EXPIRED, UNDERPAID or CANCELLED.
+    Terminal(terminal::TerminalArgs),
+    /// N terminals running the POS flow against a running gateway and provider simulator; exit
+    /// 0 only if nothing was lost.
+    Fleet(fleet::FleetArgs),
+    /// A minimal webhook -> MQTT bridge (HMAC check, retained QoS 1 publish, no durable write),
+    /// to put another broker (e.g. Mosquitto) side by side with posgate in `bench e2e --broker`.
+    Bridge(bridge::BridgeArgs),
+    /// A chaos soak of the real `posgate` binary: terminals on MQTT, SSE and WebSocket, webhooks
+    /// retried until 200, SIGKILL/SIGTERM restarts on the same ports, terminal drops, a full disk;
+    /// exit 0 only if nothing was lost, skipped or invented.
+    Chaos(chaos::ChaosArgs),
+    /// Measurements; each prints a table and can write a JSON report.
+    Bench {
+        #[command(subcommand)]
+        scenario: bench::Scenario,
+    },
+}
+
+/// Entry point of the `posgate-sim` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("posgate-sim: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("posgate-sim: {e:#}");
+            if e.is::<UsageError>() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Runs the subcommand.
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo(args) => args.run().await,
+        Command::Provider(args) => args.run().await,
+        Command::Terminal(args) => args.run().await,
+        Command::Fleet(args) => args.run().await,
+        Command::Bridge(args) => args.run().await,
+        Command::Chaos(args) => args.run().await,
+        Command::Bench { scenario } => scenario.run().await,
+    }
+}
+
+/// Saves a printed report to `json` when given; non-zero exit unless the run was `clean`.
+fn save(
+    report: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+    clean: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(path) = json {
+        write_json(path, report)?;
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Writes a report as pretty JSON to `path`.
+fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A problem before serving starts (bad flags, address in use): exit 64.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Waits for SIGINT or SIGTERM.
+async fn wait_for_signal(mut term: tokio::signal::unix::Signal) -> anyhow::Result<()> {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
