@@ -501,6 +501,7 @@ impl Running {
         tracing::info!(
             webhook_secrets = count,
             revoked_terminals = revoked.len(),
+            log_level = %config.log.level,
             "reloaded"
         );
         Ok(())

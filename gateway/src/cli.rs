@@ -96,6 +96,39 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Keys SIGHUP applies; a change of any other key is reported as needing a restart.
+const RELOADABLE: &[&str] = &["provider.webhook_secrets", "log.level"];
+
+/// SIGHUP with a valid configuration: applies the webhook secrets, the revocations and the log
+/// level; names every other changed key (against the configuration the daemon started with) as
+/// not applied.
+async fn reload(
+    running: &crate::app::Running,
+    log: Option<&crate::telemetry::LogReload>,
+    started_with: &Config,
+    config: &Config,
+) {
+    if let Some(log) = log
+        && let Err(e) = log.set_level(&config.log.level)
+    {
+        tracing::error!(error = %e, level = %config.log.level, "log level not applied");
+    }
+    if let Err(e) = running.reload(config).await {
+        tracing::error!(error = %error_chain(&e), "reload failed; webhook secrets and revocations unchanged");
+    }
+    let needs_restart: Vec<String> = started_with
+        .changed_keys(config)
+        .into_iter()
+        .filter(|k| !RELOADABLE.contains(&k.as_str()))
+        .collect();
+    if !needs_restart.is_empty() {
+        tracing::warn!(
+            keys = %needs_restart.join(", "),
+            "reload: these keys changed but take effect only after a restart (systemctl restart posgate); running with their old values"
+        );
+    }
+}
+
 fn check_config(file: Option<&Path>, env: &Env) -> ExitCode {
     let config = match Config::load(file, env) {
         Ok(config) => config,
@@ -139,7 +172,7 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    crate::telemetry::init(&config.log);
+    let log_reload = crate::telemetry::init(&config.log, env.get("JOURNAL_STREAM").is_some());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -160,6 +193,7 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let started_with = config.clone();
         let gateway = match Gateway::build(config).await {
             Ok(gateway) => gateway,
             Err(e) => {
@@ -192,9 +226,7 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
                     }
                     Request::Reload => match Config::load(file.as_deref(), &env) {
                         Ok(config) => {
-                            if let Err(e) = running.reload(&config).await {
-                                tracing::error!(error = %error_chain(&e), "reload failed; nothing changed");
-                            }
+                            reload(&running, log_reload.as_ref(), &started_with, &config).await;
                         }
                         Err(e) => tracing::error!(error = %error_chain(&e), "reload refused: invalid configuration; nothing changed"),
                     },

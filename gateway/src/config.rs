@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 
 /// The embedded default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/posgate.toml");
@@ -43,6 +44,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub store: StoreConfig,
     pub shutdown: ShutdownConfig,
+    /// Every key with its value as loaded (secrets as a digest), to tell what a reload changed.
+    values: std::collections::BTreeMap<String, String>,
 }
 
 /// `[log]`.
@@ -58,6 +61,9 @@ pub struct LogConfig {
 pub enum LogFormat {
     Plain,
     Json,
+    /// Plain lines with their syslog priority in front (`<3>…`), for journald; chosen by itself
+    /// under systemd (`$JOURNAL_STREAM`) with `plain`.
+    Journald,
 }
 
 /// `[ingress]`: the provider-facing webhook listener.
@@ -166,7 +172,8 @@ impl Env {
         }
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    /// One variable, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.vars.get(key).map(String::as_str)
     }
 
@@ -286,7 +293,8 @@ impl Config {
             .and_then(|f| match f.as_str() {
                 "plain" => Some(LogFormat::Plain),
                 "json" => Some(LogFormat::Json),
-                _ => r.reject("log.format", "must be \"plain\" or \"json\""),
+                "journald" => Some(LogFormat::Journald),
+                _ => r.reject("log.format", "must be \"plain\", \"json\" or \"journald\""),
             });
         let log_level: Option<String> = r.required("log.level");
         if let Some(Err(e)) = log_level
@@ -424,10 +432,36 @@ impl Config {
                 shutdown: ShutdownConfig {
                     grace_secs: grace_secs?,
                 },
+                values: std::collections::BTreeMap::new(),
             })
         })();
         // Every `None` above recorded a bad key, so this is only reached with all values present.
-        config.ok_or_else(|| ConfigError::Invalid(Vec::new()))
+        let mut config = config.ok_or_else(|| ConfigError::Invalid(Vec::new()))?;
+        let mut leaves = Vec::new();
+        if let config::ValueKind::Table(root) = &merged.cache.kind {
+            collect_leaves("", root, &mut leaves);
+        }
+        config.values = leaves
+            .into_iter()
+            .map(|(key, value)| {
+                let value = if SECRET_KEYS.contains(&key.as_str()) {
+                    hex::encode(Sha256::digest(value.as_bytes()))
+                } else {
+                    value
+                };
+                (key, value)
+            })
+            .collect();
+        Ok(config)
+    }
+
+    /// The keys whose value differs in `newer` (added or removed keys included), in order.
+    pub fn changed_keys(&self, newer: &Config) -> Vec<String> {
+        let keys: BTreeSet<&String> = self.values.keys().chain(newer.values.keys()).collect();
+        keys.into_iter()
+            .filter(|k| self.values.get(*k) != newer.values.get(*k))
+            .cloned()
+            .collect()
     }
 }
 
@@ -530,12 +564,14 @@ impl Reader<'_> {
         if let config::ValueKind::Table(root) = &self.merged.cache.kind {
             collect_leaves("", root, &mut leaves);
         }
-        for (key, value) in leaves {
+        for (key, _) in leaves {
             let known_section = self.seen.iter().any(|k| k.starts_with(&format!("{key}.")));
             if !self.seen.contains(key.as_str()) && !known_section {
+                // Its value is never shown: an unknown key may be a mistyped secret
+                // (`provider.api_keys = "sk_live_…"`).
                 self.bad.push(InvalidKey {
                     key,
-                    value,
+                    value: "<not shown>".to_owned(),
                     reason: "unknown key".to_owned(),
                 });
             }

@@ -39,23 +39,24 @@ fn check_config_lists_every_bad_key_and_exits_64() {
         &[
             ("POSGATE__DATA_DIR", &data_dir),
             ("POSGATE__PROVIDER__API_KEY", "not_a_key_secret"),
+            // A mistyped secret key: its value must not be printed either.
+            ("POSGATE__PROVIDER__API_KEYS", "sk_live_mistyped_secret"),
         ],
     );
     assert_eq!(out.status.code(), Some(64));
     let err = text(&out.stderr);
     for needle in [
         "ingress.listen = \"127.0.0.1:99999\"",
-        "ingress.lisen = \"typo\"",
-        "unknown key",
+        "ingress.lisen = <not shown>: unknown key",
+        "provider.api_keys = <not shown>: unknown key",
         "shutdown.grace_secs",
         "provider.api_key = <redacted>",
     ] {
         assert!(err.contains(needle), "{needle:?} not in:\n{err}");
     }
-    assert!(
-        !err.contains("not_a_key_secret"),
-        "a secret was printed:\n{err}"
-    );
+    for secret in ["not_a_key_secret", "sk_live_mistyped_secret", "typo"] {
+        assert!(!err.contains(secret), "{secret} was printed:\n{err}");
+    }
 }
 
 #[test]
@@ -193,4 +194,33 @@ fn a_database_held_by_another_process_exits_75() {
     let out = posgate(&["run"], &env);
     assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
     drop(held);
+}
+
+/// Under systemd (`$JOURNAL_STREAM` set) every log line carries its syslog priority, which
+/// journald reads: `journalctl -p err` finds the errors.
+#[test]
+fn under_journald_log_lines_carry_their_priority() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let env = [
+        ("POSGATE__DATA_DIR", data_dir.as_str()),
+        ("POSGATE__INGRESS__LISTEN", "127.0.0.1:0"),
+        ("POSGATE__ADMIN__LISTEN", taken.as_str()),
+        ("POSGATE__MQTT__LISTEN", "127.0.0.1:0"),
+        ("JOURNAL_STREAM", "8:12345"),
+    ];
+    let out = posgate(&["run"], &env);
+    assert_eq!(out.status.code(), Some(75));
+    let stdout = text(&out.stdout);
+    let error = stdout
+        .lines()
+        .find(|l| l.contains("cannot start"))
+        .unwrap_or_else(|| panic!("no error line in:\n{stdout}"));
+    assert!(error.starts_with("<3>"), "{error}");
+    assert!(
+        stdout.lines().all(|l| l.starts_with('<')),
+        "a line without its priority:\n{stdout}"
+    );
 }

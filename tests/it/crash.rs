@@ -475,3 +475,62 @@ async fn sigterm_with_terminals_connected_restarts_on_the_same_ports() {
     each_is_served(&daemon, &http, &mut terminals, "after_term").await;
     sigterm(&daemon).await;
 }
+
+/// SIGHUP applies the log level (a debug line appears that did not before), and names every
+/// other changed key as needing a restart instead of ignoring it silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_the_log_level_and_names_keys_that_need_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("posgate.toml");
+    let base = "[provider]\nwebhook_secrets = [\"whsec_hup\"]\n";
+    std::fs::write(&config, format!("{base}[log]\nlevel = \"info\"\n")).unwrap();
+    let daemon = start_daemon_with(&dir.path().join("data"), Some(&config)).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    let post = |n: u32| {
+        let intent = Intent::new("pi_lvl", MicroUsdc(1_000_000), "pos_lvl");
+        let body = events::intent_event(&format!("evt_lvl_{n}"), "confirmed", &intent);
+        signed_post(&http, &url, "whsec_hup", body).send()
+    };
+    // A duplicate is logged at debug level only.
+    assert_eq!(post(1).await.unwrap().status(), 200);
+    assert_eq!(post(1).await.unwrap().status(), 200);
+    std::fs::write(
+        &config,
+        format!(
+            "{base}[log]\nlevel = \"posgate=debug,info\"\n[ingress]\nbody_limit_bytes = 4096\n"
+        ),
+    )
+    .unwrap();
+    harness::signal(&daemon.child, "HUP");
+    harness::eventually(Duration::from_secs(10), || async {
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .contains("take effect only after a restart")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(post(1).await.unwrap().status(), 200);
+    harness::eventually(Duration::from_secs(10), || async {
+        let log = daemon.log.lock().unwrap();
+        log.contains("duplicate webhook").then_some(())
+    })
+    .await;
+    let log = daemon.log.lock().unwrap().clone();
+    assert_eq!(
+        log.matches("duplicate webhook").count(),
+        1,
+        "only the duplicate after the reload is logged at debug:\n{log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("take effect only after a restart"))
+        .unwrap();
+    assert!(
+        line.contains("ingress.body_limit_bytes") && !line.contains("log.level"),
+        "{line}"
+    );
+    sigterm(&daemon).await;
+}

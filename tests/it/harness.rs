@@ -27,7 +27,7 @@ fn init_log() {
                 format: posgate::config::LogFormat::Plain,
                 level: "debug".into(),
             };
-            posgate::telemetry::init(&log);
+            posgate::telemetry::init(&log, false);
         }
     });
 }
