@@ -1,7 +1,7 @@
 //! The `posgate-sim` command line (in the library, so tests can run it as a process).
 //!
 //! This file parses the command line, dispatches to the subcommand and maps errors to exit codes
-//! (64 for a [`UsageError`], 1 otherwise). Each subcommand has a file here with its flags and its
+//! (64 for a `UsageError`, 1 otherwise). Each subcommand has a file here with its flags and its
 //! run: `demo`, `provider`, `terminal`, `fleet`, `bridge`, `chaos`, and `bench` with its scenarios.
 
 mod bench;
