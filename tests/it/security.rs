@@ -1,7 +1,9 @@
 //! Attacks from a terminal's side, over real MQTT/TLS: another terminal's topics, forged and
 //! replayed confirmations, bad and revoked certificates, silent clients.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use posgate::pki::Pki;
 use posgate_proto::confirmation::{self, VerifyError};

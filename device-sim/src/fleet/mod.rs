@@ -19,7 +19,9 @@ mod webhooks;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::bail;
 use rumqttc::AsyncClient;

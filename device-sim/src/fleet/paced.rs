@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use hdrhistogram::Histogram;
 use posgate_proto::MicroUsdc;
@@ -247,13 +249,13 @@ pub fn spawn_paced_senders(
                 connected.wait().await;
                 let mut conn = conn?;
                 let start = *start.get_or_init(tokio::time::Instant::now);
-                let end = start.into_std() + duration;
+                let end = start + duration;
                 let mut next = start + gap();
                 let mut k = 0u64;
                 let mut errors = 0u64;
                 while Instant::now() < end {
                     tokio::time::sleep_until(next).await;
-                    let scheduled = next.into_std();
+                    let scheduled = next;
                     next += gap();
                     let t = ((k as usize) * senders + s) % terminals.len();
                     let intent = format!("pi_{tag}{s}_{k}");

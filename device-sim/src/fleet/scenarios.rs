@@ -2,7 +2,9 @@
 //! on a [`Target`], drives a [`Fleet`] through its scenario and returns a [`FleetReport`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::bail;
 
