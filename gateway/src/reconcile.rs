@@ -20,8 +20,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use bytes::Bytes;
-use posgate_proto::event::{EventData, PaymentIntent, Transaction};
+use posgate_proto::event::Transaction;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -31,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::IntentStatus;
 use crate::metrics::Metrics;
 use crate::provider::{ProviderClient, ProviderError};
-use crate::store::{IncomingEvent, Ingested, IntentFilter, Listed, Store};
+use crate::store::{Ingested, IntentFilter, Listed, SnapshotError, Store, StoreError};
 
 /// Where the ingress reports intents it could not resolve.
 #[derive(Clone)]
@@ -44,41 +43,32 @@ impl Handle {
     }
 }
 
-/// Applies an intent object read from the provider (a GET, a create, a cancel) through the same
-/// store transaction, state machine and outbox as a webhook; it is kept like an event, so the
-/// intent's history shows the observation.
-///
-/// # Errors
-/// When the object does not parse or the store fails.
-pub async fn apply_snapshot(
-    store: &Store,
-    raw: Bytes,
-) -> anyhow::Result<(PaymentIntent, Ingested)> {
-    apply_snapshot_as(store, raw, "reconcile.payment_intent").await
+/// The kind under which an intent object read by reconciliation is kept.
+pub const SNAPSHOT_KIND: &str = "reconcile.payment_intent";
+
+/// Why a reconciliation step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("asking the provider")]
+    Provider(#[from] ProviderError),
+    #[error("reading or writing the store")]
+    Store(#[from] StoreError),
+    #[error("applying the provider's intent object")]
+    Snapshot(#[from] SnapshotError),
+    #[error("a listed transaction has no readable id")]
+    ListedId(#[source] serde_json::Error),
+    #[error("formatting the listing's start time")]
+    Time(#[from] time::error::Format),
 }
 
-/// As [`apply_snapshot`], kept under the event kind `kind` (the intent's history names why the
-/// gateway read it, e.g. `rpc.qr_rejected`).
-///
-/// # Errors
-/// As [`apply_snapshot`].
-pub async fn apply_snapshot_as(
-    store: &Store,
-    raw: Bytes,
-    kind: &str,
-) -> anyhow::Result<(PaymentIntent, Ingested)> {
-    let snapshot: PaymentIntent = serde_json::from_slice(&raw)?;
-    let now = OffsetDateTime::now_utc();
-    let event = IncomingEvent {
-        event_id: format!("rec_{}_{}", snapshot.id, now.unix_timestamp_nanos()),
-        kind: kind.into(),
-        raw,
-        received_at: now,
-        created_at: Some(now),
-        data: Ok(EventData::PaymentIntent(snapshot.clone())),
-    };
-    let ingested = store.ingest(event).await?;
-    Ok((snapshot, ingested))
+impl ReconcileError {
+    /// The provider does not know the intent (`404`): asking again will not change that.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ReconcileError::Provider(ProviderError::Status { status: 404, .. })
+        )
+    }
 }
 
 /// How long a lookup waits after it is asked for (and between attempts). The provider sends a
@@ -261,7 +251,7 @@ impl Reconciler {
                         Ok(Some(kind)) => self.metrics.reconcile_findings.with_label_values(&[kind]).inc(),
                         Ok(None) => {}
                         // The provider does not know it: asking again will not change that.
-                        Err(e) if is_not_found(&e) => {
+                        Err(e) if e.is_not_found() => {
                             self.metrics.reconcile_findings.with_label_values(&["unknown_at_provider"]).inc();
                             tracing::error!(intent_id = %id, error = %e, "the provider does not know this intent (404); its events stay kept, unapplied");
                             self.orphan_unknown_intent(&id).await;
@@ -348,7 +338,7 @@ impl Reconciler {
 
     /// Lists the provider's transactions since the cursor (minus the overlap), page by page, and
     /// feeds each transfer through the store; moves the cursor when every page was read.
-    async fn list_transactions(&self) -> anyhow::Result<ListingReport> {
+    async fn list_transactions(&self) -> Result<ListingReport, ReconcileError> {
         let started = OffsetDateTime::now_utc();
         let cursor = self.store.transactions_cursor().await?;
         let from = window_start(cursor, started, self.listing.overlap);
@@ -370,7 +360,7 @@ impl Reconciler {
             for item in &page.data {
                 report.listed += 1;
                 let raw = item.get();
-                let id: IdOnly = serde_json::from_str(raw)?;
+                let id: IdOnly = serde_json::from_str(raw).map_err(ReconcileError::ListedId)?;
                 after = Some(id.id.clone());
                 let tx: Transaction = match serde_json::from_str(raw) {
                     Ok(tx) => tx,
@@ -428,7 +418,7 @@ impl Reconciler {
     }
 
     /// GETs the intent and applies its snapshot; names the finding when that changed something.
-    async fn resolve(&self, intent_id: &str) -> anyhow::Result<Option<&'static str>> {
+    async fn resolve(&self, intent_id: &str) -> Result<Option<&'static str>, ReconcileError> {
         let before = self.store.intent(intent_id.to_owned()).await?;
         if before
             .as_ref()
@@ -437,12 +427,10 @@ impl Reconciler {
             return Ok(None); // a webhook settled it meanwhile
         }
         let raw = self.client.get_intent(intent_id).await?;
-        let (snapshot, ingested) = apply_snapshot(&self.store, raw).await?;
-        anyhow::ensure!(
-            snapshot.id == intent_id,
-            "the provider answered for {} instead",
-            snapshot.id
-        );
+        let (snapshot, ingested) = self
+            .store
+            .ingest_snapshot(raw, SNAPSHOT_KIND, Some(intent_id))
+            .await?;
         let changed = match &ingested {
             Ingested::New { effects, .. } => {
                 before.is_none() || effects.iter().any(|(_, e)| e.from != e.to)
@@ -460,13 +448,6 @@ impl Reconciler {
         tracing::info!(%intent_id, finding = kind, status = %snapshot.status, "reconciliation found what no webhook said");
         Ok(Some(kind))
     }
-}
-
-fn is_not_found(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<ProviderError>(),
-        Some(ProviderError::Status { status: 404, .. })
-    )
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::IntentStatus;
 use crate::provider::{ProviderClient, ProviderError};
-use crate::reconcile::{apply_snapshot, apply_snapshot_as};
+use crate::reconcile::SNAPSHOT_KIND;
 use crate::store::{Store, StoredIntent};
 
 /// The RPC service.
@@ -298,7 +298,11 @@ impl Rpc {
             // No open intent may stay behind at the provider: cancel it, and keep what it says
             // (the intent is stored, its history shows the rejection).
             let outcome = match cancel_or_read(client, &pi.id).await {
-                Ok(raw) => match apply_snapshot_as(&self.store, raw, QR_REJECTED).await {
+                Ok(raw) => match self
+                    .store
+                    .ingest_snapshot(raw, QR_REJECTED, Some(&pi.id))
+                    .await
+                {
                     Ok((snapshot, _)) => format!("it is {} at the provider", snapshot.status),
                     Err(e) => {
                         tracing::error!(intent_id = %pi.id, error = %e, "recording the cancelled intent failed");
@@ -361,7 +365,12 @@ impl Rpc {
         {
             match client.get_intent(&intent.record.id).await {
                 Ok(raw) => {
-                    if apply_snapshot(&self.store, raw).await.is_ok() {
+                    if self
+                        .store
+                        .ingest_snapshot(raw, SNAPSHOT_KIND, Some(&intent.record.id))
+                        .await
+                        .is_ok()
+                    {
                         intent = self.own(terminal_id, request).await?;
                     }
                 }
@@ -379,7 +388,8 @@ impl Rpc {
         let raw = cancel_or_read(client, &intent.record.id)
             .await
             .map_err(|e| provider_error(&e))?;
-        apply_snapshot(&self.store, raw)
+        self.store
+            .ingest_snapshot(raw, SNAPSHOT_KIND, Some(&intent.record.id))
             .await
             .map_err(|e| ("unavailable", e.to_string()))?;
         let intent = self.own(terminal_id, request).await?;

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -47,6 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::delivery::{BrokerEvent, PublishError, Publisher};
+use crate::pki::Serial;
 
 /// Listener ids inside rmqtt.
 const TLS_LISTENER: u16 = 1;
@@ -96,33 +97,24 @@ pub struct Addrs {
 /// Who may not connect.
 #[derive(Default)]
 struct Revoked {
-    serials: RwLock<HashSet<String>>,
+    serials: RwLock<HashSet<Serial>>,
     terminals: RwLock<HashSet<String>>,
 }
 
-/// Certificate serials compare without leading zeros, case-insensitively (rmqtt prints them as a
-/// big integer in hex; our PKI as fixed-width hex).
-fn normalize_serial(serial: &str) -> String {
-    let s = serial
-        .trim()
-        .trim_start_matches("0x")
-        .replace(':', "")
-        .to_ascii_lowercase();
-    let trimmed = s.trim_start_matches('0');
-    if trimmed.is_empty() {
-        "0".to_owned()
-    } else {
-        trimmed.to_owned()
-    }
-}
-
 impl Revoked {
+    /// Never answers "not revoked" because of a poisoned lock: the sets are only ever extended
+    /// in one call, so what a poisoned lock holds is whole, and it is read as it is.
     fn contains(&self, terminal_id: &str, serial: Option<&str>) -> bool {
-        let by_id = self.terminals.read().is_ok_and(|t| t.contains(terminal_id));
+        let by_id = self
+            .terminals
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(terminal_id);
         let by_serial = serial.is_some_and(|s| {
             self.serials
                 .read()
-                .is_ok_and(|set| set.contains(&normalize_serial(s)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&Serial::parse(s))
         });
         by_id || by_serial
     }
@@ -164,12 +156,7 @@ impl Broker {
             .map_err(|e| BrokerError::Start(e.to_string()))?;
 
         let revoked = Arc::new(Revoked {
-            serials: RwLock::new(
-                revoked_serials
-                    .iter()
-                    .map(|s| normalize_serial(s))
-                    .collect(),
-            ),
+            serials: RwLock::new(revoked_serials.iter().map(|s| Serial::parse(s)).collect()),
             terminals: RwLock::new(revoked_terminals.into_iter().collect()),
         });
         let hooks = Arc::new(Hooks {
@@ -340,12 +327,17 @@ fn local(listener: &rmqtt::net::Listener, configured: SocketAddr) -> SocketAddr 
 impl Handle {
     /// Refuses `terminal_id` and its certificate `serial` from now on, and cuts its session.
     pub fn revoke(&self, terminal_id: &str, serial: &str) {
-        if let Ok(mut set) = self.revoked.serials.write() {
-            set.insert(normalize_serial(serial));
-        }
-        if let Ok(mut set) = self.revoked.terminals.write() {
-            set.insert(terminal_id.to_owned());
-        }
+        // A poisoned lock must not skip a revocation.
+        self.revoked
+            .serials
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(Serial::parse(serial));
+        self.revoked
+            .terminals
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(terminal_id.to_owned());
         let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
         tokio::spawn(async move { kick(&scx, &id).await });
     }
@@ -353,12 +345,16 @@ impl Handle {
     /// Adds every serial and terminal id of these lists to the refused ones (revocations are
     /// never undone: a revoked terminal is provisioned again under a new id).
     pub fn set_revoked(&self, serials: &[String], terminal_ids: &[String]) {
-        if let Ok(mut set) = self.revoked.serials.write() {
-            set.extend(serials.iter().map(|s| normalize_serial(s)));
-        }
-        if let Ok(mut set) = self.revoked.terminals.write() {
-            set.extend(terminal_ids.iter().cloned());
-        }
+        self.revoked
+            .serials
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(serials.iter().map(|s| Serial::parse(s)));
+        self.revoked
+            .terminals
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(terminal_ids.iter().cloned());
     }
 
     /// Number of connected clients.
@@ -644,11 +640,33 @@ mod tests {
 
     #[test]
     fn serials_compare_normalized() {
-        assert_eq!(normalize_serial("00AB:CD"), "abcd");
-        assert_eq!(normalize_serial("0abcd"), "abcd");
         let r = Revoked::default();
-        r.serials.write().unwrap().insert(normalize_serial("00ff"));
+        r.serials.write().unwrap().insert(Serial::parse("00ff"));
         assert!(r.contains("x", Some("FF")));
         assert!(!r.contains("x", Some("fe")));
+    }
+
+    /// A lock poisoned by a panic elsewhere still answers "revoked" (it used to answer "not
+    /// revoked": fail open).
+    #[test]
+    fn a_poisoned_lock_still_refuses_a_revoked_terminal() {
+        let r = std::sync::Arc::new(Revoked::default());
+        r.serials.write().unwrap().insert(Serial::parse("ab"));
+        r.terminals.write().unwrap().insert("pos_stolen".into());
+        for poison in [true, false] {
+            let r = r.clone();
+            drop(
+                std::thread::spawn(move || {
+                    let _serials = r.serials.write().unwrap();
+                    let _terminals = r.terminals.write().unwrap();
+                    assert!(!poison, "poisoning the locks");
+                })
+                .join(),
+            );
+        }
+        assert!(r.serials.is_poisoned() && r.terminals.is_poisoned());
+        assert!(r.contains("pos_stolen", None));
+        assert!(r.contains("pos_other", Some("00AB")));
+        assert!(!r.contains("pos_other", Some("cd")));
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::http::error;
 use crate::ingress::tls::TlsPeer;
-use crate::pki::CertIdentity;
+use crate::pki::{CertIdentity, Serial};
 use crate::store::{StoreError, TerminalRecord};
 
 use super::*;
@@ -124,12 +124,6 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Serials compare without leading zeros, case-insensitively.
-pub(super) fn same_serial(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.trim_start_matches('0').to_ascii_lowercase();
-    norm(a) == norm(b)
-}
-
 /// An authenticated terminal, with a subscription to its streams when asked for.
 pub(super) struct Authenticated {
     pub(super) terminal: TerminalRecord,
@@ -174,7 +168,8 @@ pub(super) async fn authenticate(
         }
     }
     if let Some(cert) = &peer.0
-        && (!same_serial(&cert.serial_hex, &terminal.cert_serial) || cert.o != terminal.tenant)
+        && (Serial::parse(&cert.serial_hex) != Serial::parse(&terminal.cert_serial)
+            || cert.o != terminal.tenant)
     {
         return Err(Refused::Terminal(id));
     }

@@ -4,7 +4,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
-use super::auth::{bearer, same_serial};
+use super::auth::bearer;
 use super::*;
 use crate::delivery::Published;
 use crate::store::TerminalRecord;
@@ -27,12 +27,6 @@ fn bearer_parsing() {
     assert_eq!(bearer(&h), None);
     h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
     assert_eq!(bearer(&h), None);
-}
-
-#[test]
-fn serials_compare_normalized() {
-    assert!(same_serial("00ab", "AB"));
-    assert!(!same_serial("ab", "abc"));
 }
 
 #[tokio::test]

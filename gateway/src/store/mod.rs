@@ -32,12 +32,14 @@ mod barrier;
 mod outbox;
 mod reconcile;
 mod rpc;
+mod snapshot;
 mod writer;
 
 pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, Revocation, TerminalRecord, Undeliverable,
 };
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
+pub use snapshot::SnapshotError;
 use writer::Tables;
 
 use std::path::{Path, PathBuf};
