@@ -82,8 +82,8 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the broker: {0}")]
-    Start(String),
+    #[error("starting the broker's retained-message store")]
+    Start(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The bound addresses.
@@ -153,7 +153,7 @@ impl Broker {
         let scx = ServerContext::new().busy_check_enable(false).build().await;
         rmqtt_retainer::register(&scx, true, false)
             .await
-            .map_err(|e| BrokerError::Start(e.to_string()))?;
+            .map_err(|e| BrokerError::Start(e.into()))?;
 
         let revoked = Arc::new(Revoked {
             serials: RwLock::new(revoked_serials.iter().map(|s| Serial::parse(s)).collect()),
@@ -406,7 +406,7 @@ impl Handle {
             .await
             .map_err(|e| PublishError {
                 topic,
-                message: e.to_string(),
+                source: e.into(),
             })
     }
 }

@@ -41,10 +41,12 @@ use crate::store::OutboxRow;
 
 /// Why a publish failed (the row stays in the outbox and is published again later).
 #[derive(Debug, thiserror::Error)]
-#[error("publishing to {topic}: {message}")]
+#[error("publishing to {topic}")]
 pub struct PublishError {
     pub topic: String,
-    pub message: String,
+    /// The broker's own error (this module does not name the broker library).
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// What delivery needs from the broker.
