@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::IntentStatus;
 use crate::metrics::Metrics;
 use crate::provider::{ProviderClient, ProviderError};
-use crate::store::{Ingested, IntentFilter, Listed, SnapshotError, Store, StoreError};
+use crate::store::{
+    Ingested, IntentFilter, Listed, SnapshotError, Store, StoreError, StoredIntent,
+};
 
 /// Where the ingress reports intents it could not resolve.
 #[derive(Clone)]
@@ -109,7 +111,21 @@ pub fn window_start(
     overlap: Duration,
 ) -> OffsetDateTime {
     let overlap = time::Duration::try_from(overlap).unwrap_or(time::Duration::ZERO);
-    cursor.unwrap_or(now) - overlap
+    let from = cursor.unwrap_or(now);
+    from.checked_sub(overlap).unwrap_or(from)
+}
+
+/// Whether an open intent is due for a lookup: more than `grace` past its `expires_at`, or holding
+/// an exact transfer with no confirmation `grace` after it. The provider's timestamps are not
+/// trusted to be sane: a time `grace` cannot be added to (`expires_at` near year 9999) is never
+/// due, rather than a panic of the reconciler.
+fn is_stale(intent: &StoredIntent, grace: time::Duration, now: OffsetDateTime) -> bool {
+    let past = |at: OffsetDateTime| at.checked_add(grace).is_some_and(|due| due < now);
+    let r = &intent.record;
+    let expired = r.expires_at.is_some_and(past);
+    let paid_unconfirmed =
+        !r.txns.is_empty() && r.received_micros == r.expected_micros && past(intent.updated_at);
+    expired || paid_unconfirmed
 }
 
 /// What one listing found.
@@ -319,13 +335,8 @@ impl Reconciler {
                 break;
             };
             for intent in &page {
-                let r = &intent.record;
-                let expired = r.expires_at.is_some_and(|at| at + grace < now);
-                let paid_unconfirmed = !r.txns.is_empty()
-                    && r.received_micros == r.expected_micros
-                    && intent.updated_at + grace < now;
-                if expired || paid_unconfirmed {
-                    out.push(r.id.clone());
+                if is_stale(intent, grace, now) {
+                    out.push(intent.record.id.clone());
                 }
             }
             cursor = page.last().map(|i| i.record.id.clone());
@@ -454,7 +465,30 @@ impl Reconciler {
 mod tests {
     use super::*;
 
+    use posgate_proto::event::PaymentIntent;
     use time::macros::datetime;
+
+    #[test]
+    fn an_expiry_near_year_9999_is_never_due_and_does_not_panic() {
+        let snapshot: PaymentIntent = serde_json::from_str(
+            r#"{"id":"pi_far","status":"awaiting_payment","amount":"1.00","expires_at":"9999-12-31T23:59:59Z"}"#,
+        )
+        .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let intent = StoredIntent {
+            record: crate::domain::IntentRecord::from_snapshot(&snapshot),
+            events: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        assert!(intent.record.expires_at.is_some());
+        assert!(!is_stale(&intent, time::Duration::hours(1), now));
+        let far_cursor = datetime!(-9999-01-01 00:00 UTC);
+        assert_eq!(
+            window_start(Some(far_cursor), now, Duration::from_secs(600)),
+            far_cursor
+        );
+    }
 
     #[test]
     fn the_window_overlaps_the_last_listing() {
