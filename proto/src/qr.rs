@@ -84,10 +84,14 @@ pub fn check(
     if function != "transfer" {
         return Err(QrError::Function);
     }
+    // Exactly one of each: a wallet may read the first of two `address=` (or `uint256=`) and a
+    // checker the other, so a repeated key is refused whatever its values.
     let param = |name: &str| {
-        query
+        let mut values = query
             .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .filter_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+        let first = values.next();
+        if values.next().is_some() { None } else { first }
     };
     match param("address") {
         Some(a) if a.eq_ignore_ascii_case(payment_address) => {}
@@ -108,6 +112,29 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_address_or_amount_is_refused() {
+        let address = "0xE006Ca5D3c7c0839CB239C6f624f36B986F56B70";
+        let base = "ethereum:0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913@8453/transfer?";
+        let good = format!("{base}address={address}&uint256=4500000");
+        assert_eq!(
+            check(&good, Mode::Live, address, MicroUsdc(4_500_000)),
+            Ok(())
+        );
+        let two_addresses = format!(
+            "{base}address={address}&address=0x0000000000000000000000000000000000000bad&uint256=4500000"
+        );
+        assert_eq!(
+            check(&two_addresses, Mode::Live, address, MicroUsdc(4_500_000)),
+            Err(QrError::Address)
+        );
+        let two_amounts = format!("{base}address={address}&uint256=4500000&uint256=1");
+        assert_eq!(
+            check(&two_amounts, Mode::Live, address, MicroUsdc(4_500_000)),
+            Err(QrError::Amount)
+        );
+    }
 
     const ADDR: &str = "0xE006Ca5D3c7c0839CB239C6f624f36B986F56B70";
     const DOC: &str = "ethereum:0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913@8453/transfer?address=0xE006Ca5D3c7c0839CB239C6f624f36B986F56B70&uint256=4500000";
