@@ -498,6 +498,39 @@ async fn polling_returns_the_mqtt_bytes_and_long_polls_for_the_next() {
     gw.shutdown().await;
 }
 
+/// Polling follows the terminal's order: an intent's confirmation is handed out only when it is
+/// the terminal's next one (its lowest unacked `seq`). Handing out a later one first let a
+/// terminal show `seq` 2 before 1, and a terminal that keeps its last shown `seq` would then
+/// drop 1.
+#[tokio::test]
+async fn polling_hands_out_confirmations_in_the_terminals_seq_order() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_poll_order").await;
+    let token = bundle.http_token.clone();
+    gw.pay("pos_poll_order", "pi_order_a").await;
+    gw.pay("pos_poll_order", "pi_order_b").await;
+    let (status, b) = poll(&gw, Some(&token), "pi_order_b", "").await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(
+        b["confirmation"],
+        Value::Null,
+        "B (seq 2) handed out before A: {b}"
+    );
+    let (_, a) = poll(&gw, Some(&token), "pi_order_a", "").await;
+    assert_eq!(a["seq"], 1, "{a}");
+    let jws = Bytes::from(a["confirmation"].as_str().unwrap().to_owned());
+    assert_eq!(check(&bundle, &jws).seq, 1);
+    assert_eq!(post_ack(&gw, Some(&token), "pi_order_a", 1).await.0, 202);
+    let b = eventually(WAIT, || async {
+        let (_, b) = poll(&gw, Some(&token), "pi_order_b", "").await;
+        (b["seq"] == 2).then_some(b)
+    })
+    .await;
+    let jws = Bytes::from(b["confirmation"].as_str().unwrap().to_owned());
+    assert_eq!(check(&bundle, &jws).seq, 2);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn unauthenticated_wrong_token_and_revoked_terminals_get_401_and_nothing() {
     let gw = spawn_gateway().await;

@@ -6,7 +6,7 @@
 //!
 //! | call | answer |
 //! |---|---|
-//! | `GET /v1/terminal/payments/{intent_id}[?wait_secs=N]` | `200 {"intent_id","status","seq","confirmation"}`; `confirmation` is the JWS of this terminal's newest unacked confirmation of the intent, or `null`; with `wait_secs` (≤ 30) the answer waits for one (long polling) |
+//! | `GET /v1/terminal/payments/{intent_id}[?wait_secs=N]` | `200 {"intent_id","status","seq","confirmation"}`; `confirmation` is the JWS of the terminal's next confirmation (its lowest unacked `seq`) when that one is this intent's, else `null` (none, or an older one of another intent comes first); with `wait_secs` (≤ 30) the answer waits for one (long polling) |
 //! | `GET /v1/terminal/events` | `text/event-stream`: `event: confirmation`, `id: <seq>`, `data: <jws>`; keep-alive comments every `ingress.keepalive_secs` |
 //! | `GET /v1/terminal/ws` | WebSocket: a text frame per confirmation (the JWS); the terminal acks with a text frame `{"intent_id","seq"}` |
 //! | `POST /v1/terminal/acks` `{"intent_id","seq"}` | `202 {"accepted":true}`: handed to the delivery engine, which commits it as an MQTT ack |
@@ -173,8 +173,13 @@ async fn payment(
     let mut status = intent.record.status;
     loop {
         let row = match channels.store.outbox(Some(terminal_id.clone())).await {
-            // The newest unacked confirmation of this intent (an ack of it also clears older ones).
-            Ok(rows) => rows.into_iter().rev().find(|r| r.intent_id == intent_id),
+            // The terminal's next confirmation (its lowest unacked seq), if it is this intent's:
+            // a later one handed out first would reach the terminal out of order, as on MQTT
+            // (stop-and-wait) it never does.
+            Ok(rows) => rows
+                .into_iter()
+                .next()
+                .filter(|head| head.intent_id == intent_id),
             Err(e) => return store_unavailable(&e),
         };
         let Some(rx) = signals.as_mut().filter(|_| row.is_none()) else {
