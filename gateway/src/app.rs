@@ -401,6 +401,9 @@ impl Gateway {
         );
         tracing::info!(%ingress_addr, tls = config.ingress.tls, "ingress listening (POST {})", ingress::PATH);
         tracing::info!(%admin_addr, "admin listening");
+        if !admin_addr.ip().is_loopback() {
+            tracing::warn!(%admin_addr, "admin.listen is not on loopback and the admin API has no TLS: its bearer token and every provisioning bundle (terminal keys) cross the network in clear text; keep it on 127.0.0.1 or put a TLS proxy in front");
+        }
         tracing::info!(path = %store.path().display(), "store open");
         ready.store(true, Ordering::Relaxed);
         Running {

@@ -334,6 +334,16 @@ impl Config {
             |key| key.starts_with("sk_test_") || key.starts_with("sk_live_"),
             "must start with sk_test_ or sk_live_",
         );
+        // A live key is never sent in clear text (a test key may go to a simulator on loopback).
+        if let (Some(base), Some(key)) = (&api_base, &api_key)
+            && key.starts_with("sk_live_")
+            && !base.starts_with("https://")
+        {
+            r.reject::<()>(
+                "provider.api_base",
+                "must be https:// with a live key (sk_live_…): the key would travel in clear text",
+            );
+        }
 
         let requests_per_minute = r.in_range::<u32>("provider.requests_per_minute", 1, 100_000);
         let reconcile_every_secs = r.in_range::<u64>("provider.reconcile_every_secs", 1, 86_400);
@@ -752,6 +762,33 @@ mod tests {
                 "typo",
             ]
         );
+    }
+
+    #[test]
+    fn a_live_key_is_refused_over_plain_http() {
+        let err = load_with(
+            None,
+            &[
+                ("POSGATE__PROVIDER__API_KEY", "sk_live_abc"),
+                (
+                    "POSGATE__PROVIDER__API_BASE",
+                    "http://api.stablegenius.co/v1",
+                ),
+            ],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.invalid_keys().iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(keys, ["provider.api_base"], "{err}");
+        assert!(!err.to_string().contains("sk_live_abc"), "{err}");
+        // A test key may talk to a simulator over plain HTTP.
+        load_with(
+            None,
+            &[
+                ("POSGATE__PROVIDER__API_KEY", "sk_test_abc"),
+                ("POSGATE__PROVIDER__API_BASE", "http://127.0.0.1:9/v1"),
+            ],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -534,3 +534,25 @@ async fn sighup_applies_the_log_level_and_names_keys_that_need_a_restart() {
     );
     sigterm(&daemon).await;
 }
+
+/// An admin listener off loopback is served (an operator may have a reason) but warned about at
+/// start: its token and the terminals' bundles would cross the network in clear text.
+#[tokio::test]
+async fn an_admin_listener_off_loopback_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = Listen {
+        admin: "0.0.0.0:0".parse().unwrap(),
+        ..Listen::any()
+    };
+    let daemon = start_daemon_at(dir.path(), None, listen).await;
+    harness::eventually(Duration::from_secs(10), || async {
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .contains("admin.listen is not on loopback")
+            .then_some(())
+    })
+    .await;
+    sigterm(&daemon).await;
+}
