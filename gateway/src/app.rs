@@ -34,6 +34,7 @@ use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::rpc::Rpc;
 use crate::serve;
+use crate::shutdown::Supervisor;
 use crate::store::{Limits, Revocation, Store, StoreError};
 use posgate_proto::qr::Mode;
 use secrecy::ExposeSecret;
@@ -131,6 +132,7 @@ pub struct Running {
     /// Cancelled when the grace period is over: connections still open are dropped.
     hard_stop: CancellationToken,
     tracker: TaskTracker,
+    supervisor: Supervisor,
 }
 
 // === impl Gateway ===
@@ -234,6 +236,8 @@ impl Gateway {
         let token = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let supervisor =
+            Supervisor::new(tracker.clone(), token.clone(), metrics.task_panics.clone());
         let ready = Arc::new(AtomicBool::new(false));
         let ingress_addr = local_addr(&ingress, config.ingress.listen);
         let admin_addr = local_addr(&admin, config.admin.listen);
@@ -277,7 +281,8 @@ impl Gateway {
                         overlap: Duration::from_secs(config.provider.transactions_overlap_secs),
                     },
                 );
-                tracker.spawn(
+                supervisor.spawn(
+                    "reconcile",
                     reconciler
                         .run(token.clone())
                         .instrument(tracing::info_span!("reconcile")),
@@ -299,7 +304,8 @@ impl Gateway {
         // that the hub fans out per terminal.
         let (published_tx, published_rx) = broadcast::channel(1024);
         let hub = Hub::default();
-        tracker.spawn(
+        supervisor.spawn(
+            "http_channels",
             hub.clone()
                 .run(published_rx, token.clone())
                 .instrument(tracing::info_span!("http_channels")),
@@ -342,7 +348,8 @@ impl Gateway {
         .with_rpc(rpc)
         .with_published(published_tx)
         .with_tracker(tracker.clone());
-        tracker.spawn(
+        supervisor.spawn(
+            "delivery",
             engine
                 .run(store.subscribe_outbox(), broker_events, token.clone())
                 .instrument(tracing::info_span!("delivery")),
@@ -383,19 +390,22 @@ impl Gateway {
         match ingress_tls {
             Some(config) => {
                 let listener = TlsListener::spawn(ingress, config, &tracker, token.clone());
-                tracker.spawn(
+                supervisor.spawn(
+                    "ingress",
                     serve::serve(listener, ingress_router, tracker.clone(), stop.clone())
                         .instrument(tracing::info_span!("listener", name = "ingress")),
                 );
             }
             None => {
-                tracker.spawn(
+                supervisor.spawn(
+                    "ingress",
                     serve::serve(ingress, ingress_router, tracker.clone(), stop.clone())
                         .instrument(tracing::info_span!("listener", name = "ingress")),
                 );
             }
         }
-        tracker.spawn(
+        supervisor.spawn(
+            "admin",
             serve::serve(admin, admin_router, tracker.clone(), stop)
                 .instrument(tracing::info_span!("listener", name = "admin")),
         );
@@ -419,6 +429,7 @@ impl Gateway {
             token,
             hard_stop,
             tracker,
+            supervisor,
         }
     }
 }
@@ -469,6 +480,11 @@ impl Running {
     /// Cancelled when shutdown starts; cancel it to request a shutdown.
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
+    }
+
+    /// The background task that panicked and stopped the daemon, if one did.
+    pub fn failed(&self) -> Option<&'static str> {
+        self.supervisor.failed()
     }
 
     /// The admin API's bearer token.

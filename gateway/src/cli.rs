@@ -238,9 +238,17 @@ fn run(file: Option<&Path>, env: &Env) -> ExitCode {
             }
         }
         notifier.stopping("draining");
+        let failed = running.failed();
         running.shutdown(grace).await;
         // Pings continued through the drain (bounded by grace_secs < WatchdogSec); now they stop.
         stop_watchdog.cancel();
-        ExitCode::SUCCESS
+        match failed {
+            // A task died: a failure at runtime, which systemd restarts.
+            Some(task) => {
+                tracing::error!(task, "stopped because a background task panicked");
+                ExitCode::from(1)
+            }
+            None => ExitCode::SUCCESS,
+        }
     })
 }

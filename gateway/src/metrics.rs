@@ -70,6 +70,8 @@ pub struct Metrics {
     pub http_streams: IntGaugeVec,
     /// Calls to the provider (`posgate_provider_requests_total`, `…_request_seconds`).
     pub provider: crate::provider::CallMetrics,
+    /// `posgate_task_panics_total{task}`: background tasks that panicked (the daemon then stops).
+    pub task_panics: IntCounterVec,
     /// `posgate_store_healthy`: 1 while the store commits within its deadline, else 0.
     pub store_healthy: IntGauge,
     /// `posgate_data_dir_free_bytes`: space left for posgate on the file system of `data_dir`.
@@ -282,6 +284,12 @@ impl Metrics {
                     &["endpoint"],
                 )?,
             },
+            task_panics: counter_vec(
+                &r,
+                "posgate_task_panics_total",
+                "Background tasks that panicked, by task (the daemon then stops and exits 1)",
+                &["task"],
+            )?,
             store_healthy: gauge(
                 &r,
                 "posgate_store_healthy",

@@ -559,8 +559,9 @@ impl Store {
         let Some(open) = self.current() else {
             return false;
         };
+        // A writer thread that died (a panic) closed the queue's receiving end.
         !self.inner.health.failed.load(Ordering::Relaxed)
-            && self.sender().is_some()
+            && self.sender().is_some_and(|s| !s.is_closed())
             && !open.syncer.failed()
             && open.syncer.syncing_for().is_none_or(|d| d < deadline)
             && self.inner.health.busy_for().is_none_or(|d| d < deadline)
