@@ -179,6 +179,35 @@ async fn terminal_b_cannot_read_or_write_terminal_a() {
 }
 
 /// The next event if one comes within a short quiet period.
+/// A terminal that subscribes to filter after filter under its own tenant is refused once it holds
+/// `MAX_SUBSCRIPTIONS`: the broker keeps a bounded set per session whatever the firmware does.
+#[tokio::test]
+async fn a_session_holds_a_bounded_number_of_subscriptions() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_subflood").await;
+    let (client, mut eventloop) = connect(&gw, &Identity::of(&bundle)).await.unwrap();
+    let base = bundle.topics.payments.trim_end_matches('+').to_owned();
+    let (mut granted, mut refused) = (0, 0);
+    for n in 0..40 {
+        client
+            .subscribe(format!("{base}flood{n}"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        match next(&mut eventloop).await {
+            Next::SubAck(codes) if codes == [SubscribeReasonCode::Failure] => refused += 1,
+            Next::SubAck(_) => granted += 1,
+            Next::Closed => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        granted,
+        posgate::broker::MAX_SUBSCRIPTIONS,
+        "granted {granted}, refused {refused}"
+    );
+    gw.shutdown().await;
+}
+
 async fn next_or_quiet(eventloop: &mut EventLoop) -> Option<Next> {
     tokio::time::timeout(Duration::from_millis(300), next(eventloop))
         .await

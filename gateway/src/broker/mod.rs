@@ -54,6 +54,11 @@ const TLS_LISTENER: u16 = 1;
 const WSS_LISTENER: u16 = 2;
 const PLAIN_LISTENER: u16 = 3;
 
+/// Most subscriptions one session may hold (a terminal uses two).
+pub const MAX_SUBSCRIPTIONS: usize = 8;
+/// Most levels in a topic filter (the deepest of ours has five).
+const MAX_TOPIC_LEVELS: usize = 8;
+
 /// Broker settings (from `[mqtt]`).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -294,6 +299,10 @@ fn bind(
         .max_inflight(NonZeroU16::new(64).unwrap_or(NonZeroU16::MIN))
         .max_mqueue_len(10_000)
         .max_packet_size(64 * 1024)
+        // A terminal needs two subscriptions (its payments and its RPC answers); a session holds
+        // at most MAX_SUBSCRIPTIONS, so a flood of distinct filters is refused, not stored.
+        .max_subscriptions(MAX_SUBSCRIPTIONS)
+        .max_topic_levels(MAX_TOPIC_LEVELS)
         // Retained confirmations must not expire inside the broker (0 would expire retained client
         // messages at once in rmqtt 0.24); the outbox republishes anyway.
         .message_expiry_interval(Duration::from_secs(7 * 24 * 3600))
