@@ -6,7 +6,8 @@
 //! never creates two intents), checks the `qr_payload` before any QR reaches a terminal, and
 //! records the intent as that terminal's before answering. A terminal sees and acts on its own
 //! intents only (another terminal's is "not found"). Every request gets an answer, never silence;
-//! answers are stored, so the same request id gets the same answer. A provider that cannot be
+//! the answers of `create_intent` and `cancel_intent` are stored, so a retry with the same request
+//! id gets the same answer (and never a second intent). A provider that cannot be
 //! reached gives `provider_unavailable` ("unknown, checking"), never "failed", and nothing is
 //! stored, so the retry goes to the provider again with the same idempotency key.
 //!
@@ -18,6 +19,13 @@
 //! earlier request is unknown, start a new attempt with a new request id. A `qr_payload` that
 //! fails its EIP-681 check (§7) is never shown: the intent is kept (its history shows
 //! `rpc.qr_rejected`) and cancelled at the provider, and the terminal is answered `qr_mismatch`.
+//!
+//! **Admission** ([`Rpc::admit`]), before a request costs anything: each terminal has its own
+//! token bucket ([`RpcLimits`]) and a bound on its requests in flight; the excess is answered
+//! `rate_limited` at once, with the time to wait, and never reaches the store or the provider.
+//! Only answers that a retry must get again are stored (`create_intent`, `cancel_intent`, whose
+//! effects happened); a validation error, an unknown method or a `get_intent` is answered afresh
+//! on a retry, so a flood of bad requests writes nothing.
 
 use prometheus::IntCounterVec;
 use std::collections::HashMap;
@@ -40,6 +48,50 @@ use crate::provider::{ProviderClient, ProviderError};
 use crate::reconcile::SNAPSHOT_KIND;
 use crate::store::{Store, StoredIntent};
 
+/// How much one terminal may ask.
+#[derive(Clone, Copy, Debug)]
+pub struct RpcLimits {
+    /// Requests per second, sustained, per terminal.
+    pub per_sec: u32,
+    /// Requests at once above the sustained rate (the bucket's size).
+    pub burst: u32,
+    /// Requests of one terminal being answered at once.
+    pub in_flight: usize,
+}
+
+impl Default for RpcLimits {
+    fn default() -> Self {
+        RpcLimits {
+            per_sec: 5,
+            burst: 20,
+            in_flight: 4,
+        }
+    }
+}
+
+type Buckets = governor::DefaultKeyedRateLimiter<String>;
+
+/// A request admitted: holds one of its terminal's in-flight places until dropped.
+pub struct Admitted {
+    terminal_id: String,
+    in_flight: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut map = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.terminal_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.terminal_id);
+            }
+        }
+    }
+}
+
 /// The RPC service.
 pub struct Rpc {
     store: Store,
@@ -50,6 +102,9 @@ pub struct Rpc {
     refreshed: Mutex<HashMap<String, Instant>>,
     /// `posgate_rpc_requests_total{method,outcome}` (`None` in tests that do not count).
     requests: Option<IntCounterVec>,
+    limits: RpcLimits,
+    buckets: Buckets,
+    in_flight: std::sync::Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// An open intent is refreshed from the provider at most this often.
@@ -60,12 +115,82 @@ type Answer = Result<Value, (&'static str, String)>;
 impl Rpc {
     /// The service; `provider` is `None` without an API key.
     pub fn new(store: Store, provider: Option<(ProviderClient, Mode)>) -> Rpc {
+        Rpc::with_limits(store, provider, RpcLimits::default())
+    }
+
+    /// As [`Rpc::new`], with `limits` per terminal.
+    pub fn with_limits(
+        store: Store,
+        provider: Option<(ProviderClient, Mode)>,
+        limits: RpcLimits,
+    ) -> Rpc {
+        let per_sec =
+            std::num::NonZeroU32::new(limits.per_sec).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(limits.burst).unwrap_or(per_sec);
         Rpc {
             store,
             provider,
             refreshed: Mutex::default(),
             requests: None,
+            limits,
+            buckets: governor::RateLimiter::keyed(
+                governor::Quota::per_second(per_sec).allow_burst(burst),
+            ),
+            in_flight: std::sync::Arc::default(),
         }
+    }
+
+    /// Lets a request of `terminal_id` in, or answers it `rate_limited` at once (with the time
+    /// to wait) when the terminal is over its rate or has too many requests in flight. Cheap: it
+    /// reads only the request's id.
+    ///
+    /// # Errors
+    /// The `rate_limited` answer to publish.
+    pub fn admit(&self, terminal_id: &str, payload: &[u8]) -> Result<Admitted, Response> {
+        let refuse = |wait: Duration, why: &str| {
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                #[serde(default)]
+                id: String,
+            }
+            let id = serde_json::from_slice::<IdOnly>(payload)
+                .map(|r| r.id)
+                .unwrap_or_default();
+            if let Some(requests) = &self.requests {
+                requests.with_label_values(&["any", "rate_limited"]).inc();
+            }
+            let retry_ms = wait.as_millis().max(1);
+            let mut response = Response::err(
+                &id,
+                "rate_limited",
+                format!("{why}; retry in {retry_ms} ms"),
+            );
+            response.result = Some(json!({ "retry_after_ms": retry_ms as u64 }));
+            Err(response)
+        };
+        if let Err(not_until) = self.buckets.check_key(&terminal_id.to_owned()) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return refuse(wait, "too many requests from this terminal");
+        }
+        let mut map = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(terminal_id.to_owned()).or_insert(0);
+        if *n >= self.limits.in_flight {
+            drop(map);
+            return refuse(
+                Duration::from_millis(500),
+                "too many requests of this terminal in flight",
+            );
+        }
+        *n += 1;
+        Ok(Admitted {
+            terminal_id: terminal_id.to_owned(),
+            in_flight: self.in_flight.clone(),
+        })
     }
 
     /// Whether `intent_id` may be refreshed now (and notes that it is).
@@ -164,11 +289,18 @@ impl Rpc {
             Ok(result) => Response::ok(&request.id, result),
             Err((code, message)) => Response::err(&request.id, code, message),
         };
-        // A transient failure is not an answer: the retry must reach the provider again.
+        // A transient failure is not an answer: the retry must reach the provider again. And only
+        // answers with an effect must be replayed: a bad request or a read is answered afresh,
+        // so a flood of them writes nothing.
         let transient = response.error.as_ref().is_some_and(|e| {
             e.code == "provider_unavailable" || e.code == "unavailable" || e.code == "rate_limited"
         });
-        if !transient {
+        let has_effect = matches!(method, "create_intent" | "cancel_intent")
+            && response
+                .error
+                .as_ref()
+                .is_none_or(|e| !matches!(e.code.as_str(), "invalid_params" | "not_found"));
+        if !transient && has_effect {
             let value = serde_json::to_value(&response).unwrap_or_default();
             if let Err(e) = self
                 .store

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use posgate_proto::confirmation::ConfirmationStatus;
 use posgate_sim::provider::{Faults, RunningProvider};
+use posgate_sim::terminal::Seen;
 use serde_json::json;
 
 use crate::harness::{self, TestGateway, rpc};
@@ -360,4 +361,75 @@ async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit
     assert!(stats.requests >= 4, "{stats:?}");
     gw.shutdown().await;
     sim.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A terminal whose firmware loops on a request: beyond its bucket (burst 20, then 5/s) and its
+/// in-flight bound, requests are answered `rate_limited` at once, with the time to wait, and cost
+/// the store and the provider nothing; another terminal's confirmation still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_terminal_is_rate_limited_and_others_are_served() {
+    let (gw, sim) = setup().await;
+    let mut flooder = gw.terminal("pos_flood").await;
+    let mut honest = gw.terminal("pos_honest").await;
+    const SENT: usize = 300;
+    for n in 0..SENT {
+        let request = json!({"id": format!("f{n}"), "method": "no_such_method", "params": {}});
+        flooder
+            .client
+            .publish(
+                &flooder.bundle.topics.rpc_req,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&request).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let intent = posgate_sim::events::Intent::new(
+        "pi_during_flood",
+        posgate_proto::MicroUsdc(4_500_000),
+        "pos_honest",
+    );
+    let body = posgate_sim::events::intent_event("evt_during_flood", "confirmed", &intent);
+    let response = harness::signed_post(&gw.http, &gw.webhook_url(), SECRET, body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let c = honest.next_confirmation(WAIT).await.unwrap();
+    assert_eq!(c.intent_id, "pi_during_flood");
+    let (mut limited, mut answered) = (0, 0);
+    while limited + answered < SENT {
+        match flooder.next_seen(WAIT).await {
+            Some(Seen::Rpc(reply)) => match reply.error {
+                Some(e) if e.code == "rate_limited" => {
+                    assert!(reply.result.unwrap()["retry_after_ms"].as_u64().unwrap() >= 1);
+                    limited += 1;
+                }
+                Some(e) => {
+                    assert_eq!(e.code, "unknown_method");
+                    answered += 1;
+                }
+                None => panic!("{reply:?}"),
+            },
+            Some(_) => {}
+            None => panic!("{limited} + {answered} of {SENT} answered"),
+        }
+    }
+    assert!(answered <= 40, "{answered} handled, {limited} rate limited");
+    assert!(
+        limited >= SENT - 40,
+        "{answered} handled, {limited} rate limited"
+    );
+    // Nothing of the flood was stored: a retry of a handled id is answered afresh, not replayed.
+    let metrics = gw.scrape().await;
+    assert_eq!(
+        harness::sample(
+            &metrics,
+            r#"posgate_rpc_requests_total{method="other",outcome="replayed"}"#
+        ),
+        None
+    );
+    drop(sim);
+    gw.shutdown().await;
 }

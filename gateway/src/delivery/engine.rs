@@ -442,8 +442,13 @@ impl<P: Publisher> Engine<P> {
     fn rpc(&self, terminal_id: String, payload: Bytes) {
         let Some(rpc) = self.rpc.clone() else { return };
         let publisher = self.publisher.clone();
+        // Admission first: a flooding terminal costs a bucket check per request, not a task.
+        let admitted = rpc.admit(&terminal_id, &payload);
         self.tasks.spawn(async move {
-            let response = rpc.handle(&terminal_id, &payload).await;
+            let response = match admitted {
+                Ok(_permit) => rpc.handle(&terminal_id, &payload).await,
+                Err(refused) => refused,
+            };
             let topic = topics::rpc_res(&topics::tenant_for(&terminal_id));
             let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
             if let Err(e) = publisher.publish(topic, body).await {
