@@ -83,11 +83,88 @@ pub fn parse_timestamp(timestamp: &str) -> Result<i64, SignatureError> {
     timestamp.parse().map_err(|_| SignatureError::BadTimestamp)
 }
 
-/// Verifies one delivery against every configured secret (several while rotating).
+/// Most `X-StableGenius-Signature` values looked at in one delivery (the provider sends one; a
+/// sender of many is refused before any MAC is computed).
+pub const MAX_SIGNATURES: usize = 4;
+
+/// The headers of a delivery, checked before its body is read: the timestamp's form and distance
+/// from `now_unix`, and the signature values' form (at most [`MAX_SIGNATURES`]).
+#[derive(Clone, Debug)]
+pub struct CheckedHeaders {
+    timestamp: String,
+    tags: Vec<Vec<u8>>,
+    /// Our clock minus the timestamp.
+    pub skew_s: i64,
+}
+
+/// Checks the headers of a delivery without its body.
 ///
-/// Returns the index of the secret that matched, for the rotation metric. The comparison is
-/// `hmac::Mac::verify_slice`, constant time with a length check, so an empty or truncated
-/// signature fails instead of matching a prefix.
+/// # Errors
+/// A [`SignatureError`] naming the first check that failed, in the documented order: timestamp
+/// form, tolerance, signature form (including more than [`MAX_SIGNATURES`] values).
+pub fn check_headers<'a>(
+    timestamp: &str,
+    signatures: impl IntoIterator<Item = &'a str>,
+    now_unix: i64,
+    tolerance_secs: i64,
+) -> Result<CheckedHeaders, SignatureError> {
+    let ts = parse_timestamp(timestamp)?;
+    let skew_s = now_unix.saturating_sub(ts);
+    if skew_s.unsigned_abs() > tolerance_secs.unsigned_abs() {
+        return Err(SignatureError::Stale { skew_s });
+    }
+    let mut tags = Vec::new();
+    for (n, signature) in signatures.into_iter().enumerate() {
+        if n == MAX_SIGNATURES {
+            return Err(SignatureError::BadSignatureFormat);
+        }
+        let tag = signature
+            .strip_prefix("sha256=")
+            .and_then(|hex_part| hex::decode(hex_part).ok())
+            .ok_or(SignatureError::BadSignatureFormat)?;
+        tags.push(tag);
+    }
+    if tags.is_empty() {
+        return Err(SignatureError::MissingHeader(SIGNATURE_HEADER));
+    }
+    Ok(CheckedHeaders {
+        timestamp: timestamp.to_owned(),
+        tags,
+        skew_s,
+    })
+}
+
+impl CheckedHeaders {
+    /// Whether one of the signature values is the MAC of `body` under one of `secrets`: the MAC
+    /// is computed once per secret (over the body once), then compared with each value.
+    /// Returns the index of the secret that matched, for the rotation metric. The comparison is
+    /// `hmac::Mac::verify_slice`, constant time with a length check, so an empty or truncated
+    /// signature fails instead of matching a prefix.
+    ///
+    /// # Errors
+    /// [`SignatureError::NoSecret`] or [`SignatureError::Mismatch`].
+    pub fn verify_body(
+        &self,
+        secrets: &[SecretString],
+        body: &[u8],
+    ) -> Result<usize, SignatureError> {
+        if secrets.is_empty() {
+            return Err(SignatureError::NoSecret);
+        }
+        secrets
+            .iter()
+            .position(|secret| {
+                let mac = mac(secret.expose_secret().as_bytes(), &self.timestamp, body);
+                self.tags
+                    .iter()
+                    .any(|tag| mac.clone().verify_slice(tag).is_ok())
+            })
+            .ok_or(SignatureError::Mismatch)
+    }
+}
+
+/// Verifies one delivery: [`check_headers`] with one signature value, then
+/// [`CheckedHeaders::verify_body`]. Returns the index of the secret that matched.
 ///
 /// # Errors
 /// A [`SignatureError`] naming the first check that failed, in the documented order: timestamp
@@ -100,26 +177,7 @@ pub fn verify(
     now_unix: i64,
     tolerance_secs: i64,
 ) -> Result<usize, SignatureError> {
-    let ts = parse_timestamp(timestamp)?;
-    let skew_s = now_unix.saturating_sub(ts);
-    if skew_s.unsigned_abs() > tolerance_secs.unsigned_abs() {
-        return Err(SignatureError::Stale { skew_s });
-    }
-    let hex_part = signature
-        .strip_prefix("sha256=")
-        .ok_or(SignatureError::BadSignatureFormat)?;
-    let tag = hex::decode(hex_part).map_err(|_| SignatureError::BadSignatureFormat)?;
-    if secrets.is_empty() {
-        return Err(SignatureError::NoSecret);
-    }
-    secrets
-        .iter()
-        .position(|secret| {
-            mac(secret.expose_secret().as_bytes(), timestamp, body)
-                .verify_slice(&tag)
-                .is_ok()
-        })
-        .ok_or(SignatureError::Mismatch)
+    check_headers(timestamp, [signature], now_unix, tolerance_secs)?.verify_body(secrets, body)
 }
 
 /// The known-answer vectors of the provider documentation (provider-api.md §11), exact bytes.
@@ -146,6 +204,35 @@ mod tests {
 
     use super::vectors::*;
     use super::*;
+
+    /// Several signature values: the right one anywhere among the first four verifies; a fifth
+    /// value is refused before any MAC is computed.
+    #[test]
+    fn at_most_four_signature_values_are_looked_at() {
+        let now = TIMESTAMP.parse::<i64>().unwrap();
+        let wrong = "sha256=".to_owned() + &"0".repeat(64);
+        let values = [wrong.as_str(), wrong.as_str(), CONFIRMED_SIGNATURE];
+        let checked = check_headers(TIMESTAMP, values, now, 300).unwrap();
+        assert_eq!(
+            checked.verify_body(
+                &secrets(&["whsec_other", SECRET]),
+                CONFIRMED_BODY.as_bytes()
+            ),
+            Ok(1)
+        );
+        let five = [wrong.as_str(); 4]
+            .into_iter()
+            .chain([CONFIRMED_SIGNATURE])
+            .collect::<Vec<_>>();
+        assert_eq!(
+            check_headers(TIMESTAMP, five, now, 300).map(|_| ()),
+            Err(SignatureError::BadSignatureFormat)
+        );
+        assert_eq!(
+            check_headers(TIMESTAMP, [], now, 300).map(|_| ()),
+            Err(SignatureError::MissingHeader(SIGNATURE_HEADER))
+        );
+    }
 
     const TS: i64 = 1_775_073_612;
 

@@ -1,5 +1,7 @@
 //! `POST /webhooks/stablegenius`: every row of the answer table, from the attacker's side too.
 
+use std::time::Duration;
+
 use posgate_proto::MicroUsdc;
 use posgate_proto::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, vectors};
 use posgate_sim::events::{self, Intent};
@@ -355,6 +357,53 @@ async fn underpayment_is_unresolved_whatever_arrives_first() {
         view["contexts"],
         serde_json::json!(["underpaid"]),
         "paid on time, so not late: {view}"
+    );
+    gw.shutdown().await;
+}
+
+/// The headers are checked before the body is read: a delivery with a stale timestamp is refused
+/// at once, even while its announced body has not come (the old code waited for the body).
+#[tokio::test]
+async fn a_stale_delivery_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = spawn_gateway().await;
+    let mut stream = tokio::net::TcpStream::connect(gw.ingress).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 60000\r\nx-stablegenius-timestamp: 1000\r\nx-stablegenius-signature: sha256={}\r\n\r\n{{",
+        posgate_sim::events::WEBHOOK_PATH,
+        "0".repeat(64)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    gw.shutdown().await;
+}
+
+/// A delivery with dozens of signature headers is refused without a MAC per header.
+#[tokio::test]
+async fn a_pile_of_signature_headers_is_refused() {
+    let gw = spawn_gateway().await;
+    let body = events::intent_event(
+        "evt_pile",
+        "confirmed",
+        &Intent::new("pi_pile", MicroUsdc(1_000_000), "pos-1"),
+    );
+    let mut headers = events::signed_headers(SECRET, events::now_unix(), body.as_bytes()).to_vec();
+    let wrong = format!("sha256={}", "0".repeat(64));
+    for _ in 0..90 {
+        headers.push((SIGNATURE_HEADER, wrong.clone()));
+    }
+    let (status, body) = status_json(gw.post_with(body, &headers).await).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        gw.metric(r#"posgate_webhook_signature_failures_total{reason="bad_format"}"#)
+            .await,
+        Some(1.0)
     );
     gw.shutdown().await;
 }

@@ -1,7 +1,8 @@
 //! Webhook ingress: `POST /webhooks/stablegenius`.
 //!
-//! Raw body (capped) → [`posgate_proto::verify`] on those exact bytes → parse the envelope from the
-//! same bytes → [`Store::ingest`] (one durable commit) → answer. Nothing slow happens here: no call
+//! Headers checked first ([`posgate_proto::webhook::check_headers`]: timestamp, at most four
+//! signature values) → raw body (capped), its MAC computed once per secret on those exact bytes →
+//! parse the envelope from the same bytes → [`Store::ingest`] (one durable commit) → answer. Nothing slow happens here: no call
 //! to the provider, no MQTT publish; the answer is sent as soon as the commit is durable.
 //!
 //! | situation | answer |
@@ -29,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use posgate_proto::event::{Envelope, EnvelopeError, EventData, EventType, metadata_str};
-use posgate_proto::webhook::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER};
+use posgate_proto::webhook::{CheckedHeaders, SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER};
 use secrecy::SecretString;
 use time::OffsetDateTime;
 
@@ -233,6 +234,10 @@ async fn handle(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(IngressError::TooLarge { limit });
     }
+    // The headers are checked before the body is read: a sender with a stale or missing timestamp,
+    // or a pile of signature headers, is refused without costing a body read or a MAC.
+    let now = OffsetDateTime::now_utc();
+    let checked = check_headers(ingress, headers, now.unix_timestamp())?;
     let raw: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if is_length_limit(&e) {
             IngressError::TooLarge { limit }
@@ -241,8 +246,17 @@ async fn handle(
         }
     })?;
 
-    let now = OffsetDateTime::now_utc();
-    let (secret_slot, skew_s) = verify(ingress, headers, &raw, now.unix_timestamp())?;
+    let skew_s = checked.skew_s;
+    let secret_slot = {
+        // Held only while the MACs are computed (no await). A reload that panicked mid-write
+        // cannot leave a half-written Vec (it is replaced whole), so a poisoned lock still holds
+        // good secrets.
+        let secrets = ingress
+            .secrets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        checked.verify_body(&secrets, &raw)?
+    };
 
     let envelope = match Envelope::parse(&raw) {
         Ok(envelope) => envelope,
@@ -301,45 +315,21 @@ async fn handle(
 }
 
 /// Checks both headers, the timestamp window and the MAC. Several signature headers are each tried.
-fn verify(
+fn check_headers(
     ingress: &Ingress,
     headers: &HeaderMap,
-    raw: &[u8],
     now: i64,
-) -> Result<(usize, i64), SignatureError> {
+) -> Result<CheckedHeaders, SignatureError> {
     let timestamp = headers
         .get(TIMESTAMP_HEADER)
         .and_then(|v| v.to_str().ok())
         .ok_or(SignatureError::MissingHeader(TIMESTAMP_HEADER))?;
-    let mut last = SignatureError::MissingHeader(SIGNATURE_HEADER);
-    // Held only while the MACs are computed (no await). A reload that panicked mid-write cannot
-    // leave a half-written Vec (it is replaced whole), so a poisoned lock still holds good secrets.
-    let secrets = ingress
-        .secrets
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for value in headers.get_all(SIGNATURE_HEADER) {
-        let Ok(signature) = value.to_str() else {
-            continue;
-        };
-        match posgate_proto::verify(
-            &secrets,
-            timestamp,
-            signature,
-            raw,
-            now,
-            ingress.tolerance_secs,
-        ) {
-            Ok(slot) => {
-                return Ok((
-                    slot,
-                    now - posgate_proto::webhook::parse_timestamp(timestamp)?,
-                ));
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+    // A value that is not text is malformed (refused), not skipped.
+    let signatures = headers
+        .get_all(SIGNATURE_HEADER)
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default());
+    posgate_proto::webhook::check_headers(timestamp, signatures, now, ingress.tolerance_secs)
 }
 
 fn is_length_limit(e: &axum::Error) -> bool {
