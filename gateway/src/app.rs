@@ -392,22 +392,40 @@ impl Gateway {
                 let listener = TlsListener::spawn(ingress, config, &tracker, token.clone());
                 supervisor.spawn(
                     "ingress",
-                    serve::serve(listener, ingress_router, tracker.clone(), stop.clone())
-                        .instrument(tracing::info_span!("listener", name = "ingress")),
+                    serve::serve(
+                        listener,
+                        ingress_router,
+                        tracker.clone(),
+                        stop.clone(),
+                        serve::INGRESS_MAX_CONNECTIONS,
+                    )
+                    .instrument(tracing::info_span!("listener", name = "ingress")),
                 );
             }
             None => {
                 supervisor.spawn(
                     "ingress",
-                    serve::serve(ingress, ingress_router, tracker.clone(), stop.clone())
-                        .instrument(tracing::info_span!("listener", name = "ingress")),
+                    serve::serve(
+                        ingress,
+                        ingress_router,
+                        tracker.clone(),
+                        stop.clone(),
+                        serve::INGRESS_MAX_CONNECTIONS,
+                    )
+                    .instrument(tracing::info_span!("listener", name = "ingress")),
                 );
             }
         }
         supervisor.spawn(
             "admin",
-            serve::serve(admin, admin_router, tracker.clone(), stop)
-                .instrument(tracing::info_span!("listener", name = "admin")),
+            serve::serve(
+                admin,
+                admin_router,
+                tracker.clone(),
+                stop,
+                serve::ADMIN_MAX_CONNECTIONS,
+            )
+            .instrument(tracing::info_span!("listener", name = "admin")),
         );
         tracing::info!(%ingress_addr, tls = config.ingress.tls, "ingress listening (POST {})", ingress::PATH);
         tracing::info!(%admin_addr, "admin listening");

@@ -8,7 +8,9 @@
 //! the grace period is over, drops the connection with whatever it was doing.
 //!
 //! A client must send its request head within [`HEADER_READ_TIMEOUT`] (hyper's timer; without
-//! it, a client sending a header byte now and then held its connection for ever).
+//! it, a client sending a header byte now and then held its connection for ever), and a listener
+//! holds at most `max_connections` at once: beyond that, new connections wait in the kernel's
+//! backlog until one ends, so a flood of sockets costs a bounded number of descriptors.
 
 use std::time::Duration;
 
@@ -24,6 +26,13 @@ use tokio_util::task::TaskTracker;
 /// Most time a client may take to send a request's head (request line and headers).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most connections the ingress listener holds at once (webhooks, and the HTTP channels' streams
+/// of terminals without MQTT: one or two each).
+pub const INGRESS_MAX_CONNECTIONS: usize = 20_000;
+
+/// Most connections the admin listener holds at once (an operator, a Prometheus scraper).
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// The tokens a connection watches.
 #[derive(Clone)]
 pub struct Stop {
@@ -36,12 +45,25 @@ pub struct Stop {
 /// Accepts on `listener` until `stop.graceful` is cancelled; serves each connection with `router`
 /// in a task of `tracker`. Each request carries `ConnectInfo<L::Addr>` (for the TLS ingress: the
 /// client's certificate).
-pub async fn serve<L>(mut listener: L, router: Router, tracker: TaskTracker, stop: Stop)
-where
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    tracker: TaskTracker,
+    stop: Stop,
+    max_connections: usize,
+) where
     L: Listener,
     L::Addr: Clone + Send + Sync + 'static,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
+        let slot = tokio::select! {
+            () = stop.graceful.cancelled() => return,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+        };
         let (io, peer) = tokio::select! {
             () = stop.graceful.cancelled() => return,
             // axum's `Listener::accept` retries failed accepts itself, with a pause.
@@ -51,6 +73,8 @@ where
             TowerToHyperService::new(router.clone().layer(axum::Extension(ConnectInfo(peer))));
         let stop = stop.clone();
         tracker.spawn(async move {
+            // Released when the connection ends.
+            let _slot = slot;
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)

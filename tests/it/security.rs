@@ -427,3 +427,30 @@ async fn silent_and_half_handshake_clients_delay_no_one() {
     }
     gw.shutdown().await;
 }
+
+/// A scanner that opens sockets and sends nothing: a listener holds at most its bound of
+/// connections (the admin listener: 256); the next one waits in the backlog, and is served as soon
+/// as one of the idle ones goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_holds_a_bounded_number_of_connections() {
+    let gw = spawn_gateway().await;
+    let mut idle = Vec::new();
+    for _ in 0..posgate::serve::ADMIN_MAX_CONNECTIONS {
+        let mut s = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        idle.push(s);
+    }
+    let healthz = || {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = format!("http://{}/healthz", gw.admin);
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    };
+    let waiting = tokio::spawn(healthz());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served beyond the bound");
+    drop(idle.pop());
+    let status = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(status.unwrap(), 200);
+    drop(idle);
+    gw.shutdown().await;
+}

@@ -66,6 +66,8 @@ pub enum IngressError {
     TooLarge { limit: usize },
     #[error("reading the body failed")]
     Body(#[source] axum::Error),
+    #[error("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs())]
+    BodyTimeout,
     #[error(transparent)]
     BadEnvelope(#[from] EnvelopeError),
     #[error("storing event {event_id}")]
@@ -83,7 +85,9 @@ impl IngressError {
             IngressError::Unauthorized(SignatureError::Stale { .. }) => "stale",
             IngressError::Unauthorized(_) => "bad_signature",
             IngressError::TooLarge { .. } => "too_large",
-            IngressError::Body(_) | IngressError::BadEnvelope(_) => "malformed",
+            IngressError::Body(_) | IngressError::BodyTimeout | IngressError::BadEnvelope(_) => {
+                "malformed"
+            }
             IngressError::Store { .. } => "store_error",
         }
     }
@@ -109,6 +113,11 @@ impl IntoResponse for IngressError {
                 "bad_body",
                 "the body could not be read",
             ),
+            IngressError::BodyTimeout => error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive in time",
+            ),
             IngressError::BadEnvelope(e) => {
                 error(StatusCode::BAD_REQUEST, "invalid_event", e.to_string())
             }
@@ -128,6 +137,9 @@ impl IntoResponse for IngressError {
         }
     }
 }
+
+/// Most time a webhook's body may take to arrive once its headers are in.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The ingress router.
 pub fn router(ingress: Arc<Ingress>) -> Router {
@@ -238,7 +250,11 @@ async fn handle(
     // or a pile of signature headers, is refused without costing a body read or a MAC.
     let now = OffsetDateTime::now_utc();
     let checked = check_headers(ingress, headers, now.unix_timestamp())?;
-    let raw: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A body that trickles in is cut: the provider sends a webhook in one go.
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| IngressError::BodyTimeout)?;
+    let raw: Bytes = read.map_err(|e| {
         if is_length_limit(&e) {
             IngressError::TooLarge { limit }
         } else {
@@ -341,4 +357,39 @@ fn is_length_limit(e: &axum::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Request;
+    use secrecy::SecretString;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::store::Limits;
+
+    /// A body that never finishes is cut at `BODY_READ_TIMEOUT` with `408` (paused time: no
+    /// real wait), instead of holding its connection and task for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_arrives_is_answered_408() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingress = Arc::new(Ingress {
+            store: Store::open(dir.path(), Limits::new(16, 16)).unwrap(),
+            metrics: Metrics::new().unwrap(),
+            reconcile: None,
+            secrets: Arc::new(std::sync::RwLock::new(vec![SecretString::from("whsec_t")])),
+            body_limit_bytes: 65_536,
+            tolerance_secs: 300,
+        });
+        let ts = OffsetDateTime::now_utc().unix_timestamp().to_string();
+        let never = futures::stream::pending::<Result<Bytes, std::io::Error>>();
+        let request = Request::post(PATH)
+            .header(TIMESTAMP_HEADER, ts)
+            .header(SIGNATURE_HEADER, format!("sha256={}", "0".repeat(64)))
+            .body(Body::from_stream(never))
+            .unwrap();
+        let response = router(ingress.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        ingress.store.close().await;
+    }
 }
