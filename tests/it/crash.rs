@@ -419,6 +419,20 @@ async fn each_is_served(
     }
 }
 
+/// Once every terminal has seen its connection end and closed its side (a plain FIN, so the
+/// stopped process's side of each waits in TIME_WAIT on the MQTT port), starts the daemon again on
+/// `listen` and waits until every terminal is back.
+async fn restart_on(data_dir: &Path, listen: Listen, terminals: &mut [Terminal]) -> Daemon {
+    for terminal in terminals.iter_mut() {
+        wait_for(terminal, false).await;
+    }
+    let daemon = start_daemon_at(data_dir, None, listen).await;
+    for terminal in terminals.iter_mut() {
+        wait_for(terminal, true).await;
+    }
+    daemon
+}
+
 /// What systemd does after a crash: the same ports and data dir, at once. The killed process's
 /// connections (terminals, and the HTTP client's kept-alive one) wait in TIME_WAIT on the
 /// listening ports once the peers have closed their side; the new process binds anyway, takes the
@@ -434,16 +448,7 @@ async fn sigkill_with_terminals_connected_restarts_on_the_same_ports() {
 
     daemon.child.start_kill().unwrap(); // SIGKILL
     daemon.child.wait().await.unwrap();
-    // Every terminal has seen its connection end and closed its side (a plain FIN), so the dead
-    // process's side of each waits in TIME_WAIT on the MQTT port.
-    for terminal in &mut terminals {
-        wait_for(terminal, false).await;
-    }
-
-    let daemon = start_daemon_at(dir.path(), None, listen).await;
-    for terminal in &mut terminals {
-        wait_for(terminal, true).await;
-    }
+    let daemon = restart_on(dir.path(), listen, &mut terminals).await;
     each_is_served(&daemon, &http, &mut terminals, "after").await;
     sigterm(&daemon).await;
 }
@@ -464,14 +469,7 @@ async fn sigterm_with_terminals_connected_restarts_on_the_same_ports() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    for terminal in &mut terminals {
-        wait_for(terminal, false).await;
-    }
-
-    let daemon = start_daemon_at(dir.path(), None, listen).await;
-    for terminal in &mut terminals {
-        wait_for(terminal, true).await;
-    }
+    let daemon = restart_on(dir.path(), listen, &mut terminals).await;
     each_is_served(&daemon, &http, &mut terminals, "after_term").await;
     sigterm(&daemon).await;
 }
