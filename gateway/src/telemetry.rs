@@ -6,6 +6,11 @@
 //! errors. The journal keeps its own timestamps, so those lines carry none.
 //!
 //! The level (`log.level`) can change at runtime: [`LogReload::set_level`], called on SIGHUP.
+//!
+//! Warnings a client can cause at will (a refused webhook, an unreadable ack, a refused MQTT
+//! client) go through a [`Throttle`]: at most one line a second per kind, saying how many were left
+//! out, so a flood cannot drown the lines that matter (journald's rate limit would drop those
+//! too). The metrics keep the full counts; errors are never throttled.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -81,6 +86,42 @@ pub fn init(log: &LogConfig, journal: bool) -> Option<LogReload> {
         .map(|()| LogReload(handle))
 }
 
+/// At most one log line per `every` for one kind of warning; the next line says how many were
+/// left out in between.
+pub struct Throttle {
+    every: std::time::Duration,
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// One line per `every`.
+    pub const fn new(every: std::time::Duration) -> Throttle {
+        Throttle {
+            every,
+            last: std::sync::Mutex::new(None),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(left_out)` when a line may be written now (`left_out`: how many were not since the
+    /// last one), `None` when this one is left out.
+    pub fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = tokio::time::Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < self.every) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The syslog priority of a level, as journald reads it from the start of a line.
 fn priority(level: Level) -> u8 {
     match level {
@@ -114,6 +155,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_writes_one_line_a_period_and_counts_the_rest() {
+        let throttle = Throttle::new(std::time::Duration::from_secs(1));
+        assert_eq!(throttle.allow(), Some(0));
+        for _ in 0..999 {
+            assert_eq!(throttle.allow(), None);
+        }
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert_eq!(throttle.allow(), Some(999));
+        assert_eq!(throttle.allow(), None);
+    }
 
     #[test]
     fn levels_map_to_syslog_priorities() {

@@ -554,3 +554,49 @@ async fn an_admin_listener_off_loopback_is_warned_about() {
     .await;
     sigterm(&daemon).await;
 }
+
+/// A flood of bad signatures writes a log line a second, not a line each (journald's rate limit
+/// would then drop the lines that matter); the metric counts every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_webhooks_is_logged_once_a_second_and_counted_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    let started = tokio::time::Instant::now();
+    for n in 0..300 {
+        let (_, body) = body_for(0, n);
+        let response = signed_post(&http, &url, "whsec_wrong", body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let metrics = http
+        .get(format!("http://{}/metrics", daemon.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        harness::sample(
+            &metrics,
+            r#"posgate_webhooks_total{event_type="none",outcome="bad_signature"}"#
+        ),
+        Some(300.0)
+    );
+    let lines = daemon
+        .log
+        .lock()
+        .unwrap()
+        .matches("webhook refused")
+        .count() as u64;
+    assert!(
+        (1..=seconds + 1).contains(&lines),
+        "{lines} lines in about {seconds} s"
+    );
+    sigterm(&daemon).await;
+}

@@ -48,11 +48,17 @@ use tracing::Instrument;
 
 use crate::delivery::{BrokerEvent, PublishError, Publisher};
 use crate::pki::Serial;
+use crate::telemetry::Throttle;
 
 /// Listener ids inside rmqtt.
 const TLS_LISTENER: u16 = 1;
 const WSS_LISTENER: u16 = 2;
 const PLAIN_LISTENER: u16 = 3;
+
+/// What clients can cause at will is logged at most once a second per kind.
+static CONNECT_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static SUBSCRIBE_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static PUBLISH_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Most subscriptions one session may hold (a terminal uses two).
 pub const MAX_SUBSCRIPTIONS: usize = 8;
@@ -536,7 +542,9 @@ impl Handler for HookRef {
                     Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
                 ),
                 Err(why) => {
-                    tracing::warn!(client_id = %ci.client_id(), remote = ?ci.id().remote_addr, reason = %why, "MQTT connect refused");
+                    if let Some(left_out) = CONNECT_REFUSED_LOG.allow() {
+                        tracing::warn!(client_id = %ci.client_id(), remote = ?ci.id().remote_addr, reason = %why, left_out, "MQTT connect refused (at most one line a second)");
+                    }
                     (
                         false,
                         Some(HookResult::AuthResult(AuthResult::NotAuthorized)),
@@ -548,7 +556,9 @@ impl Handler for HookRef {
                 if may_subscribe(&terminal_id, &sub.topic_filter) {
                     (true, acc)
                 } else {
-                    tracing::warn!(%terminal_id, filter = %sub.topic_filter, "subscribe refused");
+                    if let Some(left_out) = SUBSCRIBE_REFUSED_LOG.allow() {
+                        tracing::warn!(%terminal_id, filter = %sub.topic_filter, left_out, "subscribe refused (at most one line a second)");
+                    }
                     let refused =
                         SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
                     (false, Some(HookResult::SubscribeAclResult(refused)))
@@ -559,7 +569,9 @@ impl Handler for HookRef {
                 if may_publish(&terminal_id, &p.topic).is_some() {
                     (true, acc)
                 } else {
-                    tracing::warn!(%terminal_id, topic = %p.topic, "publish refused; disconnecting");
+                    if let Some(left_out) = PUBLISH_REFUSED_LOG.allow() {
+                        tracing::warn!(%terminal_id, topic = %p.topic, left_out, "publish refused; disconnecting (at most one line a second)");
+                    }
                     (
                         false,
                         Some(HookResult::PublishAclResult(PublishAclResult::rejected(

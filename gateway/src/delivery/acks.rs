@@ -17,12 +17,18 @@ use crate::store::{AckOutcome, OutboxRow};
 const ACK_RETRY_FIRST: Duration = Duration::from_millis(250);
 const ACK_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Unreadable acks are logged at most once a second: a terminal can send them at will.
+static UNREADABLE_LOG: crate::telemetry::Throttle =
+    crate::telemetry::Throttle::new(Duration::from_secs(1));
+
 impl<P: Publisher> Engine<P> {
     pub(super) async fn ack(&mut self, terminal_id: String, payload: &[u8]) {
         let ack: Ack = match serde_json::from_slice(payload) {
             Ok(ack) => ack,
             Err(e) => {
-                tracing::warn!(%terminal_id, error = %e, "unreadable ack");
+                if let Some(left_out) = UNREADABLE_LOG.allow() {
+                    tracing::warn!(%terminal_id, error = %e, left_out, "unreadable ack (at most one line a second)");
+                }
                 return;
             }
         };

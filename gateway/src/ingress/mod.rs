@@ -138,6 +138,11 @@ impl IntoResponse for IngressError {
     }
 }
 
+/// Refused webhooks are logged at most once a second (a flood of bad signatures must not bury
+/// the lines that matter).
+static REFUSED_LOG: crate::telemetry::Throttle =
+    crate::telemetry::Throttle::new(std::time::Duration::from_secs(1));
+
 /// Most time a webhook's body may take to arrive once its headers are in.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -214,7 +219,11 @@ async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
                 IngressError::Store { .. } => {
                     tracing::error!(error = %e, error_chain = ?e, "webhook not stored")
                 }
-                _ => tracing::warn!(reason = e.outcome(), error = %e, "webhook refused"),
+                _ => {
+                    if let Some(left_out) = REFUSED_LOG.allow() {
+                        tracing::warn!(reason = e.outcome(), error = %e, left_out, "webhook refused (at most one line a second; posgate_webhooks_total counts all)");
+                    }
+                }
             }
             e.into_response()
         }
