@@ -531,6 +531,32 @@ async fn polling_hands_out_confirmations_in_the_terminals_seq_order() {
     gw.shutdown().await;
 }
 
+/// A terminal (or a stolen token) that opens stream after stream without closing them holds at
+/// most four: the fifth is refused `429`, and once one closes a new one is taken again.
+#[tokio::test]
+async fn a_terminal_holds_a_bounded_number_of_streams() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_streams").await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(SseClient::open(&gw, &bundle.http_token).await);
+    }
+    let refused = get(&gw, "/v1/terminal/events", Some(&bundle.http_token)).await;
+    let (status, body) = status_json(refused).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    // Another terminal is not affected.
+    let other = gw.provision("pos_streams_other").await;
+    let _fine = SseClient::open(&gw, &other.http_token).await;
+    drop(open.pop());
+    eventually(WAIT, || async {
+        let response = get(&gw, "/v1/terminal/events", Some(&bundle.http_token)).await;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn unauthenticated_wrong_token_and_revoked_terminals_get_401_and_nothing() {
     let gw = spawn_gateway().await;

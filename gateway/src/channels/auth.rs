@@ -85,7 +85,16 @@ pub(super) enum Refused {
     Terminal(String),
     #[error("reading the registry")]
     Store(#[source] StoreError),
+    #[error("terminal {0} already has {MAX_STREAMS_PER_TERMINAL} streams open")]
+    TooManyStreams(String),
 }
+
+static TOO_MANY_LOG: crate::telemetry::Throttle =
+    crate::telemetry::Throttle::new(std::time::Duration::from_secs(1));
+
+/// Most streams (SSE, WebSocket) and long polls one terminal holds open at once: a terminal needs
+/// one (two while it replaces a broken one); a loop of reconnects without closing cannot pile up.
+pub const MAX_STREAMS_PER_TERMINAL: usize = 4;
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
@@ -96,6 +105,19 @@ impl IntoResponse for Refused {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "try again later",
+                )
+            }
+            // An authenticated terminal: it may learn what is wrong.
+            Refused::TooManyStreams(terminal_id) => {
+                if let Some(left_out) = TOO_MANY_LOG.allow() {
+                    tracing::warn!(%terminal_id, left_out, "too many streams open; refused (at most one line a second)");
+                }
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    format!(
+                        "at most {MAX_STREAMS_PER_TERMINAL} streams and long polls per terminal; close one"
+                    ),
                 )
             }
             // One generic answer: the caller learns nothing about which check failed.
@@ -172,6 +194,10 @@ pub(super) async fn authenticate(
             || cert.o != terminal.tenant)
     {
         return Err(Refused::Terminal(id));
+    }
+    // Counted with this request's own subscription, which goes when it is refused.
+    if signals.is_some() && channels.hub.open(&id) > MAX_STREAMS_PER_TERMINAL {
+        return Err(Refused::TooManyStreams(id));
     }
     Ok(Authenticated { terminal, signals })
 }

@@ -43,6 +43,13 @@ impl Hub {
             .subscribe()
     }
 
+    /// How many streams and long polls of the terminal are open.
+    pub(super) fn open(&self, terminal_id: &str) -> usize {
+        self.lock()
+            .get(terminal_id)
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
     /// Sends to the terminal's streams; forgets the terminal when none is left.
     pub(super) fn send(&self, terminal_id: &str, signal: Signal) {
         let mut map = self.lock();
