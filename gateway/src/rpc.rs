@@ -259,6 +259,23 @@ impl Rpc {
             );
             return (method, false, response);
         }
+        // A revoked terminal is refused here too, not only at CONNECT: a session that connected
+        // just before its revocation (and that the kick missed) gets nothing done.
+        match self.store.terminal(terminal_id.to_owned()).await {
+            Ok(Some(t)) if t.revoked_at.is_none() => {}
+            Ok(_) => {
+                let response = Response::err(
+                    &request.id,
+                    "unauthorized",
+                    "this terminal is not registered or is revoked",
+                );
+                return (method, false, response);
+            }
+            Err(e) => {
+                let response = Response::err(&request.id, "unavailable", format!("store: {e}"));
+                return (method, false, response);
+            }
+        }
         match self
             .store
             .rpc_answer(terminal_id.to_owned(), request.id.clone())
@@ -628,6 +645,29 @@ fn view(intent: &StoredIntent) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RPC from a revoked terminal (a session that connected just before its revocation) is
+    /// refused, not served: it used to be answered like any other.
+    #[tokio::test]
+    async fn a_revoked_terminal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::store::Limits::new(16, 16)).unwrap();
+        store
+            .register_terminal(crate::store::NewTerminal::for_test("pos-r"))
+            .await
+            .unwrap()
+            .unwrap();
+        let rpc = Rpc::new(store.clone(), None);
+        let request = br#"{"id":"r1","method":"get_intent","params":{"intent_id":"pi_x"}}"#;
+        let before = rpc.handle("pos-r", request).await;
+        assert_eq!(before.error.unwrap().code, "not_found");
+        store.revoke_terminal("pos-r".into()).await.unwrap();
+        let after = rpc.handle("pos-r", request).await;
+        assert_eq!(after.error.unwrap().code, "unauthorized");
+        let unknown = rpc.handle("pos-nobody", request).await;
+        assert_eq!(unknown.error.unwrap().code, "unauthorized");
+        store.close().await;
+    }
 
     #[test]
     fn long_idempotency_keys_are_hashed_not_truncated() {
