@@ -1,0 +1,127 @@
+//! What can go wrong in the store, and which failures may pass on their own.
+
+use std::path::PathBuf;
+
+/// Store failures. Ingress answers all of them `503`: the provider retries later.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening database at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("creating tables in {path}")]
+    Init {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("starting the store writer thread")]
+    Thread(#[source] std::io::Error),
+    #[error("store queue is full")]
+    Overloaded,
+    #[error("store is closed")]
+    Closed,
+    #[error("the write transaction was not committed")]
+    NotCommitted,
+    #[error("an fdatasync of the database failed; the store reopens the file from disk")]
+    SyncFailed,
+    #[error("no commit within the store's deadline of {deadline_ms} ms: the disk may be stalled")]
+    Stalled { deadline_ms: u64 },
+    #[error("the store is reopening the database after a disk failure")]
+    Unavailable,
+    #[error("database operation failed")]
+    Db(#[from] Box<redb::Error>),
+    #[error("stored record {key} is corrupt")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether the same operation may succeed later without anyone changing anything: the
+    /// database held by a process that is still stopping, a full or failing disk, an overloaded
+    /// queue. Not: corruption, permissions, a file format from another version.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Open { source, .. } => match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => true,
+                redb::DatabaseError::Storage(e) => storage_is_transient(e),
+                _ => false,
+            },
+            StoreError::Init { source, .. } | StoreError::Db(source) => match source.as_ref() {
+                redb::Error::DatabaseAlreadyOpen | redb::Error::PreviousIo => true,
+                redb::Error::Io(e) => io_is_transient(e),
+                _ => false,
+            },
+            StoreError::Overloaded
+            | StoreError::NotCommitted
+            | StoreError::SyncFailed
+            | StoreError::Stalled { .. }
+            | StoreError::Unavailable
+            | StoreError::Thread(_) => true,
+            StoreError::Closed | StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+fn storage_is_transient(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Io(e) => io_is_transient(e),
+        redb::StorageError::PreviousIo => true,
+        _ => false,
+    }
+}
+
+/// A full disk (`ENOSPC`, `EDQUOT`) or a failing one (`EIO`): may pass without a person.
+pub fn io_is_transient(e: &std::io::Error) -> bool {
+    const EIO: i32 = 5;
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::ResourceBusy
+            | std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::Interrupted
+            | std::io::ErrorKind::TimedOut
+    ) || e.raw_os_error() == Some(EIO)
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(Box::new(e.into())) }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl StoreError {
+    /// Whether the database must be opened afresh before it can be used again: redb refuses every
+    /// later operation after one I/O error (`PreviousIo`), and after a failed `fdatasync` the
+    /// file's cached pages cannot be trusted.
+    pub(super) fn needs_reopen(&self) -> bool {
+        match self {
+            StoreError::Db(e) => matches!(
+                e.as_ref(),
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::LockPoisoned(_)
+            ),
+            StoreError::SyncFailed => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Db(Box::new(e))
+    }
+}
