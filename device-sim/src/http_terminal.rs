@@ -145,6 +145,12 @@ async fn ws(
         let Message::Text(text) = message? else {
             continue; // pings are answered by the library
         };
+        // The gateway's answer to an ack it could not take (the house error body, e.g. while it
+        // shuts down) is not a confirmation: the row stays and comes again.
+        if let Some(error) = error_frame(text.as_str()) {
+            tracing::debug!(%error, "the gateway did not take an ack");
+            continue;
+        }
         let (ack, seen) = checker.check(text.as_str());
         if let Some(ack) = ack {
             socket
@@ -156,4 +162,28 @@ async fn ws(
         }
     }
     bail!("the WebSocket closed")
+}
+
+/// The `error` object of a WebSocket frame that carries the house error body
+/// (`{"error":{"code","message"}}`) rather than a confirmation (a JWS never starts with `{`).
+fn error_frame(text: &str) -> Option<serde_json::Value> {
+    if !text.starts_with('{') {
+        return None;
+    }
+    let mut body: serde_json::Value = serde_json::from_str(text).ok()?;
+    body.get_mut("error").map(serde_json::Value::take)
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::error_frame;
+
+    #[test]
+    fn an_error_frame_is_told_from_a_confirmation() {
+        let frame =
+            r#"{"error":{"code":"unavailable","message":"shutting down; ack again later"}}"#;
+        assert_eq!(error_frame(frame).unwrap()["code"], "unavailable");
+        assert!(error_frame("eyJhbGciOiJFZERTQSJ9.e30.c2ln").is_none());
+        assert!(error_frame("{not json").is_none());
+    }
 }
