@@ -154,6 +154,7 @@ impl Gateway {
                 queue_depth: config.store.queue_depth,
                 max_batch: config.store.max_batch,
                 commit_deadline: Duration::from_millis(config.store.commit_deadline_ms),
+                quick_repair: config.store.quick_repair,
             };
             tokio::task::spawn_blocking(move || Store::open(&dir, limits))
                 .await

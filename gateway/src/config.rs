@@ -138,6 +138,9 @@ pub struct StoreConfig {
     /// A commit not on disk within this is a stalled store: the webhooks waiting for it are
     /// answered `503`, `/readyz` says `503`, the systemd watchdog pings stop.
     pub commit_deadline_ms: u64,
+    /// redb's quick repair: each synced commit also saves the allocator state (with a two-phase
+    /// commit), so the open after a crash does not walk the whole database.
+    pub quick_repair: bool,
 }
 
 /// `[shutdown]`.
@@ -384,6 +387,7 @@ impl Config {
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
         let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
         let commit_deadline_ms = r.in_range::<u64>("store.commit_deadline_ms", 100, 600_000);
+        let quick_repair = r.required::<bool>("store.quick_repair");
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
 
         r.unknown_keys();
@@ -438,6 +442,7 @@ impl Config {
                     queue_depth: queue_depth?,
                     max_batch: max_batch?,
                     commit_deadline_ms: commit_deadline_ms?,
+                    quick_repair: quick_repair?,
                 },
                 shutdown: ShutdownConfig {
                     grace_secs: grace_secs?,

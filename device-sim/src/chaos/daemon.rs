@@ -158,6 +158,9 @@ impl Daemon {
         let mut child = Command::new(&self.bin)
             .arg("run")
             .env_clear()
+            // The soak's own `POSGATE__…` settings (e.g. `POSGATE__STORE__QUICK_REPAIR=true`) go
+            // to the daemon; the ones below, which the soak needs, win over them.
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("POSGATE__")))
             .env("POSGATE__DATA_DIR", &self.data_dir)
             .env("POSGATE__INGRESS__LISTEN", self.listen.ingress.to_string())
             .env("POSGATE__ADMIN__LISTEN", self.listen.admin.to_string())

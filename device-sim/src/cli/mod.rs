@@ -46,7 +46,8 @@ enum Command {
     Bridge(bridge::BridgeArgs),
     /// A chaos soak of the real `posgate` binary: terminals on MQTT, SSE and WebSocket, webhooks
     /// retried until 200, SIGKILL/SIGTERM restarts on the same ports, terminal drops, a full disk;
-    /// exit 0 only if nothing was lost, skipped or invented.
+    /// exit 0 only if nothing was lost, skipped or invented. `POSGATE__…` variables in the
+    /// environment are passed to the daemon.
     Chaos(chaos::ChaosArgs),
     /// Measurements; each prints a table and can write a JSON report.
     Bench {

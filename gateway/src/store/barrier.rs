@@ -605,6 +605,27 @@ mod store_tests {
         store.close().await;
     }
 
+    /// With quick repair (two-phase commits that save the allocator state), writes are answered
+    /// once synced as before and survive a reopen.
+    #[tokio::test]
+    async fn quick_repair_commits_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            quick_repair: true,
+            ..Limits::new(16, 16)
+        };
+        let store = Store::open(dir.path(), limits).unwrap();
+        assert!(matches!(
+            store.ingest(event(1)).await,
+            Ok(Ingested::New { .. })
+        ));
+        store.close().await;
+        let store = Store::open(dir.path(), limits).unwrap();
+        assert!(store.event("evt_b1".into()).await.unwrap().is_some());
+        assert_eq!(store.ingest(event(1)).await.unwrap(), Ingested::Duplicate);
+        store.close().await;
+    }
+
     /// A stalled disk (an fdatasync that does not return) is a failed store: the write waiting for
     /// it is answered `Stalled` at the deadline, reads give up at the deadline too, and the store
     /// reports unhealthy; once the disk answers, the store is healthy again and the write turns

@@ -258,6 +258,8 @@ pub struct Limits {
     /// still commit later), a read waits at most this long for the disk, and the store reports
     /// itself unhealthy while a commit or an `fdatasync` has been running longer.
     pub commit_deadline: Duration,
+    /// redb's quick repair on every synced commit (see `store.quick_repair`).
+    pub quick_repair: bool,
 }
 
 impl Limits {
@@ -267,6 +269,7 @@ impl Limits {
             queue_depth,
             max_batch,
             commit_deadline: Duration::from_secs(5),
+            quick_repair: false,
         }
     }
 }
@@ -366,7 +369,7 @@ impl Store {
             };
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer::run(open, rx, limits.max_batch, &shared))
+                .spawn(move || writer::run(open, rx, &limits, &shared))
                 .map_err(StoreError::Thread)?
         };
         Ok(Store {

@@ -49,7 +49,13 @@ pub(super) struct Shared {
 /// After an I/O error (a full disk, a failed `fdatasync`) redb refuses every later operation on
 /// the open database, so the writer reopens the file ([`recover`]) and goes on: a full disk heals
 /// in place once there is space again.
-pub(super) fn run(mut open: Open, mut rx: mpsc::Receiver<Job>, max_batch: usize, shared: &Shared) {
+pub(super) fn run(
+    mut open: Open,
+    mut rx: mpsc::Receiver<Job>,
+    limits: &super::Limits,
+    shared: &Shared,
+) {
+    let max_batch = limits.max_batch;
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut lazy_streak = 0u32;
     while let Some(first) = rx.blocking_recv() {
@@ -72,7 +78,7 @@ pub(super) fn run(mut open: Open, mut rx: mpsc::Receiver<Job>, max_batch: usize,
             lazy_streak = 0;
         }
         shared.health.busy(true);
-        let result = commit_batch(&open.db, &mut batch, durable);
+        let result = commit_batch(&open.db, &mut batch, durable, limits.quick_repair);
         shared.health.busy(false);
         let commit_seconds = shared.commit_seconds.get().cloned();
         let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
@@ -124,7 +130,7 @@ pub(super) fn run(mut open: Open, mut rx: mpsc::Receiver<Job>, max_batch: usize,
     }
     // A clean close leaves nothing unpersisted.
     if lazy_streak > 0
-        && let Err(e) = commit_batch(&open.db, &mut [], true)
+        && let Err(e) = commit_batch(&open.db, &mut [], true, limits.quick_repair)
     {
         tracing::warn!(error = %e, "final durable commit failed; the last acks may be replayed");
     }
@@ -227,8 +233,12 @@ fn commit_batch(
     db: &Database,
     batch: &mut [Job],
     durable: bool,
+    quick_repair: bool,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let mut txn = db.begin_write()?;
+    // The allocator state is saved with synced commits only: after a crash the database goes back
+    // to the last of those, which then carries it.
+    txn.set_quick_repair(durable && quick_repair);
     // redb's "eventual" is our synced commit: its sync is the barrier's fdatasync (barrier.rs).
     txn.set_durability(if durable {
         Durability::Eventual
