@@ -174,6 +174,7 @@ impl Gateway {
         };
         let admin_token = admin::load_or_create_token(config.admin.token.as_ref(), &data_dir)?;
 
+        let metrics = Metrics::new()?;
         // Revocations survive restarts: the broker refuses them from its first connection on.
         let (revoked_serials, revoked_terminals) = store.revocations().await?;
         let (events_tx, broker_events) = mpsc::unbounded_channel();
@@ -189,6 +190,7 @@ impl Gateway {
             ca_pem: pki.dir().join(pki::CA_CERT_FILE),
             server_cert_pem: pki.dir().join(pki::SERVER_CERT_FILE),
             server_key_pem: pki.dir().join(pki::SERVER_KEY_FILE),
+            refused: metrics.mqtt_refused.clone(),
         };
         let broker =
             Broker::build(&settings, revoked_serials, revoked_terminals, events_tx).await?;
@@ -200,7 +202,6 @@ impl Gateway {
         };
         let ingress = bind("ingress", config.ingress.listen).await?;
         let admin = bind("admin", config.admin.listen).await?;
-        let metrics = Metrics::new()?;
         store.observe_commits(metrics.store_commit.clone());
         Ok(Gateway {
             config,

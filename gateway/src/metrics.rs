@@ -70,6 +70,13 @@ pub struct Metrics {
     pub http_streams: IntGaugeVec,
     /// Calls to the provider (`posgate_provider_requests_total`, `…_request_seconds`).
     pub provider: crate::provider::CallMetrics,
+    /// `posgate_mqtt_refused_total{reason}`: MQTT CONNECTs refused (identity, no_certificate,
+    /// revoked, last_will).
+    pub mqtt_refused: IntCounterVec,
+    /// `process_open_fds`, `process_max_fds`: descriptors in use and the limit (refreshed at
+    /// scrape; the names of Prometheus's own process collector).
+    pub open_fds: IntGauge,
+    pub max_fds: IntGauge,
     /// `posgate_task_panics_total{task}`: background tasks that panicked (the daemon then stops).
     pub task_panics: IntCounterVec,
     /// `posgate_store_healthy`: 1 while the store commits within its deadline, else 0.
@@ -284,6 +291,23 @@ impl Metrics {
                     &["endpoint"],
                 )?,
             },
+            mqtt_refused: counter_vec(
+                &r,
+                "posgate_mqtt_refused_total",
+                "MQTT CONNECTs refused, by reason: identity (client id, CN or O do not match), \
+                 no_certificate, revoked, last_will (not the terminal's own status topic)",
+                &["reason"],
+            )?,
+            open_fds: gauge(
+                &r,
+                "process_open_fds",
+                "Open file descriptors of the daemon",
+            )?,
+            max_fds: gauge(
+                &r,
+                "process_max_fds",
+                "The daemon's limit of open file descriptors (RLIMIT_NOFILE)",
+            )?,
             task_panics: counter_vec(
                 &r,
                 "posgate_task_panics_total",
@@ -365,6 +389,9 @@ impl Metrics {
         self.secret_matches.with_label_values(&["0"]);
         self.transitions
             .with_label_values(&["awaiting_payment", "confirmed"]);
+        for reason in ["identity", "no_certificate", "revoked", "last_will"] {
+            self.mqtt_refused.with_label_values(&[reason]);
+        }
         for endpoint in crate::provider::ENDPOINTS {
             self.provider.requests.with_label_values(&[endpoint, "ok"]);
         }

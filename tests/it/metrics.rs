@@ -90,6 +90,13 @@ async fn a_fresh_daemon_exports_its_known_series() {
         assert_eq!(sample(&text, series), Some(0.0), "{series} in:\n{text}");
     }
     assert_eq!(sample(&text, "posgate_store_healthy"), Some(1.0));
+    assert_eq!(
+        sample(&text, r#"posgate_mqtt_refused_total{reason="revoked"}"#),
+        Some(0.0)
+    );
+    let open = sample(&text, "process_open_fds").unwrap();
+    let max = sample(&text, "process_max_fds").unwrap();
+    assert!(open > 0.0 && open <= max, "{open} descriptors of {max}");
     let free = sample(&text, "posgate_data_dir_free_bytes").unwrap();
     let size = sample(&text, "posgate_data_dir_size_bytes").unwrap();
     assert!(free > 0.0 && free <= size, "free {free} of {size}");

@@ -371,6 +371,9 @@ async fn revocation_cuts_the_connection_and_refuses_it_even_after_a_restart() {
         connect(&gw, &Identity::of(&bundle)).await.is_err(),
         "refused after revocation"
     );
+    // Operators see why connections are refused.
+    gw.metric_reaches(r#"posgate_mqtt_refused_total{reason="revoked"}"#, 1.0, WAIT)
+        .await;
     let view = gw.terminal_view("pos_r").await;
     assert_eq!(
         (view["revoked"].as_bool(), view["online"].as_bool()),

@@ -220,6 +220,13 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     }
     m.broker_connections.set((admin.fleet.connections)());
     m.store_healthy.set(i64::from(admin.store.is_healthy()));
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        m.open_fds.set(fds.count() as i64);
+    }
+    // `None`: unlimited.
+    if let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        m.max_fds.set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
     if let Some(dir) = admin.store.path().parent()
         && let Ok(fs) = rustix::fs::statvfs(dir)
     {

@@ -80,6 +80,8 @@ pub struct Settings {
     pub ca_pem: PathBuf,
     pub server_cert_pem: PathBuf,
     pub server_key_pem: PathBuf,
+    /// Counts the CONNECTs refused, by reason (`posgate_mqtt_refused_total`).
+    pub refused: prometheus::IntCounterVec,
 }
 
 /// Why the broker could not start.
@@ -174,6 +176,7 @@ impl Broker {
             revoked: revoked.clone(),
             events,
             plain_allowed: settings.plain_listen.is_some(),
+            refused: settings.refused.clone(),
         });
         let register = scx.extends.hook_mgr().register();
         for typ in [
@@ -442,6 +445,8 @@ struct Hooks {
     revoked: Arc<Revoked>,
     events: mpsc::UnboundedSender<BrokerEvent>,
     plain_allowed: bool,
+    /// `posgate_mqtt_refused_total{reason}`.
+    refused: prometheus::IntCounterVec,
 }
 
 /// rmqtt wants an owned handler per hook type.
@@ -491,39 +496,49 @@ pub fn may_publish(terminal_id: &str, topic: &str) -> Option<TopicKind> {
 }
 
 impl Hooks {
-    fn authenticate(&self, ci: &ConnectInfo) -> Result<(), String> {
+    /// `Err((reason, detail))`: `reason` is the metric label (`identity`, `no_certificate`,
+    /// `revoked`, `last_will`), `detail` the log's.
+    fn authenticate(&self, ci: &ConnectInfo) -> Result<(), (&'static str, String)> {
         let client_id = ci.client_id().to_string();
         let cert = cert_of(ci);
         let serial = cert.and_then(|c| c.serial.as_deref());
         match cert {
             Some(cert) => {
-                let cn = cert.common_name.as_deref().ok_or("certificate has no CN")?;
+                let cn = cert
+                    .common_name
+                    .as_deref()
+                    .ok_or(("identity", "certificate has no CN".to_owned()))?;
                 if cn != client_id {
-                    return Err(format!(
-                        "client id {client_id:?} is not the certificate's CN {cn:?}"
+                    return Err((
+                        "identity",
+                        format!("client id {client_id:?} is not the certificate's CN {cn:?}"),
                     ));
                 }
                 if cert.organization.as_deref() != Some(topics::tenant_for(cn).as_str()) {
-                    return Err(format!(
-                        "certificate O {:?} is not the tenant of {cn:?}",
-                        cert.organization
+                    return Err((
+                        "identity",
+                        format!(
+                            "certificate O {:?} is not the tenant of {cn:?}",
+                            cert.organization
+                        ),
                     ));
                 }
             }
             None if self.plain_allowed && ci.id().lid == PLAIN_LISTENER => {}
-            None => return Err("no client certificate".into()),
+            None => return Err(("no_certificate", "no client certificate".into())),
         }
         if !topics::valid_terminal_id(&client_id) {
-            return Err(format!("{client_id:?} is not a terminal id"));
+            return Err(("identity", format!("{client_id:?} is not a terminal id")));
         }
         if self.revoked.contains(&client_id, serial) {
-            return Err(format!("terminal {client_id:?} is revoked"));
+            return Err(("revoked", format!("terminal {client_id:?} is revoked")));
         }
         if let Some(will) = will_topic(ci)
             && will != topics::status(&topics::tenant_for(&client_id))
         {
-            return Err(format!(
-                "last will topic {will:?} is not the terminal's own status topic"
+            return Err((
+                "last_will",
+                format!("last will topic {will:?} is not the terminal's own status topic"),
             ));
         }
         Ok(())
@@ -541,7 +556,8 @@ impl Handler for HookRef {
                     false,
                     Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
                 ),
-                Err(why) => {
+                Err((reason, why)) => {
+                    hooks.refused.with_label_values(&[reason]).inc();
                     if let Some(left_out) = CONNECT_REFUSED_LOG.allow() {
                         tracing::warn!(client_id = %ci.client_id(), remote = ?ci.id().remote_addr, reason = %why, left_out, "MQTT connect refused (at most one line a second)");
                     }
