@@ -33,6 +33,13 @@ pub enum StoreError {
     Unavailable,
     #[error("database operation failed")]
     Db(#[from] Box<redb::Error>),
+    #[error("reading {what} {key:?}")]
+    Read {
+        what: &'static str,
+        key: String,
+        #[source]
+        source: Box<redb::Error>,
+    },
     #[error("stored record {key} is corrupt")]
     Corrupt {
         key: String,
@@ -52,7 +59,9 @@ impl StoreError {
                 redb::DatabaseError::Storage(e) => storage_is_transient(e),
                 _ => false,
             },
-            StoreError::Init { source, .. } | StoreError::Db(source) => match source.as_ref() {
+            StoreError::Init { source, .. }
+            | StoreError::Db(source)
+            | StoreError::Read { source, .. } => match source.as_ref() {
                 redb::Error::DatabaseAlreadyOpen | redb::Error::PreviousIo => true,
                 redb::Error::Io(e) => io_is_transient(e),
                 _ => false,
@@ -110,7 +119,7 @@ impl StoreError {
     /// file's cached pages cannot be trusted.
     pub(super) fn needs_reopen(&self) -> bool {
         match self {
-            StoreError::Db(e) => matches!(
+            StoreError::Db(e) | StoreError::Read { source: e, .. } => matches!(
                 e.as_ref(),
                 redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::LockPoisoned(_)
             ),

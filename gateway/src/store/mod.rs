@@ -535,10 +535,15 @@ impl Store {
             .await
     }
 
+    /// Runs `f` on a read transaction (on the blocking pool) once the commits before it are on
+    /// disk. A database error comes back with what was being read (`what`) and its key.
     async fn read<T: Send + 'static>(
         &self,
+        what: &'static str,
+        key: impl Into<String>,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let key = key.into();
         let Some(Open { db, syncer }) = self.current() else {
             return Err(if self.sender().is_some() {
                 StoreError::Unavailable
@@ -552,7 +557,10 @@ impl Store {
             // (to a terminal, say) what a crash could still take back; nor wait for ever on a
             // stalled disk.
             match syncer.wait_all_for(deadline) {
-                barrier::Synced::Yes => f(&db),
+                barrier::Synced::Yes => f(&db).map_err(|e| match e {
+                    StoreError::Db(source) => StoreError::Read { what, key, source },
+                    other => other,
+                }),
                 barrier::Synced::Failed => Err(StoreError::SyncFailed),
                 barrier::Synced::Stalled => Err(StoreError::Stalled {
                     deadline_ms: deadline.as_millis() as u64,
@@ -568,7 +576,7 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreError::Corrupt`].
     pub async fn intent(&self, id: String) -> Result<Option<StoredIntent>, StoreError> {
-        self.read(move |db| {
+        self.read("intent", id.clone(), move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(INTENTS)?;
             let value = table.get(id.as_str())?;
@@ -582,7 +590,7 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreError::Corrupt`].
     pub async fn event(&self, id: String) -> Result<Option<StoredEvent>, StoreError> {
-        self.read(move |db| {
+        self.read("event", id.clone(), move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(EVENTS)?;
             let value = table.get(id.as_str())?;
@@ -599,33 +607,37 @@ impl Store {
         &self,
         filter: IntentFilter,
     ) -> Result<(Vec<StoredIntent>, bool), StoreError> {
-        self.read(move |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(INTENTS)?;
-            let start = filter.starting_after.clone().unwrap_or_default();
-            let mut page = Vec::new();
-            let mut has_more = false;
-            for entry in table.range(start.as_str()..)? {
-                let (key, value) = entry?;
-                if filter.starting_after.as_deref() == Some(key.value()) {
-                    continue;
-                }
-                let intent: StoredIntent = decode(key.value(), value.value())?;
-                let status_ok = filter.status.is_none_or(|s| s == intent.record.status);
-                let terminal_ok = filter
-                    .terminal_id
-                    .as_deref()
-                    .is_none_or(|t| intent.record.terminal_id.as_deref() == Some(t));
-                if status_ok && terminal_ok {
-                    if page.len() == filter.limit {
-                        has_more = true;
-                        break;
+        self.read(
+            "intents after",
+            filter.starting_after.clone().unwrap_or_default(),
+            move |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(INTENTS)?;
+                let start = filter.starting_after.clone().unwrap_or_default();
+                let mut page = Vec::new();
+                let mut has_more = false;
+                for entry in table.range(start.as_str()..)? {
+                    let (key, value) = entry?;
+                    if filter.starting_after.as_deref() == Some(key.value()) {
+                        continue;
                     }
-                    page.push(intent);
+                    let intent: StoredIntent = decode(key.value(), value.value())?;
+                    let status_ok = filter.status.is_none_or(|s| s == intent.record.status);
+                    let terminal_ok = filter
+                        .terminal_id
+                        .as_deref()
+                        .is_none_or(|t| intent.record.terminal_id.as_deref() == Some(t));
+                    if status_ok && terminal_ok {
+                        if page.len() == filter.limit {
+                            has_more = true;
+                            break;
+                        }
+                        page.push(intent);
+                    }
                 }
-            }
-            Ok((page, has_more))
-        })
+                Ok((page, has_more))
+            },
+        )
         .await
     }
 

@@ -453,7 +453,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
-        self.read(move |db| {
+        self.read("terminal", id.clone(), move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(TERMINALS)?;
             let value = table.get(id.as_str())?;
@@ -467,7 +467,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminals(&self) -> Result<Vec<(TerminalRecord, u64)>, StoreError> {
-        self.read(|db| {
+        self.read("terminals", "", |db| {
             let txn = db.begin_read()?;
             let terminals = txn.open_table(TERMINALS)?;
             let outbox = txn.open_table(OUTBOX)?;
@@ -489,20 +489,24 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn outbox(&self, terminal_id: Option<String>) -> Result<Vec<OutboxRow>, StoreError> {
-        self.read(move |db| {
-            let txn = db.begin_read()?;
-            let outbox = txn.open_table(OUTBOX)?;
-            let mut rows = Vec::new();
-            let range = match terminal_id.as_deref() {
-                Some(id) => outbox.range((id, 0)..=(id, u64::MAX))?,
-                None => outbox.range::<(&str, u64)>(..)?,
-            };
-            for entry in range {
-                let (key, value) = entry?;
-                rows.push(decode(key.value().0, value.value())?);
-            }
-            Ok(rows)
-        })
+        self.read(
+            "the outbox of",
+            terminal_id.clone().unwrap_or_default(),
+            move |db| {
+                let txn = db.begin_read()?;
+                let outbox = txn.open_table(OUTBOX)?;
+                let mut rows = Vec::new();
+                let range = match terminal_id.as_deref() {
+                    Some(id) => outbox.range((id, 0)..=(id, u64::MAX))?,
+                    None => outbox.range::<(&str, u64)>(..)?,
+                };
+                for entry in range {
+                    let (key, value) = entry?;
+                    rows.push(decode(key.value().0, value.value())?);
+                }
+                Ok(rows)
+            },
+        )
         .await
     }
 
@@ -511,7 +515,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        self.read(|db| {
+        self.read("revocations", "", |db| {
             let txn = db.begin_read()?;
             let mut serials = Vec::new();
             let mut terminals = Vec::new();
@@ -530,7 +534,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn undeliverable(&self) -> Result<Vec<Undeliverable>, StoreError> {
-        self.read(|db| {
+        self.read("undeliverable confirmations", "", |db| {
             let txn = db.begin_read()?;
             let table = txn.open_multimap_table(UNDELIVERABLE)?;
             let mut out = Vec::new();

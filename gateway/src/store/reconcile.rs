@@ -280,7 +280,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn transactions_cursor(&self) -> Result<Option<OffsetDateTime>, StoreError> {
-        self.read(|db| {
+        self.read("the transactions cursor", "", |db| {
             let txn = db.begin_read()?;
             let table = match txn.open_table(RECONCILE_STATE) {
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -312,7 +312,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn orphan_transfers(&self) -> Result<Vec<OrphanTransfer>, StoreError> {
-        self.read(|db| {
+        self.read("orphan transfers", "", |db| {
             let txn = db.begin_read()?;
             let table = match txn.open_table(ORPHAN_TRANSFERS) {
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),

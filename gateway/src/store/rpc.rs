@@ -43,12 +43,16 @@ impl Store {
         terminal_id: String,
         request_id: String,
     ) -> Result<Option<serde_json::Value>, StoreError> {
-        self.read(move |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(RPC_ANSWERS)?;
-            let value = table.get((terminal_id.as_str(), request_id.as_str()))?;
-            value.map(|v| decode(&request_id, v.value())).transpose()
-        })
+        self.read(
+            "the RPC answer of",
+            format!("{terminal_id}/{request_id}"),
+            move |db| {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(RPC_ANSWERS)?;
+                let value = table.get((terminal_id.as_str(), request_id.as_str()))?;
+                value.map(|v| decode(&request_id, v.value())).transpose()
+            },
+        )
         .await
     }
 
