@@ -357,6 +357,8 @@ impl Metrics {
         for method in ["create_intent", "get_intent", "cancel_intent"] {
             self.rpc_requests.with_label_values(&[method, "ok"]);
         }
+        // Refused at admission, before the method is read (alert PosgateTerminalThrottled).
+        self.rpc_requests.with_label_values(&["any", "rate_limited"]);
         for reason in [
             "missing_header",
             "bad_timestamp",

@@ -81,6 +81,7 @@ async fn a_fresh_daemon_exports_its_known_series() {
         r#"posgate_reconcile_findings_total{kind="missed_status"}"#,
         r#"posgate_reconcile_listings_total{outcome="failed"}"#,
         r#"posgate_rpc_requests_total{method="create_intent",outcome="ok"}"#,
+        r#"posgate_rpc_requests_total{method="any",outcome="rate_limited"}"#,
         r#"posgate_webhook_signature_failures_total{reason="mismatch"}"#,
         r#"posgate_provider_requests_total{endpoint="get_intent",outcome="ok"}"#,
         r#"posgate_webhooks_total{event_type="none",outcome="store_error"}"#,
