@@ -358,7 +358,8 @@ impl Metrics {
             self.rpc_requests.with_label_values(&[method, "ok"]);
         }
         // Refused at admission, before the method is read (alert PosgateTerminalThrottled).
-        self.rpc_requests.with_label_values(&["any", "rate_limited"]);
+        self.rpc_requests
+            .with_label_values(&["any", "rate_limited"]);
         for reason in [
             "missing_header",
             "bad_timestamp",

@@ -71,6 +71,10 @@ impl Default for RpcLimits {
 
 type Buckets = governor::DefaultKeyedRateLimiter<String>;
 
+/// Refused requests are logged at most once a second (a flooding terminal must not flood the log).
+static THROTTLED_LOG: crate::telemetry::Throttle =
+    crate::telemetry::Throttle::new(Duration::from_secs(1));
+
 /// A request admitted: holds one of its terminal's in-flight places until dropped.
 pub struct Admitted {
     terminal_id: String,
@@ -158,6 +162,9 @@ impl Rpc {
                 .unwrap_or_default();
             if let Some(requests) = &self.requests {
                 requests.with_label_values(&["any", "rate_limited"]).inc();
+            }
+            if let Some(left_out) = THROTTLED_LOG.allow() {
+                tracing::warn!(%terminal_id, reason = why, left_out, "RPC refused: too many requests (at most one line a second)");
             }
             let retry_ms = wait.as_millis().max(1);
             let mut response = Response::err(
