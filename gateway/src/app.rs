@@ -322,6 +322,7 @@ impl Gateway {
             tracker: tracker.clone(),
             keepalive: Duration::from_secs(config.ingress.keepalive_secs),
             streams: metrics.http_streams.clone(),
+            rpc: rpc.clone(),
         });
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),

@@ -433,3 +433,82 @@ async fn a_flooding_terminal_is_rate_limited_and_others_are_served() {
     drop(sim);
     gw.shutdown().await;
 }
+
+/// A terminal without MQTT pays over HTTP with its bearer token: create (idempotent by its
+/// request id), read, cancel, through the same RPC implementation, with the same codes.
+#[tokio::test]
+async fn an_http_terminal_creates_reads_and_cancels_intents() {
+    let (gw, sim) = setup().await;
+    let bundle = gw.provision("pos_http_pay").await;
+    let other = gw.provision("pos_http_other").await;
+    let url = |path: &str| format!("http://{}/v1/terminal/payment-intents{path}", gw.ingress);
+    let post = |path: String, token: String, body: serde_json::Value| {
+        let http = gw.http.clone();
+        async move {
+            harness::status_json(
+                http.post(path)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let body = json!({"request_id": "web-1", "amount": "4.40", "order_id": "ord-http"});
+    let (status, created) = post(url(""), bundle.http_token.clone(), body.clone()).await;
+    assert_eq!(status, 201, "{created}");
+    let intent_id = created["intent_id"].as_str().unwrap().to_owned();
+    assert!(
+        created["qr_payload"]
+            .as_str()
+            .unwrap()
+            .ends_with("uint256=4400000")
+    );
+    // The same request id again: the same intent, one at the provider.
+    let (status, again) = post(url(""), bundle.http_token.clone(), body).await;
+    assert_eq!((status, &again["intent_id"]), (201, &created["intent_id"]));
+    assert_eq!(sim.stats().api.intents_created, 1);
+    // Bad input gets the RPC's code in the house body.
+    let (status, bad) = post(
+        url(""),
+        bundle.http_token.clone(),
+        json!({"request_id": "web-2", "amount": "4.405", "order_id": "o"}),
+    )
+    .await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (422, Some("invalid_params"))
+    );
+    // Read: the owner sees it, another terminal gets 404, no token 401.
+    let get = |token: Option<String>| {
+        let mut request = gw.http.get(url(&format!("/{intent_id}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { harness::status_json(request.send().await.unwrap()).await }
+    };
+    let (status, view) = get(Some(bundle.http_token.clone())).await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (200, Some("awaiting_payment"))
+    );
+    assert_eq!(get(Some(other.http_token.clone())).await.0, 404);
+    assert_eq!(get(None).await.0, 401);
+    // Cancel: another terminal cannot, the owner can.
+    let cancel = url(&format!("/{intent_id}/cancel"));
+    assert_eq!(
+        post(cancel.clone(), other.http_token.clone(), json!({}))
+            .await
+            .0,
+        404
+    );
+    let (status, cancelled) = post(cancel, bundle.http_token.clone(), json!({})).await;
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled")),
+        "{cancelled}"
+    );
+    gw.shutdown().await;
+}

@@ -39,6 +39,7 @@ mod acks;
 mod auth;
 mod feed;
 mod hub;
+mod payments;
 #[cfg(test)]
 mod tests;
 mod ws;
@@ -85,6 +86,13 @@ pub const ACKS_PATH: &str = "/v1/terminal/acks";
 /// The longest a long poll (`wait_secs`) may wait.
 pub const MAX_WAIT_SECS: u64 = 30;
 
+/// Payments from HTTP terminals: create.
+pub const INTENTS_PATH: &str = "/v1/terminal/payment-intents";
+/// Payments from HTTP terminals: read one (the reboot case).
+pub const INTENT_PATH: &str = "/v1/terminal/payment-intents/{intent_id}";
+/// Payments from HTTP terminals: cancel one.
+pub const CANCEL_PATH: &str = "/v1/terminal/payment-intents/{intent_id}/cancel";
+
 /// Ack bodies are tiny; anything larger is refused before it is read.
 const ACK_LIMIT_BYTES: usize = 4096;
 
@@ -106,6 +114,8 @@ pub struct Channels {
     pub keepalive: Duration,
     /// `posgate_http_streams{channel}`: each open stream counts while its feed lives.
     pub streams: IntGaugeVec,
+    /// Terminal RPC, shared with MQTT: payments from HTTP terminals go through it.
+    pub rpc: Arc<crate::rpc::Rpc>,
 }
 
 /// The HTTP channels' routes (merged into the ingress router).
@@ -117,6 +127,15 @@ pub fn router(channels: Arc<Channels>) -> Router {
         .route(
             ACKS_PATH,
             post(ack).layer(DefaultBodyLimit::max(ACK_LIMIT_BYTES)),
+        )
+        .route(
+            INTENTS_PATH,
+            post(payments::create).layer(DefaultBodyLimit::max(payments::LIMIT_BYTES)),
+        )
+        .route(INTENT_PATH, get(payments::get))
+        .route(
+            CANCEL_PATH,
+            post(payments::cancel).layer(DefaultBodyLimit::max(payments::LIMIT_BYTES)),
         )
         .with_state(channels)
 }
