@@ -45,7 +45,18 @@ pub struct Config {
     pub store: StoreConfig,
     pub shutdown: ShutdownConfig,
     /// Every key with its value as loaded (secrets as a digest), to tell what a reload changed.
-    values: std::collections::BTreeMap<String, String>,
+    values: Values,
+}
+
+/// The loaded values by key; `Debug` shows only how many there are (secrets are among them, as
+/// digests, and a digest is not for logs either).
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Values(std::collections::BTreeMap<String, String>);
+
+impl fmt::Debug for Values {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} keys>", self.0.len())
+    }
 }
 
 /// `[log]`.
@@ -447,7 +458,7 @@ impl Config {
                 shutdown: ShutdownConfig {
                     grace_secs: grace_secs?,
                 },
-                values: std::collections::BTreeMap::new(),
+                values: Values::default(),
             })
         })();
         // Every `None` above recorded a bad key, so this is only reached with all values present.
@@ -456,25 +467,28 @@ impl Config {
         if let config::ValueKind::Table(root) = &merged.cache.kind {
             collect_leaves("", root, &mut leaves);
         }
-        config.values = leaves
-            .into_iter()
-            .map(|(key, value)| {
-                let value = if SECRET_KEYS.contains(&key.as_str()) {
-                    hex::encode(Sha256::digest(value.as_bytes()))
-                } else {
-                    value
-                };
-                (key, value)
-            })
-            .collect();
+        config.values = Values(
+            leaves
+                .into_iter()
+                .map(|(key, value)| {
+                    let value = if SECRET_KEYS.contains(&key.as_str()) {
+                        hex::encode(Sha256::digest(value.as_bytes()))
+                    } else {
+                        value
+                    };
+                    (key, value)
+                })
+                .collect(),
+        );
         Ok(config)
     }
 
     /// The keys whose value differs in `newer` (added or removed keys included), in order.
     pub fn changed_keys(&self, newer: &Config) -> Vec<String> {
-        let keys: BTreeSet<&String> = self.values.keys().chain(newer.values.keys()).collect();
+        let (old, new) = (&self.values.0, &newer.values.0);
+        let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
         keys.into_iter()
-            .filter(|k| self.values.get(*k) != newer.values.get(*k))
+            .filter(|k| old.get(*k) != new.get(*k))
             .cloned()
             .collect()
     }
