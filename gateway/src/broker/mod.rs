@@ -17,8 +17,10 @@
 //! What it cannot do (recorded in the decision record): rmqtt keeps retained messages and sessions
 //! in memory only (the store's outbox is the durable copy and is republished at startup); it has no
 //! call to stop a server, so shutdown aborts its tasks; after a TLS handshake completes, the wait
-//! for the first MQTT packet has no timeout inside rmqtt (only a client holding a valid, unrevoked
-//! certificate can hold a socket that way, and it delays no one else).
+//! for the first MQTT packet has no timeout inside rmqtt, and a revoked certificate is refused at
+//! CONNECT, not in the handshake: a client with a certificate of the gateway CA (even a revoked
+//! one) can hold sockets that way, and enough of them fill `max_handshaking` and the descriptors.
+//! Bounding that needs a connection layer of our own (issue 16, not built yet).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -61,20 +61,20 @@ pub(super) async fn get(
     headers: HeaderMap,
     Path(intent_id): Path<String>,
 ) -> Response {
-    let auth = match authenticate(&channels, &headers, &peer, false).await {
-        Ok(auth) => auth,
-        Err(refused) => return refused.into_response(),
-    };
     // A read is answered afresh every time: its request id only has to be unique.
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let request = json!({
-        "id": format!("http-get-{nanos}"),
-        "method": "get_intent",
-        "params": {"intent_id": intent_id},
-    });
-    call(&channels, &auth.terminal.id, &request, StatusCode::OK).await
+    let request_id = format!("http-get-{nanos}");
+    on_intent(
+        &channels,
+        &peer,
+        &headers,
+        "get_intent",
+        request_id,
+        intent_id,
+    )
+    .await
 }
 
 /// `POST /v1/terminal/payment-intents/{intent_id}/cancel`.
@@ -84,17 +84,38 @@ pub(super) async fn cancel(
     headers: HeaderMap,
     Path(intent_id): Path<String>,
 ) -> Response {
-    let auth = match authenticate(&channels, &headers, &peer, false).await {
+    // One cancel per intent: a retry gets the stored answer of the first.
+    let request_id = format!("http-cancel-{intent_id}");
+    on_intent(
+        &channels,
+        &peer,
+        &headers,
+        "cancel_intent",
+        request_id,
+        intent_id,
+    )
+    .await
+}
+
+/// Authenticates the caller, then runs `method` on `intent_id` as its RPC request `request_id`.
+async fn on_intent(
+    channels: &Channels,
+    peer: &Peer,
+    headers: &HeaderMap,
+    method: &str,
+    request_id: String,
+    intent_id: String,
+) -> Response {
+    let auth = match authenticate(channels, headers, peer, false).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };
-    // One cancel per intent: a retry gets the stored answer of the first.
     let request = json!({
-        "id": format!("http-cancel-{intent_id}"),
-        "method": "cancel_intent",
+        "id": request_id,
+        "method": method,
         "params": {"intent_id": intent_id},
     });
-    call(&channels, &auth.terminal.id, &request, StatusCode::OK).await
+    call(channels, &auth.terminal.id, &request, StatusCode::OK).await
 }
 
 /// Runs `request` through the RPC service as `terminal_id`'s and answers it over HTTP. The
