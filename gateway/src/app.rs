@@ -29,7 +29,7 @@ use crate::delivery::{self, BrokerEvent, Presence, Signer};
 use crate::ingress::tls::{self, TlsError, TlsListener};
 use crate::ingress::{self, Ingress, Secrets};
 use crate::metrics::{Metrics, MetricsError};
-use crate::pki::{self, Pki, PkiError};
+use crate::pki::{Pki, PkiError};
 use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::rpc::Rpc;
@@ -83,6 +83,7 @@ impl BuildError {
                 std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
             ),
             BuildError::Broker(BrokerError::Start(_)) => true,
+            BuildError::Broker(BrokerError::Tls(_)) => false,
             BuildError::Store(e) => e.is_transient(),
             BuildError::DataDir { source, .. } => crate::store::io_is_transient(source),
             BuildError::Token(_)
@@ -187,13 +188,11 @@ impl Gateway {
             handshake_timeout: Duration::from_secs(config.mqtt.handshake_timeout_secs),
             max_handshaking: config.mqtt.max_handshaking,
             max_connections: config.mqtt.max_connections,
-            ca_pem: pki.dir().join(pki::CA_CERT_FILE),
-            server_cert_pem: pki.dir().join(pki::SERVER_CERT_FILE),
-            server_key_pem: pki.dir().join(pki::SERVER_KEY_FILE),
+            max_connections_per_terminal: config.mqtt.max_connections_per_terminal,
             refused: metrics.mqtt_refused.clone(),
         };
         let broker =
-            Broker::build(&settings, revoked_serials, revoked_terminals, events_tx).await?;
+            Broker::build(&settings, &pki, revoked_serials, revoked_terminals, events_tx).await?;
 
         let ingress_tls = if config.ingress.tls {
             Some(tls::server_config(&pki)?)

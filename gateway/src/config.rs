@@ -131,6 +131,7 @@ pub struct MqttConfig {
     pub handshake_timeout_secs: u64,
     pub max_handshaking: usize,
     pub max_connections: usize,
+    pub max_connections_per_terminal: usize,
 }
 
 /// `[delivery]`: confirmations to terminals.
@@ -393,6 +394,8 @@ impl Config {
         let handshake_timeout_secs = r.in_range::<u64>("mqtt.handshake_timeout_secs", 1, 300);
         let max_handshaking = r.in_range::<usize>("mqtt.max_handshaking", 1, 100_000);
         let max_connections = r.in_range::<usize>("mqtt.max_connections", 1, 1_000_000);
+        let max_connections_per_terminal =
+            r.in_range::<usize>("mqtt.max_connections_per_terminal", 1, 64);
         let republish_after_secs = r.in_range::<u64>("delivery.republish_after_secs", 1, 86_400);
 
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
@@ -445,6 +448,7 @@ impl Config {
                     handshake_timeout_secs: handshake_timeout_secs?,
                     max_handshaking: max_handshaking?,
                     max_connections: max_connections?,
+                    max_connections_per_terminal: max_connections_per_terminal?,
                 },
                 delivery: DeliveryConfig {
                     republish_after_secs: republish_after_secs?,

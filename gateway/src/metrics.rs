@@ -70,8 +70,8 @@ pub struct Metrics {
     pub http_streams: IntGaugeVec,
     /// Calls to the provider (`posgate_provider_requests_total`, `…_request_seconds`).
     pub provider: crate::provider::CallMetrics,
-    /// `posgate_mqtt_refused_total{reason}`: MQTT CONNECTs refused (identity, no_certificate,
-    /// revoked, last_will).
+    /// `posgate_mqtt_refused_total{reason}`: MQTT connections refused or closed (the reasons are
+    /// listed in its help).
     pub mqtt_refused: IntCounterVec,
     /// `process_open_fds`, `process_max_fds`: descriptors in use and the limit (refreshed at
     /// scrape; the names of Prometheus's own process collector).
@@ -294,8 +294,12 @@ impl Metrics {
             mqtt_refused: counter_vec(
                 &r,
                 "posgate_mqtt_refused_total",
-                "MQTT CONNECTs refused, by reason: identity (client id, CN or O do not match), \
-                 no_certificate, revoked, last_will (not the terminal's own status topic)",
+                "MQTT connections refused or closed, by reason: identity (client id, CN or O do \
+                 not match), no_certificate, revoked (in the TLS handshake or at CONNECT), \
+                 last_will (not the terminal's own status topic), handshake (TLS failed or timed \
+                 out), first_packet (no CONNECT accepted within the handshake timeout), replaced \
+                 (the terminal's oldest socket, beyond max_connections_per_terminal), capacity \
+                 (the listener's max_connections)",
                 &["reason"],
             )?,
             open_fds: gauge(
@@ -392,7 +396,16 @@ impl Metrics {
         self.secret_matches.with_label_values(&["0"]);
         self.transitions
             .with_label_values(&["awaiting_payment", "confirmed"]);
-        for reason in ["identity", "no_certificate", "revoked", "last_will"] {
+        for reason in [
+            "identity",
+            "no_certificate",
+            "revoked",
+            "last_will",
+            "handshake",
+            "first_packet",
+            "replaced",
+            "capacity",
+        ] {
             self.mqtt_refused.with_label_values(&[reason]);
         }
         for endpoint in crate::provider::ENDPOINTS {

@@ -12,20 +12,18 @@
 //!   it presents, and its open session is kicked at once ([`Handle::revoke`]);
 //! - an in-process API: retained QoS 1 publishes ([`Handle`] is a [`Publisher`]) and a stream of
 //!   [`BrokerEvent`]s (connect, disconnect, the terminals' own publishes);
-//! - handshakes in their own tasks, bounded in number and in time (`handshake_timeout`).
+//! - a front door of our own on the TLS listeners ([`front`], decision 0004): handshakes bounded
+//!   in number and in time, a revoked certificate refused during the TLS handshake, at most
+//!   `max_connections_per_terminal` sockets per terminal, and an MQTT CONNECT required within the
+//!   handshake timeout; rmqtt serves the bytes behind it on a loopback listener.
 //!
-//! What it cannot do (recorded in the decision record): rmqtt keeps retained messages and sessions
-//! in memory only (the store's outbox is the durable copy and is republished at startup); it has no
-//! call to stop a server, so shutdown aborts its tasks; after a TLS handshake completes, the wait
-//! for the first MQTT packet has no timeout inside rmqtt, and a revoked certificate is refused at
-//! CONNECT, not in the handshake: a client with a certificate of the gateway CA (even a revoked
-//! one) can hold sockets that way, and enough of them fill `max_handshaking` and the descriptors.
-//! Bounding that needs a connection layer of our own (issue 16, not built yet).
+//! What it cannot do (recorded in the decision records): rmqtt keeps retained messages and
+//! sessions in memory only (the store's outbox is the durable copy and is republished at startup);
+//! it has no call to stop a server, so shutdown aborts its tasks.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -37,6 +35,7 @@ use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
+use rustls::server::WebPkiClientVerifier;
 use rmqtt::server::MqttServer;
 use rmqtt::session::{Session, SessionState};
 use rmqtt::types::{
@@ -49,8 +48,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::delivery::{BrokerEvent, PublishError, Publisher};
-use crate::pki::Serial;
+use crate::ingress::tls::{self, TlsError};
+use crate::pki::{Pki, Serial};
 use crate::telemetry::Throttle;
+
+mod front;
+
+use front::{Door, Front, RefuseRevoked};
 
 /// Listener ids inside rmqtt.
 const TLS_LISTENER: u16 = 1;
@@ -61,6 +65,7 @@ const PLAIN_LISTENER: u16 = 3;
 static CONNECT_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static SUBSCRIBE_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static PUBLISH_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static ACCEPT_FAILED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Most subscriptions one session may hold (a terminal uses two).
 pub const MAX_SUBSCRIPTIONS: usize = 8;
@@ -79,10 +84,9 @@ pub struct Settings {
     pub max_handshaking: usize,
     /// Most connections per listener.
     pub max_connections: usize,
-    pub ca_pem: PathBuf,
-    pub server_cert_pem: PathBuf,
-    pub server_key_pem: PathBuf,
-    /// Counts the CONNECTs refused, by reason (`posgate_mqtt_refused_total`).
+    /// Most sockets one terminal holds at once after its TLS handshake (the oldest is closed).
+    pub max_connections_per_terminal: usize,
+    /// Counts the connections refused, by reason (`posgate_mqtt_refused_total`).
     pub refused: prometheus::IntCounterVec,
 }
 
@@ -99,6 +103,8 @@ pub enum BrokerError {
     },
     #[error("starting the broker's retained-message store")]
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the MQTT listeners' TLS configuration")]
+    Tls(#[from] TlsError),
 }
 
 /// The bound addresses.
@@ -139,6 +145,8 @@ impl Revoked {
 pub struct Broker {
     scx: ServerContext,
     listeners: Vec<(rmqtt::net::Listener, u16)>,
+    doors: Vec<Door>,
+    front: Arc<Front>,
     addrs: Addrs,
     handle: Handle,
 }
@@ -148,6 +156,7 @@ pub struct Broker {
 pub struct Handle {
     scx: ServerContext,
     revoked: Arc<Revoked>,
+    front: Arc<Front>,
 }
 
 // === impl Broker ===
@@ -159,6 +168,7 @@ impl Broker {
     /// [`BrokerError`] when a listener cannot be bound or the TLS files cannot be used.
     pub async fn build(
         settings: &Settings,
+        pki: &Pki,
         revoked_serials: Vec<String>,
         revoked_terminals: Vec<String>,
         events: mpsc::UnboundedSender<BrokerEvent>,
@@ -174,8 +184,13 @@ impl Broker {
             serials: RwLock::new(revoked_serials.iter().map(|s| Serial::parse(s)).collect()),
             terminals: RwLock::new(revoked_terminals.into_iter().collect()),
         });
+        let front = Arc::new(Front::new(
+            settings.max_connections_per_terminal,
+            settings.refused.clone(),
+        ));
         let hooks = Arc::new(Hooks {
             revoked: revoked.clone(),
+            front: front.clone(),
             events,
             plain_allowed: settings.plain_listen.is_some(),
             refused: settings.refused.clone(),
@@ -193,29 +208,57 @@ impl Broker {
         }
         register.start().await;
 
-        let mut listeners = Vec::new();
-        let tls = bind(settings, "mqtt", settings.listen, Kind::Tls)?;
-        let mqtt = local(&tls, settings.listen);
-        listeners.push((tls, TLS_LISTENER));
+        // Terminals reach the TLS listeners through the front door; rmqtt serves what it lets
+        // through on loopback listeners of its own.
+        let verifier = WebPkiClientVerifier::builder_with_provider(tls::client_roots(pki)?, tls::provider())
+            .build()
+            .map_err(TlsError::Verifier)?;
+        let verifier = Arc::new(RefuseRevoked {
+            inner: verifier,
+            revoked: revoked.clone(),
+            refused: settings.refused.clone(),
+        });
+        let tls_config = Arc::new(tls::server_config_with(pki, verifier)?);
+        let internal = SocketAddr::from(([127, 0, 0, 1], 0));
+        let door = |name, addr, internal: &rmqtt::net::Listener| -> Result<Door, BrokerError> {
+            Ok(Door {
+                listener: bind_front(name, addr)?,
+                internal: local(internal, addr),
+                tls: tls_config.clone(),
+                handshake_timeout: settings.handshake_timeout,
+                max_handshaking: settings.max_handshaking,
+                max_connections: settings.max_connections,
+            })
+        };
+        let (mut listeners, mut doors) = (Vec::new(), Vec::new());
+        let behind = bind(settings, "mqtt", internal, Kind::Tcp)?;
+        doors.push(door("mqtt", settings.listen, &behind)?);
+        listeners.push((behind, TLS_LISTENER));
+        let mqtt = local_std(&doors[0].listener, settings.listen);
         let mut ws = None;
         if let Some(addr) = settings.ws_listen {
-            let l = bind(settings, "mqtt_ws", addr, Kind::Wss)?;
-            ws = Some(local(&l, addr));
-            listeners.push((l, WSS_LISTENER));
+            let behind = bind(settings, "mqtt_ws", internal, Kind::Ws)?;
+            let d = door("mqtt_ws", addr, &behind)?;
+            ws = Some(local_std(&d.listener, addr));
+            doors.push(d);
+            listeners.push((behind, WSS_LISTENER));
         }
         let mut plain = None;
         if let Some(addr) = settings.plain_listen {
-            let l = bind(settings, "mqtt_plain", addr, Kind::Plain)?;
+            let l = bind(settings, "mqtt_plain", addr, Kind::Tcp)?;
             plain = Some(local(&l, addr));
             listeners.push((l, PLAIN_LISTENER));
         }
         let handle = Handle {
             scx: scx.clone(),
             revoked,
+            front: front.clone(),
         };
         Ok(Broker {
             scx,
             listeners,
+            doors,
+            front,
             addrs: Addrs { mqtt, ws, plain },
             handle,
         })
@@ -236,6 +279,8 @@ impl Broker {
         let Broker {
             scx,
             listeners,
+            doors,
+            front,
             addrs,
             ..
         } = self;
@@ -254,6 +299,14 @@ impl Broker {
             server = server.listener_by_id(listener, id);
         }
         let server = server.build();
+        for door in doors {
+            tracker.spawn(
+                front
+                    .clone()
+                    .run(door, tracker.clone(), token.clone())
+                    .instrument(tracing::info_span!("mqtt_front")),
+            );
+        }
         tracker.spawn(
             async move {
                 tokio::select! {
@@ -271,21 +324,37 @@ impl Broker {
 }
 
 enum Kind {
-    Tls,
-    Wss,
-    Plain,
+    Tcp,
+    Ws,
 }
 
+/// A front-door listener: `SO_REUSEADDR`, so a restart right after a crash or a stop is not
+/// refused for the `TIME_WAIT` connections the previous process left behind.
+fn bind_front(name: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, BrokerError> {
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)
+    };
+    bind().map_err(|source| BrokerError::Bind { name, addr, source })
+}
+
+/// One of rmqtt's listeners: the plain one (`mqtt.plain_listen`) or one behind the front door.
 fn bind(
     settings: &Settings,
     name: &'static str,
     addr: SocketAddr,
     kind: Kind,
 ) -> Result<rmqtt::net::Listener, BrokerError> {
-    let path = |p: &PathBuf| Some(p.to_string_lossy().into_owned());
     let err = |e: rmqtt::Error| {
         // rmqtt's errors are `anyhow`; a socket error inside keeps its kind (a port in use is
-        // worth a restart, a certificate file that cannot be read is not).
+        // worth a restart).
         let kind = e
             .downcast_ref::<std::io::Error>()
             .map_or(std::io::ErrorKind::InvalidInput, std::io::Error::kind);
@@ -299,8 +368,6 @@ fn bind(
         .name(name)
         .laddr(addr)
         .backlog(4096)
-        // A start on the same port right after a crash or a stop must not be refused for the
-        // TIME_WAIT connections the previous process left behind.
         .reuseaddr(Some(true))
         .nodelay(true)
         .max_connections(settings.max_connections)
@@ -321,21 +388,15 @@ fn bind(
         // offline session keeps its closed socket's descriptor in rmqtt: keep them short.
         .session_expiry_interval(Duration::from_secs(3600))
         .max_session_expiry_interval(Duration::from_secs(3600));
-    let builder = match kind {
-        Kind::Plain => builder,
-        Kind::Tls | Kind::Wss => builder
-            .tls_cross_certificate(true)
-            .tls_cert(path(&settings.server_cert_pem))
-            .tls_key(path(&settings.server_key_pem))
-            .tls_client_ca_certs(path(&settings.ca_pem))
-            .collect_cert_info(true),
-    };
     let bound = builder.bind().map_err(err)?;
     match kind {
-        Kind::Tls => bound.tls().map_err(err),
-        Kind::Wss => bound.wss().map_err(err),
-        Kind::Plain => bound.tcp().map_err(err),
+        Kind::Tcp => bound.tcp().map_err(err),
+        Kind::Ws => bound.ws().map_err(err),
     }
+}
+
+fn local_std(listener: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
 }
 
 fn local(listener: &rmqtt::net::Listener, configured: SocketAddr) -> SocketAddr {
@@ -358,6 +419,7 @@ impl Handle {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(terminal_id.to_owned());
+        self.front.revoke(terminal_id);
         let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
         tokio::spawn(async move { kick(&scx, &id).await });
     }
@@ -445,6 +507,8 @@ impl Publisher for Handle {
 
 struct Hooks {
     revoked: Arc<Revoked>,
+    /// Who came through the front door, by the internal connection's port.
+    front: Arc<Front>,
     events: mpsc::UnboundedSender<BrokerEvent>,
     plain_allowed: bool,
     /// `posgate_mqtt_refused_total{reason}`.
@@ -453,13 +517,6 @@ struct Hooks {
 
 /// rmqtt wants an owned handler per hook type.
 struct HookRef(Arc<Hooks>);
-
-fn cert_of(ci: &ConnectInfo) -> Option<&rmqtt::codec::cert::CertInfo> {
-    match ci {
-        ConnectInfo::V3(_, c) => c.cert.as_ref(),
-        ConnectInfo::V5(_, c) => c.cert.as_ref(),
-    }
-}
 
 fn will_topic(ci: &ConnectInfo) -> Option<String> {
     match ci {
@@ -502,32 +559,31 @@ impl Hooks {
     /// `revoked`, `last_will`), `detail` the log's.
     fn authenticate(&self, ci: &ConnectInfo) -> Result<(), (&'static str, String)> {
         let client_id = ci.client_id().to_string();
-        let cert = cert_of(ci);
-        let serial = cert.and_then(|c| c.serial.as_deref());
-        match cert {
-            Some(cert) => {
-                let cn = cert
-                    .common_name
-                    .as_deref()
-                    .ok_or(("identity", "certificate has no CN".to_owned()))?;
-                if cn != client_id {
-                    return Err((
-                        "identity",
-                        format!("client id {client_id:?} is not the certificate's CN {cn:?}"),
-                    ));
-                }
-                if cert.organization.as_deref() != Some(topics::tenant_for(cn).as_str()) {
-                    return Err((
-                        "identity",
-                        format!(
-                            "certificate O {:?} is not the tenant of {cn:?}",
-                            cert.organization
-                        ),
-                    ));
-                }
+        let id = ci.id();
+        let cert = match id.lid {
+            TLS_LISTENER | WSS_LISTENER => Some(
+                id.remote_addr
+                    .and_then(|addr| self.front.identity(addr.port()))
+                    // A local process dialling the loopback listener behind the front door.
+                    .ok_or(("no_certificate", "not through the front door".to_owned()))?,
+            ),
+            PLAIN_LISTENER if self.plain_allowed => None,
+            _ => return Err(("no_certificate", "no client certificate".into())),
+        };
+        let serial = cert.as_ref().map(|c| c.serial_hex.as_str());
+        if let Some(cert) = &cert {
+            if cert.cn != client_id {
+                return Err((
+                    "identity",
+                    format!("client id {client_id:?} is not the certificate's CN {:?}", cert.cn),
+                ));
             }
-            None if self.plain_allowed && ci.id().lid == PLAIN_LISTENER => {}
-            None => return Err(("no_certificate", "no client certificate".into())),
+            if cert.o != topics::tenant_for(&cert.cn) {
+                return Err((
+                    "identity",
+                    format!("certificate O {:?} is not the tenant of {:?}", cert.o, cert.cn),
+                ));
+            }
         }
         if !topics::valid_terminal_id(&client_id) {
             return Err(("identity", format!("{client_id:?} is not a terminal id")));
@@ -554,10 +610,17 @@ impl Handler for HookRef {
         let hooks = &self.0;
         match param {
             Parameter::ClientAuthenticate(ci) => match hooks.authenticate(ci) {
-                Ok(()) => (
+                Ok(()) => {
+                    if let Some(addr) = ci.id().remote_addr
+                        && ci.id().lid != PLAIN_LISTENER
+                    {
+                        hooks.front.connected(addr.port());
+                    }
+                    (
                     false,
                     Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                ),
+                )
+                }
                 Err((reason, why)) => {
                     hooks.refused.with_label_values(&[reason]).inc();
                     if let Some(left_out) = CONNECT_REFUSED_LOG.allow() {

@@ -18,6 +18,7 @@ use axum::serve::IncomingStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -65,16 +66,41 @@ pub struct TlsPeer {
 /// # Errors
 /// [`TlsError`] when a PEM does not parse or the certificate does not match its key.
 pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(client_roots(pki)?, provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(TlsError::Verifier)?;
+    let mut config = server_config_with(pki, verifier)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The one crypto provider of the gateway's TLS servers.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The gateway CA, the root of every terminal certificate.
+///
+/// # Errors
+/// [`TlsError`] when the CA PEM does not parse.
+pub fn client_roots(pki: &Pki) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
         let cert = cert.map_err(|source| TlsError::Pem { what: "CA", source })?;
         roots.add(cert).map_err(TlsError::Ca)?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(TlsError::Verifier)?;
+    Ok(Arc::new(roots))
+}
+
+/// A server configuration with the gateway's server certificate and this client verifier.
+///
+/// # Errors
+/// [`TlsError`] when a PEM does not parse or the certificate does not match its key.
+pub fn server_config_with(
+    pki: &Pki,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(pki.server_cert_pem().as_bytes())
             .collect::<Result<_, _>>()
@@ -88,14 +114,12 @@ pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, TlsError> {
             source,
         }
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Server)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(TlsError::Server)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+        .map_err(TlsError::Server)
 }
 
 /// Finished TLS connections, for `axum::serve`.

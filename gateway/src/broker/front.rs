@@ -1,0 +1,436 @@
+//! The front door of the MQTT listeners (`mqtt.listen`, `mqtt.ws_listen`): posgate, not rmqtt,
+//! accepts the terminals' sockets, so that what a client can hold is bounded here
+//! (decision 0004).
+//!
+//! Each connection, in its own task:
+//! 1. waits for a handshake slot (at most `mqtt.max_handshaking` at once; a listener holds at
+//!    most `mqtt.max_connections` sockets, more are closed at once);
+//! 2. does the TLS handshake within `mqtt.handshake_timeout_secs`; the client certificate must
+//!    chain to the gateway CA and must not be revoked ([`RefuseRevoked`]): a stolen certificate
+//!    fails here and never gets a socket past TLS;
+//! 3. takes one of its terminal's `mqtt.max_connections_per_terminal` slots, counted from the end
+//!    of the handshake; when they are all taken, the oldest connection is closed (as MQTT's session
+//!    takeover would, so a terminal that reboots without closing its sockets still gets in);
+//! 4. opens a loopback connection to rmqtt's internal plain listener and copies bytes both ways.
+//!    The internal connection's source port names the verified certificate: the broker's
+//!    CONNECT check looks the identity up by that port ([`Front::identity`]) and refuses a port
+//!    it does not know, so a local process that dials the internal listener directly is refused;
+//! 5. closes the connection unless the broker accepted an MQTT CONNECT within the handshake
+//!    timeout (rmqtt itself waits for the first packet after TLS without a deadline).
+//!
+//! What it costs (measured in decision 0004): a loopback hop per packet, two more descriptors and
+//! two small copy buffers per connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Revoked;
+use crate::pki::{self, CertIdentity};
+
+/// Bytes buffered per direction while copying between the terminal and the broker: a
+/// confirmation is about 1 KiB, and 10,000 connections must stay cheap.
+const COPY_BUFFER: usize = 2048;
+
+/// The sockets of the front door and what it knows about them; shared by its listeners and the
+/// broker's CONNECT check.
+pub(super) struct Front {
+    /// Internal source port → the verified certificate behind it, and who to tell when its
+    /// CONNECT was accepted.
+    admitted: Mutex<HashMap<u16, Admitted>>,
+    /// Terminal id → its open connections, oldest first.
+    slots: Mutex<HashMap<String, VecDeque<(u64, CancellationToken)>>>,
+    next_slot: AtomicU64,
+    per_terminal: usize,
+    refused: prometheus::IntCounterVec,
+}
+
+struct Admitted {
+    identity: CertIdentity,
+    connected: Option<oneshot::Sender<()>>,
+}
+
+/// How one listener of the front door runs.
+pub(super) struct Door {
+    pub listener: TcpListener,
+    /// rmqtt's plain listener on the loopback that this door feeds.
+    pub internal: SocketAddr,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub handshake_timeout: Duration,
+    pub max_handshaking: usize,
+    pub max_connections: usize,
+}
+
+impl Front {
+    pub(super) fn new(per_terminal: usize, refused: prometheus::IntCounterVec) -> Front {
+        Front {
+            admitted: Mutex::default(),
+            slots: Mutex::default(),
+            next_slot: AtomicU64::new(0),
+            per_terminal: per_terminal.max(1),
+            refused,
+        }
+    }
+
+    /// The verified certificate behind the internal connection from `port`, if it is one of ours.
+    pub(super) fn identity(&self, port: u16) -> Option<CertIdentity> {
+        let admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        admitted.get(&port).map(|a| a.identity.clone())
+    }
+
+    /// The broker accepted the CONNECT that came through `port`.
+    pub(super) fn connected(&self, port: u16) {
+        let mut admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = admitted.get_mut(&port).and_then(|a| a.connected.take()) {
+            // The connection may be gone already: nothing to tell then.
+            tx.send(()).ok();
+        }
+    }
+
+    /// Closes every connection of `terminal_id`, whether or not it has connected yet.
+    pub(super) fn revoke(&self, terminal_id: &str) {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, token) in slots.get(terminal_id).into_iter().flatten() {
+            token.cancel();
+        }
+    }
+
+    /// Accepts on `door` until `token` is cancelled, each connection in a task of `tracker`.
+    pub(super) async fn run(
+        self: Arc<Front>,
+        door: Door,
+        tracker: TaskTracker,
+        token: CancellationToken,
+    ) {
+        let acceptor = TlsAcceptor::from(door.tls.clone());
+        let handshakes = Arc::new(Semaphore::new(door.max_handshaking));
+        let open = Arc::new(AtomicUsize::new(0));
+        loop {
+            let permit = tokio::select! {
+                () = token.cancelled() => break,
+                permit = handshakes.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                () = token.cancelled() => break,
+                accepted = door.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off, don't spin.
+                        if let Some(left_out) = super::ACCEPT_FAILED_LOG.allow() {
+                            tracing::warn!(error = %e, left_out, "MQTT accept failed (at most one line a second)");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(open) = Open::claim(&open, door.max_connections) else {
+                self.refuse("capacity");
+                continue;
+            };
+            let conn = Connection {
+                front: self.clone(),
+                acceptor: acceptor.clone(),
+                internal: door.internal,
+                timeout: door.handshake_timeout,
+                shutdown: token.clone(),
+            };
+            tracker.spawn(async move {
+                let _open = open;
+                conn.serve(tcp, peer, permit).await;
+            });
+        }
+    }
+
+    fn refuse(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// A slot for one more connection of `terminal_id`; the oldest is closed if all are taken.
+    fn claim(self: &Arc<Self>, terminal_id: &str, shutdown: &CancellationToken) -> Slot {
+        let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let token = shutdown.child_token();
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = slots.entry(terminal_id.to_owned()).or_default();
+        held.push_back((id, token.clone()));
+        while held.len() > self.per_terminal {
+            if let Some((_, oldest)) = held.pop_front() {
+                oldest.cancel();
+                self.refuse("replaced");
+            }
+        }
+        Slot {
+            front: self.clone(),
+            terminal_id: terminal_id.to_owned(),
+            id,
+            token,
+        }
+    }
+
+    fn admit(self: &Arc<Self>, port: u16, identity: CertIdentity) -> (Ticket, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        admitted.insert(
+            port,
+            Admitted {
+                identity,
+                connected: Some(tx),
+            },
+        );
+        (
+            Ticket {
+                front: self.clone(),
+                port,
+            },
+            rx,
+        )
+    }
+}
+
+/// One connection through the front door.
+struct Connection {
+    front: Arc<Front>,
+    acceptor: TlsAcceptor,
+    internal: SocketAddr,
+    timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn serve(self, tcp: TcpStream, peer: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
+        let front = &self.front;
+        let handshake = tokio::time::timeout(self.timeout, self.acceptor.accept(tcp));
+        let tls = tokio::select! {
+            () = self.shutdown.cancelled() => return,
+            done = handshake => match done {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    // A revoked certificate was counted by the verifier already.
+                    if !is_revoked(&e) {
+                        front.refuse("handshake");
+                    }
+                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    front.refuse("handshake");
+                    tracing::debug!(%peer, "MQTT TLS handshake timed out");
+                    return;
+                }
+            },
+        };
+        drop(permit);
+        let connected_by = tokio::time::Instant::now() + self.timeout;
+        // The verifier checked the chain and revocation; the identity was parsed there once.
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|der| pki::identity_of(der));
+        let Some(Ok(identity)) = identity else {
+            front.refuse("identity");
+            return;
+        };
+        let slot = front.claim(&identity.cn, &self.shutdown);
+        let upstream = match TcpStream::connect(self.internal).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the broker's internal listener");
+                return;
+            }
+        };
+        drop(upstream.set_nodelay(true));
+        let Ok(port) = upstream.local_addr().map(|a| a.port()) else {
+            return;
+        };
+        let (_ticket, connected) = front.admit(port, identity);
+        let (from_terminal, to_terminal) = tokio::io::split(tls);
+        let (from_broker, to_broker) = upstream.into_split();
+        let up = pump(from_terminal, to_broker);
+        let down = pump(from_broker, to_terminal);
+        tokio::pin!(up, down);
+        let first_connect = tokio::time::timeout_at(connected_by, connected);
+        tokio::pin!(first_connect);
+        let (mut waiting, mut up_open) = (true, true);
+        loop {
+            tokio::select! {
+                () = slot.token.cancelled() => break,
+                done = &mut first_connect, if waiting => match done {
+                    Ok(Ok(())) => waiting = false,
+                    // No accepted CONNECT in time (or the broker refused it and closed).
+                    _ => {
+                        front.refuse("first_packet");
+                        break;
+                    }
+                },
+                // The terminal closed its side: the broker is told (it ends the session and
+                // closes, which ends `down`).
+                _ = &mut up, if up_open => up_open = false,
+                // The broker closed (a DISCONNECT, a kick, a keep-alive timeout): so does the
+                // terminal's socket, whether or not the terminal closes its side.
+                _ = &mut down => break,
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then closes `to`'s sending side. Each read is written
+/// and flushed at once: a confirmation must not wait in a buffer.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+    }
+}
+
+fn is_revoked(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::Revoked)
+            )
+        })
+}
+
+/// One of a listener's `max_connections`, given back on drop.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn claim(open: &Arc<AtomicUsize>, max: usize) -> Option<Open> {
+        let taken = open.fetch_add(1, Ordering::AcqRel);
+        let claimed = Open(open.clone());
+        (taken < max).then_some(claimed)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A terminal's claim on one of its connections; given back on drop.
+struct Slot {
+    front: Arc<Front>,
+    terminal_id: String,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut slots = self.front.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = slots.get_mut(&self.terminal_id) {
+            held.retain(|(id, _)| *id != self.id);
+            if held.is_empty() {
+                slots.remove(&self.terminal_id);
+            }
+        }
+    }
+}
+
+/// The internal port's entry in [`Front::admitted`], removed on drop.
+struct Ticket {
+    front: Arc<Front>,
+    port: u16,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut admitted = self.front.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        admitted.remove(&self.port);
+    }
+}
+
+/// The gateway CA's verifier, plus revocation: a revoked certificate (by serial or terminal id)
+/// fails the TLS handshake.
+pub(super) struct RefuseRevoked {
+    pub inner: Arc<dyn ClientCertVerifier>,
+    pub revoked: Arc<Revoked>,
+    pub refused: prometheus::IntCounterVec,
+}
+
+impl fmt::Debug for RefuseRevoked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefuseRevoked").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for RefuseRevoked {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        // Signed by our CA yet naming no terminal: not a terminal certificate.
+        let identity = pki::identity_of(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        if self
+            .revoked
+            .contains(&identity.cn, Some(&identity.serial_hex))
+        {
+            self.refused.with_label_values(&["revoked"]).inc();
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
