@@ -125,6 +125,8 @@ pub struct Running {
     pub mqtt_ws_addr: Option<SocketAddr>,
     /// The plaintext MQTT listener, when configured (benchmarks only).
     pub mqtt_plain_addr: Option<SocketAddr>,
+    /// The broker's loopback listener behind the MQTT/TLS front door.
+    pub mqtt_behind_addr: SocketAddr,
     admin_token: SecretString,
     store: Store,
     secrets: Secrets,
@@ -191,8 +193,14 @@ impl Gateway {
             max_connections_per_terminal: config.mqtt.max_connections_per_terminal,
             refused: metrics.mqtt_refused.clone(),
         };
-        let broker =
-            Broker::build(&settings, &pki, revoked_serials, revoked_terminals, events_tx).await?;
+        let broker = Broker::build(
+            &settings,
+            &pki,
+            revoked_serials,
+            revoked_terminals,
+            events_tx,
+        )
+        .await?;
 
         let ingress_tls = if config.ingress.tls {
             Some(tls::server_config(&pki)?)
@@ -442,6 +450,7 @@ impl Gateway {
             mqtt_addr: addrs.mqtt,
             mqtt_ws_addr: addrs.ws,
             mqtt_plain_addr: addrs.plain,
+            mqtt_behind_addr: addrs.behind,
             admin_token,
             store,
             secrets,

@@ -97,6 +97,16 @@ async fn start(data_dir: TempDir, extra: Vec<(String, String)>) -> TestGateway {
 }
 
 impl TestGateway {
+    /// The MQTT over secure WebSocket listener, when configured.
+    pub fn mqtt_ws(&self) -> Option<SocketAddr> {
+        self.running.mqtt_ws_addr
+    }
+
+    /// The broker's loopback listener behind the MQTT front door.
+    pub fn mqtt_behind(&self) -> SocketAddr {
+        self.running.mqtt_behind_addr
+    }
+
     pub fn webhook_url(&self) -> String {
         format!("http://{}{}", self.ingress, events::WEBHOOK_PATH)
     }

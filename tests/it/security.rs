@@ -10,7 +10,7 @@ use posgate_proto::confirmation::{self, VerifyError};
 use posgate_proto::topics;
 use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal, connect_raw};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{TestGateway, spawn_gateway, spawn_with};
 
@@ -455,5 +455,230 @@ async fn a_listener_holds_a_bounded_number_of_connections() {
     let status = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
     assert_eq!(status.unwrap(), 200);
     drop(idle);
+    gw.shutdown().await;
+}
+
+/// A TLS connection to the MQTT listener with the bundle's certificate, and nothing else.
+async fn tls_only(
+    gw: &TestGateway,
+    bundle: &Bundle,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    tls_to(gw.mqtt, bundle).await
+}
+
+async fn tls_to(
+    addr: std::net::SocketAddr,
+    bundle: &Bundle,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = posgate_sim::terminal::tls_config(
+        &bundle.ca_pem,
+        Some((&bundle.cert_pem, &bundle.key_pem)),
+    )
+    .map_err(std::io::Error::other)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3: the server checks the client certificate after the client's handshake has
+    // finished; its verdict arrives as an alert on the first read (or as the session ticket).
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(300), tls.read(&mut byte)).await {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(0)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Ok(Ok(_)) | Err(_) => Ok(tls),
+    }
+}
+
+/// Waits until the server closes `stream`; `Err` with what happened when it does not within `wait`.
+async fn closed_within(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    wait: Duration,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout_at(started + wait, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return Ok(started.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(format!("still open after {wait:?}")),
+        }
+    }
+}
+
+/// A stolen certificate that completes TLS and then sends nothing used to hold its socket forever
+/// (rmqtt waits for the first MQTT packet without a deadline); now it is closed at the handshake
+/// timeout, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_tls_is_closed_at_the_handshake_timeout() {
+    let gw = spawn_with(&[("POSGATE__MQTT__HANDSHAKE_TIMEOUT_SECS", "1")]).await;
+    let bundle = gw.provision("pos_quiet").await;
+    let mut silent = tls_only(&gw, &bundle)
+        .await
+        .expect("TLS with a valid certificate");
+    let took = closed_within(&mut silent, WAIT).await.unwrap();
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    gw.metric_reaches(
+        r#"posgate_mqtt_refused_total{reason="first_packet"}"#,
+        1.0,
+        WAIT,
+    )
+    .await;
+    // A terminal that does send its CONNECT stays connected past the timeout.
+    let mut t = Terminal::connect(bundle, gw.mqtt).await.unwrap();
+    // Past the handshake timeout (there is no event to wait for: nothing must happen).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.pay("pos_quiet", "pi_quiet_1").await;
+    assert_eq!(
+        t.next_confirmation(WAIT).await.unwrap().intent_id,
+        "pi_quiet_1"
+    );
+    gw.shutdown().await;
+}
+
+/// A revoked certificate no longer gets a socket past TLS: the handshake itself fails, so it
+/// cannot hold sockets that way (it used to be refused only at CONNECT).
+#[tokio::test]
+async fn a_revoked_certificate_fails_in_the_tls_handshake() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_stolen").await;
+    assert!(tls_only(&gw, &bundle).await.is_ok(), "before revocation");
+    let response = gw
+        .admin_post("/v1/terminals/pos_stolen/revoke", serde_json::json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let refused = tls_only(&gw, &bundle).await;
+    let error = refused.expect_err("a revoked certificate completed the TLS handshake");
+    assert!(
+        error.to_string().contains("Revoked") || error.to_string().contains("revoked"),
+        "the alert names revocation: {error}"
+    );
+    gw.metric_reaches(r#"posgate_mqtt_refused_total{reason="revoked"}"#, 1.0, WAIT)
+        .await;
+    gw.shutdown().await;
+}
+
+/// One certificate holds at most `mqtt.max_connections_per_terminal` sockets: one more closes
+/// its oldest (as MQTT's session takeover would), and other terminals are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holds_a_bounded_number_of_sockets() {
+    let gw = spawn_with(&[
+        ("POSGATE__MQTT__MAX_CONNECTIONS_PER_TERMINAL", "2"),
+        ("POSGATE__MQTT__HANDSHAKE_TIMEOUT_SECS", "30"),
+    ])
+    .await;
+    let thief = gw.provision("pos_many").await;
+    let honest = gw.provision("pos_one").await;
+    let mut t = Terminal::connect(honest, gw.mqtt).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tls_only(&gw, &thief).await.expect("within the cap"));
+    }
+    let mut third = tls_only(&gw, &thief).await.expect("the newest is let in");
+    // The oldest goes at once, not at the handshake timeout.
+    closed_within(&mut held[0], Duration::from_secs(5))
+        .await
+        .unwrap();
+    for stream in [&mut held[1], &mut third] {
+        assert!(
+            closed_within(stream, Duration::from_millis(300))
+                .await
+                .is_err(),
+            "a socket within the cap was closed"
+        );
+    }
+    for _ in 0..10 {
+        held.push(tls_only(&gw, &thief).await.expect("the newest is let in"));
+    }
+    let open_fds = gw.metric("process_open_fds").await.unwrap();
+    gw.metric_reaches(
+        r#"posgate_mqtt_refused_total{reason="replaced"}"#,
+        11.0,
+        WAIT,
+    )
+    .await;
+    // The honest terminal is still served.
+    gw.pay("pos_one", "pi_one_1").await;
+    assert_eq!(
+        t.next_confirmation(WAIT).await.unwrap().intent_id,
+        "pi_one_1"
+    );
+    assert!(open_fds < 200.0, "{open_fds} descriptors open");
+    gw.shutdown().await;
+}
+
+/// The broker's loopback listener behind the front door knows only the connections the front door
+/// made: a local process that dials it directly, even with a genuine terminal id, is refused.
+#[tokio::test]
+async fn the_listener_behind_the_front_door_refuses_direct_clients() {
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_local").await;
+    let behind = gw.mqtt_behind();
+    assert!(behind.ip().is_loopback(), "{behind}");
+    let mut options =
+        rumqttc::MqttOptions::new("pos_local", behind.ip().to_string(), behind.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (_client, mut eventloop) = AsyncClient::new(options, 10);
+    assert!(
+        connack(&mut eventloop).await.is_err(),
+        "a direct CONNECT was accepted"
+    );
+    gw.metric_reaches(
+        r#"posgate_mqtt_refused_total{reason="no_certificate"}"#,
+        1.0,
+        WAIT,
+    )
+    .await;
+    // Through the front door the same terminal connects.
+    assert!(connect(&gw, &Identity::of(&bundle)).await.is_ok());
+    gw.shutdown().await;
+}
+
+/// MQTT over secure WebSocket goes through the same front door: the certificate is the identity,
+/// a CONNECT under its own id gets a CONNACK, under another id it is refused.
+#[tokio::test]
+async fn mqtt_over_secure_websocket_connects_with_the_certificate_identity() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let gw = spawn_with(&[("POSGATE__MQTT__WS_LISTEN", "127.0.0.1:0")]).await;
+    let bundle = gw.provision("pos_wss").await;
+    let ws_addr = gw.mqtt_ws().expect("ws_listen is configured");
+    // MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s.
+    let connect_packet = |client_id: &str| {
+        let mut packet = vec![0x10, (12 + client_id.len()) as u8];
+        packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0]);
+        packet.push(client_id.len() as u8);
+        packet.extend_from_slice(client_id.as_bytes());
+        packet
+    };
+    let mut answers = Vec::new();
+    for client_id in ["pos_wss", "pos_other"] {
+        let tls = tls_to(ws_addr, &bundle).await.expect("TLS");
+        let mut request = format!("ws://localhost:{}/mqtt", ws_addr.port())
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
+            .await
+            .expect("WebSocket upgrade");
+        ws.send(Message::binary(connect_packet(client_id)))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("an answer");
+        answers.push(match answer {
+            Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
+            other => panic!("{client_id}: {other:?}"),
+        });
+    }
+    // CONNACK accepted; CONNACK "not authorized" (5).
+    assert_eq!(answers[0], [0x20, 2, 0, 0]);
+    assert_eq!(answers[1], [0x20, 2, 0, 5]);
     gw.shutdown().await;
 }

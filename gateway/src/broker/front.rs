@@ -184,7 +184,11 @@ impl Front {
         }
     }
 
-    fn admit(self: &Arc<Self>, port: u16, identity: CertIdentity) -> (Ticket, oneshot::Receiver<()>) {
+    fn admit(
+        self: &Arc<Self>,
+        port: u16,
+        identity: CertIdentity,
+    ) -> (Ticket, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
         let mut admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
         admitted.insert(
@@ -214,7 +218,12 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, tcp: TcpStream, peer: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
+    async fn serve(
+        self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let front = &self.front;
         let handshake = tokio::time::timeout(self.timeout, self.acceptor.accept(tcp));
         let tls = tokio::select! {
@@ -347,7 +356,11 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut slots = self.front.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slots = self
+            .front
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(held) = slots.get_mut(&self.terminal_id) {
             held.retain(|(id, _)| *id != self.id);
             if held.is_empty() {
@@ -365,7 +378,11 @@ struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut admitted = self.front.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut admitted = self
+            .front
+            .admitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         admitted.remove(&self.port);
     }
 }

@@ -35,13 +35,13 @@ use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
-use rustls::server::WebPkiClientVerifier;
 use rmqtt::server::MqttServer;
 use rmqtt::session::{Session, SessionState};
 use rmqtt::types::{
     AuthResult, ClientId, ConnectInfo, From, FromType, Id, Publish, PublishAclResult, QoS,
     SubscribeAclResult,
 };
+use rustls::server::WebPkiClientVerifier;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -113,6 +113,9 @@ pub struct Addrs {
     pub mqtt: SocketAddr,
     pub ws: Option<SocketAddr>,
     pub plain: Option<SocketAddr>,
+    /// rmqtt's loopback listener behind the front door of `mqtt`: it refuses whoever did not come
+    /// through the front door.
+    pub behind: SocketAddr,
 }
 
 /// Who may not connect.
@@ -210,9 +213,10 @@ impl Broker {
 
         // Terminals reach the TLS listeners through the front door; rmqtt serves what it lets
         // through on loopback listeners of its own.
-        let verifier = WebPkiClientVerifier::builder_with_provider(tls::client_roots(pki)?, tls::provider())
-            .build()
-            .map_err(TlsError::Verifier)?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(tls::client_roots(pki)?, tls::provider())
+                .build()
+                .map_err(TlsError::Verifier)?;
         let verifier = Arc::new(RefuseRevoked {
             inner: verifier,
             revoked: revoked.clone(),
@@ -235,6 +239,7 @@ impl Broker {
         doors.push(door("mqtt", settings.listen, &behind)?);
         listeners.push((behind, TLS_LISTENER));
         let mqtt = local_std(&doors[0].listener, settings.listen);
+        let behind_mqtt = doors[0].internal;
         let mut ws = None;
         if let Some(addr) = settings.ws_listen {
             let behind = bind(settings, "mqtt_ws", internal, Kind::Ws)?;
@@ -259,7 +264,12 @@ impl Broker {
             listeners,
             doors,
             front,
-            addrs: Addrs { mqtt, ws, plain },
+            addrs: Addrs {
+                mqtt,
+                ws,
+                plain,
+                behind: behind_mqtt,
+            },
             handle,
         })
     }
@@ -284,7 +294,7 @@ impl Broker {
             addrs,
             ..
         } = self;
-        tracing::info!(mqtt_addr = %addrs.mqtt, "MQTT listening (TLS, client certificate required)");
+        tracing::info!(mqtt_addr = %addrs.mqtt, behind = %addrs.behind, "MQTT listening (TLS, client certificate required)");
         if let Some(ws) = addrs.ws {
             tracing::info!(mqtt_ws_addr = %ws, "MQTT over secure WebSocket listening (client certificate required)");
         }
@@ -330,7 +340,10 @@ enum Kind {
 
 /// A front-door listener: `SO_REUSEADDR`, so a restart right after a crash or a stop is not
 /// refused for the `TIME_WAIT` connections the previous process left behind.
-fn bind_front(name: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, BrokerError> {
+fn bind_front(
+    name: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, BrokerError> {
     let bind = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -575,13 +588,19 @@ impl Hooks {
             if cert.cn != client_id {
                 return Err((
                     "identity",
-                    format!("client id {client_id:?} is not the certificate's CN {:?}", cert.cn),
+                    format!(
+                        "client id {client_id:?} is not the certificate's CN {:?}",
+                        cert.cn
+                    ),
                 ));
             }
             if cert.o != topics::tenant_for(&cert.cn) {
                 return Err((
                     "identity",
-                    format!("certificate O {:?} is not the tenant of {:?}", cert.o, cert.cn),
+                    format!(
+                        "certificate O {:?} is not the tenant of {:?}",
+                        cert.o, cert.cn
+                    ),
                 ));
             }
         }
@@ -617,9 +636,9 @@ impl Handler for HookRef {
                         hooks.front.connected(addr.port());
                     }
                     (
-                    false,
-                    Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                )
+                        false,
+                        Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+                    )
                 }
                 Err((reason, why)) => {
                     hooks.refused.with_label_values(&[reason]).inc();
