@@ -32,7 +32,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::pki::{Pki, PkiError};
 use crate::provider::{Budget, ProviderClient};
 use crate::reconcile::{Listing, Reconciler, Stale};
-use crate::rpc::Rpc;
+use crate::rpc::{Rpc, RpcLimits};
 use crate::serve;
 use crate::shutdown::Supervisor;
 use crate::store::{Limits, Revocation, Store, StoreError};
@@ -273,7 +273,8 @@ impl Gateway {
             }
         });
         let rpc = Arc::new(
-            Rpc::new(store.clone(), client.clone()).with_metrics(metrics.rpc_requests.clone()),
+            Rpc::with_limits(store.clone(), client.clone(), rpc_limits(&config.rpc))
+                .with_metrics(metrics.rpc_requests.clone()),
         );
         let reconcile = match client {
             Some((client, _)) => {
@@ -477,6 +478,16 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Build
         socket.listen(1024)
     };
     bind().map_err(|source| BuildError::Bind { name, addr, source })
+}
+
+fn rpc_limits(config: &crate::config::RpcConfig) -> RpcLimits {
+    RpcLimits {
+        per_sec: config.requests_per_sec,
+        burst: config.burst,
+        in_flight: config.max_in_flight,
+        flood_suspend: (config.flood_suspend_secs > 0)
+            .then(|| Duration::from_secs(config.flood_suspend_secs)),
+    }
 }
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {

@@ -42,6 +42,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub mqtt: MqttConfig,
     pub delivery: DeliveryConfig,
+    pub rpc: RpcConfig,
     pub store: StoreConfig,
     pub shutdown: ShutdownConfig,
     /// Every key with its value as loaded (secrets as a digest), to tell what a reload changed.
@@ -153,6 +154,16 @@ pub struct StoreConfig {
     /// redb's quick repair: each synced commit also saves the allocator state (with a two-phase
     /// commit), so the open after a crash does not walk the whole database.
     pub quick_repair: bool,
+}
+
+/// `[rpc]`: what one terminal may ask (MQTT RPC and the HTTP payment endpoints).
+#[derive(Clone, Debug)]
+pub struct RpcConfig {
+    pub requests_per_sec: u32,
+    pub burst: u32,
+    pub max_in_flight: usize,
+    /// 0: a flooding terminal is never disconnected.
+    pub flood_suspend_secs: u64,
 }
 
 /// `[shutdown]`.
@@ -403,6 +414,10 @@ impl Config {
         let commit_deadline_ms = r.in_range::<u64>("store.commit_deadline_ms", 100, 600_000);
         let quick_repair = r.required::<bool>("store.quick_repair");
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
+        let rpc_per_sec = r.in_range::<u32>("rpc.requests_per_sec", 1, 10_000);
+        let rpc_burst = r.in_range::<u32>("rpc.burst", 1, 100_000);
+        let rpc_in_flight = r.in_range::<usize>("rpc.max_in_flight", 1, 1_000);
+        let flood_suspend_secs = r.in_range::<u64>("rpc.flood_suspend_secs", 0, 86_400);
 
         r.unknown_keys();
         if !r.bad.is_empty() {
@@ -452,6 +467,12 @@ impl Config {
                 },
                 delivery: DeliveryConfig {
                     republish_after_secs: republish_after_secs?,
+                },
+                rpc: RpcConfig {
+                    requests_per_sec: rpc_per_sec?,
+                    burst: rpc_burst?,
+                    max_in_flight: rpc_in_flight?,
+                    flood_suspend_secs: flood_suspend_secs?,
                 },
                 store: StoreConfig {
                     queue_depth: queue_depth?,

@@ -299,7 +299,8 @@ impl Metrics {
                  last_will (not the terminal's own status topic), handshake (TLS failed or timed \
                  out), first_packet (no CONNECT accepted within the handshake timeout), replaced \
                  (the terminal's oldest socket, beyond max_connections_per_terminal), capacity \
-                 (the listener's max_connections)",
+                 (the listener's max_connections), suspended (kept flooding RPC: refused for \
+                 rpc.flood_suspend_secs)",
                 &["reason"],
             )?,
             open_fds: gauge(
@@ -405,6 +406,7 @@ impl Metrics {
             "first_packet",
             "replaced",
             "capacity",
+            "suspended",
         ] {
             self.mqtt_refused.with_label_values(&[reason]);
         }

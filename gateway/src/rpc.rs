@@ -57,6 +57,23 @@ pub struct RpcLimits {
     pub burst: u32,
     /// Requests of one terminal being answered at once.
     pub in_flight: usize,
+    /// How long a terminal that keeps flooding ([`FLOOD_REFUSALS`] refusals within
+    /// [`FLOOD_WINDOW`]) is disconnected and refused; `None`: never.
+    pub flood_suspend: Option<Duration>,
+}
+
+/// Refusals within [`FLOOD_WINDOW`] that make a terminal a flooder: far more than a terminal
+/// that merely retries too fast collects.
+pub const FLOOD_REFUSALS: u32 = 100;
+/// The window in which [`FLOOD_REFUSALS`] are counted.
+pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+
+/// A request not let in: its `rate_limited` answer, and whether the terminal is to be
+/// disconnected and refused for a while (it keeps flooding).
+#[derive(Debug)]
+pub struct Refused {
+    pub response: Response,
+    pub suspend: Option<Duration>,
 }
 
 impl Default for RpcLimits {
@@ -65,6 +82,7 @@ impl Default for RpcLimits {
             per_sec: 5,
             burst: 20,
             in_flight: 4,
+            flood_suspend: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -109,6 +127,8 @@ pub struct Rpc {
     limits: RpcLimits,
     buckets: Buckets,
     in_flight: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+    /// Per terminal: when its current window of refusals started, and how many so far.
+    refusals: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
 /// An open intent is refreshed from the provider at most this often.
@@ -141,6 +161,7 @@ impl Rpc {
                 governor::Quota::per_second(per_sec).allow_burst(burst),
             ),
             in_flight: std::sync::Arc::default(),
+            refusals: Mutex::default(),
         }
     }
 
@@ -149,8 +170,8 @@ impl Rpc {
     /// reads only the request's id.
     ///
     /// # Errors
-    /// The `rate_limited` answer to publish.
-    pub fn admit(&self, terminal_id: &str, payload: &[u8]) -> Result<Admitted, Response> {
+    /// The `rate_limited` answer to publish, and whether to disconnect the terminal.
+    pub fn admit(&self, terminal_id: &str, payload: &[u8]) -> Result<Admitted, Refused> {
         let refuse = |wait: Duration, why: &str| {
             #[derive(serde::Deserialize)]
             struct IdOnly {
@@ -173,7 +194,10 @@ impl Rpc {
                 format!("{why}; retry in {retry_ms} ms"),
             );
             response.result = Some(json!({ "retry_after_ms": retry_ms as u64 }));
-            Err(response)
+            Err(Refused {
+                response,
+                suspend: self.flooding(terminal_id),
+            })
         };
         if let Err(not_until) = self.buckets.check_key(&terminal_id.to_owned()) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
@@ -198,6 +222,33 @@ impl Rpc {
             terminal_id: terminal_id.to_owned(),
             in_flight: self.in_flight.clone(),
         })
+    }
+
+    /// Counts a refusal of `terminal_id`; `Some(how long)` once it reaches [`FLOOD_REFUSALS`]
+    /// within [`FLOOD_WINDOW`] (then the count starts again).
+    fn flooding(&self, terminal_id: &str) -> Option<Duration> {
+        let suspend = self.limits.flood_suspend?;
+        let now = Instant::now();
+        let mut map = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Old windows go, so the map holds only terminals refused lately.
+        if map.len() > 1024 {
+            map.retain(|_, (since, _)| now.duration_since(*since) < FLOOD_WINDOW);
+        }
+        let (since, count) = map.entry(terminal_id.to_owned()).or_insert((now, 0));
+        if now.duration_since(*since) >= FLOOD_WINDOW {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        if *count < FLOOD_REFUSALS {
+            return None;
+        }
+        map.remove(terminal_id);
+        drop(map);
+        tracing::warn!(%terminal_id, refused = FLOOD_REFUSALS, within = ?FLOOD_WINDOW, suspended_for = ?suspend, "terminal keeps flooding RPC: disconnected and refused for a while");
+        Some(suspend)
     }
 
     /// Whether `intent_id` may be refreshed now (and notes that it is).

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use posgate_proto::confirmation::ConfirmationStatus;
 use posgate_sim::provider::{Faults, RunningProvider};
-use posgate_sim::terminal::Seen;
+use posgate_sim::terminal::{Seen, Terminal};
 use serde_json::json;
+use tokio::time::Instant;
 
 use crate::harness::{self, TestGateway, rpc};
 
@@ -368,7 +369,13 @@ async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit
 /// the store and the provider nothing; another terminal's confirmation still arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_terminal_is_rate_limited_and_others_are_served() {
-    let (gw, sim) = setup().await;
+    // Rate limiting alone: the flood is not cut off here (see the next test).
+    let (gw, sim) = harness::spawn_with_provider(
+        SECRET,
+        Faults::default(),
+        &[("POSGATE__RPC__FLOOD_SUSPEND_SECS", "0")],
+    )
+    .await;
     let mut flooder = gw.terminal("pos_flood").await;
     let mut honest = gw.terminal("pos_honest").await;
     const SENT: usize = 300;
@@ -430,6 +437,70 @@ async fn a_flooding_terminal_is_rate_limited_and_others_are_served() {
         ),
         None
     );
+    drop(sim);
+    gw.shutdown().await;
+}
+
+/// A terminal that keeps flooding after being told to wait (100 refusals within 10 s) is
+/// disconnected and refused at CONNECT for `rpc.flood_suspend_secs`; then it connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_that_keeps_flooding_is_disconnected_for_a_while() {
+    let (gw, sim) = harness::spawn_with_provider(
+        SECRET,
+        Faults::default(),
+        &[("POSGATE__RPC__FLOOD_SUSPEND_SECS", "3")],
+    )
+    .await;
+    let mut flooder = gw.terminal("pos_flood").await;
+    let bundle = flooder.bundle.clone();
+    for n in 0..300 {
+        let request = json!({"id": format!("f{n}"), "method": "no_such_method", "params": {}});
+        // Once the terminal is cut off its client queues these, or refuses them: either is fine.
+        drop(flooder.client.try_publish(
+            &bundle.topics.rpc_req,
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&request).unwrap(),
+        ));
+    }
+    gw.metric_reaches(
+        r#"posgate_rpc_requests_total{method="any",outcome="rate_limited"}"#,
+        100.0,
+        WAIT,
+    )
+    .await;
+    // Cut off: the terminal is seen offline, and a new connection is refused.
+    let deadline = Instant::now() + WAIT;
+    while gw.terminal_view("pos_flood").await["online"] != false {
+        assert!(
+            Instant::now() < deadline,
+            "the flooding terminal is still online"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(flooder);
+    let refused = Terminal::connect(bundle.clone(), gw.mqtt).await;
+    assert!(
+        refused.is_err(),
+        "a suspended terminal connected again at once"
+    );
+    gw.metric_reaches(
+        r#"posgate_mqtt_refused_total{reason="suspended"}"#,
+        1.0,
+        WAIT,
+    )
+    .await;
+    // After the suspension it is served again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut back = loop {
+        match Terminal::connect(bundle.clone(), gw.mqtt).await {
+            Ok(t) => break t,
+            Err(e) => assert!(Instant::now() < deadline, "still refused: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let reply = rpc(&mut back, "after", "no_such_method", json!({})).await;
+    assert_eq!(reply.error.unwrap().code, "unknown_method");
     drop(sim);
     gw.shutdown().await;
 }

@@ -102,7 +102,7 @@ impl Front {
     }
 
     /// Closes every connection of `terminal_id`, whether or not it has connected yet.
-    pub(super) fn revoke(&self, terminal_id: &str) {
+    pub(super) fn close_all(&self, terminal_id: &str) {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         for (_, token) in slots.get(terminal_id).into_iter().flatten() {
             token.cancel();

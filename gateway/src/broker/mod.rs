@@ -123,6 +123,8 @@ pub struct Addrs {
 struct Revoked {
     serials: RwLock<HashSet<Serial>>,
     terminals: RwLock<HashSet<String>>,
+    /// Terminals refused until then (they kept flooding); not kept across restarts.
+    suspended: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 impl Revoked {
@@ -141,6 +143,22 @@ impl Revoked {
                 .contains(&Serial::parse(s))
         });
         by_id || by_serial
+    }
+
+    /// Whether `terminal_id` is suspended now (an expired suspension is forgotten).
+    fn suspended(&self, terminal_id: &str) -> bool {
+        let mut map = self
+            .suspended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match map.get(terminal_id) {
+            Some(until) if *until > tokio::time::Instant::now() => true,
+            Some(_) => {
+                map.remove(terminal_id);
+                false
+            }
+            None => false,
+        }
     }
 }
 
@@ -186,6 +204,7 @@ impl Broker {
         let revoked = Arc::new(Revoked {
             serials: RwLock::new(revoked_serials.iter().map(|s| Serial::parse(s)).collect()),
             terminals: RwLock::new(revoked_terminals.into_iter().collect()),
+            suspended: std::sync::Mutex::default(),
         });
         let front = Arc::new(Front::new(
             settings.max_connections_per_terminal,
@@ -432,7 +451,7 @@ impl Handle {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(terminal_id.to_owned());
-        self.front.revoke(terminal_id);
+        self.front.close_all(terminal_id);
         let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
         tokio::spawn(async move { kick(&scx, &id).await });
     }
@@ -513,6 +532,20 @@ impl Publisher for Handle {
 
     async fn publish(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
         self.forward(topic, payload, false).await
+    }
+
+    fn suspend(&self, terminal_id: &str, duration: Duration) {
+        self.revoked
+            .suspended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                terminal_id.to_owned(),
+                tokio::time::Instant::now() + duration,
+            );
+        self.front.close_all(terminal_id);
+        let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
+        tokio::spawn(async move { kick(&scx, &id).await });
     }
 }
 
@@ -609,6 +642,12 @@ impl Hooks {
         }
         if self.revoked.contains(&client_id, serial) {
             return Err(("revoked", format!("terminal {client_id:?} is revoked")));
+        }
+        if self.revoked.suspended(&client_id) {
+            return Err((
+                "suspended",
+                format!("terminal {client_id:?} is suspended for flooding RPC"),
+            ));
         }
         if let Some(will) = will_topic(ci)
             && will != topics::status(&topics::tenant_for(&client_id))

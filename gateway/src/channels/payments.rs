@@ -124,7 +124,8 @@ async fn call(channels: &Channels, terminal_id: &str, request: &Value, ok: Statu
     let payload = serde_json::to_vec(request).unwrap_or_default();
     let response = match channels.rpc.admit(terminal_id, &payload) {
         Ok(_permit) => channels.rpc.handle(terminal_id, &payload).await,
-        Err(refused) => refused,
+        // An HTTP terminal is answered 429 each time; there is no session to cut.
+        Err(refused) => refused.response,
     };
     http_answer(response, ok)
 }

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{BrokerEvent, Presence, PresenceEntry, Published, Publisher, Settings, Signer};
 use crate::metrics::Metrics;
-use crate::rpc::Rpc;
+use crate::rpc::{Refused, Rpc};
 use crate::store::{AckOutcome, OutboxRow, Store};
 use posgate_proto::topics::TopicKind;
 
@@ -444,10 +444,17 @@ impl<P: Publisher> Engine<P> {
         let publisher = self.publisher.clone();
         // Admission first: a flooding terminal costs a bucket check per request, not a task.
         let admitted = rpc.admit(&terminal_id, &payload);
+        if let Err(Refused {
+            suspend: Some(duration),
+            ..
+        }) = &admitted
+        {
+            publisher.suspend(&terminal_id, *duration);
+        }
         self.tasks.spawn(async move {
             let response = match admitted {
                 Ok(_permit) => rpc.handle(&terminal_id, &payload).await,
-                Err(refused) => refused,
+                Err(refused) => refused.response,
             };
             let topic = topics::rpc_res(&topics::tenant_for(&terminal_id));
             let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());

@@ -64,6 +64,12 @@ pub trait Publisher: Send + Sync + 'static {
         topic: String,
         payload: Bytes,
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Disconnects `terminal_id` and refuses its connections for `duration` (it keeps flooding).
+    /// A publisher without sessions has nothing to cut.
+    fn suspend(&self, terminal_id: &str, duration: std::time::Duration) {
+        let _ = (terminal_id, duration);
+    }
 }
 
 /// What the broker tells the delivery engine, each about a terminal identified by its verified certificate.
