@@ -451,7 +451,7 @@ async fn a_terminal_that_keeps_flooding_is_disconnected_for_a_while() {
         &[("POSGATE__RPC__FLOOD_SUSPEND_SECS", "3")],
     )
     .await;
-    let mut flooder = gw.terminal("pos_flood").await;
+    let flooder = gw.terminal("pos_flood").await;
     let bundle = flooder.bundle.clone();
     for n in 0..300 {
         let request = json!({"id": format!("f{n}"), "method": "no_such_method", "params": {}});
