@@ -662,4 +662,55 @@ mod store_tests {
         assert_eq!(store.ingest(event(2)).await.unwrap(), Ingested::Duplicate);
         store.close().await;
     }
+
+    /// Webhooks first: acks, RPC answers and admin writes may fill only half of the queue; the
+    /// other half is kept for webhooks, so a flood of the former never answers a webhook `503`.
+    #[tokio::test]
+    async fn other_writes_leave_half_the_queue_to_webhooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::new(8, 64)).unwrap();
+        // A write that holds the writer thread, so that what follows stays queued.
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |_| {
+                        started_tx.send(()).unwrap();
+                        released.recv().ok();
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started.recv().unwrap())
+            .await
+            .unwrap();
+        // Queued (the future is left waiting for its commit) or refused at once.
+        async fn queued<T: std::fmt::Debug>(
+            write: impl std::future::Future<Output = Result<T, StoreError>>,
+        ) -> bool {
+            match tokio::time::timeout(std::time::Duration::from_millis(50), write).await {
+                Err(_) => true,
+                Ok(Err(StoreError::Overloaded)) => false,
+                Ok(other) => panic!("{other:?}"),
+            }
+        }
+        let other = || store.write(|_| Ok(()));
+        for n in 0..4 {
+            assert!(queued(other()).await, "other write {n} refused");
+        }
+        assert!(
+            !queued(other()).await,
+            "a fifth other write took a webhook's slot"
+        );
+        for n in 0..4 {
+            assert!(queued(store.ingest(event(n))).await, "webhook {n} refused");
+        }
+        assert!(!queued(store.ingest(event(9))).await, "beyond the queue");
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        store.close().await;
+    }
 }

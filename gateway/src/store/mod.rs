@@ -9,7 +9,9 @@
 //! same instant are a check-then-insert on the same transaction: exactly one has an effect.
 //!
 //! A full queue is answered [`StoreError::Overloaded`] (the ingress says `503`, the provider
-//! retries). Reads use their own read transactions on the blocking pool.
+//! retries). Webhooks first: writes that are not the provider's (acks, RPC answers, presence,
+//! admin) may take only half of the queue. Reads use their own read transactions on the blocking
+//! pool.
 //!
 //! Tables (values are JSON, so an operator can inspect them with any redb tool):
 //! - `events`: `evt_…` → [`StoredEvent`] with the exact raw body; the deduplication key.
@@ -337,9 +339,22 @@ struct Inner {
     notices: Arc<Notices>,
     commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
     commit_deadline: Duration,
+    /// Queue slots only webhooks (and reconciliation's provider data) may take: other writes
+    /// (acks, RPC answers, presence, admin) are refused `Overloaded` while fewer are free, so they
+    /// can never push a webhook into `503`.
+    reserved_for_webhooks: usize,
     /// Tests make every write fail.
     #[cfg(test)]
     fail_writes: AtomicBool,
+}
+
+/// Who a write is for, for the queue's reserve ([`Inner::reserved_for_webhooks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// What the provider tells: webhooks, and what reconciliation learns in their place.
+    Provider,
+    /// Everything else: acks, RPC answers, presence, admin calls.
+    Other,
 }
 
 // === impl Store ===
@@ -382,6 +397,7 @@ impl Store {
                 notices,
                 commit_seconds,
                 commit_deadline: limits.commit_deadline,
+                reserved_for_webhooks: limits.queue_depth / 2,
                 #[cfg(test)]
                 fail_writes: AtomicBool::new(false),
             }),
@@ -471,7 +487,16 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Synced).await
+        self.submit(work, Durability::Synced, Class::Other).await
+    }
+
+    /// As [`Store::write`], for what the provider tells: it may use the whole queue.
+    async fn write_provider<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.submit(work, Durability::Synced, Class::Provider).await
     }
 
     /// As [`Store::write`], answered without waiting for the disk ([`Durability::Deferred`]).
@@ -480,10 +505,15 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Deferred).await
+        self.submit(work, Durability::Deferred, Class::Other).await
     }
 
-    async fn submit<T, F>(&self, work: F, durability: Durability) -> Result<T, StoreError>
+    async fn submit<T, F>(
+        &self,
+        work: F,
+        durability: Durability,
+        class: Class,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
@@ -500,6 +530,9 @@ impl Store {
             durability,
         });
         let sender = self.sender().ok_or(StoreError::Closed)?;
+        if class == Class::Other && sender.capacity() <= self.inner.reserved_for_webhooks {
+            return Err(StoreError::Overloaded);
+        }
         sender.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
@@ -518,7 +551,7 @@ impl Store {
     /// # Errors
     /// As [`Store::write`]; none of them committed anything for this event.
     pub async fn ingest(&self, event: IncomingEvent) -> Result<Ingested, StoreError> {
-        self.write(move |t| t.ingest(&event)).await
+        self.write_provider(move |t| t.ingest(&event)).await
     }
 
     /// Keeps a verified body that was not an event envelope, for forensics.
@@ -531,7 +564,7 @@ impl Store {
         reason: String,
         received_at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.write(move |t| t.reject(&raw, &reason, received_at))
+        self.write_provider(move |t| t.reject(&raw, &reason, received_at))
             .await
     }
 

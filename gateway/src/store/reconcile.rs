@@ -257,7 +257,7 @@ impl Store {
         raw_tx: String,
         now: OffsetDateTime,
     ) -> Result<Listed, StoreError> {
-        self.write(move |t| t.ingest_listed(&tx, &raw_tx, now))
+        self.write_provider(move |t| t.ingest_listed(&tx, &raw_tx, now))
             .await
     }
 
@@ -271,7 +271,7 @@ impl Store {
         intent_id: String,
         now: OffsetDateTime,
     ) -> Result<Vec<String>, StoreError> {
-        self.write(move |t| t.orphan_unknown_intent(&intent_id, now))
+        self.write_provider(move |t| t.orphan_unknown_intent(&intent_id, now))
             .await
     }
 
