@@ -306,6 +306,15 @@ impl Gateway {
                 None
             }
         };
+        supervisor.spawn(
+            "rpc_prune",
+            crate::rpc::prune_answers(
+                store.clone(),
+                Duration::from_secs(config.rpc.answers_retention_hours * 3600),
+                token.clone(),
+            )
+            .instrument(tracing::info_span!("rpc_prune")),
+        );
         let signer = Signer {
             key: pki.signing_key().clone(),
             kid: pki.kid().to_owned(),

@@ -164,6 +164,8 @@ pub struct RpcConfig {
     pub max_in_flight: usize,
     /// 0: a flooding terminal is never disconnected.
     pub flood_suspend_secs: u64,
+    /// Stored answers (for retries) older than this are removed.
+    pub answers_retention_hours: u64,
 }
 
 /// `[shutdown]`.
@@ -418,6 +420,7 @@ impl Config {
         let rpc_burst = r.in_range::<u32>("rpc.burst", 1, 100_000);
         let rpc_in_flight = r.in_range::<usize>("rpc.max_in_flight", 1, 1_000);
         let flood_suspend_secs = r.in_range::<u64>("rpc.flood_suspend_secs", 0, 86_400);
+        let answers_retention_hours = r.in_range::<u64>("rpc.answers_retention_hours", 1, 87_600);
 
         r.unknown_keys();
         if !r.bad.is_empty() {
@@ -473,6 +476,7 @@ impl Config {
                     burst: rpc_burst?,
                     max_in_flight: rpc_in_flight?,
                     flood_suspend_secs: flood_suspend_secs?,
+                    answers_retention_hours: answers_retention_hours?,
                 },
                 store: StoreConfig {
                     queue_depth: queue_depth?,

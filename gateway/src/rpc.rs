@@ -131,6 +131,49 @@ pub struct Rpc {
     refusals: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
+/// How often stored answers older than the retention are removed.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Answers removed per write, so that a prune never holds the store's writer for long.
+const PRUNE_BATCH: usize = 10_000;
+
+/// Removes stored answers older than `retention`, every [`PRUNE_EVERY`] (the first time a minute
+/// after start), until `token` is cancelled.
+pub async fn prune_answers(
+    store: Store,
+    retention: Duration,
+    token: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(60), PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = time::OffsetDateTime::now_utc()
+            .checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let mut removed = 0;
+        loop {
+            match store.prune_rpc_answers(before, PRUNE_BATCH).await {
+                Ok(n) => {
+                    removed += n;
+                    if n < PRUNE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not prune old RPC answers; trying again later");
+                    break;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "old RPC answers pruned");
+        }
+    }
+}
+
 /// An open intent is refreshed from the provider at most this often.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
 

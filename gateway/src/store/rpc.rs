@@ -1,11 +1,37 @@
 //! What terminal RPC needs from the store: intents created through the gateway, and the answers
-//! already given (a retried request id gets the same answer).
+//! already given (a retried request id gets the same answer), kept for a retention period.
+//!
+//! An answer is stored as `{"at": unix seconds, "answer": …}`. Answers stored before the time was
+//! recorded (the bare answer) count as the oldest: the first prune removes them, and a retry of
+//! such an old request is answered afresh (a `create_intent` then finds its intent by the
+//! provider's idempotency key).
 
 use posgate_proto::event::PaymentIntent;
 use time::OffsetDateTime;
 
+use redb::ReadableTable;
+
 use super::writer::{Tables, encode};
 use super::{RPC_ANSWERS, Store, StoreError, decode};
+
+/// An answer and when it was given.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAnswer {
+    at: i64,
+    answer: serde_json::Value,
+}
+
+/// Reads only the time of a stored answer: 0 for an answer stored without one.
+fn stored_at(bytes: &[u8]) -> i64 {
+    #[derive(serde::Deserialize)]
+    struct At {
+        at: Option<i64>,
+    }
+    serde_json::from_slice::<At>(bytes)
+        .ok()
+        .and_then(|a| a.at)
+        .unwrap_or(0)
+}
 
 impl Tables<'_> {
     /// Records an intent created through the gateway for `terminal_id` (before the terminal is
@@ -49,8 +75,15 @@ impl Store {
             move |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(RPC_ANSWERS)?;
-                let value = table.get((terminal_id.as_str(), request_id.as_str()))?;
-                value.map(|v| decode(&request_id, v.value())).transpose()
+                let Some(value) = table.get((terminal_id.as_str(), request_id.as_str()))? else {
+                    return Ok(None);
+                };
+                let value: serde_json::Value = decode(&request_id, value.value())?;
+                // A bare answer was stored before answers carried their time.
+                match serde_json::from_value::<StoredAnswer>(value.clone()) {
+                    Ok(stored) => Ok(Some(stored.answer)),
+                    Err(_) => Ok(Some(value)),
+                }
             },
         )
         .await
@@ -72,7 +105,11 @@ impl Store {
             if let Some(pi) = &created {
                 t.adopt_intent(pi, &terminal_id, OffsetDateTime::now_utc())?;
             }
-            let bytes = encode(&request_id, &answer)?;
+            let stored = StoredAnswer {
+                at: OffsetDateTime::now_utc().unix_timestamp(),
+                answer,
+            };
+            let bytes = encode(&request_id, &stored)?;
             t.rpc_answers.insert(
                 (terminal_id.as_str(), request_id.as_str()),
                 bytes.as_slice(),
@@ -80,5 +117,100 @@ impl Store {
             Ok(())
         })
         .await
+    }
+
+    /// Removes up to `at_most` answers given before `before`; says how many it removed.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn prune_rpc_answers(
+        &self,
+        before: OffsetDateTime,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        let cutoff = before.unix_timestamp();
+        self.write(move |t| {
+            let mut expired = Vec::new();
+            for entry in t.rpc_answers.iter()? {
+                let (key, value) = entry?;
+                if stored_at(value.value()) < cutoff {
+                    let (terminal_id, request_id) = key.value();
+                    expired.push((terminal_id.to_owned(), request_id.to_owned()));
+                    if expired.len() >= at_most {
+                        break;
+                    }
+                }
+            }
+            for (terminal_id, request_id) in &expired {
+                t.rpc_answers
+                    .remove((terminal_id.as_str(), request_id.as_str()))?;
+            }
+            Ok(expired.len())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use time::{Duration, OffsetDateTime};
+
+    use crate::store::{Limits, Store};
+
+    /// Answers older than the retention go, newer ones and their replays stay; an answer stored
+    /// before answers carried their time counts as the oldest.
+    #[tokio::test]
+    async fn old_answers_are_pruned_and_new_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::new(64, 64)).unwrap();
+        for n in 0..5 {
+            store
+                .save_rpc_answer("pos_a".into(), format!("r{n}"), None, json!({"n": n}))
+                .await
+                .unwrap();
+        }
+        store
+            .write(|t| {
+                t.rpc_answers.insert(
+                    ("pos_a", "legacy"),
+                    br#"{"id":"legacy","result":{}}"#.as_slice(),
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let legacy = store
+            .rpc_answer("pos_a".into(), "legacy".into())
+            .await
+            .unwrap();
+        assert_eq!(legacy, Some(json!({"id": "legacy", "result": {}})));
+        assert_eq!(
+            store.rpc_answer("pos_a".into(), "r3".into()).await.unwrap(),
+            Some(json!({"n": 3}))
+        );
+        let an_hour_ago = OffsetDateTime::now_utc() - Duration::hours(1);
+        // Only the legacy answer is older than an hour.
+        assert_eq!(store.prune_rpc_answers(an_hour_ago, 100).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .rpc_answer("pos_a".into(), "legacy".into())
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(
+            store
+                .rpc_answer("pos_a".into(), "r0".into())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // With the cutoff in the future everything is old: removed at most `at_most` at a time.
+        let later = OffsetDateTime::now_utc() + Duration::hours(1);
+        assert_eq!(store.prune_rpc_answers(later, 3).await.unwrap(), 3);
+        assert_eq!(store.prune_rpc_answers(later, 3).await.unwrap(), 2);
+        assert_eq!(store.prune_rpc_answers(later, 3).await.unwrap(), 0);
+        store.close().await;
     }
 }
