@@ -125,8 +125,8 @@ pub struct Running {
     pub mqtt_ws_addr: Option<SocketAddr>,
     /// The plaintext MQTT listener, when configured (benchmarks only).
     pub mqtt_plain_addr: Option<SocketAddr>,
-    /// The broker's loopback listener behind the MQTT/TLS front door.
-    pub mqtt_behind_addr: SocketAddr,
+    /// The broker's loopback listener behind the MQTT/TLS front door (`mqtt.front_door`).
+    pub mqtt_behind_addr: Option<SocketAddr>,
     admin_token: SecretString,
     store: Store,
     secrets: Secrets,
@@ -191,6 +191,7 @@ impl Gateway {
             max_handshaking: config.mqtt.max_handshaking,
             max_connections: config.mqtt.max_connections,
             max_connections_per_terminal: config.mqtt.max_connections_per_terminal,
+            front_door: config.mqtt.front_door,
             refused: metrics.mqtt_refused.clone(),
         };
         let broker = Broker::build(

@@ -133,6 +133,7 @@ pub struct MqttConfig {
     pub max_handshaking: usize,
     pub max_connections: usize,
     pub max_connections_per_terminal: usize,
+    pub front_door: bool,
 }
 
 /// `[delivery]`: confirmations to terminals.
@@ -409,6 +410,7 @@ impl Config {
         let max_connections = r.in_range::<usize>("mqtt.max_connections", 1, 1_000_000);
         let max_connections_per_terminal =
             r.in_range::<usize>("mqtt.max_connections_per_terminal", 1, 64);
+        let front_door = r.required::<bool>("mqtt.front_door");
         let republish_after_secs = r.in_range::<u64>("delivery.republish_after_secs", 1, 86_400);
 
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
@@ -467,6 +469,7 @@ impl Config {
                     max_handshaking: max_handshaking?,
                     max_connections: max_connections?,
                     max_connections_per_terminal: max_connections_per_terminal?,
+                    front_door: front_door?,
                 },
                 delivery: DeliveryConfig {
                     republish_after_secs: republish_after_secs?,

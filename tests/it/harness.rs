@@ -103,7 +103,7 @@ impl TestGateway {
     }
 
     /// The broker's loopback listener behind the MQTT front door.
-    pub fn mqtt_behind(&self) -> SocketAddr {
+    pub fn mqtt_behind(&self) -> Option<SocketAddr> {
         self.running.mqtt_behind_addr
     }
 

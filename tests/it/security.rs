@@ -512,7 +512,11 @@ async fn closed_within(
 /// timeout, and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_silent_after_tls_is_closed_at_the_handshake_timeout() {
-    let gw = spawn_with(&[("POSGATE__MQTT__HANDSHAKE_TIMEOUT_SECS", "1")]).await;
+    let gw = spawn_with(&[
+        ("POSGATE__MQTT__FRONT_DOOR", "true"),
+        ("POSGATE__MQTT__HANDSHAKE_TIMEOUT_SECS", "1"),
+    ])
+    .await;
     let bundle = gw.provision("pos_quiet").await;
     let mut silent = tls_only(&gw, &bundle)
         .await
@@ -541,7 +545,7 @@ async fn a_client_silent_after_tls_is_closed_at_the_handshake_timeout() {
 /// cannot hold sockets that way (it used to be refused only at CONNECT).
 #[tokio::test]
 async fn a_revoked_certificate_fails_in_the_tls_handshake() {
-    let gw = spawn_gateway().await;
+    let gw = spawn_with(&[("POSGATE__MQTT__FRONT_DOOR", "true")]).await;
     let bundle = gw.provision("pos_stolen").await;
     assert!(tls_only(&gw, &bundle).await.is_ok(), "before revocation");
     let response = gw
@@ -564,6 +568,7 @@ async fn a_revoked_certificate_fails_in_the_tls_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_certificate_holds_a_bounded_number_of_sockets() {
     let gw = spawn_with(&[
+        ("POSGATE__MQTT__FRONT_DOOR", "true"),
         ("POSGATE__MQTT__MAX_CONNECTIONS_PER_TERMINAL", "2"),
         ("POSGATE__MQTT__HANDSHAKE_TIMEOUT_SECS", "30"),
     ])
@@ -612,9 +617,9 @@ async fn one_certificate_holds_a_bounded_number_of_sockets() {
 /// made: a local process that dials it directly, even with a genuine terminal id, is refused.
 #[tokio::test]
 async fn the_listener_behind_the_front_door_refuses_direct_clients() {
-    let gw = spawn_gateway().await;
+    let gw = spawn_with(&[("POSGATE__MQTT__FRONT_DOOR", "true")]).await;
     let bundle = gw.provision("pos_local").await;
-    let behind = gw.mqtt_behind();
+    let behind = gw.mqtt_behind().expect("mqtt.front_door is on");
     assert!(behind.ip().is_loopback(), "{behind}");
     let mut options =
         rumqttc::MqttOptions::new("pos_local", behind.ip().to_string(), behind.port());
@@ -643,42 +648,49 @@ async fn mqtt_over_secure_websocket_connects_with_the_certificate_identity() {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    let gw = spawn_with(&[("POSGATE__MQTT__WS_LISTEN", "127.0.0.1:0")]).await;
-    let bundle = gw.provision("pos_wss").await;
-    let ws_addr = gw.mqtt_ws().expect("ws_listen is configured");
-    // MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s.
-    let connect_packet = |client_id: &str| {
-        let mut packet = vec![0x10, (12 + client_id.len()) as u8];
-        packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0]);
-        packet.push(client_id.len() as u8);
-        packet.extend_from_slice(client_id.as_bytes());
-        packet
-    };
-    let mut answers = Vec::new();
-    for client_id in ["pos_wss", "pos_other"] {
-        let tls = tls_to(ws_addr, &bundle).await.expect("TLS");
-        let mut request = format!("ws://localhost:{}/mqtt", ws_addr.port())
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
-            .await
-            .expect("WebSocket upgrade");
-        ws.send(Message::binary(connect_packet(client_id)))
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("an answer");
-        answers.push(match answer {
-            Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
-            other => panic!("{client_id}: {other:?}"),
-        });
+    // Both ways: rmqtt's own TLS listener, and the front door.
+    for front_door in ["false", "true"] {
+        let gw = spawn_with(&[
+            ("POSGATE__MQTT__WS_LISTEN", "127.0.0.1:0"),
+            ("POSGATE__MQTT__FRONT_DOOR", front_door),
+        ])
+        .await;
+        let bundle = gw.provision("pos_wss").await;
+        let ws_addr = gw.mqtt_ws().expect("ws_listen is configured");
+        // MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s.
+        let connect_packet = |client_id: &str| {
+            let mut packet = vec![0x10, (12 + client_id.len()) as u8];
+            packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0]);
+            packet.push(client_id.len() as u8);
+            packet.extend_from_slice(client_id.as_bytes());
+            packet
+        };
+        let mut answers = Vec::new();
+        for client_id in ["pos_wss", "pos_other"] {
+            let tls = tls_to(ws_addr, &bundle).await.expect("TLS");
+            let mut request = format!("ws://localhost:{}/mqtt", ws_addr.port())
+                .into_client_request()
+                .unwrap();
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
+                .await
+                .expect("WebSocket upgrade");
+            ws.send(Message::binary(connect_packet(client_id)))
+                .await
+                .unwrap();
+            let answer = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("an answer");
+            answers.push(match answer {
+                Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
+                other => panic!("{client_id}: {other:?}"),
+            });
+        }
+        // CONNACK accepted; CONNACK "not authorized" (5).
+        assert_eq!(answers[0], [0x20, 2, 0, 0]);
+        assert_eq!(answers[1], [0x20, 2, 0, 5]);
+        gw.shutdown().await;
     }
-    // CONNACK accepted; CONNACK "not authorized" (5).
-    assert_eq!(answers[0], [0x20, 2, 0, 0]);
-    assert_eq!(answers[1], [0x20, 2, 0, 5]);
-    gw.shutdown().await;
 }

@@ -60,6 +60,9 @@ pub(super) struct Front {
 }
 
 struct Admitted {
+    /// Which connection holds the port now: loopback ports are reused at once (`tcp_tw_reuse`),
+    /// so a closing connection must not remove its successor's entry.
+    slot: u64,
     identity: CertIdentity,
     connected: Option<oneshot::Sender<()>>,
 }
@@ -186,6 +189,7 @@ impl Front {
 
     fn admit(
         self: &Arc<Self>,
+        slot: u64,
         port: u16,
         identity: CertIdentity,
     ) -> (Ticket, oneshot::Receiver<()>) {
@@ -194,6 +198,7 @@ impl Front {
         admitted.insert(
             port,
             Admitted {
+                slot,
                 identity,
                 connected: Some(tx),
             },
@@ -202,6 +207,7 @@ impl Front {
             Ticket {
                 front: self.clone(),
                 port,
+                slot,
             },
             rx,
         )
@@ -270,7 +276,7 @@ impl Connection {
         let Ok(port) = upstream.local_addr().map(|a| a.port()) else {
             return;
         };
-        let (_ticket, connected) = front.admit(port, identity);
+        let (ticket, connected) = front.admit(slot.id, port, identity);
         let (from_terminal, to_terminal) = tokio::io::split(tls);
         let (from_broker, to_broker) = upstream.into_split();
         let up = pump(from_terminal, to_broker);
@@ -298,6 +304,8 @@ impl Connection {
                 _ = &mut down => break,
             }
         }
+        // The port's entry goes before the loopback socket closes (the halves, dropped next).
+        drop(ticket);
     }
 }
 
@@ -370,10 +378,12 @@ impl Drop for Slot {
     }
 }
 
-/// The internal port's entry in [`Front::admitted`], removed on drop.
+/// The internal port's entry in [`Front::admitted`], removed on drop (if it is still this
+/// connection's).
 struct Ticket {
     front: Arc<Front>,
     port: u16,
+    slot: u64,
 }
 
 impl Drop for Ticket {
@@ -383,7 +393,12 @@ impl Drop for Ticket {
             .admitted
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        admitted.remove(&self.port);
+        if admitted
+            .get(&self.port)
+            .is_some_and(|a| a.slot == self.slot)
+        {
+            admitted.remove(&self.port);
+        }
     }
 }
 

@@ -49,7 +49,7 @@ use tracing::Instrument;
 
 use crate::delivery::{BrokerEvent, PublishError, Publisher};
 use crate::ingress::tls::{self, TlsError};
-use crate::pki::{Pki, Serial};
+use crate::pki::{CertIdentity, Pki, Serial};
 use crate::telemetry::Throttle;
 
 mod front;
@@ -86,6 +86,9 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most sockets one terminal holds at once after its TLS handshake (the oldest is closed).
     pub max_connections_per_terminal: usize,
+    /// Terminals connect through posgate's own front door ([`front`]) rather than rmqtt's TLS
+    /// listeners.
+    pub front_door: bool,
     /// Counts the connections refused, by reason (`posgate_mqtt_refused_total`).
     pub refused: prometheus::IntCounterVec,
 }
@@ -113,9 +116,9 @@ pub struct Addrs {
     pub mqtt: SocketAddr,
     pub ws: Option<SocketAddr>,
     pub plain: Option<SocketAddr>,
-    /// rmqtt's loopback listener behind the front door of `mqtt`: it refuses whoever did not come
-    /// through the front door.
-    pub behind: SocketAddr,
+    /// rmqtt's loopback listener behind the front door of `mqtt` (with `mqtt.front_door`): it
+    /// refuses whoever did not come through the front door.
+    pub behind: Option<SocketAddr>,
 }
 
 /// Who may not connect.
@@ -213,6 +216,7 @@ impl Broker {
         let hooks = Arc::new(Hooks {
             revoked: revoked.clone(),
             front: front.clone(),
+            front_door: settings.front_door,
             events,
             plain_allowed: settings.plain_listen.is_some(),
             refused: settings.refused.clone(),
@@ -230,46 +234,63 @@ impl Broker {
         }
         register.start().await;
 
-        // Terminals reach the TLS listeners through the front door; rmqtt serves what it lets
-        // through on loopback listeners of its own.
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(tls::client_roots(pki)?, tls::provider())
-                .build()
-                .map_err(TlsError::Verifier)?;
-        let verifier = Arc::new(RefuseRevoked {
-            inner: verifier,
-            revoked: revoked.clone(),
-            refused: settings.refused.clone(),
-        });
-        let tls_config = Arc::new(tls::server_config_with(pki, verifier)?);
-        let internal = SocketAddr::from(([127, 0, 0, 1], 0));
-        let door = |name, addr, internal: &rmqtt::net::Listener| -> Result<Door, BrokerError> {
-            Ok(Door {
-                listener: bind_front(name, addr)?,
-                internal: local(internal, addr),
-                tls: tls_config.clone(),
-                handshake_timeout: settings.handshake_timeout,
-                max_handshaking: settings.max_handshaking,
-                max_connections: settings.max_connections,
-            })
-        };
         let (mut listeners, mut doors) = (Vec::new(), Vec::new());
-        let behind = bind(settings, "mqtt", internal, Kind::Tcp)?;
-        doors.push(door("mqtt", settings.listen, &behind)?);
-        listeners.push((behind, TLS_LISTENER));
-        let mqtt = local_std(&doors[0].listener, settings.listen);
-        let behind_mqtt = doors[0].internal;
-        let mut ws = None;
-        if let Some(addr) = settings.ws_listen {
-            let behind = bind(settings, "mqtt_ws", internal, Kind::Ws)?;
-            let d = door("mqtt_ws", addr, &behind)?;
-            ws = Some(local_std(&d.listener, addr));
-            doors.push(d);
-            listeners.push((behind, WSS_LISTENER));
+        let (mqtt, behind_mqtt, mut ws);
+        if settings.front_door {
+            // Terminals reach the TLS listeners through the front door; rmqtt serves what it
+            // lets through on loopback listeners of its own.
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                tls::client_roots(pki)?,
+                tls::provider(),
+            )
+            .build()
+            .map_err(TlsError::Verifier)?;
+            let verifier = Arc::new(RefuseRevoked {
+                inner: verifier,
+                revoked: revoked.clone(),
+                refused: settings.refused.clone(),
+            });
+            let tls_config = Arc::new(tls::server_config_with(pki, verifier)?);
+            let internal = SocketAddr::from(([127, 0, 0, 1], 0));
+            let door = |name, addr, internal: &rmqtt::net::Listener| -> Result<Door, BrokerError> {
+                Ok(Door {
+                    listener: bind_front(name, addr)?,
+                    internal: local(internal, addr),
+                    tls: tls_config.clone(),
+                    handshake_timeout: settings.handshake_timeout,
+                    max_handshaking: settings.max_handshaking,
+                    max_connections: settings.max_connections,
+                })
+            };
+            let behind = bind(settings, pki, "mqtt", internal, Kind::Tcp)?;
+            doors.push(door("mqtt", settings.listen, &behind)?);
+            listeners.push((behind, TLS_LISTENER));
+            mqtt = local_std(&doors[0].listener, settings.listen);
+            behind_mqtt = Some(doors[0].internal);
+            ws = None;
+            if let Some(addr) = settings.ws_listen {
+                let behind = bind(settings, pki, "mqtt_ws", internal, Kind::Ws)?;
+                let d = door("mqtt_ws", addr, &behind)?;
+                ws = Some(local_std(&d.listener, addr));
+                doors.push(d);
+                listeners.push((behind, WSS_LISTENER));
+            }
+        } else {
+            // rmqtt's own TLS listeners.
+            let l = bind(settings, pki, "mqtt", settings.listen, Kind::Tls)?;
+            mqtt = local(&l, settings.listen);
+            behind_mqtt = None;
+            listeners.push((l, TLS_LISTENER));
+            ws = None;
+            if let Some(addr) = settings.ws_listen {
+                let l = bind(settings, pki, "mqtt_ws", addr, Kind::Wss)?;
+                ws = Some(local(&l, addr));
+                listeners.push((l, WSS_LISTENER));
+            }
         }
         let mut plain = None;
         if let Some(addr) = settings.plain_listen {
-            let l = bind(settings, "mqtt_plain", addr, Kind::Tcp)?;
+            let l = bind(settings, pki, "mqtt_plain", addr, Kind::Tcp)?;
             plain = Some(local(&l, addr));
             listeners.push((l, PLAIN_LISTENER));
         }
@@ -313,7 +334,7 @@ impl Broker {
             addrs,
             ..
         } = self;
-        tracing::info!(mqtt_addr = %addrs.mqtt, behind = %addrs.behind, "MQTT listening (TLS, client certificate required)");
+        tracing::info!(mqtt_addr = %addrs.mqtt, behind = ?addrs.behind, "MQTT listening (TLS, client certificate required)");
         if let Some(ws) = addrs.ws {
             tracing::info!(mqtt_ws_addr = %ws, "MQTT over secure WebSocket listening (client certificate required)");
         }
@@ -355,6 +376,8 @@ impl Broker {
 enum Kind {
     Tcp,
     Ws,
+    Tls,
+    Wss,
 }
 
 /// A front-door listener: `SO_REUSEADDR`, so a restart right after a crash or a stop is not
@@ -380,6 +403,7 @@ fn bind_front(
 /// One of rmqtt's listeners: the plain one (`mqtt.plain_listen`) or one behind the front door.
 fn bind(
     settings: &Settings,
+    pki: &Pki,
     name: &'static str,
     addr: SocketAddr,
     kind: Kind,
@@ -420,10 +444,22 @@ fn bind(
         // offline session keeps its closed socket's descriptor in rmqtt: keep them short.
         .session_expiry_interval(Duration::from_secs(3600))
         .max_session_expiry_interval(Duration::from_secs(3600));
+    let path = |file: &str| Some(pki.dir().join(file).to_string_lossy().into_owned());
+    let builder = match kind {
+        Kind::Tcp | Kind::Ws => builder,
+        Kind::Tls | Kind::Wss => builder
+            .tls_cross_certificate(true)
+            .tls_cert(path(crate::pki::SERVER_CERT_FILE))
+            .tls_key(path(crate::pki::SERVER_KEY_FILE))
+            .tls_client_ca_certs(path(crate::pki::CA_CERT_FILE))
+            .collect_cert_info(true),
+    };
     let bound = builder.bind().map_err(err)?;
     match kind {
         Kind::Tcp => bound.tcp().map_err(err),
         Kind::Ws => bound.ws().map_err(err),
+        Kind::Tls => bound.tls().map_err(err),
+        Kind::Wss => bound.wss().map_err(err),
     }
 }
 
@@ -555,10 +591,18 @@ struct Hooks {
     revoked: Arc<Revoked>,
     /// Who came through the front door, by the internal connection's port.
     front: Arc<Front>,
+    front_door: bool,
     events: mpsc::UnboundedSender<BrokerEvent>,
     plain_allowed: bool,
     /// `posgate_mqtt_refused_total{reason}`.
     refused: prometheus::IntCounterVec,
+}
+
+fn cert_of(ci: &ConnectInfo) -> Option<&rmqtt::codec::cert::CertInfo> {
+    match ci {
+        ConnectInfo::V3(_, c) => c.cert.as_ref(),
+        ConnectInfo::V5(_, c) => c.cert.as_ref(),
+    }
 }
 
 /// rmqtt wants an owned handler per hook type.
@@ -607,12 +651,25 @@ impl Hooks {
         let client_id = ci.client_id().to_string();
         let id = ci.id();
         let cert = match id.lid {
-            TLS_LISTENER | WSS_LISTENER => Some(
+            TLS_LISTENER | WSS_LISTENER if self.front_door => Some(
                 id.remote_addr
                     .and_then(|addr| self.front.identity(addr.port()))
                     // A local process dialling the loopback listener behind the front door.
                     .ok_or(("no_certificate", "not through the front door".to_owned()))?,
             ),
+            TLS_LISTENER | WSS_LISTENER => {
+                let cert =
+                    cert_of(ci).ok_or(("no_certificate", "no client certificate".to_owned()))?;
+                Some(CertIdentity {
+                    cn: cert
+                        .common_name
+                        .clone()
+                        .ok_or(("identity", "certificate has no CN".to_owned()))?,
+                    o: cert.organization.clone().unwrap_or_default(),
+                    serial_hex: cert.serial.clone().unwrap_or_default(),
+                    not_after: time::OffsetDateTime::UNIX_EPOCH,
+                })
+            }
             PLAIN_LISTENER if self.plain_allowed => None,
             _ => return Err(("no_certificate", "no client certificate".into())),
         };
