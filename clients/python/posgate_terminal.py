@@ -37,7 +37,6 @@ import socket
 import ssl
 import sys
 import tempfile
-import threading
 from urllib.parse import urlsplit
 
 try:
@@ -251,7 +250,6 @@ class Terminal:
         self.key = gateway_key(bundle["gateway_jwk"])
         self.state = state
         self.pending_acks: dict[int, str] = {}  # MQTT message id -> "seq=… intent=…"
-        self.lock = threading.Lock()
         # The broker requires client id = certificate CN = terminal id (the bundle's client_id).
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bundle["client_id"],
                                   clean_session=True, protocol=mqtt.MQTTv311)
@@ -324,13 +322,13 @@ class Terminal:
         else:
             say(f"REPEAT {what}")
         ack = json.dumps({"intent_id": c["intent_id"], "seq": c["seq"]})
-        with self.lock:
-            info = client.publish(self.topics["acks"], ack, qos=1)
-            self.pending_acks[info.mid] = what
+        # Callbacks all run on the network loop's thread, so on_publish (at the PUBACK) comes
+        # after this returns.
+        info = client.publish(self.topics["acks"], ack, qos=1)
+        self.pending_acks[info.mid] = what
 
     def on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self.lock:
-            what = self.pending_acks.pop(mid, None)
+        what = self.pending_acks.pop(mid, None)
         if what is not None:
             say(f"ACKED {what}")
 
