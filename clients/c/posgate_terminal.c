@@ -435,9 +435,11 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
         port = atoi(colon + 1);
     }
 
-    /* libmosquitto loads the CA, certificate and key from files: a private directory, removed
-     * at exit (firmware keeps them in its own secure storage). */
-    char dir[] = "/tmp/posgate-terminal-XXXXXX", ca[300], cert[300], key[300];
+    /* libmosquitto loads the CA, certificate and key from files: a private directory under
+     * $TMPDIR, removed at exit (firmware keeps them in its own secure storage instead). */
+    const char *tmpdir = getenv("TMPDIR");
+    char dir[4096], ca[4200], cert[4200], key[4200];
+    snprintf(dir, sizeof dir, "%s/posgate-terminal-XXXXXX", tmpdir && *tmpdir ? tmpdir : "/tmp");
     if (!mkdtemp(dir)) return perror("mkdtemp"), 2;
     bool pems = write_pem(dir, "ca.pem", json_string_value(json_object_get(bundle, "ca_pem")), ca,
                           sizeof ca) &&

@@ -250,6 +250,7 @@ class Terminal:
         self.key = gateway_key(bundle["gateway_jwk"])
         self.state = state
         self.pending_acks: dict[int, str] = {}  # MQTT message id -> "seq=… intent=…"
+        self.stopping = False
         # The broker requires client id = certificate CN = terminal id (the bundle's client_id).
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bundle["client_id"],
                                   clean_session=True, protocol=mqtt.MQTTv311)
@@ -269,6 +270,7 @@ class Terminal:
         self.client.loop_forever(retry_first_connection=True)
 
     def stop(self) -> None:
+        self.stopping = True
         # A clean DISCONNECT suppresses the last will: say offline ourselves first.
         self.client.publish(self.topics["status"], OFFLINE, qos=1, retain=True)
         self.client.disconnect()
@@ -333,7 +335,8 @@ class Terminal:
             say(f"ACKED {what}")
 
     def on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        print(f"disconnected: {reason_code}; reconnecting", file=sys.stderr, flush=True)
+        if not self.stopping:
+            print(f"disconnected: {reason_code}; reconnecting", file=sys.stderr, flush=True)
 
 
 # === test vectors =================================================================================

@@ -120,7 +120,14 @@ struct Client {
 impl Client {
     fn spawn(program: &Program, bundle: &Path, state: &Path, mqtt: Option<SocketAddr>) -> Client {
         let mut command = program.command();
-        command.arg("--bundle").arg(bundle).arg("--state").arg(state);
+        // Where the clients put the PEM files their TLS library wants (removed at exit, but a
+        // SIGKILL leaves them): the test's own directory.
+        command.env("TMPDIR", bundle.parent().unwrap());
+        command
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--state")
+            .arg(state);
         if let Some(addr) = mqtt {
             command.arg("--mqtt").arg(addr.to_string());
         }
@@ -238,7 +245,10 @@ impl Drop for Relay {
 /// Provisions `id` through the admin API and writes its bundle, as an installer would.
 async fn provision(gw: &TestGateway, id: &str, path: &Path) -> Value {
     let response = gw
-        .admin_post("/v1/terminals", json!({"id": id, "merchant_id": "mer_test"}))
+        .admin_post(
+            "/v1/terminals",
+            json!({"id": id, "merchant_id": "mer_test"}),
+        )
         .await;
     let (status, bundle) = harness::status_json(response).await;
     assert_eq!(status, 201, "{bundle}");
@@ -286,7 +296,9 @@ async fn pays_shows_once_acks_and_remembers(program: Program, id: &str) {
     for n in 1..=3 {
         let intent = create_intent(&gw, token, n).await;
         sim.pay(&intent, None, false).unwrap();
-        first.wait_for(&format!("ACKED seq={n} intent={intent}")).await;
+        first
+            .wait_for(&format!("ACKED seq={n} intent={intent}"))
+            .await;
         intents.push(intent);
     }
     let want: Vec<String> = intents
@@ -302,7 +314,10 @@ async fn pays_shows_once_acks_and_remembers(program: Program, id: &str) {
         .collect();
     assert_eq!(first.shown(), want, "{}", first.output());
     // The gateway has every ack: nothing pending, three acks counted.
-    eventually(WAIT, || async { (pending(&gw, id).await == 0).then_some(()) }).await;
+    eventually(WAIT, || async {
+        (pending(&gw, id).await == 0).then_some(())
+    })
+    .await;
     assert_eq!(
         gw.metric("posgate_confirmations_acked_total").await,
         Some(3.0)
@@ -334,11 +349,14 @@ async fn pays_shows_once_acks_and_remembers(program: Program, id: &str) {
     // After the restart (straight to the bundle's mqtt_url) the gateway sends seq 4 again: acked,
     // not shown. The next payment is shown.
     let second = Client::spawn(&program, &bundle_path, &state_path, None);
+    second.wait_for(&format!("ACKED seq=4 intent={lost}")).await;
     second
-        .wait_for(&format!("ACKED seq=4 intent={lost}"))
+        .wait_for(&format!("REPEAT seq=4 intent={lost}"))
         .await;
-    second.wait_for(&format!("REPEAT seq=4 intent={lost}")).await;
-    eventually(WAIT, || async { (pending(&gw, id).await == 0).then_some(()) }).await;
+    eventually(WAIT, || async {
+        (pending(&gw, id).await == 0).then_some(())
+    })
+    .await;
     let next = create_intent(&gw, token, 5).await;
     sim.pay(&next, None, false).unwrap();
     second.wait_for(&format!("ACKED seq=5 intent={next}")).await;
@@ -390,8 +408,15 @@ async fn passes_every_vector(program: Program) {
         String::from_utf8_lossy(&out.stderr)
     );
     for case in cases {
-        let line = format!("pass {} ({})", case["name"].as_str().unwrap(), case["expect"].as_str().unwrap());
-        assert!(stdout.lines().any(|l| l == line), "no {line:?} in\n{stdout}");
+        let line = format!(
+            "pass {} ({})",
+            case["name"].as_str().unwrap(),
+            case["expect"].as_str().unwrap()
+        );
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "no {line:?} in\n{stdout}"
+        );
     }
     assert_eq!(
         stdout.lines().last(),
