@@ -296,6 +296,7 @@ struct terminal {
     const char *payments, *acks, *status; /* topics from the bundle */
     unsigned char key[32];
     uint64_t last_shown_seq;
+    unsigned backoff_secs; /* before the next reconnect: 1, doubling up to 30 */
     struct { int mid; uint64_t seq; char intent_id[80]; } acks_in_flight[16];
 };
 
@@ -308,6 +309,7 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc) {
         fprintf(stderr, "connect refused: %s\n", mosquitto_connack_string(rc));
         return;
     }
+    t->backoff_secs = 1;
     /* Clean session: subscribe again after every (re)connect. Unacked confirmations are
      * retained and arrive right after the SUBACK. */
     mosquitto_subscribe(mosq, NULL, t->payments, 1);
@@ -409,6 +411,7 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
         .payments = json_string_value(json_object_get(topics, "payments")),
         .acks = json_string_value(json_object_get(topics, "acks")),
         .status = json_string_value(json_object_get(topics, "status")),
+        .backoff_secs = 1,
     };
     const char *client_id = json_string_value(json_object_get(bundle, "client_id"));
     const char *url = json_string_value(json_object_get(bundle, "mqtt_url"));
@@ -474,8 +477,10 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
         rc = mosquitto_connect(mosq, host, port, KEEPALIVE_SECS);
         while (!stopping) {
             if (rc != MOSQ_ERR_SUCCESS) {
-                fprintf(stderr, "disconnected: %s; reconnecting\n", mosquitto_strerror(rc));
-                sleep(1);
+                fprintf(stderr, "disconnected: %s; reconnecting in %u s\n",
+                        mosquitto_strerror(rc), t.backoff_secs);
+                sleep(t.backoff_secs);
+                t.backoff_secs = t.backoff_secs >= 15 ? 30 : t.backoff_secs * 2;
                 rc = mosquitto_reconnect(mosq);
                 continue;
             }

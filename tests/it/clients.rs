@@ -6,6 +6,7 @@
 //! `clients/python/requirements.txt`, and the Debian packages `libmosquitto-dev`, `libsodium-dev`,
 //! `libjansson-dev` and `pkg-config` for `cc`. A missing one fails the test with what to install.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -160,11 +161,20 @@ impl Client {
 
     /// Waits for the line `line` on stdout.
     async fn wait_for(&self, line: &str) {
+        self.wait_line(line, |l| l == line).await;
+    }
+
+    /// Waits for a line starting with `prefix` on stdout.
+    async fn wait_for_prefix(&self, prefix: &str) {
+        self.wait_line(prefix, |l| l.starts_with(prefix)).await;
+    }
+
+    async fn wait_line(&self, what: &str, matches: impl Fn(&str) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !self.out.lock().unwrap().lines().any(|l| l == line) {
+        while !self.out.lock().unwrap().lines().any(&matches) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no line {line:?} within {WAIT:?}; {}",
+                "no line {what:?} within {WAIT:?}; {}",
                 self.output()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -279,40 +289,49 @@ fn state(path: &Path) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Payments arrive, each shown once and in order and acked; an ack lost on the way, a power cut
-/// and a restart: the confirmation comes again and is acked but not shown again (the state
-/// file), and the next payment still arrives; SIGTERM says offline and exits 0.
+/// Payments queued while the terminal was off arrive, each shown once and in `seq` order and
+/// acked; then an ack lost on the way, a power cut and a restart: the confirmation comes again
+/// and is acked but not shown again (the state file), and the next payment still arrives; SIGTERM
+/// says offline and exits 0.
 async fn pays_shows_once_acks_and_remembers(program: Program, id: &str) {
     let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let (bundle_path, state_path) = (dir.path().join("bundle.json"), dir.path().join("state"));
     let bundle = provision(&gw, id, &bundle_path).await;
     let token = bundle["http_token"].as_str().unwrap();
-    let relay = Relay::start(gw.mqtt).await;
-    let first = Client::spawn(&program, &bundle_path, &state_path, Some(relay.addr));
-    first.wait_for(&format!("READY {id}")).await;
 
-    let mut intents = Vec::new();
+    // Three customers pay while the terminal is off (the cashier used the HTTP API).
+    let mut orders = HashMap::new();
     for n in 1..=3 {
         let intent = create_intent(&gw, token, n).await;
         sim.pay(&intent, None, false).unwrap();
-        first
-            .wait_for(&format!("ACKED seq={n} intent={intent}"))
-            .await;
-        intents.push(intent);
+        orders.insert(intent, n);
     }
-    let want: Vec<String> = intents
-        .iter()
-        .enumerate()
-        .map(|(i, intent)| {
-            format!(
-                "SHOW PAID seq={} intent={intent} amount=4.40 usd order=ord-{}",
-                i + 1,
-                i + 1
-            )
-        })
-        .collect();
-    assert_eq!(first.shown(), want, "{}", first.output());
+    eventually(WAIT, || async {
+        (pending(&gw, id).await == 3).then_some(())
+    })
+    .await;
+    let relay = Relay::start(gw.mqtt).await;
+    let first = Client::spawn(&program, &bundle_path, &state_path, Some(relay.addr));
+    first.wait_for_prefix("ACKED seq=3 ").await;
+    // In seq order, each once (the head comes twice at connect: retained, and republished), each
+    // with its own payment's details, each acked.
+    let shown = first.shown();
+    assert_eq!(shown.len(), 3, "{}", first.output());
+    for (line, seq) in shown.iter().zip(1..) {
+        let intent = line
+            .strip_prefix(&format!("SHOW PAID seq={seq} intent="))
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("{line:?} is not seq {seq}; {}", first.output()));
+        let n = orders[intent];
+        assert_eq!(
+            line,
+            &format!("SHOW PAID seq={seq} intent={intent} amount=4.40 usd order=ord-{n}")
+        );
+        first
+            .wait_for(&format!("ACKED seq={seq} intent={intent}"))
+            .await;
+    }
     // The gateway has every ack: nothing pending, three acks counted.
     eventually(WAIT, || async {
         (pending(&gw, id).await == 0).then_some(())
