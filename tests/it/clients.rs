@@ -314,8 +314,7 @@ async fn pays_shows_once_acks_and_remembers(program: Program, id: &str) {
     let relay = Relay::start(gw.mqtt).await;
     let first = Client::spawn(&program, &bundle_path, &state_path, Some(relay.addr));
     first.wait_for_prefix("ACKED seq=3 ").await;
-    // In seq order, each once (the head comes twice at connect: retained, and republished), each
-    // with its own payment's details, each acked.
+    // In seq order, each once, each with its own payment's details, each acked.
     let shown = first.shown();
     assert_eq!(shown.len(), 3, "{}", first.output());
     for (line, seq) in shown.iter().zip(1..) {
