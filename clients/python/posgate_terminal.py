@@ -2,6 +2,7 @@
 """A reference posgate terminal in Python: MQTT over mutual TLS, every confirmation verified.
 
     posgate_terminal.py --bundle bundle.json --state state.json [--mqtt HOST:PORT]
+                        [--charge 4.40 --order ord-0042]
     posgate_terminal.py --check-vectors proto/testdata/confirmation-vectors.json
 
 The bundle is what `POST /v1/terminals` on posgate's admin API answered. The terminal connects with
@@ -16,13 +17,19 @@ will `{"state":"offline"}` on its status topic, subscribes to its payments, and 
 
 A message that fails verification is refused, never shown, never acked.
 
+With --charge, the terminal also starts a payment: `create_intent` over MQTT RPC, with a request id
+made from the order id, so asking again after a reboot gives the same intent, never a second one.
+
 Output is one line per event on stdout, for people and for tests:
 
     READY pos-01                              connected and subscribed
     SHOW PAID seq=3 intent=pi_… amount=4.40 usd order=…
     REPEAT seq=3 intent=pi_…                  already shown: acked again, not shown
     ACKED seq=3 intent=pi_…                   the broker has the ack (PUBACK)
-    REFUSED BadSignature seq=? topic=…: …     failed verification: dropped
+    REFUSED BadSignature topic=…: …           failed verification: dropped
+    INTENT pi_… amount=4.40 expires_at=…      --charge: the intent was created; then
+    QR ethereum:0x…@84532/transfer?…          what the customer scans
+    RPC_ERROR rate_limited: …                 --charge: the gateway's answer was an error
 """
 
 from __future__ import annotations
@@ -243,8 +250,11 @@ def tls_context(bundle: dict) -> ssl.SSLContext:
 
 
 class Terminal:
-    def __init__(self, bundle: dict, state: State):
+    def __init__(self, bundle: dict, state: State, charge: dict | None = None):
         self.bundle = bundle
+        self.charge = charge  # create_intent params, until it is answered
+        # Made from the order id, so the same sale asked again (after a reboot) is the same request.
+        self.charge_id = f"charge-{charge['order_id']}" if charge else None
         self.topics = bundle["topics"]
         self.terminal_id = bundle["terminal_id"]
         self.key = gateway_key(bundle["gateway_jwk"])
@@ -287,7 +297,7 @@ class Terminal:
             return
         # Clean session: subscribe again after every (re)connect. Retained confirmations that
         # are not acked yet arrive right after the SUBACK.
-        client.subscribe(self.topics["payments"], qos=1)
+        client.subscribe([(self.topics["payments"], 1), (self.topics["rpc_res"], 1)])
         client.publish(self.topics["status"], ONLINE, qos=1, retain=True)
 
     def on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -295,8 +305,33 @@ class Terminal:
             print("subscription refused", file=sys.stderr, flush=True)
             return
         say(f"READY {self.terminal_id}")
+        if self.charge:
+            # Sent again after every reconnect until answered: the same request id gets the
+            # same answer, and one intent at the provider.
+            request = {"id": self.charge_id, "method": "create_intent", "params": self.charge}
+            client.publish(self.topics["rpc_req"], json.dumps(request), qos=1)
+
+    def on_rpc_reply(self, payload: bytes) -> None:
+        try:
+            reply = json.loads(payload)
+        except ValueError:
+            return
+        if not self.charge or reply.get("id") != self.charge_id:
+            return
+        self.charge = None
+        if "error" in reply:
+            error = reply["error"]
+            say(f"RPC_ERROR {error.get('code')}: {error.get('message')}")
+            return
+        result = reply["result"]
+        say(f"INTENT {result['intent_id']} amount={result['amount']} "
+            f"expires_at={result['expires_at']}")
+        say(f"QR {result['qr_payload']}")
 
     def on_message(self, client, userdata, message) -> None:
+        if message.topic == self.topics["rpc_res"]:
+            self.on_rpc_reply(message.payload)
+            return
         # The gateway clears an acked confirmation with an empty retained publish.
         if not message.payload:
             return
@@ -368,6 +403,8 @@ def main() -> int:
     parser.add_argument("--bundle", help="the provisioning bundle (JSON) from POST /v1/terminals")
     parser.add_argument("--state", help="where the last shown seq is kept")
     parser.add_argument("--mqtt", metavar="HOST:PORT", help="instead of the bundle's mqtt_url")
+    parser.add_argument("--charge", metavar="AMOUNT", help="start a payment of AMOUNT (4.40)")
+    parser.add_argument("--order", metavar="ORDER_ID", help="the order id of --charge")
     parser.add_argument("--check-vectors", metavar="FILE", help="run the test vectors and exit")
     args = parser.parse_args()
     if args.check_vectors:
@@ -381,7 +418,10 @@ def main() -> int:
     else:
         url = urlsplit(bundle["mqtt_url"])  # mqtts://host:port
         host, port = url.hostname, url.port or 8883
-    terminal = Terminal(bundle, State(args.state, bundle["terminal_id"]))
+    if bool(args.charge) != bool(args.order):
+        parser.error("--charge and --order go together")
+    charge = {"amount": args.charge, "order_id": args.order} if args.charge else None
+    terminal = Terminal(bundle, State(args.state, bundle["terminal_id"]), charge)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: terminal.stop())
     terminal.run(host, int(port))

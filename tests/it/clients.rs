@@ -120,7 +120,18 @@ struct Client {
 
 impl Client {
     fn spawn(program: &Program, bundle: &Path, state: &Path, mqtt: Option<SocketAddr>) -> Client {
+        Client::spawn_with(program, bundle, state, mqtt, &[])
+    }
+
+    fn spawn_with(
+        program: &Program,
+        bundle: &Path,
+        state: &Path,
+        mqtt: Option<SocketAddr>,
+        extra: &[&str],
+    ) -> Client {
         let mut command = program.command();
+        command.args(extra);
         // Where the clients put the PEM files their TLS library wants (removed at exit, but a
         // SIGKILL leaves them): the test's own directory.
         command.env("TMPDIR", bundle.parent().unwrap());
@@ -403,6 +414,63 @@ async fn pays_shows_once_acks_and_remembers(program: Program, id: &str) {
         (gw.terminal_view(id).await["online"] == false).then_some(())
     })
     .await;
+    gw.shutdown().await;
+}
+
+/// The cashier starts a payment on the terminal itself (`--charge`: `create_intent` over MQTT
+/// RPC), the customer pays, the terminal shows it; asked again after a reboot, the same order
+/// gives the same intent, not a second one.
+#[tokio::test]
+async fn python_client_starts_a_payment_over_rpc_and_a_reboot_does_not_start_a_second() {
+    // Time at a tenth: the intent's 300 s last 30 s, time enough for a reboot.
+    let mut config = harness::sim_config(SECRET);
+    config.time_scale = 0.1;
+    let (gw, sim) = harness::spawn_with_sim(config, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle_path, state_path) = (dir.path().join("bundle.json"), dir.path().join("state"));
+    provision(&gw, "pos_charge", &bundle_path).await;
+    let program = Program::python();
+    let charge = ["--charge", "12.34", "--order", "ord-rpc"];
+    let intent_line = |client: &Client| {
+        let out = client.out.lock().unwrap();
+        out.lines()
+            .find_map(|l| l.strip_prefix("INTENT "))
+            .map(|rest| rest.split(' ').next().unwrap().to_owned())
+    };
+    let first = Client::spawn_with(&program, &bundle_path, &state_path, None, &charge);
+    first.wait_for_prefix("QR ethereum:").await;
+    let intent = intent_line(&first).unwrap();
+    let view = gw.intent(&intent).await.unwrap();
+    assert_eq!(
+        (view["terminal_id"].as_str(), view["order_id"].as_str()),
+        (Some("pos_charge"), Some("ord-rpc"))
+    );
+    assert!(
+        first
+            .out
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("QR ") && l.ends_with("uint256=12340000")),
+        "{}",
+        first.output()
+    );
+    // A reboot before the customer paid: the terminal asks again and gets the same intent.
+    let mut first = first;
+    first.child.kill().await.unwrap();
+    let second = Client::spawn_with(&program, &bundle_path, &state_path, None, &charge);
+    second.wait_for_prefix("QR ethereum:").await;
+    assert_eq!(intent_line(&second).as_deref(), Some(intent.as_str()));
+    assert_eq!(sim.stats().api.intents_created, 1);
+    sim.pay(&intent, None, false).unwrap();
+    second
+        .wait_for(&format!(
+            "SHOW PAID seq=1 intent={intent} amount=12.34 usd order=ord-rpc"
+        ))
+        .await;
+    second
+        .wait_for(&format!("ACKED seq=1 intent={intent}"))
+        .await;
     gw.shutdown().await;
 }
 
