@@ -7,6 +7,7 @@
 mod admin;
 mod chaos;
 mod cli;
+mod clients;
 mod crash;
 mod delivery;
 mod demo;
