@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admin::{self, Admin, Fleet, TokenError};
+use crate::admin::{self, Admin, Fleet, Renewals, TokenError};
 use crate::broker::{self, Broker, BrokerError};
 use crate::channels::{self, Channels, Hub, TokenIndex};
 use crate::config::Config;
@@ -35,7 +35,7 @@ use crate::reconcile::{Listing, Reconciler, Stale};
 use crate::rpc::{Rpc, RpcLimits};
 use crate::serve;
 use crate::shutdown::Supervisor;
-use crate::store::{Limits, Revocation, Store, StoreError};
+use crate::store::{Limits, Retired, Revocation, Store, StoreError};
 use posgate_proto::qr::Mode;
 use secrecy::ExposeSecret;
 
@@ -106,6 +106,7 @@ pub struct Gateway {
     delivery_events: mpsc::UnboundedSender<BrokerEvent>,
     /// Bearer tokens of the HTTP channels, by hash.
     http_tokens: TokenIndex,
+    renewals: Renewals,
     /// Set when `ingress.tls`: the ingress listener serves TLS itself.
     ingress_tls: Option<Arc<rustls::ServerConfig>>,
     ingress: TcpListener,
@@ -178,7 +179,9 @@ impl Gateway {
         let admin_token = admin::load_or_create_token(config.admin.token.as_ref(), &data_dir)?;
 
         let metrics = Metrics::new()?;
-        // Revocations survive restarts: the broker refuses them from its first connection on.
+        // Renewals past their deadline complete first, so that their replaced certificates are
+        // among the revocations the broker refuses from its first connection on.
+        let renewals = Renewals::load(&store).await?;
         let (revoked_serials, revoked_terminals) = store.revocations().await?;
         let (events_tx, broker_events) = mpsc::unbounded_channel();
         let delivery_events = events_tx.clone();
@@ -194,12 +197,14 @@ impl Gateway {
             front_door: config.mqtt.front_door,
             refused: metrics.mqtt_refused.clone(),
         };
+        let seen = renewals.clone();
         let broker = Broker::build(
             &settings,
             &pki,
             revoked_serials,
             revoked_terminals,
             events_tx,
+            Arc::new(move |terminal_id: &str, serial: &str| seen.seen(terminal_id, serial)),
         )
         .await?;
 
@@ -220,6 +225,7 @@ impl Gateway {
             broker_events,
             delivery_events,
             http_tokens,
+            renewals,
             ingress_tls,
             ingress,
             admin,
@@ -238,6 +244,7 @@ impl Gateway {
             broker_events,
             delivery_events,
             http_tokens,
+            renewals,
             ingress_tls,
             ingress,
             admin,
@@ -341,6 +348,7 @@ impl Gateway {
             keepalive: Duration::from_secs(config.ingress.keepalive_secs),
             streams: metrics.http_streams.clone(),
             rpc: rpc.clone(),
+            renewals: renewals.clone(),
         });
         let ingress_router = ingress::router(Arc::new(Ingress {
             store: store.clone(),
@@ -388,6 +396,18 @@ impl Gateway {
             hub,
             delivery: delivery_events,
         };
+        let retiring = handle.clone();
+        supervisor.spawn(
+            "renewals",
+            renewals
+                .clone()
+                .run(
+                    store.clone(),
+                    Arc::new(move |r: &Retired| retiring.retire(&r.terminal_id, &r.serial)),
+                    token.clone(),
+                )
+                .instrument(tracing::info_span!("renewals")),
+        );
         let counter = handle.clone();
         let fleet = Fleet {
             pki,
@@ -395,6 +415,7 @@ impl Gateway {
             mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
             revoke: Arc::new(move |r: &Revocation| revoker.revoke(r)),
             registered: Arc::new(move |t| http_tokens.insert(t)),
+            renewals,
             connections: Arc::new(move || counter.connections() as i64),
         };
         let admin_router = admin::router(Arc::new(Admin {

@@ -6,7 +6,7 @@
 //! that describe the store (outbox, registry) are refreshed when `/metrics` is scraped.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -52,6 +52,13 @@ pub struct Metrics {
     pub terminals_registered: IntGauge,
     /// `posgate_terminals_online`.
     pub terminals_online: IntGauge,
+    /// `posgate_terminal_cert_earliest_expiry_timestamp_seconds`: the soonest `notAfter` (unix
+    /// seconds) among unrevoked terminals' current certificates; `+Inf` when there is none, so
+    /// an alert on "expires within N days" stays quiet and the series always exists.
+    pub terminal_cert_earliest_expiry: Gauge,
+    /// `posgate_terminal_cert_renewals_pending`: renewals whose replaced certificate is still
+    /// accepted (the new one not used yet, its deadline not reached).
+    pub terminal_cert_renewals_pending: IntGauge,
     /// `posgate_broker_connections`.
     pub broker_connections: IntGauge,
     /// `posgate_broker_publishes_total`.
@@ -238,6 +245,20 @@ impl Metrics {
                 "Registered, unrevoked terminals",
             )?,
             terminals_online: gauge(&r, "posgate_terminals_online", "Terminals connected now")?,
+            terminal_cert_earliest_expiry: {
+                let g = Gauge::new(
+                    "posgate_terminal_cert_earliest_expiry_timestamp_seconds",
+                    "Soonest end of validity among unrevoked terminals' current certificates (unix seconds; +Inf with none)",
+                )?;
+                g.set(f64::INFINITY);
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            terminal_cert_renewals_pending: gauge(
+                &r,
+                "posgate_terminal_cert_renewals_pending",
+                "Certificate renewals whose replaced certificate is still accepted",
+            )?,
             broker_connections: gauge(&r, "posgate_broker_connections", "MQTT connections")?,
             broker_publishes: counter(
                 &r,

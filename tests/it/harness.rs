@@ -9,7 +9,8 @@ use posgate::config::{Config, Env};
 use posgate::{Gateway, Running};
 use posgate_proto::MicroUsdc;
 use posgate_sim::events::{self, Intent};
-use posgate_sim::terminal::{Bundle, Terminal};
+use posgate_sim::terminal::{Bundle, Identity, Terminal, connect_raw};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -180,6 +181,31 @@ impl TestGateway {
     /// Connects an already provisioned terminal over MQTT/TLS (again, after a reboot or restart).
     pub async fn connect(&self, bundle: Bundle) -> Terminal {
         Terminal::connect(bundle, self.mqtt).await.unwrap()
+    }
+
+    /// A bare MQTT/TLS connection as `identity`, driven to its CONNACK; `Err` says why the
+    /// broker refused it or the connection failed (within 10 s). The caller drives the event loop
+    /// from then on.
+    pub async fn mqtt_connect(
+        &self,
+        identity: &Identity,
+    ) -> Result<(AsyncClient, EventLoop), String> {
+        let (client, mut eventloop) =
+            connect_raw(self.mqtt, identity).map_err(|e| e.to_string())?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    return if ack.code == rumqttc::ConnectReturnCode::Success {
+                        Ok((client, eventloop))
+                    } else {
+                        Err(format!("{:?}", ack.code))
+                    };
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("no CONNACK in time".into()),
+            }
+        }
     }
 
     /// The provider confirms a 4.50 payment of `intent_id` made at `terminal_id`.
@@ -406,6 +432,21 @@ pub fn sample(text: &str, prefix: &str) -> Option<f64> {
             })
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// An HTTPS client trusting only `ca_pem`, presenting `cert_key` (PEM certificate, PEM key) if
+/// given: a terminal on the TLS ingress (`ingress.tls`).
+pub fn tls_client(ca_pem: &str, cert_key: Option<(&str, &str)>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap());
+    if let Some((cert, key)) = cert_key {
+        let pem = format!("{cert}\n{key}");
+        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    builder.build().unwrap()
 }
 
 /// Sends `signal` (`"TERM"`, `"HUP"`, …) to the running `child` with kill(1).

@@ -16,6 +16,7 @@ mod harness;
 mod http_channels;
 mod metrics;
 mod provider_sim;
+mod provisioning;
 mod reconcile;
 mod rpc;
 mod security;

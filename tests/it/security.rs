@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use posgate::pki::Pki;
 use posgate_proto::confirmation::{self, VerifyError};
 use posgate_proto::topics;
-use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal, connect_raw};
+use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,31 +16,11 @@ use crate::harness::{TestGateway, spawn_gateway, spawn_with};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Drives the event loop to the CONNACK; `Err` when the connection is refused or fails.
-async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
-    loop {
-        match tokio::time::timeout(WAIT, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                return if ack.code == rumqttc::ConnectReturnCode::Success {
-                    Ok(())
-                } else {
-                    Err(format!("{:?}", ack.code))
-                };
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("no CONNACK in time".into()),
-        }
-    }
-}
-
 async fn connect(
     gw: &TestGateway,
     identity: &Identity,
 ) -> Result<(AsyncClient, EventLoop), String> {
-    let (client, mut eventloop) = connect_raw(gw.mqtt, identity).map_err(|e| e.to_string())?;
-    connack(&mut eventloop).await?;
-    Ok((client, eventloop))
+    gw.mqtt_connect(identity).await
 }
 
 /// What the broker answers next: a SUBACK's codes, a PUBACK, a publish, or the connection's end.

@@ -5,7 +5,8 @@
 //!
 //! | call | answer |
 //! |---|---|
-//! | `POST /v1/terminals` `{"id","merchant_id","label"?}` | `201` + provisioning bundle; `409` if the id exists |
+//! | `POST /v1/terminals` `{"id","merchant_id","label"?,"csr_pem"?}` | `201` + provisioning bundle (no `key_pem` with a CSR); `409` if the id exists; `400` for an unusable CSR |
+//! | `POST /v1/terminals/{id}/certificate` `{"csr_pem"?,"revoke_old_after"?,"rotate_http_token"?}` | `200` + a bundle with a new certificate; the old one is revoked at the new one's first use or after `revoke_old_after` s (default 7 days); `409` if revoked |
 //! | `GET /v1/terminals`, `GET /v1/terminals/{id}` | registry with `online`, `last_seen`, `pending` |
 //! | `POST /v1/terminals/{id}/revoke` | `200`; disconnected and refused from then on |
 //! | `GET /v1/payment-intents/{id}`, `GET /v1/payment-intents?…` | the gateway's view of intents |
@@ -41,7 +42,11 @@ use crate::store::{IntentFilter, Store, StoreError, StoredIntent};
 use crate::store::{Revocation, TerminalRecord};
 
 mod orphans;
+mod renewals;
 mod terminals;
+
+pub use renewals::Renewals;
+pub use terminals::{DEFAULT_REVOKE_OLD_AFTER_SECS, MAX_REVOKE_OLD_AFTER_SECS};
 
 /// File name of the generated admin token inside `data_dir`.
 pub const TOKEN_FILE: &str = "admin.token";
@@ -66,8 +71,11 @@ pub struct Fleet {
     /// Cuts a revoked terminal's connections and refuses its certificate from now on; tells the
     /// delivery engine which confirmations left the outbox.
     pub revoke: Arc<dyn Fn(&Revocation) + Send + Sync>,
-    /// Told about every terminal just registered (its HTTP bearer token becomes usable).
+    /// Told about every terminal just registered or whose bearer token was rotated (the token
+    /// becomes usable).
     pub registered: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
+    /// Certificate renewals waiting for their new certificate's first use.
+    pub renewals: Renewals,
     /// The broker's number of open connections.
     pub connections: Arc<dyn Fn() -> i64 + Send + Sync>,
 }
@@ -146,6 +154,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/v1/terminals/{id}", get(terminals::get))
         .route("/v1/terminals/{id}/revoke", post(terminals::revoke))
+        .route("/v1/terminals/{id}/certificate", post(terminals::renew))
         .route("/v1/undeliverable", get(terminals::undeliverable))
         .route(
             "/v1/undeliverable/{intent_id}/assign",
@@ -207,10 +216,20 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         m.undeliverable.set(list.len() as i64);
     }
     if let Ok(terminals) = admin.store.terminals().await {
-        m.terminals_registered.set(
-            terminals
+        let active: Vec<&TerminalRecord> = terminals
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| t.revoked_at.is_none())
+            .collect();
+        m.terminals_registered.set(active.len() as i64);
+        let ca_end = admin.fleet.pki.ca_not_after();
+        let earliest = active.iter().map(|t| t.cert_expiry().min(ca_end)).min();
+        m.terminal_cert_earliest_expiry
+            .set(earliest.map_or(f64::INFINITY, |t| t.unix_timestamp() as f64));
+        m.terminal_cert_renewals_pending.set(
+            active
                 .iter()
-                .filter(|(t, _)| t.revoked_at.is_none())
+                .filter(|t| t.previous_cert.is_some())
                 .count() as i64,
         );
     }

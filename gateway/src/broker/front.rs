@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Revoked;
-use crate::pki::{self, CertIdentity};
+use crate::pki::{self, CertIdentity, Serial};
 
 /// Bytes buffered per direction while copying between the terminal and the broker: a
 /// confirmation is about 1 KiB, and 10,000 connections must stay cheap.
@@ -52,8 +52,8 @@ pub(super) struct Front {
     /// Internal source port → the verified certificate behind it, and who to tell when its
     /// CONNECT was accepted.
     admitted: Mutex<HashMap<u16, Admitted>>,
-    /// Terminal id → its open connections, oldest first.
-    slots: Mutex<HashMap<String, VecDeque<(u64, CancellationToken)>>>,
+    /// Terminal id → its open connections (with their certificate's serial), oldest first.
+    slots: Mutex<HashMap<String, VecDeque<(u64, Serial, CancellationToken)>>>,
     next_slot: AtomicU64,
     per_terminal: usize,
     refused: prometheus::IntCounterVec,
@@ -107,9 +107,26 @@ impl Front {
     /// Closes every connection of `terminal_id`, whether or not it has connected yet.
     pub(super) fn close_all(&self, terminal_id: &str) {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        for (_, token) in slots.get(terminal_id).into_iter().flatten() {
+        for (_, _, token) in slots.get(terminal_id).into_iter().flatten() {
             token.cancel();
         }
+    }
+
+    /// Closes the connections of `terminal_id` made with the certificate `serial` (one a renewal
+    /// replaced), leaving those made with its other certificate.
+    pub(super) fn close_serial(&self, terminal_id: &str, serial: &Serial) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut closed = 0;
+        for (_, _, token) in slots
+            .get(terminal_id)
+            .into_iter()
+            .flatten()
+            .filter(|(_, s, _)| s == serial)
+        {
+            token.cancel();
+            closed += 1;
+        }
+        closed
     }
 
     /// Accepts on `door` until `token` is cancelled, each connection in a task of `tracker`.
@@ -166,15 +183,17 @@ impl Front {
         self.refused.with_label_values(&[reason]).inc();
     }
 
-    /// A slot for one more connection of `terminal_id`; the oldest is closed if all are taken.
-    fn claim(self: &Arc<Self>, terminal_id: &str, shutdown: &CancellationToken) -> Slot {
+    /// A slot for one more connection of `identity`'s terminal; the oldest is closed if all are
+    /// taken.
+    fn claim(self: &Arc<Self>, identity: &CertIdentity, shutdown: &CancellationToken) -> Slot {
+        let terminal_id = identity.cn.as_str();
         let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let token = shutdown.child_token();
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let held = slots.entry(terminal_id.to_owned()).or_default();
-        held.push_back((id, token.clone()));
+        held.push_back((id, Serial::parse(&identity.serial_hex), token.clone()));
         while held.len() > self.per_terminal {
-            if let Some((_, oldest)) = held.pop_front() {
+            if let Some((_, _, oldest)) = held.pop_front() {
                 oldest.cancel();
                 self.refuse("replaced");
             }
@@ -264,7 +283,7 @@ impl Connection {
             front.refuse("identity");
             return;
         };
-        let slot = front.claim(&identity.cn, &self.shutdown);
+        let slot = front.claim(&identity, &self.shutdown);
         let upstream = match TcpStream::connect(self.internal).await {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -370,7 +389,7 @@ impl Drop for Slot {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(held) = slots.get_mut(&self.terminal_id) {
-            held.retain(|(id, _)| *id != self.id);
+            held.retain(|(id, _, _)| *id != self.id);
             if held.is_empty() {
                 slots.remove(&self.terminal_id);
             }

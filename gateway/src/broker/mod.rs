@@ -9,7 +9,10 @@
 //!   `/tenants/{t}/payments/…` and `/tenants/{t}/rpc/res`, publish only to its own `acks`, `status`
 //!   and `rpc/req`, and set a last will only on its own `status` (interfaces.md);
 //! - revocation by certificate: a revoked serial or terminal id is refused at CONNECT whatever else
-//!   it presents, and its open session is kicked at once ([`Handle::revoke`]);
+//!   it presents, and its open session is kicked at once ([`Handle::revoke`]); a single serial
+//!   (a certificate replaced by a renewal) is refused the same way, closing only the connections
+//!   made with it ([`Handle::retire`]); every accepted CONNECT is reported with its serial
+//!   (`seen`), which is how a renewal learns that its new certificate is in use;
 //! - an in-process API: retained QoS 1 publishes ([`Handle`] is a [`Publisher`]) and a stream of
 //!   [`BrokerEvent`]s (connect, disconnect, the terminals' own publishes);
 //! - a front door of our own on the TLS listeners ([`front`], decision 0004): handshakes bounded
@@ -165,6 +168,10 @@ impl Revoked {
     }
 }
 
+/// Told `(terminal id, certificate serial)` of every CONNECT that passed authentication; called in
+/// the CONNECT hook, so it must be quick.
+pub type Seen = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// A bound, not yet running broker.
 pub struct Broker {
     scx: ServerContext,
@@ -196,6 +203,7 @@ impl Broker {
         revoked_serials: Vec<String>,
         revoked_terminals: Vec<String>,
         events: mpsc::UnboundedSender<BrokerEvent>,
+        seen: Seen,
     ) -> Result<Broker, BrokerError> {
         // rmqtt's own busy check refuses CONNECTs when the machine's load is high, which is
         // exactly when a reconnect storm must get through; our handshake bound does that job.
@@ -218,6 +226,7 @@ impl Broker {
             front: front.clone(),
             front_door: settings.front_door,
             events,
+            seen,
             plain_allowed: settings.plain_listen.is_some(),
             refused: settings.refused.clone(),
         });
@@ -492,6 +501,23 @@ impl Handle {
         tokio::spawn(async move { kick(&scx, &id).await });
     }
 
+    /// Refuses one certificate `serial` of `terminal_id` from now on (a renewal replaced it): in
+    /// the TLS handshake and at CONNECT, and by closing the terminal's connections made with it.
+    /// The terminal itself stays welcome with its other certificate, and its connections made
+    /// with that one stay up.
+    pub fn retire(&self, terminal_id: &str, serial: &str) {
+        let serial = Serial::parse(serial);
+        self.revoked
+            .serials
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(serial.clone());
+        let closed = self.front.close_serial(terminal_id, &serial);
+        if closed > 0 {
+            tracing::info!(%terminal_id, %serial, closed, "connections on a replaced certificate closed");
+        }
+    }
+
     /// Adds every serial and terminal id of these lists to the refused ones (revocations are
     /// never undone: a revoked terminal is provisioned again under a new id).
     pub fn set_revoked(&self, serials: &[String], terminal_ids: &[String]) {
@@ -593,6 +619,7 @@ struct Hooks {
     front: Arc<Front>,
     front_door: bool,
     events: mpsc::UnboundedSender<BrokerEvent>,
+    seen: Seen,
     plain_allowed: bool,
     /// `posgate_mqtt_refused_total{reason}`.
     refused: prometheus::IntCounterVec,
@@ -713,6 +740,9 @@ impl Hooks {
                 "last_will",
                 format!("last will topic {will:?} is not the terminal's own status topic"),
             ));
+        }
+        if let Some(serial) = serial {
+            (self.seen)(&client_id, serial);
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::http::error;
 use crate::ingress::tls::TlsPeer;
-use crate::pki::{CertIdentity, Serial};
+use crate::pki::CertIdentity;
 use crate::store::{StoreError, TerminalRecord};
 
 use super::*;
@@ -189,11 +189,12 @@ pub(super) async fn authenticate(
             return Err(Refused::Terminal(id));
         }
     }
-    if let Some(cert) = &peer.0
-        && (Serial::parse(&cert.serial_hex) != Serial::parse(&terminal.cert_serial)
-            || cert.o != terminal.tenant)
-    {
-        return Err(Refused::Terminal(id));
+    if let Some(cert) = &peer.0 {
+        // Its current certificate, or the one a pending renewal replaced.
+        if !terminal.accepts_serial(&cert.serial_hex) || cert.o != terminal.tenant {
+            return Err(Refused::Terminal(id));
+        }
+        channels.renewals.seen(&id, &cert.serial_hex);
     }
     // Counted with this request's own subscription, which goes when it is refused.
     if signals.is_some() && channels.hub.open(&id) > MAX_STREAMS_PER_TERMINAL {

@@ -116,6 +116,9 @@ pub struct Channels {
     pub streams: IntGaugeVec,
     /// Terminal RPC, shared with MQTT: payments from HTTP terminals go through it.
     pub rpc: Arc<crate::rpc::Rpc>,
+    /// Told about every request made with a client certificate (a renewal completes on the new
+    /// certificate's first use).
+    pub renewals: crate::admin::Renewals,
 }
 
 /// The HTTP channels' routes (merged into the ingress router).

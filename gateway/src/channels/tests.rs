@@ -78,6 +78,8 @@ fn token_index_finds_by_hash_only() {
         revoked_at: None,
         next_seq: 1,
         last_seen: None,
+        cert_not_after: None,
+        previous_cert: None,
     };
     let index = TokenIndex::of([&record]);
     assert_eq!(index.lookup("secret-token").as_deref(), Some("pos_1"));

@@ -44,12 +44,15 @@ use posgate_proto::topics::{valid_tenant, valid_terminal_id};
 use rand::RngCore as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer as _;
+
+pub mod csr;
+pub use csr::{CsrError, CsrKey, KeyKind};
 
 /// The CA certificate, PEM.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -172,6 +175,17 @@ impl fmt::Debug for IssuedCert {
             .field("key_pem", &"<redacted>")
             .finish_non_exhaustive()
     }
+}
+
+/// A terminal certificate for a key the gateway never saw (from a CSR): nothing secret in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The serial number, lowercase hex (32 digits), as [`identity_of`] reads it back.
+    pub serial_hex: String,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
 }
 
 /// Who a client certificate names, as the broker needs it.
@@ -320,17 +334,47 @@ impl Pki {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, PkiError> {
-        if !valid_terminal_id(terminal_id) || !valid_tenant(tenant) {
-            return Err(PkiError::BadIdentity {
-                terminal_id: terminal_id.to_owned(),
-                tenant: tenant.to_owned(),
-            });
-        }
-        let what = || format!("the certificate of terminal {terminal_id}");
+        check_identity(terminal_id, tenant)?;
         let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-            what: what(),
+            what: format!("the key of terminal {terminal_id}"),
             source,
         })?;
+        let signed = self.sign_terminal(terminal_id, tenant, &key, not_before, not_after)?;
+        Ok(IssuedCert {
+            cert_pem: signed.cert_pem,
+            key_pem: key.serialize_pem(),
+            serial_hex: signed.serial_hex,
+            not_after: signed.not_after,
+        })
+    }
+
+    /// Certifies a terminal's own key, taken from a verified CSR ([`csr::parse`]): the same
+    /// certificate [`Pki::issue_terminal`] makes (CN = `terminal_id`, O = `tenant`, EKU clientAuth,
+    /// a random serial, [`TERMINAL_VALIDITY_DAYS`] but never beyond the CA), whatever subject,
+    /// names or extensions the request asked for. There is no private key to hand out.
+    ///
+    /// # Errors
+    /// As [`Pki::issue_terminal`].
+    pub fn issue_terminal_for_csr(
+        &self,
+        terminal_id: &str,
+        tenant: &str,
+        key: &CsrKey,
+    ) -> Result<SignedCert, PkiError> {
+        check_identity(terminal_id, tenant)?;
+        let now = now_whole_seconds();
+        let not_after = (now + Duration::days(TERMINAL_VALIDITY_DAYS)).min(self.ca_not_after);
+        self.sign_terminal(terminal_id, tenant, key, now - BACKDATE, not_after)
+    }
+
+    fn sign_terminal(
+        &self,
+        terminal_id: &str,
+        tenant: &str,
+        key: &impl PublicKeyData,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<SignedCert, PkiError> {
         let (mut params, serial_hex) = leaf_params(not_before + BACKDATE, 0, self.ca_not_after);
         params.not_before = not_before;
         params.not_after = not_after;
@@ -343,17 +387,21 @@ impl Pki {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let not_after = params.not_after;
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(key, &self.issuer)
             .map_err(|source| PkiError::Generate {
-                what: what(),
+                what: format!("the certificate of terminal {terminal_id}"),
                 source,
             })?;
-        Ok(IssuedCert {
+        Ok(SignedCert {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
             serial_hex,
             not_after,
         })
+    }
+
+    /// End of the CA's validity: no certificate it issues outlives it.
+    pub fn ca_not_after(&self) -> OffsetDateTime {
+        self.ca_not_after
     }
 
     /// The CA certificate, PEM: terminals trust it for the server, the broker for clients.
@@ -700,6 +748,17 @@ fn ca_params(now: OffsetDateTime) -> CertificateParams {
 fn now_whole_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now - Duration::nanoseconds(i64::from(now.nanosecond()))
+}
+
+fn check_identity(terminal_id: &str, tenant: &str) -> Result<(), PkiError> {
+    if valid_terminal_id(terminal_id) && valid_tenant(tenant) {
+        Ok(())
+    } else {
+        Err(PkiError::BadIdentity {
+            terminal_id: terminal_id.to_owned(),
+            tenant: tenant.to_owned(),
+        })
+    }
 }
 
 /// Parameters shared by server and terminal certificates; returns the serial as hex too.

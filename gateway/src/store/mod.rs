@@ -20,8 +20,10 @@
 //! - `pending`: `pi_…` or `addr:0x…` → `evt_…` for events about intents we do not know yet; they
 //!   are applied when the intent appears.
 //! - `rejected`: sequence → verified bodies that were not an event envelope, for forensics.
-//! - `terminals`: terminal id → [`TerminalRecord`] (registry, next `seq`, revocation).
-//! - `revoked_serials`: client certificate serial → terminal id.
+//! - `terminals`: terminal id → [`TerminalRecord`] (registry, next `seq`, revocation, its
+//!   certificate and the one a pending renewal replaced).
+//! - `revoked_serials`: client certificate serial → terminal id (revoked terminals' certificates
+//!   and certificates replaced by a completed renewal: a live terminal can have entries here).
 //! - `outbox`: (terminal id, `seq`) → [`OutboxRow`], deleted only on the terminal's ack.
 //! - `undeliverable`: terminal id (empty: none named) → intent ids waiting for that terminal.
 //! - `rpc_answers`: (terminal id, request id) → the answer given, so a retried request gets it again.
@@ -40,7 +42,8 @@ mod writer;
 
 pub use error::{StoreError, io_is_transient};
 pub use outbox::{
-    AckOutcome, AssignRefused, NewTerminal, OutboxRow, Revocation, TerminalRecord, Undeliverable,
+    AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
+    Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
 };
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
 pub use snapshot::SnapshotError;

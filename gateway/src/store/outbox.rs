@@ -15,6 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use super::writer::{Tables, encode};
 use super::{OUTBOX, REVOKED, Store, StoreError, TERMINALS, UNDELIVERABLE, decode};
 use crate::domain::{IntentRecord, IntentStatus, UnresolvedContext};
+use crate::pki::Serial;
 
 /// Key for intents that name no terminal at all.
 const NO_TERMINAL: &str = "";
@@ -40,6 +41,50 @@ pub struct TerminalRecord {
     pub next_seq: u64,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_seen: Option<OffsetDateTime>,
+    /// End of validity of its current certificate. `None` in records written before posgate
+    /// kept it: see [`TerminalRecord::cert_expiry`].
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub cert_not_after: Option<OffsetDateTime>,
+    /// The certificate a renewal replaced, still accepted until the new one is first used or
+    /// its `revoke_at`, whichever comes first; then its serial joins `revoked_serials`.
+    #[serde(default)]
+    pub previous_cert: Option<PreviousCert>,
+}
+
+/// A terminal's replaced certificate while its renewal is pending.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PreviousCert {
+    /// Its serial (lowercase hex).
+    pub serial: String,
+    /// Its end of validity, when known.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub not_after: Option<OffsetDateTime>,
+    /// When it is revoked if the new certificate has not been used by then.
+    #[serde(with = "time::serde::rfc3339")]
+    pub revoke_at: OffsetDateTime,
+}
+
+impl TerminalRecord {
+    /// Whether a client certificate with this serial speaks for this terminal: its current one,
+    /// or the one a pending renewal replaced. (Revocation is checked apart: `revoked_at`.)
+    pub fn accepts_serial(&self, serial: &str) -> bool {
+        let serial = Serial::parse(serial);
+        serial == Serial::parse(&self.cert_serial)
+            || self
+                .previous_cert
+                .as_ref()
+                .is_some_and(|p| serial == Serial::parse(&p.serial))
+    }
+
+    /// End of validity of its current certificate. Records from before posgate kept it
+    /// (`cert_not_after` absent) had theirs issued at `created_at` for
+    /// [`TERMINAL_VALIDITY_DAYS`](crate::pki::TERMINAL_VALIDITY_DAYS) (capped by the CA, which
+    /// the caller applies), so that is what is answered for them.
+    pub fn cert_expiry(&self) -> OffsetDateTime {
+        self.cert_not_after.unwrap_or(
+            self.created_at + time::Duration::days(crate::pki::TERMINAL_VALIDITY_DAYS),
+        )
+    }
 }
 
 /// What registration needs.
@@ -50,7 +95,48 @@ pub struct NewTerminal {
     pub merchant_id: String,
     pub label: Option<String>,
     pub cert_serial: String,
+    /// End of validity of that certificate.
+    pub cert_not_after: Option<OffsetDateTime>,
     pub http_token_sha256: String,
+}
+
+/// What a certificate renewal changes.
+#[derive(Clone, Debug)]
+pub struct RenewTerminal {
+    /// The new certificate's serial and end of validity.
+    pub cert_serial: String,
+    pub cert_not_after: OffsetDateTime,
+    /// When the current certificate is revoked if the new one has not been used by then.
+    pub revoke_old_at: OffsetDateTime,
+    /// A new bearer token's hash, when the token is rotated too (the old one stops at once).
+    pub http_token_sha256: Option<String>,
+}
+
+/// A renewal as committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Renewal {
+    pub record: TerminalRecord,
+    /// The serial revoked by this renewal at once: the certificate of an earlier renewal that was
+    /// still pending, so never used (its first use would have completed that renewal).
+    pub superseded: Option<String>,
+}
+
+/// Why a renewal was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RenewRefused {
+    /// No such terminal.
+    NoTerminal,
+    /// That terminal is revoked (for good: provision a new id).
+    Revoked,
+}
+
+/// A replaced certificate now revoked: its renewal completed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retired {
+    pub terminal_id: String,
+    pub serial: String,
+    /// Why: the new certificate was used, or the deadline passed.
+    pub used: bool,
 }
 
 #[cfg(test)]
@@ -64,6 +150,7 @@ impl NewTerminal {
             merchant_id: "mer_test".into(),
             label: None,
             cert_serial: "01".into(),
+            cert_not_after: None,
             http_token_sha256: String::new(),
         }
     }
@@ -235,6 +322,8 @@ impl Tables<'_> {
             revoked_at: None,
             next_seq: 1,
             last_seen: None,
+            cert_not_after: new.cert_not_after,
+            previous_cert: None,
         };
         self.save_terminal(&record)?;
         // Confirmations that waited for this terminal go out now, with their intent's current status.
@@ -261,6 +350,10 @@ impl Tables<'_> {
         }
         self.revoked
             .insert(terminal.cert_serial.as_str(), terminal.id.as_str())?;
+        if let Some(previous) = &terminal.previous_cert {
+            self.revoked
+                .insert(previous.serial.as_str(), terminal.id.as_str())?;
+        }
         let parked = self.park(&terminal.id)?;
         Ok(Some(Revocation {
             record: terminal,
@@ -357,6 +450,78 @@ impl Tables<'_> {
         })
     }
 
+    fn renew(
+        &mut self,
+        id: &str,
+        renew: RenewTerminal,
+    ) -> Result<Result<Renewal, RenewRefused>, StoreError> {
+        let Some(mut terminal) = self.terminal(id)? else {
+            return Ok(Err(RenewRefused::NoTerminal));
+        };
+        if terminal.revoked_at.is_some() {
+            return Ok(Err(RenewRefused::Revoked));
+        }
+        let superseded = match terminal.previous_cert.take() {
+            // A renewal already pending: its new certificate was never used (a use completes it),
+            // so that one goes, and the certificate the terminal really has stays accepted.
+            Some(mut previous) => {
+                self.revoked
+                    .insert(terminal.cert_serial.as_str(), terminal.id.as_str())?;
+                previous.revoke_at = renew.revoke_old_at;
+                terminal.previous_cert = Some(previous);
+                Some(terminal.cert_serial.clone())
+            }
+            None => {
+                terminal.previous_cert = Some(PreviousCert {
+                    serial: terminal.cert_serial.clone(),
+                    not_after: Some(terminal.cert_expiry()),
+                    revoke_at: renew.revoke_old_at,
+                });
+                None
+            }
+        };
+        terminal.cert_serial = renew.cert_serial;
+        terminal.cert_not_after = Some(renew.cert_not_after);
+        if let Some(hash) = renew.http_token_sha256 {
+            terminal.http_token_sha256 = hash;
+        }
+        self.save_terminal(&terminal)?;
+        Ok(Ok(Renewal {
+            record: terminal,
+            superseded,
+        }))
+    }
+
+    /// Revokes a terminal's replaced certificate if `used` is its current serial, or if `now` is
+    /// past the replaced one's deadline.
+    fn retire(
+        &mut self,
+        id: &str,
+        used: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Option<Retired>, StoreError> {
+        let Some(mut terminal) = self.terminal(id)? else {
+            return Ok(None);
+        };
+        let Some(previous) = terminal.previous_cert.clone() else {
+            return Ok(None);
+        };
+        let by_use =
+            used.is_some_and(|s| Serial::parse(s) == Serial::parse(&terminal.cert_serial));
+        if !by_use && now < previous.revoke_at {
+            return Ok(None);
+        }
+        self.revoked
+            .insert(previous.serial.as_str(), terminal.id.as_str())?;
+        terminal.previous_cert = None;
+        self.save_terminal(&terminal)?;
+        Ok(Some(Retired {
+            terminal_id: terminal.id,
+            serial: previous.serial,
+            used: by_use,
+        }))
+    }
+
     fn touch(&mut self, terminal_id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
         if let Some(mut terminal) = self.terminal(terminal_id)? {
             terminal.last_seen = Some(at);
@@ -389,6 +554,60 @@ impl Store {
     pub async fn revoke_terminal(&self, id: String) -> Result<Option<Revocation>, StoreError> {
         self.write(move |t| t.revoke(&id, OffsetDateTime::now_utc()))
             .await
+    }
+
+    /// Gives a terminal a new certificate (and maybe a new bearer token). Its current
+    /// certificate stays accepted as `previous_cert` until [`Store::retire_used`] or
+    /// [`Store::retire_due`] revokes it; a renewal while one is pending revokes the pending one's
+    /// never-used certificate at once ([`Renewal::superseded`]).
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn renew_terminal(
+        &self,
+        id: String,
+        renew: RenewTerminal,
+    ) -> Result<Result<Renewal, RenewRefused>, StoreError> {
+        self.write(move |t| t.renew(&id, renew)).await
+    }
+
+    /// A client certificate with `serial` was just used by terminal `id`: if that is the new
+    /// certificate of a pending renewal, the replaced one is revoked (durably) and returned.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn retire_used(
+        &self,
+        id: String,
+        serial: String,
+    ) -> Result<Option<Retired>, StoreError> {
+        self.write(move |t| t.retire(&id, Some(&serial), OffsetDateTime::now_utc()))
+            .await
+    }
+
+    /// Revokes every replaced certificate whose deadline is at or before `now`.
+    ///
+    /// # Errors
+    /// As any write; then none is revoked.
+    pub async fn retire_due(&self, now: OffsetDateTime) -> Result<Vec<Retired>, StoreError> {
+        let due: Vec<String> = self
+            .terminals()
+            .await?
+            .into_iter()
+            .filter(|(t, _)| t.previous_cert.as_ref().is_some_and(|p| p.revoke_at <= now))
+            .map(|(t, _)| t.id)
+            .collect();
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |t| {
+            let mut retired = Vec::new();
+            for id in &due {
+                retired.extend(t.retire(id, None, now)?);
+            }
+            Ok(retired)
+        })
+        .await
     }
 
     /// Assigns an undeliverable confirmation to another (registered, not revoked) terminal; its
@@ -510,7 +729,8 @@ impl Store {
         .await
     }
 
-    /// Every revocation: the serials of revoked client certificates, and the revoked terminal ids.
+    /// Every revocation: the serials of revoked client certificates (revoked terminals' and
+    /// certificates replaced by a renewal), and the revoked terminal ids.
     ///
     /// # Errors
     /// As any read.
@@ -518,11 +738,18 @@ impl Store {
         self.read("revocations", "", |db| {
             let txn = db.begin_read()?;
             let mut serials = Vec::new();
-            let mut terminals = Vec::new();
             for entry in txn.open_table(REVOKED)?.iter()? {
-                let (serial, terminal) = entry?;
+                let (serial, _terminal) = entry?;
                 serials.push(serial.value().to_owned());
-                terminals.push(terminal.value().to_owned());
+            }
+            // Not the ids in `revoked_serials`: a renewal puts a live terminal's old serial there.
+            let mut terminals = Vec::new();
+            for entry in txn.open_table(TERMINALS)?.iter()? {
+                let (key, value) = entry?;
+                let record: TerminalRecord = decode(key.value(), value.value())?;
+                if record.revoked_at.is_some() {
+                    terminals.push(record.id);
+                }
             }
             Ok((serials, terminals))
         })
@@ -551,5 +778,145 @@ impl Store {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use time::Duration;
+
+    use super::*;
+    use crate::store::Limits;
+
+    fn renew(serial: &str, revoke_old_at: OffsetDateTime) -> RenewTerminal {
+        RenewTerminal {
+            cert_serial: serial.into(),
+            cert_not_after: revoke_old_at + Duration::days(365),
+            revoke_old_at,
+            http_token_sha256: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_keeps_both_until_the_new_one_is_used_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+        store
+            .register_terminal(NewTerminal::for_test("pos-1"))
+            .await
+            .unwrap()
+            .unwrap();
+        let later = OffsetDateTime::now_utc() + Duration::days(7);
+        let renewal = store
+            .renew_terminal("pos-1".into(), renew("0a", later))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(renewal.superseded, None);
+        let record = renewal.record;
+        assert!(record.accepts_serial("01") && record.accepts_serial("0A"));
+        assert!(!record.accepts_serial("02"));
+        // Neither serial is revoked, and the terminal is not either.
+        assert_eq!(store.revocations().await.unwrap(), (vec![], vec![]));
+
+        // The old certificate's use completes nothing.
+        assert_eq!(
+            store.retire_used("pos-1".into(), "01".into()).await.unwrap(),
+            None
+        );
+        assert!(store.retire_due(OffsetDateTime::now_utc()).await.unwrap().is_empty());
+
+        store.close().await;
+        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+        let record = store.terminal("pos-1".into()).await.unwrap().unwrap();
+        assert_eq!(record.previous_cert.as_ref().unwrap().serial, "01");
+
+        let retired = store.retire_used("pos-1".into(), "0a".into()).await.unwrap();
+        assert_eq!(
+            retired,
+            Some(Retired {
+                terminal_id: "pos-1".into(),
+                serial: "01".into(),
+                used: true
+            })
+        );
+        let record = store.terminal("pos-1".into()).await.unwrap().unwrap();
+        assert!(!record.accepts_serial("01") && record.accepts_serial("0a"));
+        // The old serial is revoked; the terminal is not.
+        assert_eq!(
+            store.revocations().await.unwrap(),
+            (vec!["01".to_owned()], vec![])
+        );
+    }
+
+    #[tokio::test]
+    async fn deadlines_a_second_renewal_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+        for id in ["pos-1", "pos-2"] {
+            store
+                .register_terminal(NewTerminal::for_test(id))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let now = OffsetDateTime::now_utc();
+        store
+            .renew_terminal("pos-1".into(), renew("0a", now + Duration::hours(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        // A second renewal before the first completed: the never-used 0a goes at once, 01 (the
+        // one the terminal has) stays, with the new deadline.
+        let second = store
+            .renew_terminal("pos-1".into(), renew("0b", now + Duration::hours(2)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.superseded.as_deref(), Some("0a"));
+        let previous = second.record.previous_cert.clone().unwrap();
+        assert_eq!(
+            (previous.serial.as_str(), previous.revoke_at),
+            ("01", now + Duration::hours(2))
+        );
+        assert!(!second.record.accepts_serial("0a"));
+        store
+            .renew_terminal("pos-2".into(), renew("0c", now + Duration::hours(3)))
+            .await
+            .unwrap()
+            .unwrap();
+
+        assert!(store.retire_due(now + Duration::minutes(90)).await.unwrap().is_empty());
+        let retired = store.retire_due(now + Duration::hours(2)).await.unwrap();
+        assert_eq!(
+            retired,
+            vec![Retired {
+                terminal_id: "pos-1".into(),
+                serial: "01".into(),
+                used: false
+            }]
+        );
+        let (serials, terminals) = store.revocations().await.unwrap();
+        assert_eq!((serials.len(), terminals.len()), (2, 0), "{serials:?}");
+
+        assert_eq!(
+            store
+                .renew_terminal("nobody".into(), renew("0d", now))
+                .await
+                .unwrap(),
+            Err(RenewRefused::NoTerminal)
+        );
+        // Revoking a terminal mid-renewal revokes both of its certificates.
+        store.revoke_terminal("pos-2".into()).await.unwrap().unwrap();
+        let (serials, terminals) = store.revocations().await.unwrap();
+        assert!(serials.contains(&"0c".to_owned()) && serials.contains(&"01".to_owned()));
+        assert_eq!(terminals, vec!["pos-2".to_owned()]);
+        assert_eq!(
+            store
+                .renew_terminal("pos-2".into(), renew("0d", now))
+                .await
+                .unwrap(),
+            Err(RenewRefused::Revoked)
+        );
     }
 }
