@@ -9,8 +9,7 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    TestGateway, assert_error_body, eventually, spawn_gateway, spawn_with, status_json,
-    tls_client,
+    TestGateway, assert_error_body, eventually, spawn_gateway, spawn_with, status_json, tls_client,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -18,7 +17,9 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A CSR for `key` as a keystore would make it, asking for a name it will not get.
 fn csr(key: &KeyPair) -> String {
     let mut params = CertificateParams::new(vec!["evil.example".into()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "someone_else");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "someone_else");
     params.serialize_request(key).unwrap().pem().unwrap()
 }
 
@@ -196,7 +197,10 @@ async fn renewal_keeps_both_certificates_until_the_new_one_connects() {
 
     // The new certificate connects (and gets confirmations): from then on the old one is refused.
     paid_at(&gw, &new, "pi_after").await;
-    eventually(WAIT, || async { connects(&gw, &old).await.is_err().then_some(()) }).await;
+    eventually(WAIT, || async {
+        connects(&gw, &old).await.is_err().then_some(())
+    })
+    .await;
     let view = gw.terminal_view("pos_renew").await;
     assert!(view["previous_cert"].is_null(), "{view}");
     assert_eq!(view["revoked"], false);
@@ -231,7 +235,9 @@ async fn renewal_without_a_csr_and_the_deadline() {
         .unwrap();
     let (status, answer) = status_json(response).await;
     assert_eq!(status, 200, "{answer}");
-    let key_pem = answer["key_pem"].as_str().expect("the gateway made the key");
+    let key_pem = answer["key_pem"]
+        .as_str()
+        .expect("the gateway made the key");
     let revoke_at = time::OffsetDateTime::parse(
         answer["revoke_old_at"].as_str().unwrap(),
         &time::format_description::well_known::Rfc3339,
@@ -259,7 +265,10 @@ async fn renewal_without_a_csr_and_the_deadline() {
     })
     .await;
     // The deadline passes without the new certificate being used: the old one is refused.
-    eventually(WAIT, || async { connects(&gw, &old).await.is_err().then_some(()) }).await;
+    eventually(WAIT, || async {
+        connects(&gw, &old).await.is_err().then_some(())
+    })
+    .await;
     assert_eq!(connects(&gw, &third).await, Ok(()));
     assert!(gw.terminal_view("pos_deadline").await["previous_cert"].is_null());
     gw.shutdown().await;
@@ -335,7 +344,10 @@ async fn the_new_certificate_on_the_tls_ingress_completes_the_renewal() {
     assert_eq!(connects(&gw, &old).await, Ok(()));
     // An HTTP request with the new one completes the renewal: the old one is refused on both.
     assert_eq!(get(&new).await, 404);
-    eventually(WAIT, || async { connects(&gw, &old).await.is_err().then_some(()) }).await;
+    eventually(WAIT, || async {
+        connects(&gw, &old).await.is_err().then_some(())
+    })
+    .await;
     assert_eq!(get(&old).await, 401);
     assert_eq!(get(&new).await, 404);
     gw.shutdown().await;

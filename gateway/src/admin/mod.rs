@@ -226,12 +226,8 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         let earliest = active.iter().map(|t| t.cert_expiry().min(ca_end)).min();
         m.terminal_cert_earliest_expiry
             .set(earliest.map_or(f64::INFINITY, |t| t.unix_timestamp() as f64));
-        m.terminal_cert_renewals_pending.set(
-            active
-                .iter()
-                .filter(|t| t.previous_cert.is_some())
-                .count() as i64,
-        );
+        m.terminal_cert_renewals_pending
+            .set(active.iter().filter(|t| t.previous_cert.is_some()).count() as i64);
     }
     if let Ok(presence) = admin.fleet.presence.read() {
         m.terminals_online

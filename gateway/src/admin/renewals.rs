@@ -167,7 +167,9 @@ impl Renewals {
             let sleep = match self.next_deadline() {
                 Some(deadline) => {
                     let left = deadline - OffsetDateTime::now_utc();
-                    Duration::try_from(left).unwrap_or(Duration::ZERO).min(RECHECK)
+                    Duration::try_from(left)
+                        .unwrap_or(Duration::ZERO)
+                        .min(RECHECK)
                 }
                 None => RECHECK,
             };

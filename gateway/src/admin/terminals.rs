@@ -359,7 +359,12 @@ pub(super) async fn renew(
         http_token_rotated = token.is_some(),
         "terminal certificate renewed"
     );
-    let mut bundle = bundle(&admin, record, &issued, token.as_ref().map(|(t, _)| t.as_str()));
+    let mut bundle = bundle(
+        &admin,
+        record,
+        &issued,
+        token.as_ref().map(|(t, _)| t.as_str()),
+    );
     bundle["previous_cert_serial"] = previous.map(|p| p.serial.clone()).into();
     bundle["revoke_old_at"] = rfc3339(previous.map(|p| p.revoke_at)).into();
     Json(bundle).into_response()

@@ -23,9 +23,8 @@ use rcgen::{PublicKeyData, SignatureAlgorithm};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA,
-    OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
-    OID_SIG_ED25519,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer as _;
 use x509_parser::public_key::PublicKey;
@@ -168,8 +167,7 @@ pub fn parse(pem: &str) -> Result<CsrKey, CsrError> {
     if !sig_ok {
         return Err(CsrError::UnsupportedSignature(oid_name(sig)));
     }
-    csr.verify_signature()
-        .map_err(|_| CsrError::BadSignature)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     Ok(CsrKey {
         kind,
         raw: spki.subject_public_key.data.to_vec(),
@@ -239,11 +237,15 @@ mod tests {
     /// A CSR as a terminal would make it, asking for everything it should not get.
     fn csr_for(key: &KeyPair) -> String {
         let mut params = CertificateParams::new(vec!["evil.example".into()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "pos_other");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "pos_other");
         params
             .distinguished_name
             .push(DnType::OrganizationName, "t0000000000");
-        params.subject_alt_names.push(SanType::IpAddress([10, 0, 0, 1].into()));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([10, 0, 0, 1].into()));
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         params.serialize_request(key).unwrap().pem().unwrap()
@@ -271,13 +273,20 @@ mod tests {
         assert!(cert.verify_signature(Some(ca.public_key())).is_ok());
         let subject = cert.subject();
         let cn = subject.iter_common_name().next().unwrap().as_str().unwrap();
-        let o = subject.iter_organization().next().unwrap().as_str().unwrap();
+        let o = subject
+            .iter_organization()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         let client_only = eku.client_auth && !eku.server_auth && !eku.code_signing && !eku.any;
-        let san = cert
-            .extensions()
-            .iter()
-            .any(|e| matches!(e.parsed_extension(), ParsedExtension::SubjectAlternativeName(_)));
+        let san = cert.extensions().iter().any(|e| {
+            matches!(
+                e.parsed_extension(),
+                ParsedExtension::SubjectAlternativeName(_)
+            )
+        });
         (
             cn.to_owned(),
             o.to_owned(),
@@ -302,9 +311,16 @@ mod tests {
             let (cn, o, spki, is_ca, client_only, san) = inspect(&cert_pem, pki.ca_pem());
             assert_eq!(cn, "pos_1", "{kind}: the gateway names the terminal");
             assert_eq!(o, posgate_proto::topics::tenant_for("pos_1"));
-            assert_eq!(spki, key.subject_public_key_info(), "{kind}: the terminal's key");
+            assert_eq!(
+                spki,
+                key.subject_public_key_info(),
+                "{kind}: the terminal's key"
+            );
             assert_eq!(spki, parsed.spki_der());
-            assert!(!is_ca && client_only && !san, "{kind}: requested extensions ignored");
+            assert!(
+                !is_ca && client_only && !san,
+                "{kind}: requested extensions ignored"
+            );
         }
     }
 
@@ -318,7 +334,11 @@ mod tests {
             let (parsed, cert_pem) = issue(&pki, pem);
             let (cn, _, spki, is_ca, client_only, san) = inspect(&cert_pem, pki.ca_pem());
             assert_eq!(cn, "pos_1");
-            assert_eq!(spki, parsed.spki_der(), "the SPKI round-trips byte for byte");
+            assert_eq!(
+                spki,
+                parsed.spki_der(),
+                "the SPKI round-trips byte for byte"
+            );
             assert!(!is_ca && client_only && !san);
         }
         assert_eq!(
@@ -368,8 +388,14 @@ mod tests {
 
         for (pem, want) in [
             (include_str!("testdata/rsa1024.csr"), "RSA-1024"),
-            (include_str!("testdata/p521.csr"), "ECDSA on curve secp521r1"),
-            (include_str!("testdata/k1.csr"), "ECDSA on curve 1.3.132.0.10"),
+            (
+                include_str!("testdata/p521.csr"),
+                "ECDSA on curve secp521r1",
+            ),
+            (
+                include_str!("testdata/k1.csr"),
+                "ECDSA on curve 1.3.132.0.10",
+            ),
         ] {
             assert_eq!(parse(pem), Err(CsrError::UnsupportedKey(want.into())));
         }

@@ -81,9 +81,8 @@ impl TerminalRecord {
     /// [`TERMINAL_VALIDITY_DAYS`](crate::pki::TERMINAL_VALIDITY_DAYS) (capped by the CA, which
     /// the caller applies), so that is what is answered for them.
     pub fn cert_expiry(&self) -> OffsetDateTime {
-        self.cert_not_after.unwrap_or(
-            self.created_at + time::Duration::days(crate::pki::TERMINAL_VALIDITY_DAYS),
-        )
+        self.cert_not_after
+            .unwrap_or(self.created_at + time::Duration::days(crate::pki::TERMINAL_VALIDITY_DAYS))
     }
 }
 
@@ -506,8 +505,7 @@ impl Tables<'_> {
         let Some(previous) = terminal.previous_cert.clone() else {
             return Ok(None);
         };
-        let by_use =
-            used.is_some_and(|s| Serial::parse(s) == Serial::parse(&terminal.cert_serial));
+        let by_use = used.is_some_and(|s| Serial::parse(s) == Serial::parse(&terminal.cert_serial));
         if !by_use && now < previous.revoke_at {
             return Ok(None);
         }
@@ -821,17 +819,29 @@ mod renewal_tests {
 
         // The old certificate's use completes nothing.
         assert_eq!(
-            store.retire_used("pos-1".into(), "01".into()).await.unwrap(),
+            store
+                .retire_used("pos-1".into(), "01".into())
+                .await
+                .unwrap(),
             None
         );
-        assert!(store.retire_due(OffsetDateTime::now_utc()).await.unwrap().is_empty());
+        assert!(
+            store
+                .retire_due(OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         store.close().await;
         let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
         let record = store.terminal("pos-1".into()).await.unwrap().unwrap();
         assert_eq!(record.previous_cert.as_ref().unwrap().serial, "01");
 
-        let retired = store.retire_used("pos-1".into(), "0a".into()).await.unwrap();
+        let retired = store
+            .retire_used("pos-1".into(), "0a".into())
+            .await
+            .unwrap();
         assert_eq!(
             retired,
             Some(Retired {
@@ -886,7 +896,13 @@ mod renewal_tests {
             .unwrap()
             .unwrap();
 
-        assert!(store.retire_due(now + Duration::minutes(90)).await.unwrap().is_empty());
+        assert!(
+            store
+                .retire_due(now + Duration::minutes(90))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let retired = store.retire_due(now + Duration::hours(2)).await.unwrap();
         assert_eq!(
             retired,
@@ -907,7 +923,11 @@ mod renewal_tests {
             Err(RenewRefused::NoTerminal)
         );
         // Revoking a terminal mid-renewal revokes both of its certificates.
-        store.revoke_terminal("pos-2".into()).await.unwrap().unwrap();
+        store
+            .revoke_terminal("pos-2".into())
+            .await
+            .unwrap()
+            .unwrap();
         let (serials, terminals) = store.revocations().await.unwrap();
         assert!(serials.contains(&"0c".to_owned()) && serials.contains(&"01".to_owned()));
         assert_eq!(terminals, vec!["pos-2".to_owned()]);
