@@ -24,6 +24,11 @@
 //! certificates that use them, and a key found without its certificate gets a new certificate (the
 //! CA's included), so a crash between two files is repaired at the next start.
 //!
+//! Terminal certificates: [`Pki::issue_terminal`] makes the key too (returned once, in the
+//! provisioning bundle, never kept); [`Pki::issue_terminal_for_csr`] certifies a key that never
+//! leaves the terminal, taken from a PKCS#10 request that [`csr::parse`] checked (see its docs for
+//! what is and is not taken from a request). Either way the gateway alone decides the subject.
+//!
 //! This module does no TLS: the broker builds its rustls configuration from
 //! [`Pki::ca_pem`], [`Pki::server_cert_pem`] and [`Pki::server_key_pem`], and reads a connecting
 //! terminal's identity with [`identity_of`]. It must not log key material.
