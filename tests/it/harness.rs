@@ -183,29 +183,16 @@ impl TestGateway {
         Terminal::connect(bundle, self.mqtt).await.unwrap()
     }
 
-    /// A bare MQTT/TLS connection as `identity`, driven to its CONNACK; `Err` says why the
-    /// broker refused it or the connection failed (within 10 s). The caller drives the event loop
-    /// from then on.
+    /// A bare MQTT/TLS connection as `identity`, driven to its CONNACK ([`connack`]); the caller
+    /// drives the event loop from then on.
     pub async fn mqtt_connect(
         &self,
         identity: &Identity,
     ) -> Result<(AsyncClient, EventLoop), String> {
         let (client, mut eventloop) =
             connect_raw(self.mqtt, identity).map_err(|e| e.to_string())?;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    return if ack.code == rumqttc::ConnectReturnCode::Success {
-                        Ok((client, eventloop))
-                    } else {
-                        Err(format!("{:?}", ack.code))
-                    };
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("no CONNACK in time".into()),
-            }
-        }
+        connack(&mut eventloop).await?;
+        Ok((client, eventloop))
     }
 
     /// The provider confirms a 4.50 payment of `intent_id` made at `terminal_id`.
@@ -292,6 +279,25 @@ impl Stopped {
     /// Starts it again on the same data dir (new ports).
     pub async fn start(self) -> TestGateway {
         start(self.data_dir, self.extra).await
+    }
+}
+
+/// Drives an MQTT event loop to its CONNACK; `Err` says why the broker refused the connection or
+/// why it failed (nothing within 10 s included).
+pub async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                return if ack.code == rumqttc::ConnectReturnCode::Success {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", ack.code))
+                };
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no CONNACK in time".into()),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{TestGateway, spawn_gateway, spawn_with};
+use crate::harness::{TestGateway, connack, spawn_gateway, spawn_with};
 
 const WAIT: Duration = Duration::from_secs(10);
 
