@@ -339,15 +339,18 @@ async fn the_new_certificate_on_the_tls_ingress_completes_the_renewal() {
         let request = client.get(&url);
         async move { request.send().await.unwrap().status().as_u16() }
     };
-    // The old certificate is still accepted on both listeners.
+    // The old certificate is still accepted on both listeners; an MQTT connection stays open on it.
     assert_eq!(get(&old).await, 404);
-    assert_eq!(connects(&gw, &old).await, Ok(()));
-    // An HTTP request with the new one completes the renewal: the old one is refused on both.
+    let (_client, mut on_old) = gw.mqtt_connect(&Identity::of(&old)).await.unwrap();
+    // An HTTP request with the new one completes the renewal: the old one's MQTT connection is
+    // closed, and it is refused on both listeners.
     assert_eq!(get(&new).await, 404);
-    eventually(WAIT, || async {
-        connects(&gw, &old).await.is_err().then_some(())
-    })
-    .await;
+    let closed = tokio::time::timeout(WAIT, async { while on_old.poll().await.is_ok() {} }).await;
+    assert!(
+        closed.is_ok(),
+        "the connection on the replaced certificate is still open"
+    );
+    assert!(connects(&gw, &old).await.is_err());
     assert_eq!(get(&old).await, 401);
     assert_eq!(get(&new).await, 404);
     gw.shutdown().await;
