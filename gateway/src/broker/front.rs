@@ -53,10 +53,18 @@ pub(super) struct Front {
     /// CONNECT was accepted.
     admitted: Mutex<HashMap<u16, Admitted>>,
     /// Terminal id → its open connections (with their certificate's serial), oldest first.
-    slots: Mutex<HashMap<String, VecDeque<(u64, Serial, CancellationToken)>>>,
+    slots: Mutex<HashMap<String, VecDeque<Held>>>,
     next_slot: AtomicU64,
     per_terminal: usize,
     refused: prometheus::IntCounterVec,
+}
+
+/// One open connection of a terminal.
+struct Held {
+    id: u64,
+    /// The serial of the certificate it was made with.
+    serial: Serial,
+    token: CancellationToken,
 }
 
 struct Admitted {
@@ -107,8 +115,8 @@ impl Front {
     /// Closes every connection of `terminal_id`, whether or not it has connected yet.
     pub(super) fn close_all(&self, terminal_id: &str) {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        for (_, _, token) in slots.get(terminal_id).into_iter().flatten() {
-            token.cancel();
+        for held in slots.get(terminal_id).into_iter().flatten() {
+            held.token.cancel();
         }
     }
 
@@ -117,13 +125,13 @@ impl Front {
     pub(super) fn close_serial(&self, terminal_id: &str, serial: &Serial) -> usize {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
-        for (_, _, token) in slots
+        for held in slots
             .get(terminal_id)
             .into_iter()
             .flatten()
-            .filter(|(_, s, _)| s == serial)
+            .filter(|held| held.serial == *serial)
         {
-            token.cancel();
+            held.token.cancel();
             closed += 1;
         }
         closed
@@ -191,10 +199,14 @@ impl Front {
         let token = shutdown.child_token();
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let held = slots.entry(terminal_id.to_owned()).or_default();
-        held.push_back((id, Serial::parse(&identity.serial_hex), token.clone()));
+        held.push_back(Held {
+            id,
+            serial: Serial::parse(&identity.serial_hex),
+            token: token.clone(),
+        });
         while held.len() > self.per_terminal {
-            if let Some((_, _, oldest)) = held.pop_front() {
-                oldest.cancel();
+            if let Some(oldest) = held.pop_front() {
+                oldest.token.cancel();
                 self.refuse("replaced");
             }
         }
@@ -389,7 +401,7 @@ impl Drop for Slot {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(held) = slots.get_mut(&self.terminal_id) {
-            held.retain(|(id, _, _)| *id != self.id);
+            held.retain(|held| held.id != self.id);
             if held.is_empty() {
                 slots.remove(&self.terminal_id);
             }
