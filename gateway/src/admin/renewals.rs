@@ -60,7 +60,7 @@ impl Renewals {
             log_retired(&retired);
         }
         let renewals = Renewals::empty();
-        for (record, _) in store.terminals().await? {
+        for record in store.renewing().await? {
             renewals.pending(&record);
         }
         Ok(renewals)

@@ -589,11 +589,11 @@ impl Store {
     /// As any write; then none is revoked.
     pub async fn retire_due(&self, now: OffsetDateTime) -> Result<Vec<Retired>, StoreError> {
         let due: Vec<String> = self
-            .terminals()
+            .renewing()
             .await?
             .into_iter()
-            .filter(|(t, _)| t.previous_cert.as_ref().is_some_and(|p| p.revoke_at <= now))
-            .map(|(t, _)| t.id)
+            .filter(|t| t.previous_cert.as_ref().is_some_and(|p| p.revoke_at <= now))
+            .map(|t| t.id)
             .collect();
         if due.is_empty() {
             return Ok(Vec::new());
@@ -695,6 +695,27 @@ impl Store {
                 let id = record.id.as_str();
                 let pending = outbox.range((id, 0)..=(id, u64::MAX))?.count() as u64;
                 out.push((record, pending));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The terminals with a pending certificate renewal (`previous_cert` set), in id order. Reads
+    /// only the registry (not the outbox, unlike [`Store::terminals`]): it runs at every start.
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn renewing(&self) -> Result<Vec<TerminalRecord>, StoreError> {
+        self.read("pending renewals", "", |db| {
+            let txn = db.begin_read()?;
+            let mut out = Vec::new();
+            for entry in txn.open_table(TERMINALS)?.iter()? {
+                let (key, value) = entry?;
+                let record: TerminalRecord = decode(key.value(), value.value())?;
+                if record.previous_cert.is_some() {
+                    out.push(record);
+                }
             }
             Ok(out)
         })
