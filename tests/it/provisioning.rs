@@ -326,7 +326,22 @@ async fn a_rotated_http_token_replaces_the_old_one() {
 
 #[tokio::test]
 async fn the_new_certificate_on_the_tls_ingress_completes_the_renewal() {
-    let gw = spawn_with(&[("POSGATE__INGRESS__TLS", "true")]).await;
+    the_new_certificate_completes_the_renewal("false").await;
+}
+
+#[tokio::test]
+async fn the_new_certificate_completes_the_renewal_behind_the_front_door() {
+    the_new_certificate_completes_the_renewal("true").await;
+}
+
+/// With `mqtt.front_door` off (rmqtt's TLS listener holds the certificate) or on (posgate's front
+/// door does).
+async fn the_new_certificate_completes_the_renewal(front_door: &str) {
+    let gw = spawn_with(&[
+        ("POSGATE__INGRESS__TLS", "true"),
+        ("POSGATE__MQTT__FRONT_DOOR", front_door),
+    ])
+    .await;
     let key = KeyPair::generate().unwrap();
     let old = provision_csr(&gw, "pos_tls_renew", &key).await;
     let new_key = KeyPair::generate().unwrap();

@@ -502,9 +502,9 @@ impl Handle {
     }
 
     /// Refuses one certificate `serial` of `terminal_id` from now on (a renewal replaced it): in
-    /// the TLS handshake and at CONNECT, and by closing the terminal's connections made with it.
-    /// The terminal itself stays welcome with its other certificate, and its connections made
-    /// with that one stay up.
+    /// the TLS handshake (front door) and at CONNECT, and by closing the terminal's connection or
+    /// session made with it. The terminal itself stays welcome with its other certificate, and
+    /// what it opened with that one stays up.
     pub fn retire(&self, terminal_id: &str, serial: &str) {
         let serial = Serial::parse(serial);
         self.revoked
@@ -516,6 +516,9 @@ impl Handle {
         if closed > 0 {
             tracing::info!(%terminal_id, %serial, closed, "connections on a replaced certificate closed");
         }
+        // Without the front door the certificate is on rmqtt's session itself.
+        let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
+        tokio::spawn(async move { kick_if_using(&scx, &id, &serial).await });
     }
 
     /// Adds every serial and terminal id of these lists to the refused ones (revocations are
@@ -550,6 +553,35 @@ async fn kick(scx: &ServerContext, client_id: &str) {
     }
     match entry.kick(true, true, true).await {
         Ok(_) => tracing::info!(terminal_id = client_id, "session cut"),
+        Err(e) => tracing::warn!(terminal_id = client_id, error = %e, "could not cut the session"),
+    }
+}
+
+/// Cuts `client_id`'s session if its connection presented the certificate `serial` to rmqtt's
+/// own TLS listener (a session behind the front door carries no certificate: the front door
+/// closes those, [`Front::close_serial`]).
+async fn kick_if_using(scx: &ServerContext, client_id: &str, serial: &Serial) {
+    let mut entry = scx
+        .extends
+        .shared()
+        .await
+        .entry(Id::from(scx.node.id(), ClientId::from(client_id)));
+    let Some(session) = entry.session() else {
+        return;
+    };
+    let uses_it = match session.connect_info().await {
+        Ok(ci) => cert_of(&ci)
+            .and_then(|c| c.serial.as_deref())
+            .is_some_and(|s| Serial::parse(s) == *serial),
+        Err(_) => false,
+    };
+    if !uses_it {
+        return;
+    }
+    match entry.kick(true, true, true).await {
+        Ok(_) => {
+            tracing::info!(terminal_id = client_id, %serial, "session on a replaced certificate cut");
+        }
         Err(e) => tracing::warn!(terminal_id = client_id, error = %e, "could not cut the session"),
     }
 }
