@@ -81,7 +81,7 @@ function render() {
     const qr = qrcode(0, 'M');
     qr.addData(sale.intent.qr_payload);
     qr.make();
-    $('qr').innerHTML = qr.createSvgTag({ cellSize: 6, margin: 4, scalable: true });
+    $('qr').innerHTML = qr.createSvgTag({ cellSize: 6, margin: 24, scalable: true }) // a quiet zone of 4 modules;
     $('cancel').disabled = false;
     tick();
     show('awaiting', 'awaiting');

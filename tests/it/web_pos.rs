@@ -209,6 +209,12 @@ async fn a_paid_sale_shows_paid_within_a_second_of_the_webhook() {
     shop.channel_open("sse").await;
     let intent_id = shop.charge("4.40").await;
     assert_eq!(shop.browser.text("#due").await.as_deref(), Some("4.40"));
+    // What a wallet's camera reads off the screen is the provider's payment request.
+    let scanned = scan_qr(&shop.browser.screenshot().await);
+    assert_eq!(
+        Some(scanned.as_str()),
+        shop.sim.intent(&intent_id).unwrap()["qr_payload"].as_str()
+    );
 
     let paid_at = now_ms();
     shop.sim.pay(&intent_id, None, false).unwrap();
@@ -401,6 +407,24 @@ async fn a_reload_mid_payment_recovers_the_sale_and_shows_paid() {
     let intents: Value = intents.json().await.unwrap();
     assert_eq!(intents["data"].as_array().unwrap().len(), 1, "{intents}");
     shop.close().await;
+}
+
+/// The text of the QR code in a PNG, read by zbarimg (Debian's zbar-tools).
+fn scan_qr(png: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("screen.png");
+    std::fs::write(&path, png).unwrap();
+    let output = std::process::Command::new("zbarimg")
+        .args(["-q", "--raw", "-Sdisable", "-Sqrcode.enable"])
+        .arg(&path)
+        .output()
+        .expect("zbarimg not found: install Debian's zbar-tools (.ci/run does)");
+    assert!(
+        output.status.success(),
+        "no QR code found on the screen: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim_end().to_owned()
 }
 
 // === a proxy between the page and the gateway, as an attacker on the path would be ===
