@@ -570,3 +570,115 @@ fn rewrite(block: &str) -> String {
         .collect::<String>()
         + "\n"
 }
+
+// === `posgate-sim web-pos`, the binary ===
+
+/// The exit code and stderr of `posgate-sim web-pos ARGS` run to its end.
+async fn web_pos_exit(args: &[&str]) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_posgate-sim-under-test"))
+        .arg("web-pos")
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn posgate_sim_web_pos_serves_the_page_on_loopback_only() {
+    let gw = harness::spawn_gateway().await;
+    let response = gw
+        .admin_post(
+            "/v1/terminals",
+            json!({"id": "pos_cli", "merchant_id": "mer_test"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let bundle: Value = response.json().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bundle.json");
+    std::fs::write(&file, bundle.to_string()).unwrap();
+    let file = file.to_str().unwrap();
+
+    // Beyond loopback it would hand the token to the network: refused, as bad usage.
+    let (code, stderr) = web_pos_exit(&["--bundle", file, "--listen", "0.0.0.0:0"]).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--allow-remote"), "{stderr}");
+    // The page's files are read at start.
+    let (code, stderr) = web_pos_exit(&["--bundle", file, "--dir", "/nonexistent"]).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("/nonexistent/index.html"), "{stderr}");
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_posgate-sim-under-test"))
+        .args(["web-pos", "--bundle", file, "--listen", "127.0.0.1:0"])
+        .args(["--gateway", &format!("http://{}", gw.ingress)])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut said = String::new();
+    let base = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_or_else(|| panic!("web-pos ended: {said}"));
+        said.push_str(&line);
+        if let Some(rest) = line.strip_prefix("posgate-sim web-pos: ") {
+            break rest.split('/').take(3).collect::<Vec<_>>().join("/");
+        }
+    };
+    let next = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap();
+    let origin_line = next.unwrap().unwrap();
+    assert!(
+        origin_line.ends_with(&format!("CORS_ALLOWED_ORIGINS={base}")),
+        "{origin_line}"
+    );
+
+    let config = gw
+        .http
+        .get(format!("{base}/config.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(config.headers()["cache-control"], "no-store");
+    let csp = config.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains(&format!(
+            "connect-src 'self' http://{0} ws://{0};",
+            gw.ingress
+        )),
+        "{csp}"
+    );
+    assert!(csp.contains("script-src 'self';"), "{csp}");
+    let config: Value = config.json().await.unwrap();
+    assert_eq!(config["terminal_id"], "pos_cli");
+    assert_eq!(config["http_token"], bundle["http_token"]);
+    assert_eq!(config["gateway_jwk"], bundle["gateway_jwk"]);
+    assert_eq!(config["channels"], json!(["sse", "ws", "poll"]));
+    assert!(config.get("key_pem").is_none(), "no private key for a page");
+
+    let page = gw.http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("pos.js"));
+    for path in ["/Cargo.toml", "/../README.md", "/node_modules/.package-lock.json"] {
+        let response = gw.http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+
+    harness::signal(&child, "TERM");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    gw.shutdown().await;
+}
