@@ -512,7 +512,8 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
 
 /// What a revocation does outside the store (which has already marked the terminal revoked and
 /// parked its unacked confirmations): the broker refuses its certificate and cuts its session, its
-/// HTTP streams end and its unspent stream tickets are dropped, and delivery stops republishing what was parked and clears it from the broker.
+/// HTTP streams end and its unspent stream tickets are dropped, and delivery stops republishing
+/// what was parked and clears it from the broker.
 struct Revoker {
     broker: broker::Handle,
     hub: Hub,
