@@ -37,7 +37,11 @@ pub const FILES: &[(&str, &str, &str)] = &[
     ("/index.html", "index.html", "text/html; charset=utf-8"),
     ("/style.css", "style.css", "text/css; charset=utf-8"),
     ("/pos.js", "pos.js", "text/javascript; charset=utf-8"),
-    ("/gateway.js", "gateway.js", "text/javascript; charset=utf-8"),
+    (
+        "/gateway.js",
+        "gateway.js",
+        "text/javascript; charset=utf-8",
+    ),
     ("/verify.js", "verify.js", "text/javascript; charset=utf-8"),
     (
         "/node_modules/qrcode-generator/dist/qrcode.mjs",

@@ -776,7 +776,10 @@ mod tests {
     #[test]
     fn cors_origins_are_a_list_of_exact_origins() {
         let c = load_with(None, &[]).unwrap();
-        assert!(c.ingress.cors_allowed_origins.is_empty(), "no CORS by default");
+        assert!(
+            c.ingress.cors_allowed_origins.is_empty(),
+            "no CORS by default"
+        );
         let c = load_with(
             None,
             &[(
@@ -787,7 +790,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.ingress.cors_allowed_origins,
-            ["https://pos.example", "http://127.0.0.1:8480", "http://[::1]:80"]
+            [
+                "https://pos.example",
+                "http://127.0.0.1:8480",
+                "http://[::1]:80"
+            ]
         );
         let c = load_with(
             Some("[ingress]\ncors_allowed_origins = [\"https://a.example\"]\n"),
@@ -806,11 +813,8 @@ mod tests {
             "https://*.example",
             "https://",
         ] {
-            let err = load_with(
-                None,
-                &[("POSGATE__INGRESS__CORS_ALLOWED_ORIGINS", bad)],
-            )
-            .unwrap_err();
+            let err =
+                load_with(None, &[("POSGATE__INGRESS__CORS_ALLOWED_ORIGINS", bad)]).unwrap_err();
             assert_eq!(bad_keys(err), ["ingress.cors_allowed_origins"], "{bad}");
         }
     }

@@ -1049,7 +1049,10 @@ async fn cors_answers_the_listed_origins_and_no_other() {
         }
         let refused = preflight(origin).await.unwrap();
         assert_eq!(
-            refused.headers().get("access-control-allow-origin").is_some(),
+            refused
+                .headers()
+                .get("access-control-allow-origin")
+                .is_some(),
             allowed,
             "preflight from {origin}"
         );
@@ -1065,7 +1068,12 @@ async fn cors_answers_the_listed_origins_and_no_other() {
         .await
         .unwrap();
     assert_eq!(webhook.status(), 401);
-    assert!(webhook.headers().get("access-control-allow-origin").is_none());
+    assert!(
+        webhook
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
     gw.shutdown().await;
 
     // By default: no CORS headers at all.

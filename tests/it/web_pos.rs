@@ -424,7 +424,10 @@ fn scan_qr(png: &[u8]) -> String {
         "no QR code found on the screen: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).unwrap().trim_end().to_owned()
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim_end()
+        .to_owned()
 }
 
 // === a proxy between the page and the gateway, as an attacker on the path would be ===
@@ -669,7 +672,11 @@ async fn posgate_sim_web_pos_serves_the_page_on_loopback_only() {
     let page = gw.http.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("pos.js"));
-    for path in ["/Cargo.toml", "/../README.md", "/node_modules/.package-lock.json"] {
+    for path in [
+        "/Cargo.toml",
+        "/../README.md",
+        "/node_modules/.package-lock.json",
+    ] {
         let response = gw.http.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(response.status(), 404, "{path}");
     }

@@ -290,7 +290,11 @@ mod browser {
         // Without the key: no CORS headers at all, and no preflight answer.
         let without = router(channels.clone(), &[]);
         let none = send(&without, preflight(listed)).await;
-        assert!(none.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+        assert!(
+            none.headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .is_none()
+        );
         assert_eq!(none.status(), StatusCode::METHOD_NOT_ALLOWED);
         channels.store.close().await;
     }

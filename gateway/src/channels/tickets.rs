@@ -225,10 +225,15 @@ mod tests {
             Some("pos_1")
         );
         assert_eq!(
-            tickets.redeem(newest[1000 - MAX_PER_TERMINAL].expose()).as_deref(),
+            tickets
+                .redeem(newest[1000 - MAX_PER_TERMINAL].expose())
+                .as_deref(),
             Some("pos_1")
         );
-        assert_eq!(tickets.redeem(newest[999 - MAX_PER_TERMINAL].expose()), None);
+        assert_eq!(
+            tickets.redeem(newest[999 - MAX_PER_TERMINAL].expose()),
+            None
+        );
         assert_eq!(
             tickets.redeem(other.expose()).as_deref(),
             Some("pos_2"),
