@@ -215,7 +215,11 @@ async function onConfirmation(jws, ack) {
       sale.outcome = { status: c.status, context: c.context ?? null, seq: c.seq };
       $('outcome').dataset.shownAt = String(Date.now());
     } else {
-      console.info('posgate: confirmation of an earlier sale', c);
+      // An earlier sale, settled after the cashier moved on (a late payment, say): said, not
+      // put over the current one.
+      const [, text] = OUTCOMES[c.status === 'unresolved' ? c.context : c.status] ?? [, c.status];
+      $('earlier').textContent = `Earlier sale ${c.intent_id} (${c.amount} USDC): ${text}.`;
+      $('earlier').hidden = false;
     }
     save();
     render();

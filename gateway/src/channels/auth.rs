@@ -169,14 +169,15 @@ pub(super) async fn authenticate(
     ticket: Option<&str>,
     subscribe: bool,
 ) -> Result<Authenticated, Refused> {
+    // First: a ticket presented is spent, whatever else is wrong with the request.
+    let by_ticket = match ticket {
+        Some(ticket) => Some(channels.tickets.redeem(ticket).ok_or(Refused::BadTicket)?),
+        None => None,
+    };
     let token = bearer(headers);
     let by_token = match token {
         Some(token) => Some(channels.tokens.lookup(token).ok_or(Refused::UnknownToken)?),
         None if headers.contains_key(header::AUTHORIZATION) => return Err(Refused::UnknownToken),
-        None => None,
-    };
-    let by_ticket = match ticket {
-        Some(ticket) => Some(channels.tickets.redeem(ticket).ok_or(Refused::BadTicket)?),
         None => None,
     };
     let by_cert = peer.0.as_ref().map(|c| c.cn.clone());

@@ -201,6 +201,16 @@ mod browser {
             open(&router, EVENTS_PATH, &t, None).await,
             StatusCode::UNAUTHORIZED
         );
+        // With a token that is no terminal's: refused, and spent all the same.
+        let t = ticket(&router, TOKEN_A).await;
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, Some("no-such-token")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, None).await,
+            StatusCode::UNAUTHORIZED
+        );
         // With its own terminal's token: fine.
         let t = ticket(&router, TOKEN_A).await;
         assert_eq!(
