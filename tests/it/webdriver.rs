@@ -67,6 +67,9 @@ impl Browser {
             };
             let mut driver = Command::new(&driver_bin)
                 .arg(format!("--port={port}"))
+                // Its own process group, Chromium's processes with it: a test that fails midway
+                // still takes them all down (Drop).
+                .process_group(0)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
@@ -262,8 +265,8 @@ impl Browser {
         STANDARD.decode(b64.as_str().unwrap()).unwrap()
     }
 
-    /// Ends the session and chromedriver.
-    pub async fn quit(mut self) {
+    /// Ends the session (Chromium closes), then chromedriver.
+    pub async fn quit(self) {
         drop(
             self.http
                 .delete(self.session.clone())
@@ -271,6 +274,20 @@ impl Browser {
                 .send()
                 .await,
         );
-        drop(self.driver.kill().await);
+    }
+}
+
+impl Drop for Browser {
+    /// Kills chromedriver's process group: chromedriver and whatever Chromium processes are left
+    /// (all of them when a test failed before `quit`).
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            drop(
+                std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .stderr(Stdio::null())
+                    .status(),
+            );
+        }
     }
 }
