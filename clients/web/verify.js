@@ -4,15 +4,15 @@
 // no padding, header {"alg":"EdDSA","kid":"…","typ":"JWT"}, signed with the gateway's Ed25519 key
 // whose JWK (`gateway_jwk`) comes in the terminal's provisioning bundle. The checks, in this order
 // (the same as posgate_proto::confirmation::verify, docs/interfaces.md "Confirmations (JWS)"):
-//   1. three parts of strict base64url (no padding, no stray bits), a JSON object as header;
+//   1. three parts of strict base64url (no padding, no stray bits), a JSON object with a string
+//      alg as header;
 //   2. alg is exactly "EdDSA" and there is no "crit": anything else (none, HS256, …) is refused
-//      before the key is used;
-//   3. kid names the bundle's key (posgate always sets it to the key's RFC 7638 thumbprint);
-//   4. the signature: 64 bytes, S below the group order (no malleable twin), then
+//      before the key is used (kid is a name, not key material: not checked, as in proto);
+//   3. the signature: 64 bytes, S below the group order (no malleable twin), then
 //      crypto.subtle.verify over the first two parts exactly as received;
-//   5. the payload is a version 1 confirmation with every field of the right type;
-//   6. terminal_id is this terminal's;
-//   7. seq is at least minSeq.
+//   4. the payload is a version 1 confirmation with every field of the right type;
+//   5. terminal_id is this terminal's;
+//   6. seq is at least minSeq.
 // Nothing of the payload is looked at before the signature checks out. Only a confirmation that
 // passes is shown or acked.
 
@@ -125,7 +125,7 @@ const FIELDS = {
  * caller deduplicates on intent_id + seq.
  *
  * Throws a VerifyError whose `reason` is the first failed check: `malformed`, `bad_alg`,
- * `bad_kid`, `bad_signature`, `bad_payload`, `wrong_terminal`, `old_seq`.
+ * `bad_signature`, `bad_payload`, `wrong_terminal`, `old_seq`.
  */
 export async function verifyConfirmation(jws, gatewayKey, terminalId, minSeq = 0) {
   const parts = typeof jws === 'string' ? jws.split('.') : [];
@@ -134,12 +134,11 @@ export async function verifyConfirmation(jws, gatewayKey, terminalId, minSeq = 0
   }
   const [headerB64, payloadB64, signatureB64] = parts;
   const header = json(base64urlDecode(headerB64), 'malformed');
-  if (!isObject(header)) throw new VerifyError('malformed', 'header is not a JSON object');
+  if (!isObject(header) || typeof header.alg !== 'string') {
+    throw new VerifyError('malformed', 'header is not a JSON object with a string alg');
+  }
   if (header.alg !== 'EdDSA' || 'crit' in header) {
     throw new VerifyError('bad_alg', 'alg is not EdDSA, or crit is present');
-  }
-  if (header.kid !== gatewayKey.kid) {
-    throw new VerifyError('bad_kid', 'kid does not name the gateway key of the bundle');
   }
   const payloadBytes = base64urlDecode(payloadB64);
   const signature = base64urlDecode(signatureB64);

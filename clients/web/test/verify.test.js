@@ -73,10 +73,11 @@ test('each rule refuses what breaks it', async () => {
   ]) {
     await refused(verifyConfirmation(await sign(pair.privateKey, header, payload()), key, 'pos_01'), 'bad_alg');
   }
-  await refused(
-    verifyConfirmation(await sign(pair.privateKey, { ...HEADER, kid: 'other' }, payload()), key, 'pos_01'),
-    'bad_kid',
-  );
+  // kid is a name, not key material: another kid with the right key verifies (as in proto).
+  const otherKid = await sign(pair.privateKey, { ...HEADER, kid: 'other' }, payload());
+  assert.equal((await verifyConfirmation(otherKid, key, 'pos_01')).seq, 7);
+  await refused(verifyConfirmation(await sign(pair.privateKey, { typ: 'JWT' }, payload()), key, 'pos_01'), 'malformed');
+  await refused(verifyConfirmation(await sign(pair.privateKey, { alg: 1 }, payload()), key, 'pos_01'), 'malformed');
 
   // Signed by another key; a payload changed after signing; an empty signature.
   const other = await gatewayKey();
