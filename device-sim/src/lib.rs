@@ -16,6 +16,7 @@
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 //! - [`remote`]: a provider simulator in another process, over its REST API and control endpoint.
 //! - [`watch`]: `posgate-sim terminal`, one terminal a person can watch (QR code, then the outcome).
+//! - [`web_pos`]: `posgate-sim web-pos`, the reference web POS of `clients/web/` and its configuration.
 //! - [`fleet_cmd`]: `posgate-sim fleet`, the POS fleet against a running gateway and simulator.
 //! - [`compare`]: the webhook bridge for another broker, and `bench e2e --broker … --plain`.
 
@@ -33,3 +34,4 @@ pub mod provider;
 pub mod remote;
 pub mod terminal;
 pub mod watch;
+pub mod web_pos;

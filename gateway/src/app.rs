@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::admin::{self, Admin, Fleet, Renewals, TokenError};
 use crate::broker::{self, Broker, BrokerError};
-use crate::channels::{self, Channels, Hub, TokenIndex};
+use crate::channels::{self, Channels, Hub, Tickets, TokenIndex};
 use crate::config::Config;
 use crate::delivery::{self, BrokerEvent, Presence, Signer};
 use crate::ingress::tls::{self, TlsError, TlsListener};
@@ -331,6 +331,7 @@ impl Gateway {
         // that the hub fans out per terminal.
         let (published_tx, published_rx) = broadcast::channel(1024);
         let hub = Hub::default();
+        let tickets = Tickets::default();
         supervisor.spawn(
             "http_channels",
             hub.clone()
@@ -342,6 +343,7 @@ impl Gateway {
             signer: signer.clone(),
             hub: hub.clone(),
             tokens: http_tokens.clone(),
+            tickets: tickets.clone(),
             acks: delivery_events.clone(),
             shutdown: token.clone(),
             tracker: tracker.clone(),
@@ -358,7 +360,10 @@ impl Gateway {
             body_limit_bytes: config.ingress.body_limit_bytes,
             tolerance_secs: config.ingress.tolerance_secs,
         }))
-        .merge(channels::router(channels));
+        .merge(channels::router(
+            channels,
+            &config.ingress.cors_allowed_origins,
+        ));
         let addrs = broker.addrs();
         let handle = broker.handle();
         let presence = Presence::default();
@@ -394,6 +399,7 @@ impl Gateway {
         let revoker = Revoker {
             broker: handle.clone(),
             hub,
+            tickets,
             delivery: delivery_events,
         };
         let retiring = handle.clone();
@@ -527,10 +533,12 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
 
 /// What a revocation does outside the store (which has already marked the terminal revoked and
 /// parked its unacked confirmations): the broker refuses its certificate and cuts its session, its
-/// HTTP streams end, and delivery stops republishing what was parked and clears it from the broker.
+/// HTTP streams end and its unspent stream tickets are dropped, and delivery stops republishing
+/// what was parked and clears it from the broker.
 struct Revoker {
     broker: broker::Handle,
     hub: Hub,
+    tickets: Tickets,
     delivery: mpsc::UnboundedSender<BrokerEvent>,
 }
 
@@ -538,6 +546,7 @@ impl Revoker {
     fn revoke(&self, r: &Revocation) {
         self.broker.revoke(&r.record.id, &r.record.cert_serial);
         self.hub.revoke(&r.record.id);
+        self.tickets.revoke(&r.record.id);
         drop(self.delivery.send(BrokerEvent::Revoked {
             terminal_id: r.record.id.clone(),
             parked: r.parked.clone(),

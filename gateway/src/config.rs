@@ -29,7 +29,11 @@ const SECRET_KEYS: &[&str] = &[
 ];
 
 /// Keys whose environment form is a comma-separated list.
-const LIST_KEYS: &[&str] = &["provider.webhook_secrets", "mqtt.server_names"];
+const LIST_KEYS: &[&str] = &[
+    "provider.webhook_secrets",
+    "mqtt.server_names",
+    "ingress.cors_allowed_origins",
+];
 
 /// The validated configuration of the daemon.
 #[derive(Clone, Debug)]
@@ -89,6 +93,9 @@ pub struct IngressConfig {
     /// Serve TLS on this listener (the gateway's server certificate; client certificates of the
     /// gateway CA optional, and then a terminal's identity).
     pub tls: bool,
+    /// Web origins (`https://pos.example`) whose pages may call the terminal API from a browser;
+    /// empty: no CORS headers at all.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// `[provider]`.
@@ -337,6 +344,14 @@ impl Config {
         let tolerance_secs = r.in_range::<i64>("ingress.tolerance_secs", 1, 3600);
         let keepalive_secs = r.in_range::<u64>("ingress.keepalive_secs", 1, 3600);
         let ingress_tls = r.required::<bool>("ingress.tls");
+        let cors_allowed_origins = r.required::<Vec<String>>("ingress.cors_allowed_origins");
+        if let Some(bad) = cors_allowed_origins
+            .iter()
+            .flatten()
+            .find_map(|o| origin_problem(o).map(|why| format!("{o:?}: {why}")))
+        {
+            r.reject::<()>("ingress.cors_allowed_origins", &bad);
+        }
 
         let webhook_secrets = r
             .optional::<Vec<String>>("provider.webhook_secrets")
@@ -441,6 +456,7 @@ impl Config {
                     tolerance_secs: tolerance_secs?,
                     keepalive_secs: keepalive_secs?,
                     tls: ingress_tls?,
+                    cors_allowed_origins: cors_allowed_origins?,
                 },
                 provider: ProviderConfig {
                     webhook_secrets: webhook_secrets?
@@ -660,6 +676,28 @@ fn collect_leaves(
     }
 }
 
+/// What is wrong with a CORS origin, if anything. A browser sends `Origin` as
+/// `scheme://host[:port]`, lowercase, with no path, and the comparison is exact, so anything else
+/// would never match: better an error at start than a page that silently fails.
+fn origin_problem(origin: &str) -> Option<&'static str> {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Some("must be scheme://host[:port], e.g. https://pos.example");
+    };
+    if scheme != "http" && scheme != "https" {
+        return Some("the scheme must be http or https");
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', '*']) {
+        return Some("must be scheme://host[:port]: no path (not even a trailing /), no wildcard");
+    }
+    if !rest
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:[]".contains(c))
+    {
+        return Some("the host must be written as a browser sends it: lowercase ASCII (punycode)");
+    }
+    None
+}
+
 /// `POSGATE__PROVIDER__WEBHOOK_SECRETS` → `provider.webhook_secrets`.
 fn env_key(name: &str) -> String {
     name.to_lowercase()
@@ -733,6 +771,52 @@ mod tests {
             ),
             (900, 600)
         );
+    }
+
+    #[test]
+    fn cors_origins_are_a_list_of_exact_origins() {
+        let c = load_with(None, &[]).unwrap();
+        assert!(
+            c.ingress.cors_allowed_origins.is_empty(),
+            "no CORS by default"
+        );
+        let c = load_with(
+            None,
+            &[(
+                "POSGATE__INGRESS__CORS_ALLOWED_ORIGINS",
+                "https://pos.example,http://127.0.0.1:8480,http://[::1]:80",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.ingress.cors_allowed_origins,
+            [
+                "https://pos.example",
+                "http://127.0.0.1:8480",
+                "http://[::1]:80"
+            ]
+        );
+        let c = load_with(
+            Some("[ingress]\ncors_allowed_origins = [\"https://a.example\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.ingress.cors_allowed_origins, ["https://a.example"]);
+        for bad in [
+            "*",
+            "null",
+            "pos.example",
+            "https://pos.example/",
+            "https://pos.example/pos",
+            "ftp://pos.example",
+            "https://POS.example",
+            "https://*.example",
+            "https://",
+        ] {
+            let err =
+                load_with(None, &[("POSGATE__INGRESS__CORS_ALLOWED_ORIGINS", bad)]).unwrap_err();
+            assert_eq!(bad_keys(err), ["ingress.cors_allowed_origins"], "{bad}");
+        }
     }
 
     #[test]

@@ -877,3 +877,227 @@ async fn over_tls_the_client_certificate_authenticates_the_terminal() {
     assert_eq!(refused.send().await.unwrap().status(), 401);
     gw.shutdown().await;
 }
+
+// === browsers: single-use tickets for the streams, CORS ===
+
+/// A ticket for `token`'s terminal, checked for the contract's shape.
+async fn ticket(gw: &TestGateway, token: &str) -> String {
+    let response = gw
+        .http
+        .post(format!("http://{}/v1/terminal/tickets", gw.ingress))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let (status, body) = status_json(response).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["expires_in"], 30);
+    let ticket = body["ticket"].as_str().unwrap().to_owned();
+    assert!(
+        ticket.len() == 64 && ticket.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{ticket}"
+    );
+    ticket
+}
+
+async fn ws_with_ticket(gw: &TestGateway, ticket: &str) -> Result<Ws, u16> {
+    let request = format!("ws://{}/v1/terminal/ws?ticket={ticket}", gw.ingress)
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_ticket_opens_one_stream_once_and_only_for_its_terminal() {
+    let gw = spawn_gateway().await;
+    let a = gw.provision("pos_tk_a").await;
+    let b = gw.provision("pos_tk_b").await;
+    let events = |ticket: &str| format!("/v1/terminal/events?ticket={ticket}");
+
+    // Tickets are for terminals only.
+    let response = gw
+        .http
+        .post(format!("http://{}/v1/terminal/tickets", gw.ingress))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_json(response).await;
+    assert_eq!(status, 401, "{body}");
+    assert_error_body(&body);
+
+    // A ticket and no header opens A's stream, once.
+    let t = ticket(&gw, &a.http_token).await;
+    let mut sse = SseClient::of(get(&gw, &events(&t), None).await);
+    gw.pay("pos_tk_a", "pi_tk_a").await;
+    let (_, on_sse) = sse.next_other_than(&[]).await;
+    assert_eq!(check(&a, &on_sse).intent_id, "pi_tk_a");
+    let again = get(&gw, &events(&t), None).await;
+    assert_eq!(again.status(), 401, "a spent ticket");
+    assert_eq!(again.headers()["www-authenticate"], "Bearer");
+    assert_error_body(&again.json().await.unwrap());
+
+    // The same for a WebSocket.
+    let t = ticket(&gw, &a.http_token).await;
+    let mut ws = ws_with_ticket(&gw, &t).await.unwrap();
+    assert_eq!(ws_next_other_than(&mut ws, &[]).await.unwrap(), on_sse);
+    assert_eq!(ws_with_ticket(&gw, &t).await.unwrap_err(), 401);
+    assert_eq!(ws_with_ticket(&gw, &"0".repeat(64)).await.unwrap_err(), 401);
+
+    // A's ticket with B's token is refused; B's ticket gives B's stream, without A's confirmation.
+    let t = ticket(&gw, &a.http_token).await;
+    let mixed = get(&gw, &events(&t), Some(&b.http_token)).await;
+    assert_eq!(mixed.status(), 401);
+    let t = ticket(&gw, &b.http_token).await;
+    let mut sse_b = SseClient::of(get(&gw, &events(&t), None).await);
+    gw.pay("pos_tk_b", "pi_tk_b").await;
+    let (_, on_b) = sse_b.next_other_than(&[]).await;
+    assert_eq!(check(&b, &on_b).intent_id, "pi_tk_b");
+
+    // Polling takes the bearer token, not a ticket.
+    let t = ticket(&gw, &a.http_token).await;
+    let (status, _) = poll(&gw, None, &format!("pi_tk_a?ticket={t}"), "").await;
+    assert_eq!(status, 401);
+
+    // An unspent ticket of a terminal revoked since is refused.
+    let t = ticket(&gw, &a.http_token).await;
+    let (status, _) = status_json(
+        gw.admin_post("/v1/terminals/pos_tk_a/revoke", Value::Null)
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(get(&gw, &events(&t), None).await.status(), 401);
+    assert_eq!(ws_with_ticket(&gw, &t).await.unwrap_err(), 401);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn cors_answers_the_listed_origins_and_no_other() {
+    let listed = "https://pos.example";
+    let gw = spawn_with(&[(
+        "POSGATE__INGRESS__CORS_ALLOWED_ORIGINS",
+        "https://pos.example,http://127.0.0.1:8480",
+    )])
+    .await;
+    let bundle = gw.provision("pos_cors").await;
+    let url = |path: &str| format!("http://{}{path}", gw.ingress);
+    let preflight = |origin: &str| {
+        gw.http
+            .request(
+                reqwest::Method::OPTIONS,
+                url("/v1/terminal/payment-intents"),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+
+    let ok = preflight(listed).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let h = ok.headers();
+    assert_eq!(h["access-control-allow-origin"], listed);
+    assert_eq!(h["access-control-allow-methods"], "GET,POST");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization,content-type"
+    );
+    assert_eq!(h["access-control-max-age"], "600");
+    assert!(h.get("access-control-allow-credentials").is_none());
+    assert!(
+        h.get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().contains("origin")),
+        "{h:?}"
+    );
+
+    // The answers themselves, errors included, carry it for a listed origin only.
+    for (origin, allowed) in [
+        (listed, true),
+        ("http://127.0.0.1:8480", true),
+        ("https://evil.example", false),
+        ("https://pos.example.evil", false),
+        ("http://pos.example", false),
+    ] {
+        let response = gw
+            .http
+            .get(url("/v1/terminal/payments/pi_unknown"))
+            .header("origin", origin)
+            .bearer_auth(&bundle.http_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        let echoed = response.headers().get("access-control-allow-origin");
+        assert_eq!(echoed.is_some(), allowed, "{origin}");
+        if allowed {
+            assert_eq!(echoed.unwrap(), origin);
+            assert!(
+                response.headers()["access-control-expose-headers"]
+                    .to_str()
+                    .unwrap()
+                    .contains("retry-after")
+            );
+        }
+        let refused = preflight(origin).await.unwrap();
+        assert_eq!(
+            refused
+                .headers()
+                .get("access-control-allow-origin")
+                .is_some(),
+            allowed,
+            "preflight from {origin}"
+        );
+    }
+
+    // The provider's webhook path never answers CORS.
+    let webhook = gw
+        .http
+        .post(url("/webhooks/stablegenius"))
+        .header("origin", listed)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status(), 401);
+    assert!(
+        webhook
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    gw.shutdown().await;
+
+    // By default: no CORS headers at all.
+    let gw = spawn_gateway().await;
+    let bundle = gw.provision("pos_cors").await;
+    let response = gw
+        .http
+        .get(format!(
+            "http://{}/v1/terminal/payments/pi_unknown",
+            gw.ingress
+        ))
+        .header("origin", listed)
+        .bearer_auth(&bundle.http_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(
+        response
+            .headers()
+            .keys()
+            .all(|k| !k.as_str().starts_with("access-control-")),
+        "{:?}",
+        response.headers()
+    );
+    gw.shutdown().await;
+}

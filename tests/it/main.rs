@@ -23,4 +23,6 @@ mod security;
 mod shutdown;
 mod sim_cli;
 mod systemd;
+mod web_pos;
+mod webdriver;
 mod webhooks;

@@ -2,7 +2,8 @@
 //!
 //! This file parses the command line, dispatches to the subcommand and maps errors to exit codes
 //! (64 for a `UsageError`, 1 otherwise). Each subcommand has a file here with its flags and its
-//! run: `demo`, `provider`, `terminal`, `fleet`, `bridge`, `chaos`, and `bench` with its scenarios.
+//! run: `demo`, `provider`, `terminal`, `web-pos`, `fleet`, `bridge`, `chaos`, and `bench` with
+//! its scenarios.
 
 mod bench;
 mod bridge;
@@ -11,6 +12,7 @@ mod demo;
 mod fleet;
 mod provider;
 mod terminal;
+mod web_pos;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,9 @@ enum Command {
     /// One terminal a person can watch: shows the amount and the QR code, waits for the signed
     /// confirmation, shows PAID, EXPIRED, UNDERPAID or CANCELLED.
     Terminal(terminal::TerminalArgs),
+    /// The reference web POS (clients/web) for one terminal: a browser page that creates
+    /// payments through the gateway, shows the QR code and the verified outcome.
+    WebPos(web_pos::WebPosArgs),
     /// N terminals running the POS flow against a running gateway and provider simulator; exit
     /// 0 only if nothing was lost.
     Fleet(fleet::FleetArgs),
@@ -88,6 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => args.run().await,
         Command::Provider(args) => args.run().await,
         Command::Terminal(args) => args.run().await,
+        Command::WebPos(args) => args.run().await,
         Command::Fleet(args) => args.run().await,
         Command::Bridge(args) => args.run().await,
         Command::Chaos(args) => args.run().await,

@@ -70,7 +70,7 @@ pub(super) async fn ack(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let auth = match authenticate(&channels, &headers, &peer, false).await {
+    let auth = match authenticate(&channels, &headers, &peer, None, false).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };

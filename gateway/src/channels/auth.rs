@@ -1,5 +1,6 @@
-//! Who is asking: a bearer token from the provisioning bundle, or the terminal's client
-//! certificate on the TLS ingress; revoked terminals refused on every request.
+//! Who is asking: a bearer token from the provisioning bundle, the terminal's client certificate
+//! on the TLS ingress, or (streams only) a single-use ticket from [`super::tickets`]; revoked
+//! terminals refused on every request.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -79,7 +80,9 @@ pub(super) enum Refused {
     Missing,
     #[error("unknown bearer token")]
     UnknownToken,
-    #[error("the bearer token and the client certificate name different terminals")]
+    #[error("unknown, spent or expired ticket")]
+    BadTicket,
+    #[error("the bearer token, the client certificate and the ticket name different terminals")]
     Mismatch,
     #[error("terminal {0} is unknown or revoked, or its credentials do not match")]
     Terminal(String),
@@ -152,8 +155,10 @@ pub(super) struct Authenticated {
     pub(super) signals: Option<broadcast::Receiver<Signal>>,
 }
 
-/// Who is asking: the terminal named by the bearer token and/or the client certificate, checked
-/// against the registry (not revoked, same token hash in constant time, same certificate serial).
+/// Who is asking: the terminal named by the bearer token, the client certificate and/or the
+/// `ticket` (spent here, whatever the outcome), checked against the registry (not revoked, same
+/// token hash in constant time, same certificate serial). Credentials that name different
+/// terminals are refused.
 ///
 /// With `subscribe`, the terminal's signals are subscribed to *before* the registry is read, so a
 /// revocation committed after that read still reaches the stream.
@@ -161,8 +166,14 @@ pub(super) async fn authenticate(
     channels: &Channels,
     headers: &HeaderMap,
     peer: &Peer,
+    ticket: Option<&str>,
     subscribe: bool,
 ) -> Result<Authenticated, Refused> {
+    // First: a ticket presented is spent, whatever else is wrong with the request.
+    let by_ticket = match ticket {
+        Some(ticket) => Some(channels.tickets.redeem(ticket).ok_or(Refused::BadTicket)?),
+        None => None,
+    };
     let token = bearer(headers);
     let by_token = match token {
         Some(token) => Some(channels.tokens.lookup(token).ok_or(Refused::UnknownToken)?),
@@ -170,11 +181,13 @@ pub(super) async fn authenticate(
         None => None,
     };
     let by_cert = peer.0.as_ref().map(|c| c.cn.clone());
-    let id = match (by_token, by_cert) {
-        (Some(a), Some(b)) if a != b => return Err(Refused::Mismatch),
-        (Some(id), _) | (None, Some(id)) => id,
-        (None, None) => return Err(Refused::Missing),
+    let mut named = [by_token, by_cert, by_ticket].into_iter().flatten();
+    let Some(id) = named.next() else {
+        return Err(Refused::Missing);
     };
+    if named.any(|other| other != id) {
+        return Err(Refused::Mismatch);
+    }
     let signals = subscribe.then(|| channels.hub.subscribe(&id));
     let terminal = channels
         .store

@@ -10,6 +10,7 @@
 //! | `GET /v1/terminal/events` | `text/event-stream`: `event: confirmation`, `id: <seq>`, `data: <jws>`; keep-alive comments every `ingress.keepalive_secs` |
 //! | `GET /v1/terminal/ws` | WebSocket: a text frame per confirmation (the JWS); the terminal acks with a text frame `{"intent_id","seq"}` |
 //! | `POST /v1/terminal/acks` `{"intent_id","seq"}` | `202 {"accepted":true}`: handed to the delivery engine, which commits it as an MQTT ack |
+//! | `POST /v1/terminal/tickets` | `201 {"ticket","expires_in"}`: a single-use ticket for one SSE or WebSocket stream (`?ticket=…`), for browsers |
 //!
 //! **Delivery** is the delivery engine's (stop-and-wait per terminal, see [`crate::delivery`]): a stream
 //! starts with the terminal's head (its lowest unacked `seq`) read from the store, then carries
@@ -25,13 +26,16 @@
 //! id, O = its tenant, serial = the one it was issued). Every request re-reads the terminal from
 //! the store, so a revoked terminal is refused on every channel from the moment of its revocation;
 //! its open streams end (SSE) or are closed with code 1008 (WebSocket). Anything else is `401` with
-//! one generic body. Another terminal's intent is `404`, exactly like an unknown one.
+//! one generic body. Another terminal's intent is `404`, exactly like an unknown one. A browser
+//! cannot give `EventSource` or `WebSocket` a header: it opens them with a single-use ticket
+//! instead ([`tickets`]), and, when `ingress.cors_allowed_origins` lists the page's origin, the
+//! routes here answer CORS (preflights included) for that origin only.
 //!
 //! **Shutdown:** streams end when shutdown starts (WebSocket: close frame 1001), so they never hold
 //! the drain up; long polls answer at once with what they have.
 
 //!
-//! Files: `auth.rs` (tokens and certificates), `hub.rs` (the fan-out of publishes per terminal),
+//! Files: `auth.rs` (tokens and certificates), `tickets.rs` (the browsers' tickets), `hub.rs` (the fan-out of publishes per terminal),
 //! `feed.rs` (one terminal's stream), `acks.rs`, `ws.rs` (the WebSocket session); the polling and
 //! SSE handlers are here.
 
@@ -42,10 +46,12 @@ mod hub;
 mod payments;
 #[cfg(test)]
 mod tests;
+pub mod tickets;
 mod ws;
 
 pub use auth::TokenIndex;
 pub use hub::Hub;
+pub use tickets::Tickets;
 
 use prometheus::IntGaugeVec;
 use std::collections::HashMap;
@@ -56,7 +62,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -82,6 +88,8 @@ pub const EVENTS_PATH: &str = "/v1/terminal/events";
 pub const WS_PATH: &str = "/v1/terminal/ws";
 /// Acks from polling and SSE clients.
 pub const ACKS_PATH: &str = "/v1/terminal/acks";
+/// Single-use tickets for a browser's streams.
+pub const TICKETS_PATH: &str = "/v1/terminal/tickets";
 
 /// The longest a long poll (`wait_secs`) may wait.
 pub const MAX_WAIT_SECS: u64 = 30;
@@ -103,6 +111,8 @@ pub struct Channels {
     pub signer: Signer,
     pub hub: Hub,
     pub tokens: TokenIndex,
+    /// Unspent stream tickets (browsers).
+    pub tickets: Tickets,
     /// The delivery engine's event channel: acks go in here exactly as the broker's do.
     pub acks: mpsc::UnboundedSender<BrokerEvent>,
     /// Cancelled when shutdown starts: streams end, long polls answer.
@@ -121,9 +131,10 @@ pub struct Channels {
     pub renewals: crate::admin::Renewals,
 }
 
-/// The HTTP channels' routes (merged into the ingress router).
-pub fn router(channels: Arc<Channels>) -> Router {
-    Router::new()
+/// The HTTP channels' routes (merged into the ingress router), with CORS for `cors_origins`
+/// (none: no CORS headers at all). The origins are validated by the configuration.
+pub fn router(channels: Arc<Channels>, cors_origins: &[String]) -> Router {
+    let router = Router::new()
         .route(PAYMENT_PATH, get(payment))
         .route(EVENTS_PATH, get(events))
         .route(WS_PATH, get(ws))
@@ -140,7 +151,62 @@ pub fn router(channels: Arc<Channels>) -> Router {
             CANCEL_PATH,
             post(payments::cancel).layer(DefaultBodyLimit::max(payments::LIMIT_BYTES)),
         )
-        .with_state(channels)
+        .route(
+            TICKETS_PATH,
+            post(ticket).layer(DefaultBodyLimit::max(ACK_LIMIT_BYTES)),
+        )
+        .with_state(channels);
+    match cors(cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// CORS for the listed origins only: preflights answered, the origin echoed when listed, nothing
+/// when not (the browser then refuses the answer to the page). No cookies are involved (the
+/// credentials are a bearer token and tickets), so credentials mode stays off.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// `?ticket=…` on the stream endpoints.
+#[derive(serde::Deserialize)]
+pub(super) struct TicketQuery {
+    ticket: Option<String>,
+}
+
+/// `POST /v1/terminal/tickets`: a ticket for one stream, for a terminal authenticated by its
+/// bearer token or certificate (a ticket cannot buy another).
+async fn ticket(State(channels): State<Arc<Channels>>, peer: Peer, headers: HeaderMap) -> Response {
+    let auth = match authenticate(&channels, &headers, &peer, None, false).await {
+        Ok(auth) => auth,
+        Err(refused) => return refused.into_response(),
+    };
+    let ticket = channels.tickets.issue(&auth.terminal.id);
+    let body = serde_json::json!({
+        "ticket": ticket.expose(),
+        "expires_in": channels.tickets.ttl().as_secs(),
+    });
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 fn not_found() -> Response {
@@ -169,7 +235,7 @@ async fn payment(
         Some(Ok(n)) if n <= MAX_WAIT_SECS => n,
         Some(_) => {
             // Authentication first: an unauthenticated caller learns nothing, not even this.
-            if let Err(refused) = authenticate(&channels, &headers, &peer, false).await {
+            if let Err(refused) = authenticate(&channels, &headers, &peer, None, false).await {
                 return refused.into_response();
             }
             return error(
@@ -179,7 +245,7 @@ async fn payment(
             );
         }
     };
-    let auth = match authenticate(&channels, &headers, &peer, wait_secs > 0).await {
+    let auth = match authenticate(&channels, &headers, &peer, None, wait_secs > 0).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };
@@ -244,9 +310,15 @@ async fn wait_for(rx: &mut broadcast::Receiver<Signal>, intent_id: &str) -> bool
     }
 }
 
-/// `GET /v1/terminal/events`.
-async fn events(State(channels): State<Arc<Channels>>, peer: Peer, headers: HeaderMap) -> Response {
-    let auth = match authenticate(&channels, &headers, &peer, true).await {
+/// `GET /v1/terminal/events[?ticket=…]`.
+async fn events(
+    State(channels): State<Arc<Channels>>,
+    peer: Peer,
+    headers: HeaderMap,
+    Query(query): Query<TicketQuery>,
+) -> Response {
+    let ticket = query.ticket.as_deref();
+    let auth = match authenticate(&channels, &headers, &peer, ticket, true).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };

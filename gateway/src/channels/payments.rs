@@ -32,7 +32,7 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let auth = match authenticate(&channels, &headers, &peer, false).await {
+    let auth = match authenticate(&channels, &headers, &peer, None, false).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };
@@ -106,7 +106,7 @@ async fn on_intent(
     request_id: String,
     intent_id: String,
 ) -> Response {
-    let auth = match authenticate(channels, headers, peer, false).await {
+    let auth = match authenticate(channels, headers, peer, None, false).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };

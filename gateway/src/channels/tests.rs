@@ -86,3 +86,228 @@ fn token_index_finds_by_hash_only() {
     assert_eq!(index.lookup("secret-tokem"), None);
     assert_eq!(index.lookup(""), None);
 }
+
+// === tickets and CORS, through the router, under paused time ===
+
+mod browser {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::response::Response;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::store::{Limits, NewTerminal};
+
+    const TOKEN_A: &str = "token-of-pos-a";
+    const TOKEN_B: &str = "token-of-pos-b";
+
+    /// The channels over a real store holding terminals `pos_a` and `pos_b` (and the dir).
+    async fn channels() -> (Arc<Channels>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
+        let mut records = Vec::new();
+        for (id, token) in [("pos_a", TOKEN_A), ("pos_b", TOKEN_B)] {
+            let new = NewTerminal {
+                http_token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
+                ..NewTerminal::for_test(id)
+            };
+            records.push(store.register_terminal(new).await.unwrap().unwrap());
+        }
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let channels = Channels {
+            store: store.clone(),
+            signer: crate::delivery::Signer {
+                key,
+                kid: "kid".into(),
+            },
+            hub: Hub::default(),
+            tokens: TokenIndex::of(&records),
+            tickets: Tickets::default(),
+            acks: mpsc::unbounded_channel().0,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            keepalive: Duration::from_secs(15),
+            streams: crate::metrics::Metrics::new().unwrap().http_streams,
+            rpc: Arc::new(crate::rpc::Rpc::new(store, None)),
+        };
+        (Arc::new(channels), dir)
+    }
+
+    async fn send(router: &Router, request: Request<Body>) -> Response {
+        router.clone().oneshot(request).await.unwrap()
+    }
+
+    async fn ticket(router: &Router, token: &str) -> String {
+        let response = send(
+            router,
+            Request::post(TICKETS_PATH)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["expires_in"], 30);
+        body["ticket"].as_str().unwrap().to_owned()
+    }
+
+    /// The status of `GET path` with `?ticket=` and, when given, a bearer token.
+    async fn open(router: &Router, path: &str, ticket: &str, bearer: Option<&str>) -> StatusCode {
+        let mut request = Request::get(format!("{path}?ticket={ticket}"));
+        if let Some(token) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        send(router, request.body(Body::empty()).unwrap())
+            .await
+            .status()
+    }
+
+    #[tokio::test]
+    async fn a_ticket_opens_one_stream_of_its_terminal_within_its_ttl() {
+        let (channels, _dir) = channels().await;
+        let router = router(channels.clone(), &[]);
+        tokio::time::pause();
+
+        let t = ticket(&router, TOKEN_A).await;
+        assert_eq!(open(&router, EVENTS_PATH, &t, None).await, StatusCode::OK);
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, None).await,
+            StatusCode::UNAUTHORIZED,
+            "spent"
+        );
+
+        // Just inside and just past the TTL.
+        let t = ticket(&router, TOKEN_A).await;
+        let late = ticket(&router, TOKEN_A).await;
+        tokio::time::advance(tickets::TICKET_TTL - Duration::from_millis(1)).await;
+        assert_eq!(open(&router, EVENTS_PATH, &t, None).await, StatusCode::OK);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            open(&router, EVENTS_PATH, &late, None).await,
+            StatusCode::UNAUTHORIZED,
+            "expired"
+        );
+
+        // With another terminal's bearer token: refused (and spent).
+        let t = ticket(&router, TOKEN_A).await;
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, Some(TOKEN_B)).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        // With a token that is no terminal's: refused, and spent all the same.
+        let t = ticket(&router, TOKEN_A).await;
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, Some("no-such-token")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        // With its own terminal's token: fine.
+        let t = ticket(&router, TOKEN_A).await;
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, Some(TOKEN_A)).await,
+            StatusCode::OK
+        );
+
+        // Only the streams take tickets: not polling, not the ticket endpoint itself.
+        let t = ticket(&router, TOKEN_A).await;
+        assert_eq!(
+            open(&router, "/v1/terminal/payments/pi_x", &t, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        let response = send(
+            &router,
+            Request::post(format!("{TICKETS_PATH}?ticket={t}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, None).await,
+            StatusCode::OK,
+            "still unspent: neither call took it"
+        );
+        assert_eq!(
+            open(&router, WS_PATH, "nonsense", None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        channels.store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_revoked_terminals_ticket_is_refused() {
+        let (channels, _dir) = channels().await;
+        let router = router(channels.clone(), &[]);
+        let t = ticket(&router, TOKEN_A).await;
+        channels
+            .store
+            .revoke_terminal("pos_a".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            open(&router, EVENTS_PATH, &t, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        channels.store.close().await;
+    }
+
+    #[tokio::test]
+    async fn cors_answers_only_the_listed_origins() {
+        let (channels, _dir) = channels().await;
+        let listed = "http://127.0.0.1:8480";
+        let with_cors = router(channels.clone(), &[listed.to_owned()]);
+        let preflight = |origin: &str| {
+            Request::options(INTENTS_PATH)
+                .header(header::ORIGIN, origin)
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+                .header(
+                    header::ACCESS_CONTROL_REQUEST_HEADERS,
+                    "authorization,content-type",
+                )
+                .body(Body::empty())
+                .unwrap()
+        };
+        let ok = send(&with_cors, preflight(listed)).await;
+        assert_eq!(ok.status(), StatusCode::OK);
+        let h = ok.headers();
+        assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], listed);
+        assert_eq!(h[header::ACCESS_CONTROL_ALLOW_METHODS], "GET,POST");
+        assert_eq!(
+            h[header::ACCESS_CONTROL_ALLOW_HEADERS],
+            "authorization,content-type"
+        );
+        assert!(h.get(header::ACCESS_CONTROL_ALLOW_CREDENTIALS).is_none());
+
+        let other = send(&with_cors, preflight("http://evil.example")).await;
+        assert!(
+            other
+                .headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .is_none()
+        );
+
+        // Without the key: no CORS headers at all, and no preflight answer.
+        let without = router(channels.clone(), &[]);
+        let none = send(&without, preflight(listed)).await;
+        assert!(
+            none.headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .is_none()
+        );
+        assert_eq!(none.status(), StatusCode::METHOD_NOT_ALLOWED);
+        channels.store.close().await;
+    }
+}

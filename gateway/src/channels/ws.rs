@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
@@ -14,14 +14,16 @@ use crate::http::error;
 
 use super::*;
 
-/// `GET /v1/terminal/ws`.
+/// `GET /v1/terminal/ws[?ticket=…]`.
 pub(super) async fn ws(
     State(channels): State<Arc<Channels>>,
     peer: Peer,
     headers: HeaderMap,
+    Query(query): Query<TicketQuery>,
     upgrade: Result<WebSocketUpgrade, rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let auth = match authenticate(&channels, &headers, &peer, true).await {
+    let ticket = query.ticket.as_deref();
+    let auth = match authenticate(&channels, &headers, &peer, ticket, true).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };
