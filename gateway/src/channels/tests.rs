@@ -128,7 +128,8 @@ mod browser {
             tracker: TaskTracker::new(),
             keepalive: Duration::from_secs(15),
             streams: crate::metrics::Metrics::new().unwrap().http_streams,
-            rpc: Arc::new(crate::rpc::Rpc::new(store, None)),
+            rpc: Arc::new(crate::rpc::Rpc::new(store.clone(), None)),
+            renewals: crate::admin::Renewals::load(&store).await.unwrap(),
         };
         (Arc::new(channels), dir)
     }
