@@ -105,7 +105,19 @@ pub struct Child {
     pub ingress: SocketAddr,
     pub admin: SocketAddr,
     pub mqtt: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Child {
+    /// The gateway's data dir (its database, keys and admin token).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The file the gateway's log lines (its standard output) go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("posgate.log")
+    }
 }
 
 /// The `posgate` binary next to this executable.
@@ -172,7 +184,7 @@ pub async fn start_child(
                 ingress,
                 admin,
                 mqtt,
-                _dir: dir,
+                dir,
             });
         }
         if Instant::now() > deadline {

@@ -13,6 +13,8 @@
 //! - [`demo`]: gateway + provider simulator + fleet in one process, and the report.
 //! - [`chaos`]: `posgate-sim chaos`, the real `posgate` binary killed, stopped, starved of disk under
 //!   load, and the checker that proves nothing was lost.
+//! - [`attack`]: `posgate-sim attack <kind>`, a hostile client beside the honest load of `bench
+//!   e2e`, and what it did to the honest terminals and the gateway.
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
 //! - [`remote`]: a provider simulator in another process, over its REST API and control endpoint.
 //! - [`watch`]: `posgate-sim terminal`, one terminal a person can watch (QR code, then the outcome).
@@ -20,6 +22,7 @@
 //! - [`fleet_cmd`]: `posgate-sim fleet`, the POS fleet against a running gateway and simulator.
 //! - [`compare`]: the webhook bridge for another broker, and `bench e2e --broker … --plain`.
 
+pub mod attack;
 pub mod bench;
 pub mod chaos;
 pub mod cli;

@@ -210,3 +210,64 @@ async fn the_bridge_checks_the_signature_before_publishing() {
     assert_eq!(answer["published"], true, "{answer}");
     bridge.stop().await;
 }
+
+/// `posgate-sim attack rpc-flood`, small: it starts its own daemon, runs the honest load quiet and
+/// then beside the flood, and reports both phases, the gateway's descriptors and what the flood
+/// got (mostly `rate_limited`); exit 0 because no honest confirmation was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attack_bench_runs_beside_the_honest_load_and_reports_both_phases() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("attack.json");
+    let stdout = sim(
+        &[
+            "attack",
+            "rpc-flood",
+            "--posgate-bin",
+            env!("CARGO_BIN_EXE_posgate-under-test"),
+            "--terminals",
+            "5",
+            "--rate",
+            "20",
+            "--senders",
+            "2",
+            "--quiet",
+            "2",
+            "--duration",
+            "3",
+            "--probes",
+            "1",
+            "--requests",
+            "500",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(
+        stdout.contains("attack rpc-flood beside 5 honest terminals"),
+        "{stdout}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for phase in ["quiet", "attack"] {
+        let p = &report["honest"][phase];
+        assert!(p["delivered"].as_u64().unwrap() > 0, "{phase}: {report}");
+        assert_eq!(p["lost"], 0, "{phase}: {report}");
+    }
+    assert!(
+        report["gateway"]["attack"]["fds_max"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["new_terminals"][0]["error"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    assert!(
+        report["attack"]["answers"]["rate_limited"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{report}"
+    );
+}

@@ -41,7 +41,7 @@ impl Scenario {
 
 /// Where the gateway under test is (default: start `posgate` from next to this binary).
 #[derive(clap::Args)]
-struct TargetArgs {
+pub(super) struct TargetArgs {
     /// Ingress address of a running gateway (with --admin, --mqtt and --admin-token).
     #[arg(long, requires_all = ["admin", "mqtt", "admin_token"])]
     ingress: Option<SocketAddr>,
@@ -65,11 +65,11 @@ struct TargetArgs {
     pid: Option<u32>,
     /// Write the report as JSON.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(super) json: Option<PathBuf>,
 }
 
 impl TargetArgs {
-    fn options(&self) -> fleet::TargetOptions {
+    pub(super) fn options(&self) -> fleet::TargetOptions {
         let addrs = match (self.ingress, self.admin, self.mqtt) {
             (Some(i), Some(a), Some(m)) => Some((i, a, m)),
             _ => None,

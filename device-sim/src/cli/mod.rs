@@ -2,9 +2,10 @@
 //!
 //! This file parses the command line, dispatches to the subcommand and maps errors to exit codes
 //! (64 for a `UsageError`, 1 otherwise). Each subcommand has a file here with its flags and its
-//! run: `demo`, `provider`, `terminal`, `web-pos`, `fleet`, `bridge`, `chaos`, and `bench` with
-//! its scenarios.
+//! run: `demo`, `provider`, `terminal`, `web-pos`, `fleet`, `bridge`, `chaos`, `attack` with its
+//! kinds, and `bench` with its scenarios.
 
+mod attack;
 mod bench;
 mod bridge;
 mod chaos;
@@ -54,6 +55,14 @@ enum Command {
     /// exit 0 only if nothing was lost, skipped or invented. `POSGATE__…` variables in the
     /// environment are passed to the daemon.
     Chaos(chaos::ChaosArgs),
+    /// An attack beside the honest load of `bench e2e`, against one gateway it starts: honest
+    /// confirmation latency in a quiet phase and during the attack, the gateway's descriptors,
+    /// RSS, data dir and log lines, and what the attacker got; exit 0 only if no honest
+    /// confirmation was lost.
+    Attack {
+        #[command(subcommand)]
+        kind: attack::Kind,
+    },
     /// Measurements; each prints a table and can write a JSON report.
     Bench {
         #[command(subcommand)]
@@ -97,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fleet(args) => args.run().await,
         Command::Bridge(args) => args.run().await,
         Command::Chaos(args) => args.run().await,
+        Command::Attack { kind } => kind.run().await,
         Command::Bench { scenario } => scenario.run().await,
     }
 }

@@ -32,7 +32,7 @@ pub(crate) use paced::Paced;
 pub use paced::{Arrivals, Pacing, SendLog, Sent, spawn_paced_senders};
 pub(crate) use report::print_measured;
 pub use report::{FleetReport, print};
-pub use scenarios::{churn, connect_rate, e2e, storm};
+pub use scenarios::{Honest, churn, connect_rate, e2e, storm};
 pub use target::{Target, TargetOptions, provision, provision_at};
 
 use crate::http_terminal::{Channel, spawn_http_session};

@@ -104,6 +104,15 @@ impl Paced {
     /// # Errors
     /// When a latency cannot be recorded.
     pub(crate) fn arrived(&mut self, intent: &str, at: Instant) -> anyhow::Result<bool> {
+        Ok(self.arrival(intent, at)?.is_some())
+    }
+
+    /// As [`Paced::arrived`], returning when the webhook awaiting it was sent (`None`: a repeat),
+    /// for a caller that splits the run into phases.
+    ///
+    /// # Errors
+    /// When a latency cannot be recorded.
+    pub(crate) fn arrival(&mut self, intent: &str, at: Instant) -> anyhow::Result<Option<Sent>> {
         let sent = self
             .log
             .sent_at
@@ -126,7 +135,16 @@ impl Paced {
             self.push
                 .record(at.saturating_duration_since(answered).as_micros().max(1) as u64)?;
         }
-        Ok(sent.is_some())
+        Ok(sent)
+    }
+
+    /// The accepted webhooks still awaiting their terminal (at the end: the lost ones).
+    pub(crate) fn awaiting(&self) -> Vec<Sent> {
+        self.log
+            .sent_at
+            .lock()
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Counts what is still awaited as lost into `report`, with the latency; returns the row of

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use anyhow::bail;
 
 use super::webhooks::WebhookSender;
-use super::{Fleet, FleetEvent, FleetReport, Paced, Pacing, Target, provision};
+use super::{Fleet, FleetEvent, FleetReport, Paced, Pacing, Sent, Target, provision};
 use crate::http_terminal::Channel;
 use crate::terminal::Seen;
 
@@ -211,49 +211,108 @@ pub async fn e2e(
     duration: Duration,
     channel: Channel,
 ) -> anyhow::Result<FleetReport> {
-    let bundles = provision(target, "bench-e-", n, 32).await?;
-    let mut fleet = Fleet::over(bundles, channel, target.mqtt, target.ingress);
-    fleet.connect_all(1000, Duration::from_secs(120)).await?;
-    let terminals: Arc<Vec<String>> = Arc::new(
-        fleet
-            .bundles
-            .iter()
-            .map(|b| b.terminal_id.clone())
-            .collect(),
-    );
-    let mut paced = Paced::start(
-        target.ingress,
-        &target.secret,
-        terminals,
-        pacing,
-        duration,
-        "e",
-    )?;
-    let mut report = FleetReport {
-        scenario: "e2e".into(),
-        terminals: n,
-        ..Default::default()
-    };
-    while !paced.over() {
-        tokio::select! {
-            result = paced.senders_finished() => result?,
-            event = fleet.next_event() => match event {
-                Some(FleetEvent { seen: Seen::Confirmation(c), at, .. }) => {
-                    if paced.arrived(&c.intent_id, at)? {
-                        report.delivered += 1;
-                    }
-                }
-                Some(FleetEvent { seen: Seen::Duplicate { .. }, .. }) => report.duplicates += 1,
-                Some(FleetEvent { seen: Seen::Rejected(_), .. }) => report.rejected += 1,
-                Some(_) => {}
-                None => break,
-            },
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
+    let mut honest = Honest::start(target, n, pacing, duration, channel, "e").await?;
+    honest.run(|_, _| {}).await?;
+    Ok(honest.finish(target))
+}
+
+/// The load of `bench e2e`, also run beside the attacks of `posgate-sim attack`: N connected
+/// terminals and paced webhooks to them, each matched with its confirmation.
+pub struct Honest {
+    fleet: Fleet,
+    paced: Paced,
+    report: FleetReport,
+    channel: Channel,
+    duration: Duration,
+}
+
+impl Honest {
+    /// Provisions `n` terminals `bench-{tag}-{i}`, connects them over `channel`, and starts the
+    /// paced senders (intent ids `pi_{tag}…`), which send for `duration` from now.
+    ///
+    /// # Errors
+    /// On setup failures.
+    pub async fn start(
+        target: &Target,
+        n: usize,
+        pacing: Pacing,
+        duration: Duration,
+        channel: Channel,
+        tag: &str,
+    ) -> anyhow::Result<Honest> {
+        let bundles = provision(target, &format!("bench-{tag}-"), n, 32).await?;
+        let mut fleet = Fleet::over(bundles, channel, target.mqtt, target.ingress);
+        fleet.connect_all(1000, Duration::from_secs(120)).await?;
+        let terminals: Arc<Vec<String>> = Arc::new(
+            fleet
+                .bundles
+                .iter()
+                .map(|b| b.terminal_id.clone())
+                .collect(),
+        );
+        let paced = Paced::start(
+            target.ingress,
+            &target.secret,
+            terminals,
+            pacing,
+            duration,
+            tag,
+        )?;
+        let report = FleetReport {
+            scenario: "e2e".into(),
+            terminals: n,
+            ..Default::default()
+        };
+        Ok(Honest {
+            fleet,
+            paced,
+            report,
+            channel,
+            duration,
+        })
     }
-    let mut row = paced.finish(&mut report, duration);
-    report.gateway_rss_mib.extend(target.rss_mib());
-    row["channel"] = serde_json::json!(channel);
-    report.rows.push(row);
-    Ok(report)
+
+    /// Matches confirmations with what was sent until the senders are done and every accepted
+    /// webhook arrived (or the drain deadline passed); `on_arrival(sent, at)` for each first
+    /// arrival.
+    ///
+    /// # Errors
+    /// When a sender task failed or a latency could not be recorded.
+    pub async fn run(&mut self, mut on_arrival: impl FnMut(Sent, Instant)) -> anyhow::Result<()> {
+        let (paced, report) = (&mut self.paced, &mut self.report);
+        while !paced.over() {
+            tokio::select! {
+                result = paced.senders_finished() => result?,
+                event = self.fleet.next_event() => match event {
+                    Some(FleetEvent { seen: Seen::Confirmation(c), at, .. }) => {
+                        if let Some(sent) = paced.arrival(&c.intent_id, at)? {
+                            report.delivered += 1;
+                            on_arrival(sent, at);
+                        }
+                    }
+                    Some(FleetEvent { seen: Seen::Duplicate { .. }, .. }) => report.duplicates += 1,
+                    Some(FleetEvent { seen: Seen::Rejected(_), .. }) => report.rejected += 1,
+                    Some(_) => {}
+                    None => break,
+                },
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The accepted webhooks still awaiting their terminal.
+    pub fn awaiting(&self) -> Vec<Sent> {
+        self.paced.awaiting()
+    }
+
+    /// The report: what is still awaited counts as lost.
+    pub fn finish(self, target: &Target) -> FleetReport {
+        let mut report = self.report;
+        let mut row = self.paced.finish(&mut report, self.duration);
+        report.gateway_rss_mib.extend(target.rss_mib());
+        row["channel"] = serde_json::json!(self.channel);
+        report.rows.push(row);
+        report
+    }
 }

@@ -78,6 +78,16 @@ impl Target {
         self.pid.and_then(rss_mib)
     }
 
+    /// The started gateway's data dir (`None` for a running one given by address).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self.child.as_ref().map(Child::data_dir)
+    }
+
+    /// The file the started gateway logs to (`None` for a running one given by address).
+    pub fn log_path(&self) -> Option<PathBuf> {
+        self.child.as_ref().map(Child::log_path)
+    }
+
     /// Stops a child gateway.
     pub async fn stop(mut self) {
         if let Some(child) = self.child.as_mut() {
