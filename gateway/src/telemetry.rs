@@ -35,15 +35,30 @@ impl LogReload {
     /// # Errors
     /// When the directive does not parse or the subscriber is gone.
     pub fn set_level(&self, level: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let filter = filter(level).map_err(|e| e.to_string())?;
         self.0.reload(filter).map_err(|e| e.to_string())
     }
+}
+
+/// rmqtt's session module warns once per refused SUBSCRIBE (too many subscriptions, a bad filter)
+/// without any limit: a terminal could flood the log with them (the attack bench counted 19,992
+/// lines for 19,992 refusals). posgate counts and logs what it refuses itself, throttled; rmqtt's
+/// own lines there are shown from `error` up unless `log.level` names `rmqtt::session`.
+const QUIET_TARGETS: &str = "rmqtt::session=error";
+
+/// The filter for `level`, with [`QUIET_TARGETS`] unless `level` names them.
+fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let filter = EnvFilter::try_new(level)?;
+    if level.contains("rmqtt::session") {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive(QUIET_TARGETS.parse()?))
 }
 
 /// Installs the global subscriber; `journal`: stdout goes to journald (`$JOURNAL_STREAM`). A
 /// second call (tests) installs nothing and returns `None`.
 pub fn init(log: &LogConfig, journal: bool) -> Option<LogReload> {
-    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let prefixed = journal || log.format == LogFormat::Journald;
     let ansi = !prefixed && std::io::stdout().is_terminal();
@@ -155,6 +170,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How many events pass `level`'s filter, of a warning and an error from rmqtt's session
+    /// module and a warning from posgate.
+    fn passing(level: &str) -> usize {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> Layer<S> for Count {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        let subscriber =
+            Registry::default().with(Count(count.clone()).with_filter(filter(level).unwrap()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rmqtt::session", "Subscribe failed, too many subscriptions");
+            tracing::error!(target: "rmqtt::session", "an error");
+            tracing::warn!(target: "posgate::broker", "subscribe refused");
+        });
+        count.load(Ordering::Relaxed)
+    }
+
+    /// rmqtt's per-SUBSCRIBE warnings are left out unless the level names them; errors pass.
+    #[test]
+    fn rmqtt_session_warnings_are_quiet_unless_asked_for() {
+        assert_eq!(passing("info"), 2);
+        assert_eq!(passing("debug"), 2);
+        assert_eq!(passing("info,rmqtt::session=warn"), 3);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_throttle_writes_one_line_a_period_and_counts_the_rest() {
