@@ -501,20 +501,12 @@ impl Gateway {
     }
 }
 
-/// Binds with `SO_REUSEADDR`, so that a start on the same port right after a crash or a stop is
-/// not refused for the `TIME_WAIT` connections the previous process left behind.
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
-    let bind = || {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
-    };
-    bind().map_err(|source| BuildError::Bind { name, addr, source })
+    crate::serve::listen(addr, 1024, false).map_err(|source| BuildError::Bind {
+        name,
+        addr,
+        source,
+    })
 }
 
 fn rpc_limits(config: &crate::config::RpcConfig) -> RpcLimits {

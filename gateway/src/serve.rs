@@ -42,6 +42,28 @@ pub struct Stop {
     pub hard: CancellationToken,
 }
 
+/// A listening socket with `SO_REUSEADDR`, so that a start on the same port right after a crash
+/// or a stop is not refused for the `TIME_WAIT` connections the previous process left behind;
+/// `nodelay` is inherited by the accepted sockets.
+///
+/// # Errors
+/// The socket's: a port in use, an address not there.
+pub fn listen(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+    nodelay: bool,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(nodelay)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Accepts on `listener` until `stop.graceful` is cancelled; serves each connection with `router`
 /// in a task of `tracker`. Each request carries `ConnectInfo<L::Addr>` (for the TLS ingress: the
 /// client's certificate).

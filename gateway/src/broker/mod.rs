@@ -389,24 +389,16 @@ enum Kind {
     Wss,
 }
 
-/// A front-door listener: `SO_REUSEADDR`, so a restart right after a crash or a stop is not
-/// refused for the `TIME_WAIT` connections the previous process left behind.
+/// A front-door listener (accepted sockets inherit its `TCP_NODELAY`).
 fn bind_front(
     name: &'static str,
     addr: SocketAddr,
 ) -> Result<tokio::net::TcpListener, BrokerError> {
-    let bind = || {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.set_nodelay(true)?;
-        socket.bind(addr)?;
-        socket.listen(4096)
-    };
-    bind().map_err(|source| BrokerError::Bind { name, addr, source })
+    crate::serve::listen(addr, 4096, true).map_err(|source| BrokerError::Bind {
+        name,
+        addr,
+        source,
+    })
 }
 
 /// One of rmqtt's listeners: the plain one (`mqtt.plain_listen`) or one behind the front door.
