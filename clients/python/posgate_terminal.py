@@ -2,8 +2,14 @@
 """A reference posgate terminal in Python: MQTT over mutual TLS, every confirmation verified.
 
     posgate_terminal.py --bundle bundle.json --state state.json [--mqtt HOST:PORT]
-                        [--charge 4.40 --order ord-0042]
+                        [--key key.pem] [--charge 4.40 --order ord-0042]
+    posgate_terminal.py --new-key key.pem > request.csr
     posgate_terminal.py --check-vectors proto/testdata/confirmation-vectors.json
+
+A terminal whose key must never leave it makes the key itself: --new-key writes a new P-256 key
+(mode 0600) and prints a certificate request (PKCS#10) for it; the operator provisions the
+terminal with that request (`csr_pem` in `POST /v1/terminals`, or a renewal), and the bundle then
+has no `key_pem`: the terminal runs with --key.
 
 The bundle is what `POST /v1/terminals` on posgate's admin API answered. The terminal connects with
 the bundle's client certificate (client id = the certificate's CN = the terminal id), leaves a last
@@ -235,13 +241,47 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def tls_context(bundle: dict) -> ssl.SSLContext:
-    """Trusts only the gateway CA and presents the terminal's certificate. The ssl module loads a
-    certificate and key from files only: they live in a private directory for the call."""
+def new_key(path: str) -> str:
+    """Writes a new P-256 key to `path` (0600, never over an existing file) and returns a
+    certificate request for it. The gateway takes only the public key from it (it sets the
+    subject itself), so the subject here is a placeholder."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "posgate-terminal")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def tls_context(bundle: dict, key_file: str | None = None) -> ssl.SSLContext:
+    """Trusts only the gateway CA and presents the terminal's certificate, with the bundle's key
+    or, for a terminal provisioned from its own request, the key in `key_file`. The ssl module
+    loads a certificate and key from files only: the bundle's live in a private directory for the
+    call."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=bundle["ca_pem"])
     with tempfile.TemporaryDirectory(prefix="posgate-terminal-") as tmp:
         cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        for path, pem in ((cert, bundle["cert_pem"]), (key, bundle["key_pem"])):
+        files = [(cert, bundle["cert_pem"])]
+        if key_file is None:
+            if "key_pem" not in bundle:
+                raise SystemExit("the bundle has no key_pem (provisioned from a CSR): pass --key")
+            files.append((key, bundle["key_pem"]))
+        else:
+            key = key_file
+        for path, pem in files:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(pem)
@@ -250,7 +290,13 @@ def tls_context(bundle: dict) -> ssl.SSLContext:
 
 
 class Terminal:
-    def __init__(self, bundle: dict, state: State, charge: dict | None = None):
+    def __init__(
+        self,
+        bundle: dict,
+        state: State,
+        charge: dict | None = None,
+        key_file: str | None = None,
+    ):
         self.bundle = bundle
         self.charge = charge  # create_intent params, until it is answered
         # Made from the order id, so the same sale asked again (after a reboot) is the same request.
@@ -264,7 +310,7 @@ class Terminal:
         # The broker requires client id = certificate CN = terminal id (the bundle's client_id).
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bundle["client_id"],
                                   clean_session=True, protocol=mqtt.MQTTv311)
-        self.client.tls_set_context(tls_context(bundle))
+        self.client.tls_set_context(tls_context(bundle, key_file))
         # Retained, QoS 1, on the terminal's own status topic: anything else is refused.
         self.client.will_set(self.topics["status"], OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -406,9 +452,16 @@ def main() -> int:
     parser.add_argument("--charge", metavar="AMOUNT", help="start a payment of AMOUNT (4.40)")
     parser.add_argument("--order", metavar="ORDER_ID", help="the order id of --charge")
     parser.add_argument("--check-vectors", metavar="FILE", help="run the test vectors and exit")
+    parser.add_argument("--key", metavar="FILE", help="the terminal's own key (bundle without key_pem)")
+    parser.add_argument(
+        "--new-key", metavar="FILE", help="write a new key to FILE, print its CSR and exit"
+    )
     args = parser.parse_args()
     if args.check_vectors:
         return check_vectors(args.check_vectors)
+    if args.new_key:
+        sys.stdout.write(new_key(args.new_key))
+        return 0
     if not args.bundle or not args.state:
         parser.error("--bundle and --state are required (or --check-vectors)")
     with open(args.bundle, encoding="utf-8") as f:
@@ -421,7 +474,7 @@ def main() -> int:
     if bool(args.charge) != bool(args.order):
         parser.error("--charge and --order go together")
     charge = {"amount": args.charge, "order_id": args.order} if args.charge else None
-    terminal = Terminal(bundle, State(args.state, bundle["terminal_id"]), charge)
+    terminal = Terminal(bundle, State(args.state, bundle["terminal_id"]), charge, args.key)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: terminal.stop())
     terminal.run(host, int(port))

@@ -474,6 +474,68 @@ async fn python_client_starts_a_payment_over_rpc_and_a_reboot_does_not_start_a_s
     gw.shutdown().await;
 }
 
+/// A terminal whose key never leaves it: the Python client makes its key and a certificate
+/// request, the operator provisions the terminal from that request (the bundle has no key), and
+/// the terminal connects with its own key and shows a payment.
+#[tokio::test]
+async fn python_client_provisioned_from_its_own_key_shows_a_payment() {
+    let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("key.pem");
+    let program = Program::python();
+    let out = program
+        .command()
+        .arg("--new-key")
+        .arg(&key_path)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csr = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+        "{csr}"
+    );
+    let response = gw
+        .admin_post(
+            "/v1/terminals",
+            json!({"id": "pos_own_key", "merchant_id": "mer_test", "csr_pem": csr}),
+        )
+        .await;
+    let (status, bundle) = harness::status_json(response).await;
+    assert_eq!(status, 201, "{bundle}");
+    assert!(
+        bundle.get("key_pem").is_none(),
+        "the key never travels: {bundle}"
+    );
+    let (bundle_path, state_path) = (dir.path().join("bundle.json"), dir.path().join("state"));
+    std::fs::write(&bundle_path, bundle.to_string()).unwrap();
+    // Without its key the client says what is missing.
+    let mut keyless = Client::spawn(&program, &bundle_path, &state_path, None);
+    let status = tokio::time::timeout(WAIT, keyless.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!status.success());
+    let key = key_path.to_str().unwrap();
+    let client = Client::spawn_with(&program, &bundle_path, &state_path, None, &["--key", key]);
+    client.wait_for("READY pos_own_key").await;
+    let token = bundle["http_token"].as_str().unwrap();
+    let intent = create_intent(&gw, token, 1).await;
+    sim.pay(&intent, None, false).unwrap();
+    client
+        .wait_for_prefix(&format!("SHOW PAID seq=1 intent={intent}"))
+        .await;
+    client
+        .wait_for(&format!("ACKED seq=1 intent={intent}"))
+        .await;
+    gw.shutdown().await;
+}
+
 /// Every case of the test vectors gives what the file says: valid ones verify with the stated
 /// payload, each invalid one is refused for its stated reason.
 async fn passes_every_vector(program: Program) {
