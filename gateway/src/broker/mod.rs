@@ -909,6 +909,57 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a terminal asks for, it may subscribe only to its own payments and RPC
+        /// answers, and publish only to its own acks, status and RPC requests: wildcards, other
+        /// tenants and odd shapes never get through.
+        #[test]
+        fn the_acl_never_crosses_tenants(
+            own in "[a-z0-9_.-]{1,12}",
+            other in "[a-z0-9_.-]{1,12}",
+            lead in proptest::sample::select(vec!["/tenants/", "tenants/", "/tenants//", "/", ""]),
+            tenant in 0..5usize,
+            tail in proptest::sample::select(vec![
+                "payments/+", "payments/#", "payments/pi_1", "payments/+/x", "payments/pi+",
+                "payments", "rpc/res", "rpc/req", "rpc/#", "acks", "status", "#", "+", "",
+            ]),
+            noise in "[a-z0-9_+#/]{0,6}",
+        ) {
+            proptest::prop_assume!(own != other);
+            let (mine, theirs) = (topics::tenant_for(&own), topics::tenant_for(&other));
+            let tenant = [mine.as_str(), theirs.as_str(), "+", "#", noise.as_str()][tenant];
+            let topic = format!("{lead}{tenant}/{tail}");
+            let own_prefix = format!("/tenants/{mine}/");
+            if may_subscribe(&own, &topic) {
+                let rest = topic.strip_prefix(&own_prefix);
+                proptest::prop_assert!(
+                    matches!(rest, Some("payments/+" | "payments/pi_1" | "rpc/res")),
+                    "{}", topic
+                );
+            }
+            if let Some(kind) = may_publish(&own, &topic) {
+                let expected = match kind {
+                    TopicKind::Acks => topics::acks(&mine),
+                    TopicKind::Status => topics::status(&mine),
+                    TopicKind::RpcReq => topics::rpc_req(&mine),
+                    _ => String::new(),
+                };
+                proptest::prop_assert_eq!(&topic, &expected);
+            }
+            // The generator does reach the allowed shapes: the own tenant's canonical topics.
+            if lead == "/tenants/" && tenant == mine {
+                proptest::prop_assert_eq!(
+                    may_subscribe(&own, &topic),
+                    matches!(tail, "payments/+" | "payments/pi_1" | "rpc/res")
+                );
+                proptest::prop_assert_eq!(
+                    may_publish(&own, &topic).is_some(),
+                    matches!(tail, "acks" | "status" | "rpc/req")
+                );
+            }
+        }
+    }
+
     #[test]
     fn serials_compare_normalized() {
         let r = Revoked::default();
