@@ -23,7 +23,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::harness::{
     SECRET, TestGateway, assert_error_body, eventually, signed_post, spawn_gateway, spawn_with,
-    status_json,
+    status_json, tls_client,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -716,20 +716,6 @@ async fn open_streams_do_not_hold_up_shutdown() {
 }
 
 // === TLS on the ingress listener, client certificates ===
-
-/// An HTTPS client trusting the gateway CA, presenting `cert_key` (PEM cert, PEM key) if given.
-fn tls_client(ca_pem: &str, cert_key: Option<(&str, &str)>) -> reqwest::Client {
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
-        .no_proxy()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap());
-    if let Some((cert, key)) = cert_key {
-        let pem = format!("{cert}\n{key}");
-        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
-    }
-    builder.build().unwrap()
-}
 
 /// A WebSocket over TLS presenting the bundle's client certificate, no bearer token.
 async fn wss_connect(gw: &TestGateway, bundle: &Bundle) -> WebSocketStream<TlsStream<TcpStream>> {
