@@ -134,6 +134,13 @@ async fn a_pile_of_signature_headers_is_refused_before_the_body_is_read() {
         .expect("answered and closed without waiting for the body");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    // The unread body stays on the connection: it is closed, and the answer says so, or a client's
+    // pool would reuse it and lose its next request (the honest webhook below shares the pool).
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{text}"
+    );
 
     // 100 complete ones, 10 at a time, beside an honest webhook.
     let body = format!("{{\"padding\":\"{}\"}}", "a".repeat(60 * 1024));

@@ -79,6 +79,19 @@ pub enum IngressError {
 }
 
 impl IngressError {
+    /// Whether the answer goes out before the body was read whole: the connection then carries
+    /// unread bytes and is closed, and says so (`Connection: close`), so that a client does not
+    /// put it back in its pool and lose its next request on it.
+    fn body_left_unread(&self) -> bool {
+        matches!(
+            self,
+            IngressError::Unauthorized(_)
+                | IngressError::TooLarge { .. }
+                | IngressError::Body(_)
+                | IngressError::BodyTimeout
+        )
+    }
+
     /// Label for logs and metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -225,7 +238,11 @@ async fn webhook(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
                     }
                 }
             }
-            e.into_response()
+            if e.body_left_unread() {
+                ([(header::CONNECTION, "close")], e).into_response()
+            } else {
+                e.into_response()
+            }
         }
     }
 }
