@@ -437,11 +437,14 @@ impl Rpc {
         (method, false, response)
     }
 
-    fn client(&self) -> Result<&(ProviderClient, Mode), (&'static str, String)> {
-        self.provider.as_ref().ok_or((
+    /// The provider client for calls `terminal_id` asked for (they spend its share of the
+    /// budget), and the QR mode.
+    fn client(&self, terminal_id: &str) -> Result<(ProviderClient, Mode), (&'static str, String)> {
+        let (client, mode) = self.provider.as_ref().ok_or((
             "provider_unavailable",
             "the gateway has no provider API key configured".into(),
-        ))
+        ))?;
+        Ok((client.for_terminal(terminal_id), *mode))
     }
 
     async fn create(
@@ -480,7 +483,7 @@ impl Rpc {
                 None,
             );
         }
-        let (client, mode) = match self.client() {
+        let (client, mode) = match self.client(terminal_id) {
             Ok(c) => c,
             Err(e) => return (Err(e), None),
         };
@@ -543,11 +546,11 @@ impl Rpc {
         };
         let qr_payload = pi.qr_payload.clone().unwrap_or_default();
         let address = pi.payment_address.clone().unwrap_or_default();
-        if let Err(e) = qr::check(&qr_payload, *mode, &address, amount) {
+        if let Err(e) = qr::check(&qr_payload, mode, &address, amount) {
             tracing::error!(%terminal_id, intent_id = %pi.id, error = %e, "the provider's qr_payload failed its check; no QR shown, cancelling the intent");
             // No open intent may stay behind at the provider: cancel it, and keep what it says
             // (the intent is stored, its history shows the rejection).
-            let outcome = match cancel_or_read(client, &pi.id).await {
+            let outcome = match cancel_or_read(&client, &pi.id).await {
                 Ok(raw) => match self
                     .store
                     .ingest_snapshot(raw, QR_REJECTED, Some(&pi.id))
@@ -610,7 +613,7 @@ impl Rpc {
         let mut intent = self.own(terminal_id, request).await?;
         // Still open: the webhooks may have missed something (the guide's reboot case); ask.
         if intent.record.status == IntentStatus::AwaitingPayment
-            && let Ok((client, _)) = self.client()
+            && let Ok((client, _)) = self.client(terminal_id)
             && self.may_refresh(&intent.record.id)
         {
             match client.get_intent(&intent.record.id).await {
@@ -634,8 +637,8 @@ impl Rpc {
 
     async fn cancel(&self, terminal_id: &str, request: &Request) -> Answer {
         let intent = self.own(terminal_id, request).await?;
-        let (client, _) = self.client()?;
-        let raw = cancel_or_read(client, &intent.record.id)
+        let (client, _) = self.client(terminal_id)?;
+        let raw = cancel_or_read(&client, &intent.record.id)
             .await
             .map_err(|e| provider_error(&e))?;
         self.store

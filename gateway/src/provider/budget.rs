@@ -13,6 +13,12 @@
 //!   gets a clear "retry in N s" instead of a silent hang. Background calls wait as long as needed
 //!   (their loops select on shutdown).
 //!
+//! - A terminal's interactive calls also take a token from that terminal's own bucket, refilled at
+//!   a quarter of the shared rate with a quarter of its burst: one terminal (a firmware loop, a
+//!   stolen device within its RPC limits) can never spend more than a quarter of the budget, so
+//!   the provider budget is shared fairly among terminals. Calls not made for a terminal (admin)
+//!   take only the shared token.
+//!
 //! The clock is tokio's, so `tokio::time::pause()` drives the buckets in tests.
 
 use std::num::NonZeroU32;
@@ -21,6 +27,7 @@ use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
@@ -56,6 +63,12 @@ impl Clock for TokioClock {
 }
 
 type Bucket<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type TerminalBuckets<C> =
+    RateLimiter<String, HashMapStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// Terminals whose buckets are kept before the full ones are dropped (a full bucket is the same
+/// as none).
+const TERMINAL_BUCKETS_KEPT: usize = 4096;
 
 /// The rates derived from `requests_per_minute`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +79,10 @@ pub struct Rates {
     pub shared_burst: u32,
     /// Background refill: one token per this period (a quarter of the shared rate).
     pub background_period: Duration,
+    /// One terminal's refill: one token per this period (a quarter of the shared rate).
+    pub terminal_period: Duration,
+    /// One terminal's burst (a quarter of the shared burst, at least one).
+    pub terminal_burst: u32,
 }
 
 impl Rates {
@@ -73,10 +90,13 @@ impl Rates {
     pub fn for_limit(requests_per_minute: u32) -> Rates {
         let limit = f64::from(requests_per_minute.max(1));
         let budget = limit * 0.8;
+        let shared_burst = (requests_per_minute / 10).max(1);
         Rates {
             shared_period: Duration::from_secs_f64(60.0 / budget),
-            shared_burst: (requests_per_minute / 10).max(1),
+            shared_burst,
             background_period: Duration::from_secs_f64(60.0 / (budget / 4.0)),
+            terminal_period: Duration::from_secs_f64(60.0 / (budget / 4.0)),
+            terminal_burst: (shared_burst / 4).max(1),
         }
     }
 
@@ -91,6 +111,7 @@ impl Rates {
 pub struct Budget<C: Clock = TokioClock> {
     shared: Bucket<C>,
     background: Bucket<C>,
+    terminals: TerminalBuckets<C>,
     clock: C,
     /// Interactive callers waiting for a shared token right now.
     interactive_waiting: AtomicUsize,
@@ -135,6 +156,10 @@ impl<C: Clock + Clone> Budget<C> {
                 quota(rates.background_period, 1),
                 clock.clone(),
             ),
+            terminals: RateLimiter::hashmap_with_clock(
+                quota(rates.terminal_period, rates.terminal_burst),
+                clock.clone(),
+            ),
             clock,
             interactive_waiting: AtomicUsize::new(0),
             interactive_wait,
@@ -162,20 +187,41 @@ impl<C: Clock + Clone> Budget<C> {
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
+    /// Takes a token from `terminal`'s own bucket now, or says how long until one is expected.
+    fn try_terminal(&self, terminal: &str) -> Result<(), Duration> {
+        if self.terminals.len() > TERMINAL_BUCKETS_KEPT {
+            self.terminals.retain_recent();
+        }
+        self.terminals
+            .check_key(&terminal.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
     fn interactive_waiting(&self) -> bool {
         self.interactive_waiting.load(Ordering::Acquire) > 0
     }
 }
 
 impl Budget<TokioClock> {
-    /// Waits for a token for one request (every attempt, retries included, is one request).
+    /// Waits for a token for one request (every attempt, retries included, is one request);
+    /// an interactive call made for `terminal` also takes one of that terminal's own.
     ///
     /// # Errors
-    /// [`Exhausted`] for an interactive call whose token is further away than the interactive
-    /// wait; background calls wait as long as it takes.
-    pub async fn acquire(&self, priority: Priority) -> Result<(), Exhausted> {
+    /// [`Exhausted`] for an interactive call whose token (its terminal's or the shared one) is
+    /// further away than the interactive wait; background calls wait as long as it takes.
+    pub async fn acquire(
+        &self,
+        priority: Priority,
+        terminal: Option<&str>,
+    ) -> Result<(), Exhausted> {
         match priority {
-            Priority::Interactive => self.acquire_interactive().await,
+            Priority::Interactive => {
+                let deadline = tokio::time::Instant::now() + self.interactive_wait;
+                if let Some(terminal) = terminal {
+                    wait_for(deadline, || self.try_terminal(terminal)).await?;
+                }
+                self.acquire_interactive(deadline).await
+            }
             Priority::Background => {
                 self.acquire_background().await;
                 Ok(())
@@ -183,22 +229,10 @@ impl Budget<TokioClock> {
         }
     }
 
-    async fn acquire_interactive(&self) -> Result<(), Exhausted> {
-        let deadline = tokio::time::Instant::now() + self.interactive_wait;
+    async fn acquire_interactive(&self, deadline: tokio::time::Instant) -> Result<(), Exhausted> {
         self.interactive_waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.interactive_waiting);
-        loop {
-            match self.try_shared() {
-                Ok(()) => return Ok(()),
-                Err(wait) => {
-                    let now = tokio::time::Instant::now();
-                    if now + wait > deadline {
-                        return Err(Exhausted { retry_after: wait });
-                    }
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+        wait_for(deadline, || self.try_shared()).await
     }
 
     async fn acquire_background(&self) {
@@ -215,6 +249,24 @@ impl Budget<TokioClock> {
             match self.try_shared() {
                 Ok(()) => return,
                 Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+}
+
+/// Takes a token with `try_take`, sleeping until it is due, unless it is due after `deadline`.
+async fn wait_for(
+    deadline: tokio::time::Instant,
+    try_take: impl Fn() -> Result<(), Duration>,
+) -> Result<(), Exhausted> {
+    loop {
+        match try_take() {
+            Ok(()) => return Ok(()),
+            Err(wait) => {
+                if tokio::time::Instant::now() + wait > deadline {
+                    return Err(Exhausted { retry_after: wait });
+                }
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -243,6 +295,8 @@ mod tests {
         assert_eq!(r.shared_period, Duration::from_millis(750), "80/min");
         assert_eq!(r.shared_burst, 10);
         assert_eq!(r.background_period, Duration::from_secs(3), "20/min");
+        assert_eq!(r.terminal_period, Duration::from_secs(3), "20/min");
+        assert_eq!(r.terminal_burst, 2);
         // Never more than 90 % of the limit in any minute.
         assert_eq!(r.most_in(Duration::from_secs(60)), 90);
         let r = Rates::for_limit(1000);
@@ -300,16 +354,16 @@ mod tests {
         let budget = Budget::new(60, Duration::from_secs(2));
         let rates = budget.rates();
         for _ in 0..rates.shared_burst {
-            budget.acquire(Priority::Interactive).await.unwrap();
+            budget.acquire(Priority::Interactive, None).await.unwrap();
         }
         // The next token is 1.25 s away: inside the wait.
         let started = tokio::time::Instant::now();
-        budget.acquire(Priority::Interactive).await.unwrap();
+        budget.acquire(Priority::Interactive, None).await.unwrap();
         assert!(started.elapsed() <= Duration::from_millis(1250));
         // Two callers at once: one gets the token in 1.25 s, the other would need 2.5 s: refused.
         let (a, b) = tokio::join!(
-            budget.acquire(Priority::Interactive),
-            budget.acquire(Priority::Interactive)
+            budget.acquire(Priority::Interactive, None),
+            budget.acquire(Priority::Interactive, None)
         );
         let refused = [a, b]
             .into_iter()
@@ -323,18 +377,18 @@ mod tests {
     async fn background_yields_to_a_waiting_terminal() {
         let budget = Arc::new(Budget::new(60, Duration::from_secs(10)));
         for _ in 0..budget.rates().shared_burst {
-            budget.acquire(Priority::Interactive).await.unwrap();
+            budget.acquire(Priority::Interactive, None).await.unwrap();
         }
         // A background call and then a terminal both want the next token: the terminal gets it.
         let bg = {
             let budget = budget.clone();
             tokio::spawn(async move {
-                budget.acquire(Priority::Background).await.unwrap();
+                budget.acquire(Priority::Background, None).await.unwrap();
                 tokio::time::Instant::now()
             })
         };
         tokio::task::yield_now().await;
-        budget.acquire(Priority::Interactive).await.unwrap();
+        budget.acquire(Priority::Interactive, None).await.unwrap();
         let terminal_at = tokio::time::Instant::now();
         let background_at = bg.await.unwrap();
         assert!(background_at > terminal_at);
@@ -345,7 +399,7 @@ mod tests {
         let budget = Budget::new(600, Duration::ZERO);
         let started = tokio::time::Instant::now();
         for _ in 0..11 {
-            budget.acquire(Priority::Background).await.unwrap();
+            budget.acquire(Priority::Background, None).await.unwrap();
         }
         // 600/min → 480 budget → 120/min background: one now, then one every 0.5 s.
         assert!(
@@ -353,5 +407,52 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// A terminal asking as fast as it is answered for a minute gets at most its quarter (burst
+    /// plus refill), while another terminal asking every 5 s gets every call through. Without
+    /// the per-terminal buckets the flooder took the whole budget (about 90 in the minute).
+    #[tokio::test(start_paused = true)]
+    async fn one_terminal_cannot_take_more_than_its_share() {
+        let budget = Arc::new(Budget::new(100, Duration::from_secs(2)));
+        let minute = Duration::from_secs(60);
+        let flooder = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let (mut granted, mut refused) = (0u32, 0u32);
+                while started.elapsed() < minute {
+                    match budget
+                        .acquire(Priority::Interactive, Some("pos-flood"))
+                        .await
+                    {
+                        Ok(()) => granted += 1,
+                        Err(e) => {
+                            refused += 1;
+                            tokio::time::sleep(e.retry_after.min(Duration::from_millis(100))).await;
+                        }
+                    }
+                }
+                (granted, refused)
+            })
+        };
+        let mut honest = 0;
+        for _ in 0..12 {
+            budget
+                .acquire(Priority::Interactive, Some("pos-honest"))
+                .await
+                .expect("the honest terminal's call goes through");
+            honest += 1;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let (granted, refused) = flooder.await.unwrap();
+        let rates = budget.rates();
+        assert_eq!(honest, 12);
+        assert!(
+            u64::from(granted) <= u64::from(rates.terminal_burst) + 20 + 1,
+            "the flooder got {granted}"
+        );
+        assert!(granted >= 20, "the flooder still gets its share: {granted}");
+        assert!(refused > 0);
     }
 }

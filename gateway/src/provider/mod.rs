@@ -64,6 +64,8 @@ pub struct ProviderClient {
     /// The request budget shared by every client of this provider.
     budget: Arc<Budget>,
     priority: Priority,
+    /// The terminal the calls are made for: its own share of the budget is spent too.
+    terminal: Option<Arc<str>>,
     metrics: Option<CallMetrics>,
 }
 
@@ -112,6 +114,7 @@ impl ProviderClient {
             backoff,
             budget,
             priority: Priority::Interactive,
+            terminal: None,
             metrics: None,
         })
     }
@@ -121,6 +124,15 @@ impl ProviderClient {
     pub fn background(&self) -> ProviderClient {
         ProviderClient {
             priority: Priority::Background,
+            ..self.clone()
+        }
+    }
+
+    /// The same client, for calls a terminal asked for: they also spend that terminal's share of
+    /// the budget (a quarter at most), so one terminal cannot starve the others.
+    pub fn for_terminal(&self, terminal_id: &str) -> ProviderClient {
+        ProviderClient {
+            terminal: Some(Arc::from(terminal_id)),
             ..self.clone()
         }
     }
@@ -224,7 +236,11 @@ impl ProviderClient {
         let mut last_error: Option<ProviderError> = None;
         loop {
             // Every attempt is a request the provider counts.
-            if let Err(source) = self.budget.acquire(self.priority).await {
+            if let Err(source) = self
+                .budget
+                .acquire(self.priority, self.terminal.as_deref())
+                .await
+            {
                 // A retry that finds no budget reports what made it retry: the outcome of the
                 // earlier attempt is unknown, which is not the same as "never sent".
                 return Err(last_error.unwrap_or(ProviderError::Budget {
