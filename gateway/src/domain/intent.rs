@@ -462,4 +462,86 @@ mod tests {
             "{finals:?}"
         );
     }
+
+    /// One generated input: a snapshot with a status, a transfer (a few ids, so some repeat;
+    /// amounts around the expected 4.5; on time or late), or a settlement.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Snapshot(&'static str),
+        Transfer(u8, u32, bool),
+        Settled,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::sample::select(vec![
+                "awaiting_payment",
+                "confirmed",
+                "expired",
+                "cancelled",
+                "settled",
+                "requires_action",
+            ])
+            .prop_map(Step::Snapshot),
+            (0u8..4, 1_000_000u32..8_000_000, any::<bool>())
+                .prop_map(|(id, micros, late)| Step::Transfer(id, micros, late)),
+            Just(Step::Settled),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any sequence of inputs, each possibly delivered twice: the status never moves back;
+        /// a repeated input changes nothing and tells the terminal nothing; every change of
+        /// status is told (except settled after confirmed, which the terminal already shows as
+        /// paid), and the terminal is never told the same (status, context) twice in a row; the
+        /// amount received is the sum of the distinct transfers.
+        #[test]
+        fn the_state_machine_only_moves_forward_and_tells_each_change_once(
+            steps in proptest::collection::vec((step(), proptest::bool::ANY), 1..24)
+        ) {
+            let mut r = record(AwaitingPayment);
+            let mut told: Option<(IntentStatus, Option<UnresolvedContext>)> = None;
+            let mut distinct = std::collections::BTreeMap::new();
+            for (step, twice) in steps {
+                let snapshot_value;
+                let transfer_value;
+                let (input, at) = match &step {
+                    Step::Snapshot(status) => {
+                        snapshot_value = snapshot(status);
+                        (Input::Snapshot(&snapshot_value), None)
+                    }
+                    Step::Transfer(id, micros, late) => {
+                        let at = if *late { LATE } else { ON_TIME };
+                        let amount = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+                        transfer_value = tx(&format!("txn_{id}"), &amount, at);
+                        distinct.entry(*id).or_insert(u64::from(*micros));
+                        (Input::Transfer(&transfer_value), Some(at))
+                    }
+                    Step::Settled => (Input::Settled, None),
+                };
+                let before = r.clone();
+                let effect = apply(&mut r, input, at);
+                proptest::prop_assert_eq!(effect.from, before.status);
+                proptest::prop_assert_eq!(effect.to, r.status);
+                proptest::prop_assert!(r.status.rank() >= before.status.rank(), "{:?} -> {:?}", before.status, r.status);
+                if effect.from != effect.to && !(effect.from == Confirmed && effect.to == Settled) {
+                    proptest::prop_assert!(effect.notify, "{:?} -> {:?} untold", effect.from, effect.to);
+                }
+                if effect.notify {
+                    let now = (r.status, (r.status == Unresolved).then(|| r.primary_context()).flatten());
+                    proptest::prop_assert_ne!(Some(now), told, "told twice");
+                    told = Some(now);
+                }
+                if twice {
+                    let once = r.clone();
+                    let again = apply(&mut r, input, at);
+                    proptest::prop_assert!(!again.notify, "a repeated {:?} told again", step);
+                    proptest::prop_assert_eq!(&r, &once);
+                }
+            }
+            let sum: u64 = distinct.values().sum();
+            proptest::prop_assert_eq!(r.received_micros, MicroUsdc(sum));
+        }
+    }
 }
