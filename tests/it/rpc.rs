@@ -340,7 +340,12 @@ async fn terminals_and_reconciliation_share_one_budget_inside_the_provider_limit
         let reply = rpc(t, &format!("c{attempt}"), "create_intent", params).await;
         match reply.error {
             None => break,
-            Some(e) => assert_eq!(e.code, "rate_limited", "{}", e.message),
+            Some(e) => {
+                assert_eq!(e.code, "rate_limited", "{}", e.message);
+                // As a cashier's app does: wait as long as the answer says (the terminal's own
+                // share of the budget refills more slowly than the shared one).
+                tokio::time::sleep(retry_hint(&e.message).min(Duration::from_secs(5))).await;
+            }
         }
     }
     gw.metric_reaches(
@@ -582,4 +587,20 @@ async fn an_http_terminal_creates_reads_and_cancels_intents() {
         "{cancelled}"
     );
     gw.shutdown().await;
+}
+
+/// The wait a `rate_limited` answer names: "… retry in N s" or "… retry in N ms".
+fn retry_hint(message: &str) -> Duration {
+    let rest = message
+        .rsplit_once("retry in ")
+        .map_or("", |(_, rest)| rest);
+    let (number, unit) = rest.split_once(' ').unwrap_or((rest, ""));
+    let n: u64 = number
+        .parse()
+        .unwrap_or_else(|_| panic!("no retry time in {message:?}"));
+    if unit.starts_with("ms") {
+        Duration::from_millis(n)
+    } else {
+        Duration::from_secs(n)
+    }
 }
