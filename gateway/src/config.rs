@@ -33,6 +33,7 @@ const LIST_KEYS: &[&str] = &[
     "provider.webhook_secrets",
     "mqtt.server_names",
     "ingress.cors_allowed_origins",
+    "mqtt.external_reload_command",
 ];
 
 /// The validated configuration of the daemon.
@@ -141,6 +142,54 @@ pub struct MqttConfig {
     pub max_connections: usize,
     pub max_connections_per_terminal: usize,
     pub front_door: bool,
+    /// Whether terminals connect to the embedded broker or to an external one.
+    pub mode: MqttMode,
+    /// `external` mode: the broker posgate connects to as a backend client.
+    pub external: Option<ExternalBroker>,
+}
+
+/// `mqtt.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttMode {
+    /// rmqtt inside the daemon, with its listeners (the default).
+    Embedded,
+    /// A broker run by the operator (Mosquitto 2); posgate runs no MQTT listener.
+    External,
+}
+
+/// `mqtt.external_*`: the external broker and how posgate keeps its files up to date.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalBroker {
+    /// `mqtts://host:port` (or `mqtt://` for tests and benchmarks only).
+    pub url: String,
+    /// Whether the URL is `mqtts://`.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// The prefix of posgate's MQTT client id at the broker (a random part is added at each
+    /// start, see `broker::external`).
+    pub client_id: String,
+    /// Where posgate keeps the broker's ACL and CRL files (`acl`, `crl.pem`) up to date.
+    pub files_dir: Option<PathBuf>,
+    /// Run (no shell) after those files changed, so the broker re-reads them.
+    pub reload_command: Vec<String>,
+}
+
+/// Splits `mqtts://host:port` (or `mqtt://`); `None` when it is neither.
+pub fn parse_mqtt_url(url: &str) -> Option<(bool, String, u16)> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else {
+        (false, url.strip_prefix("mqtt://")?)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || port == 0 || host.contains(['/', '@', '?', '#', ' ']) {
+        return None;
+    }
+    Some((tls, host.to_owned(), port))
 }
 
 /// `[delivery]`: confirmations to terminals.
@@ -426,6 +475,58 @@ impl Config {
         let max_connections_per_terminal =
             r.in_range::<usize>("mqtt.max_connections_per_terminal", 1, 64);
         let front_door = r.required::<bool>("mqtt.front_door");
+        let mode = r
+            .required::<String>("mqtt.mode")
+            .and_then(|m| match m.as_str() {
+                "embedded" => Some(MqttMode::Embedded),
+                "external" => Some(MqttMode::External),
+                _ => r.reject("mqtt.mode", "must be \"embedded\" or \"external\""),
+            });
+        let external_url = r.optional::<String>("mqtt.external_url").flatten();
+        let parsed_url = external_url.as_deref().map(parse_mqtt_url);
+        if let Some(None) = parsed_url {
+            r.reject::<()>(
+                "mqtt.external_url",
+                "must be mqtts://host:port (mqtt://host:port only for tests and benchmarks)",
+            );
+        }
+        let external_client_id = r.required::<String>("mqtt.external_client_id");
+        r.ensure(
+            "mqtt.external_client_id",
+            &external_client_id,
+            |id| {
+                (1..=64).contains(&id.len())
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            },
+            "must be 1-64 characters of A-Z a-z 0-9 - _ . :",
+        );
+        let external_files_dir = r.optional::<PathBuf>("mqtt.external_broker_dir");
+        let external_reload_command = r
+            .optional::<Vec<String>>("mqtt.external_reload_command")
+            .map(|v| v.unwrap_or_default());
+        r.ensure(
+            "mqtt.external_reload_command",
+            &external_reload_command,
+            |argv| argv.iter().all(|a| !a.is_empty()),
+            "an empty argument is not allowed",
+        );
+        if mode == Some(MqttMode::External) && external_url.is_none() {
+            r.reject::<()>("mqtt.external_url", "is required with mqtt.mode = \"external\"");
+        }
+        let external = match (mode, parsed_url) {
+            (Some(MqttMode::External), Some(Some((tls, host, port)))) => Some(ExternalBroker {
+                url: external_url.clone().unwrap_or_default(),
+                tls,
+                host,
+                port,
+                client_id: external_client_id.clone().unwrap_or_default(),
+                files_dir: external_files_dir.clone().flatten(),
+                reload_command: external_reload_command.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        };
         let republish_after_secs = r.in_range::<u64>("delivery.republish_after_secs", 1, 86_400);
 
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
@@ -486,6 +587,8 @@ impl Config {
                     max_connections: max_connections?,
                     max_connections_per_terminal: max_connections_per_terminal?,
                     front_door: front_door?,
+                    mode: mode?,
+                    external,
                 },
                 delivery: DeliveryConfig {
                     republish_after_secs: republish_after_secs?,
