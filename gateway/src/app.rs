@@ -219,9 +219,7 @@ impl Gateway {
                     revoked_serials,
                     revoked_terminals,
                     events_tx,
-                    Arc::new(move |terminal_id: &str, serial: &str| {
-                        seen.seen(terminal_id, serial)
-                    }),
+                    Arc::new(move |terminal_id: &str, serial: &str| seen.seen(terminal_id, serial)),
                 )
                 .await?,
             ),
@@ -425,7 +423,9 @@ impl Gateway {
                     Some(dir) => {
                         let files = external::Files {
                             dir,
-                            reload_command: ext.map(|x| x.reload_command.clone()).unwrap_or_default(),
+                            reload_command: ext
+                                .map(|x| x.reload_command.clone())
+                                .unwrap_or_default(),
                             store: store.clone(),
                             pki: pki.clone(),
                             wake: e.handle().files_waker(),
@@ -437,7 +437,9 @@ impl Gateway {
                                 .instrument(tracing::info_span!("external_broker_files")),
                         );
                     }
-                    None => tracing::warn!("mqtt.external_broker_dir is not set: provisioning and revocation do not reach the external broker's ACL and CRL; keep them up to date yourself"),
+                    None => tracing::warn!(
+                        "mqtt.external_broker_dir is not set: provisioning and revocation do not reach the external broker's ACL and CRL; keep them up to date yourself"
+                    ),
                 }
                 e.spawn(&tracker, token.clone());
             }

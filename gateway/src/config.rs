@@ -513,7 +513,10 @@ impl Config {
             "an empty argument is not allowed",
         );
         if mode == Some(MqttMode::External) && external_url.is_none() {
-            r.reject::<()>("mqtt.external_url", "is required with mqtt.mode = \"external\"");
+            r.reject::<()>(
+                "mqtt.external_url",
+                "is required with mqtt.mode = \"external\"",
+            );
         }
         let external = match (mode, parsed_url) {
             (Some(MqttMode::External), Some(Some((tls, host, port)))) => Some(ExternalBroker {

@@ -84,8 +84,14 @@ async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAd
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.push_str("user root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n");
         std::fs::write(&conf, text).unwrap();
+        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        let binary = if Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        };
         let mut child = match Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
+            .args(["--pdeathsig", "KILL", "--", binary, "-c"])
             .arg(&conf)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -107,7 +113,9 @@ async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAd
                 if text.contains("Address already in use") && at.is_none() {
                     break;
                 }
-                panic!("mosquitto exited ({status}); is the Debian package `mosquitto` installed?\n{text}");
+                panic!(
+                    "mosquitto exited ({status}); is the Debian package `mosquitto` installed?\n{text}"
+                );
             }
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return Mosquitto { child, addr, log };
@@ -198,7 +206,10 @@ async fn drive(
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => panic!("connection failed: {e}"),
-            Err(_) => panic!("nothing within 10 s; publishes so far: {publishes:?}"),
+            Err(_) => {
+                let topics: Vec<&str> = publishes.iter().map(|(t, _)| t.as_str()).collect();
+                panic!("nothing within 10 s; publishes so far on {topics:?}")
+            }
         }
     }
 }
@@ -301,7 +312,10 @@ async fn a_terminal_cannot_read_another_terminals_payments() {
         .await
         .unwrap();
     let mut got = Vec::new();
-    drive(&mut reader_loop, &mut got, |p| matches!(p, Packet::Publish(_))).await;
+    drive(&mut reader_loop, &mut got, |p| {
+        matches!(p, Packet::Publish(_))
+    })
+    .await;
     assert!(got[0].0.ends_with("/payments/pi_victim"), "{got:?}");
     drop(reader.disconnect().await);
 
@@ -319,19 +333,28 @@ async fn a_terminal_cannot_read_another_terminals_payments() {
     let mut seen = Vec::new();
     for filter in &forbidden {
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-        drive(&mut eventloop, &mut seen, |p| matches!(p, Packet::SubAck(_))).await;
+        drive(&mut eventloop, &mut seen, |p| {
+            matches!(p, Packet::SubAck(_))
+        })
+        .await;
     }
     let own = topics::payments_filter(&topics::tenant_for("pos_mallory"));
     client.subscribe(&own, QoS::AtLeastOnce).await.unwrap();
-    drive(&mut eventloop, &mut seen, |p| {
-        matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_mallory"))
-    })
+    drive(
+        &mut eventloop,
+        &mut seen,
+        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_mallory")),
+    )
     .await;
-    let leaked: Vec<_> = seen
+    let leaked: Vec<&str> = seen
         .iter()
-        .filter(|(topic, _)| !topic.ends_with("/payments/pi_mallory"))
+        .map(|(topic, _)| topic.as_str())
+        .filter(|topic| !topic.ends_with("/payments/pi_mallory"))
         .collect();
-    assert!(leaked.is_empty(), "another terminal's messages leaked: {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "another terminal's messages leaked: {leaked:?}"
+    );
     drop(client.disconnect().await);
     s.gw.shutdown().await;
 }
@@ -386,7 +409,10 @@ async fn a_terminal_cannot_ack_or_speak_for_another_terminal() {
         .await
         .unwrap();
     let mut seen = Vec::new();
-    drive(&mut eventloop, &mut seen, |p| matches!(p, Packet::PubAck(_))).await;
+    drive(&mut eventloop, &mut seen, |p| {
+        matches!(p, Packet::PubAck(_))
+    })
+    .await;
     eventually(Duration::from_secs(10), || async {
         (pending(&s.gw, "pos_mallory2").await == 0).then_some(())
     })
@@ -397,7 +423,10 @@ async fn a_terminal_cannot_ack_or_speak_for_another_terminal() {
         "a forged ack cleared the victim's confirmation"
     );
     let view = s.gw.terminal_view("pos_victim2").await;
-    assert_ne!(view["online"], true, "a forged status made the victim online: {view}");
+    assert_ne!(
+        view["online"], true,
+        "a forged status made the victim online: {view}"
+    );
     drop(client.disconnect().await);
     s.gw.shutdown().await;
 }
@@ -435,9 +464,8 @@ async fn a_revoked_certificate_and_a_missing_or_foreign_one_are_refused() {
         "a certificate of another CA was accepted"
     );
 
-    let response = s
-        .gw
-        .admin_post(
+    let response =
+        s.gw.admin_post(
             "/v1/terminals/pos_ext_revoked/revoke",
             serde_json::json!({}),
         )
@@ -456,7 +484,10 @@ async fn a_revoked_certificate_and_a_missing_or_foreign_one_are_refused() {
     // …and the certificate is refused from then on (once the broker has reloaded the CRL).
     eventually(Duration::from_secs(10), || async {
         let (_c, mut eventloop) = connect_raw(s.broker.addr, &identity).unwrap();
-        harness::connack(&mut eventloop).await.is_err().then_some(())
+        harness::connack(&mut eventloop)
+            .await
+            .is_err()
+            .then_some(())
     })
     .await;
     let (_c, mut eventloop) = connect_raw(s.broker.addr, &identity).unwrap();
@@ -501,7 +532,13 @@ async fn sigkill_of_posgate_and_a_broker_restart_lose_no_pending_confirmation() 
     let c = terminal
         .next_confirmation(Duration::from_secs(15))
         .await
-        .unwrap_or_else(|e| panic!("{e}\nposgate:\n{}", daemon.log.lock().unwrap()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nposgate:\n{}\nmosquitto:\n{}",
+                daemon.log.lock().unwrap(),
+                broker.log.lock().unwrap()
+            )
+        });
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_ext_kill", 1));
     terminal.disconnect().await;
     crash::sigterm(&daemon).await;
@@ -528,11 +565,7 @@ async fn check_config_validates_the_external_broker_keys() {
     ]);
     assert_eq!(bad.status.code(), Some(64));
     let text = String::from_utf8_lossy(&bad.stderr);
-    for key in [
-        "mqtt.mode",
-        "mqtt.external_url",
-        "mqtt.external_client_id",
-    ] {
+    for key in ["mqtt.mode", "mqtt.external_url", "mqtt.external_client_id"] {
         assert!(text.contains(key), "{key} not reported:\n{text}");
     }
     let missing = run(&[("POSGATE__MQTT__MODE", "external")]);
@@ -541,7 +574,10 @@ async fn check_config_validates_the_external_broker_keys() {
     let good = run(&[
         ("POSGATE__MQTT__MODE", "external"),
         ("POSGATE__MQTT__EXTERNAL_URL", "mqtts://broker.example:8883"),
-        ("POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND", "systemctl,reload,mosquitto"),
+        (
+            "POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND",
+            "systemctl,reload,mosquitto",
+        ),
     ]);
     assert_eq!(
         good.status.code(),

@@ -80,12 +80,8 @@ static DROPPED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 /// The filters posgate subscribes to, shared between replicas.
 pub fn shared_filters() -> [String; 3] {
     let any = "+";
-    [
-        topics::acks(any),
-        topics::status(any),
-        topics::rpc_req(any),
-    ]
-    .map(|topic| format!("$share/{SHARE_GROUP}/{topic}"))
+    [topics::acks(any), topics::status(any), topics::rpc_req(any)]
+        .map(|topic| format!("$share/{SHARE_GROUP}/{topic}"))
 }
 
 /// Why the external broker's client could not be set up.
@@ -172,7 +168,11 @@ impl External {
         });
         // A random part per start: a terminal cannot take posgate's session over by guessing
         // its client id (the broker does not tie client ids to certificates).
-        let client_id = format!("{}:{}", config.client_id, hex::encode(rand::random::<[u8; 6]>()));
+        let client_id = format!(
+            "{}:{}",
+            config.client_id,
+            hex::encode(rand::random::<[u8; 6]>())
+        );
         let (client, eventloop) = AsyncClient::new(target.options(&client_id), QUEUE);
         let addr = resolve(&config.host, config.port).await;
         Ok(External {
@@ -212,7 +212,8 @@ impl External {
         }
         tracing::info!(mqtt_addr = %addr, %url, "external broker: posgate runs no MQTT listener and connects as a backend client");
         tracker.spawn(
-            run(eventloop, handle, events, token).instrument(tracing::info_span!("external_broker")),
+            run(eventloop, handle, events, token)
+                .instrument(tracing::info_span!("external_broker")),
         );
     }
 }
@@ -557,7 +558,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn allowed_count(acl: &str) -> usize {
-    acl.lines().filter(|l| l.starts_with("user ")).count().saturating_sub(1)
+    acl.lines()
+        .filter(|l| l.starts_with("user "))
+        .count()
+        .saturating_sub(1)
 }
 
 /// Replaces `path` whole: written next to it, synced, renamed over it; readable by the broker's

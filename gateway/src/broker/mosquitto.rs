@@ -136,7 +136,10 @@ mod tests {
             "user pos-01\ntopic read /tenants/{t1}/payments/+\ntopic read /tenants/{t1}/rpc/res\ntopic write /tenants/{t1}/acks\n"
         )));
         assert!(acl.contains("user pos_02\n"));
-        assert!(!acl.contains("user x"), "an invalid id must not forge lines");
+        assert!(
+            !acl.contains("user x"),
+            "an invalid id must not forge lines"
+        );
         assert!(acl.starts_with("#") && acl.contains("user posgate:backend\n"));
         // No terminal is granted a wildcard above its own tenant.
         for line in acl.lines().filter(|l| l.starts_with("topic")) {
