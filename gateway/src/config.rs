@@ -856,6 +856,73 @@ mod tests {
     }
 
     #[test]
+    fn the_external_broker_keys_are_parsed_and_checked() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(
+            (c.mqtt.mode, c.mqtt.external.is_none()),
+            (MqttMode::Embedded, true)
+        );
+        let c = load_with(
+            None,
+            &[
+                ("POSGATE__MQTT__MODE", "external"),
+                ("POSGATE__MQTT__EXTERNAL_URL", "mqtts://broker.lan:8883"),
+                (
+                    "POSGATE__MQTT__EXTERNAL_BROKER_DIR",
+                    "/etc/mosquitto/posgate",
+                ),
+                (
+                    "POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND",
+                    "systemctl,reload,mosquitto",
+                ),
+            ],
+        )
+        .unwrap();
+        let e = c.mqtt.external.unwrap();
+        assert_eq!((e.tls, e.host.as_str(), e.port), (true, "broker.lan", 8883));
+        assert_eq!(e.client_id, "posgate");
+        assert_eq!(e.reload_command, ["systemctl", "reload", "mosquitto"]);
+        assert_eq!(
+            e.files_dir.as_deref(),
+            Some(Path::new("/etc/mosquitto/posgate"))
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1883"),
+            Some((false, "127.0.0.1".into(), 1883))
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://[::1]:8883"),
+            Some((true, "::1".into(), 8883))
+        );
+        for bad in [
+            "https://b:1",
+            "mqtts://b",
+            "mqtts://:1",
+            "mqtts://b:0",
+            "mqtts://u@b:1",
+        ] {
+            assert_eq!(parse_mqtt_url(bad), None, "{bad}");
+        }
+        let err = load_with(
+            None,
+            &[
+                ("POSGATE__MQTT__MODE", "external"),
+                ("POSGATE__MQTT__EXTERNAL_CLIENT_ID", "a b"),
+                ("POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND", "kill,,1"),
+            ],
+        )
+        .unwrap_err();
+        let keys = bad_keys(err);
+        for key in [
+            "mqtt.external_url",
+            "mqtt.external_client_id",
+            "mqtt.external_reload_command",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         let c = load_with(None, &[]).unwrap();
         assert_eq!(c.ingress.listen, "127.0.0.1:8080".parse().unwrap());

@@ -158,11 +158,16 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(&[]).await
+}
+
+async fn setup_with(extra: &[(&str, &str)]) -> Setup {
     let data_dir = tempfile::tempdir().unwrap();
     let broker_dir = tempfile::tempdir().unwrap();
     let broker = start_mosquitto(data_dir.path(), broker_dir.path(), None).await;
     let env = external_env(&broker, broker_dir.path());
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    pairs.extend_from_slice(extra);
     let gw = harness::spawn_in(data_dir, &pairs).await;
     assert_eq!(gw.mqtt, broker.addr, "posgate reports the broker's address");
     Setup {
@@ -494,6 +499,90 @@ async fn a_revoked_certificate_and_a_missing_or_foreign_one_are_refused() {
     let refused = harness::connack(&mut eventloop).await;
     assert!(refused.is_err(), "a revoked certificate connected again");
     terminal.kill();
+    s.gw.shutdown().await;
+}
+
+/// A terminal that keeps flooding RPC cannot be refused at CONNECT by an external broker: its
+/// session is cut (taken over), and its RPC requests are dropped unanswered for
+/// `rpc.flood_suspend_secs`; then it is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_terminal_is_cut_and_its_rpc_dropped_for_a_while() {
+    let s = setup_with(&[("POSGATE__RPC__FLOOD_SUSPEND_SECS", "3")]).await;
+    let bundle = s.gw.provision("pos_ext_flood").await;
+    let mut terminal = connect(s.broker.addr, &bundle).await;
+    let reply = terminal
+        .rpc(
+            "before",
+            "no_such_method",
+            serde_json::json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.error.unwrap().code, "unknown_method");
+    for n in 0..300 {
+        let request =
+            serde_json::json!({"id": format!("f{n}"), "method": "no_such_method", "params": {}});
+        drop(terminal.client.try_publish(
+            &bundle.topics.rpc_req,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&request).unwrap(),
+        ));
+    }
+    s.gw.metric_reaches(
+        r#"posgate_rpc_requests_total{method="any",outcome="rate_limited"}"#,
+        100.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Cut, then back (the simulator reconnects by itself and subscribes again).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut cut = false;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match terminal.next_seen(left).await {
+            Some(Seen::Disconnected(_)) => cut = true,
+            Some(Seen::Connected) if cut => break,
+            Some(_) => {}
+            None => panic!("the flooding terminal's session was not cut (cut: {cut})"),
+        }
+    }
+    let dropped = terminal
+        .rpc(
+            "during",
+            "no_such_method",
+            serde_json::json!({}),
+            Duration::from_secs(1),
+        )
+        .await;
+    assert!(
+        dropped.is_err(),
+        "a suspended terminal's RPC was answered: {dropped:?}"
+    );
+    // Answered again once the suspension is over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    let reply = loop {
+        n += 1;
+        let asked = terminal
+            .rpc(
+                &format!("after{n}"),
+                "no_such_method",
+                serde_json::json!({}),
+                Duration::from_secs(1),
+            )
+            .await;
+        match asked {
+            Ok(reply) => break reply,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "never answered again: {e:#}"
+            ),
+        }
+    };
+    assert_eq!(reply.error.unwrap().code, "unknown_method");
+    terminal.disconnect().await;
     s.gw.shutdown().await;
 }
 
