@@ -119,6 +119,8 @@ pub struct Gateway {
 }
 
 /// The embedded broker, or the client of an external one (`mqtt.mode`).
+// One value, built once and taken apart at spawn: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Mqtt {
     Embedded(Broker),
     External(External),
