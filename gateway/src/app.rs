@@ -211,9 +211,15 @@ impl Gateway {
         };
         let seen = renewals.clone();
         let broker = match (config.mqtt.mode, &config.mqtt.external) {
-            (MqttMode::External, Some(external)) => {
-                Mqtt::External(External::build(external, &pki, events_tx).await?)
-            }
+            (MqttMode::External, Some(external)) => Mqtt::External(
+                External::build(
+                    external,
+                    &pki,
+                    events_tx,
+                    metrics.external_broker_connected.clone(),
+                )
+                .await?,
+            ),
             _ => Mqtt::Embedded(
                 Broker::build(
                     &settings,

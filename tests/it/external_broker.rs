@@ -170,6 +170,14 @@ async fn setup_with(extra: &[(&str, &str)]) -> Setup {
     pairs.extend_from_slice(extra);
     let gw = harness::spawn_in(data_dir, &pairs).await;
     assert_eq!(gw.mqtt, broker.addr, "posgate reports the broker's address");
+    // What terminals publish while no posgate is subscribed is lost (acks are republished for,
+    // RPC requests retried by the terminal): the tests start once posgate is subscribed.
+    gw.metric_reaches(
+        "posgate_external_broker_connected",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     Setup {
         gw,
         broker,

@@ -131,6 +131,8 @@ pub struct External {
     events: mpsc::UnboundedSender<BrokerEvent>,
     addr: SocketAddr,
     url: String,
+    /// `posgate_external_broker_connected`.
+    connected: prometheus::IntGauge,
 }
 
 /// posgate's side of the external broker; cheap to clone.
@@ -155,6 +157,7 @@ impl External {
         config: &ExternalBroker,
         pki: &Pki,
         events: mpsc::UnboundedSender<BrokerEvent>,
+        connected: prometheus::IntGauge,
     ) -> Result<External, ExternalError> {
         let tls = if config.tls {
             Some(tls_config(pki)?)
@@ -186,6 +189,7 @@ impl External {
             events,
             addr,
             url: config.url.clone(),
+            connected,
         })
     }
 
@@ -206,13 +210,14 @@ impl External {
             events,
             addr,
             url,
+            connected,
         } = self;
         if handle.target.tls.is_none() {
             tracing::warn!(%url, "mqtt.external_url is plaintext mqtt://: posgate's link to the broker is neither encrypted nor authenticated; tests and benchmarks only");
         }
         tracing::info!(mqtt_addr = %addr, %url, "external broker: posgate runs no MQTT listener and connects as a backend client");
         tracker.spawn(
-            run(eventloop, handle, events, token)
+            run(eventloop, handle, events, connected, token)
                 .instrument(tracing::info_span!("external_broker")),
         );
     }
@@ -259,6 +264,7 @@ async fn run(
     mut eventloop: EventLoop,
     handle: Handle,
     events: mpsc::UnboundedSender<BrokerEvent>,
+    connected: prometheus::IntGauge,
     token: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -287,6 +293,8 @@ async fn run(
                     tracing::error!(
                         "the external broker refused posgate's shared subscriptions: its ACL must let {BACKEND_CN} read $share/{SHARE_GROUP}/# (see `posgate broker-config`)"
                     );
+                } else {
+                    connected.set(1);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -298,6 +306,7 @@ async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                connected.set(0);
                 if let Some(skipped) = CONNECTION_LOG.allow() {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, skipped, "external broker connection failed");
                 }
@@ -309,6 +318,7 @@ async fn run(
             }
         }
     }
+    connected.set(0);
     drop(handle.client.try_disconnect());
 }
 
