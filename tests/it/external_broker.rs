@@ -73,17 +73,20 @@ async fn broker_config(data_dir: &Path, broker_dir: &Path, addr: SocketAddr) {
     );
 }
 
-/// Writes the configuration for `addr` (a free port when `None`) and starts Mosquitto on it;
-/// retries on another free port when that one was taken meanwhile.
+/// Writes the configuration for a free port and starts Mosquitto on it, or, with `at`, starts it
+/// again on the configuration already there (and the ACL and CRL posgate keeps); retries on
+/// another free port when that one was taken meanwhile.
 async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAddr>) -> Mosquitto {
     for _ in 0..5 {
         let addr = at.unwrap_or_else(free_port);
-        broker_config(data_dir, broker_dir, addr).await;
         let conf = broker_dir.join("mosquitto.conf");
-        // Tests run as root in CI: stay root, so the temp dirs (0700) stay readable.
-        let mut text = std::fs::read_to_string(&conf).unwrap();
-        text.push_str("user root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n");
-        std::fs::write(&conf, text).unwrap();
+        if at.is_none() {
+            broker_config(data_dir, broker_dir, addr).await;
+            // Tests run as root in CI: stay root, so the temp dirs (0700) stay readable.
+            let mut text = std::fs::read_to_string(&conf).unwrap();
+            text.push_str("user root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n");
+            std::fs::write(&conf, text).unwrap();
+        }
         // Debian installs it in /usr/sbin, which a non-root PATH may lack.
         let binary = if Path::new("/usr/sbin/mosquitto").exists() {
             "/usr/sbin/mosquitto"
@@ -590,6 +593,62 @@ async fn a_flooding_terminal_is_cut_and_its_rpc_dropped_for_a_while() {
         }
     };
     assert_eq!(reply.error.unwrap().code, "unknown_method");
+    terminal.disconnect().await;
+    s.gw.shutdown().await;
+}
+
+/// The broker restarted under a running posgate (Mosquitto keeps nothing: `persistence false`):
+/// posgate reconnects by itself, and the terminal's `online` after its own reconnect makes posgate
+/// publish its pending confirmation again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_loses_no_pending_confirmation() {
+    let s = setup().await;
+    let bundle = s.gw.provision("pos_ext_restart").await;
+    s.gw.pay("pos_ext_restart", "pi_ext_restart").await;
+    // The confirmation is at the broker (retained): read it, without acking, as the terminal
+    // (once the broker's ACL names it).
+    let topic = eventually(Duration::from_secs(10), || async {
+        let (peek, mut eventloop) = raw(s.broker.addr, &bundle, "pos_ext_restart").await;
+        peek.subscribe(&bundle.topics.payments, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => return Some(p.topic),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        drop(peek.disconnect().await);
+        got
+    })
+    .await;
+    assert!(topic.ends_with("/payments/pi_ext_restart"), "{topic}");
+    let broker_dir = s._broker_dir;
+    let addr = s.broker.stop().await;
+    eventually(Duration::from_secs(10), || async {
+        (s.gw.metric("posgate_external_broker_connected").await == Some(0.0)).then_some(())
+    })
+    .await;
+    let data_dir = s.gw.data_dir.path().to_owned();
+    let broker = start_mosquitto(&data_dir, broker_dir.path(), Some(addr)).await;
+    s.gw.metric_reaches(
+        "posgate_external_broker_connected",
+        1.0,
+        Duration::from_secs(40),
+    )
+    .await;
+    let mut terminal = connect(broker.addr, &bundle).await;
+    let c = terminal
+        .next_confirmation(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nmosquitto:\n{}", broker.log.lock().unwrap()));
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_ext_restart", 1));
     terminal.disconnect().await;
     s.gw.shutdown().await;
 }
