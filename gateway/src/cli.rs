@@ -167,6 +167,18 @@ fn check_config(file: Option<&Path>, env: &Env) -> ExitCode {
             "posgate: warning: provider.webhook_secrets is empty: every webhook will be answered 401"
         );
     }
+    if let Some(external) = &config.mqtt.external {
+        if !external.tls {
+            eprintln!(
+                "posgate: warning: mqtt.external_url is plaintext mqtt://: tests and benchmarks only"
+            );
+        }
+        if external.files_dir.is_none() {
+            eprintln!(
+                "posgate: warning: mqtt.external_broker_dir is not set: provisioning and revocation will not reach the broker's ACL and CRL"
+            );
+        }
+    }
     println!("configuration ok");
     ExitCode::SUCCESS
 }

@@ -741,4 +741,14 @@ async fn check_config_validates_the_external_broker_keys() {
         "{}",
         String::from_utf8_lossy(&good.stderr)
     );
+    let warned = String::from_utf8_lossy(&good.stderr);
+    assert!(warned.contains("mqtt.external_broker_dir"), "{warned}");
+    let plain = run(&[
+        ("POSGATE__MQTT__MODE", "external"),
+        ("POSGATE__MQTT__EXTERNAL_URL", "mqtt://127.0.0.1:1883"),
+        ("POSGATE__MQTT__EXTERNAL_BROKER_DIR", "/tmp"),
+    ]);
+    assert_eq!(plain.status.code(), Some(0));
+    let warned = String::from_utf8_lossy(&plain.stderr);
+    assert!(warned.contains("plaintext"), "{warned}");
 }
