@@ -436,7 +436,7 @@ impl Gateway {
                                 .unwrap_or_default(),
                             store: store.clone(),
                             pki: pki.clone(),
-                            wake: e.handle().files_waker(),
+                            handle: e.handle(),
                         };
                         supervisor.spawn(
                             "external_broker_files",

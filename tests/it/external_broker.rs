@@ -243,6 +243,37 @@ async fn settle(eventloop: &mut EventLoop) {
     .await;
 }
 
+/// Waits until the broker's ACL names `bundle`'s terminal (provisioning reaches the broker through
+/// posgate's files and the reload): until its subscription to its own payments is granted.
+async fn await_acl(addr: SocketAddr, bundle: &Bundle) {
+    eventually(Duration::from_secs(10), || async {
+        let (client, mut eventloop) = raw(addr, bundle, &bundle.client_id).await;
+        client
+            .subscribe(&bundle.topics.payments, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let granted = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        return ack
+                            .return_codes
+                            .iter()
+                            .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    }
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        drop(client.disconnect().await);
+        granted.then_some(())
+    })
+    .await;
+}
+
 /// A bare client with `bundle`'s certificate, no last will, connected.
 async fn raw(addr: SocketAddr, bundle: &Bundle, client_id: &str) -> (AsyncClient, EventLoop) {
     let mut identity = Identity::of(bundle);
@@ -318,6 +349,8 @@ async fn a_terminal_cannot_read_another_terminals_payments() {
     let s = setup().await;
     let mallory = s.gw.provision("pos_mallory").await;
     let victim = s.gw.provision("pos_victim").await;
+    await_acl(s.broker.addr, &mallory).await;
+    await_acl(s.broker.addr, &victim).await;
     s.gw.pay("pos_victim", "pi_victim").await;
     s.gw.pay("pos_mallory", "pi_mallory").await;
     let victim_tenant = topics::tenant_for("pos_victim");
@@ -382,7 +415,9 @@ async fn a_terminal_cannot_read_another_terminals_payments() {
 async fn a_terminal_cannot_ack_or_speak_for_another_terminal() {
     let s = setup().await;
     let mallory = s.gw.provision("pos_mallory2").await;
-    s.gw.provision("pos_victim2").await;
+    let victim_bundle = s.gw.provision("pos_victim2").await;
+    await_acl(s.broker.addr, &mallory).await;
+    await_acl(s.broker.addr, &victim_bundle).await;
     s.gw.pay("pos_victim2", "pi_victim2").await;
     s.gw.pay("pos_mallory2", "pi_mallory2").await;
     let victim = topics::tenant_for("pos_victim2");
@@ -509,6 +544,14 @@ async fn a_revoked_certificate_and_a_missing_or_foreign_one_are_refused() {
     let (_c, mut eventloop) = connect_raw(s.broker.addr, &identity).unwrap();
     let refused = harness::connack(&mut eventloop).await;
     assert!(refused.is_err(), "a revoked certificate connected again");
+    // The session was cut only once the broker had the new CRL: the terminal's own reconnects
+    // (every 200 ms) never got in again.
+    while let Some(seen) = terminal.next_seen(Duration::ZERO).await {
+        assert!(
+            !matches!(seen, Seen::Connected),
+            "the revoked terminal reconnected after its session was cut"
+        );
+    }
     terminal.kill();
     s.gw.shutdown().await;
 }

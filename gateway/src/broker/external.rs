@@ -142,8 +142,20 @@ pub struct Handle {
     target: Arc<Target>,
     /// Terminals whose RPC requests are dropped until then (they kept flooding).
     suspended: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
-    /// Wakes the [`Files`] task: the registry or the revocations changed.
-    files: Arc<Notify>,
+    /// Shared with the [`Files`] task.
+    files: Arc<FilesState>,
+}
+
+/// What the [`Handle`] and the [`Files`] task share.
+#[derive(Default)]
+struct FilesState {
+    /// Wakes the task: the registry or the revocations changed.
+    wake: Notify,
+    /// Whether a [`Files`] task runs (`mqtt.external_broker_dir` is set).
+    active: std::sync::atomic::AtomicBool,
+    /// Terminals whose session is cut once the broker has the new files: cut earlier, a revoked
+    /// terminal would reconnect before the broker knew of its revocation.
+    kicks: Mutex<Vec<String>>,
 }
 
 // === impl External ===
@@ -184,7 +196,7 @@ impl External {
                 client,
                 target,
                 suspended: Arc::default(),
-                files: Arc::new(Notify::new()),
+                files: Arc::default(),
             },
             events,
             addr,
@@ -389,12 +401,22 @@ impl Handle {
 
     /// The broker's files must change: the registry or the revocations did.
     pub fn files_changed(&self) {
-        self.files.notify_one();
+        self.files.wake.notify_one();
     }
 
-    /// The waker of the [`Files`] task.
-    pub fn files_waker(&self) -> Arc<Notify> {
-        self.files.clone()
+    /// A revocation: the files change, then (once the broker has them, when posgate keeps
+    /// them) the terminal's session is cut.
+    pub fn revoke(&self, terminal_id: &str) {
+        if self.files.active.load(std::sync::atomic::Ordering::Acquire) {
+            self.files
+                .kicks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(terminal_id.to_owned());
+            self.files_changed();
+        } else {
+            self.kick(terminal_id);
+        }
     }
 
     /// Cuts `terminal_id`'s session at the broker by taking it over: a short connection with its
@@ -468,15 +490,27 @@ pub struct Files {
     pub reload_command: Vec<String>,
     pub store: Store,
     pub pki: Arc<Pki>,
-    pub wake: Arc<Notify>,
+    /// The client whose revocations this task completes (it cuts their sessions).
+    pub handle: Handle,
 }
 
 impl Files {
     /// Runs until `token` is cancelled.
     pub async fn run(self, token: CancellationToken) {
+        let state = self.handle.files.clone();
+        state
+            .active
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut last: Option<(String, BTreeSet<String>)> = None;
         loop {
-            match self.sync(&mut last).await {
+            let synced = self.sync(&mut last).await;
+            // Cut after the reload (also after a failed one: the session is cut at least).
+            let kicks =
+                std::mem::take(&mut *state.kicks.lock().unwrap_or_else(PoisonError::into_inner));
+            for terminal_id in kicks {
+                self.handle.kick(&terminal_id);
+            }
+            match synced {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::error!(error = %error_chain(&e), dir = %self.dir.display(), "the external broker's files were not updated; retrying in 5 s");
@@ -489,7 +523,7 @@ impl Files {
             }
             tokio::select! {
                 _ = token.cancelled() => return,
-                _ = self.wake.notified() => {}
+                _ = state.wake.notified() => {}
             }
         }
     }
@@ -612,7 +646,7 @@ mod tests {
             client,
             target,
             suspended: Arc::default(),
-            files: Arc::new(Notify::new()),
+            files: Arc::default(),
         }
     }
 

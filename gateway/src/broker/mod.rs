@@ -1013,8 +1013,7 @@ impl Link {
         match self {
             Link::Embedded(h) => h.revoke(terminal_id, serial),
             Link::External(h) => {
-                h.files_changed();
-                h.kick(terminal_id);
+                h.revoke(terminal_id);
             }
         }
     }
