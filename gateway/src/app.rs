@@ -22,9 +22,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin::{self, Admin, Fleet, Renewals, TokenError};
-use crate::broker::{self, Broker, BrokerError};
+use crate::broker::external::{self, External, ExternalError};
+use crate::broker::{self, Broker, BrokerError, Link};
 use crate::channels::{self, Channels, Hub, Tickets, TokenIndex};
-use crate::config::Config;
+use crate::config::{Config, MqttMode};
 use crate::delivery::{self, BrokerEvent, Presence, Signer};
 use crate::ingress::tls::{self, TlsError, TlsListener};
 use crate::ingress::{self, Ingress, Secrets};
@@ -58,6 +59,8 @@ pub enum BuildError {
     Pki(#[from] PkiError),
     #[error("starting the MQTT broker")]
     Broker(#[from] BrokerError),
+    #[error("setting up the external MQTT broker's client")]
+    External(#[from] ExternalError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("setting up TLS on the ingress listener")]
@@ -89,6 +92,7 @@ impl BuildError {
             BuildError::Token(_)
             | BuildError::Pki(_)
             | BuildError::Metrics(_)
+            | BuildError::External(_)
             | BuildError::IngressTls(_) => false,
         }
     }
@@ -100,7 +104,7 @@ pub struct Gateway {
     store: Store,
     pki: Arc<Pki>,
     admin_token: SecretString,
-    broker: Broker,
+    broker: Mqtt,
     broker_events: mpsc::UnboundedReceiver<BrokerEvent>,
     /// The delivery engine's event channel besides the broker: acks from the HTTP channels, revocations.
     delivery_events: mpsc::UnboundedSender<BrokerEvent>,
@@ -114,13 +118,21 @@ pub struct Gateway {
     metrics: Metrics,
 }
 
+/// The embedded broker, or the client of an external one (`mqtt.mode`).
+// One value, built once and taken apart at spawn: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Mqtt {
+    Embedded(Broker),
+    External(External),
+}
+
 /// A serving gateway.
 pub struct Running {
     /// Where provider webhooks are accepted.
     pub ingress_addr: SocketAddr,
     /// Where the admin API, `/healthz` and `/readyz` are served.
     pub admin_addr: SocketAddr,
-    /// The MQTT/TLS listener.
+    /// The MQTT/TLS listener (with an external broker: the broker's address).
     pub mqtt_addr: SocketAddr,
     /// The MQTT over secure WebSocket listener, when configured.
     pub mqtt_ws_addr: Option<SocketAddr>,
@@ -131,7 +143,7 @@ pub struct Running {
     admin_token: SecretString,
     store: Store,
     secrets: Secrets,
-    broker: broker::Handle,
+    broker: Link,
     token: CancellationToken,
     /// Cancelled when the grace period is over: connections still open are dropped.
     hard_stop: CancellationToken,
@@ -198,15 +210,28 @@ impl Gateway {
             refused: metrics.mqtt_refused.clone(),
         };
         let seen = renewals.clone();
-        let broker = Broker::build(
-            &settings,
-            &pki,
-            revoked_serials,
-            revoked_terminals,
-            events_tx,
-            Arc::new(move |terminal_id: &str, serial: &str| seen.seen(terminal_id, serial)),
-        )
-        .await?;
+        let broker = match (config.mqtt.mode, &config.mqtt.external) {
+            (MqttMode::External, Some(external)) => Mqtt::External(
+                External::build(
+                    external,
+                    &pki,
+                    events_tx,
+                    metrics.external_broker_connected.clone(),
+                )
+                .await?,
+            ),
+            _ => Mqtt::Embedded(
+                Broker::build(
+                    &settings,
+                    &pki,
+                    revoked_serials,
+                    revoked_terminals,
+                    events_tx,
+                    Arc::new(move |terminal_id: &str, serial: &str| seen.seen(terminal_id, serial)),
+                )
+                .await?,
+            ),
+        };
 
         let ingress_tls = if config.ingress.tls {
             Some(tls::server_config(&pki)?)
@@ -364,8 +389,18 @@ impl Gateway {
             channels,
             &config.ingress.cors_allowed_origins,
         ));
-        let addrs = broker.addrs();
-        let handle = broker.handle();
+        let (addrs, handle) = match &broker {
+            Mqtt::Embedded(b) => (b.addrs(), Link::Embedded(b.handle())),
+            Mqtt::External(e) => (
+                broker::Addrs {
+                    mqtt: e.addr(),
+                    ws: None,
+                    plain: None,
+                    behind: None,
+                },
+                Link::External(e.handle()),
+            ),
+        };
         let presence = Presence::default();
 
         // Delivery first, so that nothing committed from now on misses it.
@@ -388,7 +423,35 @@ impl Gateway {
                 .run(store.subscribe_outbox(), broker_events, token.clone())
                 .instrument(tracing::info_span!("delivery")),
         );
-        broker.spawn(&tracker, token.clone());
+        match broker {
+            Mqtt::Embedded(b) => b.spawn(&tracker, token.clone()),
+            Mqtt::External(e) => {
+                let ext = config.mqtt.external.as_ref();
+                match ext.and_then(|x| x.files_dir.clone()) {
+                    Some(dir) => {
+                        let files = external::Files {
+                            dir,
+                            reload_command: ext
+                                .map(|x| x.reload_command.clone())
+                                .unwrap_or_default(),
+                            store: store.clone(),
+                            pki: pki.clone(),
+                            handle: e.handle(),
+                        };
+                        supervisor.spawn(
+                            "external_broker_files",
+                            files
+                                .run(token.clone())
+                                .instrument(tracing::info_span!("external_broker_files")),
+                        );
+                    }
+                    None => tracing::warn!(
+                        "mqtt.external_broker_dir is not set: provisioning and revocation do not reach the external broker's ACL and CRL; keep them up to date yourself"
+                    ),
+                }
+                e.spawn(&tracker, token.clone());
+            }
+        }
 
         let host = config
             .mqtt
@@ -415,12 +478,20 @@ impl Gateway {
                 .instrument(tracing::info_span!("renewals")),
         );
         let counter = handle.clone();
+        let told = handle.clone();
+        let mqtt_url = match &config.mqtt.external {
+            Some(external) if config.mqtt.mode == MqttMode::External => external.url.clone(),
+            _ => format!("mqtts://{host}:{}", addrs.mqtt.port()),
+        };
         let fleet = Fleet {
             pki,
             presence,
-            mqtt_url: format!("mqtts://{host}:{}", addrs.mqtt.port()),
+            mqtt_url,
             revoke: Arc::new(move |r: &Revocation| revoker.revoke(r)),
-            registered: Arc::new(move |t| http_tokens.insert(t)),
+            registered: Arc::new(move |t| {
+                http_tokens.insert(t);
+                told.registered();
+            }),
             renewals,
             connections: Arc::new(move || counter.connections() as i64),
         };
@@ -528,7 +599,7 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
 /// HTTP streams end and its unspent stream tickets are dropped, and delivery stops republishing
 /// what was parked and clears it from the broker.
 struct Revoker {
-    broker: broker::Handle,
+    broker: Link,
     hub: Hub,
     tickets: Tickets,
     delivery: mpsc::UnboundedSender<BrokerEvent>,

@@ -1,4 +1,4 @@
-//! The command line: `run` (default), `print-config`, `check-config`.
+//! The command line: `run` (default), `print-config`, `check-config`, `broker-config`.
 //!
 //! Exit codes (`docs/interfaces.md`): 0 clean stop; 64 for what a restart cannot fix (bad usage or
 //! config, an unusable `data_dir`, unreadable or invalid certificates); 75 (`EX_TEMPFAIL`) for a
@@ -48,6 +48,19 @@ enum Command {
     PrintConfig,
     /// Validate the configuration; list every bad key with its value; exit 0 or 64.
     CheckConfig,
+    /// Write an external broker's configuration (mqtt.mode = "external") into a directory.
+    BrokerConfig {
+        /// The broker: only `mosquitto` (Mosquitto 2).
+        #[arg(value_parser = ["mosquitto"])]
+        broker: String,
+        /// Directory to write into (created if missing); also where posgate keeps the ACL and
+        /// CRL up to date (set mqtt.external_broker_dir to it).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The broker's TLS listener.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8883")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// Entry point of the `posgate` binary.
@@ -72,6 +85,9 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig => check_config(cli.config.as_deref(), &env),
         Command::Run => run(cli.config.as_deref(), &env),
+        Command::BrokerConfig { out, listen, .. } => {
+            broker_config(cli.config.as_deref(), &env, &out, listen)
+        }
     }
 }
 
@@ -151,8 +167,64 @@ fn check_config(file: Option<&Path>, env: &Env) -> ExitCode {
             "posgate: warning: provider.webhook_secrets is empty: every webhook will be answered 401"
         );
     }
+    if let Some(external) = &config.mqtt.external {
+        if !external.tls {
+            eprintln!(
+                "posgate: warning: mqtt.external_url is plaintext mqtt://: tests and benchmarks only"
+            );
+        }
+        if external.files_dir.is_none() {
+            eprintln!(
+                "posgate: warning: mqtt.external_broker_dir is not set: provisioning and revocation will not reach the broker's ACL and CRL"
+            );
+        }
+    }
     println!("configuration ok");
     ExitCode::SUCCESS
+}
+
+/// `broker-config mosquitto`: the gateway's PKI (created in `data_dir` if missing, as at a first
+/// start) and the files of [`crate::broker::mosquitto::write_config`].
+fn broker_config(
+    file: Option<&Path>,
+    env: &Env,
+    out: &Path,
+    listen: std::net::SocketAddr,
+) -> ExitCode {
+    let config = match Config::load(file, env) {
+        Ok(config) => config,
+        Err(e) => {
+            report_config_error(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let out = match std::fs::create_dir_all(out).and_then(|()| out.canonicalize()) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("posgate: cannot use {}: {e}", out.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let written = crate::pki::Pki::load_or_create(&config.data_dir, &config.mqtt.server_names)
+        .map_err(|e| error_chain(&e))
+        .and_then(|pki| {
+            crate::broker::mosquitto::write_config(&pki, &out, listen).map_err(|e| error_chain(&e))
+        });
+    match written {
+        Ok(()) => {
+            println!(
+                "wrote {}/{}; set mqtt.mode = \"external\", mqtt.external_broker_dir = {:?} and mqtt.external_reload_command",
+                out.display(),
+                crate::broker::mosquitto::CONF_FILE,
+                out.display().to_string()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("posgate: broker-config: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
 }
 
 /// `data_dir` can be created and written.

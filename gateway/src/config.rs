@@ -33,6 +33,7 @@ const LIST_KEYS: &[&str] = &[
     "provider.webhook_secrets",
     "mqtt.server_names",
     "ingress.cors_allowed_origins",
+    "mqtt.external_reload_command",
 ];
 
 /// The validated configuration of the daemon.
@@ -141,6 +142,54 @@ pub struct MqttConfig {
     pub max_connections: usize,
     pub max_connections_per_terminal: usize,
     pub front_door: bool,
+    /// Whether terminals connect to the embedded broker or to an external one.
+    pub mode: MqttMode,
+    /// `external` mode: the broker posgate connects to as a backend client.
+    pub external: Option<ExternalBroker>,
+}
+
+/// `mqtt.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttMode {
+    /// rmqtt inside the daemon, with its listeners (the default).
+    Embedded,
+    /// A broker run by the operator (Mosquitto 2); posgate runs no MQTT listener.
+    External,
+}
+
+/// `mqtt.external_*`: the external broker and how posgate keeps its files up to date.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalBroker {
+    /// `mqtts://host:port` (or `mqtt://` for tests and benchmarks only).
+    pub url: String,
+    /// Whether the URL is `mqtts://`.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// The prefix of posgate's MQTT client id at the broker (a random part is added at each
+    /// start, see `broker::external`).
+    pub client_id: String,
+    /// Where posgate keeps the broker's ACL and CRL files (`acl`, `crl.pem`) up to date.
+    pub files_dir: Option<PathBuf>,
+    /// Run (no shell) after those files changed, so the broker re-reads them.
+    pub reload_command: Vec<String>,
+}
+
+/// Splits `mqtts://host:port` (or `mqtt://`); `None` when it is neither.
+pub fn parse_mqtt_url(url: &str) -> Option<(bool, String, u16)> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else {
+        (false, url.strip_prefix("mqtt://")?)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || port == 0 || host.contains(['/', '@', '?', '#', ' ']) {
+        return None;
+    }
+    Some((tls, host.to_owned(), port))
 }
 
 /// `[delivery]`: confirmations to terminals.
@@ -426,6 +475,61 @@ impl Config {
         let max_connections_per_terminal =
             r.in_range::<usize>("mqtt.max_connections_per_terminal", 1, 64);
         let front_door = r.required::<bool>("mqtt.front_door");
+        let mode = r
+            .required::<String>("mqtt.mode")
+            .and_then(|m| match m.as_str() {
+                "embedded" => Some(MqttMode::Embedded),
+                "external" => Some(MqttMode::External),
+                _ => r.reject("mqtt.mode", "must be \"embedded\" or \"external\""),
+            });
+        let external_url = r.optional::<String>("mqtt.external_url").flatten();
+        let parsed_url = external_url.as_deref().map(parse_mqtt_url);
+        if let Some(None) = parsed_url {
+            r.reject::<()>(
+                "mqtt.external_url",
+                "must be mqtts://host:port (mqtt://host:port only for tests and benchmarks)",
+            );
+        }
+        let external_client_id = r.required::<String>("mqtt.external_client_id");
+        r.ensure(
+            "mqtt.external_client_id",
+            &external_client_id,
+            |id| {
+                (1..=64).contains(&id.len())
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            },
+            "must be 1-64 characters of A-Z a-z 0-9 - _ . :",
+        );
+        let external_files_dir = r.optional::<PathBuf>("mqtt.external_broker_dir");
+        let external_reload_command = r
+            .optional::<Vec<String>>("mqtt.external_reload_command")
+            .map(|v| v.unwrap_or_default());
+        r.ensure(
+            "mqtt.external_reload_command",
+            &external_reload_command,
+            |argv| argv.iter().all(|a| !a.is_empty()),
+            "an empty argument is not allowed",
+        );
+        if mode == Some(MqttMode::External) && external_url.is_none() {
+            r.reject::<()>(
+                "mqtt.external_url",
+                "is required with mqtt.mode = \"external\"",
+            );
+        }
+        let external = match (mode, parsed_url) {
+            (Some(MqttMode::External), Some(Some((tls, host, port)))) => Some(ExternalBroker {
+                url: external_url.clone().unwrap_or_default(),
+                tls,
+                host,
+                port,
+                client_id: external_client_id.clone().unwrap_or_default(),
+                files_dir: external_files_dir.clone().flatten(),
+                reload_command: external_reload_command.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        };
         let republish_after_secs = r.in_range::<u64>("delivery.republish_after_secs", 1, 86_400);
 
         let queue_depth = r.in_range::<usize>("store.queue_depth", 1, 1 << 20);
@@ -486,6 +590,8 @@ impl Config {
                     max_connections: max_connections?,
                     max_connections_per_terminal: max_connections_per_terminal?,
                     front_door: front_door?,
+                    mode: mode?,
+                    external,
                 },
                 delivery: DeliveryConfig {
                     republish_after_secs: republish_after_secs?,
@@ -747,6 +853,73 @@ mod tests {
 
     fn bad_keys(err: ConfigError) -> Vec<String> {
         err.invalid_keys().iter().map(|k| k.key.clone()).collect()
+    }
+
+    #[test]
+    fn the_external_broker_keys_are_parsed_and_checked() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(
+            (c.mqtt.mode, c.mqtt.external.is_none()),
+            (MqttMode::Embedded, true)
+        );
+        let c = load_with(
+            None,
+            &[
+                ("POSGATE__MQTT__MODE", "external"),
+                ("POSGATE__MQTT__EXTERNAL_URL", "mqtts://broker.lan:8883"),
+                (
+                    "POSGATE__MQTT__EXTERNAL_BROKER_DIR",
+                    "/etc/mosquitto/posgate",
+                ),
+                (
+                    "POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND",
+                    "systemctl,reload,mosquitto",
+                ),
+            ],
+        )
+        .unwrap();
+        let e = c.mqtt.external.unwrap();
+        assert_eq!((e.tls, e.host.as_str(), e.port), (true, "broker.lan", 8883));
+        assert_eq!(e.client_id, "posgate");
+        assert_eq!(e.reload_command, ["systemctl", "reload", "mosquitto"]);
+        assert_eq!(
+            e.files_dir.as_deref(),
+            Some(Path::new("/etc/mosquitto/posgate"))
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1883"),
+            Some((false, "127.0.0.1".into(), 1883))
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://[::1]:8883"),
+            Some((true, "::1".into(), 8883))
+        );
+        for bad in [
+            "https://b:1",
+            "mqtts://b",
+            "mqtts://:1",
+            "mqtts://b:0",
+            "mqtts://u@b:1",
+        ] {
+            assert_eq!(parse_mqtt_url(bad), None, "{bad}");
+        }
+        let err = load_with(
+            None,
+            &[
+                ("POSGATE__MQTT__MODE", "external"),
+                ("POSGATE__MQTT__EXTERNAL_CLIENT_ID", "a b"),
+                ("POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND", "kill,,1"),
+            ],
+        )
+        .unwrap_err();
+        let keys = bad_keys(err);
+        for key in [
+            "mqtt.external_url",
+            "mqtt.external_client_id",
+            "mqtt.external_reload_command",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
     }
 
     #[test]

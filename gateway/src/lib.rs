@@ -38,7 +38,9 @@
 //!   the ingress listener's optional TLS.
 //! - [`channels`] — the HTTP channels of terminals without MQTT (polling, SSE, WebSocket, acks).
 //! - [`broker`] — the embedded MQTT broker (rmqtt): mutual TLS, isolation, revocation; the only
-//!   module that names the broker library.
+//!   module that names the broker library. Also the external broker mode (`broker::external`,
+//!   a rumqttc client of a Mosquitto that `broker::mosquitto` configures) and `broker::Link`,
+//!   which is either.
 //! - [`delivery`] — outbox → broker publish, acks → outbox clear, presence; tested over channels.
 //! - [`provider`] — the provider's REST client: timeouts, retries with backoff, typed errors.
 //! - [`reconcile`] — asks the provider what the webhooks left open; feeds it through the store.

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub broker_connections: IntGauge,
     /// `posgate_broker_publishes_total`.
     pub broker_publishes: IntCounter,
+    /// `posgate_external_broker_connected`: 1 while posgate's client of an external broker is
+    /// connected and subscribed (`mqtt.mode = "external"`); always 0 with the embedded broker.
+    pub external_broker_connected: IntGauge,
     /// `posgate_reconcile_runs_total`.
     pub reconcile_runs: IntCounter,
     /// `posgate_reconcile_findings_total{kind}`.
@@ -264,6 +267,11 @@ impl Metrics {
                 &r,
                 "posgate_broker_publishes_total",
                 "Publishes the gateway made into the broker",
+            )?,
+            external_broker_connected: gauge(
+                &r,
+                "posgate_external_broker_connected",
+                "1 while the client of the external MQTT broker is connected and subscribed",
             )?,
             reconcile_runs: counter(&r, "posgate_reconcile_runs_total", "Reconciliation runs")?,
             reconcile_findings: counter_vec(

@@ -89,9 +89,19 @@ pub async fn start_daemon_with(data_dir: &Path, config: Option<&Path>) -> Daemon
 
 /// Starts `posgate run` on `listen`; panics with its output if it exits before listening.
 pub async fn start_daemon_at(data_dir: &Path, config: Option<&Path>, listen: Listen) -> Daemon {
+    start_daemon_env(data_dir, config, listen, &[]).await
+}
+
+/// As [`start_daemon_at`], with more `POSGATE__…` variables in its environment.
+pub async fn start_daemon_env(
+    data_dir: &Path,
+    config: Option<&Path>,
+    listen: Listen,
+    env: &[(&str, &str)],
+) -> Daemon {
     let mut command = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"));
+    command.env_clear().envs(env.iter().copied());
     command
-        .env_clear()
         .env("POSGATE__DATA_DIR", data_dir)
         .env("POSGATE__INGRESS__LISTEN", listen.ingress.to_string())
         .env("POSGATE__ADMIN__LISTEN", listen.admin.to_string())

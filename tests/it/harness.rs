@@ -73,6 +73,15 @@ pub async fn spawn_with(extra: &[(&str, &str)]) -> TestGateway {
     start(dir, extra).await
 }
 
+/// As [`spawn_with`], on a data dir the caller prepared (e.g. with `posgate broker-config`).
+pub async fn spawn_in(data_dir: TempDir, extra: &[(&str, &str)]) -> TestGateway {
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect();
+    start(data_dir, extra).await
+}
+
 async fn start(data_dir: TempDir, extra: Vec<(String, String)>) -> TestGateway {
     init_log();
     let pairs: Vec<(&str, &str)> = extra

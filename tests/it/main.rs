@@ -13,6 +13,7 @@ mod crash;
 mod delivery;
 mod demo;
 mod disk;
+mod external_broker;
 mod harness;
 mod http_channels;
 mod metrics;

@@ -404,6 +404,101 @@ impl Pki {
         })
     }
 
+    /// Issues posgate's own client certificate for an external broker: Subject CN =
+    /// `common_name` (which must not be a valid terminal id, so that no terminal can ever be
+    /// given the same identity), O = `posgate`, EKU clientAuth, a fresh ECDSA P-256 key, valid
+    /// [`TERMINAL_VALIDITY_DAYS`] (never beyond the CA). Made at each start, kept in memory only.
+    ///
+    /// # Errors
+    /// [`PkiError::BadIdentity`] when `common_name` is a valid terminal id,
+    /// [`PkiError::Generate`] if key generation or signing fails.
+    pub fn issue_backend(&self, common_name: &str) -> Result<IssuedCert, PkiError> {
+        if valid_terminal_id(common_name) || common_name.is_empty() {
+            return Err(PkiError::BadIdentity {
+                terminal_id: common_name.to_owned(),
+                tenant: "posgate".to_owned(),
+            });
+        }
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: "posgate's client key".to_owned(),
+            source,
+        })?;
+        let now = now_whole_seconds();
+        let (mut params, serial_hex) = leaf_params(now, TERMINAL_VALIDITY_DAYS, self.ca_not_after);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "posgate");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let not_after = params.not_after;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Generate {
+                what: "posgate's client certificate".to_owned(),
+                source,
+            })?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial_hex,
+            not_after,
+        })
+    }
+
+    /// A certificate revocation list of the gateway CA naming `serials` (hex, any spelling
+    /// [`Serial::parse`] reads), PEM, for a broker that checks client certificates against a CRL
+    /// (Mosquitto's `crlfile`). Its number is the current time (so it only grows), and it is valid
+    /// until the CA expires: the broker must never find it stale, since OpenSSL then refuses every
+    /// client. An unreadable serial is skipped (it can name no certificate of this CA).
+    ///
+    /// # Errors
+    /// [`PkiError::Generate`] when signing fails (an operator's CA without the cRLSign key usage).
+    pub fn crl_pem<'a>(
+        &self,
+        serials: impl IntoIterator<Item = &'a str>,
+    ) -> Result<String, PkiError> {
+        let now = now_whole_seconds();
+        let revoked_certs = serials
+            .into_iter()
+            .filter_map(|s| {
+                let norm = Serial::parse(s);
+                let digits = norm.as_str();
+                let padded = if digits.len() % 2 == 1 {
+                    format!("0{digits}")
+                } else {
+                    digits.to_owned()
+                };
+                let bytes = hex::decode(padded).ok()?;
+                Some(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&bytes),
+                    revocation_time: now,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - BACKDATE,
+            next_update: self.ca_not_after.max(now + Duration::days(1)),
+            crl_number: SerialNumber::from(now.unix_timestamp().max(1) as u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|source| PkiError::Generate {
+                what: "the certificate revocation list".to_owned(),
+                source,
+            })?;
+        crl.pem().map_err(|source| PkiError::Generate {
+            what: "the certificate revocation list's PEM".to_owned(),
+            source,
+        })
+    }
+
     /// End of the CA's validity: no certificate it issues outlives it.
     pub fn ca_not_after(&self) -> OffsetDateTime {
         self.ca_not_after
