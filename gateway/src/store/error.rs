@@ -40,6 +40,21 @@ pub enum StoreError {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error("connecting to PostgreSQL at {url}")]
+    PgConnect {
+        /// Without its password.
+        url: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("applying the PostgreSQL migrations at {url}")]
+    PgMigrate {
+        url: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("PostgreSQL operation failed")]
+    Postgres(#[from] postgres::Error),
     #[error("stored record {key} is corrupt")]
     Corrupt {
         key: String,
@@ -72,9 +87,41 @@ impl StoreError {
             | StoreError::Stalled { .. }
             | StoreError::Unavailable
             | StoreError::Thread(_) => true,
+            StoreError::PgConnect { .. } => true,
+            StoreError::PgMigrate { source, .. } | StoreError::Postgres(source) => {
+                pg_is_transient(source)
+            }
             StoreError::Closed | StoreError::Corrupt { .. } => false,
         }
     }
+
+    /// Whether this is PostgreSQL failing to answer at all (the connection lost, the server
+    /// shutting down), rather than refusing a statement.
+    pub(super) fn is_pg_connection(&self) -> bool {
+        match self {
+            StoreError::PgConnect { .. } => true,
+            StoreError::Postgres(e) | StoreError::PgMigrate { source: e, .. } => {
+                e.is_closed()
+                    || e.code().is_none()
+                    || e.code().is_some_and(|c| {
+                        let c = c.code();
+                        // 08: connection exception; 57P: operator intervention (shutdown).
+                        c.starts_with("08") || c.starts_with("57P")
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Lost connections, a server shutting down or short of resources, conflicts with concurrent
+/// writers, a statement timeout: all may pass. Not: a schema or a query PostgreSQL refuses.
+fn pg_is_transient(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_none_or(|c| {
+            let c = c.code();
+            ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))
+        })
 }
 
 fn storage_is_transient(e: &redb::StorageError) -> bool {

@@ -34,13 +34,16 @@
 
 mod barrier;
 mod error;
+mod kv;
 mod outbox;
+mod pg;
 mod reconcile;
 mod rpc;
 mod snapshot;
 mod writer;
 
 pub use error::{StoreError, io_is_transient};
+pub use pg::redact_url;
 pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
     Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
@@ -57,26 +60,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use posgate_proto::event::EventData;
-use redb::{Database, MultimapTableDefinition, TableDefinition};
+use kv::{KvRead, ReadKv, RedbRead, StrTable};
+use redb::Database;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{Effect, IntentRecord, IntentStatus};
-
-const EVENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("events");
-const INTENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("intents");
-const INTENT_BY_ADDRESS: TableDefinition<'_, &str, &str> =
-    TableDefinition::new("intent_by_address");
-const PENDING: MultimapTableDefinition<'_, &str, &str> = MultimapTableDefinition::new("pending");
-const REJECTED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("rejected");
-const TERMINALS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("terminals");
-const REVOKED: TableDefinition<'_, &str, &str> = TableDefinition::new("revoked_serials");
-const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
-const UNDELIVERABLE: MultimapTableDefinition<'_, &str, &str> =
-    MultimapTableDefinition::new("undeliverable");
-const RPC_ANSWERS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("rpc_answers");
 
 /// redb page cache size.
 const CACHE_BYTES: usize = 128 << 20;
@@ -219,7 +210,7 @@ pub(crate) enum Durability {
 type Job = Box<dyn WriteJob>;
 
 struct Typed<T, F> {
-    work: Option<F>,
+    work: F,
     result: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
     durability: Durability,
@@ -228,12 +219,12 @@ struct Typed<T, F> {
 impl<T, F> WriteJob for Typed<T, F>
 where
     T: Send,
-    F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send,
+    F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send,
 {
+    /// May run more than once (PostgreSQL applies a batch again after a conflict with another
+    /// writer); the last run's result is the one answered.
     fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
-        if let Some(work) = self.work.take() {
-            self.result = Some(work(tables)?);
-        }
+        self.result = Some((self.work)(tables)?);
         Ok(())
     }
 
@@ -332,9 +323,7 @@ pub struct Store {
 }
 
 struct Inner {
-    /// The database; taken at [`Store::close`] (so the file is released even if a handle outlives
-    /// the store) and while the writer reopens it after a disk failure.
-    open: Arc<Mutex<Option<Open>>>,
+    engine: Engine,
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -349,6 +338,25 @@ struct Inner {
     /// Tests make every write fail.
     #[cfg(test)]
     fail_writes: AtomicBool,
+}
+
+/// Where the data lives.
+enum Engine {
+    /// The database; taken at [`Store::close`] (so the file is released even if a handle outlives
+    /// the store) and while the writer reopens it after a disk failure.
+    Redb(Arc<Mutex<Option<Open>>>),
+    /// Read connections (the writer thread has its own).
+    Postgres(Arc<pg::Readers>),
+}
+
+/// Which database the store keeps its tables in (`store.backend`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded redb file `posgate.redb` in the data directory (the default).
+    #[default]
+    Redb,
+    /// A PostgreSQL database (`store.postgres_url`), which several gateways may share.
+    Postgres { url: String },
 }
 
 /// Who a write is for, for the queue's reserve ([`Inner::reserved_for_webhooks`]).
@@ -369,6 +377,75 @@ impl Store {
     /// [`StoreError::Open`] when the directory or database cannot be created or opened (including
     /// another process holding it), [`StoreError::Init`] when the tables cannot be created.
     pub fn open(data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
+        Store::open_backend(&Backend::Redb, data_dir, limits)
+    }
+
+    /// Opens the store on `backend`: for redb as [`Store::open`]; for PostgreSQL, connects,
+    /// applies the migrations not yet applied (once, whoever else opens the same database at the
+    /// same time) and starts the writer thread, which keeps its own connection.
+    ///
+    /// # Errors
+    /// As [`Store::open`]; for PostgreSQL [`StoreError::PgConnect`] when the database cannot be
+    /// reached, [`StoreError::PgMigrate`] when the schema cannot be applied.
+    pub fn open_backend(
+        backend: &Backend,
+        data_dir: &Path,
+        limits: Limits,
+    ) -> Result<Store, StoreError> {
+        match backend {
+            Backend::Redb => Store::open_redb(data_dir, limits),
+            Backend::Postgres { url } => Store::open_postgres(url, data_dir, limits),
+        }
+    }
+
+    fn open_postgres(url: &str, data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
+        let mut conn = pg::connect(url, Some(limits.commit_deadline))?;
+        pg::migrate(&mut conn).map_err(|source| StoreError::PgMigrate {
+            url: redact_url(url),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel(limits.queue_depth);
+        let health = Arc::new(Health::default());
+        let notices = Arc::new(Notices::default());
+        let commit_seconds: Arc<OnceLock<prometheus::Histogram>> = Arc::default();
+        let shared = pg::Shared {
+            health: health.clone(),
+            notices: notices.clone(),
+            commit_seconds: commit_seconds.clone(),
+            url: url.to_owned(),
+            statement_timeout: limits.commit_deadline,
+        };
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || pg::run(conn, rx, &limits, &shared))
+            .map_err(StoreError::Thread)?;
+        let wake = tx.downgrade();
+        std::thread::Builder::new()
+            .name("store-heartbeat".into())
+            .spawn(move || pg::heartbeat(wake))
+            .map_err(StoreError::Thread)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                engine: Engine::Postgres(Arc::new(pg::Readers::new(
+                    url.to_owned(),
+                    limits.commit_deadline,
+                ))),
+                // No file: a name in the data directory, whose free space the metrics report.
+                path: data_dir.join("postgres"),
+                queue: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(writer)),
+                health,
+                notices,
+                commit_seconds,
+                commit_deadline: limits.commit_deadline,
+                reserved_for_webhooks: limits.queue_depth / 2,
+                #[cfg(test)]
+                fail_writes: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn open_redb(data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
         let open = open_database(&path)?;
         let (tx, rx) = mpsc::channel(limits.queue_depth);
@@ -392,7 +469,7 @@ impl Store {
         };
         Ok(Store {
             inner: Arc::new(Inner {
-                open: slot,
+                engine: Engine::Redb(slot),
                 path,
                 queue: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
@@ -439,7 +516,18 @@ impl Store {
 
     /// The open database, unless closed or being reopened.
     fn current(&self) -> Option<Open> {
-        self.inner.open.lock().ok()?.clone()
+        match &self.inner.engine {
+            Engine::Redb(open) => open.lock().ok()?.clone(),
+            Engine::Postgres(_) => None,
+        }
+    }
+
+    /// Which backend this store runs on.
+    pub fn backend_name(&self) -> &'static str {
+        match self.inner.engine {
+            Engine::Redb(_) => "redb",
+            Engine::Postgres(_) => "postgres",
+        }
     }
 
     /// Hands `rows` to the outbox subscriber as if a commit had just added them (a late notice).
@@ -462,15 +550,23 @@ impl Store {
     /// running longer than the commit deadline (a stalled disk is a failed one).
     pub fn is_healthy(&self) -> bool {
         let deadline = self.inner.commit_deadline;
-        let Some(open) = self.current() else {
-            return false;
-        };
         // A writer thread that died (a panic) closed the queue's receiving end.
-        !self.inner.health.failed.load(Ordering::Relaxed)
+        let writer_ok = !self.inner.health.failed.load(Ordering::Relaxed)
             && self.sender().is_some_and(|s| !s.is_closed())
-            && !open.syncer.failed()
-            && open.syncer.syncing_for().is_none_or(|d| d < deadline)
-            && self.inner.health.busy_for().is_none_or(|d| d < deadline)
+            && self.inner.health.busy_for().is_none_or(|d| d < deadline);
+        match &self.inner.engine {
+            Engine::Redb(_) => {
+                let Some(open) = self.current() else {
+                    return false;
+                };
+                writer_ok
+                    && !open.syncer.failed()
+                    && open.syncer.syncing_for().is_none_or(|d| d < deadline)
+            }
+            // The writer finds a lost connection within a heartbeat, and is failed until it
+            // has reconnected.
+            Engine::Postgres(_) => writer_ok,
+        }
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Job>> {
@@ -488,7 +584,7 @@ impl Store {
     async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         self.submit(work, Durability::Synced, Class::Other).await
     }
@@ -497,7 +593,7 @@ impl Store {
     async fn write_provider<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         self.submit(work, Durability::Synced, Class::Provider).await
     }
@@ -506,7 +602,7 @@ impl Store {
     async fn write_deferred<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         self.submit(work, Durability::Deferred, Class::Other).await
     }
@@ -519,7 +615,7 @@ impl Store {
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         #[cfg(test)]
         if self.inner.fail_writes.load(Ordering::Relaxed) {
@@ -527,7 +623,7 @@ impl Store {
         }
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(Typed {
-            work: Some(work),
+            work,
             result: None,
             reply,
             durability,
@@ -577,9 +673,24 @@ impl Store {
         &self,
         what: &'static str,
         key: impl Into<String>,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&ReadKv<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let key = key.into();
+        let deadline = self.inner.commit_deadline;
+        if let Engine::Postgres(readers) = &self.inner.engine {
+            if self.sender().is_none() {
+                return Err(StoreError::Closed);
+            }
+            let readers = readers.clone();
+            // A committed write is on disk (synchronous_commit) before any reader sees it.
+            let read = tokio::task::spawn_blocking(move || readers.read(f));
+            return match tokio::time::timeout(deadline, read).await {
+                Ok(joined) => joined.map_err(|_| StoreError::Closed)?,
+                Err(_) => Err(StoreError::Stalled {
+                    deadline_ms: deadline.as_millis() as u64,
+                }),
+            };
+        }
         let Some(Open { db, syncer }) = self.current() else {
             return Err(if self.sender().is_some() {
                 StoreError::Unavailable
@@ -587,13 +698,16 @@ impl Store {
                 StoreError::Closed
             });
         };
-        let deadline = self.inner.commit_deadline;
         tokio::task::spawn_blocking(move || {
             // A commit is visible before its fdatasync completes: a reader must not hand out
             // (to a terminal, say) what a crash could still take back; nor wait for ever on a
             // stalled disk.
             match syncer.wait_all_for(deadline) {
-                barrier::Synced::Yes => f(&db).map_err(|e| match e {
+                barrier::Synced::Yes => (|| {
+                    let kv = ReadKv::Redb(RedbRead(db.begin_read()?));
+                    f(&kv)
+                })()
+                .map_err(|e| match e {
                     StoreError::Db(source) => StoreError::Read { what, key, source },
                     other => other,
                 }),
@@ -612,11 +726,9 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreError::Corrupt`].
     pub async fn intent(&self, id: String) -> Result<Option<StoredIntent>, StoreError> {
-        self.read("intent", id.clone(), move |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(INTENTS)?;
-            let value = table.get(id.as_str())?;
-            value.map(|v| decode(&id, v.value())).transpose()
+        self.read("intent", id.clone(), move |kv| {
+            let value = kv.get(StrTable::Intents, &id)?;
+            value.map(|v| decode(&id, &v)).transpose()
         })
         .await
     }
@@ -626,11 +738,9 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreError::Corrupt`].
     pub async fn event(&self, id: String) -> Result<Option<StoredEvent>, StoreError> {
-        self.read("event", id.clone(), move |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(EVENTS)?;
-            let value = table.get(id.as_str())?;
-            value.map(|v| decode(&id, v.value())).transpose()
+        self.read("event", id.clone(), move |kv| {
+            let value = kv.get(StrTable::Events, &id)?;
+            value.map(|v| decode(&id, &v)).transpose()
         })
         .await
     }
@@ -646,18 +756,15 @@ impl Store {
         self.read(
             "intents after",
             filter.starting_after.clone().unwrap_or_default(),
-            move |db| {
-                let txn = db.begin_read()?;
-                let table = txn.open_table(INTENTS)?;
+            move |kv| {
                 let start = filter.starting_after.clone().unwrap_or_default();
                 let mut page = Vec::new();
                 let mut has_more = false;
-                for entry in table.range(start.as_str()..)? {
-                    let (key, value) = entry?;
-                    if filter.starting_after.as_deref() == Some(key.value()) {
-                        continue;
+                kv.scan(StrTable::Intents, &start, &mut |key, value| {
+                    if filter.starting_after.as_deref() == Some(key) {
+                        return Ok(true);
                     }
-                    let intent: StoredIntent = decode(key.value(), value.value())?;
+                    let intent: StoredIntent = decode(key, value)?;
                     let status_ok = filter.status.is_none_or(|s| s == intent.record.status);
                     let terminal_ok = filter
                         .terminal_id
@@ -666,11 +773,12 @@ impl Store {
                     if status_ok && terminal_ok {
                         if page.len() == filter.limit {
                             has_more = true;
-                            break;
+                            return Ok(false);
                         }
                         page.push(intent);
                     }
-                }
+                    Ok(true)
+                })?;
                 Ok((page, has_more))
             },
         )
@@ -690,8 +798,14 @@ impl Store {
             tracing::error!("store writer thread panicked");
         }
         self.inner.health.failed.store(true, Ordering::Relaxed);
-        let Some(Open { mut db, syncer }) = self.inner.open.lock().ok().and_then(|mut o| o.take())
-        else {
+        let open = match &self.inner.engine {
+            Engine::Redb(open) => open,
+            Engine::Postgres(readers) => {
+                readers.close();
+                return;
+            }
+        };
+        let Some(Open { mut db, syncer }) = open.lock().ok().and_then(|mut o| o.take()) else {
             return;
         };
         drop(syncer);
@@ -748,7 +862,7 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
         .set_cache_size(CACHE_BYTES)
         .create_with_backend(backend)
         .map_err(open_err)?;
-    init_tables(&db).map_err(|e| match e {
+    kv::redb_init(&db).map_err(|e| match e {
         StoreError::Db(source) => StoreError::Init {
             path: path.to_owned(),
             source,
@@ -767,22 +881,6 @@ fn drop_cached_pages(file: &std::fs::File, path: &Path) {
     if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
         tracing::warn!(path = %path.display(), error = %e, "could not drop the database's cached pages");
     }
-}
-
-fn init_tables(db: &Database) -> Result<(), StoreError> {
-    let txn = db.begin_write()?;
-    txn.open_table(EVENTS)?;
-    txn.open_table(INTENTS)?;
-    txn.open_table(INTENT_BY_ADDRESS)?;
-    txn.open_multimap_table(PENDING)?;
-    txn.open_table(REJECTED)?;
-    txn.open_table(TERMINALS)?;
-    txn.open_table(REVOKED)?;
-    txn.open_table(OUTBOX)?;
-    txn.open_multimap_table(UNDELIVERABLE)?;
-    txn.open_table(RPC_ANSWERS)?;
-    txn.commit()?;
-    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {

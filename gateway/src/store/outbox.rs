@@ -7,13 +7,13 @@
 //! supersedes.
 
 use posgate_proto::confirmation::{Confirmation, ConfirmationStatus, Context};
-use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::writer::{Tables, encode};
-use super::{OUTBOX, REVOKED, Store, StoreError, TERMINALS, UNDELIVERABLE, decode};
+use super::kv::{KvRead, KvWrite, MultiTable, StrTable};
+use super::{Store, StoreError, decode};
 use crate::domain::{IntentRecord, IntentStatus, UnresolvedContext};
 use crate::pki::Serial;
 
@@ -236,15 +236,15 @@ fn status_of(record: &IntentRecord) -> Option<(ConfirmationStatus, Option<Contex
 
 impl Tables<'_> {
     pub(super) fn terminal(&self, id: &str) -> Result<Option<TerminalRecord>, StoreError> {
-        match self.terminals.get(id)? {
-            Some(v) => Ok(Some(decode(id, v.value())?)),
+        match self.kv.get(StrTable::Terminals, id)? {
+            Some(v) => Ok(Some(decode(id, &v)?)),
             None => Ok(None),
         }
     }
 
     fn save_terminal(&mut self, t: &TerminalRecord) -> Result<(), StoreError> {
-        self.terminals
-            .insert(t.id.as_str(), encode(&t.id, t)?.as_slice())?;
+        self.kv
+            .insert(StrTable::Terminals, &t.id, encode(&t.id, t)?.as_slice())?;
         Ok(())
     }
 
@@ -264,7 +264,8 @@ impl Tables<'_> {
         };
         let Some(mut terminal) = terminal else {
             let key = record.terminal_id.as_deref().unwrap_or(NO_TERMINAL);
-            self.undeliverable.insert(key, record.id.as_str())?;
+            self.kv
+                .multi_insert(MultiTable::Undeliverable, key, &record.id)?;
             return Ok(());
         };
         let seq = terminal.next_seq;
@@ -294,8 +295,9 @@ impl Tables<'_> {
             confirmation,
             accepted_at_us: (accepted_at.unix_timestamp_nanos() / 1000) as i64,
         };
-        self.outbox.insert(
-            (terminal.id.as_str(), seq),
+        self.kv.outbox_insert(
+            &terminal.id,
+            seq,
             encode(&row.intent_id, &row)?.as_slice(),
         )?;
         self.new_rows.push(row);
@@ -326,11 +328,9 @@ impl Tables<'_> {
         };
         self.save_terminal(&record)?;
         // Confirmations that waited for this terminal go out now, with their intent's current status.
-        let waiting: Vec<String> = self
-            .undeliverable
-            .remove_all(record.id.as_str())?
-            .map(|v| v.map(|v| v.value().to_owned()))
-            .collect::<Result<_, _>>()?;
+        let waiting = self
+            .kv
+            .multi_remove_all(MultiTable::Undeliverable, &record.id)?;
         for intent_id in waiting {
             if let Some(intent) = self.intent(&intent_id)? {
                 self.enqueue(&intent.record, now)?;
@@ -347,11 +347,17 @@ impl Tables<'_> {
             terminal.revoked_at = Some(now);
             self.save_terminal(&terminal)?;
         }
-        self.revoked
-            .insert(terminal.cert_serial.as_str(), terminal.id.as_str())?;
+        self.kv.insert(
+            StrTable::RevokedSerials,
+            &terminal.cert_serial,
+            terminal.id.as_bytes(),
+        )?;
         if let Some(previous) = &terminal.previous_cert {
-            self.revoked
-                .insert(previous.serial.as_str(), terminal.id.as_str())?;
+            self.kv.insert(
+                StrTable::RevokedSerials,
+                &previous.serial,
+                terminal.id.as_bytes(),
+            )?;
         }
         let parked = self.park(&terminal.id)?;
         Ok(Some(Revocation {
@@ -364,17 +370,14 @@ impl Tables<'_> {
     /// terminal), and left in the outbox they would be republished and alerted on forever.
     fn park(&mut self, terminal_id: &str) -> Result<Vec<OutboxRow>, StoreError> {
         let mut rows = Vec::new();
-        for entry in self
-            .outbox
-            .range((terminal_id, 0)..=(terminal_id, u64::MAX))?
-        {
-            let (_, value) = entry?;
-            rows.push(decode::<OutboxRow>(terminal_id, value.value())?);
-        }
+        self.kv.outbox_scan(Some(terminal_id), &mut |_, value| {
+            rows.push(decode::<OutboxRow>(terminal_id, value)?);
+            Ok(true)
+        })?;
         for row in &rows {
-            self.outbox.remove((terminal_id, row.seq))?;
-            self.undeliverable
-                .insert(terminal_id, row.intent_id.as_str())?;
+            self.kv.outbox_remove(terminal_id, row.seq)?;
+            self.kv
+                .multi_insert(MultiTable::Undeliverable, terminal_id, &row.intent_id)?;
         }
         Ok(rows)
     }
@@ -396,7 +399,10 @@ impl Tables<'_> {
             Some(_) => {}
         }
         let key = intent.record.terminal_id.as_deref().unwrap_or(NO_TERMINAL);
-        if !self.undeliverable.remove(key, intent_id)? {
+        if !self
+            .kv
+            .multi_remove(MultiTable::Undeliverable, key, intent_id)?
+        {
             return Ok(Err(AssignRefused::NotWaiting));
         }
         intent.record.terminal_id = Some(terminal_id.to_owned());
@@ -411,8 +417,8 @@ impl Tables<'_> {
         intent_id: &str,
         seq: u64,
     ) -> Result<AckOutcome, StoreError> {
-        let row: OutboxRow = match self.outbox.get((terminal_id, seq))? {
-            Some(v) => decode(intent_id, v.value())?,
+        let row: OutboxRow = match self.kv.outbox_get(terminal_id, seq)? {
+            Some(v) => decode(intent_id, &v)?,
             None => return Ok(AckOutcome::Unknown),
         };
         if row.intent_id != intent_id {
@@ -421,16 +427,11 @@ impl Tables<'_> {
         // This row and the older rows of the same intent are done; a newer one keeps the topic.
         let mut done = vec![seq];
         let mut newer_waiting = false;
-        for entry in self
-            .outbox
-            .range((terminal_id, 0)..=(terminal_id, u64::MAX))?
-        {
-            let (key, value) = entry?;
-            let (_, s) = key.value();
+        self.kv.outbox_scan(Some(terminal_id), &mut |(_, s), value| {
             if s == seq {
-                continue;
+                return Ok(true);
             }
-            let other: OutboxRow = decode(intent_id, value.value())?;
+            let other: OutboxRow = decode(intent_id, value)?;
             if other.intent_id == intent_id {
                 if s < seq {
                     done.push(s);
@@ -438,9 +439,10 @@ impl Tables<'_> {
                     newer_waiting = true;
                 }
             }
-        }
+            Ok(true)
+        })?;
         for s in &done {
-            self.outbox.remove((terminal_id, *s))?;
+            self.kv.outbox_remove(terminal_id, *s)?;
         }
         Ok(AckOutcome::Delivered {
             row: Box::new(row),
@@ -464,8 +466,11 @@ impl Tables<'_> {
             // A renewal already pending: its new certificate was never used (a use completes it),
             // so that one goes, and the certificate the terminal really has stays accepted.
             Some(mut previous) => {
-                self.revoked
-                    .insert(terminal.cert_serial.as_str(), terminal.id.as_str())?;
+                self.kv.insert(
+                    StrTable::RevokedSerials,
+                    &terminal.cert_serial,
+                    terminal.id.as_bytes(),
+                )?;
                 previous.revoke_at = renew.revoke_old_at;
                 terminal.previous_cert = Some(previous);
                 Some(terminal.cert_serial.clone())
@@ -509,8 +514,11 @@ impl Tables<'_> {
         if !by_use && now < previous.revoke_at {
             return Ok(None);
         }
-        self.revoked
-            .insert(previous.serial.as_str(), terminal.id.as_str())?;
+        self.kv.insert(
+            StrTable::RevokedSerials,
+            &previous.serial,
+            terminal.id.as_bytes(),
+        )?;
         terminal.previous_cert = None;
         self.save_terminal(&terminal)?;
         Ok(Some(Retired {
@@ -540,7 +548,7 @@ impl Store {
         &self,
         new: NewTerminal,
     ) -> Result<Option<TerminalRecord>, StoreError> {
-        self.write(move |t| t.register(new, OffsetDateTime::now_utc()))
+        self.write(move |t| t.register(new.clone(), OffsetDateTime::now_utc()))
             .await
     }
 
@@ -566,7 +574,7 @@ impl Store {
         id: String,
         renew: RenewTerminal,
     ) -> Result<Result<Renewal, RenewRefused>, StoreError> {
-        self.write(move |t| t.renew(&id, renew)).await
+        self.write(move |t| t.renew(&id, renew.clone())).await
     }
 
     /// A client certificate with `serial` was just used by terminal `id`: if that is the new
@@ -670,11 +678,9 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
-        self.read("terminal", id.clone(), move |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(TERMINALS)?;
-            let value = table.get(id.as_str())?;
-            value.map(|v| decode(&id, v.value())).transpose()
+        self.read("terminal", id.clone(), move |kv| {
+            let value = kv.get(StrTable::Terminals, &id)?;
+            value.map(|v| decode(&id, &v)).transpose()
         })
         .await
     }
@@ -684,19 +690,30 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminals(&self) -> Result<Vec<(TerminalRecord, u64)>, StoreError> {
-        self.read("terminals", "", |db| {
-            let txn = db.begin_read()?;
-            let terminals = txn.open_table(TERMINALS)?;
-            let outbox = txn.open_table(OUTBOX)?;
-            let mut out = Vec::new();
-            for entry in terminals.iter()? {
-                let (key, value) = entry?;
-                let record: TerminalRecord = decode(key.value(), value.value())?;
-                let id = record.id.as_str();
-                let pending = outbox.range((id, 0)..=(id, u64::MAX))?.count() as u64;
-                out.push((record, pending));
-            }
-            Ok(out)
+        self.read("terminals", "", |kv| {
+            let mut records = Vec::new();
+            kv.scan(StrTable::Terminals, "", &mut |key, value| {
+                records.push(decode::<TerminalRecord>(key, value)?);
+                Ok(true)
+            })?;
+            // One pass over the outbox (in terminal order), not one scan per terminal.
+            let mut counts = std::collections::HashMap::<String, u64>::new();
+            kv.outbox_scan(None, &mut |(terminal, _), _| {
+                match counts.get_mut(terminal) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(terminal.to_owned(), 1);
+                    }
+                }
+                Ok(true)
+            })?;
+            Ok(records
+                .into_iter()
+                .map(|record| {
+                    let pending = counts.get(&record.id).copied().unwrap_or(0);
+                    (record, pending)
+                })
+                .collect())
         })
         .await
     }
@@ -707,16 +724,15 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn renewing(&self) -> Result<Vec<TerminalRecord>, StoreError> {
-        self.read("pending renewals", "", |db| {
-            let txn = db.begin_read()?;
+        self.read("pending renewals", "", |kv| {
             let mut out = Vec::new();
-            for entry in txn.open_table(TERMINALS)?.iter()? {
-                let (key, value) = entry?;
-                let record: TerminalRecord = decode(key.value(), value.value())?;
+            kv.scan(StrTable::Terminals, "", &mut |key, value| {
+                let record: TerminalRecord = decode(key, value)?;
                 if record.previous_cert.is_some() {
                     out.push(record);
                 }
-            }
+                Ok(true)
+            })?;
             Ok(out)
         })
         .await
@@ -730,18 +746,12 @@ impl Store {
         self.read(
             "the outbox of",
             terminal_id.clone().unwrap_or_default(),
-            move |db| {
-                let txn = db.begin_read()?;
-                let outbox = txn.open_table(OUTBOX)?;
+            move |kv| {
                 let mut rows = Vec::new();
-                let range = match terminal_id.as_deref() {
-                    Some(id) => outbox.range((id, 0)..=(id, u64::MAX))?,
-                    None => outbox.range::<(&str, u64)>(..)?,
-                };
-                for entry in range {
-                    let (key, value) = entry?;
-                    rows.push(decode(key.value().0, value.value())?);
-                }
+                kv.outbox_scan(terminal_id.as_deref(), &mut |(terminal, _), value| {
+                    rows.push(decode(terminal, value)?);
+                    Ok(true)
+                })?;
                 Ok(rows)
             },
         )
@@ -754,22 +764,21 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        self.read("revocations", "", |db| {
-            let txn = db.begin_read()?;
+        self.read("revocations", "", |kv| {
             let mut serials = Vec::new();
-            for entry in txn.open_table(REVOKED)?.iter()? {
-                let (serial, _terminal) = entry?;
-                serials.push(serial.value().to_owned());
-            }
+            kv.scan(StrTable::RevokedSerials, "", &mut |serial, _terminal| {
+                serials.push(serial.to_owned());
+                Ok(true)
+            })?;
             // Not the ids in `revoked_serials`: a renewal puts a live terminal's old serial there.
             let mut terminals = Vec::new();
-            for entry in txn.open_table(TERMINALS)?.iter()? {
-                let (key, value) = entry?;
-                let record: TerminalRecord = decode(key.value(), value.value())?;
+            kv.scan(StrTable::Terminals, "", &mut |key, value| {
+                let record: TerminalRecord = decode(key, value)?;
                 if record.revoked_at.is_some() {
                     terminals.push(record.id);
                 }
-            }
+                Ok(true)
+            })?;
             Ok((serials, terminals))
         })
         .await
@@ -780,20 +789,15 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn undeliverable(&self) -> Result<Vec<Undeliverable>, StoreError> {
-        self.read("undeliverable confirmations", "", |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_multimap_table(UNDELIVERABLE)?;
+        self.read("undeliverable confirmations", "", |kv| {
             let mut out = Vec::new();
-            for entry in redb::ReadableMultimapTable::iter(&table)? {
-                let (key, values) = entry?;
-                let terminal = key.value();
-                for value in values {
-                    out.push(Undeliverable {
-                        terminal_id: (terminal != NO_TERMINAL).then(|| terminal.to_owned()),
-                        intent_id: value?.value().to_owned(),
-                    });
-                }
-            }
+            kv.multi_scan(MultiTable::Undeliverable, &mut |terminal, intent| {
+                out.push(Undeliverable {
+                    terminal_id: (terminal != NO_TERMINAL).then(|| terminal.to_owned()),
+                    intent_id: String::from_utf8_lossy(intent).into_owned(),
+                });
+                Ok(true)
+            })?;
             Ok(out)
         })
         .await

@@ -17,15 +17,12 @@
 //! its `txn_…` id and has no second effect.
 
 use posgate_proto::event::{Envelope, EventData, Transaction};
-use redb::{ReadableMultimapTable, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::kv::{KvRead, KvWrite, MultiTable, StrTable};
 use super::writer::{Tables, address_key, encode};
 use super::{EventOutcome, IncomingEvent, Ingested, Store, StoreError, StoredEvent, decode};
-
-const ORPHAN_TRANSFERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("orphan_transfers");
-const RECONCILE_STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("reconcile_state");
 
 const CURSOR_KEY: &str = "transactions_cursor";
 
@@ -77,21 +74,6 @@ pub enum Listed {
     },
 }
 
-/// The reconciliation tables of one write transaction.
-pub(crate) struct ReconcileTables<'txn> {
-    orphans: Table<'txn, &'static str, &'static [u8]>,
-    state: Table<'txn, &'static str, &'static [u8]>,
-}
-
-impl<'txn> ReconcileTables<'txn> {
-    pub(super) fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
-        Ok(ReconcileTables {
-            orphans: txn.open_table(ORPHAN_TRANSFERS)?,
-            state: txn.open_table(RECONCILE_STATE)?,
-        })
-    }
-}
-
 /// A `transaction.created` envelope around the provider's transaction object (kept exact), so a
 /// listed transfer that waits for its intent is replayed like a webhook's.
 fn envelope(event_id: &str, raw_tx: &str, created_at: OffsetDateTime) -> String {
@@ -114,7 +96,7 @@ impl Tables<'_> {
         now: OffsetDateTime,
     ) -> Result<Listed, StoreError> {
         let event_id = listed_event_id(&tx.id);
-        if self.events.get(event_id.as_str())?.is_some() {
+        if self.kv.get(StrTable::Events, &event_id)?.is_some() {
             return Ok(Listed::Duplicate);
         }
         match self.find_intent_for(tx)? {
@@ -174,17 +156,13 @@ impl Tables<'_> {
     /// The transfers kept under `key` (an intent id or [`address_key`]) while they wait for their
     /// intent, with the ids of the events that carry them.
     fn pending_transfers(&self, key: &str) -> Result<Vec<(String, Transaction)>, StoreError> {
-        let ids: Vec<String> = self
-            .pending
-            .get(key)?
-            .map(|v| v.map(|v| v.value().to_owned()))
-            .collect::<Result<_, _>>()?;
+        let ids = self.kv.multi_get(MultiTable::Pending, key)?;
         let mut out = Vec::new();
         for id in ids {
-            let Some(value) = self.events.get(id.as_str())? else {
+            let Some(value) = self.kv.get(StrTable::Events, &id)? else {
                 continue;
             };
-            let stored: StoredEvent = decode(&id, value.value())?;
+            let stored: StoredEvent = decode(&id, &value)?;
             if let Some(EventData::Transaction(tx)) = Envelope::parse(stored.raw.get().as_bytes())
                 .ok()
                 .and_then(|env| EventData::parse(env.event_type(), env.data).ok())
@@ -218,7 +196,7 @@ impl Tables<'_> {
         event_id: &str,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        if self.reconcile.orphans.get(tx.id.as_str())?.is_some() {
+        if self.kv.get(StrTable::OrphanTransfers, &tx.id)?.is_some() {
             return Ok(false);
         }
         let orphan = OrphanTransfer {
@@ -232,9 +210,11 @@ impl Tables<'_> {
             found_at: now,
             event_id: event_id.to_owned(),
         };
-        self.reconcile
-            .orphans
-            .insert(tx.id.as_str(), encode(&tx.id, &orphan)?.as_slice())?;
+        self.kv.insert(
+            StrTable::OrphanTransfers,
+            &tx.id,
+            encode(&tx.id, &orphan)?.as_slice(),
+        )?;
         Ok(true)
     }
 }
@@ -280,15 +260,10 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn transactions_cursor(&self) -> Result<Option<OffsetDateTime>, StoreError> {
-        self.read("the transactions cursor", "", |db| {
-            let txn = db.begin_read()?;
-            let table = match txn.open_table(RECONCILE_STATE) {
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                other => other?,
-            };
-            let value = table.get(CURSOR_KEY)?;
+        self.read("the transactions cursor", "", |kv| {
+            let value = kv.get(StrTable::ReconcileState, CURSOR_KEY)?;
             value
-                .map(|v| decode::<Cursor>(CURSOR_KEY, v.value()).map(|c| c.at))
+                .map(|v| decode::<Cursor>(CURSOR_KEY, &v).map(|c| c.at))
                 .transpose()
         })
         .await
@@ -301,7 +276,8 @@ impl Store {
     pub async fn set_transactions_cursor(&self, at: OffsetDateTime) -> Result<(), StoreError> {
         self.write(move |t| {
             let bytes = encode(CURSOR_KEY, &Cursor { at })?;
-            t.reconcile.state.insert(CURSOR_KEY, bytes.as_slice())?;
+            t.kv
+                .insert(StrTable::ReconcileState, CURSOR_KEY, bytes.as_slice())?;
             Ok(())
         })
         .await
@@ -312,17 +288,12 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn orphan_transfers(&self) -> Result<Vec<OrphanTransfer>, StoreError> {
-        self.read("orphan transfers", "", |db| {
-            let txn = db.begin_read()?;
-            let table = match txn.open_table(ORPHAN_TRANSFERS) {
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                other => other?,
-            };
+        self.read("orphan transfers", "", |kv| {
             let mut out: Vec<OrphanTransfer> = Vec::new();
-            for entry in table.iter()? {
-                let (key, value) = entry?;
-                out.push(decode(key.value(), value.value())?);
-            }
+            kv.scan(StrTable::OrphanTransfers, "", &mut |key, value| {
+                out.push(decode(key, value)?);
+                Ok(true)
+            })?;
             out.sort_by_key(|o| o.found_at);
             Ok(out)
         })

@@ -9,10 +9,9 @@
 use posgate_proto::event::PaymentIntent;
 use time::OffsetDateTime;
 
-use redb::ReadableTable;
-
+use super::kv::{KvRead, KvWrite};
 use super::writer::{Tables, encode};
-use super::{RPC_ANSWERS, Store, StoreError, decode};
+use super::{Store, StoreError, decode};
 
 /// An answer and when it was given.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -72,13 +71,11 @@ impl Store {
         self.read(
             "the RPC answer of",
             format!("{terminal_id}/{request_id}"),
-            move |db| {
-                let txn = db.begin_read()?;
-                let table = txn.open_table(RPC_ANSWERS)?;
-                let Some(value) = table.get((terminal_id.as_str(), request_id.as_str()))? else {
+            move |kv| {
+                let Some(value) = kv.rpc_get(&terminal_id, &request_id)? else {
                     return Ok(None);
                 };
-                let value: serde_json::Value = decode(&request_id, value.value())?;
+                let value: serde_json::Value = decode(&request_id, &value)?;
                 // A bare answer was stored before answers carried their time.
                 match serde_json::from_value::<StoredAnswer>(value.clone()) {
                     Ok(stored) => Ok(Some(stored.answer)),
@@ -107,13 +104,10 @@ impl Store {
             }
             let stored = StoredAnswer {
                 at: OffsetDateTime::now_utc().unix_timestamp(),
-                answer,
+                answer: answer.clone(),
             };
             let bytes = encode(&request_id, &stored)?;
-            t.rpc_answers.insert(
-                (terminal_id.as_str(), request_id.as_str()),
-                bytes.as_slice(),
-            )?;
+            t.kv.rpc_insert(&terminal_id, &request_id, bytes.as_slice())?;
             Ok(())
         })
         .await
@@ -131,19 +125,17 @@ impl Store {
         let cutoff = before.unix_timestamp();
         self.write(move |t| {
             let mut expired = Vec::new();
-            for entry in t.rpc_answers.iter()? {
-                let (key, value) = entry?;
-                if stored_at(value.value()) < cutoff {
-                    let (terminal_id, request_id) = key.value();
+            t.kv.rpc_scan(&mut |(terminal_id, request_id), value| {
+                if stored_at(value) < cutoff {
                     expired.push((terminal_id.to_owned(), request_id.to_owned()));
                     if expired.len() >= at_most {
-                        break;
+                        return Ok(false);
                     }
                 }
-            }
+                Ok(true)
+            })?;
             for (terminal_id, request_id) in &expired {
-                t.rpc_answers
-                    .remove((terminal_id.as_str(), request_id.as_str()))?;
+                t.kv.rpc_remove(terminal_id, request_id)?;
             }
             Ok(expired.len())
         })
@@ -172,8 +164,9 @@ mod tests {
         }
         store
             .write(|t| {
-                t.rpc_answers.insert(
-                    ("pos_a", "legacy"),
+                t.kv.rpc_insert(
+                    "pos_a",
+                    "legacy",
                     br#"{"id":"legacy","result":{}}"#.as_slice(),
                 )?;
                 Ok(())

@@ -9,16 +9,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use posgate_proto::event::{Envelope, EventData, PaymentIntent, Transaction};
-use redb::{Database, Durability, MultimapTable, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::Durability as StoreDurability;
+use super::kv::{KvRead, KvWrite, MultiTable, RedbWrite, StrTable, WriteKv};
 use super::{
-    EVENTS, EventOutcome, EventRef, Health, INTENT_BY_ADDRESS, INTENTS, IncomingEvent, Ingested,
-    Job, Notices, OUTBOX, Open, OutboxRow, PENDING, REJECTED, REVOKED, RPC_ANSWERS, StoreError,
-    StoredEvent, StoredIntent, TERMINALS, UNDELIVERABLE, decode,
+    EventOutcome, EventRef, Health, IncomingEvent, Ingested, Job, Notices, Open, OutboxRow,
+    StoreError, StoredEvent, StoredIntent, decode,
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
@@ -140,12 +140,12 @@ pub(super) fn run(
 }
 
 /// A write that changes nothing, sent to wake the writer.
-fn wake_writer(wake: &mpsc::WeakSender<Job>) {
+pub(super) fn wake_writer(wake: &mpsc::WeakSender<Job>) {
     if let Some(queue) = wake.upgrade() {
         let (reply, _) = tokio::sync::oneshot::channel();
         let nothing = |_: &mut Tables<'_>| Ok::<(), StoreError>(());
         drop(queue.try_send(Box::new(super::Typed {
-            work: Some(nothing),
+            work: nothing,
             result: None,
             reply,
             durability: StoreDurability::Deferred,
@@ -246,7 +246,7 @@ fn commit_batch(
         Durability::None
     });
     let new_rows = {
-        let mut t = Tables::open(&txn)?;
+        let mut t = Tables::new(WriteKv::Redb(Box::new(RedbWrite::open(&txn)?)));
         for job in batch.iter_mut() {
             job.apply(&mut t)?;
         }
@@ -256,20 +256,9 @@ fn commit_batch(
     Ok(new_rows)
 }
 
-/// The tables of one write transaction, and what the batch produced for the delivery engine.
+/// One write transaction (on either backend), and what the batch produced for the delivery engine.
 pub(crate) struct Tables<'txn> {
-    pub(super) events: Table<'txn, &'static str, &'static [u8]>,
-    pub(super) intents: Table<'txn, &'static str, &'static [u8]>,
-    pub(super) by_address: Table<'txn, &'static str, &'static str>,
-    pub(super) pending: MultimapTable<'txn, &'static str, &'static str>,
-    pub(super) rejected: Table<'txn, u64, &'static [u8]>,
-    pub(super) terminals: Table<'txn, &'static str, &'static [u8]>,
-    pub(super) revoked: Table<'txn, &'static str, &'static str>,
-    pub(super) outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
-    pub(super) undeliverable: MultimapTable<'txn, &'static str, &'static str>,
-    pub(super) rpc_answers: Table<'txn, (&'static str, &'static str), &'static [u8]>,
-    /// Reconciliation's own tables (`store/reconcile.rs`).
-    pub(super) reconcile: super::reconcile::ReconcileTables<'txn>,
+    pub(super) kv: WriteKv<'txn>,
     /// Outbox rows added in this transaction, handed to the delivery engine after the commit.
     pub(super) new_rows: Vec<OutboxRow>,
 }
@@ -286,21 +275,11 @@ pub(super) fn address_key(address: &str) -> String {
 }
 
 impl<'txn> Tables<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Tables {
-            events: txn.open_table(EVENTS)?,
-            intents: txn.open_table(INTENTS)?,
-            by_address: txn.open_table(INTENT_BY_ADDRESS)?,
-            pending: txn.open_multimap_table(PENDING)?,
-            rejected: txn.open_table(REJECTED)?,
-            terminals: txn.open_table(TERMINALS)?,
-            revoked: txn.open_table(REVOKED)?,
-            outbox: txn.open_table(OUTBOX)?,
-            undeliverable: txn.open_multimap_table(UNDELIVERABLE)?,
-            rpc_answers: txn.open_table(RPC_ANSWERS)?,
-            reconcile: super::reconcile::ReconcileTables::open(txn)?,
+    pub(super) fn new(kv: WriteKv<'txn>) -> Self {
+        Tables {
+            kv,
             new_rows: Vec::new(),
-        })
+        }
     }
 
     pub(super) fn reject(
@@ -309,22 +288,19 @@ impl<'txn> Tables<'txn> {
         reason: &str,
         received_at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let next = match self.rejected.last()? {
-            Some((k, _)) => k.value() + 1,
-            None => 1,
-        };
+        let next = self.kv.rejected_last()?.map_or(1, |last| last + 1);
         let record = serde_json::json!({
             "received_at": received_at.unix_timestamp(),
             "reason": reason,
             "raw": String::from_utf8_lossy(raw),
         });
-        self.rejected
-            .insert(next, encode("rejected", &record)?.as_slice())?;
+        self.kv
+            .rejected_insert(next, encode("rejected", &record)?.as_slice())?;
         Ok(())
     }
 
     pub(super) fn ingest(&mut self, event: &IncomingEvent) -> Result<Ingested, StoreError> {
-        if self.events.get(event.event_id.as_str())?.is_some() {
+        if self.kv.get(StrTable::Events, &event.event_id)?.is_some() {
             return Ok(Ingested::Duplicate);
         }
         let mut effects = Vec::new();
@@ -357,8 +333,9 @@ impl<'txn> Tables<'txn> {
             error,
             raw,
         };
-        self.events.insert(
-            event.event_id.as_str(),
+        self.kv.insert(
+            StrTable::Events,
+            &event.event_id,
             encode(&event.event_id, &stored)?.as_slice(),
         )?;
         Ok(Ingested::New {
@@ -414,11 +391,15 @@ impl<'txn> Tables<'txn> {
                         // Kept under every key it could be resolved by later.
                         if let Some(id) = &tx.payment_intent_id {
                             intent_ids.push(id.clone());
-                            self.pending.insert(id.as_str(), event.event_id.as_str())?;
+                            self.kv
+                                .multi_insert(MultiTable::Pending, id, &event.event_id)?;
                         }
                         if let Some(address) = &tx.payment_address {
-                            self.pending
-                                .insert(address_key(address).as_str(), event.event_id.as_str())?;
+                            self.kv.multi_insert(
+                                MultiTable::Pending,
+                                &address_key(address),
+                                &event.event_id,
+                            )?;
                         }
                         EventOutcome::Pending
                     }
@@ -444,7 +425,8 @@ impl<'txn> Tables<'txn> {
                             outcome = EventOutcome::Applied;
                         }
                         None => {
-                            self.pending.insert(id.as_str(), event.event_id.as_str())?;
+                            self.kv
+                                .multi_insert(MultiTable::Pending, id, &event.event_id)?;
                         }
                     }
                 }
@@ -477,15 +459,16 @@ impl<'txn> Tables<'txn> {
     }
 
     pub(super) fn intent(&self, id: &str) -> Result<Option<StoredIntent>, StoreError> {
-        match self.intents.get(id)? {
-            Some(v) => Ok(Some(decode(id, v.value())?)),
+        match self.kv.get(StrTable::Intents, id)? {
+            Some(v) => Ok(Some(decode(id, &v)?)),
             None => Ok(None),
         }
     }
 
     pub(super) fn save_intent(&mut self, intent: &StoredIntent) -> Result<(), StoreError> {
         let id = intent.record.id.as_str();
-        self.intents.insert(id, encode(id, intent)?.as_slice())?;
+        self.kv
+            .insert(StrTable::Intents, id, encode(id, intent)?.as_slice())?;
         Ok(())
     }
 
@@ -496,8 +479,11 @@ impl<'txn> Tables<'txn> {
     ) -> Result<StoredIntent, StoreError> {
         let record = IntentRecord::from_snapshot(pi);
         if let Some(address) = &record.payment_address {
-            self.by_address
-                .insert(address.to_ascii_lowercase().as_str(), record.id.as_str())?;
+            self.kv.insert(
+                StrTable::IntentByAddress,
+                &address.to_ascii_lowercase(),
+                record.id.as_bytes(),
+            )?;
         }
         Ok(StoredIntent {
             record,
@@ -519,8 +505,11 @@ impl<'txn> Tables<'txn> {
         let Some(address) = &tx.payment_address else {
             return Ok(None);
         };
-        let id = match self.by_address.get(address.to_ascii_lowercase().as_str())? {
-            Some(id) => id.value().to_owned(),
+        let id = match self
+            .kv
+            .get(StrTable::IntentByAddress, &address.to_ascii_lowercase())?
+        {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => return Ok(None),
         };
         self.intent(&id)
@@ -538,17 +527,13 @@ impl<'txn> Tables<'txn> {
         }
         let mut waiting: Vec<StoredEvent> = Vec::new();
         for key in &keys {
-            let ids: Vec<String> = self
-                .pending
-                .remove_all(key.as_str())?
-                .map(|v| v.map(|v| v.value().to_owned()))
-                .collect::<Result<_, _>>()?;
+            let ids = self.kv.multi_remove_all(MultiTable::Pending, key)?;
             for id in ids {
                 if waiting.iter().any(|e| e.id == id) {
                     continue;
                 }
-                if let Some(v) = self.events.get(id.as_str())? {
-                    waiting.push(decode(&id, v.value())?);
+                if let Some(v) = self.kv.get(StrTable::Events, &id)? {
+                    waiting.push(decode(&id, &v)?);
                 }
             }
         }
@@ -581,8 +566,11 @@ impl<'txn> Tables<'txn> {
                 stored.intent_ids.push(intent.record.id.clone());
             }
             stored.outcome = EventOutcome::Applied;
-            self.events
-                .insert(stored.id.as_str(), encode(&stored.id, &stored)?.as_slice())?;
+            self.kv.insert(
+                StrTable::Events,
+                &stored.id,
+                encode(&stored.id, &stored)?.as_slice(),
+            )?;
         }
         Ok(())
     }
