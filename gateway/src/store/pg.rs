@@ -653,10 +653,25 @@ impl Readers {
         result
     }
 
+    /// Closes the idle connections (on a thread of their own: closing a blocking client from
+    /// an async task would block the runtime, and tokio refuses that).
     pub(crate) fn close(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
+        let idle = self
+            .idle
+            .lock()
+            .map(|mut idle| std::mem::take(&mut *idle))
+            .unwrap_or_default();
+        if !idle.is_empty() {
+            drop(std::thread::Builder::new()
+                .name("store-pg-close".into())
+                .spawn(move || drop(idle)));
         }
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
