@@ -497,6 +497,7 @@ mod store_tests {
     use time::OffsetDateTime;
 
     use super::super::{IncomingEvent, Ingested, Limits, Store, StoreError};
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
 
     fn event(n: u32) -> IncomingEvent {
         IncomingEvent {
@@ -665,10 +666,9 @@ mod store_tests {
 
     /// Webhooks first: acks, RPC answers and admin writes may fill only half of the queue; the
     /// other half is kept for webhooks, so a flood of the former never answers a webhook `503`.
-    #[tokio::test]
-    async fn other_writes_leave_half_the_queue_to_webhooks() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(8, 64)).unwrap();
+    async fn other_writes_leave_half_the_queue_to_webhooks(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(8, 64)).await;
         // A write that holds the writer thread, so that what follows stays queued.
         let (started_tx, started) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
@@ -713,4 +713,8 @@ mod store_tests {
         blocker.await.unwrap().unwrap();
         store.close().await;
     }
+
+    on_both_backends!(
+        other_writes_leave_half_the_queue_to_webhooks,
+    );
 }

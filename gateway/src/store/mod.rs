@@ -40,6 +40,8 @@ mod pg;
 mod reconcile;
 mod rpc;
 mod snapshot;
+#[cfg(test)]
+pub(crate) mod testing;
 mod writer;
 
 pub use error::{StoreError, io_is_transient};

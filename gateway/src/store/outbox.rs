@@ -806,6 +806,7 @@ impl Store {
 
 #[cfg(test)]
 mod renewal_tests {
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
     use time::Duration;
 
     use super::*;
@@ -820,10 +821,9 @@ mod renewal_tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_renewal_keeps_both_until_the_new_one_is_used_and_survives_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+    async fn a_renewal_keeps_both_until_the_new_one_is_used_and_survives_a_reopen(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(64, 16)).await;
         store
             .register_terminal(NewTerminal::for_test("pos-1"))
             .await
@@ -859,7 +859,7 @@ mod renewal_tests {
         );
 
         store.close().await;
-        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+        let store = db.open(Limits::new(64, 16)).await;
         let record = store.terminal("pos-1".into()).await.unwrap().unwrap();
         assert_eq!(record.previous_cert.as_ref().unwrap().serial, "01");
 
@@ -884,10 +884,9 @@ mod renewal_tests {
         );
     }
 
-    #[tokio::test]
-    async fn deadlines_a_second_renewal_and_refusals() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+    async fn deadlines_a_second_renewal_and_refusals(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(64, 16)).await;
         for id in ["pos-1", "pos-2"] {
             store
                 .register_terminal(NewTerminal::for_test(id))
@@ -964,4 +963,9 @@ mod renewal_tests {
             Err(RenewRefused::Revoked)
         );
     }
+
+    on_both_backends!(
+        a_renewal_keeps_both_until_the_new_one_is_used_and_survives_a_reopen,
+        deadlines_a_second_renewal_and_refusals,
+    );
 }

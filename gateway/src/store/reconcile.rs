@@ -303,6 +303,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
     use posgate_proto::MicroUsdc;
     use posgate_proto::event::PaymentIntent;
 
@@ -312,10 +313,8 @@ mod tests {
 
     const ADDRESS: &str = "0xAbC0000000000000000000000000000000000001";
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
-        (dir, store)
+    async fn store(kind: Kind) -> (TestDb, Store) {
+        crate::store::testing::store(kind, Limits::new(16, 16)).await
     }
 
     fn raw_tx(id: &str, intent: Option<&str>, address: &str, amount: &str) -> String {
@@ -383,9 +382,8 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_listed_underpayment_moves_a_known_intent_once() {
-        let (_dir, store) = store();
+    async fn a_listed_underpayment_moves_a_known_intent_once(kind: Kind) {
+        let (_db, store) = store(kind).await;
         known_intent(&store, "pi_1").await;
         let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
         let first = list(&store, &raw).await;
@@ -404,9 +402,8 @@ mod tests {
         assert_eq!(store.outbox(None).await.unwrap().len(), outbox);
     }
 
-    #[tokio::test]
-    async fn a_transfer_a_webhook_already_brought_is_a_duplicate() {
-        let (_dir, store) = store();
+    async fn a_transfer_a_webhook_already_brought_is_a_duplicate(kind: Kind) {
+        let (_db, store) = store(kind).await;
         known_intent(&store, "pi_1").await;
         let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
         webhook(&store, "evt_w1", &raw).await;
@@ -422,9 +419,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn matched_by_address_when_the_intent_id_is_missing() {
-        let (_dir, store) = store();
+    async fn matched_by_address_when_the_intent_id_is_missing(kind: Kind) {
+        let (_db, store) = store(kind).await;
         known_intent(&store, "pi_1").await;
         let raw = raw_tx("txn_1", None, &ADDRESS.to_lowercase(), "4.50");
         assert!(applied(&list(&store, &raw).await));
@@ -433,9 +429,8 @@ mod tests {
         assert_eq!(intent.record.received_micros, MicroUsdc(4_500_000));
     }
 
-    #[tokio::test]
-    async fn an_unknown_intent_waits_and_is_applied_when_it_appears() {
-        let (_dir, store) = store();
+    async fn an_unknown_intent_waits_and_is_applied_when_it_appears(kind: Kind) {
+        let (_db, store) = store(kind).await;
         let raw = raw_tx("txn_1", Some("pi_1"), ADDRESS, "4.40");
         let listed = list(&store, &raw).await;
         let Listed::New {
@@ -462,9 +457,8 @@ mod tests {
         assert_eq!(list(&store, &raw).await, Listed::Duplicate);
     }
 
-    #[tokio::test]
-    async fn a_transfer_matching_nothing_is_an_orphan_once() {
-        let (_dir, store) = store();
+    async fn a_transfer_matching_nothing_is_an_orphan_once(kind: Kind) {
+        let (_db, store) = store(kind).await;
         let raw = raw_tx("txn_9", None, "0x9999", "1.00");
         let listed = list(&store, &raw).await;
         assert!(
@@ -481,9 +475,8 @@ mod tests {
         assert_eq!(orphans[0].event_id, listed_event_id("txn_9"));
     }
 
-    #[tokio::test]
-    async fn a_webhook_orphan_is_recorded_by_the_listing() {
-        let (_dir, store) = store();
+    async fn a_webhook_orphan_is_recorded_by_the_listing(kind: Kind) {
+        let (_db, store) = store(kind).await;
         let raw = raw_tx("txn_9", None, "0x9999", "1.00");
         webhook(&store, "evt_w9", &raw).await;
         assert_eq!(
@@ -505,16 +498,25 @@ mod tests {
         assert_eq!(orphans[0].event_id, "evt_w9");
     }
 
-    #[tokio::test]
-    async fn the_cursor_survives_a_reopen() {
-        let (dir, store) = store();
+    async fn the_cursor_survives_a_reopen(kind: Kind) {
+        let (db, store) = store(kind).await;
         assert_eq!(store.transactions_cursor().await.unwrap(), None);
         assert!(store.orphan_transfers().await.unwrap().is_empty());
         let at = time::macros::datetime!(2026-04-01 20:00:00 UTC);
         store.set_transactions_cursor(at).await.unwrap();
         store.close().await;
-        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
+        let store = db.open(Limits::new(16, 16)).await;
         assert_eq!(store.transactions_cursor().await.unwrap(), Some(at));
         store.close().await;
     }
+
+    on_both_backends!(
+        a_listed_underpayment_moves_a_known_intent_once,
+        a_transfer_a_webhook_already_brought_is_a_duplicate,
+        matched_by_address_when_the_intent_id_is_missing,
+        an_unknown_intent_waits_and_is_applied_when_it_appears,
+        a_transfer_matching_nothing_is_an_orphan_once,
+        a_webhook_orphan_is_recorded_by_the_listing,
+        the_cursor_survives_a_reopen,
+    );
 }

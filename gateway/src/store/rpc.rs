@@ -145,17 +145,18 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
     use serde_json::json;
     use time::{Duration, OffsetDateTime};
 
-    use crate::store::{Limits, Store};
+    use crate::store::Limits;
+    use crate::store::kv::KvWrite;
 
     /// Answers older than the retention go, newer ones and their replays stay; an answer stored
     /// before answers carried their time counts as the oldest.
-    #[tokio::test]
-    async fn old_answers_are_pruned_and_new_ones_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(64, 64)).unwrap();
+    async fn old_answers_are_pruned_and_new_ones_kept(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(64, 64)).await;
         for n in 0..5 {
             store
                 .save_rpc_answer("pos_a".into(), format!("r{n}"), None, json!({"n": n}))
@@ -206,4 +207,8 @@ mod tests {
         assert_eq!(store.prune_rpc_answers(later, 3).await.unwrap(), 0);
         store.close().await;
     }
+
+    on_both_backends!(
+        old_answers_are_pruned_and_new_ones_kept,
+    );
 }

@@ -66,14 +66,14 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
     use super::*;
     use crate::store::Limits;
 
     /// An answer about another intent is refused before the commit: nothing of it is stored.
-    #[tokio::test]
-    async fn a_snapshot_of_another_intent_is_refused_before_it_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
+    async fn a_snapshot_of_another_intent_is_refused_before_it_is_stored(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(16, 16)).await;
         let raw = Bytes::from_static(
             br#"{"id":"pi_other","status":"confirmed","amount":"1.00","metadata":{}}"#,
         );
@@ -93,4 +93,8 @@ mod tests {
         assert!(store.intent("pi_other".into()).await.unwrap().is_some());
         store.close().await;
     }
+
+    on_both_backends!(
+        a_snapshot_of_another_intent_is_refused_before_it_is_stored,
+    );
 }
