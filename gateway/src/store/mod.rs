@@ -37,6 +37,8 @@ mod error;
 mod kv;
 mod outbox;
 mod pg;
+#[cfg(test)]
+mod pg_tests;
 mod reconcile;
 mod rpc;
 mod snapshot;

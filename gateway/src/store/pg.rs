@@ -623,34 +623,50 @@ impl Readers {
         &self,
         f: impl FnOnce(&ReadKv<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let mut conn = match idle {
-            Some(conn) if !conn.client.is_closed() => conn,
-            _ => connect(&self.url, Some(self.statement_timeout))?,
-        };
-        let result = (|| {
-            let Conn { client, stmts } = &mut conn;
-            let txn = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?;
-            let kv = ReadKv::Pg(PgRead {
-                q: RefCell::new(Q { txn, stmts }),
-            });
-            let out = f(&kv)?;
-            if let ReadKv::Pg(read) = kv {
-                read.q.into_inner().txn.commit()?;
+        let mut f = Some(f);
+        let mut kept = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        loop {
+            let (mut conn, was_kept) = match kept.take() {
+                Some(conn) if !conn.client.is_closed() => (conn, true),
+                _ => (connect(&self.url, Some(self.statement_timeout))?, false),
+            };
+            let result = Readers::run(&mut conn, &mut f);
+            if !conn.client.is_closed()
+                && let Ok(mut idle) = self.idle.lock()
+                && idle.len() < IDLE_READERS
+            {
+                idle.push(conn);
             }
-            Ok(out)
-        })();
-        if !conn.client.is_closed()
-            && let Ok(mut idle) = self.idle.lock()
-            && idle.len() < IDLE_READERS
-        {
-            idle.push(conn);
+            match result {
+                // A kept connection that died meanwhile (a database restart) fails before `f`
+                // ran: the read goes on on a new one.
+                Err(_) if was_kept && f.is_some() => continue,
+                other => return other,
+            }
         }
-        result
+    }
+
+    fn run<T>(
+        conn: &mut Conn,
+        f: &mut Option<impl FnOnce(&ReadKv<'_>) -> Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Conn { client, stmts } = conn;
+        let txn = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let Some(f) = f.take() else {
+            return Err(StoreError::Closed);
+        };
+        let kv = ReadKv::Pg(PgRead {
+            q: RefCell::new(Q { txn, stmts }),
+        });
+        let out = f(&kv)?;
+        if let ReadKv::Pg(read) = kv {
+            read.q.into_inner().txn.commit()?;
+        }
+        Ok(out)
     }
 
     /// Closes the idle connections (on a thread of their own: closing a blocking client from
