@@ -172,7 +172,8 @@ impl Gateway {
                 commit_deadline: Duration::from_millis(config.store.commit_deadline_ms),
                 quick_repair: config.store.quick_repair,
             };
-            tokio::task::spawn_blocking(move || Store::open(&dir, limits))
+            let backend = config.store.backend.clone();
+            tokio::task::spawn_blocking(move || Store::open_backend(&backend, &dir, limits))
                 .await
                 .map_err(|e| BuildError::DataDir {
                     path: data_dir.clone(),
@@ -551,7 +552,14 @@ impl Gateway {
         if !admin_addr.ip().is_loopback() {
             tracing::warn!(%admin_addr, "admin.listen is not on loopback and the admin API has no TLS: its bearer token and every provisioning bundle (terminal keys) cross the network in clear text; keep it on 127.0.0.1 or put a TLS proxy in front");
         }
-        tracing::info!(path = %store.path().display(), "store open");
+        match &config.store.backend {
+            crate::store::Backend::Redb => {
+                tracing::info!(backend = "redb", path = %store.path().display(), "store open");
+            }
+            crate::store::Backend::Postgres { url } => {
+                tracing::info!(backend = "postgres", url = %crate::store::redact_url(url), "store open");
+            }
+        }
         ready.store(true, Ordering::Relaxed);
         Running {
             ingress_addr,

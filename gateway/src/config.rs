@@ -26,6 +26,8 @@ const SECRET_KEYS: &[&str] = &[
     "provider.webhook_secrets",
     "provider.api_key",
     "admin.token",
+    // May carry a password: shown only with it masked (see `Reader::shown`).
+    "store.postgres_url",
 ];
 
 /// Keys whose environment form is a comma-separated list.
@@ -211,6 +213,9 @@ pub struct StoreConfig {
     /// redb's quick repair: each synced commit also saves the allocator state (with a two-phase
     /// commit), so the open after a crash does not walk the whole database.
     pub quick_repair: bool,
+    /// `store.backend` (`redb` or `postgres`) with `store.postgres_url` (its `Debug` masks the
+    /// URL's password).
+    pub backend: crate::store::Backend,
 }
 
 /// `[rpc]`: what one terminal may ask (MQTT RPC and the HTTP payment endpoints).
@@ -536,6 +541,7 @@ impl Config {
         let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
         let commit_deadline_ms = r.in_range::<u64>("store.commit_deadline_ms", 100, 600_000);
         let quick_repair = r.required::<bool>("store.quick_repair");
+        let backend = r.store_backend();
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
         let rpc_per_sec = r.in_range::<u32>("rpc.requests_per_sec", 1, 10_000);
         let rpc_burst = r.in_range::<u32>("rpc.burst", 1, 100_000);
@@ -608,6 +614,7 @@ impl Config {
                     max_batch: max_batch?,
                     commit_deadline_ms: commit_deadline_ms?,
                     quick_repair: quick_repair?,
+                    backend: backend?,
                 },
                 shutdown: ShutdownConfig {
                     grace_secs: grace_secs?,
@@ -657,6 +664,11 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn shown(&self, key: &str) -> String {
+        if key == "store.postgres_url"
+            && let Ok(url) = self.merged.get::<String>(key)
+        {
+            return crate::store::redact_url(&url);
+        }
         if SECRET_KEYS.contains(&key) {
             return "<redacted>".to_owned();
         }
@@ -739,6 +751,25 @@ impl Reader<'_> {
             return self.reject(key, &format!("must be between {min} and {max}"));
         }
         Some(v)
+    }
+
+    /// `store.backend` and, for `postgres`, the `store.postgres_url` it needs.
+    fn store_backend(&mut self) -> Option<crate::store::Backend> {
+        let name: String = self.required("store.backend")?;
+        let url = self.optional::<String>("store.postgres_url")?;
+        match (name.as_str(), url) {
+            ("redb", _) => Some(crate::store::Backend::Redb),
+            ("postgres", None) => self.reject(
+                "store.postgres_url",
+                "is required with store.backend = postgres (a URL like postgres://posgate:PASSWORD@db.example:5432/posgate)",
+            ),
+            ("postgres", Some(url)) if url.parse::<postgres::Config>().is_err() => self.reject(
+                "store.postgres_url",
+                "is not a PostgreSQL connection URL (postgres://user:password@host:port/database)",
+            ),
+            ("postgres", Some(url)) => Some(crate::store::Backend::Postgres { url }),
+            _ => self.reject("store.backend", "must be \"redb\" or \"postgres\""),
+        }
     }
 
     /// Records every leaf key of the merged tree that no reader asked for.
@@ -944,6 +975,49 @@ mod tests {
             ),
             (900, 600)
         );
+    }
+
+    /// `store.backend`: redb by default; postgres only with a URL, whose password is never
+    /// shown (not in an error, not in `Debug`).
+    #[test]
+    fn the_store_backend_and_its_url() {
+        use crate::store::Backend;
+        assert_eq!(load_with(None, &[]).unwrap().store.backend, Backend::Redb);
+        let url = "postgres://posgate:s3cr3t-pw@db.example:5432/posgate";
+        let c = load_with(
+            None,
+            &[
+                ("POSGATE__STORE__BACKEND", "postgres"),
+                ("POSGATE__STORE__POSTGRES_URL", url),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.backend, Backend::Postgres { url: url.into() });
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("postgres://posgate:***@db.example:5432/posgate"));
+
+        let err = load_with(None, &[("POSGATE__STORE__BACKEND", "postgres")]).unwrap_err();
+        let bad = err.invalid_keys();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].key, "store.postgres_url");
+        assert!(
+            bad[0].reason.contains("required with store.backend = postgres"),
+            "{bad:?}"
+        );
+
+        let err = load_with(
+            Some("[store]\nbackend = \"postgres\"\npostgres_url = \"postgres://u:s3cr3t-pw@h:notaport/db\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        let bad = err.invalid_keys();
+        assert_eq!(bad[0].key, "store.postgres_url");
+        let shown = format!("{err} {bad:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+
+        let err = load_with(None, &[("POSGATE__STORE__BACKEND", "sqlite")]).unwrap_err();
+        assert_eq!(bad_keys(err), ["store.backend"]);
     }
 
     #[test]

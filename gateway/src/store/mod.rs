@@ -354,13 +354,25 @@ enum Engine {
 }
 
 /// Which database the store keeps its tables in (`store.backend`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum Backend {
     /// The embedded redb file `posgate.redb` in the data directory (the default).
     #[default]
     Redb,
     /// A PostgreSQL database (`store.postgres_url`), which several gateways may share.
     Postgres { url: String },
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Redb => f.write_str("Redb"),
+            Backend::Postgres { url } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .finish(),
+        }
+    }
 }
 
 /// Who a write is for, for the queue's reserve ([`Inner::reserved_for_webhooks`]).
