@@ -45,6 +45,8 @@ pub struct IngestOptions {
     pub no_baseline: bool,
     /// Process whose RSS is reported (default: the child).
     pub pid: Option<u32>,
+    /// The child's store on PostgreSQL at this URL instead of redb.
+    pub postgres_url: Option<String>,
 }
 
 /// Latency summary in milliseconds.
@@ -85,6 +87,8 @@ pub struct Phase {
 #[derive(Clone, Debug, Serialize)]
 pub struct IngestReport {
     pub scenario: &'static str,
+    /// `redb` or `postgres`: where the gateway kept what it accepted.
+    pub store: &'static str,
     pub concurrency: usize,
     pub duration_secs: f64,
     pub webhooks: Phase,
@@ -396,7 +400,12 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 Some(bin) => bin.clone(),
                 None => default_posgate_bin()?,
             };
-            let c = start_child(&bin, &opts.secret, &opts.log_level, &[]).await?;
+            let mut env = Vec::new();
+            if let Some(url) = &opts.postgres_url {
+                env.push(("POSGATE__STORE__BACKEND", "postgres"));
+                env.push(("POSGATE__STORE__POSTGRES_URL", url.as_str()));
+            }
+            let c = start_child(&bin, &opts.secret, &opts.log_level, &env).await?;
             let addrs = (c.ingress, Some(c.admin));
             child = Some(c);
             addrs
@@ -449,6 +458,11 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         .map(|b| webhooks.per_second / b.per_second);
     Ok(IngestReport {
         scenario: "ingest",
+        store: if opts.postgres_url.is_some() {
+            "postgres"
+        } else {
+            "redb"
+        },
         concurrency: opts.concurrency,
         duration_secs: opts.duration.as_secs_f64(),
         duplicates: total.duplicates,
@@ -463,8 +477,8 @@ pub async fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
 /// Prints a report as a table.
 pub fn print_ingest(report: &IngestReport) {
     println!(
-        "bench ingest: {} concurrent senders, {:.0} s measured",
-        report.concurrency, report.duration_secs
+        "bench ingest: {} concurrent senders, {:.0} s measured, store {}",
+        report.concurrency, report.duration_secs, report.store
     );
     println!(
         "{:<24} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",

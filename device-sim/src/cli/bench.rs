@@ -191,6 +191,10 @@ pub(super) struct IngestArgs {
     /// Report the RSS of this process (default: the started gateway).
     #[arg(long)]
     pid: Option<u32>,
+    /// Start the gateway on the PostgreSQL store at this URL (`store.backend = "postgres"`)
+    /// instead of its embedded redb file; give it an empty database (or one only benches use).
+    #[arg(long)]
+    postgres_url: Option<String>,
     /// Write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -265,6 +269,7 @@ impl IngestArgs {
             log_level: self.log_level,
             no_baseline: self.no_baseline,
             pid: self.pid,
+            postgres_url: self.postgres_url,
         };
         let report = bench::ingest(&opts).await?;
         bench::print_ingest(&report);
