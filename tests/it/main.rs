@@ -17,6 +17,7 @@ mod external_broker;
 mod harness;
 mod http_channels;
 mod metrics;
+mod postgres;
 mod provider_sim;
 mod provisioning;
 mod reconcile;
