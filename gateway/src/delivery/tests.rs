@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 
 use super::*;
 use crate::metrics::Metrics;
+use crate::store::testing::{Kind, TestDb, on_both_backends};
 use crate::store::{AckOutcome, IncomingEvent, Limits, NewTerminal, Store};
 
 /// Records every publish.
@@ -43,12 +44,12 @@ struct Rig {
     presence: Presence,
     tenant: String,
     token: CancellationToken,
-    _dir: tempfile::TempDir,
+    _db: TestDb,
 }
 
-async fn rig(republish_after: Duration) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+async fn rig(kind: Kind, republish_after: Duration) -> Rig {
+    let db = TestDb::new(kind).await;
+    let store = db.open(Limits::new(64, 16)).await;
     let tenant = topics::tenant_for("pos-1");
     store
         .register_terminal(NewTerminal::for_test("pos-1"))
@@ -81,7 +82,7 @@ async fn rig(republish_after: Duration) -> Rig {
         presence,
         tenant,
         token,
-        _dir: dir,
+        _db: db,
     }
 }
 
@@ -171,9 +172,8 @@ impl Rig {
     }
 }
 
-#[tokio::test]
-async fn publishes_signed_then_clears_on_ack() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn publishes_signed_then_clears_on_ack(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     confirm(&rig.store, 1).await;
     let (topic, payload) = rig.next().await;
     assert_eq!(topic, topics::payments(&rig.tenant, "pi_1"));
@@ -196,9 +196,8 @@ async fn publishes_signed_then_clears_on_ack() {
 
 /// The ack of the head puts the next confirmation on the wire at once, not after the ack is
 /// stored: here every store answer is held behind a sync that does not finish.
-#[tokio::test]
-async fn an_ack_moves_the_terminal_on_before_it_is_stored() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn an_ack_moves_the_terminal_on_before_it_is_stored(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     confirm(&rig.store, 1).await;
     confirm(&rig.store, 2).await;
     rig.expect_head(1).await;
@@ -223,9 +222,8 @@ async fn an_ack_moves_the_terminal_on_before_it_is_stored() {
 /// A row the delivery engine already moved past that is put back on the wire before its ack is
 /// stored (here by a late notice and a reconnect; a reload can do the same) is cleared once the
 /// ack is stored, not left retained.
-#[tokio::test]
-async fn a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     confirm(&rig.store, 1).await;
     confirm(&rig.store, 2).await;
     let first = rig.store.outbox(None).await.unwrap().remove(0);
@@ -255,9 +253,8 @@ async fn a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared() {
 
 /// When the store does not confirm an ack the delivery engine acted on (its queue had run ahead of
 /// the outbox), the outbox is read again and its head goes out again.
-#[tokio::test]
-async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn an_ack_the_store_does_not_confirm_reloads_the_terminal(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     confirm(&rig.store, 1).await;
     confirm(&rig.store, 2).await;
     rig.expect_head(1).await;
@@ -281,9 +278,8 @@ async fn an_ack_the_store_does_not_confirm_reloads_the_terminal() {
 /// A store that refuses every ack write (a full or failing disk) while the terminal acks each
 /// republish at once: the delivery engine slows down (250 ms, then doubling) instead of republishing
 /// and re-acking as fast as both can. Once the store takes writes, the ack goes through.
-#[tokio::test]
-async fn a_failing_store_slows_republishing_down() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn a_failing_store_slows_republishing_down(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     confirm(&rig.store, 1).await;
     let head = rig.expect_head(1).await;
     rig.store.fail_writes_for_test(true);
@@ -307,9 +303,8 @@ async fn a_failing_store_slows_republishing_down() {
 
 /// After a revocation the delivery engine clears what was on the wire for the terminal and never
 /// publishes its parked rows again: not on the republish timer, not from a late notice.
-#[tokio::test]
-async fn a_revoked_terminal_is_cleared_and_never_republished() {
-    let rig = rig(Duration::from_millis(200)).await;
+async fn a_revoked_terminal_is_cleared_and_never_republished(kind: Kind) {
+    let rig = rig(kind, Duration::from_millis(200)).await;
     confirm(&rig.store, 1).await;
     confirm(&rig.store, 2).await;
     rig.expect_head(1).await;
@@ -340,9 +335,8 @@ async fn a_revoked_terminal_is_cleared_and_never_republished() {
     rig.token.cancel();
 }
 
-#[tokio::test]
-async fn a_wrong_ack_changes_nothing() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn a_wrong_ack_changes_nothing(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     confirm(&rig.store, 1).await;
     rig.next().await;
     rig.ack("pi_1", 2).await; // wrong seq
@@ -360,9 +354,8 @@ async fn a_wrong_ack_changes_nothing() {
     rig.token.cancel();
 }
 
-#[tokio::test]
-async fn one_in_flight_per_terminal_in_seq_order() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn one_in_flight_per_terminal_in_seq_order(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     for n in 1..=5 {
         confirm(&rig.store, n).await;
     }
@@ -388,9 +381,8 @@ async fn one_in_flight_per_terminal_in_seq_order() {
     rig.token.cancel();
 }
 
-#[tokio::test]
-async fn acks_sent_in_a_burst_each_count() {
-    let rig = rig(Duration::from_secs(60)).await;
+async fn acks_sent_in_a_burst_each_count(kind: Kind) {
+    let rig = rig(kind, Duration::from_secs(60)).await;
     for n in 1..=3 {
         confirm(&rig.store, n).await;
     }
@@ -413,9 +405,8 @@ async fn acks_sent_in_a_burst_each_count() {
     rig.token.cancel();
 }
 
-#[tokio::test]
-async fn unacked_rows_are_published_again_after_the_timeout() {
-    let rig = rig(Duration::from_millis(100)).await;
+async fn unacked_rows_are_published_again_after_the_timeout(kind: Kind) {
+    let rig = rig(kind, Duration::from_millis(100)).await;
     confirm(&rig.store, 1).await;
     let (_, first) = rig.next().await;
     let (_, again) = rig.next().await;
@@ -426,11 +417,10 @@ async fn unacked_rows_are_published_again_after_the_timeout() {
     rig.token.cancel();
 }
 
-#[tokio::test]
-async fn startup_publishes_what_was_left_unacked() {
-    let dir = tempfile::tempdir().unwrap();
+async fn startup_publishes_what_was_left_unacked(kind: Kind) {
+    let db = TestDb::new(kind).await;
     {
-        let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+        let store = db.open(Limits::new(64, 16)).await;
         store
             .register_terminal(NewTerminal::for_test("pos-1"))
             .await
@@ -438,7 +428,7 @@ async fn startup_publishes_what_was_left_unacked() {
         confirm(&store, 9).await;
         store.close().await;
     }
-    let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
+    let store = db.open(Limits::new(64, 16)).await;
     let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
     let (_events_tx, events_rx) = mpsc::unbounded_channel();
     let key = SigningKey::from_bytes(&[7u8; 32]);
@@ -534,3 +524,17 @@ async fn rows_committed_during_the_startup_load_wait_behind_older_ones() {
     assert_eq!(first.seq, 1, "the first confirmation on the wire");
     token.cancel();
 }
+
+on_both_backends!(
+    publishes_signed_then_clears_on_ack,
+    an_ack_moves_the_terminal_on_before_it_is_stored,
+    a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared,
+    an_ack_the_store_does_not_confirm_reloads_the_terminal,
+    a_failing_store_slows_republishing_down,
+    a_revoked_terminal_is_cleared_and_never_republished,
+    a_wrong_ack_changes_nothing,
+    one_in_flight_per_terminal_in_seq_order,
+    acks_sent_in_a_burst_each_count,
+    unacked_rows_are_published_again_after_the_timeout,
+    startup_publishes_what_was_left_unacked,
+);

@@ -288,6 +288,9 @@ pub(crate) struct Health {
     failed: AtomicBool,
     /// When the writer began the batch it is committing now.
     busy_since: Mutex<Option<Instant>>,
+    /// Tests hold the PostgreSQL writer's commits back (redb's are held at its syncer).
+    #[cfg(test)]
+    hold: AtomicBool,
 }
 
 impl Health {
@@ -516,6 +519,7 @@ impl Store {
         if let Some(open) = self.current() {
             open.syncer.hold(hold);
         }
+        self.inner.health.hold.store(hold, Ordering::Relaxed);
     }
 
     /// Every later write fails (`true`) with [`StoreError::NotCommitted`], until released.

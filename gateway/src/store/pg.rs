@@ -755,6 +755,10 @@ pub(super) fn run(
             .iter()
             .any(|job| job.durability() == Durability::Synced);
         shared.health.busy(true);
+        #[cfg(test)]
+        while shared.health.hold.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut attempt = 1;
         let result = loop {
             match commit_batch(&mut conn, &mut batch, durable) {
