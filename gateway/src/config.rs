@@ -1002,7 +1002,9 @@ mod tests {
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].key, "store.postgres_url");
         assert!(
-            bad[0].reason.contains("required with store.backend = postgres"),
+            bad[0]
+                .reason
+                .contains("required with store.backend = postgres"),
             "{bad:?}"
         );
 

@@ -333,7 +333,8 @@ fn template(bin: &Path, root: &Path) -> Result<PathBuf, String> {
     }
     // One process makes it; the others wait on the lock.
     let lock = File::create(root.join("template.lock")).map_err(|e| e.to_string())?;
-    lock.lock().map_err(|e| format!("locking the template: {e}"))?;
+    lock.lock()
+        .map_err(|e| format!("locking the template: {e}"))?;
     if template.join(".posgate-ready").exists() {
         return Ok(template);
     }
@@ -449,7 +450,10 @@ mod tests {
             .batch_execute("CREATE TABLE t (n int); INSERT INTO t VALUES (7)")
             .unwrap();
         own.restart().unwrap();
-        assert!(client.batch_execute("SELECT 1").is_err(), "the old session survived");
+        assert!(
+            client.batch_execute("SELECT 1").is_err(),
+            "the old session survived"
+        );
         let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let n: i32 = client.query_one("SELECT n FROM t", &[]).unwrap().get(0);
         assert_eq!(n, 7);

@@ -714,7 +714,5 @@ mod store_tests {
         store.close().await;
     }
 
-    on_both_backends!(
-        other_writes_leave_half_the_queue_to_webhooks,
-    );
+    on_both_backends!(other_writes_leave_half_the_queue_to_webhooks,);
 }

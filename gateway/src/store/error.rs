@@ -120,7 +120,9 @@ fn pg_is_transient(e: &postgres::Error) -> bool {
     e.is_closed()
         || e.code().is_none_or(|c| {
             let c = c.code();
-            ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))
+            ["08", "40", "53", "57"]
+                .iter()
+                .any(|class| c.starts_with(class))
         })
 }
 

@@ -72,8 +72,7 @@ impl MultiTable {
 /// Visits rows in key order; returns `false` to stop.
 pub(crate) type VisitStr<'a> = &'a mut dyn FnMut(&str, &[u8]) -> Result<bool, StoreError>;
 /// As [`VisitStr`], for the outbox's (terminal, `seq`) keys.
-pub(crate) type VisitOutbox<'a> =
-    &'a mut dyn FnMut((&str, u64), &[u8]) -> Result<bool, StoreError>;
+pub(crate) type VisitOutbox<'a> = &'a mut dyn FnMut((&str, u64), &[u8]) -> Result<bool, StoreError>;
 /// As [`VisitStr`], for the RPC answers' (terminal, request) keys.
 pub(crate) type VisitRpc<'a> = &'a mut dyn FnMut((&str, &str), &[u8]) -> Result<bool, StoreError>;
 
@@ -84,11 +83,8 @@ pub(crate) trait KvRead {
     fn scan(&self, t: StrTable, from: &str, visit: VisitStr<'_>) -> Result<(), StoreError>;
     fn outbox_get(&self, terminal: &str, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
     /// One terminal's rows in `seq` order, or (`None`) everyone's in (terminal, `seq`) order.
-    fn outbox_scan(
-        &self,
-        terminal: Option<&str>,
-        visit: VisitOutbox<'_>,
-    ) -> Result<(), StoreError>;
+    fn outbox_scan(&self, terminal: Option<&str>, visit: VisitOutbox<'_>)
+    -> Result<(), StoreError>;
     fn rpc_get(&self, terminal: &str, request: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn rpc_scan(&self, visit: VisitRpc<'_>) -> Result<(), StoreError>;
     /// A key's values, in order.
@@ -136,12 +132,7 @@ macro_rules! dispatch_read {
                     $ty::Pg(kv) => kv.get(t, key),
                 }
             }
-            fn scan(
-                &self,
-                t: StrTable,
-                from: &str,
-                visit: VisitStr<'_>,
-            ) -> Result<(), StoreError> {
+            fn scan(&self, t: StrTable, from: &str, visit: VisitStr<'_>) -> Result<(), StoreError> {
                 match self {
                     $ty::Redb(kv) => kv.scan(t, from, visit),
                     $ty::Pg(kv) => kv.scan(t, from, visit),
@@ -644,7 +635,10 @@ impl RedbRead {
     ) -> Result<Option<ReadOnlyTable<&'static str, &'static [u8]>>, StoreError> {
         missing_is_none(self.0.open_table(bytes_table(t)))
     }
-    fn strs(&self, t: StrTable) -> Result<Option<ReadOnlyTable<&'static str, &'static str>>, StoreError> {
+    fn strs(
+        &self,
+        t: StrTable,
+    ) -> Result<Option<ReadOnlyTable<&'static str, &'static str>>, StoreError> {
         missing_is_none(self.0.open_table(str_table(t)))
     }
     fn multi(
@@ -672,7 +666,8 @@ impl KvRead for RedbRead {
         if t.str_values() {
             self.strs(t)?.map_or(Ok(None), |table| get_str(&table, key))
         } else {
-            self.bytes(t)?.map_or(Ok(None), |table| get_bytes(&table, key))
+            self.bytes(t)?
+                .map_or(Ok(None), |table| get_bytes(&table, key))
         }
     }
     fn scan(&self, t: StrTable, from: &str, visit: VisitStr<'_>) -> Result<(), StoreError> {

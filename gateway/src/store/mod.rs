@@ -47,11 +47,11 @@ pub(crate) mod testing;
 mod writer;
 
 pub use error::{StoreError, io_is_transient};
-pub use pg::redact_url;
 pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
     Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
 };
+pub use pg::redact_url;
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
 pub use snapshot::SnapshotError;
 use writer::Tables;
@@ -63,8 +63,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use posgate_proto::event::EventData;
 use kv::{KvRead, ReadKv, RedbRead, StrTable};
+use posgate_proto::event::EventData;
 use redb::Database;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

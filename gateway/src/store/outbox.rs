@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::writer::{Tables, encode};
 use super::kv::{KvRead, KvWrite, MultiTable, StrTable};
+use super::writer::{Tables, encode};
 use super::{Store, StoreError, decode};
 use crate::domain::{IntentRecord, IntentStatus, UnresolvedContext};
 use crate::pki::Serial;
@@ -295,11 +295,8 @@ impl Tables<'_> {
             confirmation,
             accepted_at_us: (accepted_at.unix_timestamp_nanos() / 1000) as i64,
         };
-        self.kv.outbox_insert(
-            &terminal.id,
-            seq,
-            encode(&row.intent_id, &row)?.as_slice(),
-        )?;
+        self.kv
+            .outbox_insert(&terminal.id, seq, encode(&row.intent_id, &row)?.as_slice())?;
         self.new_rows.push(row);
         Ok(())
     }
@@ -427,20 +424,21 @@ impl Tables<'_> {
         // This row and the older rows of the same intent are done; a newer one keeps the topic.
         let mut done = vec![seq];
         let mut newer_waiting = false;
-        self.kv.outbox_scan(Some(terminal_id), &mut |(_, s), value| {
-            if s == seq {
-                return Ok(true);
-            }
-            let other: OutboxRow = decode(intent_id, value)?;
-            if other.intent_id == intent_id {
-                if s < seq {
-                    done.push(s);
-                } else {
-                    newer_waiting = true;
+        self.kv
+            .outbox_scan(Some(terminal_id), &mut |(_, s), value| {
+                if s == seq {
+                    return Ok(true);
                 }
-            }
-            Ok(true)
-        })?;
+                let other: OutboxRow = decode(intent_id, value)?;
+                if other.intent_id == intent_id {
+                    if s < seq {
+                        done.push(s);
+                    } else {
+                        newer_waiting = true;
+                    }
+                }
+                Ok(true)
+            })?;
         for s in &done {
             self.kv.outbox_remove(terminal_id, *s)?;
         }

@@ -36,7 +36,9 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 use tokio::sync::mpsc;
 
-use super::kv::{KvRead, KvWrite, MultiTable, ReadKv, StrTable, VisitOutbox, VisitRpc, VisitStr, WriteKv};
+use super::kv::{
+    KvRead, KvWrite, MultiTable, ReadKv, StrTable, VisitOutbox, VisitRpc, VisitStr, WriteKv,
+};
 use super::writer::Tables;
 use super::{Durability, Health, Job, Notices, OutboxRow, StoreError};
 
@@ -182,7 +184,9 @@ impl Op {
             Op::OutboxScanOne => {
                 "SELECT terminal, seq, v FROM outbox WHERE terminal = $1 ORDER BY seq".into()
             }
-            Op::OutboxScanAll => "SELECT terminal, seq, v FROM outbox ORDER BY terminal, seq".into(),
+            Op::OutboxScanAll => {
+                "SELECT terminal, seq, v FROM outbox ORDER BY terminal, seq".into()
+            }
             Op::OutboxUpsert => "INSERT INTO outbox (terminal, seq, v) \
                  SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[]) \
                  ON CONFLICT (terminal, seq) DO UPDATE SET v = EXCLUDED.v"
@@ -355,9 +359,12 @@ enum Slot {
     Rejected(u64),
 }
 
-/// A batch's SERIALIZABLE transaction and its buffered writes (`None`: removed).
+/// Writes buffered in a batch, by where they go (`None`: removed).
+type Buffer = BTreeMap<Slot, Option<Vec<u8>>>;
+
+/// A batch's SERIALIZABLE transaction and its buffered writes.
 pub(crate) struct PgWrite<'t> {
-    inner: RefCell<(Q<'t>, BTreeMap<Slot, Option<Vec<u8>>>)>,
+    inner: RefCell<(Q<'t>, Buffer)>,
 }
 
 impl<'t> PgWrite<'t> {
@@ -373,7 +380,10 @@ impl<'t> PgWrite<'t> {
     }
 
     fn buffer(&self, slot: Slot, value: Option<&[u8]>) {
-        self.inner.borrow_mut().1.insert(slot, value.map(<[u8]>::to_vec));
+        self.inner
+            .borrow_mut()
+            .1
+            .insert(slot, value.map(<[u8]>::to_vec));
     }
 
     /// Writes the buffered rows `which` selects to the server (before a scan of their table, and
@@ -384,8 +394,9 @@ impl<'t> PgWrite<'t> {
         if !buffer.keys().any(&which) {
             return Ok(());
         }
-        let (take, keep): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            std::mem::take(buffer).into_iter().partition(|(s, _)| which(s));
+        let (take, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(buffer)
+            .into_iter()
+            .partition(|(s, _)| which(s));
         *buffer = keep;
         let mut strs: BTreeMap<StrTable, (Vec<&str>, Vec<&[u8]>)> = BTreeMap::new();
         let (mut ob_up, mut ob_del) = ((vec![], vec![], vec![]), (vec![], vec![]));
@@ -526,7 +537,10 @@ impl KvWrite for PgWrite<'_> {
         request: &str,
         value: &[u8],
     ) -> Result<(), StoreError> {
-        self.buffer(Slot::Rpc(terminal.to_owned(), request.to_owned()), Some(value));
+        self.buffer(
+            Slot::Rpc(terminal.to_owned(), request.to_owned()),
+            Some(value),
+        );
         Ok(())
     }
     fn rpc_remove(&mut self, terminal: &str, request: &str) -> Result<(), StoreError> {
@@ -678,9 +692,11 @@ impl Readers {
             .map(|mut idle| std::mem::take(&mut *idle))
             .unwrap_or_default();
         if !idle.is_empty() {
-            drop(std::thread::Builder::new()
-                .name("store-pg-close".into())
-                .spawn(move || drop(idle)));
+            drop(
+                std::thread::Builder::new()
+                    .name("store-pg-close".into())
+                    .spawn(move || drop(idle)),
+            );
         }
     }
 }

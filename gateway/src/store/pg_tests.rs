@@ -94,7 +94,9 @@ async fn two_replicas_keep_a_terminals_seq_gap_free() {
     let mut tasks = Vec::new();
     for n in 0..EACH * 2 {
         let store = if n % 2 == 0 { a.clone() } else { b.clone() };
-        tasks.push(tokio::spawn(async move { store.ingest(confirmed(n)).await }));
+        tasks.push(tokio::spawn(
+            async move { store.ingest(confirmed(n)).await },
+        ));
     }
     for task in tasks {
         assert!(matches!(task.await.unwrap(), Ok(Ingested::New { .. })));
@@ -234,7 +236,10 @@ async fn a_database_restart_under_load_loses_no_acknowledged_webhook() {
         acked.extend(a);
         refused += r;
     }
-    assert!(refused > 0, "no write was refused while the database was down");
+    assert!(
+        refused > 0,
+        "no write was refused while the database was down"
+    );
     assert!(acked.len() > 20, "too little load: {}", acked.len());
     // Every acknowledged webhook is stored, its confirmation queued, exactly once each.
     let rows = store.outbox(Some("pos-1".into())).await.unwrap();

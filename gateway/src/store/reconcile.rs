@@ -276,8 +276,7 @@ impl Store {
     pub async fn set_transactions_cursor(&self, at: OffsetDateTime) -> Result<(), StoreError> {
         self.write(move |t| {
             let bytes = encode(CURSOR_KEY, &Cursor { at })?;
-            t.kv
-                .insert(StrTable::ReconcileState, CURSOR_KEY, bytes.as_slice())?;
+            t.kv.insert(StrTable::ReconcileState, CURSOR_KEY, bytes.as_slice())?;
             Ok(())
         })
         .await

@@ -208,7 +208,5 @@ mod tests {
         store.close().await;
     }
 
-    on_both_backends!(
-        old_answers_are_pruned_and_new_ones_kept,
-    );
+    on_both_backends!(old_answers_are_pruned_and_new_ones_kept,);
 }

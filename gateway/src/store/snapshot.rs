@@ -66,9 +66,9 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::testing::{Kind, TestDb, on_both_backends};
     use super::*;
     use crate::store::Limits;
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
 
     /// An answer about another intent is refused before the commit: nothing of it is stored.
     async fn a_snapshot_of_another_intent_is_refused_before_it_is_stored(kind: Kind) {
@@ -94,7 +94,5 @@ mod tests {
         store.close().await;
     }
 
-    on_both_backends!(
-        a_snapshot_of_another_intent_is_refused_before_it_is_stored,
-    );
+    on_both_backends!(a_snapshot_of_another_intent_is_refused_before_it_is_stored,);
 }
