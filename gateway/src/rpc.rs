@@ -749,13 +749,15 @@ fn view(intent: &StoredIntent) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
+
+    on_both_backends!(a_revoked_terminal_is_refused);
 
     /// RPC from a revoked terminal (a session that connected just before its revocation) is
     /// refused, not served: it used to be answered like any other.
-    #[tokio::test]
-    async fn a_revoked_terminal_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), crate::store::Limits::new(16, 16)).unwrap();
+    async fn a_revoked_terminal_is_refused(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(crate::store::Limits::new(16, 16)).await;
         store
             .register_terminal(crate::store::NewTerminal::for_test("pos-r"))
             .await

@@ -96,15 +96,16 @@ mod browser {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
     use crate::store::{Limits, NewTerminal};
 
     const TOKEN_A: &str = "token-of-pos-a";
     const TOKEN_B: &str = "token-of-pos-b";
 
     /// The channels over a real store holding terminals `pos_a` and `pos_b` (and the dir).
-    async fn channels() -> (Arc<Channels>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits::new(16, 16)).unwrap();
+    async fn channels(kind: Kind) -> (Arc<Channels>, TestDb) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(16, 16)).await;
         let mut records = Vec::new();
         for (id, token) in [("pos_a", TOKEN_A), ("pos_b", TOKEN_B)] {
             let new = NewTerminal {
@@ -131,7 +132,7 @@ mod browser {
             rpc: Arc::new(crate::rpc::Rpc::new(store.clone(), None)),
             renewals: crate::admin::Renewals::load(&store).await.unwrap(),
         };
-        (Arc::new(channels), dir)
+        (Arc::new(channels), db)
     }
 
     async fn send(router: &Router, request: Request<Body>) -> Response {
@@ -168,9 +169,8 @@ mod browser {
             .status()
     }
 
-    #[tokio::test]
-    async fn a_ticket_opens_one_stream_of_its_terminal_within_its_ttl() {
-        let (channels, _dir) = channels().await;
+    async fn a_ticket_opens_one_stream_of_its_terminal_within_its_ttl(kind: Kind) {
+        let (channels, _db) = channels(kind).await;
         let router = router(channels.clone(), &[]);
         tokio::time::pause();
 
@@ -247,9 +247,8 @@ mod browser {
         channels.store.close().await;
     }
 
-    #[tokio::test]
-    async fn a_revoked_terminals_ticket_is_refused() {
-        let (channels, _dir) = channels().await;
+    async fn a_revoked_terminals_ticket_is_refused(kind: Kind) {
+        let (channels, _db) = channels(kind).await;
         let router = router(channels.clone(), &[]);
         let t = ticket(&router, TOKEN_A).await;
         channels
@@ -265,9 +264,8 @@ mod browser {
         channels.store.close().await;
     }
 
-    #[tokio::test]
-    async fn cors_answers_only_the_listed_origins() {
-        let (channels, _dir) = channels().await;
+    async fn cors_answers_only_the_listed_origins(kind: Kind) {
+        let (channels, _db) = channels(kind).await;
         let listed = "http://127.0.0.1:8480";
         let with_cors = router(channels.clone(), &[listed.to_owned()]);
         let preflight = |origin: &str| {
@@ -311,4 +309,10 @@ mod browser {
         assert_eq!(none.status(), StatusCode::METHOD_NOT_ALLOWED);
         channels.store.close().await;
     }
+
+    on_both_backends!(
+        a_ticket_opens_one_stream_of_its_terminal_within_its_ttl,
+        a_revoked_terminals_ticket_is_refused,
+        cors_answers_only_the_listed_origins,
+    );
 }
