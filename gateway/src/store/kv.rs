@@ -54,7 +54,7 @@ impl StrTable {
 }
 
 /// Multimaps: a string key, a set of string values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum MultiTable {
     Pending,
     Undeliverable,
@@ -67,6 +67,15 @@ impl MultiTable {
             MultiTable::Undeliverable => "undeliverable",
         }
     }
+}
+
+/// A key a write job will probably read: the PostgreSQL backend fetches the hints of a whole
+/// batch with one query per table before applying it (a wrong or missing hint only costs a round
+/// trip). redb ignores them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Hint {
+    Str(StrTable, String),
+    Multi(MultiTable, String),
 }
 
 /// Visits rows in key order; returns `false` to stop.

@@ -192,6 +192,8 @@ pub struct IntentFilter {
 /// after that transaction is durably committed (or with [`StoreError::NotCommitted`]).
 trait WriteJob: Send {
     fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError>;
+    /// Keys it will probably read ([`kv::Hint`]).
+    fn hints(&self) -> &[kv::Hint];
     fn finish(self: Box<Self>, committed: bool);
     /// Whether its commit must be on disk before it is answered (see [`Durability`]).
     fn durability(&self) -> Durability;
@@ -215,6 +217,7 @@ type Job = Box<dyn WriteJob>;
 
 struct Typed<T, F> {
     work: F,
+    hints: Vec<kv::Hint>,
     result: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
     durability: Durability,
@@ -234,6 +237,10 @@ where
 
     fn durability(&self) -> Durability {
         self.durability
+    }
+
+    fn hints(&self) -> &[kv::Hint] {
+        &self.hints
     }
 
     fn finish(self: Box<Self>, committed: bool) {
@@ -606,7 +613,8 @@ impl Store {
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Synced, Class::Other).await
+        self.submit(work, Vec::new(), Durability::Synced, Class::Other)
+            .await
     }
 
     /// As [`Store::write`], for what the provider tells: it may use the whole queue.
@@ -615,7 +623,8 @@ impl Store {
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Synced, Class::Provider).await
+        self.submit(work, Vec::new(), Durability::Synced, Class::Provider)
+            .await
     }
 
     /// As [`Store::write`], answered without waiting for the disk ([`Durability::Deferred`]).
@@ -624,12 +633,14 @@ impl Store {
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Durability::Deferred, Class::Other).await
+        self.submit(work, Vec::new(), Durability::Deferred, Class::Other)
+            .await
     }
 
     async fn submit<T, F>(
         &self,
         work: F,
+        hints: Vec<kv::Hint>,
         durability: Durability,
         class: Class,
     ) -> Result<T, StoreError>
@@ -644,6 +655,7 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(Typed {
             work,
+            hints,
             result: None,
             reply,
             durability,
@@ -670,7 +682,17 @@ impl Store {
     /// # Errors
     /// As [`Store::write`]; none of them committed anything for this event.
     pub async fn ingest(&self, event: IncomingEvent) -> Result<Ingested, StoreError> {
-        self.write_provider(move |t| t.ingest(&event)).await
+        let hints = match self.inner.engine {
+            Engine::Postgres(_) => writer::hints_for(&event),
+            Engine::Redb(_) => Vec::new(),
+        };
+        self.submit(
+            move |t| t.ingest(&event),
+            hints,
+            Durability::Synced,
+            Class::Provider,
+        )
+        .await
     }
 
     /// Keeps a verified body that was not an event envelope, for forensics.

@@ -26,7 +26,7 @@
 #![allow(clippy::disallowed_types)]
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 use tokio::sync::mpsc;
 
 use super::kv::{
-    KvRead, KvWrite, MultiTable, ReadKv, StrTable, VisitOutbox, VisitRpc, VisitStr, WriteKv,
+    Hint, KvRead, KvWrite, MultiTable, ReadKv, StrTable, VisitOutbox, VisitRpc, VisitStr, WriteKv,
 };
 use super::writer::Tables;
 use super::{Durability, Health, Job, Notices, OutboxRow, StoreError};
@@ -165,9 +165,11 @@ enum Op {
     RejectedUpsert,
     MultiGet(MultiTable),
     MultiScan(MultiTable),
-    MultiInsert(MultiTable),
     MultiRemove(MultiTable),
     MultiRemoveAll(MultiTable),
+    GetMany(StrTable),
+    MultiGetMany(MultiTable),
+    MultiInsertMany(MultiTable),
 }
 
 impl Op {
@@ -212,12 +214,18 @@ impl Op {
                 .into(),
             Op::MultiGet(t) => format!("SELECT v FROM {} WHERE k = $1 ORDER BY v", t.name()),
             Op::MultiScan(t) => format!("SELECT k, v FROM {} ORDER BY k, v", t.name()),
-            Op::MultiInsert(t) => format!(
-                "INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                t.name()
-            ),
             Op::MultiRemove(t) => format!("DELETE FROM {} WHERE k = $1 AND v = $2", t.name()),
             Op::MultiRemoveAll(t) => format!("DELETE FROM {} WHERE k = $1 RETURNING v", t.name()),
+            Op::GetMany(t) => format!("SELECT k, v FROM {} WHERE k = ANY($1::text[])", t.name()),
+            Op::MultiGetMany(t) => format!(
+                "SELECT k, v FROM {} WHERE k = ANY($1::text[]) ORDER BY k, v",
+                t.name()
+            ),
+            Op::MultiInsertMany(t) => format!(
+                "INSERT INTO {} (k, v) SELECT * FROM unnest($1::text[], $2::text[]) \
+                 ON CONFLICT DO NOTHING",
+                t.name()
+            ),
         }
     }
 }
@@ -362,39 +370,108 @@ enum Slot {
 /// Writes buffered in a batch, by where they go (`None`: removed).
 type Buffer = BTreeMap<Slot, Option<Vec<u8>>>;
 
+/// A batch's transaction and what it knows beyond the server's answers.
+struct State<'t> {
+    q: Q<'t>,
+    /// Rows written in this batch, not yet sent (read before anything else).
+    buffer: Buffer,
+    /// Rows fetched ahead ([`PgWrite::prefetch`]) as the server held them (`None`: no row);
+    /// dropped for a key once its buffered write is flushed.
+    cache: HashMap<(StrTable, String), Option<Vec<u8>>>,
+    /// Multimap keys fetched ahead or read, with their values as the batch sees them
+    /// (buffered inserts included), in order.
+    multi_cache: HashMap<(MultiTable, String), Vec<String>>,
+    /// Multimap pairs inserted in this batch, not yet sent.
+    multi_inserts: BTreeSet<(MultiTable, String, String)>,
+}
+
 /// A batch's SERIALIZABLE transaction and its buffered writes.
 pub(crate) struct PgWrite<'t> {
-    inner: RefCell<(Q<'t>, Buffer)>,
+    state: RefCell<State<'t>>,
 }
 
 impl<'t> PgWrite<'t> {
     fn new(txn: Transaction<'t>, stmts: &'t mut Stmts) -> Self {
         PgWrite {
-            inner: RefCell::new((Q { txn, stmts }, BTreeMap::new())),
+            state: RefCell::new(State {
+                q: Q { txn, stmts },
+                buffer: BTreeMap::new(),
+                cache: HashMap::new(),
+                multi_cache: HashMap::new(),
+                multi_inserts: BTreeSet::new(),
+            }),
         }
+    }
+
+    /// Fetches the hinted keys of a whole batch: one query per table.
+    fn prefetch<'h>(&self, hints: impl Iterator<Item = &'h Hint>) -> Result<(), StoreError> {
+        let mut strs: BTreeMap<StrTable, BTreeSet<&str>> = BTreeMap::new();
+        let mut multis: HashMap<MultiTable, BTreeSet<&str>> = HashMap::new();
+        for hint in hints {
+            match hint {
+                Hint::Str(t, k) => {
+                    strs.entry(*t).or_default().insert(k);
+                }
+                Hint::Multi(t, k) => {
+                    multis.entry(*t).or_default().insert(k);
+                }
+            }
+        }
+        let mut state = self.state.borrow_mut();
+        let State {
+            q,
+            cache,
+            multi_cache,
+            ..
+        } = &mut *state;
+        for (t, keys) in strs {
+            let keys: Vec<&str> = keys.into_iter().collect();
+            for k in &keys {
+                cache.insert((t, (*k).to_owned()), None);
+            }
+            let s = q.stmt(Op::GetMany(t))?;
+            for row in q.txn.query(&s, &[&keys])? {
+                cache.insert((t, row.get(0)), Some(row.get(1)));
+            }
+        }
+        for (t, keys) in multis {
+            let keys: Vec<&str> = keys.into_iter().collect();
+            for k in &keys {
+                multi_cache.insert((t, (*k).to_owned()), Vec::new());
+            }
+            let s = q.stmt(Op::MultiGetMany(t))?;
+            for row in q.txn.query(&s, &[&keys])? {
+                if let Some(values) = multi_cache.get_mut(&(t, row.get::<_, String>(0))) {
+                    values.push(row.get(1));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Buffered value of `slot`: `Some(Some(v))` written, `Some(None)` removed in this batch.
     fn buffered(&self, slot: &Slot) -> Option<Option<Vec<u8>>> {
-        self.inner.borrow().1.get(slot).cloned()
+        self.state.borrow().buffer.get(slot).cloned()
     }
 
     fn buffer(&self, slot: Slot, value: Option<&[u8]>) {
-        self.inner
+        self.state
             .borrow_mut()
-            .1
+            .buffer
             .insert(slot, value.map(<[u8]>::to_vec));
     }
 
     /// Writes the buffered rows `which` selects to the server (before a scan of their table, and
     /// at the end), with one statement per table and kind.
     fn flush(&self, which: impl Fn(&Slot) -> bool) -> Result<(), StoreError> {
-        let mut inner = self.inner.borrow_mut();
-        let (q, buffer) = &mut *inner;
+        let mut state = self.state.borrow_mut();
+        let State {
+            q, buffer, cache, ..
+        } = &mut *state;
         if !buffer.keys().any(&which) {
             return Ok(());
         }
-        let (take, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(buffer)
+        let (take, keep): (Buffer, Buffer) = std::mem::take(buffer)
             .into_iter()
             .partition(|(s, _)| which(s));
         *buffer = keep;
@@ -405,6 +482,8 @@ impl<'t> PgWrite<'t> {
         for (slot, value) in &take {
             match (slot, value) {
                 (Slot::Str(t, k), Some(v)) => {
+                    // From now on the server has it.
+                    cache.remove(&(*t, k.clone()));
                     let e = strs.entry(*t).or_default();
                     e.0.push(k.as_str());
                     e.1.push(v.as_slice());
@@ -457,23 +536,65 @@ impl<'t> PgWrite<'t> {
         Ok(())
     }
 
+    /// Sends the multimap inserts of `t` buffered so far.
+    fn flush_multi(&self, t: MultiTable) -> Result<(), StoreError> {
+        let mut state = self.state.borrow_mut();
+        let State {
+            q, multi_inserts, ..
+        } = &mut *state;
+        if !multi_inserts.iter().any(|(u, ..)| *u == t) {
+            return Ok(());
+        }
+        let (take, keep): (BTreeSet<_>, BTreeSet<_>) = std::mem::take(multi_inserts)
+            .into_iter()
+            .partition(|(u, ..)| *u == t);
+        *multi_inserts = keep;
+        let keys: Vec<&str> = take.iter().map(|(_, k, _)| k.as_str()).collect();
+        let values: Vec<&str> = take.iter().map(|(_, _, v)| v.as_str()).collect();
+        q.execute(Op::MultiInsertMany(t), &[&keys, &values])?;
+        Ok(())
+    }
+
     /// Writes what is buffered and commits; returns once the server has (with
     /// `synchronous_commit = on`: once the commit is in the flushed WAL).
     fn commit(self) -> Result<(), StoreError> {
         self.flush(|_| true)?;
-        let (q, _) = self.inner.into_inner();
-        q.txn.commit()?;
+        self.flush_multi(MultiTable::Pending)?;
+        self.flush_multi(MultiTable::Undeliverable)?;
+        self.state.into_inner().q.txn.commit()?;
         Ok(())
     }
 
     fn q(&self) -> std::cell::RefMut<'_, Q<'t>> {
-        std::cell::RefMut::map(self.inner.borrow_mut(), |(q, _)| q)
+        std::cell::RefMut::map(self.state.borrow_mut(), |s| &mut s.q)
+    }
+
+    fn cached(&self, t: StrTable, key: &str) -> Option<Option<Vec<u8>>> {
+        self.state.borrow().cache.get(&(t, key.to_owned())).cloned()
+    }
+
+    fn multi_cached(&self, t: MultiTable, key: &str) -> Option<Vec<String>> {
+        self.state
+            .borrow()
+            .multi_cache
+            .get(&(t, key.to_owned()))
+            .cloned()
+    }
+
+    fn set_multi_cache(&self, t: MultiTable, key: &str, values: Vec<String>) {
+        self.state
+            .borrow_mut()
+            .multi_cache
+            .insert((t, key.to_owned()), values);
     }
 }
 
 impl KvRead for PgWrite<'_> {
     fn get(&self, t: StrTable, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(v) = self.buffered(&Slot::Str(t, key.to_owned())) {
+            return Ok(v);
+        }
+        if let Some(v) = self.cached(t, key) {
             return Ok(v);
         }
         self.q().get(t, key)
@@ -507,9 +628,16 @@ impl KvRead for PgWrite<'_> {
         self.q().rpc_scan(visit)
     }
     fn multi_get(&self, t: MultiTable, key: &str) -> Result<Vec<String>, StoreError> {
-        self.q().multi_get(t, key)
+        if let Some(values) = self.multi_cached(t, key) {
+            return Ok(values);
+        }
+        self.flush_multi(t)?;
+        let values = self.q().multi_get(t, key)?;
+        self.set_multi_cache(t, key, values.clone());
+        Ok(values)
     }
     fn multi_scan(&self, t: MultiTable, visit: VisitStr<'_>) -> Result<(), StoreError> {
+        self.flush_multi(t)?;
         self.q().multi_scan(t, visit)
     }
     fn rejected_last(&self) -> Result<Option<u64>, StoreError> {
@@ -551,25 +679,54 @@ impl KvWrite for PgWrite<'_> {
         self.buffer(Slot::Rejected(n), Some(value));
         Ok(())
     }
-    // Multimaps are written through: they are off the hot path but for `remove_all`, which
-    // needs the server's answer anyway.
     fn multi_insert(&mut self, t: MultiTable, key: &str, value: &str) -> Result<(), StoreError> {
-        self.q().execute(Op::MultiInsert(t), &[&key, &value])?;
+        let mut state = self.state.borrow_mut();
+        state
+            .multi_inserts
+            .insert((t, key.to_owned(), value.to_owned()));
+        if let Some(values) = state.multi_cache.get_mut(&(t, key.to_owned()))
+            && let Err(at) = values.binary_search_by(|v| v.as_str().cmp(value))
+        {
+            values.insert(at, value.to_owned());
+        }
         Ok(())
     }
     fn multi_remove(&mut self, t: MultiTable, key: &str, value: &str) -> Result<bool, StoreError> {
-        Ok(self.q().execute(Op::MultiRemove(t), &[&key, &value])? > 0)
+        if self
+            .multi_cached(t, key)
+            .is_some_and(|values| !values.iter().any(|v| v == value))
+        {
+            return Ok(false);
+        }
+        self.flush_multi(t)?;
+        let removed = self.q().execute(Op::MultiRemove(t), &[&key, &value])? > 0;
+        if let Some(values) = self
+            .state
+            .borrow_mut()
+            .multi_cache
+            .get_mut(&(t, key.to_owned()))
+        {
+            values.retain(|v| v != value);
+        }
+        Ok(removed)
     }
     fn multi_remove_all(&mut self, t: MultiTable, key: &str) -> Result<Vec<String>, StoreError> {
-        let mut q = self.q();
-        let s = q.stmt(Op::MultiRemoveAll(t))?;
-        let mut values: Vec<String> = q
-            .txn
-            .query(&s, &[&key])?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        // A key known to be empty (fetched ahead: the usual case of a new intent) costs nothing.
+        if self.multi_cached(t, key).is_some_and(|v| v.is_empty()) {
+            return Ok(Vec::new());
+        }
+        self.flush_multi(t)?;
+        let mut values: Vec<String> = {
+            let mut q = self.q();
+            let s = q.stmt(Op::MultiRemoveAll(t))?;
+            q.txn
+                .query(&s, &[&key])?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        };
         values.sort();
+        self.set_multi_cache(t, key, Vec::new());
         Ok(values)
     }
 }
@@ -734,7 +891,9 @@ fn commit_batch(
     if !durable {
         txn.batch_execute("SET LOCAL synchronous_commit = off")?;
     }
-    let mut t = Tables::new(WriteKv::Pg(PgWrite::new(txn, stmts)));
+    let write = PgWrite::new(txn, stmts);
+    write.prefetch(batch.iter().flat_map(|job| job.hints()))?;
+    let mut t = Tables::new(WriteKv::Pg(write));
     for job in batch.iter_mut() {
         job.apply(&mut t)?;
     }

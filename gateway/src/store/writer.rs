@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::Durability as StoreDurability;
-use super::kv::{KvRead, KvWrite, MultiTable, RedbWrite, StrTable, WriteKv};
+use super::kv::{Hint, KvRead, KvWrite, MultiTable, RedbWrite, StrTable, WriteKv};
 use super::{
     EventOutcome, EventRef, Health, IncomingEvent, Ingested, Job, Notices, Open, OutboxRow,
     StoreError, StoredEvent, StoredIntent, decode,
@@ -146,6 +146,7 @@ pub(super) fn wake_writer(wake: &mpsc::WeakSender<Job>) {
         let nothing = |_: &mut Tables<'_>| Ok::<(), StoreError>(());
         drop(queue.try_send(Box::new(super::Typed {
             work: nothing,
+            hints: Vec::new(),
             result: None,
             reply,
             durability: StoreDurability::Deferred,
@@ -268,6 +269,41 @@ pub(super) fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8
         key: key.to_owned(),
         source,
     })
+}
+
+/// The keys [`Tables::ingest`] will read for `event` (see [`Hint`]).
+pub(super) fn hints_for(event: &IncomingEvent) -> Vec<Hint> {
+    let mut hints = vec![Hint::Str(StrTable::Events, event.event_id.clone())];
+    match &event.data {
+        Ok(EventData::PaymentIntent(pi)) => {
+            hints.push(Hint::Str(StrTable::Intents, pi.id.clone()));
+            hints.push(Hint::Multi(MultiTable::Pending, pi.id.clone()));
+            if let Some(address) = &pi.payment_address {
+                hints.push(Hint::Multi(MultiTable::Pending, address_key(address)));
+            }
+            if let Some(terminal) = IntentRecord::from_snapshot(pi).terminal_id {
+                hints.push(Hint::Str(StrTable::Terminals, terminal));
+            }
+        }
+        Ok(EventData::Transaction(tx)) => {
+            if let Some(id) = &tx.payment_intent_id {
+                hints.push(Hint::Str(StrTable::Intents, id.clone()));
+            }
+            if let Some(address) = &tx.payment_address {
+                hints.push(Hint::Str(
+                    StrTable::IntentByAddress,
+                    address.to_ascii_lowercase(),
+                ));
+            }
+        }
+        Ok(EventData::Settlement(s)) => {
+            for id in &s.payment_intent_ids {
+                hints.push(Hint::Str(StrTable::Intents, id.clone()));
+            }
+        }
+        _ => {}
+    }
+    hints
 }
 
 pub(super) fn address_key(address: &str) -> String {
@@ -574,4 +610,92 @@ impl<'txn> Tables<'txn> {
         }
         Ok(())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::domain::IntentStatus;
+    use crate::store::testing::{Kind, TestDb, on_both_backends};
+    use crate::store::{Limits, NewTerminal, Undeliverable};
+
+    fn event(id: &str, kind: &str, data: &str) -> IncomingEvent {
+        let body = format!(
+            r#"{{"id":"{id}","object":"event","type":"{kind}","created_at":"2026-04-01T20:00:12Z","data":{data}}}"#
+        );
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
+        IncomingEvent {
+            event_id: id.into(),
+            kind: kind.into(),
+            raw: Bytes::from(body),
+            received_at: OffsetDateTime::now_utc(),
+            created_at: None,
+            data,
+        }
+    }
+
+    /// A transfer that comes before its intent waits (under the intent's id and its address), is
+    /// applied once when the intent comes, and the confirmation waits for its terminal to be
+    /// registered. On PostgreSQL this is the path whose keys are fetched ahead per batch.
+    async fn a_transfer_before_its_intent_is_applied_when_the_intent_comes(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(64, 16)).await;
+        let tx = r#"{"id":"txn_1","object":"transaction","payment_intent_id":"pi_1","amount":4.5,"payment_address":"0xAbC1","tx_hash":"0xfeed","confirmed_at":"2026-04-01T20:00:07Z"}"#;
+        let pi = r#"{"id":"pi_1","status":"confirmed","amount":4.5,"payment_address":"0xabc1","metadata":{"terminal_id":"pos-1"}}"#;
+        let transfer = || event("evt_t", "transaction.created", tx);
+        let first = store.ingest(transfer()).await.unwrap();
+        assert!(
+            matches!(&first, Ingested::New { outcome: EventOutcome::Pending, unknown_intents, .. } if unknown_intents == &["pi_1"]),
+            "{first:?}"
+        );
+        assert_eq!(store.ingest(transfer()).await.unwrap(), Ingested::Duplicate);
+        assert!(store.intent("pi_1".into()).await.unwrap().is_none());
+
+        let created = store
+            .ingest(event("evt_p", "payment_intent.confirmed", pi))
+            .await
+            .unwrap();
+        let Ingested::New {
+            outcome, effects, ..
+        } = created
+        else {
+            panic!("{created:?}")
+        };
+        assert_eq!(outcome, EventOutcome::Applied);
+        // The waiting transfer, then the snapshot itself.
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        let intent = store.intent("pi_1".into()).await.unwrap().unwrap();
+        assert_eq!(intent.record.txns, ["txn_1"]);
+        assert_eq!(intent.record.status, IntentStatus::Confirmed);
+        let stored = store.event("evt_t".into()).await.unwrap().unwrap();
+        assert_eq!(stored.outcome, EventOutcome::Applied);
+        // Applied once: again, nothing waits.
+        assert_eq!(store.ingest(transfer()).await.unwrap(), Ingested::Duplicate);
+        assert_eq!(
+            store.undeliverable().await.unwrap(),
+            [Undeliverable {
+                terminal_id: Some("pos-1".into()),
+                intent_id: "pi_1".into()
+            }]
+        );
+        store
+            .register_terminal(NewTerminal::for_test("pos-1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.undeliverable().await.unwrap().is_empty());
+        let rows = store.outbox(Some("pos-1".into())).await.unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.intent_id.as_str(), r.seq))
+                .collect::<Vec<_>>(),
+            [("pi_1", 1)]
+        );
+        store.close().await;
+    }
+
+    on_both_backends!(a_transfer_before_its_intent_is_applied_when_the_intent_comes);
 }
