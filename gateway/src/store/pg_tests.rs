@@ -260,3 +260,39 @@ async fn a_database_restart_under_load_loses_no_acknowledged_webhook() {
         .await
         .unwrap();
 }
+
+/// A commit that does not come back within the deadline (here held back before it is sent) is
+/// answered `Stalled` and the store reports unhealthy; once it goes through, the store is
+/// healthy again and the write turns out committed (its retry is a duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_past_its_deadline_is_answered_stalled_and_the_store_is_unhealthy() {
+    let db = TestDb::new(Kind::Postgres).await;
+    let limits = Limits {
+        commit_deadline: Duration::from_millis(300),
+        ..Limits::new(16, 16)
+    };
+    let store = db.open(limits).await;
+    store.ingest(confirmed(1)).await.unwrap();
+    store.hold_syncs_for_test(true);
+    let waited = store.ingest(confirmed(2)).await;
+    let healthy = store.is_healthy();
+    store.hold_syncs_for_test(false);
+    assert!(
+        matches!(waited, Err(super::StoreError::Stalled { deadline_ms: 300 })),
+        "{waited:?}"
+    );
+    assert!(!healthy, "a stalled store reported healthy");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !store.is_healthy() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        store.ingest(confirmed(2)).await.unwrap(),
+        Ingested::Duplicate
+    );
+    store.close().await;
+}
