@@ -664,10 +664,13 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn shown(&self, key: &str) -> String {
-        if key == "store.postgres_url"
-            && let Ok(url) = self.merged.get::<String>(key)
-        {
-            return crate::store::redact_url(&url);
+        if key == "store.postgres_url" {
+            // Absent: nothing to show.
+            return self
+                .merged
+                .get::<String>(key)
+                .map(|url| crate::store::redact_url(&url))
+                .unwrap_or_default();
         }
         if SECRET_KEYS.contains(&key) {
             return "<redacted>".to_owned();
