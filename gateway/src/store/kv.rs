@@ -123,7 +123,7 @@ pub(crate) trait KvWrite: KvRead {
 /// A write transaction on either backend.
 pub(crate) enum WriteKv<'t> {
     Redb(Box<RedbWrite<'t>>),
-    Pg(PgWrite<'t>),
+    Pg(Box<PgWrite<'t>>),
 }
 
 /// A read transaction on either backend.

@@ -893,7 +893,7 @@ fn commit_batch(
     }
     let write = PgWrite::new(txn, stmts);
     write.prefetch(batch.iter().flat_map(|job| job.hints()))?;
-    let mut t = Tables::new(WriteKv::Pg(write));
+    let mut t = Tables::new(WriteKv::Pg(Box::new(write)));
     for job in batch.iter_mut() {
         job.apply(&mut t)?;
     }
