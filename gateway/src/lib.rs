@@ -45,7 +45,8 @@
 //! - [`provider`] — the provider's REST client: timeouts, retries with backoff, typed errors.
 //! - [`reconcile`] — asks the provider what the webhooks left open; feeds it through the store.
 //! - [`rpc`] — terminal RPC over MQTT: create, get and cancel intents; the API key stays here.
-//! - [`store`] — redb tables, one writer thread with group commit, typed reads.
+//! - [`store`] — redb tables (or PostgreSQL: `store.backend`), one writer thread with group
+//!   commit, typed reads; the logic written once over a small key-value interface.
 //! - [`admin`] — `/healthz`, `/readyz` and the admin API behind the bearer token.
 //! - [`pki`] — the gateway CA, server and terminal certificates, the confirmation-signing key.
 //! - [`metrics`] — the Prometheus registry served at `/metrics`.

@@ -1,5 +1,10 @@
 //! The durable store: redb tables, one writer thread with group commit, typed reads.
 //!
+//! Two backends (`store.backend`): the embedded redb file (the default; what this page
+//! describes) and PostgreSQL (`pg.rs`: the same tables, the same group commit, SERIALIZABLE
+//! transactions so that several gateways can share one database). The logic is written once,
+//! against the key-value interface of `kv.rs`.
+//!
 //! Every accepted webhook becomes one [`Job`] on a bounded queue. A single writer thread takes all
 //! jobs that are waiting, applies them one after another inside **one** write transaction and
 //! commits it, synced to disk (`fdatasync`), before any of their senders is answered: a `200`
