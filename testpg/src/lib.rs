@@ -256,7 +256,16 @@ impl Drop for Server {
 /// The newest `/usr/lib/postgresql/<version>/bin` with `initdb` (or `POSGATE_PG_BIN`).
 fn bin_dir() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("POSGATE_PG_BIN") {
-        return Ok(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        if !dir.join("initdb").exists() || !dir.join("postgres").exists() {
+            return Err(format!(
+                "POSGATE_PG_BIN={} holds no initdb and postgres: point it at PostgreSQL's bin \
+                 directory (e.g. /usr/lib/postgresql/15/bin), or unset it and install the \
+                 Debian package: apt-get update && apt-get install -y postgresql",
+                dir.display()
+            ));
+        }
+        return Ok(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
