@@ -765,7 +765,14 @@ mod tests {
         assert_eq!(readyz(&running).await, 200);
         running.store().hold_syncs_for_test(true);
         let stalled = post(&running, body).await;
-        let ready = readyz(&running).await;
+        // The answer's deadline runs from the submission, the store's own from the commit's
+        // start a moment later: not ready within moments, while the sync is still held.
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut ready = readyz(&running).await;
+        while ready == 200 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            ready = readyz(&running).await;
+        }
         running.store().hold_syncs_for_test(false);
         assert_eq!(stalled.0, 503, "{}", stalled.1);
         assert_eq!(ready, 503, "/readyz while the disk is stalled");

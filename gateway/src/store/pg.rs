@@ -939,6 +939,10 @@ pub(super) fn run(
             match commit_batch(&mut conn, &mut batch, durable) {
                 Err(e) if is_conflict(&e) && attempt < MAX_ATTEMPTS => {
                     tracing::debug!(attempt, error = %e, error_chain = ?e, "a concurrent writer conflicted with this batch; applying it again");
+                    // A random pause, growing with the attempts, so that two replicas writing
+                    // the same keys in step do not collide again at once.
+                    let most = 1u64 << attempt.min(6);
+                    std::thread::sleep(Duration::from_micros(rand::random_range(0..most * 1000)));
                     attempt += 1;
                 }
                 other => break other,
@@ -975,45 +979,17 @@ pub(super) fn run(
     }
 }
 
-const RECONNECT_FIRST: Duration = Duration::from_millis(250);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
 /// Connects again, until that works or the store is closed (`None`); unhealthy meanwhile,
 /// every write answered "not committed" at once (ingress says `503`; the provider retries).
 fn reconnect(rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<Conn> {
     shared.health.failed.store(true, Ordering::Relaxed);
     tracing::warn!(url = %redact_url(&shared.url), "lost the PostgreSQL connection; reconnecting");
-    let mut pause = RECONNECT_FIRST;
-    for attempt in 1u64.. {
-        let until = Instant::now() + pause;
-        while Instant::now() < until {
-            loop {
-                match rx.try_recv() {
-                    Ok(job) => job.finish(false),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match connect(&shared.url, Some(shared.statement_timeout)) {
-            Ok(conn) => {
-                shared.health.failed.store(false, Ordering::Relaxed);
-                tracing::info!(
-                    attempts = attempt,
-                    "PostgreSQL reconnected; the store takes writes again"
-                );
-                return Some(conn);
-            }
-            Err(e) => {
-                if attempt == 1 || attempt % 12 == 0 {
-                    tracing::error!(error = %e, error_chain = ?e, attempts = attempt, "PostgreSQL unreachable; retrying");
-                }
-                pause = (pause * 2).min(RECONNECT_MAX);
-            }
-        }
-    }
-    None
+    let conn = super::writer::retry_until_open(rx, "PostgreSQL unreachable; retrying", || {
+        connect(&shared.url, Some(shared.statement_timeout))
+    })?;
+    shared.health.failed.store(false, Ordering::Relaxed);
+    tracing::info!("PostgreSQL reconnected; the store takes writes again");
+    Some(conn)
 }
 
 /// How often an idle writer checks its connection, so that health follows the database even

@@ -275,7 +275,14 @@ async fn a_commit_past_its_deadline_is_answered_stalled_and_the_store_is_unhealt
     store.ingest(confirmed(1)).await.unwrap();
     store.hold_syncs_for_test(true);
     let waited = store.ingest(confirmed(2)).await;
-    let healthy = store.is_healthy();
+    // The answer's deadline runs from the submission, the store's own from the commit's start
+    // a moment later: unhealthy within moments, while the commit is still held.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut healthy = store.is_healthy();
+    while healthy && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        healthy = store.is_healthy();
+    }
     store.hold_syncs_for_test(false);
     assert!(
         matches!(waited, Err(super::StoreError::Stalled { deadline_ms: 300 })),

@@ -190,6 +190,29 @@ fn recover(open: Open, rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<
         }
     }
     tracing::warn!(path = %shared.path.display(), "reopening the database after a disk failure");
+    let reopened = retry_until_open(rx, "the database cannot be reopened yet; retrying", || {
+        super::open_database(&shared.path)
+    })?;
+    if let Ok(mut slot) = shared.slot.lock() {
+        *slot = Some(reopened.clone());
+    }
+    shared.health.failed.store(false, Ordering::Relaxed);
+    tracing::info!("database reopened; the store takes writes again");
+    Some(reopened)
+}
+
+/// Calls `open` with a growing pause between attempts (0.25 s up to 5 s) until it works, and
+/// answers every write that comes meanwhile "not committed" at once (ingress says `503`; the
+/// provider retries). `None` once the store is closed. Used by both backends' writers: redb
+/// reopening its file after a disk failure, PostgreSQL reconnecting.
+pub(super) fn retry_until_open<T, E>(
+    rx: &mut mpsc::Receiver<Job>,
+    failing: &'static str,
+    mut open: impl FnMut() -> Result<T, E>,
+) -> Option<T>
+where
+    E: std::error::Error,
+{
     let mut pause = REOPEN_FIRST;
     for attempt in 1u64.. {
         // Wait, answering what comes meanwhile at once.
@@ -204,22 +227,12 @@ fn recover(open: Open, rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        match super::open_database(&shared.path) {
-            Ok(reopened) => {
-                if let Ok(mut slot) = shared.slot.lock() {
-                    *slot = Some(reopened.clone());
-                }
-                shared.health.failed.store(false, Ordering::Relaxed);
-                tracing::info!(
-                    attempts = attempt,
-                    "database reopened; the store takes writes again"
-                );
-                return Some(reopened);
-            }
+        match open() {
+            Ok(opened) => return Some(opened),
             Err(e) => {
-                // One line a minute at most while the disk stays full.
+                // One line a minute at most while it keeps failing.
                 if attempt == 1 || attempt % 12 == 0 {
-                    tracing::error!(error = %e, error_chain = ?e, attempts = attempt, "the database cannot be reopened yet; retrying");
+                    tracing::error!(error = %e, error_chain = ?e, attempts = attempt, "{failing}");
                 }
                 pause = (pause * 2).min(REOPEN_MAX);
             }
