@@ -34,7 +34,7 @@
 //! certificate is refused from the next connection on, an open session on it stays), or when a
 //! renewal's new certificate is first used (renewals complete at their deadline).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -141,7 +141,7 @@ pub struct Handle {
     client: AsyncClient,
     target: Arc<Target>,
     /// Terminals whose RPC requests are dropped until then (they kept flooding).
-    suspended: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
+    suspended: Arc<super::Suspensions>,
     /// Shared with the [`Files`] task.
     files: Arc<FilesState>,
 }
@@ -376,18 +376,7 @@ impl Handle {
     }
 
     fn is_suspended(&self, terminal_id: &str) -> bool {
-        let mut map = self
-            .suspended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match map.get(terminal_id) {
-            Some(until) if *until > tokio::time::Instant::now() => true,
-            Some(_) => {
-                map.remove(terminal_id);
-                false
-            }
-            None => false,
-        }
+        self.suspended.contains(terminal_id)
     }
 
     fn try_publish(&self, topic: String, payload: Bytes, retain: bool) -> Result<(), PublishError> {
@@ -455,13 +444,7 @@ impl Handle {
 
     /// Drops `terminal_id`'s RPC requests for `duration` and cuts its session.
     pub fn suspend(&self, terminal_id: &str, duration: Duration) {
-        self.suspended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                terminal_id.to_owned(),
-                tokio::time::Instant::now() + duration,
-            );
+        self.suspended.suspend(terminal_id, duration);
         self.kick(terminal_id);
     }
 }
@@ -686,10 +669,7 @@ mod tests {
         tokio::time::pause();
         let h = handle();
         let req = topics::rpc_req(&topics::tenant_for("pos-02"));
-        h.suspended.lock().unwrap().insert(
-            "pos-02".into(),
-            tokio::time::Instant::now() + Duration::from_secs(60),
-        );
+        h.suspended.suspend("pos-02", Duration::from_secs(60));
         assert_eq!(h.event_of(&req, Bytes::from_static(b"{}")), None);
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(h.event_of(&req, Bytes::from_static(b"{}")).is_some());

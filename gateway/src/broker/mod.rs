@@ -131,8 +131,40 @@ pub struct Addrs {
 struct Revoked {
     serials: RwLock<HashSet<Serial>>,
     terminals: RwLock<HashSet<String>>,
-    /// Terminals refused until then (they kept flooding); not kept across restarts.
-    suspended: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// Terminals refused for a while (they kept flooding); not kept across restarts.
+    suspended: Suspensions,
+}
+
+/// Terminals suspended until some instant (they kept flooding RPC); not kept across restarts.
+#[derive(Default)]
+pub(crate) struct Suspensions(
+    std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+);
+
+impl Suspensions {
+    /// Suspends `terminal_id` for `duration` from now.
+    pub(crate) fn suspend(&self, terminal_id: &str, duration: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                terminal_id.to_owned(),
+                tokio::time::Instant::now() + duration,
+            );
+    }
+
+    /// Whether `terminal_id` is suspended now (an expired suspension is forgotten).
+    pub(crate) fn contains(&self, terminal_id: &str) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(terminal_id) {
+            Some(until) if *until > tokio::time::Instant::now() => true,
+            Some(_) => {
+                map.remove(terminal_id);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 impl Revoked {
@@ -151,22 +183,6 @@ impl Revoked {
                 .contains(&Serial::parse(s))
         });
         by_id || by_serial
-    }
-
-    /// Whether `terminal_id` is suspended now (an expired suspension is forgotten).
-    fn suspended(&self, terminal_id: &str) -> bool {
-        let mut map = self
-            .suspended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match map.get(terminal_id) {
-            Some(until) if *until > tokio::time::Instant::now() => true,
-            Some(_) => {
-                map.remove(terminal_id);
-                false
-            }
-            None => false,
-        }
     }
 }
 
@@ -217,7 +233,7 @@ impl Broker {
         let revoked = Arc::new(Revoked {
             serials: RwLock::new(revoked_serials.iter().map(|s| Serial::parse(s)).collect()),
             terminals: RwLock::new(revoked_terminals.into_iter().collect()),
-            suspended: std::sync::Mutex::default(),
+            suspended: Suspensions::default(),
         });
         let front = Arc::new(Front::new(
             settings.max_connections_per_terminal,
@@ -623,14 +639,7 @@ impl Publisher for Handle {
     }
 
     fn suspend(&self, terminal_id: &str, duration: Duration) {
-        self.revoked
-            .suspended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                terminal_id.to_owned(),
-                tokio::time::Instant::now() + duration,
-            );
+        self.revoked.suspended.suspend(terminal_id, duration);
         self.front.close_all(terminal_id);
         let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
         tokio::spawn(async move { kick(&scx, &id).await });
@@ -753,7 +762,7 @@ impl Hooks {
         if self.revoked.contains(&client_id, serial) {
             return Err(("revoked", format!("terminal {client_id:?} is revoked")));
         }
-        if self.revoked.suspended(&client_id) {
+        if self.revoked.suspended.contains(&client_id) {
             return Err((
                 "suspended",
                 format!("terminal {client_id:?} is suspended for flooding RPC"),
