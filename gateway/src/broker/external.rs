@@ -330,36 +330,65 @@ async fn run(
     } else {
         plain_filters()
     };
+    let subscribe = |asked: &[String]| {
+        let filters = asked
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        if let Err(e) = handle.client.try_subscribe_many(filters) {
+            tracing::error!(error = %e, "could not subscribe at the external broker");
+        }
+    };
     let mut backoff = BACKOFF_MIN;
+    // The filters of the last SUBSCRIBE (a SUBACK's codes are in their order), and when to ask
+    // again for those refused: a refusal may pass (NATS refuses while its JetStream elects a
+    // leader after a node's loss) or not (an ACL without posgate's user), so keep asking.
+    let mut asked: Vec<String> = Vec::new();
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_backoff = BACKOFF_MIN;
     loop {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let polled = tokio::select! {
             _ = token.cancelled() => break,
+            () = retry => {
+                retry_at = None;
+                subscribe(&asked);
+                continue;
+            }
             polled = eventloop.poll() => polled,
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
+                retry_backoff = BACKOFF_MIN;
+                retry_at = None;
                 let (host, port) = handle.target.endpoint();
                 tracing::info!(%host, port, "connected to the external broker");
-                let filters = filters
-                    .iter()
-                    .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                if let Err(e) = handle.client.try_subscribe_many(filters) {
-                    tracing::error!(error = %e, "could not subscribe at the external broker");
-                }
+                asked = filters.to_vec();
+                subscribe(&asked);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
+                let refused: Vec<String> = asked
                     .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    tracing::error!(
-                        ?filters,
-                        "the external broker refused posgate's subscriptions: its ACL must let {BACKEND_CN} read them (see `posgate broker-config`)"
-                    );
-                } else {
+                    .zip(&ack.return_codes)
+                    .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
+                    .map(|(f, _)| f.clone())
+                    .collect();
+                if refused.is_empty() {
                     connected.set(1);
+                } else {
+                    tracing::error!(
+                        ?refused,
+                        retry_in_ms = retry_backoff.as_millis() as u64,
+                        "the external broker refused posgate's subscriptions (its ACL must let {BACKEND_CN} read them, see `posgate broker-config`; NATS also refuses while JetStream elects a leader); asking again"
+                    );
+                    asked = refused;
+                    retry_at = Some(tokio::time::Instant::now() + retry_backoff);
+                    retry_backoff = (retry_backoff * 2).min(BACKOFF_MAX);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -372,6 +401,7 @@ async fn run(
             Ok(_) => {}
             Err(e) => {
                 connected.set(0);
+                retry_at = None;
                 if let Some(skipped) = CONNECTION_LOG.allow() {
                     let (host, port) = handle.target.endpoint();
                     tracing::warn!(error = %e, %host, port, retry_in_ms = backoff.as_millis() as u64, skipped, "external broker connection failed");
