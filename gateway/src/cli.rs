@@ -62,22 +62,29 @@ enum Command {
         /// The broker's MQTT TLS listener.
         #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8883")]
         listen: std::net::SocketAddr,
-        /// NATS: the node's name (`server_name`, and its file `{name}.conf`).
-        #[arg(long, value_name = "NAME", default_value = "nats-1")]
-        name: String,
-        /// NATS: the core client port (no posgate user may use it).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4222")]
-        client_listen: std::net::SocketAddr,
-        /// NATS: the cluster listener; without it the node runs alone.
-        #[arg(long, value_name = "ADDR")]
-        cluster_listen: Option<std::net::SocketAddr>,
-        /// NATS: the routes to every node of the cluster (nats-route://host:port), comma-separated.
-        #[arg(long, value_name = "URLS", value_delimiter = ',')]
-        routes: Vec<String>,
-        /// NATS: the monitoring listener (/healthz, /jsz), if wanted.
-        #[arg(long, value_name = "ADDR")]
-        monitor_listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        nats: Box<NatsArgs>,
     },
+}
+
+/// `broker-config nats`: one node of the cluster.
+#[derive(clap::Args)]
+struct NatsArgs {
+    /// NATS: the node's name (`server_name`, and its file `{name}.conf`).
+    #[arg(long, value_name = "NAME", default_value = "nats-1")]
+    name: String,
+    /// NATS: the core client port (no posgate user may use it).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4222")]
+    client_listen: std::net::SocketAddr,
+    /// NATS: the cluster listener; without it the node runs alone.
+    #[arg(long, value_name = "ADDR")]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// NATS: the routes to every node of the cluster (nats-route://host:port), comma-separated.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    routes: Vec<String>,
+    /// NATS: the monitoring listener (/healthz, /jsz), if wanted.
+    #[arg(long, value_name = "ADDR")]
+    monitor_listen: Option<std::net::SocketAddr>,
 }
 
 /// Entry point of the `posgate` binary.
@@ -106,12 +113,15 @@ pub fn main() -> ExitCode {
             broker,
             out,
             listen,
-            name,
-            client_listen,
-            cluster_listen,
-            routes,
-            monitor_listen,
+            nats,
         } => {
+            let NatsArgs {
+                name,
+                client_listen,
+                cluster_listen,
+                routes,
+                monitor_listen,
+            } = *nats;
             let which = if broker == "nats" {
                 BrokerFiles::Nats(crate::broker::nats::Node {
                     name,

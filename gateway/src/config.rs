@@ -970,6 +970,28 @@ mod tests {
             e.files_dir.as_deref(),
             Some(Path::new("/etc/mosquitto/posgate"))
         );
+        assert_eq!((e.kind, e.fallbacks.len()), (BrokerKind::Mosquitto, 0));
+        assert!(e.kind.shared_subscriptions());
+        let c = load_with(
+            None,
+            &[
+                ("POSGATE__MQTT__MODE", "external"),
+                ("POSGATE__MQTT__EXTERNAL_BROKER", "nats"),
+                ("POSGATE__MQTT__EXTERNAL_URL", "mqtts://n1:8883"),
+                (
+                    "POSGATE__MQTT__EXTERNAL_FALLBACK_URLS",
+                    "mqtts://n2:8883,mqtts://n3:8884",
+                ),
+            ],
+        )
+        .unwrap();
+        let e = c.mqtt.external.unwrap();
+        assert_eq!(e.kind, BrokerKind::Nats);
+        assert!(!e.kind.shared_subscriptions());
+        assert_eq!(
+            e.fallbacks,
+            [("n2".to_owned(), 8883), ("n3".to_owned(), 8884)]
+        );
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1883"),
             Some((false, "127.0.0.1".into(), 1883))
@@ -993,6 +1015,8 @@ mod tests {
                 ("POSGATE__MQTT__MODE", "external"),
                 ("POSGATE__MQTT__EXTERNAL_CLIENT_ID", "a b"),
                 ("POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND", "kill,,1"),
+                ("POSGATE__MQTT__EXTERNAL_BROKER", "emqx"),
+                ("POSGATE__MQTT__EXTERNAL_FALLBACK_URLS", "http://n2:1"),
             ],
         )
         .unwrap_err();
@@ -1001,6 +1025,8 @@ mod tests {
             "mqtt.external_url",
             "mqtt.external_client_id",
             "mqtt.external_reload_command",
+            "mqtt.external_broker",
+            "mqtt.external_fallback_urls",
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
         }

@@ -52,7 +52,6 @@ pub fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-
 /// Connects a provisioned terminal to the broker once the broker has reloaded the ACL naming it
 /// (provisioning reaches the broker through posgate's files and the reload command).
 pub async fn connect(addr: SocketAddr, bundle: &Bundle) -> Terminal {
@@ -154,13 +153,16 @@ pub async fn raw(addr: SocketAddr, bundle: &Bundle, client_id: &str) -> (AsyncCl
     .await
 }
 
-
 /// A terminal's certificate subscribes to another terminal's (another tenant's) confirmations by
 /// exact topic, by its filter and by wildcards: it receives none of them, although the victim's
 /// confirmation sits retained at the broker. Its own retained confirmation, asked for last,
 /// arrives: the broker handled the forbidden subscriptions before it, so nothing of theirs can
 /// still be on its way.
-pub async fn cannot_read_another_terminals_payments(gw: &TestGateway, victim_at: SocketAddr, attacker_at: SocketAddr) {
+pub async fn cannot_read_another_terminals_payments(
+    gw: &TestGateway,
+    victim_at: SocketAddr,
+    attacker_at: SocketAddr,
+) {
     let mallory = gw.provision("pos_mallory").await;
     let victim = gw.provision("pos_victim").await;
     await_acl(attacker_at, &mallory).await;
@@ -276,11 +278,11 @@ pub async fn cannot_ack_or_speak_for_another_terminal(gw: &TestGateway, at: Sock
     })
     .await;
     eventually(Duration::from_secs(10), || async {
-        (pending(&gw, "pos_mallory2").await == 0).then_some(())
+        (pending(gw, "pos_mallory2").await == 0).then_some(())
     })
     .await;
     assert_eq!(
-        pending(&gw, "pos_victim2").await,
+        pending(gw, "pos_victim2").await,
         1,
         "a forged ack cleared the victim's confirmation"
     );
@@ -291,7 +293,6 @@ pub async fn cannot_ack_or_speak_for_another_terminal(gw: &TestGateway, at: Sock
     );
     drop(client.disconnect().await);
 }
-
 
 /// A client without a certificate, or with one of another CA (for the same terminal id), gets
 /// no CONNACK at `at`.
@@ -310,7 +311,10 @@ pub async fn missing_or_foreign_certificates_are_refused(at: SocketAddr, bundle:
     let stranger_pki =
         posgate::pki::Pki::load_or_create(other.path(), &["localhost".to_owned()]).unwrap();
     let stranger = stranger_pki
-        .issue_terminal(&bundle.terminal_id, &topics::tenant_for(&bundle.terminal_id))
+        .issue_terminal(
+            &bundle.terminal_id,
+            &topics::tenant_for(&bundle.terminal_id),
+        )
         .unwrap();
     let mut foreign = identity.clone();
     foreign.cert_key = Some((stranger.cert_pem, stranger.key_pem));
@@ -319,5 +323,4 @@ pub async fn missing_or_foreign_certificates_are_refused(at: SocketAddr, bundle:
         harness::connack(&mut eventloop).await.is_err(),
         "a certificate of another CA was accepted"
     );
-
 }

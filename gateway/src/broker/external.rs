@@ -1,6 +1,6 @@
 //! The external broker mode (`mqtt.mode = "external"`): terminals connect to a broker the
-//! operator runs (Mosquitto 2; [`super::mosquitto`] writes its configuration), and posgate is one
-//! of its clients, a backend client with its own certificate, issued from the gateway CA at each
+//! operator runs (Mosquitto 2, [`super::mosquitto`] writes its configuration; or a NATS cluster,
+//! [`super::nats`]), and posgate is one of its clients, a backend client with its own certificate, issued from the gateway CA at each
 //! start (CN [`BACKEND_CN`], which can never be a terminal id).
 //!
 //! What the broker must guarantee, since posgate no longer sees the terminals' connections:
@@ -16,14 +16,17 @@
 //!   error, and the delivery engine publishes the row again later), so a broker that is away
 //!   never stalls the engine;
 //! - takes the terminals' acks, status and RPC requests from shared subscriptions
-//!   (`$share/posgate/…`, MQTT 3.1.1 as Mosquitto allows), so that replicas split them;
+//!   (`$share/posgate/…`, MQTT 3.1.1 as Mosquitto allows), so that replicas split them, or from
+//!   plain ones on NATS, which delivers nothing to `$share/…`; asks again for a subscription the
+//!   broker refused (NATS refuses some while JetStream elects a leader after a node's loss);
 //! - turns a terminal's retained status into presence: `online` is a connect (its pending
 //!   confirmations are published again, as in embedded mode), `offline` (its last will) a
 //!   disconnect;
-//! - reconnects with a backoff that doubles from 250 ms to 30 s, subscribing again each time
+//! - reconnects with a backoff that doubles from 250 ms to 30 s, to the next of the broker's URLs
+//!   (`mqtt.external_url`, then `mqtt.external_fallback_urls`) each time, subscribing again
 //!   (clean session: nothing is kept at the broker for posgate; what was missed meanwhile is
 //!   published again from the outbox after `delivery.republish_after_secs`);
-//! - keeps the broker's ACL and CRL files up to date ([`Files`]) and runs the reload command after
+//! - keeps the broker's ACL and CRL files (NATS: its authorization file) up to date ([`Files`]) and runs the reload command after
 //!   each change: provisioning, revocation and renewals reach the broker that way;
 //! - cuts a session (revocation, an RPC flood) by taking it over: a short connection with the
 //!   terminal's own client id makes the broker close the terminal's. A revoked terminal's
@@ -571,7 +574,8 @@ impl Publisher for Handle {
 
 // === files ===
 
-/// Keeps the broker's `acl` and `crl.pem` in `mqtt.external_broker_dir` in step with the store:
+/// Keeps the broker's `acl` and `crl.pem` (NATS: `authorization.conf`) in
+/// `mqtt.external_broker_dir` in step with the store:
 /// written at start and after every change of the registry or of the revocations, each file
 /// replaced whole (written aside, then renamed), then `mqtt.external_reload_command` is run.
 pub struct Files {

@@ -187,6 +187,9 @@ mod tests {
         // Only posgate's user has a wildcard above a tenant.
         let wide = auth.matches("/.tenants.>").count();
         assert_eq!(wide, 2, "{auth}");
-        assert_eq!(auth.matches("allowed_connection_types: [\"MQTT\"]").count(), 3);
+        assert_eq!(
+            auth.matches("allowed_connection_types: [\"MQTT\"]").count(),
+            3
+        );
     }
 }
