@@ -255,13 +255,14 @@ pub async fn cannot_ack_or_speak_for_another_terminal(gw: &TestGateway, at: Sock
                 .publish(topic, QoS::AtLeastOnce, false, payload)
                 .await
                 .unwrap();
-            // Mosquitto answers a refused QoS 1 publish with a PUBACK (3.1.1) and drops it; a
-            // disconnect would do as well.
+            // Mosquitto and NATS answer a refused QoS 1 publish with a PUBACK (3.1.1) and drop
+            // it; a disconnect would do as well.
             settle(&mut eventloop).await;
         }
         drop(client.disconnect().await);
     }
-    // Its own ack, after the forged ones, on the same broker and the same shared subscription.
+    // Its own ack, after the forged ones, at the same node and through posgate's same
+    // subscription.
     let (client, mut eventloop) = raw(at, &mallory, "pos_mallory2").await;
     let own_ack = serde_json::to_vec(&Ack {
         intent_id: "pi_mallory2".into(),
