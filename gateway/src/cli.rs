@@ -122,6 +122,10 @@ pub fn main() -> ExitCode {
                 routes,
                 monitor_listen,
             } = *nats;
+            if broker == "nats" && cluster_listen.is_none() && !routes.is_empty() {
+                eprintln!("posgate: broker-config: --routes needs --cluster-listen");
+                return ExitCode::from(EXIT_USAGE);
+            }
             let which = if broker == "nats" {
                 BrokerFiles::Nats(crate::broker::nats::Node {
                     name,
