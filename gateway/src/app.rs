@@ -432,6 +432,7 @@ impl Gateway {
                     Some(dir) => {
                         let files = external::Files {
                             dir,
+                            kind: ext.map_or(crate::config::BrokerKind::Mosquitto, |x| x.kind),
                             reload_command: ext
                                 .map(|x| x.reload_command.clone())
                                 .unwrap_or_default(),

@@ -50,17 +50,41 @@ enum Command {
     CheckConfig,
     /// Write an external broker's configuration (mqtt.mode = "external") into a directory.
     BrokerConfig {
-        /// The broker: only `mosquitto` (Mosquitto 2).
-        #[arg(value_parser = ["mosquitto"])]
+        /// The broker: `mosquitto` (Mosquitto 2) or `nats` (one node of a NATS cluster, its
+        /// MQTT gateway and JetStream; run once per node with the same --out).
+        #[arg(value_parser = ["mosquitto", "nats"])]
         broker: String,
         /// Directory to write into (created if missing); also where posgate keeps the ACL and
-        /// CRL up to date (set mqtt.external_broker_dir to it).
+        /// CRL (Mosquitto) or the authorization file (NATS) up to date (set
+        /// mqtt.external_broker_dir to it).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// The broker's TLS listener.
+        /// The broker's MQTT TLS listener.
         #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8883")]
         listen: std::net::SocketAddr,
+        #[command(flatten)]
+        nats: Box<NatsArgs>,
     },
+}
+
+/// `broker-config nats`: one node of the cluster.
+#[derive(clap::Args)]
+struct NatsArgs {
+    /// NATS: the node's name (`server_name`, and its file `{name}.conf`).
+    #[arg(long, value_name = "NAME", default_value = "nats-1")]
+    name: String,
+    /// NATS: the core client port (no posgate user may use it).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4222")]
+    client_listen: std::net::SocketAddr,
+    /// NATS: the cluster listener; without it the node runs alone.
+    #[arg(long, value_name = "ADDR")]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// NATS: the routes to every node of the cluster (nats-route://host:port), comma-separated.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    routes: Vec<String>,
+    /// NATS: the monitoring listener (/healthz, /jsz), if wanted.
+    #[arg(long, value_name = "ADDR")]
+    monitor_listen: Option<std::net::SocketAddr>,
 }
 
 /// Entry point of the `posgate` binary.
@@ -85,8 +109,35 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig => check_config(cli.config.as_deref(), &env),
         Command::Run => run(cli.config.as_deref(), &env),
-        Command::BrokerConfig { out, listen, .. } => {
-            broker_config(cli.config.as_deref(), &env, &out, listen)
+        Command::BrokerConfig {
+            broker,
+            out,
+            listen,
+            nats,
+        } => {
+            let NatsArgs {
+                name,
+                client_listen,
+                cluster_listen,
+                routes,
+                monitor_listen,
+            } = *nats;
+            if broker == "nats" && cluster_listen.is_none() && !routes.is_empty() {
+                eprintln!("posgate: broker-config: --routes needs --cluster-listen");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let which = if broker == "nats" {
+                BrokerFiles::Nats(crate::broker::nats::Node {
+                    name,
+                    mqtt: listen,
+                    client: client_listen,
+                    cluster: cluster_listen.map(|c| (c, routes)),
+                    monitor: monitor_listen,
+                })
+            } else {
+                BrokerFiles::Mosquitto(listen)
+            };
+            broker_config(cli.config.as_deref(), &env, &out, &which)
         }
     }
 }
@@ -183,14 +234,26 @@ fn check_config(file: Option<&Path>, env: &Env) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `broker-config mosquitto`: the gateway's PKI (created in `data_dir` if missing, as at a first
-/// start) and the files of [`crate::broker::mosquitto::write_config`].
-fn broker_config(
-    file: Option<&Path>,
-    env: &Env,
-    out: &Path,
-    listen: std::net::SocketAddr,
-) -> ExitCode {
+/// Which broker `broker-config` writes for.
+enum BrokerFiles {
+    Mosquitto(std::net::SocketAddr),
+    Nats(crate::broker::nats::Node),
+}
+
+/// `broker-config mosquitto|nats`: the gateway's PKI (created in `data_dir` if missing, as at a
+/// first start) and the files of [`crate::broker::mosquitto::write_config`] or
+/// [`crate::broker::nats::write_config`].
+fn broker_config(file: Option<&Path>, env: &Env, out: &Path, which: &BrokerFiles) -> ExitCode {
+    if let BrokerFiles::Nats(node) = which
+        && (node.name.is_empty()
+            || !node
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)))
+    {
+        eprintln!("posgate: broker-config: --name must be letters, digits, - and _");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let config = match Config::load(file, env) {
         Ok(config) => config,
         Err(e) => {
@@ -208,14 +271,21 @@ fn broker_config(
     let written = crate::pki::Pki::load_or_create(&config.data_dir, &config.mqtt.server_names)
         .map_err(|e| error_chain(&e))
         .and_then(|pki| {
-            crate::broker::mosquitto::write_config(&pki, &out, listen).map_err(|e| error_chain(&e))
+            match which {
+                BrokerFiles::Mosquitto(listen) => {
+                    crate::broker::mosquitto::write_config(&pki, &out, *listen)
+                        .map(|()| (crate::broker::mosquitto::CONF_FILE.to_owned(), "mosquitto"))
+                }
+                BrokerFiles::Nats(node) => crate::broker::nats::write_config(&pki, &out, node)
+                    .map(|()| (format!("{}.conf", node.name), "nats")),
+            }
+            .map_err(|e| error_chain(&e))
         });
     match written {
-        Ok(()) => {
+        Ok((conf, kind)) => {
             println!(
-                "wrote {}/{}; set mqtt.mode = \"external\", mqtt.external_broker_dir = {:?} and mqtt.external_reload_command",
+                "wrote {}/{conf}; set mqtt.mode = \"external\", mqtt.external_broker = \"{kind}\", mqtt.external_broker_dir = {:?} and mqtt.external_reload_command",
                 out.display(),
-                crate::broker::mosquitto::CONF_FILE,
                 out.display().to_string()
             );
             ExitCode::SUCCESS

@@ -36,6 +36,7 @@ const LIST_KEYS: &[&str] = &[
     "mqtt.server_names",
     "ingress.cors_allowed_origins",
     "mqtt.external_reload_command",
+    "mqtt.external_fallback_urls",
 ];
 
 /// The validated configuration of the daemon.
@@ -155,8 +156,25 @@ pub struct MqttConfig {
 pub enum MqttMode {
     /// rmqtt inside the daemon, with its listeners (the default).
     Embedded,
-    /// A broker run by the operator (Mosquitto 2); posgate runs no MQTT listener.
+    /// A broker run by the operator (Mosquitto 2, a NATS cluster); posgate runs no MQTT listener.
     External,
+}
+
+/// `mqtt.external_broker`: which broker posgate keeps the files of, and what it can rely on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Mosquitto 2: an ACL and a CRL file; shared subscriptions (`$share/…`).
+    Mosquitto,
+    /// NATS (its MQTT gateway): an authorization include file, one user per certificate subject;
+    /// plain subscriptions (NATS accepts `$share/…` and delivers nothing to it).
+    Nats,
+}
+
+impl BrokerKind {
+    /// Whether posgate takes the terminals' messages from shared subscriptions.
+    pub fn shared_subscriptions(self) -> bool {
+        self == BrokerKind::Mosquitto
+    }
 }
 
 /// `mqtt.external_*`: the external broker and how posgate keeps its files up to date.
@@ -168,6 +186,11 @@ pub struct ExternalBroker {
     pub tls: bool,
     pub host: String,
     pub port: u16,
+    /// `mqtt.external_fallback_urls` as `(host, port)`, same scheme as `url`: after a failed
+    /// connection posgate tries the next one (`url` first, then these, round and round).
+    pub fallbacks: Vec<(String, u16)>,
+    /// `mqtt.external_broker`.
+    pub kind: BrokerKind,
     /// The prefix of posgate's MQTT client id at the broker (a random part is added at each
     /// start, see `broker::external`).
     pub client_id: String,
@@ -495,6 +518,31 @@ impl Config {
                 "must be mqtts://host:port (mqtt://host:port only for tests and benchmarks)",
             );
         }
+        let fallback_urls = r
+            .optional::<Vec<String>>("mqtt.external_fallback_urls")
+            .map(|v| v.unwrap_or_default());
+        let fallbacks: Option<Vec<(String, u16)>> = fallback_urls.and_then(|urls| {
+            let primary_tls = parsed_url.clone().flatten().map(|(tls, _, _)| tls);
+            let parsed: Option<Vec<_>> = urls
+                .iter()
+                .map(|u| parse_mqtt_url(u).filter(|(tls, _, _)| primary_tls.is_none_or(|p| p == *tls)))
+                .map(|u| u.map(|(_, host, port)| (host, port)))
+                .collect();
+            match parsed {
+                Some(list) => Some(list),
+                None => r.reject(
+                    "mqtt.external_fallback_urls",
+                    "each must be host:port URL with the same scheme as mqtt.external_url (mqtts:// or mqtt://)",
+                ),
+            }
+        });
+        let kind = r
+            .required::<String>("mqtt.external_broker")
+            .and_then(|k| match k.as_str() {
+                "mosquitto" => Some(BrokerKind::Mosquitto),
+                "nats" => Some(BrokerKind::Nats),
+                _ => r.reject("mqtt.external_broker", "must be \"mosquitto\" or \"nats\""),
+            });
         let external_client_id = r.required::<String>("mqtt.external_client_id");
         r.ensure(
             "mqtt.external_client_id",
@@ -529,6 +577,8 @@ impl Config {
                 tls,
                 host,
                 port,
+                fallbacks: fallbacks.clone().unwrap_or_default(),
+                kind: kind.unwrap_or(BrokerKind::Mosquitto),
                 client_id: external_client_id.clone().unwrap_or_default(),
                 files_dir: external_files_dir.clone().flatten(),
                 reload_command: external_reload_command.clone().unwrap_or_default(),
@@ -920,6 +970,28 @@ mod tests {
             e.files_dir.as_deref(),
             Some(Path::new("/etc/mosquitto/posgate"))
         );
+        assert_eq!((e.kind, e.fallbacks.len()), (BrokerKind::Mosquitto, 0));
+        assert!(e.kind.shared_subscriptions());
+        let c = load_with(
+            None,
+            &[
+                ("POSGATE__MQTT__MODE", "external"),
+                ("POSGATE__MQTT__EXTERNAL_BROKER", "nats"),
+                ("POSGATE__MQTT__EXTERNAL_URL", "mqtts://n1:8883"),
+                (
+                    "POSGATE__MQTT__EXTERNAL_FALLBACK_URLS",
+                    "mqtts://n2:8883,mqtts://n3:8884",
+                ),
+            ],
+        )
+        .unwrap();
+        let e = c.mqtt.external.unwrap();
+        assert_eq!(e.kind, BrokerKind::Nats);
+        assert!(!e.kind.shared_subscriptions());
+        assert_eq!(
+            e.fallbacks,
+            [("n2".to_owned(), 8883), ("n3".to_owned(), 8884)]
+        );
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1883"),
             Some((false, "127.0.0.1".into(), 1883))
@@ -943,6 +1015,8 @@ mod tests {
                 ("POSGATE__MQTT__MODE", "external"),
                 ("POSGATE__MQTT__EXTERNAL_CLIENT_ID", "a b"),
                 ("POSGATE__MQTT__EXTERNAL_RELOAD_COMMAND", "kill,,1"),
+                ("POSGATE__MQTT__EXTERNAL_BROKER", "emqx"),
+                ("POSGATE__MQTT__EXTERNAL_FALLBACK_URLS", "http://n2:1"),
             ],
         )
         .unwrap_err();
@@ -951,6 +1025,8 @@ mod tests {
             "mqtt.external_url",
             "mqtt.external_client_id",
             "mqtt.external_reload_command",
+            "mqtt.external_broker",
+            "mqtt.external_fallback_urls",
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
         }

@@ -1,6 +1,6 @@
 //! The external broker mode (`mqtt.mode = "external"`): terminals connect to a broker the
-//! operator runs (Mosquitto 2; [`super::mosquitto`] writes its configuration), and posgate is one
-//! of its clients, a backend client with its own certificate, issued from the gateway CA at each
+//! operator runs (Mosquitto 2, [`super::mosquitto`] writes its configuration; or a NATS cluster,
+//! [`super::nats`]), and posgate is one of its clients, a backend client with its own certificate, issued from the gateway CA at each
 //! start (CN [`BACKEND_CN`], which can never be a terminal id).
 //!
 //! What the broker must guarantee, since posgate no longer sees the terminals' connections:
@@ -16,14 +16,17 @@
 //!   error, and the delivery engine publishes the row again later), so a broker that is away
 //!   never stalls the engine;
 //! - takes the terminals' acks, status and RPC requests from shared subscriptions
-//!   (`$share/posgate/…`, MQTT 3.1.1 as Mosquitto allows), so that replicas split them;
+//!   (`$share/posgate/…`, MQTT 3.1.1 as Mosquitto allows), so that replicas split them, or from
+//!   plain ones on NATS, which delivers nothing to `$share/…`; asks again for a subscription the
+//!   broker refused (NATS refuses some while JetStream elects a leader after a node's loss);
 //! - turns a terminal's retained status into presence: `online` is a connect (its pending
 //!   confirmations are published again, as in embedded mode), `offline` (its last will) a
 //!   disconnect;
-//! - reconnects with a backoff that doubles from 250 ms to 30 s, subscribing again each time
+//! - reconnects with a backoff that doubles from 250 ms to 30 s, to the next of the broker's URLs
+//!   (`mqtt.external_url`, then `mqtt.external_fallback_urls`) each time, subscribing again
 //!   (clean session: nothing is kept at the broker for posgate; what was missed meanwhile is
 //!   published again from the outbox after `delivery.republish_after_secs`);
-//! - keeps the broker's ACL and CRL files up to date ([`Files`]) and runs the reload command after
+//! - keeps the broker's ACL and CRL files (NATS: its authorization file) up to date ([`Files`]) and runs the reload command after
 //!   each change: provisioning, revocation and renewals reach the broker that way;
 //! - cuts a session (revocation, an RPC flood) by taking it over: a short connection with the
 //!   terminal's own client id makes the broker close the terminal's. A revoked terminal's
@@ -54,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::ExternalBroker;
+use crate::config::{BrokerKind, ExternalBroker};
 use crate::delivery::{BrokerEvent, PublishError, Publisher};
 use crate::pki::{Pki, PkiError};
 use crate::store::Store;
@@ -79,9 +82,14 @@ static DROPPED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// The filters posgate subscribes to, shared between replicas.
 pub fn shared_filters() -> [String; 3] {
+    plain_filters().map(|topic| format!("$share/{SHARE_GROUP}/{topic}"))
+}
+
+/// The same filters unshared (NATS: it accepts `$share/…` and delivers nothing to it). With
+/// several replicas on such a broker every replica receives every terminal's messages.
+pub fn plain_filters() -> [String; 3] {
     let any = "+";
     [topics::acks(any), topics::status(any), topics::rpc_req(any)]
-        .map(|topic| format!("$share/{SHARE_GROUP}/{topic}"))
 }
 
 /// Why the external broker's client could not be set up.
@@ -101,15 +109,30 @@ pub enum ExternalError {
 
 /// Where to connect and as whom; also used for the short take-over connections.
 struct Target {
-    host: String,
-    port: u16,
+    /// `mqtt.external_url` then `mqtt.external_fallback_urls`, as `(host, port)`.
+    endpoints: Vec<(String, u16)>,
+    /// The endpoint in use: the next one is tried after a failed connection.
+    current: std::sync::atomic::AtomicUsize,
     /// `None` for `mqtt://` (tests and benchmarks only).
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
+    fn endpoint(&self) -> (String, u16) {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.endpoints[i % self.endpoints.len()].clone()
+    }
+
+    /// Moves to the next endpoint; whether there was another one to move to.
+    fn advance(&self) -> bool {
+        self.current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.endpoints.len() > 1
+    }
+
     fn options(&self, client_id: &str) -> MqttOptions {
-        let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
+        let (host, port) = self.endpoint();
+        let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(true);
         options.set_max_packet_size(256 * 1024, 256 * 1024);
@@ -131,6 +154,8 @@ pub struct External {
     events: mpsc::UnboundedSender<BrokerEvent>,
     addr: SocketAddr,
     url: String,
+    client_id: String,
+    shared: bool,
     /// `posgate_external_broker_connected`.
     connected: prometheus::IntGauge,
 }
@@ -176,9 +201,11 @@ impl External {
         } else {
             None
         };
+        let mut endpoints = vec![(config.host.clone(), config.port)];
+        endpoints.extend(config.fallbacks.iter().cloned());
         let target = Arc::new(Target {
-            host: config.host.clone(),
-            port: config.port,
+            endpoints,
+            current: Default::default(),
             tls,
         });
         // A random part per start: a terminal cannot take posgate's session over by guessing
@@ -201,6 +228,8 @@ impl External {
             events,
             addr,
             url: config.url.clone(),
+            client_id,
+            shared: config.kind.shared_subscriptions(),
             connected,
         })
     }
@@ -222,14 +251,21 @@ impl External {
             events,
             addr,
             url,
+            client_id,
+            shared,
             connected,
         } = self;
         if handle.target.tls.is_none() {
             tracing::warn!(%url, "mqtt.external_url is plaintext mqtt://: posgate's link to the broker is neither encrypted nor authenticated; tests and benchmarks only");
         }
         tracing::info!(mqtt_addr = %addr, %url, "external broker: posgate runs no MQTT listener and connects as a backend client");
+        let link = Link {
+            handle,
+            client_id,
+            shared,
+        };
         tracker.spawn(
-            run(eventloop, handle, events, connected, token)
+            run(eventloop, link, events, connected, token)
                 .instrument(tracing::info_span!("external_broker")),
         );
     }
@@ -270,43 +306,92 @@ fn tls_config(pki: &Pki) -> Result<Arc<rustls::ClientConfig>, ExternalError> {
     Ok(Arc::new(config))
 }
 
+/// What the client's loop needs besides its event loop.
+struct Link {
+    handle: Handle,
+    client_id: String,
+    /// Shared subscriptions (`$share/posgate/…`) or plain ones.
+    shared: bool,
+}
+
 /// The client's loop: poll, (re)subscribe after every CONNACK, turn the terminals' messages
-/// into events, back off after errors.
+/// into events, back off after errors and move on to the next endpoint.
 async fn run(
     mut eventloop: EventLoop,
-    handle: Handle,
+    link: Link,
     events: mpsc::UnboundedSender<BrokerEvent>,
     connected: prometheus::IntGauge,
     token: CancellationToken,
 ) {
+    let Link {
+        handle,
+        client_id,
+        shared,
+    } = link;
+    let filters = if shared {
+        shared_filters()
+    } else {
+        plain_filters()
+    };
+    let subscribe = |asked: &[String]| {
+        let filters = asked
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        if let Err(e) = handle.client.try_subscribe_many(filters) {
+            tracing::error!(error = %e, "could not subscribe at the external broker");
+        }
+    };
     let mut backoff = BACKOFF_MIN;
+    // The filters of the last SUBSCRIBE (a SUBACK's codes are in their order), and when to ask
+    // again for those refused: a refusal may pass (NATS refuses while its JetStream elects a
+    // leader after a node's loss) or not (an ACL without posgate's user), so keep asking.
+    let mut asked: Vec<String> = Vec::new();
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_backoff = BACKOFF_MIN;
     loop {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let polled = tokio::select! {
             _ = token.cancelled() => break,
+            () = retry => {
+                retry_at = None;
+                subscribe(&asked);
+                continue;
+            }
             polled = eventloop.poll() => polled,
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
-                tracing::info!("connected to the external broker");
-                let filters = shared_filters()
-                    .into_iter()
-                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
-                if let Err(e) = handle.client.try_subscribe_many(filters) {
-                    tracing::error!(error = %e, "could not subscribe at the external broker");
-                }
+                retry_backoff = BACKOFF_MIN;
+                retry_at = None;
+                let (host, port) = handle.target.endpoint();
+                tracing::info!(%host, port, "connected to the external broker");
+                asked = filters.to_vec();
+                subscribe(&asked);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
+                let refused: Vec<String> = asked
                     .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    tracing::error!(
-                        "the external broker refused posgate's shared subscriptions: its ACL must let {BACKEND_CN} read $share/{SHARE_GROUP}/# (see `posgate broker-config`)"
-                    );
-                } else {
+                    .zip(&ack.return_codes)
+                    .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
+                    .map(|(f, _)| f.clone())
+                    .collect();
+                if refused.is_empty() {
                     connected.set(1);
+                } else {
+                    tracing::error!(
+                        ?refused,
+                        retry_in_ms = retry_backoff.as_millis() as u64,
+                        "the external broker refused posgate's subscriptions (its ACL must let {BACKEND_CN} read them, see `posgate broker-config`; NATS also refuses while JetStream elects a leader); asking again"
+                    );
+                    asked = refused;
+                    retry_at = Some(tokio::time::Instant::now() + retry_backoff);
+                    retry_backoff = (retry_backoff * 2).min(BACKOFF_MAX);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -319,8 +404,15 @@ async fn run(
             Ok(_) => {}
             Err(e) => {
                 connected.set(0);
+                retry_at = None;
                 if let Some(skipped) = CONNECTION_LOG.allow() {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, skipped, "external broker connection failed");
+                    let (host, port) = handle.target.endpoint();
+                    tracing::warn!(error = %e, %host, port, retry_in_ms = backoff.as_millis() as u64, skipped, "external broker connection failed");
+                }
+                // A cluster: the next node, keeping what rumqttc holds (publishes not yet
+                // acknowledged are sent again on the new connection).
+                if handle.target.advance() {
+                    eventloop.mqtt_options = handle.target.options(&client_id);
                 }
                 tokio::select! {
                     _ = token.cancelled() => break,
@@ -465,11 +557,14 @@ impl Publisher for Handle {
 
 // === files ===
 
-/// Keeps the broker's `acl` and `crl.pem` in `mqtt.external_broker_dir` in step with the store:
+/// Keeps the broker's `acl` and `crl.pem` (NATS: `authorization.conf`) in
+/// `mqtt.external_broker_dir` in step with the store:
 /// written at start and after every change of the registry or of the revocations, each file
 /// replaced whole (written aside, then renamed), then `mqtt.external_reload_command` is run.
 pub struct Files {
     pub dir: PathBuf,
+    /// Which files: Mosquitto's ACL and CRL, or NATS's authorization include file.
+    pub kind: BrokerKind,
     pub reload_command: Vec<String>,
     pub store: Store,
     pub pki: Arc<Pki>,
@@ -530,18 +625,31 @@ impl Files {
                 allowed.push(record.id.as_str());
             }
         }
-        let acl = super::mosquitto::acl(allowed);
+        let terminals = allowed.len();
+        let (main, crl_too) = match self.kind {
+            BrokerKind::Mosquitto => (super::mosquitto::acl(allowed), true),
+            // NATS reads no CRL: a revoked terminal's user is gone, which refuses every
+            // certificate with its subject.
+            BrokerKind::Nats => {
+                revoked.clear();
+                (super::nats::authorization(allowed), false)
+            }
+        };
         if last
             .as_ref()
-            .is_some_and(|(a, r)| *a == acl && *r == revoked)
+            .is_some_and(|(a, r)| *a == main && *r == revoked)
         {
             return Ok(());
         }
-        let crl = self.pki.crl_pem(revoked.iter().map(String::as_str))?;
-        write_file(&self.dir.join(super::mosquitto::ACL_FILE), &acl)?;
-        write_file(&self.dir.join(super::mosquitto::CRL_FILE), &crl)?;
-        tracing::info!(terminals = allowed_count(&acl), revoked = revoked.len(), dir = %self.dir.display(), "external broker files written");
-        *last = Some((acl, revoked));
+        if crl_too {
+            let crl = self.pki.crl_pem(revoked.iter().map(String::as_str))?;
+            write_file(&self.dir.join(super::mosquitto::ACL_FILE), &main)?;
+            write_file(&self.dir.join(super::mosquitto::CRL_FILE), &crl)?;
+        } else {
+            write_file(&self.dir.join(super::nats::AUTH_FILE), &main)?;
+        }
+        tracing::info!(terminals, revoked = revoked.len(), dir = %self.dir.display(), "external broker files written");
+        *last = Some((main, revoked));
         self.reload().await;
         Ok(())
     }
@@ -584,13 +692,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn allowed_count(acl: &str) -> usize {
-    acl.lines()
-        .filter(|l| l.starts_with("user "))
-        .count()
-        .saturating_sub(1)
-}
-
 /// Replaces `path` whole: written next to it, synced, renamed over it; readable by the broker's
 /// user (nothing in it is secret).
 pub fn write_file(path: &Path, contents: &str) -> Result<(), ExternalError> {
@@ -620,8 +721,8 @@ mod tests {
 
     fn handle() -> Handle {
         let target = Arc::new(Target {
-            host: "127.0.0.1".into(),
-            port: 1,
+            endpoints: vec![("127.0.0.1".into(), 1)],
+            current: Default::default(),
             tls: None,
         });
         let (client, _eventloop) = AsyncClient::new(target.options("posgate:test"), 8);

@@ -58,6 +58,7 @@ use crate::telemetry::Throttle;
 pub mod external;
 mod front;
 pub mod mosquitto;
+pub mod nats;
 
 use front::{Door, Front, RefuseRevoked};
 

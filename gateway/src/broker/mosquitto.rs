@@ -99,17 +99,26 @@ pub fn conf(dir: &Path, listen: SocketAddr) -> String {
 /// # Errors
 /// When a file cannot be written or the CRL cannot be signed.
 pub fn write_config(pki: &Pki, dir: &Path, listen: SocketAddr) -> Result<(), ExternalError> {
+    write_common(pki, dir)?;
+    write_file(&dir.join(ACL_FILE), &acl([]))?;
+    write_file(&dir.join(CRL_FILE), &pki.crl_pem([])?)?;
+    write_file(&dir.join(CONF_FILE), &conf(dir, listen))?;
+    Ok(())
+}
+
+/// What every broker's directory has: `dir` itself, the gateway CA (`ca.pem`), the server
+/// certificate and key (`server.pem`, `server.key`).
+///
+/// # Errors
+/// When a file cannot be written.
+pub fn write_common(pki: &Pki, dir: &Path) -> Result<(), ExternalError> {
     std::fs::create_dir_all(dir).map_err(|source| ExternalError::Write {
         path: dir.to_owned(),
         source,
     })?;
     write_file(&dir.join("ca.pem"), pki.ca_pem())?;
     write_file(&dir.join("server.pem"), pki.server_cert_pem())?;
-    write_secret(&dir.join("server.key"), pki.server_key_pem())?;
-    write_file(&dir.join(ACL_FILE), &acl([]))?;
-    write_file(&dir.join(CRL_FILE), &pki.crl_pem([])?)?;
-    write_file(&dir.join(CONF_FILE), &conf(dir, listen))?;
-    Ok(())
+    write_secret(&dir.join("server.key"), pki.server_key_pem())
 }
 
 /// The server key: readable by its owner only (chown it to the broker's user).
