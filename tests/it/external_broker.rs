@@ -23,10 +23,10 @@ use crate::harness::{self, SECRET, TestGateway, eventually, signed_post};
 
 /// A Mosquitto process on a free loopback port, killed when dropped, and with the test process
 /// (`setpriv --pdeathsig KILL`), so that it can never outlive the test.
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) log: Arc<Mutex<String>>,
 }
 
 impl Mosquitto {
@@ -67,7 +67,7 @@ async fn broker_config(data_dir: &Path, broker_dir: &Path, addr: SocketAddr) {
 /// Writes the configuration for a free port and starts Mosquitto on it, or, with `at`, starts it
 /// again on the configuration already there (and the ACL and CRL posgate keeps); retries on
 /// another free port when that one was taken meanwhile.
-async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAddr>) -> Mosquitto {
+pub(crate) async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAddr>) -> Mosquitto {
     for _ in 0..5 {
         let addr = at.unwrap_or_else(free_port);
         let conf = broker_dir.join("mosquitto.conf");
@@ -115,7 +115,7 @@ async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAd
 }
 
 /// The environment of a posgate in external mode for `broker`.
-fn external_env(broker: &Mosquitto, broker_dir: &Path) -> Vec<(String, String)> {
+pub(crate) fn external_env(broker: &Mosquitto, broker_dir: &Path) -> Vec<(String, String)> {
     vec![
         ("POSGATE__MQTT__MODE".into(), "external".into()),
         (
