@@ -126,13 +126,13 @@ impl Replicas {
     async fn split(&self) -> Vec<Option<BTreeSet<u16>>> {
         eventually(Duration::from_secs(20), || async {
             let mut owned = Vec::new();
-            for i in 0..3 {
+            for (i, id) in IDS.iter().enumerate() {
                 if self.daemons[i].is_none() {
                     owned.push(None);
                     continue;
                 }
                 let view = self.admin_get(i, "/v1/replica").await;
-                assert_eq!(view["id"], IDS[i]);
+                assert_eq!(view["id"], *id);
                 let set: BTreeSet<u16> = serde_json::from_value(view["owned"].clone()).unwrap();
                 owned.push(Some(set));
             }

@@ -6,10 +6,10 @@
 //! shards by [`shard_of`]; a replica owns the shards whose lease it holds in `shard_leases`
 //! (migration `0002_replicas.sql`), and its delivery engine publishes only for terminals in them.
 //!
-//! - [`lease`]: the lease task. It renews its shards every third of the lease time, claims free or
+//! - [`lease`] is the lease task. It renews its shards every third of the lease time, claims free or
 //!   expired ones up to its fair share, releases the excess when replicas join (after it stopped
 //!   publishing for them), and releases all on a clean stop.
-//! - [`notify`]: `LISTEN` (new outbox rows committed by any replica, broker events forwarded by a
+//! - [`notify`] holds `LISTEN` (new outbox rows committed by any replica, broker events forwarded by a
 //!   non-owner, confirmations published by another replica for the HTTP channels, lease changes)
 //!   and the forwarding of this replica's events to the owner (`NOTIFY`).
 //!

@@ -219,11 +219,7 @@ impl Listener {
                     }));
                 }
             }
-            "posgate_leases" => {
-                if payload != self.id {
-                    self.leases.notify_one();
-                }
-            }
+            "posgate_leases" if payload != self.id => self.leases.notify_one(),
             _ => {}
         }
     }
