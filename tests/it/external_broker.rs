@@ -67,7 +67,11 @@ async fn broker_config(data_dir: &Path, broker_dir: &Path, addr: SocketAddr) {
 /// Writes the configuration for a free port and starts Mosquitto on it, or, with `at`, starts it
 /// again on the configuration already there (and the ACL and CRL posgate keeps); retries on
 /// another free port when that one was taken meanwhile.
-pub(crate) async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAddr>) -> Mosquitto {
+pub(crate) async fn start_mosquitto(
+    data_dir: &Path,
+    broker_dir: &Path,
+    at: Option<SocketAddr>,
+) -> Mosquitto {
     for _ in 0..5 {
         let addr = at.unwrap_or_else(free_port);
         let conf = broker_dir.join("mosquitto.conf");
