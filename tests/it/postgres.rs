@@ -18,6 +18,9 @@ async fn on_postgres_a_webhook_reaches_its_terminal_and_an_unacked_one_survives_
     let env = [
         ("POSGATE__STORE__BACKEND", "postgres"),
         ("POSGATE__STORE__POSTGRES_URL", url.as_str()),
+        // The restarted process renews its predecessor's shard leases at once instead of waiting
+        // for them to expire (the default id is new at each start).
+        ("POSGATE__REPLICAS__ID", "pg-it"),
     ];
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = start_daemon_env(dir.path(), None, Listen::any(), &env).await;

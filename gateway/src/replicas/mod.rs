@@ -112,7 +112,8 @@ impl Ownership {
         Ownership(Arc::new(Inner {
             id,
             valid_until: Mutex::new([None; SHARDS as usize]),
-            renewing: AtomicBool::new(false),
+            // Ready until a renewal fails: a replica that owns nothing yet still takes webhooks.
+            renewing: AtomicBool::new(true),
         }))
     }
 
@@ -146,7 +147,7 @@ impl Ownership {
             .collect()
     }
 
-    /// Whether the lease task's last renewal succeeded.
+    /// Whether the lease task's last renewal succeeded (true before the first).
     pub fn renewing(&self) -> bool {
         self.0.renewing.load(Ordering::Relaxed)
     }
