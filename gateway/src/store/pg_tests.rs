@@ -135,7 +135,7 @@ async fn migrations_are_applied_once_when_stores_open_together() {
     })
     .await
     .unwrap();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     for store in stores {
         store.close().await;
     }
