@@ -467,14 +467,18 @@ impl<P: Publisher> Engine<P> {
     async fn event(&mut self, event: BrokerEvent) {
         if let Some(cluster) = &self.cluster {
             let terminal_id = event_terminal(&event);
-            let local = matches!(
-                event,
-                BrokerEvent::Revoked { .. }
-                    | BrokerEvent::Message {
-                        kind: TopicKind::RpcReq,
-                        ..
-                    }
-            );
+            // An RPC request is answered where it arrived when the broker hands each message to
+            // one replica (shared subscriptions); when every replica receives every message
+            // (plain subscriptions, NATS), only the owner answers, or the terminal would get an
+            // answer, and the provider a call, from each replica.
+            let local = match &event {
+                BrokerEvent::Revoked { .. } => true,
+                BrokerEvent::Message {
+                    kind: TopicKind::RpcReq,
+                    ..
+                } => cluster.forward_events,
+                _ => false,
+            };
             if !local && !cluster.ownership.owns(terminal_id) {
                 // Presence is shown by the replica that saw it; the stop-and-wait is the owner's.
                 match &event {

@@ -645,3 +645,83 @@ async fn a_replica_publishes_only_for_terminals_in_its_shards() {
     quiet(&mut pub_rx);
     token.cancel();
 }
+
+/// With plain subscriptions (every replica receives every message, as on NATS), a terminal's RPC
+/// request is answered by the replica that owns the terminal only: each replica answering made
+/// the terminal get one answer, and the provider one call, per replica.
+#[tokio::test]
+async fn with_plain_subscriptions_only_the_owner_answers_rpc() {
+    use crate::replicas::{Ownership, shard_of};
+    use std::collections::BTreeSet;
+
+    let db = TestDb::new(Kind::Redb).await;
+    let store = db.open(Limits::new(64, 16)).await;
+    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (_input_tx, input_rx) = mpsc::unbounded_channel();
+    let (out_tx, _out_rx) = mpsc::unbounded_channel();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let signer = Signer {
+        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
+        key,
+    };
+    let ownership = Ownership::new("r1".into());
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(Recorder(pub_tx)),
+        signer,
+        Settings {
+            republish_after: Duration::from_secs(60),
+        },
+        Presence::default(),
+        Metrics::new().unwrap(),
+    )
+    .with_rpc(Arc::new(crate::rpc::Rpc::new(store.clone(), None)))
+    .with_cluster(Cluster {
+        ownership: ownership.clone(),
+        inputs: input_rx,
+        outgoing: out_tx,
+        forward_events: false,
+        reread_every: Duration::from_secs(3600),
+    });
+    let token = CancellationToken::new();
+    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
+    let request = |terminal: &str, id: &str| BrokerEvent::Message {
+        terminal_id: terminal.into(),
+        kind: TopicKind::RpcReq,
+        payload: Bytes::from(format!(
+            r#"{{"id":"{id}","method":"no_such_method","params":{{}}}}"#
+        )),
+    };
+    // This replica owns pos-1's shard, not pos-2's.
+    assert_ne!(shard_of("pos-1"), shard_of("pos-2"));
+    let shard = BTreeSet::from([shard_of("pos-1")]);
+    ownership.grant(
+        &shard,
+        tokio::time::Instant::now() + Duration::from_secs(60),
+    );
+    events_tx.send(request("pos-2", "r-other")).unwrap();
+    events_tx.send(request("pos-1", "r-own")).unwrap();
+    events_tx.send(request("pos-1", "r-own-2")).unwrap();
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(5), pub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        answered.push((topic, answer["id"].as_str().unwrap_or_default().to_owned()));
+    }
+    let own = topics::rpc_res(&topics::tenant_for("pos-1"));
+    answered.sort();
+    assert_eq!(
+        answered,
+        [
+            (own.clone(), "r-own".to_owned()),
+            (own, "r-own-2".to_owned())
+        ],
+        "answered for a terminal another replica owns"
+    );
+    assert!(pub_rx.try_recv().is_err(), "a third answer");
+    token.cancel();
+}
