@@ -14,6 +14,7 @@ mod delivery;
 mod demo;
 mod disk;
 mod external_broker;
+mod failover;
 mod harness;
 mod http_channels;
 mod metrics;
