@@ -416,8 +416,24 @@ impl Gateway {
             metrics.clone(),
         )
         .with_rpc(rpc)
-        .with_published(published_tx)
+        .with_published(published_tx.clone())
         .with_tracker(tracker.clone());
+        // With PostgreSQL, replicas share the database and split delivery by shard leases.
+        let (engine, replicas) = match &config.store.backend {
+            crate::store::Backend::Postgres { url } => {
+                let (engine, ownership) = spawn_replicas(
+                    engine,
+                    url,
+                    &config,
+                    published_tx,
+                    &metrics,
+                    &supervisor,
+                    &token,
+                );
+                (engine, Some(ownership))
+            }
+            crate::store::Backend::Redb => (engine, None),
+        };
         supervisor.spawn(
             "delivery",
             engine
@@ -502,6 +518,7 @@ impl Gateway {
             ready: ready.clone(),
             fleet,
             metrics: metrics.clone(),
+            replicas,
         }));
         let stop = serve::Stop {
             graceful: token.clone(),
@@ -578,6 +595,78 @@ impl Gateway {
             supervisor,
         }
     }
+}
+
+/// Starts this replica's lease task, its `LISTEN` connection and its forwarder, and gives the
+/// delivery engine its share.
+fn spawn_replicas<P: delivery::Publisher>(
+    engine: delivery::Engine<P>,
+    url: &str,
+    config: &Config,
+    published: broadcast::Sender<delivery::Published>,
+    metrics: &Metrics,
+    supervisor: &Supervisor,
+    token: &CancellationToken,
+) -> (delivery::Engine<P>, crate::replicas::Ownership) {
+    use crate::replicas::{Leases, Ownership, Settings, notify};
+    let id = if config.replicas.id.is_empty() {
+        Settings::default_id()
+    } else {
+        config.replicas.id.clone()
+    };
+    let settings = Settings {
+        id: id.clone(),
+        lease: Duration::from_secs(config.replicas.lease_secs),
+    };
+    tracing::info!(replica = %id, lease_secs = config.replicas.lease_secs, "sharing delivery with other replicas by shard leases");
+    let ownership = Ownership::new(id.clone());
+    let (input_tx, input_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    supervisor.spawn(
+        "replica_leases",
+        Leases::new(
+            url.to_owned(),
+            settings.clone(),
+            ownership.clone(),
+            input_tx.clone(),
+            wake.clone(),
+        )
+        .with_metrics(metrics.clone())
+        .run(token.clone())
+        .instrument(tracing::info_span!("replica_leases")),
+    );
+    supervisor.spawn(
+        "replica_listen",
+        notify::Listener {
+            url: url.to_owned(),
+            id: id.clone(),
+            engine: input_tx,
+            leases: wake,
+            published: Some(published),
+        }
+        .run(token.clone())
+        .instrument(tracing::info_span!("replica_listen")),
+    );
+    supervisor.spawn(
+        "replica_forward",
+        notify::Forwarder {
+            url: url.to_owned(),
+            id,
+            metrics: Some(metrics.clone()),
+        }
+        .run(out_rx, token.clone())
+        .instrument(tracing::info_span!("replica_forward")),
+    );
+    let engine = engine.with_cluster(delivery::Cluster {
+        ownership: ownership.clone(),
+        inputs: input_rx,
+        outgoing: out_tx,
+        // Shared subscriptions hand each event to one replica.
+        forward_events: config.mqtt.mode == MqttMode::External,
+        reread_every: settings.lease,
+    });
+    (engine, ownership)
 }
 
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {

@@ -52,6 +52,7 @@ pub struct Config {
     pub rpc: RpcConfig,
     pub store: StoreConfig,
     pub shutdown: ShutdownConfig,
+    pub replicas: ReplicasConfig,
     /// Every key with its value as loaded (secrets as a digest), to tell what a reload changed.
     values: Values,
 }
@@ -228,6 +229,16 @@ pub struct RpcConfig {
     pub flood_suspend_secs: u64,
     /// Stored answers (for retries) older than this are removed.
     pub answers_retention_hours: u64,
+}
+
+/// `[replicas]`: several replicas on one PostgreSQL database share delivery by leases on
+/// terminal shards (`crate::replicas`); unused with redb.
+#[derive(Clone, Debug)]
+pub struct ReplicasConfig {
+    /// A replica that stops renewing loses its shards this long after its last renewal.
+    pub lease_secs: u64,
+    /// This replica's name in the lease table; empty: hostname, pid and a random suffix.
+    pub id: String,
 }
 
 /// `[shutdown]`.
@@ -543,6 +554,19 @@ impl Config {
         let quick_repair = r.required::<bool>("store.quick_repair");
         let backend = r.store_backend();
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
+        let lease_secs = r.in_range::<u64>("replicas.lease_secs", 2, 300);
+        let replica_id = r.required::<String>("replicas.id");
+        r.ensure(
+            "replicas.id",
+            &replica_id,
+            |id| {
+                id.len() <= 64
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            },
+            "must be at most 64 characters of A-Z a-z 0-9 - _ . : (empty: hostname, pid and a random suffix)",
+        );
         let rpc_per_sec = r.in_range::<u32>("rpc.requests_per_sec", 1, 10_000);
         let rpc_burst = r.in_range::<u32>("rpc.burst", 1, 100_000);
         let rpc_in_flight = r.in_range::<usize>("rpc.max_in_flight", 1, 1_000);
@@ -618,6 +642,10 @@ impl Config {
                 },
                 shutdown: ShutdownConfig {
                     grace_secs: grace_secs?,
+                },
+                replicas: ReplicasConfig {
+                    lease_secs: lease_secs?,
+                    id: replica_id?,
                 },
                 values: Values::default(),
             })

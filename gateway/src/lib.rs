@@ -68,6 +68,7 @@ pub mod metrics;
 pub mod pki;
 pub mod provider;
 pub mod reconcile;
+pub mod replicas;
 pub mod rpc;
 pub mod serve;
 pub mod shutdown;

@@ -66,6 +66,18 @@ pub struct Metrics {
     /// `posgate_external_broker_connected`: 1 while posgate's client of an external broker is
     /// connected and subscribed (`mqtt.mode = "external"`); always 0 with the embedded broker.
     pub external_broker_connected: IntGauge,
+    /// `posgate_replica_shards_owned`: terminal shards whose lease this replica holds (of 64;
+    /// PostgreSQL backend only).
+    pub shards_owned: IntGauge,
+    /// `posgate_replica_lease_renewals_total`: lease cycles that committed.
+    pub lease_renewals: IntCounter,
+    /// `posgate_replica_lease_failures_total`: lease cycles that failed (`/readyz` says 503 until
+    /// one succeeds).
+    pub lease_failures: IntCounter,
+    /// `posgate_replica_forwards_total{channel}`: notifications sent to other replicas
+    /// (`posgate_events`: broker events for a terminal another replica owns;
+    /// `posgate_published`: confirmations for HTTP channels elsewhere).
+    pub replica_forwards: IntCounterVec,
     /// `posgate_reconcile_runs_total`.
     pub reconcile_runs: IntCounter,
     /// `posgate_reconcile_findings_total{kind}`.
@@ -272,6 +284,27 @@ impl Metrics {
                 &r,
                 "posgate_external_broker_connected",
                 "1 while the client of the external MQTT broker is connected and subscribed",
+            )?,
+            shards_owned: gauge(
+                &r,
+                "posgate_replica_shards_owned",
+                "Terminal shards whose delivery lease this replica holds",
+            )?,
+            lease_renewals: counter(
+                &r,
+                "posgate_replica_lease_renewals_total",
+                "Shard lease cycles that committed",
+            )?,
+            lease_failures: counter(
+                &r,
+                "posgate_replica_lease_failures_total",
+                "Shard lease cycles that failed",
+            )?,
+            replica_forwards: counter_vec(
+                &r,
+                "posgate_replica_forwards_total",
+                "Notifications sent to other replicas, by channel",
+                &["channel"],
             )?,
             reconcile_runs: counter(&r, "posgate_reconcile_runs_total", "Reconciliation runs")?,
             reconcile_findings: counter_vec(

@@ -25,10 +25,10 @@ use crate::harness::{self, SECRET, TestGateway, eventually, signed_post};
 
 /// A Mosquitto process on a free loopback port, killed when dropped, and with the test process
 /// (`setpriv --pdeathsig KILL`), so that it can never outlive the test.
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) log: Arc<Mutex<String>>,
 }
 
 impl Mosquitto {
@@ -76,7 +76,11 @@ async fn broker_config(data_dir: &Path, broker_dir: &Path, addr: SocketAddr) {
 /// Writes the configuration for a free port and starts Mosquitto on it, or, with `at`, starts it
 /// again on the configuration already there (and the ACL and CRL posgate keeps); retries on
 /// another free port when that one was taken meanwhile.
-async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAddr>) -> Mosquitto {
+pub(crate) async fn start_mosquitto(
+    data_dir: &Path,
+    broker_dir: &Path,
+    at: Option<SocketAddr>,
+) -> Mosquitto {
     for _ in 0..5 {
         let addr = at.unwrap_or_else(free_port);
         let conf = broker_dir.join("mosquitto.conf");
@@ -135,7 +139,7 @@ async fn start_mosquitto(data_dir: &Path, broker_dir: &Path, at: Option<SocketAd
 }
 
 /// The environment of a posgate in external mode for `broker`.
-fn external_env(broker: &Mosquitto, broker_dir: &Path) -> Vec<(String, String)> {
+pub(crate) fn external_env(broker: &Mosquitto, broker_dir: &Path) -> Vec<(String, String)> {
     vec![
         ("POSGATE__MQTT__MODE".into(), "external".into()),
         (
@@ -190,7 +194,7 @@ async fn setup_with(extra: &[(&str, &str)]) -> Setup {
 
 /// Connects a provisioned terminal to the broker once the broker has reloaded the ACL naming it
 /// (provisioning reaches the broker through posgate's files and the reload command).
-async fn connect(addr: SocketAddr, bundle: &Bundle) -> Terminal {
+pub(crate) async fn connect(addr: SocketAddr, bundle: &Bundle) -> Terminal {
     eventually(Duration::from_secs(10), || async {
         Terminal::connect(bundle.clone(), addr).await.ok()
     })
@@ -245,7 +249,7 @@ async fn settle(eventloop: &mut EventLoop) {
 
 /// Waits until the broker's ACL names `bundle`'s terminal (provisioning reaches the broker through
 /// posgate's files and the reload): until its subscription to its own payments is granted.
-async fn await_acl(addr: SocketAddr, bundle: &Bundle) {
+pub(crate) async fn await_acl(addr: SocketAddr, bundle: &Bundle) {
     eventually(Duration::from_secs(10), || async {
         let (client, mut eventloop) = raw(addr, bundle, &bundle.client_id).await;
         client
@@ -275,7 +279,11 @@ async fn await_acl(addr: SocketAddr, bundle: &Bundle) {
 }
 
 /// A bare client with `bundle`'s certificate, no last will, connected.
-async fn raw(addr: SocketAddr, bundle: &Bundle, client_id: &str) -> (AsyncClient, EventLoop) {
+pub(crate) async fn raw(
+    addr: SocketAddr,
+    bundle: &Bundle,
+    client_id: &str,
+) -> (AsyncClient, EventLoop) {
     let mut identity = Identity::of(bundle);
     identity.last_will = None;
     identity.client_id = client_id.to_owned();

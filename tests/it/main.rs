@@ -22,6 +22,7 @@ mod postgres;
 mod provider_sim;
 mod provisioning;
 mod reconcile;
+mod replicas;
 mod rpc;
 mod security;
 mod shutdown;

@@ -60,6 +60,8 @@ pub struct Admin {
     /// Terminal provisioning and revocation.
     pub fleet: Fleet,
     pub metrics: Metrics,
+    /// This replica's shard leases (PostgreSQL backend; `None` with redb: it owns everything).
+    pub replicas: Option<crate::replicas::Ownership>,
 }
 
 /// What the terminal endpoints need besides the store.
@@ -161,6 +163,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
             post(terminals::assign),
         )
         .route("/v1/orphan-transfers", get(orphans::list))
+        .route("/v1/replica", get(replica))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -193,13 +196,40 @@ async fn require_token(State(admin): State<Arc<Admin>>, request: Request, next: 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     let ready = admin.ready.load(Ordering::Relaxed);
     let store = admin.store.is_healthy();
-    let body = serde_json::json!({ "ready": ready && store, "listeners": ready, "store": store });
-    let status = if ready && store {
+    // A replica that cannot renew its leases delivers nothing (its shards lapse).
+    let leases = admin.replicas.as_ref().is_none_or(|o| o.renewing());
+    let body = serde_json::json!({
+        "ready": ready && store && leases,
+        "listeners": ready,
+        "store": store,
+        "leases": leases,
+    });
+    let status = if ready && store && leases {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// `GET /v1/replica`: this replica's id and the terminal shards it delivers for now.
+async fn replica(State(admin): State<Arc<Admin>>) -> Response {
+    let body = match &admin.replicas {
+        Some(o) => serde_json::json!({
+            "id": o.id(),
+            "shards": crate::replicas::SHARDS,
+            "owned": o.owned(),
+            "renewing": o.renewing(),
+        }),
+        // redb: a single process delivers to every terminal.
+        None => serde_json::json!({
+            "id": null,
+            "shards": crate::replicas::SHARDS,
+            "owned": (0..crate::replicas::SHARDS).collect::<Vec<_>>(),
+            "renewing": true,
+        }),
+    };
+    Json(body).into_response()
 }
 
 /// `GET /metrics`: refreshes the gauges that describe the store, then the text format.

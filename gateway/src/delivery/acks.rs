@@ -116,7 +116,7 @@ impl<P: Publisher> Engine<P> {
                 // The queue ran ahead of the store: the store's view replaces it (a row not
                 // removed goes out again).
                 tracing::debug!(terminal_id, "an ack acted on was not stored; reloading");
-                self.load(Some(terminal_id.to_owned()));
+                self.load(Some(terminal_id.to_owned()), true);
             }
             return;
         };

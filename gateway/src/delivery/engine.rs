@@ -16,8 +16,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BrokerEvent, Presence, PresenceEntry, Published, Publisher, Settings, Signer};
+use super::{
+    BrokerEvent, Cluster, Presence, PresenceEntry, Published, Publisher, Settings, Signer,
+};
 use crate::metrics::Metrics;
+use crate::replicas::{Input, notify::Outgoing, shard_of};
 use crate::rpc::{Refused, Rpc};
 use crate::store::{AckOutcome, OutboxRow, Store};
 use posgate_proto::topics::TopicKind;
@@ -27,6 +30,8 @@ pub(super) enum Internal {
     Loaded {
         terminal_id: Option<String>,
         rows: Vec<OutboxRow>,
+        /// Republish the head even if it is on the wire already (a reconnect).
+        force: bool,
     },
     /// The outcome of one ack write: every ack it carried, in order (`None`: not stored; the row
     /// stays and is published again, and the terminal acks again).
@@ -101,6 +106,8 @@ pub struct Engine<P> {
     /// Where the delivery engine's own tasks run (store reads and writes, RPC answers): the gateway's
     /// tracker, so that shutdown waits for them before closing the store.
     pub(super) tasks: TaskTracker,
+    /// Shared with other replicas (`None`: this one owns every terminal).
+    pub(super) cluster: Option<Cluster>,
 }
 
 impl<P: Publisher> Engine<P> {
@@ -132,6 +139,7 @@ impl<P: Publisher> Engine<P> {
             revoked: HashSet::new(),
             started: false,
             tasks: TaskTracker::new(),
+            cluster: None,
         }
     }
 
@@ -154,6 +162,19 @@ impl<P: Publisher> Engine<P> {
         self
     }
 
+    /// Shares delivery with other replicas: publishes only for terminals in `cluster`'s shards.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Whether this replica delivers to `terminal_id` now.
+    pub(super) fn owns(&self, terminal_id: &str) -> bool {
+        self.cluster
+            .as_ref()
+            .is_none_or(|c| c.ownership.owns(terminal_id))
+    }
+
     /// Runs until `token` is cancelled or the broker's event stream ends.
     pub async fn run(
         mut self,
@@ -162,7 +183,16 @@ impl<P: Publisher> Engine<P> {
         token: CancellationToken,
     ) {
         // Everything unacked, from before a restart or a crash.
-        self.load(None);
+        self.load(None, false);
+        let (mut inputs, reread_every) = match self.cluster.as_mut() {
+            Some(c) => {
+                let (_, rx) = mpsc::unbounded_channel();
+                (Some(std::mem::replace(&mut c.inputs, rx)), c.reread_every)
+            }
+            None => (None, Duration::from_secs(3600)),
+        };
+        let mut reread = tokio::time::interval_at(Instant::now() + reread_every, reread_every);
+        reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let period = (self.settings.republish_after / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
@@ -172,7 +202,9 @@ impl<P: Publisher> Engine<P> {
                 () = token.cancelled() => break,
                 Some(batch) = rows.recv() => self.add_rows(batch).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
-                    Internal::Loaded { terminal_id, rows } => self.loaded(terminal_id, rows).await,
+                    Internal::Loaded { terminal_id, rows, force } => {
+                        self.loaded(terminal_id, rows, force).await
+                    }
                     Internal::Acked { outcomes, failed_after } => {
                         self.ack_in_flight = false;
                         self.ack_retry = failed_after;
@@ -190,6 +222,13 @@ impl<P: Publisher> Engine<P> {
                     self.republish_stale().await;
                     self.flush_last_seen();
                 }
+                Some(input) = async {
+                    match inputs.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.cluster_input(input).await,
+                _ = reread.tick(), if inputs.is_some() => self.load(None, false),
             }
         }
         // The last presence changes are written before the delivery engine ends, so before the store
@@ -200,7 +239,7 @@ impl<P: Publisher> Engine<P> {
     }
 
     /// Reads unacked rows (one terminal's, or all) off the loop and feeds them back to it.
-    pub(super) fn load(&self, terminal_id: Option<String>) {
+    pub(super) fn load(&self, terminal_id: Option<String>, force: bool) {
         let (store, tx) = (self.store.clone(), self.internal_tx.clone());
         self.tasks.spawn(async move {
             // Retried until it succeeds (or the delivery engine is gone): the startup load is the only way
@@ -209,7 +248,11 @@ impl<P: Publisher> Engine<P> {
             loop {
                 match store.outbox(terminal_id.clone()).await {
                     Ok(rows) => {
-                        drop(tx.send(Internal::Loaded { terminal_id, rows }));
+                        drop(tx.send(Internal::Loaded {
+                            terminal_id,
+                            rows,
+                            force,
+                        }));
                         return;
                     }
                     Err(e) => {
@@ -229,7 +272,7 @@ impl<P: Publisher> Engine<P> {
     async fn add_rows(&mut self, rows: Vec<OutboxRow>) {
         let mut touched = Vec::new();
         for row in rows {
-            if self.revoked.contains(&row.terminal_id) {
+            if self.revoked.contains(&row.terminal_id) || !self.owns(&row.terminal_id) {
                 continue;
             }
             let id = row.terminal_id.clone();
@@ -248,16 +291,18 @@ impl<P: Publisher> Engine<P> {
     }
 
     /// The store's view replaces ours (rows acked meanwhile disappear, none are missed).
-    async fn loaded(&mut self, terminal_id: Option<String>, rows: Vec<OutboxRow>) {
+    async fn loaded(&mut self, terminal_id: Option<String>, rows: Vec<OutboxRow>, force: bool) {
         let mut fresh: HashMap<String, BTreeMap<u64, OutboxRow>> = HashMap::new();
         for row in rows {
+            if !self.owns(&row.terminal_id) {
+                continue;
+            }
             fresh
                 .entry(row.terminal_id.clone())
                 .or_default()
                 .insert(row.seq, row);
         }
         // A reconnect republishes its head; the startup load only publishes heads not yet out.
-        let force = terminal_id.is_some();
         let ids: Vec<String> = match terminal_id {
             Some(id) => vec![id],
             None => {
@@ -270,6 +315,11 @@ impl<P: Publisher> Engine<P> {
             }
         };
         for id in ids {
+            if !self.owns(&id) {
+                // Its shard went to another replica while the read was out.
+                self.queues.remove(&id);
+                continue;
+            }
             let rows = fresh.remove(&id).unwrap_or_default();
             let queue = self.queues.entry(id.clone()).or_default();
             // Rows that arrived by notice after the read began are newer than what it saw.
@@ -299,6 +349,11 @@ impl<P: Publisher> Engine<P> {
         if !self.started {
             return;
         }
+        // Checked at every publish (not only when told of a loss): the validity window of the
+        // shard's lease may close between two messages of the lease task.
+        if !self.owns(terminal_id) {
+            return;
+        }
         let Some(queue) = self.queues.get_mut(terminal_id) else {
             return;
         };
@@ -320,14 +375,23 @@ impl<P: Publisher> Engine<P> {
         let topic = topics::payments(&head.tenant, &head.intent_id);
         let payload = self.signer.sign(head);
         let seq = head.seq;
-        if let Some(published) = &self.published {
+        let published = Published {
+            terminal_id: terminal_id.to_owned(),
+            intent_id: head.intent_id.clone(),
+            seq,
+            jws: payload.clone(),
+        };
+        if let Some(cluster) = &self.cluster {
+            // The terminal may be on another replica's HTTP channels.
+            drop(
+                cluster
+                    .outgoing
+                    .send(Outgoing::Published(published.clone())),
+            );
+        }
+        if let Some(tx) = &self.published {
             // No receiver (no HTTP client connected) is not an error.
-            drop(published.send(Published {
-                terminal_id: terminal_id.to_owned(),
-                intent_id: head.intent_id.clone(),
-                seq,
-                jws: payload.clone(),
-            }));
+            drop(tx.send(published));
         }
         if let Err(e) = self.publisher.publish_retained(topic, payload).await {
             tracing::warn!(error = %e, %terminal_id, seq, "publish failed; will retry");
@@ -351,14 +415,82 @@ impl<P: Publisher> Engine<P> {
         }
     }
 
+    /// What the replica machinery reports (see [`Input`]).
+    async fn cluster_input(&mut self, input: Input) {
+        match input {
+            Input::Gained(shards) => {
+                tracing::info!(shards = shards.len(), "delivering for new shards");
+                // Their terminals' rows, from the store (the takeover's republish).
+                self.load(None, false);
+                let _ = shards;
+            }
+            Input::Lost(shards) => {
+                self.queues.retain(|id, _| !shards.contains(&shard_of(id)));
+            }
+            Input::Wake { terminal_id, seq } => {
+                if !self.owns(&terminal_id) {
+                    return;
+                }
+                // Our own commits reach the queue through the store's notice first, mostly.
+                let known = self
+                    .queues
+                    .get(&terminal_id)
+                    .is_some_and(|q| q.rows.contains_key(&seq) || q.last_seq_published >= seq);
+                if !known {
+                    self.load(Some(terminal_id), false);
+                }
+            }
+            Input::Event(event) => {
+                // Forwarded by a replica that does not own the terminal; not forwarded again.
+                if self.owns(event_terminal(&event)) {
+                    self.handle_event(event).await;
+                }
+            }
+            Input::Reread => self.load(None, false),
+        }
+    }
+
     async fn event(&mut self, event: BrokerEvent) {
+        if let Some(cluster) = &self.cluster {
+            let terminal_id = event_terminal(&event);
+            let local = matches!(
+                event,
+                BrokerEvent::Revoked { .. }
+                    | BrokerEvent::Message {
+                        kind: TopicKind::RpcReq,
+                        ..
+                    }
+            );
+            if !local && !cluster.ownership.owns(terminal_id) {
+                // Presence is shown by the replica that saw it; the stop-and-wait is the owner's.
+                match &event {
+                    BrokerEvent::Connected { terminal_id } => self.set_presence(terminal_id, true),
+                    BrokerEvent::Disconnected { terminal_id } => {
+                        self.set_presence(terminal_id, false)
+                    }
+                    _ => {}
+                }
+                if let Some(cluster) = &self.cluster
+                    && cluster.forward_events
+                {
+                    drop(cluster.outgoing.send(Outgoing::Event(event)));
+                }
+                return;
+            }
+        }
+        self.handle_event(event).await;
+    }
+
+    async fn handle_event(&mut self, event: BrokerEvent) {
         match event {
             BrokerEvent::Connected { terminal_id } => {
                 self.set_presence(&terminal_id, true);
                 // A resumed session does not always get retained messages again: republish the
                 // head. The queues mirror the outbox (loaded at startup, then every commit's new
                 // rows), so no read is needed here; a reconnect storm costs no store work.
-                self.publish_head(&terminal_id, true).await;
+                if self.queues.contains_key(&terminal_id) {
+                    self.publish_head(&terminal_id, true).await;
+                }
             }
             BrokerEvent::Disconnected { terminal_id } => self.set_presence(&terminal_id, false),
             BrokerEvent::Revoked {
@@ -462,5 +594,15 @@ impl<P: Publisher> Engine<P> {
                 tracing::warn!(%terminal_id, error = %e, "RPC answer not published");
             }
         });
+    }
+}
+
+/// The terminal a broker event is about.
+fn event_terminal(event: &BrokerEvent) -> &str {
+    match event {
+        BrokerEvent::Connected { terminal_id }
+        | BrokerEvent::Disconnected { terminal_id }
+        | BrokerEvent::Revoked { terminal_id, .. }
+        | BrokerEvent::Message { terminal_id, .. } => terminal_id,
     }
 }

@@ -113,6 +113,23 @@ pub struct Settings {
     pub republish_after: Duration,
 }
 
+/// Delivery shared with other replicas (PostgreSQL backend): the engine publishes only for
+/// terminals whose shard this replica owns (`crate::replicas`).
+pub struct Cluster {
+    pub ownership: crate::replicas::Ownership,
+    /// Gains, losses, wake-ups and forwarded events.
+    pub inputs: tokio::sync::mpsc::UnboundedReceiver<crate::replicas::Input>,
+    /// To the other replicas: events about terminals owned elsewhere (when `forward_events`),
+    /// and every publish (for their HTTP channels).
+    pub outgoing: tokio::sync::mpsc::UnboundedSender<crate::replicas::notify::Outgoing>,
+    /// Whether broker events read here may be the only copy (shared subscriptions hand each
+    /// to one replica): then events for terminals owned elsewhere are forwarded. With plain
+    /// subscriptions every replica reads every event and ignores those it does not own.
+    pub forward_events: bool,
+    /// How often the owned terminals' outbox is read again (notifications can be lost).
+    pub reread_every: Duration,
+}
+
 /// The gateway's confirmation signer.
 #[derive(Clone)]
 pub struct Signer {

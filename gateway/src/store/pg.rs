@@ -43,7 +43,10 @@ use super::writer::Tables;
 use super::{Durability, Health, Job, Notices, OutboxRow, StoreError};
 
 /// The schema, in order; each applied once, recorded in `posgate_schema`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_tables.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_tables.sql")),
+    (2, include_str!("../../migrations/0002_replicas.sql")),
+];
 
 /// Advisory lock key held while migrating, so that replicas starting together apply each
 /// migration once ("posgate1" in ASCII).
