@@ -18,6 +18,8 @@ async fn replicas_killed_under_load_lose_nothing_and_every_terminal_is_served_ag
         .unwrap();
     let opts = FailoverOptions {
         replicas: 3,
+        // The takeover, not the restart, serves the killed replica's terminals again.
+        lease_secs: Some(2),
         terminals: 40,
         rate: 40.0,
         warmup: Duration::from_secs(3),

@@ -37,6 +37,8 @@ pub struct FailoverOptions {
     /// An empty PostgreSQL database every replica uses (`store.postgres_url`).
     pub postgres_url: String,
     pub replicas: usize,
+    /// `replicas.lease_secs` of every replica (`None`: its default).
+    pub lease_secs: Option<u64>,
     pub terminals: usize,
     /// Webhooks (new events) per second, spread over the replicas.
     pub rate: f64,
@@ -66,6 +68,7 @@ impl FailoverOptions {
             posgate,
             postgres_url,
             replicas: 3,
+            lease_secs: None,
             terminals: 1000,
             rate: 500.0,
             warmup: Duration::from_secs(10),
@@ -99,6 +102,8 @@ pub struct Kill {
 pub struct FailoverReport {
     pub scenario: &'static str,
     pub replicas: usize,
+    /// `replicas.lease_secs` of every replica (`None`: its default).
+    pub lease_secs: Option<u64>,
     pub terminals: usize,
     pub rate_per_sec: f64,
     pub duration_secs: f64,
@@ -139,12 +144,25 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     for d in &data_dirs[1..] {
         copy_dir(&data_dirs[0].join("pki"), &d.join("pki"))?;
     }
-    let mut env = broker.env();
-    env.push(("POSGATE__STORE__BACKEND".into(), "postgres".into()));
-    env.push(("POSGATE__STORE__POSTGRES_URL".into(), opts.postgres_url.clone()));
     let mut daemons = Vec::new();
-    for d in &data_dirs {
-        daemons.push(Daemon::start_with(&opts.posgate, d, env.clone()).await?);
+    for (i, d) in data_dirs.iter().enumerate() {
+        let mut env = broker.env();
+        if i > 0 {
+            // One replica writes the broker's ACL and CRL (all would write the same files).
+            env.retain(|(k, _)| !k.contains("EXTERNAL_BROKER_DIR") && !k.contains("RELOAD"));
+        }
+        env.extend([
+            ("POSGATE__STORE__BACKEND".into(), "postgres".into()),
+            ("POSGATE__STORE__POSTGRES_URL".into(), opts.postgres_url.clone()),
+            // Each its own session on the broker (one client id would take over the other's).
+            ("POSGATE__MQTT__EXTERNAL_CLIENT_ID".into(), format!("posgate-r{i}")),
+        ]);
+        if let Some(secs) = opts.lease_secs {
+            env.push(("POSGATE__REPLICAS__LEASE_SECS".into(), secs.to_string()));
+        }
+        // `replicas.id` is left to its default (hostname, pid, a random suffix): a restarted
+        // replica is a new one, as under systemd.
+        daemons.push(Daemon::start_with(&opts.posgate, d, env).await?);
     }
     say_if(
         opts.verbose,

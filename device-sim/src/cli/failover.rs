@@ -22,6 +22,9 @@ pub(super) struct FailoverArgs {
     /// posgate replicas.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// `replicas.lease_secs` of every replica (default: the daemon's default).
+    #[arg(long)]
+    lease_secs: Option<u64>,
     /// Simulated terminals (MQTT/TLS, on the broker).
     #[arg(long, default_value_t = 1000)]
     terminals: usize,
@@ -83,6 +86,7 @@ impl FailoverArgs {
         }
         Ok(failover::FailoverOptions {
             replicas: self.replicas,
+            lease_secs: self.lease_secs,
             terminals: self.terminals,
             rate: self.rate,
             warmup: Duration::from_secs(self.warmup),
