@@ -257,6 +257,7 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     Ok(FailoverReport {
         scenario: "failover",
         replicas: opts.replicas,
+        lease_secs: opts.lease_secs,
         terminals: opts.terminals,
         rate_per_sec: opts.rate,
         duration_secs: duration.as_secs_f64(),
