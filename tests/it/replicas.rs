@@ -301,22 +301,6 @@ async fn a_killed_replicas_terminals_are_served_again_within_the_lease_and_it_re
         .unwrap();
     // The webhook goes to a replica that is not the owner.
     r.post(2, "evt_kill_1", "pi_kill_1", &victim).await;
-    let next_publish = |eventloop: &mut rumqttc::EventLoop, within: Duration| {
-        let deadline = Instant::now() + within;
-        async move {
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, eventloop.poll()).await {
-                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) if !p.payload.is_empty() => {
-                        return Some(p.topic);
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => panic!("the terminal's connection failed: {e}"),
-                    Err(_) => return None,
-                }
-            }
-        }
-    };
     let topic = next_publish(&mut eventloop, Duration::from_secs(15))
         .await
         .expect("the owner published the confirmation");
@@ -393,4 +377,20 @@ async fn a_killed_replicas_terminals_are_served_again_within_the_lease_and_it_re
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_back_1", 1));
     terminal.disconnect().await;
     r.stop().await;
+}
+
+/// The next non-empty publish the client receives within `within`, by topic.
+async fn next_publish(eventloop: &mut rumqttc::EventLoop, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if !p.payload.is_empty() => {
+                return Some(p.topic);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the terminal's connection failed: {e}"),
+            Err(_) => return None,
+        }
+    }
 }

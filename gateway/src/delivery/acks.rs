@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use posgate_proto::confirmation::Ack;
 use posgate_proto::topics;
@@ -33,6 +35,9 @@ impl<P: Publisher> Engine<P> {
             }
         };
         let advanced = self.advance(&terminal_id, &ack).await;
+        if advanced && self.cluster.is_some() {
+            self.acked_rows.insert((terminal_id.clone(), ack.seq), None);
+        }
         self.acks.push(PendingAck {
             terminal_id,
             ack,
@@ -108,8 +113,17 @@ impl<P: Publisher> Engine<P> {
         let PendingAck {
             terminal_id,
             advanced,
-            ..
+            ack,
         } = pending;
+        if advanced && self.cluster.is_some() {
+            let key = (terminal_id.clone(), ack.seq);
+            if matches!(outcome, Some(AckOutcome::Delivered { .. })) {
+                self.acked_rows.insert(key, Some(Instant::now()));
+            } else {
+                // Not removed: the reload below must see it.
+                self.acked_rows.remove(&key);
+            }
+        }
         let terminal_id = terminal_id.as_str();
         let Some(AckOutcome::Delivered { row, clear, .. }) = outcome else {
             if advanced {

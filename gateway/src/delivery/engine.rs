@@ -108,6 +108,11 @@ pub struct Engine<P> {
     pub(super) tasks: TaskTracker,
     /// Shared with other replicas (`None`: this one owns every terminal).
     pub(super) cluster: Option<Cluster>,
+    /// With replicas: rows the terminal acked (the queue moved on), with when the store removed
+    /// them (`None`: the write is on its way). An outbox read that began before the removal
+    /// still shows them; the periodic read and the wake-ups of other replicas' commits would
+    /// otherwise put an acked row back on the wire.
+    pub(super) acked_rows: HashMap<(String, u64), Option<Instant>>,
 }
 
 impl<P: Publisher> Engine<P> {
@@ -140,6 +145,7 @@ impl<P: Publisher> Engine<P> {
             started: false,
             tasks: TaskTracker::new(),
             cluster: None,
+            acked_rows: HashMap::new(),
         }
     }
 
@@ -221,6 +227,10 @@ impl<P: Publisher> Engine<P> {
                 _ = tick.tick() => {
                     self.republish_stale().await;
                     self.flush_last_seen();
+                    // Reads take far less than this.
+                    self.acked_rows.retain(|_, stored| {
+                        stored.is_none_or(|at| at.elapsed() < Duration::from_secs(30))
+                    });
                 }
                 Some(input) = async {
                     match inputs.as_mut() {
@@ -294,7 +304,11 @@ impl<P: Publisher> Engine<P> {
     async fn loaded(&mut self, terminal_id: Option<String>, rows: Vec<OutboxRow>, force: bool) {
         let mut fresh: HashMap<String, BTreeMap<u64, OutboxRow>> = HashMap::new();
         for row in rows {
-            if !self.owns(&row.terminal_id) {
+            if !self.owns(&row.terminal_id)
+                || self
+                    .acked_rows
+                    .contains_key(&(row.terminal_id.clone(), row.seq))
+            {
                 continue;
             }
             fresh

@@ -538,3 +538,110 @@ on_both_backends!(
     unacked_rows_are_published_again_after_the_timeout,
     startup_publishes_what_was_left_unacked,
 );
+
+/// The engine of one replica among several: it publishes only for terminals in its shards, starts
+/// when it gains the shard (reading the outbox), stops when it loses it, and forwards an ack it
+/// read for a terminal it does not own.
+#[tokio::test]
+async fn a_replica_publishes_only_for_terminals_in_its_shards() {
+    use crate::replicas::{Input, Ownership, notify::Outgoing, shard_of};
+    use std::collections::BTreeSet;
+
+    let db = TestDb::new(Kind::Redb).await;
+    let store = db.open(Limits::new(64, 16)).await;
+    store
+        .register_terminal(NewTerminal::for_test("pos-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (input_tx, input_rx) = mpsc::unbounded_channel();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let signer = Signer {
+        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
+        key,
+    };
+    let ownership = Ownership::new("r1".into());
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(Recorder(pub_tx)),
+        signer,
+        Settings {
+            republish_after: Duration::from_secs(60),
+        },
+        Presence::default(),
+        Metrics::new().unwrap(),
+    )
+    .with_cluster(Cluster {
+        ownership: ownership.clone(),
+        inputs: input_rx,
+        outgoing: out_tx,
+        forward_events: true,
+        reread_every: Duration::from_secs(3600),
+    });
+    let token = CancellationToken::new();
+    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
+    let quiet = |rx: &mut mpsc::UnboundedReceiver<(String, Bytes)>| {
+        let got = rx.try_recv().ok();
+        assert!(
+            got.is_none(),
+            "published {got:?} for a terminal it does not own"
+        );
+    };
+
+    // Not its shard: a committed row is not published, an ack is forwarded to the owner.
+    confirm(&store, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiet(&mut pub_rx);
+    let ack = BrokerEvent::Message {
+        terminal_id: "pos-1".into(),
+        kind: TopicKind::Acks,
+        payload: Bytes::from_static(br#"{"intent_id":"pi_1","seq":1}"#),
+    };
+    events_tx.send(ack.clone()).unwrap();
+    let forwarded = tokio::time::timeout(Duration::from_secs(5), out_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(forwarded, Outgoing::Event(e) if e == ack));
+    assert_eq!(
+        store.outbox(None).await.unwrap().len(),
+        1,
+        "not stored here"
+    );
+
+    // Gained: the outbox is read and the head published.
+    let shard = BTreeSet::from([shard_of("pos-1")]);
+    ownership.grant(
+        &shard,
+        tokio::time::Instant::now() + Duration::from_secs(60),
+    );
+    input_tx.send(Input::Gained(shard.clone())).unwrap();
+    let (_, payload) = tokio::time::timeout(Duration::from_secs(5), pub_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!payload.is_empty());
+    // Every publish is offered to the other replicas' HTTP channels.
+    let told = tokio::time::timeout(Duration::from_secs(5), out_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(told, Outgoing::Published(p) if p.seq == 1));
+
+    // Lost (withdrawn first, as the lease task does): the reconnect of the terminal, which
+    // republishes for an owner, publishes nothing.
+    ownership.withdraw(&shard);
+    input_tx.send(Input::Lost(shard)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    events_tx
+        .send(BrokerEvent::Connected {
+            terminal_id: "pos-1".into(),
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiet(&mut pub_rx);
+    token.cancel();
+}
