@@ -153,9 +153,15 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         }
         env.extend([
             ("POSGATE__STORE__BACKEND".into(), "postgres".into()),
-            ("POSGATE__STORE__POSTGRES_URL".into(), opts.postgres_url.clone()),
+            (
+                "POSGATE__STORE__POSTGRES_URL".into(),
+                opts.postgres_url.clone(),
+            ),
             // Each its own session on the broker (one client id would take over the other's).
-            ("POSGATE__MQTT__EXTERNAL_CLIENT_ID".into(), format!("posgate-r{i}")),
+            (
+                "POSGATE__MQTT__EXTERNAL_CLIENT_ID".into(),
+                format!("posgate-r{i}"),
+            ),
         ]);
         if let Some(secs) = opts.lease_secs {
             env.push(("POSGATE__REPLICAS__LEASE_SECS".into(), secs.to_string()));
@@ -171,10 +177,15 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     let ingresses: Vec<SocketAddr> = daemons.iter().map(|d| d.listen.ingress).collect();
 
     let ids: Vec<String> = (0..opts.terminals).map(|i| format!("fo-{i}")).collect();
-    let bundles =
-        crate::fleet::provision_at(daemons[0].listen.admin, ADMIN_TOKEN, "fo-", opts.terminals, 8)
-            .await
-            .context("provisioning the terminals")?;
+    let bundles = crate::fleet::provision_at(
+        daemons[0].listen.admin,
+        ADMIN_TOKEN,
+        "fo-",
+        opts.terminals,
+        8,
+    )
+    .await
+    .context("provisioning the terminals")?;
     let checker = Arc::new(Checker::new(opts.terminals)?);
     let mut terminals = Terminals::new(bundles, 0, broker.addr, ingresses[0], checker.clone());
     checker.new_round();
@@ -282,7 +293,11 @@ async fn connect_all(
     let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
     loop {
-        if checker.all_connected(Duration::from_secs(5)).await.is_some() {
+        if checker
+            .all_connected(Duration::from_secs(5))
+            .await
+            .is_some()
+        {
             return Ok(started.elapsed());
         }
         let missing = checker.not_connected_list();
@@ -295,7 +310,10 @@ async fn connect_all(
         }
         say_if(
             verbose,
-            format_args!("{} terminals not connected yet; starting them again", missing.len()),
+            format_args!(
+                "{} terminals not connected yet; starting them again",
+                missing.len()
+            ),
         );
         for i in missing {
             terminals.start(i)?;

@@ -70,7 +70,12 @@ impl Mosquitto {
 }
 
 /// `posgate broker-config mosquitto --out dir --listen addr`, then the lines this bench needs.
-async fn config(posgate: &Path, data_dir: &Path, dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+async fn config(
+    posgate: &Path,
+    data_dir: &Path,
+    dir: &Path,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
     let out = Command::new(posgate)
         .env_clear()
         .env("POSGATE__DATA_DIR", data_dir)
@@ -123,7 +128,9 @@ async fn run(dir: &Path, addr: SocketAddr) -> anyhow::Result<Option<Child>> {
             if text.contains("Address already in use") {
                 return Ok(None);
             }
-            bail!("mosquitto exited ({status}); is the Debian package `mosquitto` installed?\n{text}");
+            bail!(
+                "mosquitto exited ({status}); is the Debian package `mosquitto` installed?\n{text}"
+            );
         }
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(Some(child));
