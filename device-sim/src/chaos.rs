@@ -12,9 +12,13 @@
 //! - [`terminals`]: the terminal sessions, reporting to the checker.
 //! - [`webhooks`]: the provider's side: paced events, each retried until `200`.
 //! - [`checker`]: what was answered `200` against what each terminal showed.
+//! - [`failover`]: the same load and accounting against several replicas on PostgreSQL behind
+//!   an external broker ([`mosquitto`]), one replica killed at a time (`posgate-sim failover`).
 
 pub mod checker;
 pub mod daemon;
+pub mod failover;
+pub mod mosquitto;
 pub mod terminals;
 pub mod webhooks;
 
@@ -172,7 +176,7 @@ pub struct Reconnects {
 }
 
 impl Reconnects {
-    fn of(samples: &mut [Duration], timeouts: u64) -> Reconnects {
+    pub(crate) fn of(samples: &mut [Duration], timeouts: u64) -> Reconnects {
         samples.sort();
         let at = |q: f64| {
             let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1));
@@ -327,7 +331,11 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
 }
 
 fn say(opts: &ChaosOptions, what: std::fmt::Arguments<'_>) {
-    if opts.verbose {
+    say_if(opts.verbose, what);
+}
+
+fn say_if(verbose: bool, what: std::fmt::Arguments<'_>) {
+    if verbose {
         eprintln!("chaos: {what}");
     }
 }

@@ -15,6 +15,7 @@ mod demo;
 mod disk;
 mod external_broker;
 mod external_common;
+mod failover;
 mod harness;
 mod http_channels;
 mod metrics;

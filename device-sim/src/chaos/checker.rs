@@ -40,6 +40,8 @@ struct TerminalState {
     shown: u64,
     /// The reconnect round in which it last connected.
     connected_round: u64,
+    /// When it was first shown a new confirmation after the last [`Checker::mark`].
+    served: Option<Instant>,
 }
 
 /// What the checker counted; see [`Checker::summary`].
@@ -97,6 +99,9 @@ struct State {
     e2e: Histogram<u64>,
     /// `200` → shown (0 when shown before the answer arrived).
     after_200: Histogram<u64>,
+    /// The last [`Checker::mark`], and how many terminals have not been served since.
+    mark: Option<Instant>,
+    unserved: usize,
 }
 
 /// Shared by the webhook senders, the terminal sessions and the fault loop.
@@ -123,6 +128,8 @@ impl Checker {
                 round_done: None,
                 e2e: new_histogram()?,
                 after_200: new_histogram()?,
+                mark: None,
+                unserved: 0,
             }),
             changed: Notify::new(),
         })
@@ -223,6 +230,57 @@ impl Checker {
                 return None;
             }
         }
+    }
+
+    /// A fault happened now: from here on, each terminal's first newly shown confirmation counts
+    /// as it being served again ([`Checker::served_since_mark`]). Returns the mark.
+    pub fn mark(&self) -> Instant {
+        let now = Instant::now();
+        self.with(|s| {
+            s.mark = Some(now);
+            s.unserved = s.terminals.len();
+            s.terminals.iter_mut().for_each(|t| t.served = None);
+        });
+        now
+    }
+
+    /// Waits until every terminal was served since the mark; false after `timeout`.
+    pub async fn all_served(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if self.with(|s| s.unserved == 0) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Mark → served again, per terminal served since the mark, and how many were not.
+    pub fn served_since_mark(&self) -> (Vec<Duration>, usize) {
+        self.with(|s| {
+            let Some(mark) = s.mark else {
+                return (Vec::new(), s.terminals.len());
+            };
+            let took = s
+                .terminals
+                .iter()
+                .filter_map(|t| t.served.map(|at| at.saturating_duration_since(mark)))
+                .collect();
+            (took, s.unserved)
+        })
+    }
+
+    /// The terminals that have not connected in this round.
+    pub fn not_connected_list(&self) -> Vec<usize> {
+        self.with(|s| {
+            (s.terminals.iter().enumerate())
+                .filter(|(_, t)| t.connected_round < s.round)
+                .map(|(i, _)| i)
+                .collect()
+        })
     }
 
     /// How many terminals have not connected in this round.
@@ -342,6 +400,11 @@ impl State {
         if sent.answered.is_some() {
             self.pending -= 1;
         }
+        let t = &mut self.terminals[terminal];
+        if self.mark.is_some() && t.served.is_none() {
+            t.served = Some(now);
+            self.unserved -= 1;
+        }
         let e2e = now.saturating_duration_since(sent.first_sent);
         let after = sent
             .answered
@@ -413,6 +476,26 @@ mod tests {
         assert_eq!((c.gaps, c.lost, c.repeats), (1, 1, 1));
         assert!(!c.clean());
         assert!(!checker.all_delivered(Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn served_again_counts_the_first_new_confirmation_after_the_mark() {
+        let checker = Checker::new(2).unwrap();
+        for intent in ["pi_1", "pi_2", "pi_3"] {
+            checker.sent(intent, 0, 7);
+            checker.answered(intent);
+        }
+        checker.seen(0, confirmation("pi_1", 1, 7));
+        checker.mark();
+        assert_eq!(checker.served_since_mark().1, 2);
+        // A repeat after the mark is not service; a new confirmation is, once.
+        checker.seen(0, confirmation("pi_1", 1, 7));
+        assert_eq!(checker.served_since_mark().1, 2);
+        checker.seen(0, confirmation("pi_2", 2, 7));
+        checker.seen(0, confirmation("pi_3", 3, 7));
+        let (took, unserved) = checker.served_since_mark();
+        assert_eq!((took.len(), unserved), (1, 1));
+        assert!(!checker.all_served(Duration::from_millis(10)).await);
     }
 
     #[tokio::test]

@@ -48,6 +48,8 @@ pub struct Daemon {
     /// Starts that exited 75 and were tried again.
     pub transient_failures: u64,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Settings of this daemon (`POSGATE__…`), over the soak's environment.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -56,6 +58,19 @@ impl Daemon {
     /// # Errors
     /// When it cannot be started or does not log its addresses in time.
     pub async fn start(bin: &Path, data_dir: &Path) -> anyhow::Result<Daemon> {
+        Daemon::start_with(bin, data_dir, Vec::new()).await
+    }
+
+    /// As [`Daemon::start`], with settings of its own (`POSGATE__…` variables) over those of the
+    /// soak's environment, e.g. the store and broker of one replica among several.
+    ///
+    /// # Errors
+    /// When it cannot be started or does not log its addresses in time.
+    pub async fn start_with(
+        bin: &Path,
+        data_dir: &Path,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Daemon> {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut daemon = Daemon {
             bin: bin.to_owned(),
@@ -68,6 +83,7 @@ impl Daemon {
             },
             transient_failures: 0,
             log: Arc::default(),
+            env,
         };
         daemon.spawn().await?;
         Ok(daemon)
@@ -161,6 +177,7 @@ impl Daemon {
             // The soak's own `POSGATE__…` settings (e.g. `POSGATE__STORE__QUICK_REPAIR=true`) go
             // to the daemon; the ones below, which the soak needs, win over them.
             .envs(std::env::vars().filter(|(k, _)| k.starts_with("POSGATE__")))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("POSGATE__DATA_DIR", &self.data_dir)
             .env("POSGATE__INGRESS__LISTEN", self.listen.ingress.to_string())
             .env("POSGATE__ADMIN__LISTEN", self.listen.admin.to_string())

@@ -63,6 +63,13 @@ pub struct Senders {
     give_up: CancellationToken,
     tasks: TaskTracker,
     counters: Arc<Counters>,
+    /// What a probe needs to send events of its own.
+    http: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    ids: Arc<Vec<String>>,
+    checker: Arc<Checker>,
+    in_flight: Arc<Semaphore>,
+    probes: AtomicU64,
 }
 
 impl Senders {
@@ -78,24 +85,52 @@ impl Senders {
         seed: u64,
         checker: Arc<Checker>,
     ) -> anyhow::Result<Senders> {
+        Senders::spawn_over(&[ingress], ids, rate, seed, checker)
+    }
+
+    /// As [`Senders::spawn`], spread over several gateways' ingresses as a load balancer would:
+    /// event `n` goes first to `ingresses[n % len]`, and each retry to the next one, so that an
+    /// event whose gateway died is answered by another.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built, or `ingresses` is empty.
+    pub fn spawn_over(
+        ingresses: &[SocketAddr],
+        ids: Arc<Vec<String>>,
+        rate: f64,
+        seed: u64,
+        checker: Arc<Checker>,
+    ) -> anyhow::Result<Senders> {
+        anyhow::ensure!(!ingresses.is_empty(), "no ingress to send webhooks to");
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(10))
             .build()?;
+        let urls: Arc<Vec<String>> = Arc::new(
+            ingresses
+                .iter()
+                .map(|a| format!("http://{a}{}", events::WEBHOOK_PATH))
+                .collect(),
+        );
         let senders = Senders {
             stop: CancellationToken::new(),
             give_up: CancellationToken::new(),
             tasks: TaskTracker::new(),
             counters: Arc::default(),
+            http: http.clone(),
+            urls: urls.clone(),
+            ids: ids.clone(),
+            checker: checker.clone(),
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            probes: AtomicU64::new(0),
         };
-        let url = format!("http://{ingress}{}", events::WEBHOOK_PATH);
-        let (stop, give_up, tasks, counters) = (
+        let (stop, give_up, tasks, counters, in_flight) = (
             senders.stop.clone(),
             senders.give_up.clone(),
             senders.tasks.clone(),
             senders.counters.clone(),
+            senders.in_flight.clone(),
         );
-        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
         senders.tasks.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
@@ -107,18 +142,17 @@ impl Senders {
                     _ = ticks.tick() => {}
                 }
                 let terminal = rng.random_range(0..ids.len());
-                let intent_id = format!("pi_chaos_{n}");
-                let amount = 1_000_000 + n % 1_000_000;
-                let intent = Intent::new(&intent_id, MicroUsdc(amount), &ids[terminal]);
-                let body = events::intent_event(&format!("evt_chaos_{n}"), "confirmed", &intent);
-                checker.sent(&intent_id, terminal, amount);
+                let delivery = Delivery::new(
+                    &http,
+                    &urls,
+                    n as usize,
+                    &format!("pi_chaos_{n}"),
+                    &format!("evt_chaos_{n}"),
+                    1_000_000 + n % 1_000_000,
+                    &ids[terminal],
+                );
+                checker.sent(&delivery.intent_id, terminal, delivery.amount);
                 counters.events.fetch_add(1, Ordering::Relaxed);
-                let delivery = Delivery {
-                    http: http.clone(),
-                    url: url.clone(),
-                    body,
-                    intent_id,
-                };
                 let (checker, counters, give_up, in_flight) = (
                     checker.clone(),
                     counters.clone(),
@@ -133,6 +167,37 @@ impl Senders {
             }
         });
         Ok(senders)
+    }
+
+    /// One extra event for every terminal now, beside the paced ones (each retried until `200`
+    /// like them): after a fault, every terminal then has something to be served.
+    pub fn probe_all(&self) {
+        let round = self.probes.fetch_add(1, Ordering::Relaxed);
+        for (terminal, id) in self.ids.iter().enumerate() {
+            let delivery = Delivery::new(
+                &self.http,
+                &self.urls,
+                terminal,
+                &format!("pi_probe_{round}_{terminal}"),
+                &format!("evt_probe_{round}_{terminal}"),
+                2_000_000 + round,
+                id,
+            );
+            self.checker
+                .sent(&delivery.intent_id, terminal, delivery.amount);
+            self.counters.events.fetch_add(1, Ordering::Relaxed);
+            let (checker, counters, give_up, in_flight) = (
+                self.checker.clone(),
+                self.counters.clone(),
+                self.give_up.clone(),
+                self.in_flight.clone(),
+            );
+            self.tasks.spawn(async move {
+                delivery
+                    .run(&checker, &counters, &give_up, &in_flight)
+                    .await;
+            });
+        }
     }
 
     /// Stops new events, waits at most `drain` for every event to be answered `200`, then gives
@@ -169,14 +234,37 @@ impl Senders {
 /// One event, delivered until `200`.
 struct Delivery {
     http: reqwest::Client,
-    url: String,
+    urls: Arc<Vec<String>>,
+    /// The ingress tried next.
+    next: usize,
     body: String,
     intent_id: String,
+    amount: u64,
 }
 
 impl Delivery {
+    fn new(
+        http: &reqwest::Client,
+        urls: &Arc<Vec<String>>,
+        first: usize,
+        intent_id: &str,
+        event_id: &str,
+        amount: u64,
+        terminal_id: &str,
+    ) -> Delivery {
+        let intent = Intent::new(intent_id, MicroUsdc(amount), terminal_id);
+        Delivery {
+            http: http.clone(),
+            urls: urls.clone(),
+            next: first,
+            body: events::intent_event(event_id, "confirmed", &intent),
+            intent_id: intent_id.to_owned(),
+            amount,
+        }
+    }
+
     async fn run(
-        self,
+        mut self,
         checker: &Checker,
         counters: &Counters,
         give_up: &CancellationToken,
@@ -184,6 +272,8 @@ impl Delivery {
     ) {
         let mut backoff = FIRST_BACKOFF;
         loop {
+            let url = &self.urls[self.next % self.urls.len()];
+            self.next += 1;
             let status = {
                 let Ok(_permit) = in_flight.acquire().await else {
                     return;
@@ -191,7 +281,7 @@ impl Delivery {
                 counters.attempts.fetch_add(1, Ordering::Relaxed);
                 let mut request = self
                     .http
-                    .post(&self.url)
+                    .post(url)
                     .header("content-type", "application/json");
                 // Signed afresh on every attempt, as the provider does: same body, new timestamp.
                 for (name, value) in

@@ -63,6 +63,10 @@ pub(super) struct TargetArgs {
     /// Report the RSS of this process (default: the started gateway).
     #[arg(long)]
     pid: Option<u32>,
+    /// Start the gateway on the PostgreSQL store at this URL (`store.backend = "postgres"`)
+    /// instead of its embedded redb file; give it an empty database (or one only benches use).
+    #[arg(long, conflicts_with = "ingress")]
+    postgres_url: Option<String>,
     /// Write the report as JSON.
     #[arg(long)]
     pub(super) json: Option<PathBuf>,
@@ -81,6 +85,7 @@ impl TargetArgs {
             posgate_bin: self.posgate_bin.clone(),
             log_level: self.log_level.clone(),
             pid: self.pid,
+            postgres_url: self.postgres_url.clone(),
         }
     }
 }
@@ -237,6 +242,12 @@ impl E2eArgs {
         let Some(broker) = &self.broker else {
             let t = fleet::Target::new(&self.target.options()).await?;
             let report = fleet::e2e(&t, self.terminals, self.pacing, duration, self.channel).await;
+            let store = match (&self.target.ingress, &self.target.postgres_url) {
+                (Some(_), _) => None,
+                (None, Some(_)) => Some("postgres"),
+                (None, None) => Some("redb"),
+            };
+            let report = report.map(|r| fleet::FleetReport { store, ..r });
             return finish(t, report, self.target.json.as_deref()).await;
         };
         if !self.plain && self.certs.is_none() {

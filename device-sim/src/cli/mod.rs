@@ -2,7 +2,7 @@
 //!
 //! This file parses the command line, dispatches to the subcommand and maps errors to exit codes
 //! (64 for a `UsageError`, 1 otherwise). Each subcommand has a file here with its flags and its
-//! run: `demo`, `provider`, `terminal`, `web-pos`, `fleet`, `bridge`, `chaos`, `attack` with its
+//! run: `demo`, `provider`, `terminal`, `web-pos`, `fleet`, `bridge`, `chaos`, `failover`, `attack` with its
 //! kinds, and `bench` with its scenarios.
 
 mod attack;
@@ -10,6 +10,7 @@ mod bench;
 mod bridge;
 mod chaos;
 mod demo;
+mod failover;
 mod fleet;
 mod provider;
 mod terminal;
@@ -55,6 +56,11 @@ enum Command {
     /// exit 0 only if nothing was lost, skipped or invented. `POSGATE__…` variables in the
     /// environment are passed to the daemon.
     Chaos(chaos::ChaosArgs),
+    /// Several `posgate` replicas on one PostgreSQL database behind a Mosquitto (external
+    /// broker mode), terminals on the broker, webhooks spread over the replicas; one replica at a
+    /// time killed with SIGKILL and started again later. Reports kill -> every terminal served
+    /// again; exit 0 only if nothing was lost and every terminal was served again.
+    Failover(failover::FailoverArgs),
     /// An attack beside the honest load of `bench e2e`, against one gateway it starts: honest
     /// confirmation latency in a quiet phase and during the attack, the gateway's descriptors,
     /// RSS, data dir and log lines, and what the attacker got; exit 0 only if no honest
@@ -106,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fleet(args) => args.run().await,
         Command::Bridge(args) => args.run().await,
         Command::Chaos(args) => args.run().await,
+        Command::Failover(args) => args.run().await,
         Command::Attack { kind } => kind.run().await,
         Command::Bench { scenario } => scenario.run().await,
     }

@@ -17,6 +17,9 @@ pub struct FleetReport {
     pub duplicates: u64,
     pub rejected: u64,
     pub gateway_rss_mib: Vec<f64>,
+    /// Where the started gateway kept its state (`redb` or `postgres`), when the bench started it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<&'static str>,
 }
 
 /// Prints a report's heading, its rows, and its latency naming what was `measured` (the counts
@@ -40,6 +43,9 @@ pub fn print(report: &FleetReport) {
         report,
         "webhook sent -> confirmation verified at the terminal",
     );
+    if let Some(store) = report.store {
+        println!("  store: {store}");
+    }
     println!(
         "  sent {}, delivered {}, lost {}, duplicates {}, rejected {}",
         report.sent, report.delivered, report.lost, report.duplicates, report.rejected

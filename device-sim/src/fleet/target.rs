@@ -22,6 +22,8 @@ pub struct TargetOptions {
     pub log_level: String,
     /// Process whose RSS is reported (default: the child).
     pub pid: Option<u32>,
+    /// The started child keeps its store on PostgreSQL at this URL instead of redb.
+    pub postgres_url: Option<String>,
 }
 
 /// A gateway under test.
@@ -59,7 +61,12 @@ impl Target {
                     Some(bin) => bin.clone(),
                     None => default_posgate_bin()?,
                 };
-                let child = start_child(&bin, &opts.secret, &opts.log_level, &[]).await?;
+                let mut env = Vec::new();
+                if let Some(url) = &opts.postgres_url {
+                    env.push(("POSGATE__STORE__BACKEND", "postgres"));
+                    env.push(("POSGATE__STORE__POSTGRES_URL", url.as_str()));
+                }
+                let child = start_child(&bin, &opts.secret, &opts.log_level, &env).await?;
                 Ok(Target {
                     ingress: child.ingress,
                     admin: child.admin,

@@ -1,0 +1,336 @@
+//! `posgate-sim failover`: posgate past one server, measured. N replicas of the real `posgate`
+//! binary on one PostgreSQL database, in external broker mode behind one Mosquitto, on loopback
+//! ports; terminals on the broker, webhooks spread over the replicas' ingresses (each retry to the
+//! next replica, as a load balancer does). One replica at a time gets `SIGKILL` and is started
+//! again on the same ports and data dir after a while, as systemd would.
+//!
+//! At each kill every terminal is sent one more event (a probe), so each has something to be
+//! served; the time from the kill to the first new confirmation each terminal is shown is its
+//! "served again" time. The [`Checker`] of the chaos soak does the accounting: every event
+//! answered `200` shown by its own terminal, no gaps in `seq`, nothing invented.
+//!
+//! The replicas share the PKI (the CA, the server and signing keys): replica 0's `pki/` is
+//! copied into the others' data dirs before they first start, as an operator deploys them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::checker::{Checker, Confirmations};
+use super::daemon::{ADMIN_TOKEN, Daemon};
+use super::mosquitto::Mosquitto;
+use super::terminals::Terminals;
+use super::webhooks::{Senders, Webhooks};
+use super::{Reconnects, say_if};
+use crate::bench::Latency;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct FailoverOptions {
+    /// The `posgate` binary.
+    pub posgate: PathBuf,
+    /// An empty PostgreSQL database every replica uses (`store.postgres_url`).
+    pub postgres_url: String,
+    pub replicas: usize,
+    /// `replicas.lease_secs` of every replica (`None`: its default).
+    pub lease_secs: Option<u64>,
+    pub terminals: usize,
+    /// Webhooks (new events) per second, spread over the replicas.
+    pub rate: f64,
+    /// Load before the first kill.
+    pub warmup: Duration,
+    /// How many kills, one replica at a time, in turn.
+    pub kills: usize,
+    /// From one kill to the next.
+    pub kill_every: Duration,
+    /// How long a killed replica stays down before it is started again.
+    pub restart_after: Duration,
+    /// How long every terminal may take to be served again after a kill before it counts as
+    /// not served.
+    pub served_within: Duration,
+    /// After the last kill: how long the provider keeps retrying, and delivery may take.
+    pub drain: Duration,
+    pub seed: u64,
+    /// One line per step on stderr.
+    pub verbose: bool,
+}
+
+impl FailoverOptions {
+    /// The figures: 3 replicas, 1,000 terminals, 500 webhooks/s, three kills 20 s apart,
+    /// each replica down 15 s.
+    pub fn new(posgate: PathBuf, postgres_url: String) -> FailoverOptions {
+        FailoverOptions {
+            posgate,
+            postgres_url,
+            replicas: 3,
+            lease_secs: None,
+            terminals: 1000,
+            rate: 500.0,
+            warmup: Duration::from_secs(10),
+            kills: 3,
+            kill_every: Duration::from_secs(20),
+            restart_after: Duration::from_secs(15),
+            served_within: Duration::from_secs(60),
+            drain: Duration::from_secs(60),
+            seed: 1,
+            verbose: false,
+        }
+    }
+}
+
+/// One kill and what followed.
+#[derive(Debug, Serialize)]
+pub struct Kill {
+    pub replica: usize,
+    /// Seconds after the load started.
+    pub at_secs: f64,
+    /// Kill → each terminal shown a new confirmation, in milliseconds.
+    pub served_again_ms: Reconnects,
+    /// Terminals not served again within `served_within`.
+    pub not_served: usize,
+    /// Kill → the replica listening again.
+    pub restarted_after_ms: f64,
+}
+
+/// The JSON report.
+#[derive(Debug, Serialize)]
+pub struct FailoverReport {
+    pub scenario: &'static str,
+    pub replicas: usize,
+    /// `replicas.lease_secs` of every replica (`None`: its default).
+    pub lease_secs: Option<u64>,
+    pub terminals: usize,
+    pub rate_per_sec: f64,
+    pub duration_secs: f64,
+    pub webhooks: Webhooks,
+    pub confirmations: Confirmations,
+    pub kills: Vec<Kill>,
+    /// Over every kill and terminal: kill → served again, in milliseconds.
+    pub served_again_ms: Reconnects,
+    pub initial_connect_ms: f64,
+    /// `200` → shown.
+    pub delivery_ms: Latency,
+    /// First webhook attempt → shown (retries through the kills included).
+    pub webhook_to_shown_ms: Latency,
+    /// Nothing lost, skipped, invented or failing verification, every event answered `200`,
+    /// and every terminal served again after every kill.
+    pub clean: bool,
+}
+
+/// Runs the failover bench and reports.
+///
+/// # Errors
+/// When Mosquitto or a replica cannot be started, or the terminals cannot be provisioned or
+/// connected (a loss is not an error; it is in the report).
+pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
+    if opts.replicas == 0 || opts.terminals == 0 {
+        bail!("failover needs at least one replica and one terminal");
+    }
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let data_dirs: Vec<PathBuf> = (0..opts.replicas)
+        .map(|i| dir.path().join(format!("replica-{i}")))
+        .collect();
+    let broker_dir = dir.path().join("broker");
+    for d in data_dirs.iter().chain([&broker_dir]) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // `broker-config` makes replica 0's PKI; the others get a copy of it.
+    let broker = Mosquitto::start(&opts.posgate, &data_dirs[0], &broker_dir).await?;
+    for d in &data_dirs[1..] {
+        copy_dir(&data_dirs[0].join("pki"), &d.join("pki"))?;
+    }
+    let mut daemons = Vec::new();
+    for (i, d) in data_dirs.iter().enumerate() {
+        let mut env = broker.env();
+        if i > 0 {
+            // One replica writes the broker's ACL and CRL (all would write the same files).
+            env.retain(|(k, _)| !k.contains("EXTERNAL_BROKER_DIR") && !k.contains("RELOAD"));
+        }
+        env.extend([
+            ("POSGATE__STORE__BACKEND".into(), "postgres".into()),
+            (
+                "POSGATE__STORE__POSTGRES_URL".into(),
+                opts.postgres_url.clone(),
+            ),
+            // Each its own session on the broker (one client id would take over the other's).
+            (
+                "POSGATE__MQTT__EXTERNAL_CLIENT_ID".into(),
+                format!("posgate-r{i}"),
+            ),
+        ]);
+        if let Some(secs) = opts.lease_secs {
+            env.push(("POSGATE__REPLICAS__LEASE_SECS".into(), secs.to_string()));
+        }
+        // `replicas.id` is left to its default (hostname, pid, a random suffix): a restarted
+        // replica is a new one, as under systemd.
+        daemons.push(Daemon::start_with(&opts.posgate, d, env).await?);
+    }
+    say_if(
+        opts.verbose,
+        format_args!("{} replicas up, broker on {}", opts.replicas, broker.addr),
+    );
+    let ingresses: Vec<SocketAddr> = daemons.iter().map(|d| d.listen.ingress).collect();
+
+    let ids: Vec<String> = (0..opts.terminals).map(|i| format!("fo-{i}")).collect();
+    let bundles = crate::fleet::provision_at(
+        daemons[0].listen.admin,
+        ADMIN_TOKEN,
+        "fo-",
+        opts.terminals,
+        8,
+    )
+    .await
+    .context("provisioning the terminals")?;
+    let checker = Arc::new(Checker::new(opts.terminals)?);
+    let mut terminals = Terminals::new(bundles, 0, broker.addr, ingresses[0], checker.clone());
+    checker.new_round();
+    terminals.start_all()?;
+    let initial = connect_all(&checker, &mut terminals, opts.verbose).await?;
+    say_if(
+        opts.verbose,
+        format_args!("{} terminals connected in {initial:?}", opts.terminals),
+    );
+
+    let senders = Senders::spawn_over(
+        &ingresses,
+        Arc::new(ids),
+        opts.rate,
+        opts.seed,
+        checker.clone(),
+    )?;
+    let load_started = Instant::now();
+    tokio::time::sleep(opts.warmup).await;
+    let mut kills = Vec::new();
+    let mut all_served = Vec::new();
+    for k in 0..opts.kills {
+        let replica = k % opts.replicas;
+        let due = load_started + opts.warmup + opts.kill_every * k as u32;
+        tokio::time::sleep_until(due).await;
+        let at = load_started.elapsed().as_secs_f64();
+        daemons[replica].kill().await?;
+        let mark = checker.mark();
+        senders.probe_all();
+        say_if(
+            opts.verbose,
+            format_args!("t={at:.1}s SIGKILL replica {replica}; probes sent"),
+        );
+        let daemon = &mut daemons[replica];
+        let (restarted, served) = tokio::join!(
+            async {
+                tokio::time::sleep_until(mark + opts.restart_after).await;
+                daemon.restart().await.map(|()| mark.elapsed())
+            },
+            checker.all_served(opts.served_within),
+        );
+        let restarted = restarted?;
+        let (mut took, not_served) = checker.served_since_mark();
+        all_served.extend_from_slice(&took);
+        let summary = Reconnects::of(&mut took, 0);
+        say_if(
+            opts.verbose,
+            format_args!(
+                "replica {replica}: served again p50 {:.0} ms, p99 {:.0}, max {:.0}; {not_served} not served{}; restarted after {restarted:?}",
+                summary.p50,
+                summary.p99,
+                summary.max,
+                if served { "" } else { " in time" },
+            ),
+        );
+        kills.push(Kill {
+            replica,
+            at_secs: at,
+            served_again_ms: summary,
+            not_served,
+            restarted_after_ms: restarted.as_secs_f64() * 1000.0,
+        });
+    }
+    let duration = load_started.elapsed();
+    let webhooks = senders.finish(opts.drain).await;
+    let (answered, shown) = checker.progress();
+    say_if(
+        opts.verbose,
+        format_args!("drain: {answered} answered 200, {shown} shown"),
+    );
+    checker.all_delivered(opts.drain).await;
+    let (confirmations, e2e, delivery) = checker.summary();
+    for d in &mut daemons {
+        d.terminate(Duration::from_secs(30)).await?;
+    }
+    terminals.stop_all();
+    drop(broker);
+    let not_served: usize = kills.iter().map(|k| k.not_served).sum();
+    let clean = confirmations.clean() && webhooks.unanswered == 0 && not_served == 0;
+    Ok(FailoverReport {
+        scenario: "failover",
+        replicas: opts.replicas,
+        lease_secs: opts.lease_secs,
+        terminals: opts.terminals,
+        rate_per_sec: opts.rate,
+        duration_secs: duration.as_secs_f64(),
+        webhooks,
+        confirmations,
+        served_again_ms: Reconnects::of(&mut all_served, not_served as u64),
+        kills,
+        initial_connect_ms: initial.as_secs_f64() * 1000.0,
+        delivery_ms: delivery,
+        webhook_to_shown_ms: e2e,
+        clean,
+    })
+}
+
+/// Waits for every terminal to connect and subscribe; sessions refused while the broker had not
+/// yet reloaded the ACL naming them are started again.
+async fn connect_all(
+    checker: &Checker,
+    terminals: &mut Terminals,
+    verbose: bool,
+) -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
+    loop {
+        if checker
+            .all_connected(Duration::from_secs(5))
+            .await
+            .is_some()
+        {
+            return Ok(started.elapsed());
+        }
+        let missing = checker.not_connected_list();
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {} terminals not connected after 120 s",
+                missing.len(),
+                terminals.len()
+            );
+        }
+        say_if(
+            verbose,
+            format_args!(
+                "{} terminals not connected yet; starting them again",
+                missing.len()
+            ),
+        );
+        for i in missing {
+            terminals.start(i)?;
+        }
+    }
+}
+
+/// Copies the files of `from` into a new directory `to` (one level: the PKI has no subdirs).
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let target = to.join(entry.file_name());
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying to {}", target.display()))?;
+        }
+    }
+    Ok(())
+}

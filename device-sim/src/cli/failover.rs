@@ -1,0 +1,111 @@
+//! `posgate-sim failover`: its flags, the [`FailoverOptions`](crate::chaos::failover::FailoverOptions)
+//! they make, and the run of [`crate::chaos::failover`] with its report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::{UsageError, save};
+use crate::chaos::failover;
+
+/// `posgate-sim failover`.
+#[derive(clap::Args)]
+pub(super) struct FailoverArgs {
+    /// An empty PostgreSQL database for the replicas (`store.postgres_url`).
+    #[arg(long)]
+    postgres_url: String,
+    /// The `posgate` binary (default: `posgate` next to this executable).
+    #[arg(long)]
+    posgate: Option<PathBuf>,
+    /// posgate replicas.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// `replicas.lease_secs` of every replica (default: the daemon's default).
+    #[arg(long)]
+    lease_secs: Option<u64>,
+    /// Simulated terminals (MQTT/TLS, on the broker).
+    #[arg(long, default_value_t = 1000)]
+    terminals: usize,
+    /// New webhooks per second, spread over the replicas (each retried until 200).
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Seconds of load before the first kill.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// SIGKILLs, one replica at a time, in turn.
+    #[arg(long, default_value_t = 3)]
+    kills: usize,
+    /// Seconds from one kill to the next.
+    #[arg(long, default_value_t = 20)]
+    kill_every: u64,
+    /// Seconds a killed replica stays down before it is started again on its ports.
+    #[arg(long, default_value_t = 15)]
+    restart_after: u64,
+    /// Seconds every terminal may take to be served again after a kill.
+    #[arg(long, default_value_t = 60)]
+    served_within: u64,
+    /// Seconds after the last kill for the last retries and deliveries.
+    #[arg(long, default_value_t = 60)]
+    drain: u64,
+    /// Seed of the webhooks' terminals.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No line per step on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl FailoverArgs {
+    fn options(self) -> anyhow::Result<failover::FailoverOptions> {
+        let posgate = match self.posgate {
+            Some(path) => path,
+            None => {
+                let exe = std::env::current_exe().context("locating this executable")?;
+                let bin = exe.with_file_name("posgate");
+                if !bin.exists() {
+                    anyhow::bail!(UsageError(format!(
+                        "{} not found: build it (cargo build -p posgate) or pass --posgate PATH",
+                        bin.display()
+                    )));
+                }
+                bin
+            }
+        };
+        if !(self.rate > 0.0 && self.rate.is_finite()) {
+            anyhow::bail!(UsageError("--rate must be above 0".into()));
+        }
+        if self.replicas == 0 || self.terminals == 0 {
+            anyhow::bail!(UsageError(
+                "--replicas and --terminals must be at least 1".into()
+            ));
+        }
+        Ok(failover::FailoverOptions {
+            replicas: self.replicas,
+            lease_secs: self.lease_secs,
+            terminals: self.terminals,
+            rate: self.rate,
+            warmup: Duration::from_secs(self.warmup),
+            kills: self.kills,
+            kill_every: Duration::from_secs(self.kill_every),
+            restart_after: Duration::from_secs(self.restart_after),
+            served_within: Duration::from_secs(self.served_within),
+            drain: Duration::from_secs(self.drain),
+            seed: self.seed,
+            verbose: !self.quiet,
+            ..failover::FailoverOptions::new(posgate, self.postgres_url)
+        })
+    }
+
+    /// Runs `posgate-sim failover`; the exit code says whether it was clean.
+    pub(super) async fn run(self) -> anyhow::Result<ExitCode> {
+        let json = self.report.clone();
+        let report = failover::run(&self.options()?).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        save(&report, json.as_deref(), report.clean)
+    }
+}
