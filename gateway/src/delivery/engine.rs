@@ -112,6 +112,11 @@ pub struct Engine<P> {
     /// them (`None`: the write is on its way). An outbox read that began before the removal
     /// still shows them; the periodic read and the wake-ups of other replicas' commits would
     /// otherwise put an acked row back on the wire.
+    /// With replicas: per owned terminal, the highest `seq` this engine knows of (queued, or
+    /// published). Rows committed by other replicas arrive by a later read, rows committed here
+    /// at once: a local row above a gap waits for that read, or it would go out before the rows
+    /// another replica committed first.
+    pub(super) seen_through: HashMap<String, u64>,
     pub(super) acked_rows: HashMap<(String, u64), Option<Instant>>,
 }
 
@@ -146,6 +151,7 @@ impl<P: Publisher> Engine<P> {
             tasks: TaskTracker::new(),
             cluster: None,
             acked_rows: HashMap::new(),
+            seen_through: HashMap::new(),
         }
     }
 
@@ -281,11 +287,24 @@ impl<P: Publisher> Engine<P> {
     /// New rows committed by the store.
     async fn add_rows(&mut self, rows: Vec<OutboxRow>) {
         let mut touched = Vec::new();
+        let mut gaps = Vec::new();
         for row in rows {
             if self.revoked.contains(&row.terminal_id) || !self.owns(&row.terminal_id) {
                 continue;
             }
             let id = row.terminal_id.clone();
+            if self.cluster.is_some() {
+                let seen = self.seen_through.get(&id).copied();
+                if seen.is_none_or(|seen| row.seq > seen + 1) {
+                    // Rows below it may have been committed by another replica: read them all.
+                    if !gaps.contains(&id) {
+                        gaps.push(id);
+                    }
+                    continue;
+                }
+                self.seen_through
+                    .insert(id.clone(), row.seq.max(seen.unwrap_or(0)));
+            }
             self.queues
                 .entry(id.clone())
                 .or_default()
@@ -297,6 +316,9 @@ impl<P: Publisher> Engine<P> {
         }
         for id in touched {
             self.publish_head(&id, false).await;
+        }
+        for id in gaps {
+            self.load(Some(id), false);
         }
     }
 
@@ -347,6 +369,17 @@ impl<P: Publisher> Engine<P> {
             let head_before = queue.rows.keys().next().copied();
             queue.rows = rows;
             queue.rows.extend(newer);
+            if self.cluster.is_some() {
+                let highest = queue
+                    .rows
+                    .keys()
+                    .next_back()
+                    .copied()
+                    .unwrap_or(0)
+                    .max(queue.last_seq_published);
+                let seen = self.seen_through.entry(id.clone()).or_default();
+                *seen = (*seen).max(highest);
+            }
             if queue.rows.keys().next().copied() != head_before {
                 queue.head_published = None;
             }
@@ -440,6 +473,8 @@ impl<P: Publisher> Engine<P> {
             }
             Input::Lost(shards) => {
                 self.queues.retain(|id, _| !shards.contains(&shard_of(id)));
+                self.seen_through
+                    .retain(|id, _| !shards.contains(&shard_of(id)));
             }
             Input::Wake { terminal_id, seq } => {
                 if !self.owns(&terminal_id) {

@@ -725,3 +725,72 @@ async fn with_plain_subscriptions_only_the_owner_answers_rpc() {
     assert!(pub_rx.try_recv().is_err(), "a third answer");
     token.cancel();
 }
+
+/// Two replicas on one database: a row another replica committed first (seq 1, which this engine
+/// has not heard of yet: its wake-up is still on the way) and then a row committed here (seq 2,
+/// which this engine hears of at once). The first publish is seq 1: a local row above a gap
+/// waits for a read of the outbox. Before, seq 2 went out first (the out-of-order confirmations
+/// of the failover benchmark's runs B–D).
+#[tokio::test]
+async fn a_local_row_above_another_replicas_row_waits_for_it() {
+    use crate::replicas::{Ownership, shard_of};
+    use std::collections::BTreeSet;
+
+    let db = TestDb::new(Kind::Postgres).await;
+    let here = db.open(Limits::new(64, 16)).await;
+    let other = db.open(Limits::new(64, 16)).await;
+    here.register_terminal(NewTerminal::for_test("pos-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
+    let (_events_tx, events_rx) = mpsc::unbounded_channel();
+    let (_input_tx, input_rx) = mpsc::unbounded_channel();
+    let (out_tx, _out_rx) = mpsc::unbounded_channel();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let signer = Signer {
+        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
+        key,
+    };
+    let ownership = Ownership::new("r1".into());
+    ownership.grant(
+        &BTreeSet::from([shard_of("pos-1")]),
+        tokio::time::Instant::now() + Duration::from_secs(60),
+    );
+    let engine = Engine::new(
+        here.clone(),
+        Arc::new(Recorder(pub_tx)),
+        signer.clone(),
+        Settings {
+            republish_after: Duration::from_secs(60),
+        },
+        Presence::default(),
+        Metrics::new().unwrap(),
+    )
+    .with_cluster(Cluster {
+        ownership,
+        inputs: input_rx,
+        outgoing: out_tx,
+        forward_events: true,
+        reread_every: Duration::from_secs(3600),
+    });
+    let token = CancellationToken::new();
+    tokio::spawn(engine.run(here.subscribe_outbox(), events_rx, token.clone()));
+    // The startup read finds nothing yet: wait until it is in (a republish of nothing).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    confirm(&other, 1).await;
+    confirm(&here, 2).await;
+    let (_, payload) = tokio::time::timeout(Duration::from_secs(5), pub_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let first = verify(
+        std::str::from_utf8(&payload).unwrap(),
+        &signer.key.verifying_key(),
+        "pos-1",
+        0,
+    )
+    .unwrap();
+    assert_eq!(first.seq, 1, "a later seq went out first");
+    token.cancel();
+}
