@@ -61,24 +61,65 @@ const SCAN_CHUNK: i32 = 512;
 /// Read connections kept open between reads.
 const IDLE_READERS: usize = 8;
 
-/// A URL with its password replaced by `***`, for logs and errors.
+/// A URL with its password replaced by `***`, for logs and errors: the userinfo's (up to the
+/// last `@`, as a password may hold an unencoded `@`, `/` or `?`), a `password=` query parameter,
+/// and the key=value form's `password=…`.
 pub fn redact_url(url: &str) -> String {
-    // postgres://user:password@host/db, and the key=value form's password=…
+    let hide = |kv: &str| match kv.split_once('=') {
+        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+        _ => kv.to_owned(),
+    };
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@')
-            && let Some((user, _)) = userinfo.split_once(':')
-        {
-            return format!("{scheme}://{user}:***@{host}");
-        }
-        return url.to_owned();
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, rest),
+        };
+        let user = userinfo.map(|u| match u.split_once(':') {
+            Some((user, _)) => format!("{user}:***@"),
+            None => format!("{u}@"),
+        });
+        let host = match host.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query.split('&').map(hide).collect();
+                format!("{path}?{}", query.join("&"))
+            }
+            None => host.to_owned(),
+        };
+        return format!("{scheme}://{}{host}", user.unwrap_or_default());
     }
     url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_owned(),
-        })
+        .map(hide)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    /// No form of the password survives: in the userinfo (also with an unencoded `@`, `/` or
+    /// `?` in it), in the query, in the key=value form.
+    #[test]
+    fn the_password_never_survives() {
+        for (url, shown) in [
+            (
+                "postgres://u:secret@db:5432/p",
+                "postgres://u:***@db:5432/p",
+            ),
+            ("postgres://u:se@c/r?et@db/p", "postgres://u:***@db/p"),
+            ("postgres://u@db/p", "postgres://u@db/p"),
+            (
+                "postgres://db/p?user=u&password=secret",
+                "postgres://db/p?user=u&password=***",
+            ),
+            (
+                "host=db user=u password=secret",
+                "host=db user=u password=***",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
 }
 
 /// A connection and its prepared statements.
