@@ -539,12 +539,70 @@ on_both_backends!(
     startup_publishes_what_was_left_unacked,
 );
 
+/// One replica's engine over channels: what it publishes, the broker events and replica inputs
+/// it is fed, what it tells the other replicas, and its shard ownership (none yet).
+struct Replica {
+    published: mpsc::UnboundedReceiver<(String, Bytes)>,
+    events: mpsc::UnboundedSender<BrokerEvent>,
+    inputs: mpsc::UnboundedSender<crate::replicas::Input>,
+    outgoing: mpsc::UnboundedReceiver<crate::replicas::notify::Outgoing>,
+    ownership: crate::replicas::Ownership,
+    signer: Signer,
+    token: CancellationToken,
+}
+
+/// Starts a replica's engine on `store`; `forward_events`: the broker hands each message to one
+/// replica (shared subscriptions); `rpc`: it answers terminals' RPC (no provider).
+fn replica(store: &Store, forward_events: bool, rpc: bool) -> Replica {
+    let (pub_tx, published) = mpsc::unbounded_channel();
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let (inputs, input_rx) = mpsc::unbounded_channel();
+    let (out_tx, outgoing) = mpsc::unbounded_channel();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let signer = Signer {
+        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
+        key,
+    };
+    let ownership = crate::replicas::Ownership::new("r1".into());
+    let mut engine = Engine::new(
+        store.clone(),
+        Arc::new(Recorder(pub_tx)),
+        signer.clone(),
+        Settings {
+            republish_after: Duration::from_secs(60),
+        },
+        Presence::default(),
+        Metrics::new().unwrap(),
+    );
+    if rpc {
+        engine = engine.with_rpc(Arc::new(crate::rpc::Rpc::new(store.clone(), None)));
+    }
+    let engine = engine.with_cluster(Cluster {
+        ownership: ownership.clone(),
+        inputs: input_rx,
+        outgoing: out_tx,
+        forward_events,
+        reread_every: Duration::from_secs(3600),
+    });
+    let token = CancellationToken::new();
+    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
+    Replica {
+        published,
+        events,
+        inputs,
+        outgoing,
+        ownership,
+        signer,
+        token,
+    }
+}
+
 /// The engine of one replica among several: it publishes only for terminals in its shards, starts
 /// when it gains the shard (reading the outbox), stops when it loses it, and forwards an ack it
 /// read for a terminal it does not own.
 #[tokio::test]
 async fn a_replica_publishes_only_for_terminals_in_its_shards() {
-    use crate::replicas::{Input, Ownership, notify::Outgoing, shard_of};
+    use crate::replicas::{Input, notify::Outgoing, shard_of};
     use std::collections::BTreeSet;
 
     let db = TestDb::new(Kind::Redb).await;
@@ -554,35 +612,15 @@ async fn a_replica_publishes_only_for_terminals_in_its_shards() {
         .await
         .unwrap()
         .unwrap();
-    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (input_tx, input_rx) = mpsc::unbounded_channel();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
-    let signer = Signer {
-        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
-        key,
-    };
-    let ownership = Ownership::new("r1".into());
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(Recorder(pub_tx)),
-        signer,
-        Settings {
-            republish_after: Duration::from_secs(60),
-        },
-        Presence::default(),
-        Metrics::new().unwrap(),
-    )
-    .with_cluster(Cluster {
-        ownership: ownership.clone(),
-        inputs: input_rx,
-        outgoing: out_tx,
-        forward_events: true,
-        reread_every: Duration::from_secs(3600),
-    });
-    let token = CancellationToken::new();
-    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
+    let Replica {
+        published: mut pub_rx,
+        events: events_tx,
+        inputs: input_tx,
+        outgoing: mut out_rx,
+        ownership,
+        token,
+        ..
+    } = replica(&store, true, false);
     let quiet = |rx: &mut mpsc::UnboundedReceiver<(String, Bytes)>| {
         let got = rx.try_recv().ok();
         assert!(
@@ -651,41 +689,18 @@ async fn a_replica_publishes_only_for_terminals_in_its_shards() {
 /// the terminal get one answer, and the provider one call, per replica.
 #[tokio::test]
 async fn with_plain_subscriptions_only_the_owner_answers_rpc() {
-    use crate::replicas::{Ownership, shard_of};
+    use crate::replicas::shard_of;
     use std::collections::BTreeSet;
 
     let db = TestDb::new(Kind::Redb).await;
     let store = db.open(Limits::new(64, 16)).await;
-    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (_input_tx, input_rx) = mpsc::unbounded_channel();
-    let (out_tx, _out_rx) = mpsc::unbounded_channel();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
-    let signer = Signer {
-        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
-        key,
-    };
-    let ownership = Ownership::new("r1".into());
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(Recorder(pub_tx)),
-        signer,
-        Settings {
-            republish_after: Duration::from_secs(60),
-        },
-        Presence::default(),
-        Metrics::new().unwrap(),
-    )
-    .with_rpc(Arc::new(crate::rpc::Rpc::new(store.clone(), None)))
-    .with_cluster(Cluster {
-        ownership: ownership.clone(),
-        inputs: input_rx,
-        outgoing: out_tx,
-        forward_events: false,
-        reread_every: Duration::from_secs(3600),
-    });
-    let token = CancellationToken::new();
-    tokio::spawn(engine.run(store.subscribe_outbox(), events_rx, token.clone()));
+    let Replica {
+        published: mut pub_rx,
+        events: events_tx,
+        ownership,
+        token,
+        ..
+    } = replica(&store, false, true);
     let request = |terminal: &str, id: &str| BrokerEvent::Message {
         terminal_id: terminal.into(),
         kind: TopicKind::RpcReq,
@@ -733,7 +748,7 @@ async fn with_plain_subscriptions_only_the_owner_answers_rpc() {
 /// of the failover benchmark's runs B–D).
 #[tokio::test]
 async fn a_local_row_above_another_replicas_row_waits_for_it() {
-    use crate::replicas::{Ownership, shard_of};
+    use crate::replicas::shard_of;
     use std::collections::BTreeSet;
 
     let db = TestDb::new(Kind::Postgres).await;
@@ -743,39 +758,19 @@ async fn a_local_row_above_another_replicas_row_waits_for_it() {
         .await
         .unwrap()
         .unwrap();
-    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel();
-    let (_events_tx, events_rx) = mpsc::unbounded_channel();
-    let (_input_tx, input_rx) = mpsc::unbounded_channel();
-    let (out_tx, _out_rx) = mpsc::unbounded_channel();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
-    let signer = Signer {
-        kid: confirmation::kid_for(&key.verifying_key().to_bytes()),
-        key,
-    };
-    let ownership = Ownership::new("r1".into());
+    // `_events` held: the engine ends when the broker's event stream does.
+    let Replica {
+        published: mut pub_rx,
+        events: _events,
+        ownership,
+        signer,
+        token,
+        ..
+    } = replica(&here, true, false);
     ownership.grant(
         &BTreeSet::from([shard_of("pos-1")]),
         tokio::time::Instant::now() + Duration::from_secs(60),
     );
-    let engine = Engine::new(
-        here.clone(),
-        Arc::new(Recorder(pub_tx)),
-        signer.clone(),
-        Settings {
-            republish_after: Duration::from_secs(60),
-        },
-        Presence::default(),
-        Metrics::new().unwrap(),
-    )
-    .with_cluster(Cluster {
-        ownership,
-        inputs: input_rx,
-        outgoing: out_tx,
-        forward_events: true,
-        reread_every: Duration::from_secs(3600),
-    });
-    let token = CancellationToken::new();
-    tokio::spawn(engine.run(here.subscribe_outbox(), events_rx, token.clone()));
     // The startup read finds nothing yet: wait until it is in (a republish of nothing).
     tokio::time::sleep(Duration::from_millis(200)).await;
     confirm(&other, 1).await;
