@@ -18,7 +18,7 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::crash::{self, Listen};
-use crate::external_common::{self, connect, free_port, pending, raw};
+use crate::external_common::{self, connect, free_port, outbox_empties, pending, raw};
 use crate::harness::{self, SECRET, TestGateway, eventually, signed_post};
 
 /// A Mosquitto process on a free loopback port, killed when dropped, and with the test process
@@ -186,10 +186,7 @@ async fn a_confirmation_reaches_a_terminal_through_mosquitto_and_its_ack_empties
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_ext_a", 1));
     // The terminal acked it (the simulator acks every verified confirmation): posgate read the
     // ack from its shared subscription and the outbox emptied.
-    eventually(Duration::from_secs(10), || async {
-        (pending(&s.gw, "pos_ext_a").await == 0).then_some(())
-    })
-    .await;
+    outbox_empties(&s.gw, "pos_ext_a").await;
     // Presence comes from the terminal's retained status.
     assert_eq!(s.gw.terminal_view("pos_ext_a").await["online"], true);
     s.gw.pay("pos_ext_a", "pi_ext_a2").await;
@@ -214,10 +211,7 @@ async fn a_confirmation_pending_while_the_terminal_is_offline_is_delivered_when_
         .await
         .unwrap();
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_ext_b", 1));
-    eventually(Duration::from_secs(10), || async {
-        (pending(&s.gw, "pos_ext_b").await == 0).then_some(())
-    })
-    .await;
+    outbox_empties(&s.gw, "pos_ext_b").await;
     terminal.disconnect().await;
     s.gw.shutdown().await;
 }

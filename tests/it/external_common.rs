@@ -65,6 +65,14 @@ pub async fn pending(gw: &TestGateway, id: &str) -> u64 {
     gw.terminal_view(id).await["pending"].as_u64().unwrap()
 }
 
+/// Waits (10 s at most) until terminal `id` has nothing pending: its acks reached posgate.
+pub async fn outbox_empties(gw: &TestGateway, id: &str) {
+    eventually(Duration::from_secs(10), || async {
+        (pending(gw, id).await == 0).then_some(())
+    })
+    .await;
+}
+
 /// Drives `eventloop` until `until` returns true for an incoming packet; every incoming publish
 /// is collected. Panics after 10 s.
 pub async fn drive(

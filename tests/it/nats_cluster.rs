@@ -16,7 +16,7 @@ use rumqttc::{Event, Packet, QoS};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use crate::external_common::{self, connect, free_port, pending, raw};
+use crate::external_common::{self, connect, free_port, outbox_empties, pending, raw};
 use crate::harness::{self, TestGateway, eventually};
 
 const NODES: usize = 3;
@@ -305,10 +305,7 @@ async fn a_confirmation_crosses_the_nats_cluster_and_its_ack_empties_the_outbox(
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_nats_a", 1));
-    eventually(Duration::from_secs(10), || async {
-        (pending(&s.gw, "pos_nats_a").await == 0).then_some(())
-    })
-    .await;
+    outbox_empties(&s.gw, "pos_nats_a").await;
     assert_eq!(s.gw.terminal_view("pos_nats_a").await["online"], true);
     s.gw.pay("pos_nats_a", "pi_nats_a2").await;
     let c = terminal
@@ -316,10 +313,7 @@ async fn a_confirmation_crosses_the_nats_cluster_and_its_ack_empties_the_outbox(
         .await
         .unwrap();
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_nats_a2", 2));
-    eventually(Duration::from_secs(10), || async {
-        (pending(&s.gw, "pos_nats_a").await == 0).then_some(())
-    })
-    .await;
+    outbox_empties(&s.gw, "pos_nats_a").await;
     terminal.disconnect().await;
     s.gw.shutdown().await;
 }
