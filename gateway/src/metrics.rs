@@ -74,6 +74,11 @@ pub struct Metrics {
     /// `posgate_replica_lease_failures_total`: lease cycles that failed (`/readyz` says 503 until
     /// one succeeds).
     pub lease_failures: IntCounter,
+    /// `posgate_replica_shard_changes_total{change}`: shards this replica `gained`, `released`
+    /// (a replica joined), `lost` (another claimed it) or let `lapse` (not renewed in time).
+    /// Steadily rising outside joins and failovers means leases flap: each change republishes
+    /// the shard's heads.
+    pub shard_changes: IntCounterVec,
     /// `posgate_replica_forwards_total{channel}`: notifications sent to other replicas
     /// (`posgate_events`: broker events for a terminal another replica owns;
     /// `posgate_published`: confirmations for HTTP channels elsewhere).
@@ -300,6 +305,12 @@ impl Metrics {
                 "posgate_replica_lease_failures_total",
                 "Shard lease cycles that failed",
             )?,
+            shard_changes: counter_vec(
+                &r,
+                "posgate_replica_shard_changes_total",
+                "Shards gained, released, lost to another replica or lapsed, by this replica",
+                &["change"],
+            )?,
             replica_forwards: counter_vec(
                 &r,
                 "posgate_replica_forwards_total",
@@ -420,6 +431,9 @@ impl Metrics {
         }
         for outcome in ["ok", "failed"] {
             self.reconcile_listings.with_label_values(&[outcome]);
+        }
+        for change in ["gained", "released", "lost", "lapsed"] {
+            self.shard_changes.with_label_values(&[change]);
         }
         for method in ["create_intent", "get_intent", "cancel_intent"] {
             self.rpc_requests.with_label_values(&[method, "ok"]);

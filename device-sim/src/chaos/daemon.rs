@@ -187,7 +187,10 @@ impl Daemon {
             // The bound addresses are logged at info by these two modules.
             .env(
                 "POSGATE__LOG__LEVEL",
-                "warn,posgate::app=info,posgate::broker=info",
+                format!(
+                    "{},posgate::app=info,posgate::broker=info",
+                    std::env::var("POSGATE__LOG__LEVEL").unwrap_or_else(|_| "warn".into())
+                ),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -245,6 +248,13 @@ impl Daemon {
 }
 
 fn push(log: &Mutex<VecDeque<String>>, line: String) {
+    if let Some(file) = &*FULL_LOG {
+        use std::io::Write as _;
+        if let Ok(mut file) = file.lock() {
+            // A diagnosis aid: a failed write loses a log line, never the run.
+            let _ = writeln!(file, "{line}");
+        }
+    }
     if let Ok(mut log) = log.lock() {
         if log.len() == LOG_LINES {
             log.pop_front();
@@ -252,6 +262,22 @@ fn push(log: &Mutex<VecDeque<String>>, line: String) {
         log.push_back(line);
     }
 }
+
+/// With `POSGATE_SIM_DAEMON_LOG` set to a file name, every line of every daemon's output is
+/// appended there too (all daemons of a run in one file, their lines carry no name; tell them
+/// apart by `replicas.id` or pid in the lines). `POSGATE__LOG__LEVEL` in the environment then
+/// raises what they log, e.g. `warn,posgate::delivery=debug` (the addresses the soak needs are
+/// logged at info by `posgate::app` and `posgate::broker`, which are always added).
+static FULL_LOG: std::sync::LazyLock<Option<Mutex<std::fs::File>>> =
+    std::sync::LazyLock::new(|| {
+        let path = std::env::var_os("POSGATE_SIM_DAEMON_LOG")?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+            .map(Mutex::new)
+    });
 
 /// Keeps the last lines of `lines` in `log`, in a task, until the stream ends.
 fn keep_reading<R>(mut lines: Lines<R>, log: Arc<Mutex<VecDeque<String>>>)

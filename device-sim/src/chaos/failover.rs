@@ -12,6 +12,7 @@
 //! The replicas share the PKI (the CA, the server and signing keys): replica 0's `pki/` is
 //! copied into the others' data dirs before they first start, as an operator deploys them.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,6 +121,44 @@ pub struct FailoverReport {
     /// Nothing lost, skipped, invented or failing verification, every event answered `200`,
     /// and every terminal served again after every kill.
     pub clean: bool,
+    /// Delivery, lease and store counters of every replica, summed over the replicas and their
+    /// lives (each is read just before its `SIGKILL` and at the end): where republishes and
+    /// lease changes come from.
+    pub replica_counters: BTreeMap<String, f64>,
+}
+
+/// The counters [`FailoverReport::replica_counters`] keeps (by name prefix).
+const COUNTERS: &[&str] = &[
+    "posgate_confirmations_published_total",
+    "posgate_confirmations_republished_total",
+    "posgate_confirmations_acked_total",
+    "posgate_broker_publishes_total",
+    "posgate_replica_lease_renewals_total",
+    "posgate_replica_lease_failures_total",
+    "posgate_replica_forwards_total",
+    "posgate_replica_shard_changes_total",
+    "posgate_webhooks_total",
+    "posgate_store_commit_seconds_count",
+    "posgate_store_commit_seconds_sum",
+];
+
+/// Adds the replica's [`COUNTERS`] (from its `/metrics`) to `into`. A replica that does not
+/// answer adds nothing: the counters are a diagnosis, not the verdict.
+async fn add_counters(admin: SocketAddr, into: &mut BTreeMap<String, f64>) {
+    let text = match reqwest::get(format!("http://{admin}/metrics")).await {
+        Ok(answer) => answer.text().await.unwrap_or_default(),
+        Err(_) => return,
+    };
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if COUNTERS.iter().any(|c| key.starts_with(c))
+            && let Ok(value) = value.parse::<f64>()
+        {
+            *into.entry(key.to_owned()).or_default() += value;
+        }
+    }
 }
 
 /// Runs the failover bench and reports.
@@ -207,10 +246,12 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     tokio::time::sleep(opts.warmup).await;
     let mut kills = Vec::new();
     let mut all_served = Vec::new();
+    let mut counters = BTreeMap::new();
     for k in 0..opts.kills {
         let replica = k % opts.replicas;
         let due = load_started + opts.warmup + opts.kill_every * k as u32;
         tokio::time::sleep_until(due).await;
+        add_counters(daemons[replica].listen.admin, &mut counters).await;
         let at = load_started.elapsed().as_secs_f64();
         daemons[replica].kill().await?;
         let mark = checker.mark();
@@ -258,6 +299,14 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     );
     checker.all_delivered(opts.drain).await;
     let (confirmations, e2e, delivery) = checker.summary();
+    for d in &daemons {
+        add_counters(d.listen.admin, &mut counters).await;
+    }
+    if opts.verbose {
+        for (key, value) in &counters {
+            eprintln!("chaos: {key} {value}");
+        }
+    }
     for d in &mut daemons {
         d.terminate(Duration::from_secs(30)).await?;
     }
@@ -280,6 +329,7 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         delivery_ms: delivery,
         webhook_to_shown_ms: e2e,
         clean,
+        replica_counters: counters,
     })
 }
 

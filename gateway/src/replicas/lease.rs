@@ -150,6 +150,7 @@ impl Leases {
         let lost: BTreeSet<u16> = self.held.difference(&owned).copied().collect();
         if !lost.is_empty() {
             tracing::warn!(shards = ?lost, "shard leases lapsed (not renewed in time)");
+            self.count("lapsed", lost.len());
             self.held = owned;
             self.told(Input::Lost(lost));
         }
@@ -254,6 +255,7 @@ impl Leases {
         }
         if !lost.is_empty() {
             tracing::warn!(shards = ?lost, "shard leases lost to another replica");
+            self.count("lost", lost.len());
             self.told(Input::Lost(lost));
         }
         if !gained.is_empty() || !released.is_empty() {
@@ -266,10 +268,20 @@ impl Leases {
                 "shard leases changed"
             );
         }
+        self.count("released", released.len());
+        self.count("gained", gained.len());
         if !gained.is_empty() {
             self.told(Input::Gained(gained));
         }
         Ok(())
+    }
+
+    fn count(&self, change: &str, shards: usize) {
+        if let Some(m) = &self.metrics {
+            m.shard_changes
+                .with_label_values(&[change])
+                .inc_by(shards as u64);
+        }
     }
 
     fn told(&self, input: Input) {

@@ -55,6 +55,13 @@ pub enum StoreError {
     },
     #[error("PostgreSQL operation failed")]
     Postgres(#[from] postgres::Error),
+    /// A statement of this transaction failed earlier (its error was handled or ignored by the
+    /// caller); PostgreSQL refuses the rest, and COMMIT would silently roll back.
+    #[error("an earlier statement of this PostgreSQL transaction failed: {message}")]
+    PgTransactionFailed {
+        code: Option<postgres::error::SqlState>,
+        message: String,
+    },
     #[error("stored record {key} is corrupt")]
     Corrupt {
         key: String,
@@ -91,6 +98,9 @@ impl StoreError {
             StoreError::PgMigrate { source, .. } | StoreError::Postgres(source) => {
                 pg_is_transient(source)
             }
+            StoreError::PgTransactionFailed { code, .. } => {
+                code.as_ref().is_none_or(code_is_transient)
+            }
             StoreError::Closed | StoreError::Corrupt { .. } => false,
         }
     }
@@ -117,13 +127,13 @@ impl StoreError {
 /// Lost connections, a server shutting down or short of resources, conflicts with concurrent
 /// writers, a statement timeout: all may pass. Not: a schema or a query PostgreSQL refuses.
 fn pg_is_transient(e: &postgres::Error) -> bool {
-    e.is_closed()
-        || e.code().is_none_or(|c| {
-            let c = c.code();
-            ["08", "40", "53", "57"]
-                .iter()
-                .any(|class| c.starts_with(class))
-        })
+    e.is_closed() || e.code().is_none_or(code_is_transient)
+}
+
+fn code_is_transient(code: &postgres::error::SqlState) -> bool {
+    ["08", "40", "53", "57"]
+        .iter()
+        .any(|class| code.code().starts_with(class))
 }
 
 fn storage_is_transient(e: &redb::StorageError) -> bool {

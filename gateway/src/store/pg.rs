@@ -178,11 +178,14 @@ pub(crate) fn migrate(conn: &mut Conn) -> Result<(), postgres::Error> {
 
 /// Whether a failed batch may succeed when applied again: a concurrent writer got in its way.
 pub(super) fn is_conflict(e: &StoreError) -> bool {
-    let StoreError::Postgres(e) = e else {
-        return false;
+    let code = match e {
+        StoreError::Postgres(e) => e.code(),
+        // A conflict a job handled (e.g. one ack of many) still fails, and retries, the batch.
+        StoreError::PgTransactionFailed { code, .. } => code.as_ref(),
+        _ => return false,
     };
     matches!(
-        e.code(),
+        code,
         Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
             || *c == SqlState::T_R_DEADLOCK_DETECTED
             || *c == SqlState::UNIQUE_VIOLATION
@@ -282,16 +285,63 @@ pub(crate) struct Stmts(HashMap<Op, Statement>);
 struct Q<'t> {
     txn: Transaction<'t>,
     stmts: &'t mut Stmts,
+    /// The first statement of this transaction that failed. PostgreSQL refuses every later
+    /// statement of a failed transaction and answers its COMMIT with a rollback, *not an
+    /// error*: a caller that handled or ignored a failure (an ack among many) must not make the
+    /// batch look committed. Every later statement and the commit fail with it, without a round
+    /// trip, and a conflict among them is still retried as one.
+    failed: Option<(Option<SqlState>, String)>,
 }
 
-impl Q<'_> {
-    fn stmt(&mut self, op: Op) -> Result<Statement, postgres::Error> {
+impl<'t> Q<'t> {
+    fn new(txn: Transaction<'t>, stmts: &'t mut Stmts) -> Self {
+        Q {
+            txn,
+            stmts,
+            failed: None,
+        }
+    }
+
+    /// Refuses to go on after a failed statement (see [`Q::failed`]).
+    fn usable(&self) -> Result<(), StoreError> {
+        match &self.failed {
+            None => Ok(()),
+            Some((code, message)) => Err(StoreError::PgTransactionFailed {
+                code: code.clone(),
+                message: message.clone(),
+            }),
+        }
+    }
+
+    /// Passes `result` on, remembering the transaction's first failure.
+    fn note<T>(&mut self, result: Result<T, postgres::Error>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            if self.failed.is_none() {
+                self.failed = Some((e.code().cloned(), e.to_string()));
+            }
+            StoreError::Postgres(e)
+        })
+    }
+
+    fn stmt(&mut self, op: Op) -> Result<Statement, StoreError> {
+        self.usable()?;
         if let Some(s) = self.stmts.0.get(&op) {
             return Ok(s.clone());
         }
-        let s = self.txn.prepare(&op.sql())?;
+        let s = self.txn.prepare(&op.sql());
+        let s = self.note(s)?;
         self.stmts.0.insert(op, s.clone());
         Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        s: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        self.usable()?;
+        let rows = self.txn.query(s, params);
+        self.note(rows)
     }
 
     fn opt_bytes(
@@ -300,12 +350,20 @@ impl Q<'_> {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let s = self.stmt(op)?;
-        Ok(self.txn.query_opt(&s, params)?.map(|row| row.get(0)))
+        let row = self.txn.query_opt(&s, params);
+        Ok(self.note(row)?.map(|row| row.get(0)))
     }
 
     fn execute(&mut self, op: Op, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         let s = self.stmt(op)?;
-        Ok(self.txn.execute(&s, params)?)
+        let n = self.txn.execute(&s, params);
+        self.note(n)
+    }
+
+    /// Commits, unless a statement failed (then PostgreSQL would roll back and say nothing).
+    fn commit(self) -> Result<(), StoreError> {
+        self.usable()?;
+        Ok(self.txn.commit()?)
     }
 
     /// Runs an ordered query in chunks through a portal, so that a visitor that stops early
@@ -317,9 +375,11 @@ impl Q<'_> {
         visit: &mut dyn FnMut(&postgres::Row) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
         let s = self.stmt(op)?;
-        let portal = self.txn.bind(&s, params)?;
+        let portal = self.txn.bind(&s, params);
+        let portal = self.note(portal)?;
         loop {
-            let rows = self.txn.query_portal(&portal, SCAN_CHUNK)?;
+            let rows = self.txn.query_portal(&portal, SCAN_CHUNK);
+            let rows = self.note(rows)?;
             for row in &rows {
                 if !visit(row)? {
                     return Ok(());
@@ -374,7 +434,6 @@ impl Q<'_> {
     fn multi_get(&mut self, t: MultiTable, key: &str) -> Result<Vec<String>, StoreError> {
         let s = self.stmt(Op::MultiGet(t))?;
         Ok(self
-            .txn
             .query(&s, &[&key])?
             .iter()
             .map(|row| row.get(0))
@@ -389,7 +448,8 @@ impl Q<'_> {
 
     fn rejected_last(&mut self) -> Result<Option<u64>, StoreError> {
         let s = self.stmt(Op::RejectedLast)?;
-        let last: Option<i64> = self.txn.query_one(&s, &[])?.get(0);
+        let row = self.txn.query_one(&s, &[]);
+        let last: Option<i64> = self.note(row)?.get(0);
         Ok(last.map(|n| n as u64))
     }
 }
@@ -438,7 +498,7 @@ impl<'t> PgWrite<'t> {
     fn new(txn: Transaction<'t>, stmts: &'t mut Stmts) -> Self {
         PgWrite {
             state: RefCell::new(State {
-                q: Q { txn, stmts },
+                q: Q::new(txn, stmts),
                 buffer: BTreeMap::new(),
                 cache: HashMap::new(),
                 multi_cache: HashMap::new(),
@@ -474,7 +534,7 @@ impl<'t> PgWrite<'t> {
                 cache.insert((t, (*k).to_owned()), None);
             }
             let s = q.stmt(Op::GetMany(t))?;
-            for row in q.txn.query(&s, &[&keys])? {
+            for row in q.query(&s, &[&keys])? {
                 cache.insert((t, row.get(0)), Some(row.get(1)));
             }
         }
@@ -484,7 +544,7 @@ impl<'t> PgWrite<'t> {
                 multi_cache.insert((t, (*k).to_owned()), Vec::new());
             }
             let s = q.stmt(Op::MultiGetMany(t))?;
-            for row in q.txn.query(&s, &[&keys])? {
+            for row in q.query(&s, &[&keys])? {
                 if let Some(values) = multi_cache.get_mut(&(t, row.get::<_, String>(0))) {
                     values.push(row.get(1));
                 }
@@ -605,7 +665,7 @@ impl<'t> PgWrite<'t> {
         self.flush(|_| true)?;
         self.flush_multi(MultiTable::Pending)?;
         self.flush_multi(MultiTable::Undeliverable)?;
-        self.state.into_inner().q.txn.commit()?;
+        self.state.into_inner().q.commit()?;
         Ok(())
     }
 
@@ -763,11 +823,7 @@ impl KvWrite for PgWrite<'_> {
         let mut values: Vec<String> = {
             let mut q = self.q();
             let s = q.stmt(Op::MultiRemoveAll(t))?;
-            q.txn
-                .query(&s, &[&key])?
-                .iter()
-                .map(|row| row.get(0))
-                .collect()
+            q.query(&s, &[&key])?.iter().map(|row| row.get(0)).collect()
         };
         values.sort();
         self.set_multi_cache(t, key, Vec::new());
@@ -875,11 +931,11 @@ impl Readers {
             return Err(StoreError::Closed);
         };
         let kv = ReadKv::Pg(PgRead {
-            q: RefCell::new(Q { txn, stmts }),
+            q: RefCell::new(Q::new(txn, stmts)),
         });
         let out = f(&kv)?;
         if let ReadKv::Pg(read) = kv {
-            read.q.into_inner().txn.commit()?;
+            read.q.into_inner().commit()?;
         }
         Ok(out)
     }

@@ -303,3 +303,43 @@ async fn a_commit_past_its_deadline_is_answered_stalled_and_the_store_is_unhealt
     );
     store.close().await;
 }
+
+/// A job that handles a failed statement itself (as `ack_many` does for each of its acks) must
+/// not be answered "committed": PostgreSQL answers the COMMIT of a failed transaction with a
+/// rollback and no error, so writes sent before the failure were lost while the job was told
+/// they were kept (and a serialization failure so handled was never retried: the acks of a
+/// whole batch were dropped, and their confirmations published again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_failure_a_job_handled_still_fails_its_batch() {
+    use super::kv::{KvRead, KvWrite, MultiTable, StrTable};
+    let db = TestDb::new(Kind::Postgres).await;
+    let store = db.open(Limits::new(256, 64)).await;
+    let answer = store
+        .write(|t| {
+            t.kv.multi_insert(MultiTable::Pending, "evt_kept", "pi_1")?;
+            // Sends the buffered insert to the server now.
+            t.kv.multi_remove_all(MultiTable::Pending, "evt_other")?;
+            // A key PostgreSQL refuses (text cannot hold NUL): the statement fails, the job
+            // carries on as if it had not found the row.
+            let refused = t.kv.get(StrTable::Terminals, "pos\0-1");
+            assert!(refused.is_err(), "PostgreSQL refuses NUL in text");
+            Ok(())
+        })
+        .await;
+    assert!(
+        answer.is_err(),
+        "a batch with a failed statement was answered committed"
+    );
+    let kept = store
+        .read("pending", "evt_kept", |kv| {
+            kv.multi_get(MultiTable::Pending, "evt_kept")
+        })
+        .await
+        .unwrap();
+    assert!(kept.is_empty(), "nothing of a failed batch is kept");
+    // The writer goes on: the next batch commits.
+    store
+        .write(|t| t.kv.multi_insert(MultiTable::Pending, "evt_next", "pi_2"))
+        .await
+        .unwrap();
+}
