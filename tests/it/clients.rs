@@ -1,10 +1,11 @@
-//! The reference terminals in `clients/` (Python, C) as a terminal developer runs them: a
+//! The reference terminals in `clients/` (Python, C, JVM) as a terminal developer runs them: a
 //! subprocess with a provisioning bundle from the admin API, against the real gateway and the
 //! provider simulator; and each one against the confirmation test vectors.
 //!
 //! What they need is installed by `.ci/run`: a venv at `target/clients-venv` with
 //! `clients/python/requirements.txt`, and the Debian packages `libmosquitto-dev`, `libsodium-dev`,
-//! `libjansson-dev`, `libssl-dev` and `pkg-config` for `cc`. A missing one fails the test with
+//! `libjansson-dev`, `libssl-dev` and `pkg-config` for `cc`, and `default-jdk-headless`,
+//! `libmqtt-client-java` and `libgoogle-gson-java` for `javac`. A missing one fails the test with
 //! what to install.
 
 use std::collections::HashMap;
@@ -28,6 +29,15 @@ use crate::harness::{self, TestGateway, eventually, keep_reading};
 
 const SECRET: &str = "whsec_it_clients";
 const WAIT: Duration = Duration::from_secs(20);
+/// The JVM client's libraries, from Debian's libmqtt-client-java (with hawtdispatch and hawtbuf)
+/// and libgoogle-gson-java.
+const JVM_JARS: [&str; 5] = [
+    "mqtt-client.jar",
+    "hawtdispatch-transport.jar",
+    "hawtdispatch.jar",
+    "hawtbuf.jar",
+    "gson.jar",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -45,6 +55,9 @@ struct Program {
     argv: Vec<PathBuf>,
     /// Holds the C binary.
     _dir: Option<TempDir>,
+    /// Whether the client makes its own key and certificate request (`--new-key`); the JVM one
+    /// leaves that to the platform's keystore.
+    makes_keys: bool,
 }
 
 impl Program {
@@ -69,6 +82,7 @@ impl Program {
         Program {
             argv: vec![python, repo().join("clients/python/posgate_terminal.py")],
             _dir: None,
+            makes_keys: true,
         }
     }
 
@@ -104,6 +118,77 @@ impl Program {
         Program {
             argv: vec![binary],
             _dir: Some(dir),
+            makes_keys: true,
+        }
+    }
+
+    /// `clients/jvm/` compiled by `javac` against the Debian packages' jars in /usr/share/java,
+    /// as its README says.
+    fn jvm() -> Program {
+        let jars: Vec<PathBuf> = JVM_JARS
+            .iter()
+            .map(|jar| Path::new("/usr/share/java").join(jar))
+            .collect();
+        if let Some(missing) = jars.iter().find(|jar| !jar.exists()) {
+            panic!(
+                "{} is missing; install the Debian packages default-jdk-headless \
+                 libmqtt-client-java libgoogle-gson-java, as .ci/run does",
+                missing.display()
+            );
+        }
+        let sources: Vec<PathBuf> =
+            std::fs::read_dir(repo().join("clients/jvm/src/posgate/terminal"))
+                .unwrap()
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "java"))
+                .collect();
+        // Compiled once per version of the sources, not once per test (javac takes seconds).
+        let mut hasher = std::hash::DefaultHasher::new();
+        for source in &sources {
+            std::hash::Hash::hash(&(source, std::fs::read(source).unwrap()), &mut hasher);
+        }
+        let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "jvm-client-{:016x}",
+            std::hash::Hasher::finish(&hasher)
+        ));
+        let classpath = std::env::join_paths(&jars).unwrap();
+        if !classes.exists() {
+            let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+            let out = std::process::Command::new("javac")
+                .args(["-Xlint:all", "-Werror", "--release", "17", "-d"])
+                .arg(scratch.path())
+                .arg("-cp")
+                .arg(&classpath)
+                .args(&sources)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("javac: {e}; install the Debian package default-jdk-headless")
+                });
+            assert!(
+                out.status.success(),
+                "javac failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Another test may have got there first: its classes are the same.
+            let compiled = scratch.keep();
+            if std::fs::rename(&compiled, &classes).is_err() {
+                let _ = std::fs::remove_dir_all(&compiled);
+            }
+        }
+        let classpath = std::env::join_paths(std::iter::once(classes).chain(jars)).unwrap();
+        Program {
+            argv: vec![
+                "java".into(),
+                // A quicker start on a busy machine (C1 only, serial GC); a terminal that runs
+                // for days keeps the defaults.
+                "-XX:TieredStopAtLevel=1".into(),
+                "-XX:+UseSerialGC".into(),
+                "-cp".into(),
+                classpath.into(),
+                "posgate.terminal.Terminal".into(),
+            ],
+            _dir: None,
+            makes_keys: false,
         }
     }
 
@@ -518,6 +603,23 @@ async fn new_key(program: &Program, path: &Path) -> String {
     csr
 }
 
+/// A new key at `path` and a certificate request for it: made by the client (`--new-key`), or
+/// for the JVM client as a keystore would (here rcgen), written as the PKCS#8 file its `--key`
+/// reads.
+async fn key_and_csr(program: &Program, path: &Path) -> String {
+    if program.makes_keys {
+        return new_key(program, path).await;
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(path, key.serialize_pem()).unwrap();
+    rcgen::CertificateParams::new(vec![])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
 /// Runs the client until it exits, which must be a failure that says `why` on stderr.
 async fn refuses_to_start(
     program: &Program,
@@ -558,7 +660,7 @@ async fn own_key_provisioning_and_renewal(program: Program, id: &str) {
     let (key_arg, new_key_arg) = (key.to_str().unwrap(), new_key_path.to_str().unwrap());
     let state_path = file("state");
 
-    let csr = new_key(&program, &key).await;
+    let csr = key_and_csr(&program, &key).await;
     let response = gw
         .admin_post(
             "/v1/terminals",
@@ -589,7 +691,7 @@ async fn own_key_provisioning_and_renewal(program: Program, id: &str) {
 
     // Renewal with a new key: the gateway certifies the new request's key, and until the new
     // certificate is used the old one still works.
-    let csr = new_key(&program, &new_key_path).await;
+    let csr = key_and_csr(&program, &new_key_path).await;
     let (status, renewed) = renew(&gw, id, json!({"csr_pem": csr})).await;
     assert_eq!(status, 200, "{renewed}");
     assert!(renewed.get("key_pem").is_none(), "{renewed}");
@@ -679,6 +781,11 @@ async fn c_client_makes_its_own_key_and_is_provisioned_and_renewed_from_csrs() {
     own_key_provisioning_and_renewal(Program::c(), "pos_c_own_key").await;
 }
 
+#[tokio::test]
+async fn jvm_client_runs_on_its_own_key_provisioned_and_renewed_from_csrs() {
+    own_key_provisioning_and_renewal(Program::jvm(), "pos_jvm_own_key").await;
+}
+
 /// Every case of the test vectors gives what the file says: valid ones verify with the stated
 /// payload, each invalid one is refused for its stated reason.
 async fn passes_every_vector(program: Program) {
@@ -726,6 +833,11 @@ async fn c_client_passes_every_confirmation_vector() {
 }
 
 #[tokio::test]
+async fn jvm_client_passes_every_confirmation_vector() {
+    passes_every_vector(Program::jvm()).await;
+}
+
+#[tokio::test]
 async fn python_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
     pays_shows_once_acks_and_remembers(Program::python(), "pos_py").await;
 }
@@ -733,4 +845,9 @@ async fn python_client_shows_each_payment_once_acks_it_and_remembers_across_a_re
 #[tokio::test]
 async fn c_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
     pays_shows_once_acks_and_remembers(Program::c(), "pos_c").await;
+}
+
+#[tokio::test]
+async fn jvm_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
+    pays_shows_once_acks_and_remembers(Program::jvm(), "pos_jvm").await;
 }
