@@ -1,13 +1,22 @@
 /*
  * A reference posgate terminal in C, for embedded firmware: MQTT over mutual TLS (libmosquitto),
- * Ed25519 and strict base64url (libsodium), JSON (jansson).
+ * Ed25519 and strict base64url (libsodium), JSON (jansson), the terminal's own key and its
+ * certificate request (OpenSSL's libcrypto, which libmosquitto links already).
  *
- *   posgate-terminal --bundle bundle.json --state state.json [--mqtt HOST:PORT]
+ *   posgate-terminal --bundle bundle.json --state state.json [--mqtt HOST:PORT] [--key key.pem]
+ *   posgate-terminal --new-key key.pem > request.csr
  *   posgate-terminal --check-vectors proto/testdata/confirmation-vectors.json
  *
- * Build (Debian: libmosquitto-dev libsodium-dev libjansson-dev pkg-config):
+ * Build (Debian: libmosquitto-dev libsodium-dev libjansson-dev libssl-dev pkg-config):
  *   cc -std=c11 -Wall -Wextra -O2 -o posgate-terminal posgate_terminal.c \
- *      $(pkg-config --cflags --libs libmosquitto libsodium jansson)
+ *      $(pkg-config --cflags --libs libmosquitto libsodium jansson libcrypto)
+ *
+ * A terminal whose key must never leave it makes the key itself: --new-key writes a new P-256 key
+ * (PKCS#8 PEM, mode 0600, never over an existing file) and prints a certificate request (PKCS#10)
+ * for it. The operator provisions the terminal with that request (`csr_pem` in `POST
+ * /v1/terminals`, or `POST /v1/terminals/{id}/certificate` to renew), and the bundle then has no
+ * `key_pem`: the terminal runs with --key. Firmware with a secure element makes the key and signs
+ * the request there instead; the rest is the same.
  *
  * The bundle is what `POST /v1/terminals` on posgate's admin API answered. For every message on
  * its payments topic the terminal: verifies it (verify() below, the rules of docs/interfaces.md),
@@ -29,6 +38,10 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <mosquitto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <signal.h>
 #include <sodium.h>
 #include <stdbool.h>
@@ -401,7 +414,74 @@ static bool write_pem(const char *dir, const char *name, const char *pem, char *
     return close(fd) == 0 && ok;
 }
 
-static int run(const char *bundle_path, const char *state_path, const char *mqtt_override) {
+/* ==== the terminal's own key ================================================================ */
+
+/* What OpenSSL last said, on stderr, after what we were doing. */
+static int openssl_failed(const char *doing) {
+    unsigned long e = ERR_get_error();
+    fprintf(stderr, "%s: %s\n", doing, e ? ERR_reason_error_string(e) : "failed");
+    return 1;
+}
+
+/*
+ * Writes a new P-256 key to path (0600, never over an existing file: a key in use must not be
+ * lost to a typo) and prints a certificate request for it on stdout. The gateway takes only the
+ * public key from the request and names the certificate itself, so the subject is a placeholder.
+ */
+static int new_key(const char *path) {
+    EVP_PKEY *key = EVP_EC_gen("P-256");
+    if (!key) return openssl_failed("generating a P-256 key");
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) {
+        fprintf(stderr, "%s: %s (not replaced)\n", path, strerror(errno));
+        EVP_PKEY_free(key);
+        return 1;
+    }
+    FILE *f = fdopen(fd, "w");
+    bool written = f && PEM_write_PKCS8PrivateKey(f, key, NULL, NULL, 0, NULL, NULL) == 1 &&
+                   fflush(f) == 0 && fsync(fd) == 0;
+    if (f ? fclose(f) != 0 : close(fd) != 0) written = false;
+    if (!written) {
+        unlink(path);
+        EVP_PKEY_free(key);
+        return openssl_failed("writing the key");
+    }
+    X509_REQ *req = X509_REQ_new();
+    X509_NAME *name = req ? X509_REQ_get_subject_name(req) : NULL;
+    bool ok = name && X509_REQ_set_version(req, 0) == 1 &&
+              X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                                         (const unsigned char *)"posgate-terminal", -1, -1,
+                                         0) == 1 &&
+              X509_REQ_set_pubkey(req, key) == 1 && X509_REQ_sign(req, key, EVP_sha256()) > 0 &&
+              PEM_write_X509_REQ(stdout, req) == 1;
+    X509_REQ_free(req);
+    EVP_PKEY_free(key);
+    return ok ? 0 : openssl_failed("making the certificate request");
+}
+
+/* True when key_path holds the private key of the certificate cert_pem: checked at start, so a
+ * wrong key file is said at once rather than as a TLS failure on every reconnect. */
+static bool key_matches(const char *cert_pem, const char *key_path) {
+    BIO *bio = cert_pem ? BIO_new_mem_buf(cert_pem, -1) : NULL;
+    X509 *cert = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    FILE *f = fopen(key_path, "r");
+    EVP_PKEY *key = f ? PEM_read_PrivateKey(f, NULL, NULL, NULL) : NULL;
+    bool ok = cert && key && X509_check_private_key(cert, key) == 1;
+    if (!f)
+        fprintf(stderr, "%s: %s\n", key_path, strerror(errno));
+    else if (!key)
+        openssl_failed("reading the key");
+    else if (!ok)
+        fprintf(stderr, "%s is not the key of the bundle's certificate\n", key_path);
+    if (f) fclose(f);
+    EVP_PKEY_free(key);
+    X509_free(cert);
+    BIO_free(bio);
+    return ok;
+}
+
+static int run(const char *bundle_path, const char *state_path, const char *mqtt_override,
+               const char *key_path) {
     json_error_t err;
     json_t *bundle = json_load_file(bundle_path, 0, &err);
     json_t *topics = json_object_get(bundle, "topics");
@@ -422,6 +502,16 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
         return 2;
     }
     if (!load_state(state_path, t.terminal_id, &t.last_shown_seq)) return 2;
+    /* The bundle's key, or for a terminal provisioned from its own request (no key_pem), the
+     * key it made itself. */
+    const char *key_pem = json_string_value(json_object_get(bundle, "key_pem"));
+    if (!key_path && !key_pem) {
+        fprintf(stderr, "the bundle has no key_pem (provisioned from a CSR): pass --key\n");
+        return 2;
+    }
+    if (key_path &&
+        !key_matches(json_string_value(json_object_get(bundle, "cert_pem")), key_path))
+        return 2;
 
     /* host:port from --mqtt or from the bundle's mqtts://host:port */
     char host[256];
@@ -441,7 +531,7 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
     /* libmosquitto loads the CA, certificate and key from files: a private directory under
      * $TMPDIR, removed at exit (firmware keeps them in its own secure storage instead). */
     const char *tmpdir = getenv("TMPDIR");
-    char dir[4096], ca[4200], cert[4200], key[4200];
+    char dir[4096], ca[4200], cert[4200], key[4200] = "";
     snprintf(dir, sizeof dir, "%s/posgate-terminal-XXXXXX", tmpdir && *tmpdir ? tmpdir : "/tmp");
     if (!mkdtemp(dir)) return perror("mkdtemp"), 2;
     bool pems = write_pem(dir, "ca.pem", json_string_value(json_object_get(bundle, "ca_pem")), ca,
@@ -449,8 +539,7 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
                 write_pem(dir, "cert.pem",
                           json_string_value(json_object_get(bundle, "cert_pem")), cert,
                           sizeof cert) &&
-                write_pem(dir, "key.pem", json_string_value(json_object_get(bundle, "key_pem")),
-                          key, sizeof key);
+                (key_path || write_pem(dir, "key.pem", key_pem, key, sizeof key));
 
     mosquitto_lib_init();
     /* The broker requires client id = certificate CN = terminal id (the bundle's client_id). */
@@ -468,7 +557,8 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
         /* Retained, QoS 1, on the terminal's own status topic: anything else is refused. */
         rc = mosquitto_will_set(mosq, t.status, (int)strlen(OFFLINE), OFFLINE, 1, true);
     }
-    if (rc == MOSQ_ERR_SUCCESS) rc = mosquitto_tls_set(mosq, ca, NULL, cert, key, NULL);
+    if (rc == MOSQ_ERR_SUCCESS)
+        rc = mosquitto_tls_set(mosq, ca, NULL, cert, key_path ? key_path : key, NULL);
     if (rc != MOSQ_ERR_SUCCESS) {
         fprintf(stderr, "setting up MQTT/TLS: %s\n", mosquitto_strerror(rc));
     } else {
@@ -495,24 +585,31 @@ static int run(const char *bundle_path, const char *state_path, const char *mqtt
     }
     mosquitto_destroy(mosq);
     mosquitto_lib_cleanup();
-    unlink(ca), unlink(cert), unlink(key), rmdir(dir);
+    unlink(ca), unlink(cert);
+    if (*key) unlink(key);
+    rmdir(dir);
     json_decref(bundle);
     return rc == MOSQ_ERR_SUCCESS ? 0 : 1;
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: posgate-terminal --bundle FILE --state FILE [--mqtt HOST:PORT]\n"
+    fprintf(stderr, "usage: posgate-terminal --bundle FILE --state FILE [--mqtt HOST:PORT] "
+                    "[--key FILE]\n"
+                    "       posgate-terminal --new-key FILE > request.csr\n"
                     "       posgate-terminal --check-vectors FILE\n");
     return 64;
 }
 
 int main(int argc, char **argv) {
-    const char *bundle = NULL, *state = NULL, *mqtt = NULL, *vectors = NULL;
+    const char *bundle = NULL, *state = NULL, *mqtt = NULL, *vectors = NULL, *key = NULL,
+               *new_key_path = NULL;
     for (int i = 1; i < argc; i++) {
         const char **slot = strcmp(argv[i], "--bundle") == 0          ? &bundle
                             : strcmp(argv[i], "--state") == 0         ? &state
                             : strcmp(argv[i], "--mqtt") == 0          ? &mqtt
                             : strcmp(argv[i], "--check-vectors") == 0 ? &vectors
+                            : strcmp(argv[i], "--key") == 0           ? &key
+                            : strcmp(argv[i], "--new-key") == 0       ? &new_key_path
                                                                       : NULL;
         if (!slot || ++i == argc) return usage();
         *slot = argv[i];
@@ -520,6 +617,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* one line per event, at once, even into a pipe */
     if (sodium_init() < 0) return fprintf(stderr, "libsodium did not initialise\n"), 1;
     if (vectors) return check_vectors(vectors);
+    if (new_key_path) return new_key(new_key_path);
     if (!bundle || !state) return usage();
-    return run(bundle, state, mqtt);
+    return run(bundle, state, mqtt, key);
 }

@@ -285,7 +285,12 @@ def tls_context(bundle: dict, key_file: str | None = None) -> ssl.SSLContext:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(pem)
-        ctx.load_cert_chain(cert, key)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as e:
+            # Said at start, rather than as a TLS failure on every reconnect.
+            which = key_file or "the bundle's key_pem"
+            raise SystemExit(f"{which} is not the key of the bundle's certificate ({e})") from None
     return ctx
 
 

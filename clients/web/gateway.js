@@ -17,6 +17,14 @@ export class ApiError extends Error {
   }
 }
 
+/**
+ * An ack's JSON text, `{"intent_id","seq"}`, with seq written exactly: it is a u64 (a BigInt from
+ * verify.js), which JSON.stringify cannot write and a Number may round.
+ */
+export function ackJson(intentId, seq) {
+  return `{"intent_id":${JSON.stringify(intentId)},"seq":${BigInt(seq)}}`;
+}
+
 export class Gateway {
   /** `url`: the gateway's ingress as the browser reaches it (http(s)://host:port). */
   constructor(url, token) {
@@ -24,6 +32,7 @@ export class Gateway {
     this.token = token;
   }
 
+  /** `body`: an object, sent as JSON, or JSON text as it is. */
   async request(method, path, body, { signal } = {}) {
     const response = await fetch(this.url + path, {
       method,
@@ -31,7 +40,7 @@ export class Gateway {
         authorization: `Bearer ${this.token}`,
         ...(body === undefined ? {} : { 'content-type': 'application/json' }),
       },
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || typeof body === 'string' ? body : JSON.stringify(body),
       cache: 'no-store',
       credentials: 'omit',
       signal,
@@ -65,7 +74,7 @@ export class Gateway {
   }
 
   ack(intentId, seq) {
-    return this.request('POST', '/v1/terminal/acks', { intent_id: intentId, seq });
+    return this.request('POST', '/v1/terminal/acks', ackJson(intentId, seq));
   }
 
   /** A single-use ticket for one stream. */
@@ -135,7 +144,7 @@ export function listen(gateway, { channels = ['sse', 'ws', 'poll'], onConfirmati
       };
       const frameAck = async (intentId, seq) => {
         if (socket.readyState !== WebSocket.OPEN) return postAck(intentId, seq);
-        socket.send(JSON.stringify({ intent_id: intentId, seq }));
+        socket.send(ackJson(intentId, seq));
       };
       socket.onmessage = (event) => {
         if (typeof event.data !== 'string') return;

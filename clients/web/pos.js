@@ -30,7 +30,9 @@ let config;
 let gateway;
 let key;
 let storageKey;
-let state = { last_seq: 0, sale: null };
+// last_seq is a decimal string: seq is a u64 (verify.js reads it as a BigInt), which neither a
+// Number nor JSON.stringify carries exactly.
+let state = { last_seq: '0', sale: null };
 let rejected = 0;
 // Confirmations are handled one at a time, in arrival order (verification is asynchronous).
 let queue = Promise.resolve();
@@ -42,7 +44,10 @@ function save() {
 function load() {
   try {
     const stored = JSON.parse(localStorage.getItem(storageKey) ?? 'null');
-    if (stored && Number.isSafeInteger(stored.last_seq)) state = stored;
+    // (A number is what earlier versions of this page stored.)
+    if (stored && /^[0-9]+$/.test(String(stored.last_seq))) {
+      state = { ...stored, last_seq: String(stored.last_seq) };
+    }
   } catch {
     // A damaged entry: start afresh (the gateway still holds every unacked confirmation).
   }
@@ -208,11 +213,11 @@ async function onConfirmation(jws, ack) {
   }
   // Shown once: a seq at or below the last one shown is a repeat (the gateway resends until it
   // has the ack). Recorded before the ack, so a reload in between does not show it twice.
-  if (c.seq > state.last_seq) {
-    state.last_seq = c.seq;
+  if (c.seq > BigInt(state.last_seq)) {
+    state.last_seq = String(c.seq);
     const sale = state.sale;
     if (sale?.intent?.intent_id === c.intent_id) {
-      sale.outcome = { status: c.status, context: c.context ?? null, seq: c.seq };
+      sale.outcome = { status: c.status, context: c.context ?? null, seq: String(c.seq) };
       $('outcome').dataset.shownAt = String(Date.now());
     } else {
       // An earlier sale, settled after the cashier moved on (a late payment, say): said, not

@@ -10,11 +10,15 @@
 //      before the key is used (kid is a name, not key material: not checked, as in proto);
 //   3. the signature: 64 bytes, S below the group order (no malleable twin), then
 //      crypto.subtle.verify over the first two parts exactly as received;
-//   4. the payload is a version 1 confirmation with every field of the right type;
+//   4. the payload is a version 1 confirmation with every field of the right type (its integers
+//      read exactly, as BigInt: seq is a u64 and may pass 2^53, where a double loses it);
 //   5. terminal_id is this terminal's;
 //   6. seq is at least minSeq.
 // Nothing of the payload is looked at before the signature checks out. Only a confirmation that
 // passes is shown or acked.
+
+// JSON.parse reads every number as a double; lossless-json's parser hands us each number's text.
+import { parse as parseLossless } from './node_modules/lossless-json/lib/esm/parse.js';
 
 /** Why a confirmation was refused; `reason` is a stable label. */
 export class VerifyError extends Error {
@@ -90,22 +94,49 @@ const STATUSES = new Set(['confirmed', 'expired', 'cancelled', 'unresolved']);
 const CONTEXTS = new Set(['late', 'underpaid', 'overpaid', 'multiple']);
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
-function json(bytes, reason) {
+function text(bytes, reason) {
   try {
-    return JSON.parse(utf8.decode(bytes));
+    return utf8.decode(bytes);
   } catch {
-    throw new VerifyError(reason, `${reason === 'malformed' ? 'header' : 'payload'} is not JSON`);
+    throw new VerifyError(reason, `${reason === 'malformed' ? 'header' : 'payload'} is not UTF-8`);
+  }
+}
+
+function header(bytes) {
+  try {
+    return JSON.parse(text(bytes, 'malformed'));
+  } catch (e) {
+    if (e instanceof VerifyError) throw e;
+    throw new VerifyError('malformed', 'header is not JSON');
+  }
+}
+
+/**
+ * Parses JSON with every integer as a BigInt, exactly (`9007199254740993` stays itself), and any
+ * other number as a double. A member given twice is an error, as posgate's own parser says.
+ */
+export function parseExact(json) {
+  return parseLossless(json, null, (raw) => (/^-?[0-9]+$/.test(raw) ? BigInt(raw) : Number(raw)));
+}
+
+function payload(bytes) {
+  try {
+    return parseExact(text(bytes, 'bad_payload'));
+  } catch (e) {
+    if (e instanceof VerifyError) throw e;
+    throw new VerifyError('bad_payload', `payload is not JSON: ${e.message}`);
   }
 }
 
 const isObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
 const isString = (v) => typeof v === 'string';
-const isCount = (v) => Number.isSafeInteger(v) && v >= 0;
+const U64_MAX = 2n ** 64n - 1n;
+const isCount = (v) => typeof v === 'bigint' && v >= 0n && v <= U64_MAX;
 const optional = (check) => (v) => v === undefined || check(v);
 
 // The payload's fields and their types (docs/interfaces.md); others are ignored.
 const FIELDS = {
-  v: (v) => v === 1,
+  v: (v) => v === 1n,
   terminal_id: isString,
   intent_id: isString,
   seq: isCount,
@@ -119,25 +150,29 @@ const FIELDS = {
   issued_at: isString,
 };
 
+/** The payload members posgate defines, in the order of docs/interfaces.md. */
+export const MEMBERS = Object.freeze(Object.keys(FIELDS));
+
 /**
  * Verifies `jws` for terminal `terminalId` with the key from importGatewayKey and returns its
- * payload. `minSeq` refuses replays below it (0: none); duplicates at or above it pass, and the
- * caller deduplicates on intent_id + seq.
+ * payload, whose integers (`v`, `seq`, `amount_micros`) are BigInts. `minSeq` (a BigInt, or a
+ * safe integer Number) refuses replays below it (0: none); duplicates at or above it pass, and
+ * the caller deduplicates on intent_id + seq.
  *
  * Throws a VerifyError whose `reason` is the first failed check: `malformed`, `bad_alg`,
  * `bad_signature`, `bad_payload`, `wrong_terminal`, `old_seq`.
  */
-export async function verifyConfirmation(jws, gatewayKey, terminalId, minSeq = 0) {
+export async function verifyConfirmation(jws, gatewayKey, terminalId, minSeq = 0n) {
   const parts = typeof jws === 'string' ? jws.split('.') : [];
   if (parts.length !== 3) {
     throw new VerifyError('malformed', 'not a compact JWS (three parts)');
   }
   const [headerB64, payloadB64, signatureB64] = parts;
-  const header = json(base64urlDecode(headerB64), 'malformed');
-  if (!isObject(header) || typeof header.alg !== 'string') {
+  const h = header(base64urlDecode(headerB64));
+  if (!isObject(h) || typeof h.alg !== 'string') {
     throw new VerifyError('malformed', 'header is not a JSON object with a string alg');
   }
-  if (header.alg !== 'EdDSA' || 'crit' in header) {
+  if (h.alg !== 'EdDSA' || 'crit' in h) {
     throw new VerifyError('bad_alg', 'alg is not EdDSA, or crit is present');
   }
   const payloadBytes = base64urlDecode(payloadB64);
@@ -148,14 +183,14 @@ export async function verifyConfirmation(jws, gatewayKey, terminalId, minSeq = 0
   const signingInput = new TextEncoder().encode(`${headerB64}.${payloadB64}`);
   const valid = await crypto.subtle.verify({ name: 'Ed25519' }, gatewayKey.key, signature, signingInput);
   if (!valid) throw new VerifyError('bad_signature', 'signature does not verify with the gateway key');
-  const c = json(payloadBytes, 'bad_payload');
+  const c = payload(payloadBytes);
   if (!isObject(c) || !Object.entries(FIELDS).every(([name, ok]) => ok(c[name]))) {
     throw new VerifyError('bad_payload', 'payload is not a version 1 confirmation');
   }
   if (c.terminal_id !== terminalId) {
     throw new VerifyError('wrong_terminal', `confirmation is for terminal ${c.terminal_id}`);
   }
-  if (c.seq < minSeq) {
+  if (c.seq < BigInt(minSeq)) {
     throw new VerifyError('old_seq', `confirmation seq ${c.seq} is below ${minSeq}`);
   }
   return c;

@@ -31,6 +31,17 @@ use crate::terminal::Bundle;
 /// `clients/web/` of the source tree this binary was built from.
 pub const DEFAULT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/web");
 
+/// A module of lossless-json's ES build, as [`FILES`] lists it.
+macro_rules! lossless_json {
+    ($file:literal) => {
+        (
+            concat!("/node_modules/lossless-json/lib/esm/", $file),
+            concat!("node_modules/lossless-json/lib/esm/", $file),
+            "text/javascript; charset=utf-8",
+        )
+    };
+}
+
 /// What is served: the path, the file under the directory, its content type.
 pub const FILES: &[(&str, &str, &str)] = &[
     ("/", "index.html", "text/html; charset=utf-8"),
@@ -48,6 +59,12 @@ pub const FILES: &[(&str, &str, &str)] = &[
         "node_modules/qrcode-generator/dist/qrcode.mjs",
         "text/javascript; charset=utf-8",
     ),
+    // lossless-json's parser (verify.js reads seq, a u64, exactly) and the modules it imports.
+    lossless_json!("parse.js"),
+    lossless_json!("numberParsers.js"),
+    lossless_json!("LosslessNumber.js"),
+    lossless_json!("utils.js"),
+    lossless_json!("revive.js"),
 ];
 
 /// How the page receives confirmations, in the order it tries them.

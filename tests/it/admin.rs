@@ -129,3 +129,69 @@ async fn intents_list_filters_and_pages() {
     }
     gw.shutdown().await;
 }
+
+/// A merchant id that cannot be the provider's (`mer_…`) is refused at provisioning with a clear
+/// 400, and nothing is registered: before, it was accepted and every payment of the terminal
+/// failed at the provider.
+#[tokio::test]
+async fn provisioning_refuses_a_merchant_id_the_provider_cannot_have() {
+    let gw = spawn_gateway().await;
+    let long = format!("mer_{}", "a".repeat(252));
+    for merchant_id in [
+        "m",
+        "acct_1",
+        "mer_",
+        "MER_acme",
+        " mer_acme",
+        "mer_acme\n",
+        "mer_ac me",
+        "mer_\u{7}x",
+        long.as_str(),
+    ] {
+        let (status, body) = status_json(
+            gw.admin_post(
+                "/v1/terminals",
+                serde_json::json!({"id": "pos_merchant", "merchant_id": merchant_id}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, 400, "{merchant_id:?}: {body}");
+        assert_error_body(&body);
+        assert_eq!(body["error"]["code"], "invalid_merchant_id", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("mer_"), "{message}");
+        let (status, _) = status_json(gw.admin_get("/v1/terminals/pos_merchant").await).await;
+        assert_eq!(status, 404, "{merchant_id:?} registered a terminal");
+    }
+    // Not a string at all: the admin API's usual 422 naming the field.
+    let (status, body) = status_json(
+        gw.admin_post(
+            "/v1/terminals",
+            serde_json::json!({"id": "pos_merchant", "merchant_id": 7}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (422, &"invalid_field".into())
+    );
+    // The provider's own form, up to 255 bytes, is taken as it is.
+    for (id, merchant_id) in [
+        ("pos_merchant", "mer_4kT9wQz2"),
+        ("pos_merchant_long", &long[..255]),
+    ] {
+        let (status, body) = status_json(
+            gw.admin_post(
+                "/v1/terminals",
+                serde_json::json!({"id": id, "merchant_id": merchant_id}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(gw.terminal_view(id).await["merchant_id"], merchant_id);
+    }
+    gw.shutdown().await;
+}

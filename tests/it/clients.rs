@@ -1,10 +1,12 @@
-//! The reference terminals in `clients/` (Python, C) as a terminal developer runs them: a
+//! The reference terminals in `clients/` (Python, C, JVM) as a terminal developer runs them: a
 //! subprocess with a provisioning bundle from the admin API, against the real gateway and the
 //! provider simulator; and each one against the confirmation test vectors.
 //!
 //! What they need is installed by `.ci/run`: a venv at `target/clients-venv` with
 //! `clients/python/requirements.txt`, and the Debian packages `libmosquitto-dev`, `libsodium-dev`,
-//! `libjansson-dev` and `pkg-config` for `cc`. A missing one fails the test with what to install.
+//! `libjansson-dev`, `libssl-dev` and `pkg-config` for `cc`, and `default-jdk-headless`,
+//! `libmqtt-client-java` and `libgoogle-gson-java` for `javac`. A missing one fails the test with
+//! what to install.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use posgate_sim::provider::Faults;
+use posgate_sim::terminal::{Bundle, Identity};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -26,6 +29,15 @@ use crate::harness::{self, TestGateway, eventually, keep_reading};
 
 const SECRET: &str = "whsec_it_clients";
 const WAIT: Duration = Duration::from_secs(20);
+/// The JVM client's libraries, from Debian's libmqtt-client-java (with hawtdispatch and hawtbuf)
+/// and libgoogle-gson-java.
+const JVM_JARS: [&str; 5] = [
+    "mqtt-client.jar",
+    "hawtdispatch-transport.jar",
+    "hawtdispatch.jar",
+    "hawtbuf.jar",
+    "gson.jar",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -43,6 +55,9 @@ struct Program {
     argv: Vec<PathBuf>,
     /// Holds the C binary.
     _dir: Option<TempDir>,
+    /// Whether the client makes its own key and certificate request (`--new-key`); the JVM one
+    /// leaves that to the platform's keystore.
+    makes_keys: bool,
 }
 
 impl Program {
@@ -67,12 +82,13 @@ impl Program {
         Program {
             argv: vec![python, repo().join("clients/python/posgate_terminal.py")],
             _dir: None,
+            makes_keys: true,
         }
     }
 
     /// `clients/c/posgate_terminal.c` built by `cc`, as its header comment says.
     fn c() -> Program {
-        let libs = ["libmosquitto", "libsodium", "jansson"];
+        let libs = ["libmosquitto", "libsodium", "jansson", "libcrypto"];
         let flags = std::process::Command::new("pkg-config")
             .args(["--cflags", "--libs"])
             .args(libs)
@@ -81,7 +97,8 @@ impl Program {
             Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
             other => panic!(
                 "pkg-config does not find {libs:?} ({other:?}); install the Debian packages \
-                 libmosquitto-dev libsodium-dev libjansson-dev pkg-config, as .ci/run does"
+                 libmosquitto-dev libsodium-dev libjansson-dev libssl-dev pkg-config, as .ci/run \
+                 does"
             ),
         };
         let dir = tempfile::tempdir().unwrap();
@@ -101,6 +118,77 @@ impl Program {
         Program {
             argv: vec![binary],
             _dir: Some(dir),
+            makes_keys: true,
+        }
+    }
+
+    /// `clients/jvm/` compiled by `javac` against the Debian packages' jars in /usr/share/java,
+    /// as its README says.
+    fn jvm() -> Program {
+        let jars: Vec<PathBuf> = JVM_JARS
+            .iter()
+            .map(|jar| Path::new("/usr/share/java").join(jar))
+            .collect();
+        if let Some(missing) = jars.iter().find(|jar| !jar.exists()) {
+            panic!(
+                "{} is missing; install the Debian packages default-jdk-headless \
+                 libmqtt-client-java libgoogle-gson-java, as .ci/run does",
+                missing.display()
+            );
+        }
+        let sources: Vec<PathBuf> =
+            std::fs::read_dir(repo().join("clients/jvm/src/posgate/terminal"))
+                .unwrap()
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "java"))
+                .collect();
+        // Compiled once per version of the sources, not once per test (javac takes seconds).
+        let mut hasher = std::hash::DefaultHasher::new();
+        for source in &sources {
+            std::hash::Hash::hash(&(source, std::fs::read(source).unwrap()), &mut hasher);
+        }
+        let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "jvm-client-{:016x}",
+            std::hash::Hasher::finish(&hasher)
+        ));
+        let classpath = std::env::join_paths(&jars).unwrap();
+        if !classes.exists() {
+            let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+            let out = std::process::Command::new("javac")
+                .args(["-Xlint:all", "-Werror", "--release", "17", "-d"])
+                .arg(scratch.path())
+                .arg("-cp")
+                .arg(&classpath)
+                .args(&sources)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("javac: {e}; install the Debian package default-jdk-headless")
+                });
+            assert!(
+                out.status.success(),
+                "javac failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Another test may have got there first: its classes are the same.
+            let compiled = scratch.keep();
+            if std::fs::rename(&compiled, &classes).is_err() {
+                let _ = std::fs::remove_dir_all(&compiled);
+            }
+        }
+        let classpath = std::env::join_paths(std::iter::once(classes).chain(jars)).unwrap();
+        Program {
+            argv: vec![
+                "java".into(),
+                // A quicker start on a busy machine (C1 only, serial GC); a terminal that runs
+                // for days keeps the defaults.
+                "-XX:TieredStopAtLevel=1".into(),
+                "-XX:+UseSerialGC".into(),
+                "-cp".into(),
+                classpath.into(),
+                "posgate.terminal.Terminal".into(),
+            ],
+            _dir: None,
+            makes_keys: false,
         }
     }
 
@@ -474,19 +562,16 @@ async fn python_client_starts_a_payment_over_rpc_and_a_reboot_does_not_start_a_s
     gw.shutdown().await;
 }
 
-/// A terminal whose key never leaves it: the Python client makes its key and a certificate
-/// request, the operator provisions the terminal from that request (the bundle has no key), and
-/// the terminal connects with its own key and shows a payment.
-#[tokio::test]
-async fn python_client_provisioned_from_its_own_key_shows_a_payment() {
-    let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("key.pem");
-    let program = Program::python();
+/// Runs `--new-key path` and returns the certificate request it printed, after checking what it
+/// left on disk: a PKCS#8 private key readable by its owner only, and nothing secret in the
+/// request. Asked again for the same path, it refuses and keeps the key.
+async fn new_key(program: &Program, path: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+
     let out = program
         .command()
         .arg("--new-key")
-        .arg(&key_path)
+        .arg(path)
         .output()
         .await
         .unwrap();
@@ -497,13 +582,89 @@ async fn python_client_provisioned_from_its_own_key_shows_a_payment() {
     );
     let csr = String::from_utf8(out.stdout).unwrap();
     assert!(
-        csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+        csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----\n")
+            && csr.ends_with("-----END CERTIFICATE REQUEST-----\n")
+            && !csr.contains("PRIVATE"),
         "{csr}"
     );
+    let key = std::fs::read_to_string(path).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{key}");
+    let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key file is {mode:o}, not 0600");
+    let again = program
+        .command()
+        .arg("--new-key")
+        .arg(path)
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success(), "--new-key replaced {path:?}");
+    assert_eq!(std::fs::read_to_string(path).unwrap(), key);
+    csr
+}
+
+/// A new key at `path` and a certificate request for it: made by the client (`--new-key`), or
+/// for the JVM client as a keystore would (here rcgen), written as the PKCS#8 file its `--key`
+/// reads.
+async fn key_and_csr(program: &Program, path: &Path) -> String {
+    if program.makes_keys {
+        return new_key(program, path).await;
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(path, key.serialize_pem()).unwrap();
+    rcgen::CertificateParams::new(vec![])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+/// Runs the client until it exits, which must be a failure that says `why` on stderr.
+async fn refuses_to_start(
+    program: &Program,
+    bundle: &Path,
+    state: &Path,
+    extra: &[&str],
+    why: &str,
+) {
+    let mut client = Client::spawn_with(program, bundle, state, None, extra);
+    let status = tokio::time::timeout(WAIT, client.child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("still running after {WAIT:?}; {}", client.output()))
+        .unwrap();
+    assert!(!status.success(), "{status}; {}", client.output());
+    // The reader task may still be copying stderr.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !client.err.lock().unwrap().contains(why) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {why:?} on stderr; {}",
+            client.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A terminal whose key never leaves it, through its life: it makes its key and a certificate
+/// request, the operator provisions it from the request (the bundle has no key), it connects
+/// with its own key and shows and acks a payment; then a renewal from a new key's request: the
+/// running terminal keeps working on the old certificate until it installs the new one, the new
+/// bundle with the old key is refused at start, and once the terminal connects with its new key
+/// the old certificate is refused while payments go on, each shown once.
+async fn own_key_provisioning_and_renewal(program: Program, id: &str) {
+    let (gw, sim) = harness::spawn_with_provider(SECRET, Faults::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name);
+    let (key, new_key_path) = (file("key.pem"), file("key-2.pem"));
+    let (key_arg, new_key_arg) = (key.to_str().unwrap(), new_key_path.to_str().unwrap());
+    let state_path = file("state");
+
+    let csr = key_and_csr(&program, &key).await;
     let response = gw
         .admin_post(
             "/v1/terminals",
-            json!({"id": "pos_own_key", "merchant_id": "mer_test", "csr_pem": csr}),
+            json!({"id": id, "merchant_id": "mer_test", "csr_pem": csr}),
         )
         .await;
     let (status, bundle) = harness::status_json(response).await;
@@ -512,28 +673,117 @@ async fn python_client_provisioned_from_its_own_key_shows_a_payment() {
         bundle.get("key_pem").is_none(),
         "the key never travels: {bundle}"
     );
-    let (bundle_path, state_path) = (dir.path().join("bundle.json"), dir.path().join("state"));
-    std::fs::write(&bundle_path, bundle.to_string()).unwrap();
-    // Without its key the client says what is missing.
-    let mut keyless = Client::spawn(&program, &bundle_path, &state_path, None);
-    let status = tokio::time::timeout(WAIT, keyless.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!status.success());
-    let key = key_path.to_str().unwrap();
-    let client = Client::spawn_with(&program, &bundle_path, &state_path, None, &["--key", key]);
-    client.wait_for("READY pos_own_key").await;
+    std::fs::write(file("bundle.json"), bundle.to_string()).unwrap();
+    refuses_to_start(&program, &file("bundle.json"), &state_path, &[], "--key").await;
+
+    let first = Client::spawn_with(
+        &program,
+        &file("bundle.json"),
+        &state_path,
+        None,
+        &["--key", key_arg],
+    );
+    first.wait_for(&format!("READY {id}")).await;
     let token = bundle["http_token"].as_str().unwrap();
     let intent = create_intent(&gw, token, 1).await;
     sim.pay(&intent, None, false).unwrap();
-    client
-        .wait_for_prefix(&format!("SHOW PAID seq=1 intent={intent}"))
-        .await;
-    client
-        .wait_for(&format!("ACKED seq=1 intent={intent}"))
-        .await;
+    paid(&first, 1, &intent).await;
+
+    // Renewal with a new key: the gateway certifies the new request's key, and until the new
+    // certificate is used the old one still works.
+    let csr = key_and_csr(&program, &new_key_path).await;
+    let (status, renewed) = renew(&gw, id, json!({"csr_pem": csr})).await;
+    assert_eq!(status, 200, "{renewed}");
+    assert!(renewed.get("key_pem").is_none(), "{renewed}");
+    assert_eq!(renewed["previous_cert_serial"], bundle["cert_serial"]);
+    assert_ne!(renewed["cert_serial"], bundle["cert_serial"]);
+    assert!(!gw.terminal_view(id).await["previous_cert"].is_null());
+    std::fs::write(file("renewed.json"), renewed.to_string()).unwrap();
+    let intent = create_intent(&gw, token, 2).await;
+    sim.pay(&intent, None, false).unwrap();
+    paid(&first, 2, &intent).await;
+    refuses_to_start(
+        &program,
+        &file("renewed.json"),
+        &state_path,
+        &["--key", key_arg],
+        "is not the key of the bundle's certificate",
+    )
+    .await;
+
+    // The terminal installs the new certificate: a restart with the renewed bundle and new key.
+    let mut first = first;
+    harness::signal(&first.child, "TERM");
+    let status = tokio::time::timeout(WAIT, first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}; {}", first.output());
+    let second = Client::spawn_with(
+        &program,
+        &file("renewed.json"),
+        &state_path,
+        None,
+        &["--key", new_key_arg],
+    );
+    second.wait_for(&format!("READY {id}")).await;
+    // Its first connection completed the renewal: the old certificate is refused from now on.
+    eventually(WAIT, || async {
+        gw.terminal_view(id).await["previous_cert"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        gw.terminal_view(id).await["cert_serial"],
+        renewed["cert_serial"]
+    );
+    let mut old: Value = bundle.clone();
+    old["key_pem"] = std::fs::read_to_string(&key).unwrap().into();
+    let old: Bundle = serde_json::from_value(old).unwrap();
+    assert!(gw.mqtt_connect(&Identity::of(&old)).await.is_err());
+    let intent = create_intent(&gw, token, 3).await;
+    sim.pay(&intent, None, false).unwrap();
+    let show = paid(&second, 3, &intent).await;
+    assert_eq!(second.shown(), [show], "{}", second.output());
+    eventually(WAIT, || async {
+        (pending(&gw, id).await == 0).then_some(())
+    })
+    .await;
     gw.shutdown().await;
+}
+
+/// Waits until `client` has shown payment `seq` (order `ord-{seq}`) and the broker has its ack;
+/// returns the `SHOW` line.
+async fn paid(client: &Client, seq: u32, intent: &str) -> String {
+    let show = format!("SHOW PAID seq={seq} intent={intent} amount=4.40 usd order=ord-{seq}");
+    client.wait_for(&show).await;
+    client
+        .wait_for(&format!("ACKED seq={seq} intent={intent}"))
+        .await;
+    show
+}
+
+async fn renew(gw: &TestGateway, id: &str, body: Value) -> (u16, Value) {
+    let response = gw
+        .admin_post(&format!("/v1/terminals/{id}/certificate"), body)
+        .await;
+    harness::status_json(response).await
+}
+
+#[tokio::test]
+async fn python_client_makes_its_own_key_and_is_provisioned_and_renewed_from_csrs() {
+    own_key_provisioning_and_renewal(Program::python(), "pos_py_own_key").await;
+}
+
+#[tokio::test]
+async fn c_client_makes_its_own_key_and_is_provisioned_and_renewed_from_csrs() {
+    own_key_provisioning_and_renewal(Program::c(), "pos_c_own_key").await;
+}
+
+#[tokio::test]
+async fn jvm_client_runs_on_its_own_key_provisioned_and_renewed_from_csrs() {
+    own_key_provisioning_and_renewal(Program::jvm(), "pos_jvm_own_key").await;
 }
 
 /// Every case of the test vectors gives what the file says: valid ones verify with the stated
@@ -583,6 +833,11 @@ async fn c_client_passes_every_confirmation_vector() {
 }
 
 #[tokio::test]
+async fn jvm_client_passes_every_confirmation_vector() {
+    passes_every_vector(Program::jvm()).await;
+}
+
+#[tokio::test]
 async fn python_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
     pays_shows_once_acks_and_remembers(Program::python(), "pos_py").await;
 }
@@ -590,4 +845,9 @@ async fn python_client_shows_each_payment_once_acks_it_and_remembers_across_a_re
 #[tokio::test]
 async fn c_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
     pays_shows_once_acks_and_remembers(Program::c(), "pos_c").await;
+}
+
+#[tokio::test]
+async fn jvm_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
+    pays_shows_once_acks_and_remembers(Program::jvm(), "pos_jvm").await;
 }

@@ -37,7 +37,7 @@ impl Daemon {
         let response = http
             .post(format!("http://{}/v1/terminals", self.admin))
             .bearer_auth(TOKEN)
-            .json(&serde_json::json!({"id": id, "merchant_id": "m"}))
+            .json(&serde_json::json!({"id": id, "merchant_id": "mer_test"}))
             .send()
             .await
             .unwrap();

@@ -37,7 +37,7 @@ async fn confirmation_reaches_its_terminal_and_the_ack_clears_it() {
     let (status, body) = status_json(
         gw.admin_post(
             "/v1/terminals",
-            serde_json::json!({"id": "pos_01", "merchant_id": "m"}),
+            serde_json::json!({"id": "pos_01", "merchant_id": "mer_test"}),
         )
         .await,
     )

@@ -589,6 +589,46 @@ async fn an_http_terminal_creates_reads_and_cancels_intents() {
     gw.shutdown().await;
 }
 
+/// The provider refuses the gateway's calls (its API key was revoked: a 401): an HTTP terminal
+/// gets a clear 502 `rejected` naming the provider's status and code, not a 500, and an MQTT
+/// terminal the same code; nothing is created.
+#[tokio::test]
+async fn a_provider_refusal_is_a_502_over_http_and_rejected_over_mqtt() {
+    let mut config = harness::sim_config(SECRET);
+    config.api_key = Some("sk_test_not_the_gateways".to_owned().into());
+    let (gw, sim) = harness::spawn_with_sim(config, &[]).await;
+    let bundle = gw.provision("pos_refused_http").await;
+    let response = gw
+        .http
+        .post(format!("http://{}/v1/terminal/payment-intents", gw.ingress))
+        .bearer_auth(&bundle.http_token)
+        .json(&json!({"request_id": "r1", "amount": "4.40", "order_id": "ord-1"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = harness::status_json(response).await;
+    assert_eq!(status, 502, "{body}");
+    harness::assert_error_body(&body);
+    assert_eq!(body["error"]["code"], "rejected");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("401") && message.contains("invalid_api_key"),
+        "{message}"
+    );
+
+    let mut t = gw.terminal("pos_refused_mqtt").await;
+    let reply = rpc(
+        &mut t,
+        "r1",
+        "create_intent",
+        json!({"amount": "4.40", "order_id": "ord-1"}),
+    )
+    .await;
+    assert_eq!(reply.error.map(|e| e.code).as_deref(), Some("rejected"));
+    assert_eq!(sim.stats().api.intents_created, 0);
+    gw.shutdown().await;
+}
+
 /// The wait a `rate_limited` answer names: "… retry in N s" or "… retry in N ms".
 fn retry_hint(message: &str) -> Duration {
     let rest = message

@@ -409,6 +409,81 @@ async fn a_reload_mid_payment_recovers_the_sale_and_shows_paid() {
     shop.close().await;
 }
 
+/// The page's `verify.js`, as Chromium runs it (WebCrypto's Ed25519, the exact `seq` parse),
+/// gives every case of the confirmation test vectors what the file says: the same cases
+/// `npm test` runs on Node.
+#[tokio::test]
+async fn the_page_verifier_passes_every_confirmation_vector_in_chromium() {
+    let shop = Shop::open(Options::default()).await;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../proto/testdata/confirmation-vectors.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    // Integers come back as decimal strings: WebDriver's JSON has no BigInt.
+    let results = shop
+        .browser
+        .execute(
+            "const text = arguments[0];
+             return (async () => {
+               const { MEMBERS, importGatewayKey, parseExact, verifyConfirmation } =
+                 await import('/verify.js');
+               const vectors = parseExact(text);
+               const key = await importGatewayKey(vectors.key.jwk);
+               const out = {};
+               for (const c of vectors.cases) {
+                 try {
+                   const p = await verifyConfirmation(c.jws, key, c.terminal_id, c.min_seq);
+                   const known = {};
+                   for (const m of MEMBERS) {
+                     if (m in p) known[m] = typeof p[m] === 'bigint' ? String(p[m]) : p[m];
+                   }
+                   out[c.name] = { outcome: 'ok', payload: known };
+                 } catch (e) {
+                   out[c.name] = { outcome: e.reason ?? String(e) };
+                 }
+               }
+               return out;
+             })();",
+            json!([text]),
+        )
+        .await;
+    let vectors: Value = serde_json::from_str(&text).unwrap();
+    let cases = vectors["cases"].as_array().unwrap();
+    assert_eq!(results.as_object().unwrap().len(), cases.len(), "{results}");
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let got = &results[name];
+        let outcome = match got["outcome"].as_str().unwrap() {
+            "malformed" => "Malformed",
+            "bad_alg" => "BadAlg",
+            "bad_signature" => "BadSignature",
+            "bad_payload" => "BadPayload",
+            "wrong_terminal" => "WrongTerminal",
+            "old_seq" => "OldSeq",
+            other => other,
+        };
+        assert_eq!(outcome, case["expect"], "{name}: {got}");
+        if outcome == "ok" {
+            let want: serde_json::Map<String, Value> = case["payload"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::Number(n) => (k.clone(), Value::String(n.to_string())),
+                    other => (k.clone(), other.clone()),
+                })
+                .collect();
+            assert_eq!(got["payload"], Value::Object(want), "{name}");
+        }
+    }
+    assert!(
+        results["ok_seq_above_2_53"]["payload"]["seq"] == "9007199254740993",
+        "{results}"
+    );
+    shop.close().await;
+}
+
 /// The text of the QR code in a PNG, read by zbarimg (Debian's zbar-tools).
 fn scan_qr(png: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();

@@ -36,6 +36,13 @@ async function sign(privateKey, header, body) {
 
 const HEADER = { alg: 'EdDSA', kid: 'kid-1', typ: 'JWT' };
 
+// A payload written as text, for numbers JSON.stringify cannot write.
+async function signText(privateKey, header, bodyText) {
+  const input = `${encJson(header)}.${enc(new TextEncoder().encode(bodyText))}`;
+  const sig = await crypto.subtle.sign({ name: 'Ed25519' }, privateKey, new TextEncoder().encode(input));
+  return `${input}.${enc(new Uint8Array(sig))}`;
+}
+
 async function refused(promise, reason) {
   await assert.rejects(promise, (e) => {
     assert.equal(e.reason, reason, e.message);
@@ -50,7 +57,7 @@ test('a genuine confirmation verifies and returns its payload', async () => {
   const c = await verifyConfirmation(jws, key, 'pos_01', 7);
   assert.equal(c.status, 'unresolved');
   assert.equal(c.context, 'underpaid');
-  assert.equal(c.seq, 7);
+  assert.equal(c.seq, 7n);
 });
 
 test('each rule refuses what breaks it', async () => {
@@ -75,7 +82,7 @@ test('each rule refuses what breaks it', async () => {
   }
   // kid is a name, not key material: another kid with the right key verifies (as in proto).
   const otherKid = await sign(pair.privateKey, { ...HEADER, kid: 'other' }, payload());
-  assert.equal((await verifyConfirmation(otherKid, key, 'pos_01')).seq, 7);
+  assert.equal((await verifyConfirmation(otherKid, key, 'pos_01')).seq, 7n);
   await refused(verifyConfirmation(await sign(pair.privateKey, { typ: 'JWT' }, payload()), key, 'pos_01'), 'malformed');
   await refused(verifyConfirmation(await sign(pair.privateKey, { alg: 1 }, payload()), key, 'pos_01'), 'malformed');
 
@@ -104,6 +111,25 @@ test('each rule refuses what breaks it', async () => {
   }
   await refused(verifyConfirmation(good, key, 'pos_02'), 'wrong_terminal');
   await refused(verifyConfirmation(good, key, 'pos_01', 8), 'old_seq');
+});
+
+test('integers are read exactly: seq past 2^53, u64 bounds, duplicate members', async () => {
+  const { pair, jwk } = await gatewayKey();
+  const key = await importGatewayKey(jwk);
+  const withSeq = (seq) => JSON.stringify(payload()).replace('"seq":7', `"seq":${seq}`);
+  const signed = (text) => signText(pair.privateKey, HEADER, text);
+
+  // 2^53 + 1 is 2^53 as a double: the replay check would let it through as new.
+  const big = await signed(withSeq('9007199254740993'));
+  assert.equal((await verifyConfirmation(big, key, 'pos_01', 9007199254740993n)).seq, 9007199254740993n);
+  await refused(verifyConfirmation(big, key, 'pos_01', 9007199254740994n), 'old_seq');
+  const max = await signed(withSeq('18446744073709551615'));
+  assert.equal((await verifyConfirmation(max, key, 'pos_01')).seq, 2n ** 64n - 1n);
+  for (const seq of ['18446744073709551616', '7.0', '7e0', '-1', '"7"']) {
+    await refused(verifyConfirmation(await signed(withSeq(seq)), key, 'pos_01'), 'bad_payload');
+  }
+  // A member twice: which one counts is parser-dependent, so neither does.
+  await refused(verifyConfirmation(await signed(withSeq('7,"seq":8')), key, 'pos_01'), 'bad_payload');
 });
 
 test('strict base64url', () => {

@@ -5,7 +5,7 @@
 //!
 //! | call | answer |
 //! |---|---|
-//! | `POST /v1/terminals` `{"id","merchant_id","label"?,"csr_pem"?}` | `201` + provisioning bundle (no `key_pem` with a CSR); `409` if the id exists; `400` for an unusable CSR |
+//! | `POST /v1/terminals` `{"id","merchant_id","label"?,"csr_pem"?}` | `201` + provisioning bundle (no `key_pem` with a CSR); `409` if the id exists; `400` for an unusable CSR or a `merchant_id` not of the provider's form (`mer_…`) |
 //! | `POST /v1/terminals/{id}/certificate` `{"csr_pem"?,"revoke_old_after"?,"rotate_http_token"?}` | `200` + a bundle with a new certificate; the old one is revoked at the new one's first use or after `revoke_old_after` s (default 7 days); `409` if revoked |
 //! | `GET /v1/terminals`, `GET /v1/terminals/{id}` | registry with `online`, `last_seen`, `pending` |
 //! | `POST /v1/terminals/{id}/revoke` | `200`; disconnected and refused from then on |

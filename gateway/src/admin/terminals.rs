@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use posgate_proto::event::MAX_ID_BYTES;
 use posgate_proto::topics;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -182,6 +183,16 @@ fn bundle(
     bundle
 }
 
+/// A merchant id as the provider writes them (docs/provider.md): `mer_` and an opaque rest, at
+/// most [`MAX_ID_BYTES`] bytes. posgate does not parse the rest; it only refuses what cannot be
+/// one (an empty rest, whitespace or control characters, a pasted line with its newline).
+fn valid_merchant_id(id: &str) -> bool {
+    id.len() <= MAX_ID_BYTES
+        && id.strip_prefix("mer_").is_some_and(|rest| {
+            !rest.is_empty() && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+        })
+}
+
 fn invalid(field: &str, message: &str) -> Response {
     error(
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -222,8 +233,21 @@ pub(super) async fn create(State(admin): State<Arc<Admin>>, body: Bytes) -> Resp
         Err(refused) => return *refused,
     };
     let merchant_id = match request.get("merchant_id").and_then(|v| v.as_str()) {
-        Some(m) if !m.trim().is_empty() && m.len() <= 255 => m.to_owned(),
-        _ => return invalid("merchant_id", "required non-empty string"),
+        Some(m) if valid_merchant_id(m) => m.to_owned(),
+        // Refused here rather than by the provider at the terminal's first payment, where the
+        // cashier could do nothing about it.
+        Some(m) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_merchant_id",
+                format!(
+                    "merchant_id {:?} is not a provider merchant id: mer_ followed by at least \
+                     one character, at most {MAX_ID_BYTES} bytes, no spaces or control characters",
+                    m.chars().take(80).collect::<String>()
+                ),
+            );
+        }
+        None => return invalid("merchant_id", "required string"),
     };
     let label = match request.get("label") {
         None | Some(serde_json::Value::Null) => None,

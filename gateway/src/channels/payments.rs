@@ -143,7 +143,10 @@ fn http_answer(response: RpcResponse, ok: StatusCode) -> Response {
         "unauthorized" => StatusCode::UNAUTHORIZED,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "idempotency_conflict" => StatusCode::CONFLICT,
-        "qr_mismatch" => StatusCode::BAD_GATEWAY,
+        // The provider refused (a 4xx other than 429; the message names its status and code)
+        // or answered a QR that failed the check: the terminal's request was fine, the provider's
+        // answer is the problem, and the same request again will not do better.
+        "rejected" | "qr_mismatch" => StatusCode::BAD_GATEWAY,
         "provider_unavailable" | "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -159,4 +162,44 @@ fn http_answer(response: RpcResponse, ok: StatusCode) -> Response {
         }
     }
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use posgate_proto::rpc::RpcError;
+
+    use super::*;
+
+    /// Every error code the RPC answers (docs/interfaces.md) has its own HTTP status; only a
+    /// stored answer that cannot be read is a 500. `rejected` used to fall through to 500.
+    #[test]
+    fn every_rpc_error_code_has_its_status() {
+        for (code, status) in [
+            ("invalid_request", 400),
+            ("invalid_params", 422),
+            ("unauthorized", 401),
+            ("not_found", 404),
+            ("idempotency_conflict", 409),
+            ("rate_limited", 429),
+            ("rejected", 502),
+            ("qr_mismatch", 502),
+            ("provider_unavailable", 503),
+            ("unavailable", 503),
+            ("internal", 500),
+        ] {
+            let response = RpcResponse {
+                id: "r".into(),
+                result: None,
+                error: Some(RpcError {
+                    code: code.into(),
+                    message: "m".into(),
+                }),
+            };
+            assert_eq!(
+                http_answer(response, StatusCode::OK).status().as_u16(),
+                status,
+                "{code}"
+            );
+        }
+    }
 }
