@@ -37,7 +37,7 @@ use time::OffsetDateTime;
 use crate::http::error;
 use crate::metrics::Metrics;
 use crate::reconcile;
-use crate::store::{IncomingEvent, Ingested, Store, StoreError};
+use crate::store::{IncomingEvent, Ingested, Store, StoreError, StoreErrorKind};
 
 /// The webhook path.
 pub const PATH: &str = "/webhooks/stablegenius";
@@ -134,14 +134,15 @@ impl IntoResponse for IngressError {
             IngressError::BadEnvelope(e) => {
                 error(StatusCode::BAD_REQUEST, "invalid_event", e.to_string())
             }
-            IngressError::Store {
-                source: StoreError::Overloaded,
-                ..
-            } => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "busy; retry later",
-            ),
+            IngressError::Store { source, .. }
+                if matches!(source.kind(), StoreErrorKind::Overloaded) =>
+            {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "busy; retry later",
+                )
+            }
             IngressError::Store { .. } => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -496,7 +496,9 @@ mod store_tests {
     use bytes::Bytes;
     use time::OffsetDateTime;
 
-    use super::super::{IncomingEvent, Ingested, Limits, Store, StoreError};
+    use super::super::{
+        IncomingEvent, Ingested, Limits, OpKey, Operation, Store, StoreError, StoreErrorKind,
+    };
     use crate::store::testing::{Kind, TestDb, on_both_backends};
 
     fn event(n: u32) -> IncomingEvent {
@@ -584,8 +586,8 @@ mod store_tests {
         let failed = store.current().unwrap().syncer;
         failed.fail_next();
         assert!(matches!(
-            store.ingest(event(2)).await,
-            Err(StoreError::NotCommitted)
+            store.ingest(event(2)).await.map_err(|e| e.into_kind()),
+            Err(StoreErrorKind::NotCommitted)
         ));
         assert!(!store.is_healthy());
         // Reopened by itself.
@@ -647,10 +649,19 @@ mod store_tests {
         let healthy = store.is_healthy();
         syncer.hold(false);
         assert!(
-            matches!(waited, Err(StoreError::Stalled { deadline_ms: 300 })),
+            matches!(
+                waited.as_ref().map_err(StoreError::kind),
+                Err(StoreErrorKind::Stalled { deadline_ms: 300 })
+            ),
             "{waited:?}"
         );
-        assert!(matches!(read, Err(StoreError::Stalled { .. })), "{read:?}");
+        assert!(
+            matches!(
+                read.as_ref().map_err(StoreError::kind),
+                Err(StoreErrorKind::Stalled { .. })
+            ),
+            "{read:?}"
+        );
         assert!(!healthy, "a stalled store reported healthy");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !store.is_healthy() {
@@ -676,7 +687,7 @@ mod store_tests {
             let store = store.clone();
             async move {
                 store
-                    .write(move |_| {
+                    .write(Operation::new("hold the writer", OpKey::None), move |_| {
                         started_tx.send(()).unwrap();
                         released.recv().ok();
                         Ok(())
@@ -693,11 +704,11 @@ mod store_tests {
         ) -> bool {
             match tokio::time::timeout(std::time::Duration::from_millis(50), write).await {
                 Err(_) => true,
-                Ok(Err(StoreError::Overloaded)) => false,
+                Ok(Err(e)) if matches!(e.kind(), StoreErrorKind::Overloaded) => false,
                 Ok(other) => panic!("{other:?}"),
             }
         }
-        let other = || store.write(|_| Ok(()));
+        let other = || store.write(Operation::new("other", OpKey::None), |_| Ok(()));
         for n in 0..4 {
             assert!(queued(other()).await, "other write {n} refused");
         }

@@ -13,7 +13,7 @@
 //! Because jobs are applied in sequence inside the transaction, two identical deliveries at the
 //! same instant are a check-then-insert on the same transaction: exactly one has an effect.
 //!
-//! A full queue is answered [`StoreError::Overloaded`] (the ingress says `503`, the provider
+//! A full queue is answered [`StoreErrorKind::Overloaded`] (the ingress says `503`, the provider
 //! retries). Webhooks first: writes that are not the provider's (acks, RPC answers, presence,
 //! admin) may take only half of the queue. Reads use their own read transactions on the blocking
 //! pool.
@@ -51,7 +51,7 @@ mod snapshot;
 pub(crate) mod testing;
 mod writer;
 
-pub use error::{StoreError, io_is_transient};
+pub use error::{OpKey, Operation, StoreError, StoreErrorKind, io_is_transient};
 pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
     Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
@@ -194,7 +194,7 @@ pub struct IntentFilter {
 }
 
 /// A unit of work for the writer: applied inside the batch's write transaction, answered only
-/// after that transaction is durably committed (or with [`StoreError::NotCommitted`]).
+/// after that transaction is durably committed (or with [`StoreErrorKind::NotCommitted`]).
 trait WriteJob: Send {
     fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError>;
     /// Keys it will probably read ([`kv::Hint`]).
@@ -221,6 +221,8 @@ pub(crate) enum Durability {
 type Job = Box<dyn WriteJob>;
 
 struct Typed<T, F> {
+    /// What the job does and on which key, for its errors.
+    op: Operation,
     work: F,
     hints: Vec<kv::Hint>,
     result: Option<T>,
@@ -236,7 +238,8 @@ where
     /// May run more than once (PostgreSQL applies a batch again after a conflict with another
     /// writer); the last run's result is the one answered.
     fn apply(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
-        self.result = Some((self.work)(tables)?);
+        // Named here: the writer logs the error that aborted a batch, and must say whose it was.
+        self.result = Some((self.work)(tables).map_err(|e| e.during(&self.op))?);
         Ok(())
     }
 
@@ -251,7 +254,7 @@ where
     fn finish(self: Box<Self>, committed: bool) {
         let answer = match (committed, self.result) {
             (true, Some(result)) => Ok(result),
-            _ => Err(StoreError::NotCommitted),
+            _ => Err(StoreErrorKind::NotCommitted.into()),
         };
         // A dropped receiver means the request was abandoned (client gone, shutdown): what was
         // committed stays committed and a retry is a duplicate.
@@ -262,11 +265,11 @@ where
 /// How the store is sized, and how long a commit may take.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Writes waiting for the next group commit; beyond it, [`StoreError::Overloaded`].
+    /// Writes waiting for the next group commit; beyond it, [`StoreErrorKind::Overloaded`].
     pub queue_depth: usize,
     /// Most writes in one transaction.
     pub max_batch: usize,
-    /// A write not durably committed within this is answered [`StoreError::Stalled`] (it may
+    /// A write not durably committed within this is answered [`StoreErrorKind::Stalled`] (it may
     /// still commit later), a read waits at most this long for the disk, and the store reports
     /// itself unhealthy while a commit or an `fdatasync` has been running longer.
     pub commit_deadline: Duration,
@@ -405,8 +408,8 @@ impl Store {
     /// Opens (or creates) the database in `data_dir` and starts the writer thread.
     ///
     /// # Errors
-    /// [`StoreError::Open`] when the directory or database cannot be created or opened (including
-    /// another process holding it), [`StoreError::Init`] when the tables cannot be created.
+    /// [`StoreErrorKind::Open`] when the directory or database cannot be created or opened (including
+    /// another process holding it), [`StoreErrorKind::Init`] when the tables cannot be created.
     pub fn open(data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         Store::open_backend(&Backend::Redb, data_dir, limits)
     }
@@ -416,8 +419,8 @@ impl Store {
     /// same time) and starts the writer thread, which keeps its own connection.
     ///
     /// # Errors
-    /// As [`Store::open`]; for PostgreSQL [`StoreError::PgConnect`] when the database cannot be
-    /// reached, [`StoreError::PgMigrate`] when the schema cannot be applied.
+    /// As [`Store::open`]; for PostgreSQL [`StoreErrorKind::PgConnect`] when the database cannot be
+    /// reached, [`StoreErrorKind::PgMigrate`] when the schema cannot be applied.
     pub fn open_backend(
         backend: &Backend,
         data_dir: &Path,
@@ -431,7 +434,7 @@ impl Store {
 
     fn open_postgres(url: &str, data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let mut conn = pg::connect(url, Some(limits.commit_deadline))?;
-        pg::migrate(&mut conn).map_err(|source| StoreError::PgMigrate {
+        pg::migrate(&mut conn).map_err(|source| StoreErrorKind::PgMigrate {
             url: redact_url(url),
             source,
         })?;
@@ -449,12 +452,12 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || pg::run(conn, rx, &limits, &shared))
-            .map_err(StoreError::Thread)?;
+            .map_err(StoreErrorKind::Thread)?;
         let wake = tx.downgrade();
         std::thread::Builder::new()
             .name("store-heartbeat".into())
             .spawn(move || pg::heartbeat(wake))
-            .map_err(StoreError::Thread)?;
+            .map_err(StoreErrorKind::Thread)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 engine: Engine::Postgres(Arc::new(pg::Readers::new(
@@ -496,7 +499,7 @@ impl Store {
             std::thread::Builder::new()
                 .name("store-writer".into())
                 .spawn(move || writer::run(open, rx, &limits, &shared))
-                .map_err(StoreError::Thread)?
+                .map_err(StoreErrorKind::Thread)?
         };
         Ok(Store {
             inner: Arc::new(Inner {
@@ -534,7 +537,7 @@ impl Store {
         self.inner.health.hold.store(hold, Ordering::Relaxed);
     }
 
-    /// Every later write fails (`true`) with [`StoreError::NotCommitted`], until released.
+    /// Every later write fails (`true`) with [`StoreErrorKind::NotCommitted`], until released.
     #[cfg(test)]
     pub(crate) fn fail_writes_for_test(&self, fail: bool) {
         self.inner.fail_writes.store(fail, Ordering::Relaxed);
@@ -606,44 +609,47 @@ impl Store {
     }
 
     /// Runs `work` inside the next group commit; returns its result once the commit is durable.
+    /// Every error comes back naming `op`.
     ///
     /// # Errors
-    /// [`StoreError::Overloaded`] when the queue is full, [`StoreError::Closed`] after
-    /// [`Store::close`], [`StoreError::NotCommitted`] when the batch's commit failed, or the error
-    /// `work` returned (which aborts the whole batch): in those cases nothing of `work` is
-    /// committed. [`StoreError::Stalled`] when the commit did not complete within the deadline:
-    /// it may still complete later (a retried webhook is then a duplicate).
-    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// [`StoreErrorKind::Overloaded`] when the queue is full, [`StoreErrorKind::Closed`] after
+    /// [`Store::close`], [`StoreErrorKind::NotCommitted`] when the batch's commit failed (also when
+    /// `work` returned an error, which aborts the whole batch and is logged by the writer): in
+    /// those cases nothing of `work` is committed. [`StoreErrorKind::Stalled`] when the commit did
+    /// not complete within the deadline: it may still complete later (a retried webhook is then a
+    /// duplicate).
+    async fn write<T, F>(&self, op: Operation, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Vec::new(), Durability::Synced, Class::Other)
+        self.submit(op, work, Vec::new(), Durability::Synced, Class::Other)
             .await
     }
 
     /// As [`Store::write`], for what the provider tells: it may use the whole queue.
-    async fn write_provider<T, F>(&self, work: F) -> Result<T, StoreError>
+    async fn write_provider<T, F>(&self, op: Operation, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Vec::new(), Durability::Synced, Class::Provider)
+        self.submit(op, work, Vec::new(), Durability::Synced, Class::Provider)
             .await
     }
 
     /// As [`Store::write`], answered without waiting for the disk ([`Durability::Deferred`]).
-    async fn write_deferred<T, F>(&self, work: F) -> Result<T, StoreError>
+    async fn write_deferred<T, F>(&self, op: Operation, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(work, Vec::new(), Durability::Deferred, Class::Other)
+        self.submit(op, work, Vec::new(), Durability::Deferred, Class::Other)
             .await
     }
 
     async fn submit<T, F>(
         &self,
+        op: Operation,
         work: F,
         hints: Vec<kv::Hint>,
         durability: Durability,
@@ -653,32 +659,49 @@ impl Store {
         T: Send + 'static,
         F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        #[cfg(test)]
-        if self.inner.fail_writes.load(Ordering::Relaxed) {
-            return Err(StoreError::NotCommitted);
-        }
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(Typed {
+        let job = Typed {
+            op: op.clone(),
             work,
             hints,
             result: None,
             reply,
             durability,
-        });
-        let sender = self.sender().ok_or(StoreError::Closed)?;
-        if class == Class::Other && sender.capacity() <= self.inner.reserved_for_webhooks {
-            return Err(StoreError::Overloaded);
+        };
+        self.enqueue(job, answer, class)
+            .await
+            .map_err(|e| e.during(&op))
+    }
+
+    async fn enqueue<T, F>(
+        &self,
+        job: Typed<T, F>,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+        class: Class,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Tables<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        #[cfg(test)]
+        if self.inner.fail_writes.load(Ordering::Relaxed) {
+            return Err(StoreErrorKind::NotCommitted.into());
         }
-        sender.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        let sender = self.sender().ok_or(StoreErrorKind::Closed)?;
+        if class == Class::Other && sender.capacity() <= self.inner.reserved_for_webhooks {
+            return Err(StoreErrorKind::Overloaded.into());
+        }
+        sender.try_send(Box::new(job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreErrorKind::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => StoreErrorKind::Closed,
         })?;
         let deadline = self.inner.commit_deadline;
         match tokio::time::timeout(deadline, answer).await {
-            Ok(answer) => answer.map_err(|_| StoreError::Closed)?,
-            Err(_) => Err(StoreError::Stalled {
+            Ok(answer) => answer.map_err(|_| StoreErrorKind::Closed)?,
+            Err(_) => Err(StoreErrorKind::Stalled {
                 deadline_ms: deadline.as_millis() as u64,
-            }),
+            }
+            .into()),
         }
     }
 
@@ -691,7 +714,9 @@ impl Store {
             Engine::Postgres(_) => writer::hints_for(&event),
             Engine::Redb(_) => Vec::new(),
         };
+        let op = Operation::new("ingest", OpKey::Event(event.event_id.clone()));
         self.submit(
+            op,
             move |t| t.ingest(&event),
             hints,
             Durability::Synced,
@@ -710,125 +735,133 @@ impl Store {
         reason: String,
         received_at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.write_provider(move |t| t.reject(&raw, &reason, received_at))
+        let op = Operation::new("keep rejected body", OpKey::None);
+        self.write_provider(op, move |t| t.reject(&raw, &reason, received_at))
             .await
     }
 
     /// Runs `f` on a read transaction (on the blocking pool) once the commits before it are on
-    /// disk. A database error comes back with what was being read (`what`) and its key.
+    /// disk. Every error comes back naming `op`.
     async fn read<T: Send + 'static>(
         &self,
-        what: &'static str,
-        key: impl Into<String>,
+        op: Operation,
         f: impl FnOnce(&ReadKv<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let key = key.into();
+        self.read_txn(f).await.map_err(|e| e.during(&op))
+    }
+
+    async fn read_txn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ReadKv<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let deadline = self.inner.commit_deadline;
+        let stalled = StoreErrorKind::Stalled {
+            deadline_ms: deadline.as_millis() as u64,
+        };
         if let Engine::Postgres(readers) = &self.inner.engine {
             if self.sender().is_none() {
-                return Err(StoreError::Closed);
+                return Err(StoreErrorKind::Closed.into());
             }
             let readers = readers.clone();
             // A committed write is on disk (synchronous_commit) before any reader sees it.
             let read = tokio::task::spawn_blocking(move || readers.read(f));
             return match tokio::time::timeout(deadline, read).await {
-                Ok(joined) => joined.map_err(|_| StoreError::Closed)?,
-                Err(_) => Err(StoreError::Stalled {
-                    deadline_ms: deadline.as_millis() as u64,
-                }),
+                Ok(joined) => joined.map_err(|_| StoreErrorKind::Closed)?,
+                Err(_) => Err(stalled.into()),
             };
         }
         let Some(Open { db, syncer }) = self.current() else {
             return Err(if self.sender().is_some() {
-                StoreError::Unavailable
+                StoreErrorKind::Unavailable
             } else {
-                StoreError::Closed
-            });
+                StoreErrorKind::Closed
+            }
+            .into());
         };
         tokio::task::spawn_blocking(move || {
             // A commit is visible before its fdatasync completes: a reader must not hand out
             // (to a terminal, say) what a crash could still take back; nor wait for ever on a
             // stalled disk.
             match syncer.wait_all_for(deadline) {
-                barrier::Synced::Yes => (|| {
+                barrier::Synced::Yes => {
                     let kv = ReadKv::Redb(RedbRead(db.begin_read()?));
                     f(&kv)
-                })()
-                .map_err(|e| match e {
-                    StoreError::Db(source) => StoreError::Read { what, key, source },
-                    other => other,
-                }),
-                barrier::Synced::Failed => Err(StoreError::SyncFailed),
-                barrier::Synced::Stalled => Err(StoreError::Stalled {
-                    deadline_ms: deadline.as_millis() as u64,
-                }),
+                }
+                barrier::Synced::Failed => Err(StoreErrorKind::SyncFailed.into()),
+                barrier::Synced::Stalled => Err(stalled.into()),
             }
         })
         .await
-        .map_err(|_| StoreError::Closed)?
+        .map_err(|_| StoreErrorKind::Closed)?
     }
 
     /// One intent.
     ///
     /// # Errors
-    /// A database error, or [`StoreError::Corrupt`].
+    /// A database error, or [`StoreErrorKind::Corrupt`].
     pub async fn intent(&self, id: String) -> Result<Option<StoredIntent>, StoreError> {
-        self.read("intent", id.clone(), move |kv| {
-            let value = kv.get(StrTable::Intents, &id)?;
-            value.map(|v| decode(&id, &v)).transpose()
-        })
+        self.read(
+            Operation::new("read", OpKey::Intent(id.clone())),
+            move |kv| {
+                let value = kv.get(StrTable::Intents, &id)?;
+                value.map(|v| decode(&id, &v)).transpose()
+            },
+        )
         .await
     }
 
     /// One event.
     ///
     /// # Errors
-    /// A database error, or [`StoreError::Corrupt`].
+    /// A database error, or [`StoreErrorKind::Corrupt`].
     pub async fn event(&self, id: String) -> Result<Option<StoredEvent>, StoreError> {
-        self.read("event", id.clone(), move |kv| {
-            let value = kv.get(StrTable::Events, &id)?;
-            value.map(|v| decode(&id, &v)).transpose()
-        })
+        self.read(
+            Operation::new("read", OpKey::Event(id.clone())),
+            move |kv| {
+                let value = kv.get(StrTable::Events, &id)?;
+                value.map(|v| decode(&id, &v)).transpose()
+            },
+        )
         .await
     }
 
     /// A page of intents in id order, filtered.
     ///
     /// # Errors
-    /// A database error, or [`StoreError::Corrupt`].
+    /// A database error, or [`StoreErrorKind::Corrupt`].
     pub async fn list_intents(
         &self,
         filter: IntentFilter,
     ) -> Result<(Vec<StoredIntent>, bool), StoreError> {
-        self.read(
-            "intents after",
-            filter.starting_after.clone().unwrap_or_default(),
-            move |kv| {
-                let start = filter.starting_after.clone().unwrap_or_default();
-                let mut page = Vec::new();
-                let mut has_more = false;
-                kv.scan(StrTable::Intents, &start, &mut |key, value| {
-                    if filter.starting_after.as_deref() == Some(key) {
-                        return Ok(true);
+        let op = match &filter.starting_after {
+            Some(after) => Operation::new("list intents after", OpKey::Intent(after.clone())),
+            None => Operation::new("list intents", OpKey::None),
+        };
+        self.read(op, move |kv| {
+            let start = filter.starting_after.clone().unwrap_or_default();
+            let mut page = Vec::new();
+            let mut has_more = false;
+            kv.scan(StrTable::Intents, &start, &mut |key, value| {
+                if filter.starting_after.as_deref() == Some(key) {
+                    return Ok(true);
+                }
+                let intent: StoredIntent = decode(key, value)?;
+                let status_ok = filter.status.is_none_or(|s| s == intent.record.status);
+                let terminal_ok = filter
+                    .terminal_id
+                    .as_deref()
+                    .is_none_or(|t| intent.record.terminal_id.as_deref() == Some(t));
+                if status_ok && terminal_ok {
+                    if page.len() == filter.limit {
+                        has_more = true;
+                        return Ok(false);
                     }
-                    let intent: StoredIntent = decode(key, value)?;
-                    let status_ok = filter.status.is_none_or(|s| s == intent.record.status);
-                    let terminal_ok = filter
-                        .terminal_id
-                        .as_deref()
-                        .is_none_or(|t| intent.record.terminal_id.as_deref() == Some(t));
-                    if status_ok && terminal_ok {
-                        if page.len() == filter.limit {
-                            has_more = true;
-                            return Ok(false);
-                        }
-                        page.push(intent);
-                    }
-                    Ok(true)
-                })?;
-                Ok((page, has_more))
-            },
-        )
+                    page.push(intent);
+                }
+                Ok(true)
+            })?;
+            Ok((page, has_more))
+        })
         .await
     }
 
@@ -890,7 +923,7 @@ impl Store {
 /// it) would see a commit that never reached the disk (PostgreSQL's "fsyncgate"). Without them,
 /// redb reads what the disk holds, and its checksums reject a commit whose pages are not there.
 fn open_database(path: &Path) -> Result<Open, StoreError> {
-    let open_err = |source: redb::DatabaseError| StoreError::Open {
+    let open_err = |source: redb::DatabaseError| StoreErrorKind::Open {
         path: path.to_owned(),
         source,
     };
@@ -909,8 +942,8 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
         .set_cache_size(CACHE_BYTES)
         .create_with_backend(backend)
         .map_err(open_err)?;
-    kv::redb_init(&db).map_err(|e| match e {
-        StoreError::Db(source) => StoreError::Init {
+    kv::redb_init(&db).map_err(|e| match e.into_kind() {
+        StoreErrorKind::Db(source) => StoreErrorKind::Init {
             path: path.to_owned(),
             source,
         },
@@ -931,8 +964,11 @@ fn drop_cached_pages(file: &std::fs::File, path: &Path) {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
-        key: key.to_owned(),
-        source,
+    serde_json::from_slice(bytes).map_err(|source| {
+        StoreErrorKind::Corrupt {
+            key: key.to_owned(),
+            source,
+        }
+        .into()
     })
 }

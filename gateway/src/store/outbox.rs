@@ -13,7 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::kv::{KvRead, KvWrite, MultiTable, StrTable};
 use super::writer::{Tables, encode};
-use super::{Store, StoreError, decode};
+use super::{OpKey, Operation, Store, StoreError, decode};
 use crate::domain::{IntentRecord, IntentStatus, UnresolvedContext};
 use crate::pki::Serial;
 
@@ -546,8 +546,11 @@ impl Store {
         &self,
         new: NewTerminal,
     ) -> Result<Option<TerminalRecord>, StoreError> {
-        self.write(move |t| t.register(new.clone(), OffsetDateTime::now_utc()))
-            .await
+        let op = Operation::new("register", OpKey::Terminal(new.id.clone()));
+        self.write(op, move |t| {
+            t.register(new.clone(), OffsetDateTime::now_utc())
+        })
+        .await
     }
 
     /// Revokes a terminal (idempotent); `None` for an unknown id. Its unacked confirmations
@@ -556,7 +559,8 @@ impl Store {
     /// # Errors
     /// As any write.
     pub async fn revoke_terminal(&self, id: String) -> Result<Option<Revocation>, StoreError> {
-        self.write(move |t| t.revoke(&id, OffsetDateTime::now_utc()))
+        let op = Operation::new("revoke", OpKey::Terminal(id.clone()));
+        self.write(op, move |t| t.revoke(&id, OffsetDateTime::now_utc()))
             .await
     }
 
@@ -572,7 +576,8 @@ impl Store {
         id: String,
         renew: RenewTerminal,
     ) -> Result<Result<Renewal, RenewRefused>, StoreError> {
-        self.write(move |t| t.renew(&id, renew.clone())).await
+        let op = Operation::new("renew", OpKey::Terminal(id.clone()));
+        self.write(op, move |t| t.renew(&id, renew.clone())).await
     }
 
     /// A client certificate with `serial` was just used by terminal `id`: if that is the new
@@ -585,8 +590,17 @@ impl Store {
         id: String,
         serial: String,
     ) -> Result<Option<Retired>, StoreError> {
-        self.write(move |t| t.retire(&id, Some(&serial), OffsetDateTime::now_utc()))
-            .await
+        let op = Operation::new(
+            "retire the replaced certificate",
+            OpKey::Certificate {
+                terminal_id: id.clone(),
+                serial: serial.clone(),
+            },
+        );
+        self.write(op, move |t| {
+            t.retire(&id, Some(&serial), OffsetDateTime::now_utc())
+        })
+        .await
     }
 
     /// Revokes every replaced certificate whose deadline is at or before `now`.
@@ -604,7 +618,11 @@ impl Store {
         if due.is_empty() {
             return Ok(Vec::new());
         }
-        self.write(move |t| {
+        let op = Operation::new(
+            "retire replaced certificates",
+            OpKey::many(due.len(), "terminals"),
+        );
+        self.write(op, move |t| {
             let mut retired = Vec::new();
             for id in &due {
                 retired.extend(t.retire(id, None, now)?);
@@ -624,8 +642,14 @@ impl Store {
         intent_id: String,
         terminal_id: String,
     ) -> Result<Result<(), AssignRefused>, StoreError> {
-        self.write(move |t| t.assign(&intent_id, &terminal_id, OffsetDateTime::now_utc()))
-            .await
+        let op = Operation::new(
+            "assign to another terminal",
+            OpKey::Intent(intent_id.clone()),
+        );
+        self.write(op, move |t| {
+            t.assign(&intent_id, &terminal_id, OffsetDateTime::now_utc())
+        })
+        .await
     }
 
     /// Records terminals' acks `(terminal, intent, seq)` in one write, with an outcome for each,
@@ -639,7 +663,8 @@ impl Store {
         &self,
         acks: Vec<(String, String, u64)>,
     ) -> Result<Vec<Option<AckOutcome>>, StoreError> {
-        self.write_deferred(move |t| {
+        let op = Operation::new("ack", OpKey::many(acks.len(), "acks"));
+        self.write_deferred(op, move |t| {
             Ok(acks
                 .iter()
                 .map(|(terminal_id, intent_id, seq)| {
@@ -662,7 +687,8 @@ impl Store {
         &self,
         seen: Vec<(String, OffsetDateTime)>,
     ) -> Result<(), StoreError> {
-        self.write_deferred(move |t| {
+        let op = Operation::new("record last seen", OpKey::many(seen.len(), "terminals"));
+        self.write_deferred(op, move |t| {
             for (terminal_id, at) in &seen {
                 t.touch(terminal_id, *at)?;
             }
@@ -676,10 +702,13 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
-        self.read("terminal", id.clone(), move |kv| {
-            let value = kv.get(StrTable::Terminals, &id)?;
-            value.map(|v| decode(&id, &v)).transpose()
-        })
+        self.read(
+            Operation::new("read", OpKey::Terminal(id.clone())),
+            move |kv| {
+                let value = kv.get(StrTable::Terminals, &id)?;
+                value.map(|v| decode(&id, &v)).transpose()
+            },
+        )
         .await
     }
 
@@ -688,7 +717,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminals(&self) -> Result<Vec<(TerminalRecord, u64)>, StoreError> {
-        self.read("terminals", "", |kv| {
+        self.read(Operation::new("read terminals", OpKey::None), |kv| {
             let mut records = Vec::new();
             kv.scan(StrTable::Terminals, "", &mut |key, value| {
                 records.push(decode::<TerminalRecord>(key, value)?);
@@ -722,7 +751,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn renewing(&self) -> Result<Vec<TerminalRecord>, StoreError> {
-        self.read("pending renewals", "", |kv| {
+        self.read(Operation::new("read pending renewals", OpKey::None), |kv| {
             let mut out = Vec::new();
             kv.scan(StrTable::Terminals, "", &mut |key, value| {
                 let record: TerminalRecord = decode(key, value)?;
@@ -741,18 +770,15 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn outbox(&self, terminal_id: Option<String>) -> Result<Vec<OutboxRow>, StoreError> {
-        self.read(
-            "the outbox of",
-            terminal_id.clone().unwrap_or_default(),
-            move |kv| {
-                let mut rows = Vec::new();
-                kv.outbox_scan(terminal_id.as_deref(), &mut |(terminal, _), value| {
-                    rows.push(decode(terminal, value)?);
-                    Ok(true)
-                })?;
-                Ok(rows)
-            },
-        )
+        let key = terminal_id.clone().map_or(OpKey::None, OpKey::Terminal);
+        self.read(Operation::new("read the outbox", key), move |kv| {
+            let mut rows = Vec::new();
+            kv.outbox_scan(terminal_id.as_deref(), &mut |(terminal, _), value| {
+                rows.push(decode(terminal, value)?);
+                Ok(true)
+            })?;
+            Ok(rows)
+        })
         .await
     }
 
@@ -762,7 +788,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        self.read("revocations", "", |kv| {
+        self.read(Operation::new("read revocations", OpKey::None), |kv| {
             let mut serials = Vec::new();
             kv.scan(StrTable::RevokedSerials, "", &mut |serial, _terminal| {
                 serials.push(serial.to_owned());
@@ -787,17 +813,20 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn undeliverable(&self) -> Result<Vec<Undeliverable>, StoreError> {
-        self.read("undeliverable confirmations", "", |kv| {
-            let mut out = Vec::new();
-            kv.multi_scan(MultiTable::Undeliverable, &mut |terminal, intent| {
-                out.push(Undeliverable {
-                    terminal_id: (terminal != NO_TERMINAL).then(|| terminal.to_owned()),
-                    intent_id: String::from_utf8_lossy(intent).into_owned(),
-                });
-                Ok(true)
-            })?;
-            Ok(out)
-        })
+        self.read(
+            Operation::new("read undeliverable confirmations", OpKey::None),
+            |kv| {
+                let mut out = Vec::new();
+                kv.multi_scan(MultiTable::Undeliverable, &mut |terminal, intent| {
+                    out.push(Undeliverable {
+                        terminal_id: (terminal != NO_TERMINAL).then(|| terminal.to_owned()),
+                        intent_id: String::from_utf8_lossy(intent).into_owned(),
+                    });
+                    Ok(true)
+                })?;
+                Ok(out)
+            },
+        )
         .await
     }
 }

@@ -40,7 +40,7 @@ use super::kv::{
     Hint, KvRead, KvWrite, MultiTable, ReadKv, StrTable, VisitOutbox, VisitRpc, VisitStr, WriteKv,
 };
 use super::writer::Tables;
-use super::{Durability, Health, Job, Notices, OutboxRow, StoreError};
+use super::{Durability, Health, Job, Notices, OutboxRow, StoreError, StoreErrorKind};
 
 /// The schema, in order; each applied once, recorded in `posgate_schema`.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -130,7 +130,7 @@ pub(crate) struct Conn {
 
 /// Connects, with `synchronous_commit = on` whatever the server's default.
 pub(crate) fn connect(url: &str, statement_timeout: Option<Duration>) -> Result<Conn, StoreError> {
-    let err = |source| StoreError::PgConnect {
+    let err = |source| StoreErrorKind::PgConnect {
         url: redact_url(url),
         source,
     };
@@ -178,10 +178,10 @@ pub(crate) fn migrate(conn: &mut Conn) -> Result<(), postgres::Error> {
 
 /// Whether a failed batch may succeed when applied again: a concurrent writer got in its way.
 pub(super) fn is_conflict(e: &StoreError) -> bool {
-    let code = match e {
-        StoreError::Postgres(e) => e.code(),
+    let code = match e.kind() {
+        StoreErrorKind::Postgres(e) => e.code(),
         // A conflict a job handled (e.g. one ack of many) still fails, and retries, the batch.
-        StoreError::PgTransactionFailed { code, .. } => code.as_ref(),
+        StoreErrorKind::PgTransactionFailed { code, .. } => code.as_ref(),
         _ => return false,
     };
     matches!(
@@ -306,10 +306,11 @@ impl<'t> Q<'t> {
     fn usable(&self) -> Result<(), StoreError> {
         match &self.failed {
             None => Ok(()),
-            Some((code, message)) => Err(StoreError::PgTransactionFailed {
+            Some((code, message)) => Err(StoreErrorKind::PgTransactionFailed {
                 code: code.clone(),
                 message: message.clone(),
-            }),
+            }
+            .into()),
         }
     }
 
@@ -319,7 +320,7 @@ impl<'t> Q<'t> {
             if self.failed.is_none() {
                 self.failed = Some((e.code().cloned(), e.to_string()));
             }
-            StoreError::Postgres(e)
+            StoreError::from(e)
         })
     }
 
@@ -928,7 +929,7 @@ impl Readers {
             .read_only(true)
             .start()?;
         let Some(f) = f.take() else {
-            return Err(StoreError::Closed);
+            return Err(StoreErrorKind::Closed.into());
         };
         let kv = ReadKv::Pg(PgRead {
             q: RefCell::new(Q::new(txn, stmts)),

@@ -11,7 +11,7 @@ use posgate_proto::event::{Envelope, EventData};
 use time::OffsetDateTime;
 
 use super::testing::{Kind, TestDb};
-use super::{IncomingEvent, Ingested, Limits, NewTerminal, Store};
+use super::{IncomingEvent, Ingested, Limits, NewTerminal, OpKey, Operation, Store};
 
 /// `payment_intent.confirmed` for `pi_{n}` on terminal `pos-1`, as event `evt_{n}`.
 fn confirmed(n: u32) -> IncomingEvent {
@@ -285,7 +285,10 @@ async fn a_commit_past_its_deadline_is_answered_stalled_and_the_store_is_unhealt
     }
     store.hold_syncs_for_test(false);
     assert!(
-        matches!(waited, Err(super::StoreError::Stalled { deadline_ms: 300 })),
+        matches!(
+            waited.as_ref().map_err(super::StoreError::kind),
+            Err(super::StoreErrorKind::Stalled { deadline_ms: 300 })
+        ),
         "{waited:?}"
     );
     assert!(!healthy, "a stalled store reported healthy");
@@ -315,7 +318,7 @@ async fn a_statement_failure_a_job_handled_still_fails_its_batch() {
     let db = TestDb::new(Kind::Postgres).await;
     let store = db.open(Limits::new(256, 64)).await;
     let answer = store
-        .write(|t| {
+        .write(Operation::new("insert, then fail", OpKey::None), |t| {
             t.kv.multi_insert(MultiTable::Pending, "evt_kept", "pi_1")?;
             // Sends the buffered insert to the server now.
             t.kv.multi_remove_all(MultiTable::Pending, "evt_other")?;
@@ -331,7 +334,7 @@ async fn a_statement_failure_a_job_handled_still_fails_its_batch() {
         "a batch with a failed statement was answered committed"
     );
     let kept = store
-        .read("pending", "evt_kept", |kv| {
+        .read(Operation::new("read pending", OpKey::None), |kv| {
             kv.multi_get(MultiTable::Pending, "evt_kept")
         })
         .await
@@ -339,7 +342,9 @@ async fn a_statement_failure_a_job_handled_still_fails_its_batch() {
     assert!(kept.is_empty(), "nothing of a failed batch is kept");
     // The writer goes on: the next batch commits.
     store
-        .write(|t| t.kv.multi_insert(MultiTable::Pending, "evt_next", "pi_2"))
+        .write(Operation::new("insert", OpKey::None), |t| {
+            t.kv.multi_insert(MultiTable::Pending, "evt_next", "pi_2")
+        })
         .await
         .unwrap();
 }

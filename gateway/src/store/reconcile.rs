@@ -22,7 +22,9 @@ use time::OffsetDateTime;
 
 use super::kv::{KvRead, KvWrite, MultiTable, StrTable};
 use super::writer::{Tables, address_key, encode};
-use super::{EventOutcome, IncomingEvent, Ingested, Store, StoreError, StoredEvent, decode};
+use super::{
+    EventOutcome, IncomingEvent, Ingested, OpKey, Operation, Store, StoreError, StoredEvent, decode,
+};
 
 const CURSOR_KEY: &str = "transactions_cursor";
 
@@ -237,7 +239,8 @@ impl Store {
         raw_tx: String,
         now: OffsetDateTime,
     ) -> Result<Listed, StoreError> {
-        self.write_provider(move |t| t.ingest_listed(&tx, &raw_tx, now))
+        let op = Operation::new("ingest listed", OpKey::Transaction(tx.id.clone()));
+        self.write_provider(op, move |t| t.ingest_listed(&tx, &raw_tx, now))
             .await
     }
 
@@ -251,7 +254,8 @@ impl Store {
         intent_id: String,
         now: OffsetDateTime,
     ) -> Result<Vec<String>, StoreError> {
-        self.write_provider(move |t| t.orphan_unknown_intent(&intent_id, now))
+        let op = Operation::new("orphan the transfers", OpKey::Intent(intent_id.clone()));
+        self.write_provider(op, move |t| t.orphan_unknown_intent(&intent_id, now))
             .await
     }
 
@@ -260,12 +264,15 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn transactions_cursor(&self) -> Result<Option<OffsetDateTime>, StoreError> {
-        self.read("the transactions cursor", "", |kv| {
-            let value = kv.get(StrTable::ReconcileState, CURSOR_KEY)?;
-            value
-                .map(|v| decode::<Cursor>(CURSOR_KEY, &v).map(|c| c.at))
-                .transpose()
-        })
+        self.read(
+            Operation::new("read the transactions cursor", OpKey::None),
+            |kv| {
+                let value = kv.get(StrTable::ReconcileState, CURSOR_KEY)?;
+                value
+                    .map(|v| decode::<Cursor>(CURSOR_KEY, &v).map(|c| c.at))
+                    .transpose()
+            },
+        )
         .await
     }
 
@@ -274,7 +281,8 @@ impl Store {
     /// # Errors
     /// As any write.
     pub async fn set_transactions_cursor(&self, at: OffsetDateTime) -> Result<(), StoreError> {
-        self.write(move |t| {
+        let op = Operation::new("set the transactions cursor", OpKey::None);
+        self.write(op, move |t| {
             let bytes = encode(CURSOR_KEY, &Cursor { at })?;
             t.kv.insert(StrTable::ReconcileState, CURSOR_KEY, bytes.as_slice())?;
             Ok(())
@@ -287,7 +295,7 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn orphan_transfers(&self) -> Result<Vec<OrphanTransfer>, StoreError> {
-        self.read("orphan transfers", "", |kv| {
+        self.read(Operation::new("read orphan transfers", OpKey::None), |kv| {
             let mut out: Vec<OrphanTransfer> = Vec::new();
             kv.scan(StrTable::OrphanTransfers, "", &mut |key, value| {
                 out.push(decode(key, value)?);

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::kv::{KvRead, KvWrite};
 use super::writer::{Tables, encode};
-use super::{Store, StoreError, decode};
+use super::{OpKey, Operation, Store, StoreError, decode};
 
 /// An answer and when it was given.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -68,21 +68,18 @@ impl Store {
         terminal_id: String,
         request_id: String,
     ) -> Result<Option<serde_json::Value>, StoreError> {
-        self.read(
-            "the RPC answer of",
-            format!("{terminal_id}/{request_id}"),
-            move |kv| {
-                let Some(value) = kv.rpc_get(&terminal_id, &request_id)? else {
-                    return Ok(None);
-                };
-                let value: serde_json::Value = decode(&request_id, &value)?;
-                // A bare answer was stored before answers carried their time.
-                match serde_json::from_value::<StoredAnswer>(value.clone()) {
-                    Ok(stored) => Ok(Some(stored.answer)),
-                    Err(_) => Ok(Some(value)),
-                }
-            },
-        )
+        let op = Operation::new("read the answer", OpKey::request(&terminal_id, &request_id));
+        self.read(op, move |kv| {
+            let Some(value) = kv.rpc_get(&terminal_id, &request_id)? else {
+                return Ok(None);
+            };
+            let value: serde_json::Value = decode(&request_id, &value)?;
+            // A bare answer was stored before answers carried their time.
+            match serde_json::from_value::<StoredAnswer>(value.clone()) {
+                Ok(stored) => Ok(Some(stored.answer)),
+                Err(_) => Ok(Some(value)),
+            }
+        })
         .await
     }
 
@@ -98,7 +95,8 @@ impl Store {
         created: Option<PaymentIntent>,
         answer: serde_json::Value,
     ) -> Result<(), StoreError> {
-        self.write(move |t| {
+        let op = Operation::new("save the answer", OpKey::request(&terminal_id, &request_id));
+        self.write(op, move |t| {
             if let Some(pi) = &created {
                 t.adopt_intent(pi, &terminal_id, OffsetDateTime::now_utc())?;
             }
@@ -123,7 +121,8 @@ impl Store {
         at_most: usize,
     ) -> Result<usize, StoreError> {
         let cutoff = before.unix_timestamp();
-        self.write(move |t| {
+        let op = Operation::new("prune old RPC answers", OpKey::None);
+        self.write(op, move |t| {
             let mut expired = Vec::new();
             t.kv.rpc_scan(&mut |(terminal_id, request_id), value| {
                 if stored_at(value) < cutoff {
@@ -151,6 +150,7 @@ mod tests {
 
     use crate::store::Limits;
     use crate::store::kv::KvWrite;
+    use crate::store::{OpKey, Operation};
 
     /// Answers older than the retention go, newer ones and their replays stay; an answer stored
     /// before answers carried their time counts as the oldest.
@@ -164,7 +164,7 @@ mod tests {
                 .unwrap();
         }
         store
-            .write(|t| {
+            .write(Operation::new("insert a legacy answer", OpKey::None), |t| {
                 t.kv.rpc_insert(
                     "pos_a",
                     "legacy",

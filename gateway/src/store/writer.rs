@@ -18,7 +18,7 @@ use super::Durability as StoreDurability;
 use super::kv::{Hint, KvRead, KvWrite, MultiTable, RedbWrite, StrTable, WriteKv};
 use super::{
     EventOutcome, EventRef, Health, IncomingEvent, Ingested, Job, Notices, Open, OutboxRow,
-    StoreError, StoredEvent, StoredIntent, decode,
+    StoreError, StoreErrorKind, StoredEvent, StoredIntent, decode,
 };
 use crate::domain::{self, Effect, Input, IntentRecord};
 
@@ -145,6 +145,7 @@ pub(super) fn wake_writer(wake: &mpsc::WeakSender<Job>) {
         let (reply, _) = tokio::sync::oneshot::channel();
         let nothing = |_: &mut Tables<'_>| Ok::<(), StoreError>(());
         drop(queue.try_send(Box::new(super::Typed {
+            op: super::Operation::new("wake the writer", super::OpKey::None),
             work: nothing,
             hints: Vec::new(),
             result: None,
@@ -160,7 +161,7 @@ const REOPEN_MAX: Duration = Duration::from_secs(5);
 
 /// Closes the failed database and opens the file again, until that works (a full disk: once
 /// there is space) or the store is closed (`None`). Meanwhile reads answer
-/// [`StoreError::Unavailable`] and writes "not committed" (ingress says `503`; the provider
+/// [`super::StoreErrorKind::Unavailable`] and writes "not committed" (ingress says `503`; the provider
 /// retries), and the store reports itself unhealthy.
 fn recover(open: Open, rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<Open> {
     shared.health.failed.store(true, Ordering::Relaxed);
@@ -278,9 +279,12 @@ pub(crate) struct Tables<'txn> {
 }
 
 pub(super) fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
-        key: key.to_owned(),
-        source,
+    serde_json::to_vec(value).map_err(|source| {
+        StoreErrorKind::Corrupt {
+            key: key.to_owned(),
+            source,
+        }
+        .into()
     })
 }
 
@@ -362,7 +366,7 @@ impl<'txn> Tables<'txn> {
             ),
         };
         let raw = RawValue::from_string(String::from_utf8_lossy(&event.raw).into_owned()).map_err(
-            |source| StoreError::Corrupt {
+            |source| StoreErrorKind::Corrupt {
                 key: event.event_id.clone(),
                 source,
             },
