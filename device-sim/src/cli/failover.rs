@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-
 use super::{UsageError, save};
 use crate::chaos::failover;
 
@@ -62,20 +60,7 @@ pub(super) struct FailoverArgs {
 
 impl FailoverArgs {
     fn options(self) -> anyhow::Result<failover::FailoverOptions> {
-        let posgate = match self.posgate {
-            Some(path) => path,
-            None => {
-                let exe = std::env::current_exe().context("locating this executable")?;
-                let bin = exe.with_file_name("posgate");
-                if !bin.exists() {
-                    anyhow::bail!(UsageError(format!(
-                        "{} not found: build it (cargo build -p posgate) or pass --posgate PATH",
-                        bin.display()
-                    )));
-                }
-                bin
-            }
-        };
+        let posgate = super::posgate_bin(self.posgate)?;
         if !(self.rate > 0.0 && self.rate.is_finite()) {
             anyhow::bail!(UsageError("--rate must be above 0".into()));
         }

@@ -140,6 +140,25 @@ fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> anyhow:
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// The `posgate` binary given with `--posgate PATH`, else the one next to this executable.
+///
+/// # Errors
+/// A [`UsageError`] when it is not given and not there.
+fn posgate_bin(given: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let bin = exe.with_file_name("posgate");
+    if !bin.exists() {
+        anyhow::bail!(UsageError(format!(
+            "{} not found: build it (cargo build -p posgate) or pass --posgate PATH",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
 /// A problem before serving starts (bad flags, address in use): exit 64.
 #[derive(Debug)]
 struct UsageError(String);
