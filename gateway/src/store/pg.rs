@@ -1016,16 +1016,7 @@ pub(super) fn run(
     limits: &super::Limits,
     shared: &Shared,
 ) {
-    let max_batch = limits.max_batch;
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(mut batch) = super::writer::next_batch(&mut rx, limits.max_batch) {
         let started = Instant::now();
         let durable = batch
             .iter()
@@ -1053,20 +1044,19 @@ pub(super) fn run(
         if let Some(h) = shared.commit_seconds.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
-        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
         match result {
             Ok(new_rows) => {
                 shared.health.failed.store(false, Ordering::Relaxed);
                 if !new_rows.is_empty() {
                     shared.notices.send(new_rows);
                 }
-                for job in jobs {
+                for job in batch {
                     job.finish(true);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, error_chain = ?e, jobs = jobs.len(), attempts = attempt, "store commit failed; nothing of this batch was kept");
-                for job in jobs {
+                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), attempts = attempt, "store commit failed; nothing of this batch was kept");
+                for job in batch {
                     job.finish(false);
                 }
                 if conn.client.is_closed() || e.is_pg_connection() {

@@ -55,17 +55,8 @@ pub(super) fn run(
     limits: &super::Limits,
     shared: &Shared,
 ) {
-    let max_batch = limits.max_batch;
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut lazy_streak = 0u32;
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(mut batch) = next_batch(&mut rx, limits.max_batch) {
         let started = Instant::now();
         let lazy = batch
             .iter()
@@ -81,11 +72,10 @@ pub(super) fn run(
         let result = commit_batch(&open.db, &mut batch, durable, limits.quick_repair);
         shared.health.busy(false);
         let commit_seconds = shared.commit_seconds.get().cloned();
-        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
         match result {
             Ok(new_rows) => {
                 tracing::trace!(
-                    jobs = jobs.len(),
+                    jobs = batch.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "committed"
                 );
@@ -99,7 +89,7 @@ pub(super) fn run(
                     if on_disk && !new_rows.is_empty() {
                         notices.send(new_rows);
                     }
-                    for job in jobs {
+                    for job in batch {
                         job.finish(on_disk);
                     }
                     if !on_disk {
@@ -115,8 +105,8 @@ pub(super) fn run(
                     h.observe(started.elapsed().as_secs_f64());
                 }
                 shared.health.failed.store(true, Ordering::Relaxed);
-                tracing::error!(error = %e, error_chain = ?e, jobs = jobs.len(), "store commit failed; nothing of this batch was kept");
-                for job in jobs {
+                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), "store commit failed; nothing of this batch was kept");
+                for job in batch {
                     job.finish(false);
                 }
                 if e.needs_reopen() {
@@ -137,6 +127,20 @@ pub(super) fn run(
     if !open.syncer.wait_all() {
         tracing::warn!("the last commits could not be synced to disk");
     }
+}
+
+/// The next batch for a group commit (both backends): waits for a job, then takes those already
+/// queued behind it, `max_batch` at most. `None` once every sender is gone and the queue is empty.
+pub(super) fn next_batch(rx: &mut mpsc::Receiver<Job>, max_batch: usize) -> Option<Vec<Job>> {
+    let mut batch = Vec::with_capacity(max_batch);
+    batch.push(rx.blocking_recv()?);
+    while batch.len() < max_batch {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 /// A write that changes nothing, sent to wake the writer.
