@@ -1,4 +1,6 @@
-//! The engine over channels: a recording publisher, a real store in a temp dir.
+//! The engine over channels: a recording publisher, a real store in a temp dir. On paused time:
+//! the republish timers, back-offs and "nothing more comes" waits take no real time, and the
+//! clock moves only while the engine and the store are idle (see `on_both_backends!`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,7 +287,8 @@ async fn a_failing_store_slows_republishing_down(kind: Kind) {
     rig.store.fail_writes_for_test(true);
     let started = tokio::time::Instant::now();
     let mut republished = 0;
-    while started.elapsed() < Duration::from_millis(1500) {
+    // Bounded: on paused time an engine that never pauses would never let the clock move.
+    while started.elapsed() < Duration::from_millis(1500) && republished <= 4 {
         rig.ack("pi_1", 1).await;
         rig.expect_cleared("pi_1").await;
         // The row comes back (the ack was not stored): ack it again, as a terminal does.
@@ -460,7 +463,7 @@ async fn startup_publishes_what_was_left_unacked(kind: Kind) {
 /// the terminal is shown `seq` 1 first. (A notice that came in before the load used to be
 /// published at once, so after a restart under load a terminal saw a newer `seq` before older
 /// ones: found by `posgate-sim chaos`.)
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn rows_committed_during_the_startup_load_wait_behind_older_ones() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
@@ -526,7 +529,7 @@ async fn rows_committed_during_the_startup_load_wait_behind_older_ones() {
 }
 
 on_both_backends!(
-    publishes_signed_then_clears_on_ack,
+    paused: publishes_signed_then_clears_on_ack,
     an_ack_moves_the_terminal_on_before_it_is_stored,
     a_row_back_on_the_wire_before_its_ack_is_stored_is_cleared,
     an_ack_the_store_does_not_confirm_reloads_the_terminal,
@@ -600,7 +603,7 @@ fn replica(store: &Store, forward_events: bool, rpc: bool) -> Replica {
 /// The engine of one replica among several: it publishes only for terminals in its shards, starts
 /// when it gains the shard (reading the outbox), stops when it loses it, and forwards an ack it
 /// read for a terminal it does not own.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_replica_publishes_only_for_terminals_in_its_shards() {
     use crate::replicas::{Input, notify::Outgoing, shard_of};
     use std::collections::BTreeSet;
@@ -687,7 +690,7 @@ async fn a_replica_publishes_only_for_terminals_in_its_shards() {
 /// With plain subscriptions (every replica receives every message, as on NATS), a terminal's RPC
 /// request is answered by the replica that owns the terminal only: each replica answering made
 /// the terminal get one answer, and the provider one call, per replica.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn with_plain_subscriptions_only_the_owner_answers_rpc() {
     use crate::replicas::shard_of;
     use std::collections::BTreeSet;
@@ -746,7 +749,7 @@ async fn with_plain_subscriptions_only_the_owner_answers_rpc() {
 /// which this engine hears of at once). The first publish is seq 1: a local row above a gap
 /// waits for a read of the outbox. Before, seq 2 went out first (the out-of-order confirmations
 /// of the failover benchmark's runs B–D).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_local_row_above_another_replicas_row_waits_for_it() {
     use crate::replicas::shard_of;
     use std::collections::BTreeSet;

@@ -696,6 +696,17 @@ impl Store {
             mpsc::error::TrySendError::Closed(_) => StoreErrorKind::Closed,
         })?;
         let deadline = self.inner.commit_deadline;
+        // Unit tests may run on paused time, which tokio advances whenever the runtime is idle:
+        // also while the writer (an OS thread the runtime cannot see) commits, which would make
+        // any write time out at once. A blocking task in flight stops that advance, so the
+        // answer is awaited on one: paused time then moves only while the store is idle.
+        #[cfg(test)]
+        let answer = async {
+            match tokio::task::spawn_blocking(move || answer.blocking_recv()).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(Err(StoreErrorKind::Closed.into())),
+            }
+        };
         match tokio::time::timeout(deadline, answer).await {
             Ok(answer) => answer.map_err(|_| StoreErrorKind::Closed)?,
             Err(_) => Err(StoreErrorKind::Stalled {

@@ -57,8 +57,22 @@ pub(crate) async fn store(kind: Kind, limits: Limits) -> (TestDb, Store) {
 }
 
 /// For each `name`, a module `name` with the tests `redb` and `postgres`, which run
-/// `name(Kind::…)`.
+/// `name(Kind::…)`. After `paused:`, on paused time (`start_paused`): it moves only while nothing
+/// runs, no blocking task (a read) is in flight and no write waits for the store's writer (see
+/// `Store::enqueue`), so a test waits for timers without waiting in real time.
 macro_rules! on_both_backends {
+    (paused: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(start_paused = true)]
+            async fn redb() {
+                super::$name($crate::store::testing::Kind::Redb).await
+            }
+            #[tokio::test(start_paused = true)]
+            async fn postgres() {
+                super::$name($crate::store::testing::Kind::Postgres).await
+            }
+        }
+    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test]
