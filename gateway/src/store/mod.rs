@@ -811,14 +811,8 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreErrorKind::Corrupt`].
     pub async fn intent(&self, id: String) -> Result<Option<StoredIntent>, StoreError> {
-        self.read(
-            Operation::new("read", OpKey::Intent(id.clone())),
-            move |kv| {
-                let value = kv.get(StrTable::Intents, &id)?;
-                value.map(|v| decode(&id, &v)).transpose()
-            },
-        )
-        .await
+        self.record(StrTable::Intents, OpKey::Intent(id.clone()), id)
+            .await
     }
 
     /// One event.
@@ -826,13 +820,21 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreErrorKind::Corrupt`].
     pub async fn event(&self, id: String) -> Result<Option<StoredEvent>, StoreError> {
-        self.read(
-            Operation::new("read", OpKey::Event(id.clone())),
-            move |kv| {
-                let value = kv.get(StrTable::Events, &id)?;
-                value.map(|v| decode(&id, &v)).transpose()
-            },
-        )
+        self.record(StrTable::Events, OpKey::Event(id.clone()), id)
+            .await
+    }
+
+    /// The record `id` of `table`, decoded; `key` names it in errors.
+    async fn record<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: StrTable,
+        key: OpKey,
+        id: String,
+    ) -> Result<Option<T>, StoreError> {
+        self.read(Operation::new("read", key), move |kv| {
+            let value = kv.get(table, &id)?;
+            value.map(|v| decode(&id, &v)).transpose()
+        })
         .await
     }
 

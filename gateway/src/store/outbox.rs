@@ -702,14 +702,8 @@ impl Store {
     /// # Errors
     /// As any read.
     pub async fn terminal(&self, id: String) -> Result<Option<TerminalRecord>, StoreError> {
-        self.read(
-            Operation::new("read", OpKey::Terminal(id.clone())),
-            move |kv| {
-                let value = kv.get(StrTable::Terminals, &id)?;
-                value.map(|v| decode(&id, &v)).transpose()
-            },
-        )
-        .await
+        self.record(StrTable::Terminals, OpKey::Terminal(id.clone()), id)
+            .await
     }
 
     /// Every terminal with its number of unacked confirmations, in id order.
