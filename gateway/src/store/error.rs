@@ -238,6 +238,15 @@ impl StoreError {
         }
     }
 
+    /// Whether PostgreSQL refused a statement (or the connection failed): the transaction
+    /// cannot go on, whatever the caller makes of the error.
+    pub(super) fn is_database_refusal(&self) -> bool {
+        matches!(
+            self.kind,
+            StoreErrorKind::Postgres(_) | StoreErrorKind::PgTransactionFailed { .. }
+        )
+    }
+
     /// Whether this is PostgreSQL failing to answer at all (the connection lost, the server
     /// shutting down), rather than refusing a statement.
     pub(super) fn is_pg_connection(&self) -> bool {

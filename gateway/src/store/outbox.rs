@@ -665,16 +665,20 @@ impl Store {
     ) -> Result<Vec<Option<AckOutcome>>, StoreError> {
         let op = Operation::new("ack", OpKey::many(acks.len(), "acks"));
         self.write_deferred(op, move |t| {
-            Ok(acks
-                .iter()
-                .map(|(terminal_id, intent_id, seq)| {
-                    t.ack(terminal_id, intent_id, *seq)
-                        .inspect_err(|e| {
-                            tracing::error!(%terminal_id, %intent_id, seq, error = %e, error_chain = ?e, "ack not applied");
-                        })
-                        .ok()
-                })
-                .collect())
+            let mut outcomes = Vec::with_capacity(acks.len());
+            for (terminal_id, intent_id, seq) in &acks {
+                match t.ack(terminal_id, intent_id, *seq) {
+                    Ok(outcome) => outcomes.push(Some(outcome)),
+                    // The database refused a statement: the whole transaction is lost (and
+                    // retried if it was a conflict), not only this ack.
+                    Err(e) if e.is_database_refusal() => return Err(e),
+                    Err(e) => {
+                        tracing::error!(%terminal_id, %intent_id, seq, error = %e, error_chain = ?e, "ack not applied");
+                        outcomes.push(None);
+                    }
+                }
+            }
+            Ok(outcomes)
         })
         .await
     }

@@ -977,17 +977,28 @@ pub(super) struct Shared {
     pub(super) statement_timeout: Duration,
 }
 
-/// One SERIALIZABLE transaction for the whole batch; committed with `synchronous_commit = on`
-/// when `durable`. Any error aborts all of it (the transaction rolls back when dropped).
+/// One transaction for the whole batch (SERIALIZABLE when `durable`, else REPEATABLE READ);
+/// committed with `synchronous_commit = on` when `durable`. Any error aborts all of it (the
+/// transaction rolls back when dropped).
 fn commit_batch(
     conn: &mut Conn,
     batch: &mut [Job],
     durable: bool,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let Conn { client, stmts } = conn;
+    // REPEATABLE READ for acks and last-seen times: every row they change is read first, and
+    // PostgreSQL refuses (40001, retried) an update of a row changed since the snapshot, so
+    // nothing is lost; what it allows is an ack not seeing a newer row of the same intent
+    // committed meanwhile, which only decides whether the retained message is cleared, and the
+    // delivery engine, which knows its queue, does not clear a topic a newer row replaces.
+    let isolation = if durable {
+        IsolationLevel::Serializable
+    } else {
+        IsolationLevel::RepeatableRead
+    };
     let mut txn = client
         .build_transaction()
-        .isolation_level(IsolationLevel::Serializable)
+        .isolation_level(isolation)
         .start()?;
     if !durable {
         txn.batch_execute("SET LOCAL synchronous_commit = off")?;
@@ -1010,62 +1021,78 @@ fn commit_batch(
 /// COMMIT returned. When the connection is lost, the batch is answered "not committed" (it may
 /// have committed: a retried webhook is then a duplicate) and the writer reconnects with
 /// backoff, answering what comes meanwhile at once, unhealthy until it is back.
+///
+/// What waits for the disk (webhooks, provider answers, provisioning) and what does not (acks,
+/// last-seen times) commit as two transactions: the second at REPEATABLE READ (see
+/// [`commit_batch`]), so that a terminal's acks do not make the SERIALIZABLE webhook batches of
+/// other replicas fail, nor fail with them.
 pub(super) fn run(
     mut conn: Conn,
     mut rx: mpsc::Receiver<Job>,
     limits: &super::Limits,
     shared: &Shared,
 ) {
-    while let Some(mut batch) = super::writer::next_batch(&mut rx, limits.max_batch) {
-        let started = Instant::now();
-        let durable = batch
-            .iter()
-            .any(|job| job.durability() == Durability::Synced);
-        shared.health.busy(true);
-        #[cfg(test)]
-        while shared.health.hold.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(1));
+    while let Some(batch) = super::writer::next_batch(&mut rx, limits.max_batch) {
+        let (synced, deferred): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|job| job.durability() == Durability::Synced);
+        for (jobs, durable) in [(synced, true), (deferred, false)] {
+            if jobs.is_empty() {
+                continue;
+            }
+            if !commit_jobs(&mut conn, jobs, durable, shared) {
+                match reconnect(&mut rx, shared) {
+                    Some(fresh) => conn = fresh,
+                    None => return,
+                }
+            }
         }
-        let mut attempt = 1;
-        let result = loop {
-            match commit_batch(&mut conn, &mut batch, durable) {
-                Err(e) if is_conflict(&e) && attempt < MAX_ATTEMPTS => {
-                    tracing::debug!(attempt, error = %e, error_chain = ?e, "a concurrent writer conflicted with this batch; applying it again");
-                    // A random pause, growing with the attempts, so that two replicas writing
-                    // the same keys in step do not collide again at once.
-                    let most = 1u64 << attempt.min(6);
-                    std::thread::sleep(Duration::from_micros(rand::random_range(0..most * 1000)));
-                    attempt += 1;
-                }
-                other => break other,
+    }
+}
+
+/// Commits `jobs` (retrying conflicts) and answers them; false when the connection is lost.
+fn commit_jobs(conn: &mut Conn, mut jobs: Vec<Job>, durable: bool, shared: &Shared) -> bool {
+    let started = Instant::now();
+    shared.health.busy(true);
+    #[cfg(test)]
+    while shared.health.hold.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut attempt = 1;
+    let result = loop {
+        match commit_batch(conn, &mut jobs, durable) {
+            Err(e) if is_conflict(&e) && attempt < MAX_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, error_chain = ?e, "a concurrent writer conflicted with this batch; applying it again");
+                // A random pause, growing with the attempts, so that two replicas writing
+                // the same keys in step do not collide again at once.
+                let most = 1u64 << attempt.min(6);
+                std::thread::sleep(Duration::from_micros(rand::random_range(0..most * 1000)));
+                attempt += 1;
             }
-        };
-        shared.health.busy(false);
-        if let Some(h) = shared.commit_seconds.get() {
-            h.observe(started.elapsed().as_secs_f64());
+            other => break other,
         }
-        match result {
-            Ok(new_rows) => {
-                shared.health.failed.store(false, Ordering::Relaxed);
-                if !new_rows.is_empty() {
-                    shared.notices.send(new_rows);
-                }
-                for job in batch {
-                    job.finish(true);
-                }
+    };
+    shared.health.busy(false);
+    if let Some(h) = shared.commit_seconds.get() {
+        h.observe(started.elapsed().as_secs_f64());
+    }
+    match result {
+        Ok(new_rows) => {
+            shared.health.failed.store(false, Ordering::Relaxed);
+            if !new_rows.is_empty() {
+                shared.notices.send(new_rows);
             }
-            Err(e) => {
-                tracing::error!(error = %e, error_chain = ?e, jobs = batch.len(), attempts = attempt, "store commit failed; nothing of this batch was kept");
-                for job in batch {
-                    job.finish(false);
-                }
-                if conn.client.is_closed() || e.is_pg_connection() {
-                    match reconnect(&mut rx, shared) {
-                        Some(fresh) => conn = fresh,
-                        None => return,
-                    }
-                }
+            for job in jobs {
+                job.finish(true);
             }
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, error_chain = ?e, jobs = jobs.len(), attempts = attempt, "store commit failed; nothing of this batch was kept");
+            for job in jobs {
+                job.finish(false);
+            }
+            !(conn.client.is_closed() || e.is_pg_connection())
         }
     }
 }
