@@ -572,6 +572,10 @@ pub struct Files {
     pub handle: Handle,
 }
 
+/// How long the files must stay unchanged after a reload before the broker is told to reload
+/// once more (longer than a reload of a large ACL takes).
+const SETTLE: Duration = Duration::from_secs(2);
+
 impl Files {
     /// Runs until `token` is cancelled.
     pub async fn run(self, token: CancellationToken) {
@@ -580,6 +584,8 @@ impl Files {
             .active
             .store(true, std::sync::atomic::Ordering::Release);
         let mut last: Option<(String, BTreeSet<String>)> = None;
+        // Files written since the last reload that nothing followed for [`SETTLE`].
+        let mut unsettled = false;
         loop {
             let synced = self.sync(&mut last).await;
             // Cut after the reload (also after a failed one: the session is cut at least).
@@ -589,7 +595,7 @@ impl Files {
                 self.handle.kick(&terminal_id);
             }
             match synced {
-                Ok(()) => {}
+                Ok(wrote) => unsettled |= wrote,
                 Err(e) => {
                     tracing::error!(error = %error_chain(&e), dir = %self.dir.display(), "the external broker's files were not updated; retrying in 5 s");
                     tokio::select! {
@@ -599,6 +605,20 @@ impl Files {
                     continue;
                 }
             }
+            if unsettled {
+                // A broker may lose a reload asked for while it is reloading (Mosquitto clears
+                // its reload flag *after* reloading: a SIGHUP in between is dropped, and the
+                // terminals provisioned last stayed out of its ACL until the next change). Once
+                // the changes stop for a moment, the broker is told once more.
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = state.wake.notified() => continue,
+                    _ = tokio::time::sleep(SETTLE) => {
+                        self.reload().await;
+                        unsettled = false;
+                    }
+                }
+            }
             tokio::select! {
                 _ = token.cancelled() => return,
                 _ = state.wake.notified() => {}
@@ -606,10 +626,12 @@ impl Files {
         }
     }
 
+    /// Writes the files if what they say changed, then runs the reload command; true when it
+    /// wrote.
     async fn sync(
         &self,
         last: &mut Option<(String, BTreeSet<String>)>,
-    ) -> Result<(), ExternalError> {
+    ) -> Result<bool, ExternalError> {
         let store_error = |e: crate::store::StoreError| ExternalError::Write {
             path: self.dir.clone(),
             source: std::io::Error::other(e),
@@ -639,7 +661,7 @@ impl Files {
             .as_ref()
             .is_some_and(|(a, r)| *a == main && *r == revoked)
         {
-            return Ok(());
+            return Ok(false);
         }
         if crl_too {
             let crl = self.pki.crl_pem(revoked.iter().map(String::as_str))?;
@@ -651,7 +673,7 @@ impl Files {
         tracing::info!(terminals, revoked = revoked.len(), dir = %self.dir.display(), "external broker files written");
         *last = Some((main, revoked));
         self.reload().await;
-        Ok(())
+        Ok(true)
     }
 
     async fn reload(&self) {
@@ -718,6 +740,55 @@ pub fn write_file(path: &Path, contents: &str) -> Result<(), ExternalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mosquitto drops a SIGHUP that arrives while it is reloading; after the files change, the
+    /// broker is told once more when they have stayed unchanged for [`SETTLE`], so the last
+    /// change is loaded even if its own reload was lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_broker_is_told_once_more_after_the_changes_stop() {
+        use crate::store::testing::{Kind, store};
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, store) = store(Kind::Redb, crate::store::Limits::new(64, 16)).await;
+        store
+            .register_terminal(crate::store::NewTerminal::for_test("pos-1"))
+            .await
+            .unwrap()
+            .unwrap();
+        let names = vec!["localhost".to_owned()];
+        let pki = Arc::new(Pki::load_or_create(&dir.path().join("pki"), &names).unwrap());
+        let reloads = dir.path().join("reloads");
+        let files = Files {
+            dir: dir.path().to_owned(),
+            kind: BrokerKind::Mosquitto,
+            reload_command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo reload >> {}", reloads.display()),
+            ],
+            store,
+            pki,
+            handle: handle(),
+        };
+        let token = CancellationToken::new();
+        let task = tokio::spawn(files.run(token.clone()));
+        let count = || {
+            std::fs::read_to_string(&reloads)
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        let deadline = tokio::time::Instant::now() + SETTLE * 5;
+        while count() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(count(), 2, "one reload for the write, one once it settled");
+        assert!(
+            std::fs::read_to_string(dir.path().join(super::super::mosquitto::ACL_FILE))
+                .unwrap()
+                .contains("user pos-1"),
+        );
+        token.cancel();
+        task.await.unwrap();
+    }
 
     fn handle() -> Handle {
         let target = Arc::new(Target {
