@@ -19,7 +19,9 @@
 //! pool.
 //!
 //! Tables (values are JSON, so an operator can inspect them with any redb tool):
-//! - `events`: `evt_…` → [`StoredEvent`] with the exact raw body; the deduplication key.
+//! - `events`: `evt_…` → [`StoredEvent`]; the deduplication key. The exact raw body is kept only
+//!   while it may be needed (see [`StoredEvent::raw`]); rows older than `store.retention_hours`
+//!   are pruned in small batches (`prune_events`), never one that still waits for its intent.
 //! - `intents`: `pi_…` → [`StoredIntent`].
 //! - `intent_by_address`: lowercase payment address → `pi_…`, to match transfers without an id.
 //! - `pending`: `pi_…` or `addr:0x…` → `evt_…` for events about intents we do not know yet; they
@@ -45,6 +47,7 @@ mod pg;
 #[cfg(test)]
 mod pg_tests;
 mod reconcile;
+mod retention;
 mod rpc;
 mod snapshot;
 #[cfg(test)]
@@ -58,6 +61,7 @@ pub use outbox::{
 };
 pub use pg::redact_url;
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
+pub use retention::{PRUNE_VISIT, Pruned, prune_events};
 pub use snapshot::SnapshotError;
 use writer::Tables;
 
@@ -156,8 +160,17 @@ pub struct StoredEvent {
     /// Why `data` did not fit its type, for `unparsed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The exact verified body.
-    pub raw: Box<RawValue>,
+    /// The exact verified body, kept while the gateway may still need it: an event that waits
+    /// for its intent (`pending`, replayed when the intent comes), a settlement that may still
+    /// apply to an intent not known yet, and `unparsed`/`unknown_type` events (for the operator).
+    /// Dropped once an event is applied or recorded: deduplication needs only the id, and the
+    /// body was most of what the store grew by per webhook (docs/performance.md, "Store size").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Box<RawValue>>,
+    /// SHA-256 of the verified body (hex), kept when the body is not: what was applied can still
+    /// be matched against the provider's copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
 }
 
 /// One event as seen from an intent.
