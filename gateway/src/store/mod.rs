@@ -964,10 +964,21 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
     let (backend, syncer) = barrier::BarrierFile::new(file).map_err(open_err)?;
     // redb's page cache defaults to 1 GiB; the working set here (recent intents, the outbox,
     // the registry) is far smaller, and an edge server's memory is better left to the broker.
-    let db = redb::Builder::new()
+    // A file that needs a repair (after a crash) is not repaired through that small cache: see
+    // `repair`.
+    let opened = redb::Builder::new()
         .set_cache_size(CACHE_BYTES)
-        .create_with_backend(backend)
-        .map_err(open_err)?;
+        .set_repair_callback(|session| session.abort())
+        .create_with_backend(backend);
+    let db = match opened {
+        Ok(db) => db,
+        Err(redb::DatabaseError::RepairAborted) => {
+            drop(syncer);
+            repair(path).map_err(open_err)?;
+            return open_database(path);
+        }
+        Err(e) => return Err(open_err(e).into()),
+    };
     kv::redb_init(&db).map_err(|e| match e.into_kind() {
         StoreErrorKind::Db(source) => StoreErrorKind::Init {
             path: path.to_owned(),
@@ -979,6 +990,30 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
         db: Arc::new(db),
         syncer,
     })
+}
+
+/// Most page cache a repair may use.
+const REPAIR_CACHE_BYTES: usize = 1 << 30;
+
+/// Repairs the file after a crash, with a page cache large enough to keep what the repair reads.
+///
+/// redb's repair walks every page in use twice (checksums, then the allocator state). Through
+/// the store's 128 MiB cache the second walk reads everything again, and the restart after a
+/// SIGKILL grew to many seconds with the file (issue 14). Opened here with up to 1 GiB (redb's
+/// own default) and closed cleanly, the file is then opened as usual without a repair; the cache's
+/// memory goes back with the close.
+fn repair(path: &Path) -> Result<(), redb::DatabaseError> {
+    let started = Instant::now();
+    tracing::warn!(path = %path.display(), "the database was not closed cleanly; repairing it");
+    let db = redb::Builder::new()
+        .set_cache_size(REPAIR_CACHE_BYTES)
+        .create(path)?;
+    drop(db);
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "database repaired"
+    );
+    Ok(())
 }
 
 /// Asks the kernel to forget its cached pages of `file` (`POSIX_FADV_DONTNEED`); dirty pages are

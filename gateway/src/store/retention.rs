@@ -232,9 +232,9 @@ mod tests {
         assert_eq!(prune_all(&store, now - Duration::hours(15), 3).await, 0);
 
         // The intent comes: the old waiting transfer is applied then, and its body dropped.
-        let pi9 = r#"{"id":"pi_9","status":"pending","amount":4.5,"payment_address":"0xa9","metadata":{"terminal_id":"pos-1"}}"#;
+        let pi9 = r#"{"id":"pi_9","status":"confirmed","amount":4.5,"payment_address":"0xa9","metadata":{"terminal_id":"pos-1"}}"#;
         let created = store
-            .ingest(event("evt_p9", "payment_intent.created", pi9, now))
+            .ingest(event("evt_p9", "payment_intent.confirmed", pi9, now))
             .await
             .unwrap();
         let Ingested::New { effects, .. } = created else {
@@ -251,5 +251,51 @@ mod tests {
         store.close().await;
     }
 
-    on_both_backends!(old_events_go_and_what_dedupe_or_delivery_needs_stays);
+    /// A settlement naming a known and an unknown intent is applied to the first at once and
+    /// keeps its body, whatever its age, until the second comes: then it is applied to that one
+    /// too (not lost to the body drop or to the prune).
+    async fn a_settlement_waiting_for_one_of_its_intents_keeps_its_body(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(Limits::new(64, 16)).await;
+        let now = OffsetDateTime::now_utc();
+        let two_days_ago = now - Duration::days(2);
+        store.ingest(confirmed(1, two_days_ago)).await.unwrap();
+        let settlement = r#"{"id":"st_1","object":"settlement","payment_intent_ids":["pi_1","pi_2"]}"#;
+        let settled = store
+            .ingest(event(
+                "evt_s",
+                "settlement.completed",
+                settlement,
+                two_days_ago,
+            ))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&settled, Ingested::New { outcome: EventOutcome::Applied, .. }),
+            "{settled:?}"
+        );
+        let stored = store.event("evt_s".into()).await.unwrap().unwrap();
+        assert!(stored.raw.is_some(), "pi_2 still waits for it");
+        assert_eq!(prune_all(&store, now - Duration::hours(15), 1000).await, 1);
+        assert!(store.event("evt_1".into()).await.unwrap().is_none());
+        assert!(store.event("evt_s".into()).await.unwrap().is_some());
+
+        store.ingest(confirmed(2, now)).await.unwrap();
+        let intent = store.intent("pi_2".into()).await.unwrap().unwrap();
+        assert_eq!(
+            intent.record.status,
+            crate::domain::IntentStatus::Settled,
+            "{intent:?}"
+        );
+        // Nothing waits for it any more: its body goes, and an old one is pruned.
+        let stored = store.event("evt_s".into()).await.unwrap().unwrap();
+        assert!(stored.raw.is_none());
+        assert_eq!(prune_all(&store, now - Duration::hours(15), 1000).await, 1);
+        store.close().await;
+    }
+
+    on_both_backends!(
+        old_events_go_and_what_dedupe_or_delivery_needs_stays,
+        a_settlement_waiting_for_one_of_its_intents_keeps_its_body,
+    );
 }

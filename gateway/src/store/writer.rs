@@ -653,8 +653,22 @@ impl<'txn> Tables<'txn> {
             }
             stored.outcome = EventOutcome::Applied;
             // A transfer is applied once: its body is no longer needed. A settlement's is, while
-            // another of its intents may still come.
-            if matches!(data, EventData::Transaction(_)) {
+            // another of its intents is still unknown.
+            let waits_elsewhere = match data {
+                EventData::Transaction(_) => false,
+                _ => {
+                    let mut any = false;
+                    for id in &stored.intent_ids {
+                        if id != &intent.record.id && self.kv.get(StrTable::Intents, id)?.is_none()
+                        {
+                            any = true;
+                            break;
+                        }
+                    }
+                    any
+                }
+            };
+            if !waits_elsewhere {
                 if stored.body_sha256.is_none() {
                     stored.body_sha256 = Some(body_sha256(body.as_bytes()));
                 }
