@@ -949,6 +949,12 @@ impl Store {
 /// it) would see a commit that never reached the disk (PostgreSQL's "fsyncgate"). Without them,
 /// redb reads what the disk holds, and its checksums reject a commit whose pages are not there.
 fn open_database(path: &Path) -> Result<Open, StoreError> {
+    open_database_as(path, true)
+}
+
+/// As [`open_database`]; `repair_apart`: a file that needs a repair is repaired by [`repair`]
+/// first (else by redb itself, through the small cache).
+fn open_database_as(path: &Path, repair_apart: bool) -> Result<Open, StoreError> {
     let open_err = |source: redb::DatabaseError| StoreErrorKind::Open {
         path: path.to_owned(),
         source,
@@ -966,16 +972,17 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
     // the registry) is far smaller, and an edge server's memory is better left to the broker.
     // A file that needs a repair (after a crash) is not repaired through that small cache: see
     // `repair`.
-    let opened = redb::Builder::new()
-        .set_cache_size(CACHE_BYTES)
-        .set_repair_callback(|session| session.abort())
-        .create_with_backend(backend);
-    let db = match opened {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    if repair_apart {
+        builder.set_repair_callback(|session| session.abort());
+    }
+    let db = match builder.create_with_backend(backend) {
         Ok(db) => db,
         Err(redb::DatabaseError::RepairAborted) => {
             drop(syncer);
             repair(path).map_err(open_err)?;
-            return open_database(path);
+            return open_database_as(path, false);
         }
         Err(e) => return Err(open_err(e).into()),
     };

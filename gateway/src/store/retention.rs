@@ -294,6 +294,56 @@ mod tests {
         store.close().await;
     }
 
+    /// The file a SIGKILL leaves (a copy taken while the store is open, its last commit synced)
+    /// is repaired at open, apart from the store's small cache, and keeps what was committed: the
+    /// retried webhook is still a duplicate, its confirmation still in the outbox.
+    #[tokio::test]
+    async fn a_crashed_file_is_repaired_and_keeps_what_was_committed() {
+        let db = TestDb::new(Kind::Redb).await;
+        let store = db.open(Limits::new(64, 16)).await;
+        store
+            .register_terminal(NewTerminal::for_test("pos-1"))
+            .await
+            .unwrap()
+            .unwrap();
+        let now = OffsetDateTime::now_utc();
+        for n in 0..50 {
+            store.ingest(confirmed(n, now)).await.unwrap();
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            db.dir.path().join(crate::store::DB_FILE),
+            crashed.path().join(crate::store::DB_FILE),
+        )
+        .unwrap();
+        store.close().await;
+        let file = crashed.path().join(crate::store::DB_FILE);
+        let needs_repair = redb::Builder::new()
+            .set_repair_callback(|session| session.abort())
+            .create(&file);
+        assert!(
+            matches!(needs_repair, Err(redb::DatabaseError::RepairAborted)),
+            "the copy is what a crash leaves: it needs a repair"
+        );
+        drop(needs_repair);
+        let dir = crashed.path().to_owned();
+        let again = tokio::task::spawn_blocking(move || Store::open(&dir, Limits::new(64, 16)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            again.ingest(confirmed(7, now)).await.unwrap(),
+            Ingested::Duplicate
+        );
+        assert_eq!(again.outbox(Some("pos-1".into())).await.unwrap().len(), 50);
+        again.close().await;
+        // Closed cleanly after the repair: no repair needed any more.
+        let clean = redb::Builder::new()
+            .set_repair_callback(|session| session.abort())
+            .create(&file);
+        assert!(clean.is_ok(), "{:?}", clean.err());
+    }
+
     on_both_backends!(
         old_events_go_and_what_dedupe_or_delivery_needs_stays,
         a_settlement_waiting_for_one_of_its_intents_keeps_its_body,
