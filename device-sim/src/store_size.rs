@@ -22,7 +22,7 @@ use bytes::Bytes;
 use posgate::store::{IncomingEvent, Limits, NewTerminal, Store};
 use posgate_proto::MicroUsdc;
 use posgate_proto::event::{Envelope, EventData};
-use redb::{ReadableTableMetadata, TableHandle, MultimapTableHandle};
+use redb::{MultimapTableHandle, ReadableTableMetadata, TableHandle};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
@@ -132,7 +132,10 @@ impl StoreBench {
         while acked < self.events {
             let Ok(Some(rows)) = tokio::time::timeout(Duration::from_secs(10), outbox.recv()).await
             else {
-                anyhow::bail!("only {acked} of {} confirmations were enqueued", self.events);
+                anyhow::bail!(
+                    "only {acked} of {} confirmations were enqueued",
+                    self.events
+                );
             };
             let acks: Vec<_> = rows
                 .into_iter()
@@ -173,7 +176,8 @@ impl StoreBench {
         std::fs::rename(&crashed, reopen.join(posgate::store::DB_FILE))?;
         let repair_secs = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
             let started = Instant::now();
-            let store = Store::open(&reopen, Limits::new(64, 64)).context("opening the crashed copy")?;
+            let store =
+                Store::open(&reopen, Limits::new(64, 64)).context("opening the crashed copy")?;
             let took = started.elapsed().as_secs_f64();
             drop(store);
             Ok(took)
@@ -224,9 +228,8 @@ fn chaos_event(n: u64, terminal: &str) -> IncomingEvent {
 fn table_sizes(file: &Path, events: u64) -> anyhow::Result<(Vec<TableSize>, u64)> {
     let db = redb::Database::open(file)?;
     let mut out = Vec::new();
-    let page_bytes = |s: &redb::TableStats| {
-        s.stored_bytes() + s.metadata_bytes() + s.fragmented_bytes()
-    };
+    let page_bytes =
+        |s: &redb::TableStats| s.stored_bytes() + s.metadata_bytes() + s.fragmented_bytes();
     let per = |b: u64| b as f64 / events.max(1) as f64;
     {
         let txn = db.begin_read()?;

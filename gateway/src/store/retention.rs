@@ -85,8 +85,7 @@ impl Store {
 /// Removes events older than `retention` every [`PRUNE_EVERY`] (the first time two minutes
 /// after start), [`PRUNE_VISIT`] rows at a time, until `token` is cancelled.
 pub async fn prune_events(store: Store, retention: Duration, token: CancellationToken) {
-    let mut tick =
-        tokio::time::interval_at(Instant::now() + Duration::from_secs(120), PRUNE_EVERY);
+    let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(120), PRUNE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -260,7 +259,8 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let two_days_ago = now - Duration::days(2);
         store.ingest(confirmed(1, two_days_ago)).await.unwrap();
-        let settlement = r#"{"id":"st_1","object":"settlement","payment_intent_ids":["pi_1","pi_2"]}"#;
+        let settlement =
+            r#"{"id":"st_1","object":"settlement","payment_intent_ids":["pi_1","pi_2"]}"#;
         let settled = store
             .ingest(event(
                 "evt_s",
@@ -271,7 +271,13 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            matches!(&settled, Ingested::New { outcome: EventOutcome::Applied, .. }),
+            matches!(
+                &settled,
+                Ingested::New {
+                    outcome: EventOutcome::Applied,
+                    ..
+                }
+            ),
             "{settled:?}"
         );
         let stored = store.event("evt_s".into()).await.unwrap().unwrap();
