@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::kv::{KvRead, KvWrite, StrTable};
-use super::{EventOutcome, Store, StoreError, StoredEvent, decode};
+use super::{EventOutcome, OpKey, Operation, Store, StoreError, StoredEvent, decode};
 
 /// Rows looked at per write transaction, so that a prune never holds the writer for long (a few
 /// milliseconds; webhooks are committed in between).
@@ -54,7 +54,8 @@ impl Store {
         from: String,
         visit: usize,
     ) -> Result<Pruned, StoreError> {
-        self.write_deferred(move |t| {
+        let op = Operation::new("prune old events", OpKey::None);
+        self.write_deferred(op, move |t| {
             let mut old = Vec::new();
             let mut seen = 0;
             let mut next = None;
