@@ -207,6 +207,9 @@ pub struct ChaosReport {
     /// First connect of the whole fleet, in milliseconds.
     pub initial_connect_ms: f64,
     pub restart_to_all_reconnected_ms: Reconnects,
+    /// Of that: the start of the new process → its listeners bound (the bound addresses logged);
+    /// after a `SIGKILL` this includes the store's repair. The rest is the terminals' reconnects.
+    pub restart_to_listening_ms: Reconnects,
     /// `200` → shown on the terminal.
     pub delivery_ms: Latency,
     /// First webhook attempt → shown on the terminal (retries through faults included).
@@ -283,6 +286,7 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         tmpfs: tmpfs.as_ref(),
         faults,
         reconnects: Vec::new(),
+        listening: Vec::new(),
         reconnect_timeouts: 0,
         started: Instant::now(),
     };
@@ -290,6 +294,7 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     let Soak {
         mut faults,
         mut reconnects,
+        mut listening,
         reconnect_timeouts,
         started,
         ..
@@ -324,6 +329,7 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         faults,
         initial_connect_ms: initial.as_secs_f64() * 1000.0,
         restart_to_all_reconnected_ms: Reconnects::of(&mut reconnects, reconnect_timeouts),
+        restart_to_listening_ms: Reconnects::of(&mut listening, 0),
         delivery_ms: delivery,
         webhook_to_shown_ms: e2e,
         clean,
@@ -360,6 +366,8 @@ struct Soak<'a> {
     tmpfs: Option<&'a Tmpfs>,
     faults: Faults,
     reconnects: Vec<Duration>,
+    /// Start of each restart → its listeners bound.
+    listening: Vec<Duration>,
     reconnect_timeouts: u64,
     started: Instant,
 }
@@ -484,13 +492,16 @@ impl Soak<'_> {
     async fn restart(&mut self, what: String) -> anyhow::Result<()> {
         tokio::time::sleep(self.opts.restart_after.pick(&mut self.rng)).await;
         self.checker.new_round();
+        let restarted = Instant::now();
         self.daemon.restart().await?;
+        let bound = restarted.elapsed();
+        self.listening.push(bound);
         match self.checker.all_connected(Duration::from_secs(60)).await {
             Some(took) => {
                 self.reconnects.push(took);
                 say(
                     self.opts,
-                    format_args!("{what}: all reconnected in {took:?}"),
+                    format_args!("{what}: listening after {bound:?}, all reconnected in {took:?}"),
                 );
             }
             None => {

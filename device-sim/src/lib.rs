@@ -16,6 +16,7 @@
 //! - [`attack`]: `posgate-sim attack <kind>`, a hostile client beside the honest load of `bench
 //!   e2e`, and what it did to the honest terminals and the gateway.
 //! - [`bench`]: load generators and reports (`posgate-sim bench …`).
+//! - [`store_size`]: `posgate-sim bench store`, the redb file's bytes per webhook and per table.
 //! - [`remote`]: a provider simulator in another process, over its REST API and control endpoint.
 //! - [`watch`]: `posgate-sim terminal`, one terminal a person can watch (QR code, then the outcome).
 //! - [`web_pos`]: `posgate-sim web-pos`, the reference web POS of `clients/web/` and its configuration.
@@ -35,6 +36,7 @@ pub mod http_terminal;
 pub mod pos;
 pub mod provider;
 pub mod remote;
+pub mod store_size;
 pub mod terminal;
 pub mod watch;
 pub mod web_pos;

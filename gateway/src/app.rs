@@ -341,6 +341,15 @@ impl Gateway {
             }
         };
         supervisor.spawn(
+            "events_prune",
+            crate::store::prune_events(
+                store.clone(),
+                Duration::from_secs(config.store.retention_hours * 3600),
+                token.clone(),
+            )
+            .instrument(tracing::info_span!("events_prune")),
+        );
+        supervisor.spawn(
             "rpc_prune",
             crate::rpc::prune_answers(
                 store.clone(),

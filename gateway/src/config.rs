@@ -237,6 +237,9 @@ pub struct StoreConfig {
     /// redb's quick repair: each synced commit also saves the allocator state (with a two-phase
     /// commit), so the open after a crash does not walk the whole database.
     pub quick_repair: bool,
+    /// Events (deduplication keys) older than this are pruned; at least 15, past the provider's
+    /// last retry of a webhook (14.6 h after its first attempt).
+    pub retention_hours: u64,
     /// `store.backend` (`redb` or `postgres`) with `store.postgres_url` (its `Debug` masks the
     /// URL's password).
     pub backend: crate::store::Backend,
@@ -602,6 +605,7 @@ impl Config {
         let max_batch = r.in_range::<usize>("store.max_batch", 1, 1 << 16);
         let commit_deadline_ms = r.in_range::<u64>("store.commit_deadline_ms", 100, 600_000);
         let quick_repair = r.required::<bool>("store.quick_repair");
+        let retention_hours = r.in_range::<u64>("store.retention_hours", 15, 87_600);
         let backend = r.store_backend();
         let grace_secs = r.in_range::<u64>("shutdown.grace_secs", 0, 3600);
         let lease_secs = r.in_range::<u64>("replicas.lease_secs", 2, 300);
@@ -688,6 +692,7 @@ impl Config {
                     max_batch: max_batch?,
                     commit_deadline_ms: commit_deadline_ms?,
                     quick_repair: quick_repair?,
+                    retention_hours: retention_hours?,
                     backend: backend?,
                 },
                 shutdown: ShutdownConfig {

@@ -24,6 +24,8 @@ pub(super) enum Scenario {
     E2e(E2eArgs),
     /// Sustained durable webhooks/s and answer times over real HTTP on 127.0.0.1.
     Ingest(IngestArgs),
+    /// Bytes of the redb file per webhook and per table, and the repair time after a crash.
+    Store(StoreArgs),
 }
 
 impl Scenario {
@@ -35,6 +37,7 @@ impl Scenario {
             Scenario::Churn(args) => args.run().await,
             Scenario::E2e(args) => args.run().await,
             Scenario::Ingest(args) => args.run().await,
+            Scenario::Store(args) => args.run().await,
         }
     }
 }
@@ -319,4 +322,36 @@ fn conclude(
 ) -> anyhow::Result<ExitCode> {
     print(report);
     save(report, json, report.lost == 0 && report.rejected == 0)
+}
+
+/// `posgate-sim bench store`.
+#[derive(clap::Args)]
+pub(super) struct StoreArgs {
+    /// Webhooks written (as `chaos` sends them: a new intent each).
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    #[arg(long, default_value_t = 1000)]
+    terminals: usize,
+    /// Ingests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Where the temporary store lives (default: the system's temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    async fn run(self) -> anyhow::Result<ExitCode> {
+        let bench = crate::store_size::StoreBench {
+            events: self.events,
+            terminals: self.terminals.max(1),
+            concurrency: self.concurrency.max(1),
+        };
+        let report = bench.run(self.dir.as_deref()).await?;
+        crate::store_size::print(&report);
+        save(&report, self.json.as_deref(), true)
+    }
 }

@@ -107,6 +107,7 @@ pub(crate) trait KvRead {
 /// What a write transaction can change. Inserts overwrite.
 pub(crate) trait KvWrite: KvRead {
     fn insert(&mut self, t: StrTable, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn remove(&mut self, t: StrTable, key: &str) -> Result<(), StoreError>;
     fn outbox_insert(&mut self, terminal: &str, seq: u64, value: &[u8]) -> Result<(), StoreError>;
     fn outbox_remove(&mut self, terminal: &str, seq: u64) -> Result<(), StoreError>;
     fn rpc_insert(&mut self, terminal: &str, request: &str, value: &[u8])
@@ -209,6 +210,12 @@ impl KvWrite for WriteKv<'_> {
         match self {
             WriteKv::Redb(kv) => kv.insert(t, key, value),
             WriteKv::Pg(kv) => kv.insert(t, key, value),
+        }
+    }
+    fn remove(&mut self, t: StrTable, key: &str) -> Result<(), StoreError> {
+        match self {
+            WriteKv::Redb(kv) => kv.remove(t, key),
+            WriteKv::Pg(kv) => kv.remove(t, key),
         }
     }
     fn outbox_insert(&mut self, terminal: &str, seq: u64, value: &[u8]) -> Result<(), StoreError> {
@@ -590,6 +597,14 @@ impl KvWrite for RedbWrite<'_> {
             self.strs_mut(t).insert(key, value.as_ref())?;
         } else {
             self.bytes_mut(t).insert(key, value)?;
+        }
+        Ok(())
+    }
+    fn remove(&mut self, t: StrTable, key: &str) -> Result<(), StoreError> {
+        if t.str_values() {
+            self.strs_mut(t).remove(key)?;
+        } else {
+            self.bytes_mut(t).remove(key)?;
         }
         Ok(())
     }

@@ -19,7 +19,9 @@
 //! pool.
 //!
 //! Tables (values are JSON, so an operator can inspect them with any redb tool):
-//! - `events`: `evt_…` → [`StoredEvent`] with the exact raw body; the deduplication key.
+//! - `events`: `evt_…` → [`StoredEvent`]; the deduplication key. The exact raw body is kept only
+//!   while it may be needed (see [`StoredEvent::raw`]); rows older than `store.retention_hours`
+//!   are pruned in small batches (`prune_events`), never one that still waits for its intent.
 //! - `intents`: `pi_…` → [`StoredIntent`].
 //! - `intent_by_address`: lowercase payment address → `pi_…`, to match transfers without an id.
 //! - `pending`: `pi_…` or `addr:0x…` → `evt_…` for events about intents we do not know yet; they
@@ -45,6 +47,7 @@ mod pg;
 #[cfg(test)]
 mod pg_tests;
 mod reconcile;
+mod retention;
 mod rpc;
 mod snapshot;
 #[cfg(test)]
@@ -58,6 +61,7 @@ pub use outbox::{
 };
 pub use pg::redact_url;
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
+pub use retention::{PRUNE_VISIT, Pruned, prune_events};
 pub use snapshot::SnapshotError;
 use writer::Tables;
 
@@ -156,8 +160,17 @@ pub struct StoredEvent {
     /// Why `data` did not fit its type, for `unparsed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The exact verified body.
-    pub raw: Box<RawValue>,
+    /// The exact verified body, kept while the gateway may still need it: an event that waits
+    /// for its intent (`pending`, replayed when the intent comes), a settlement that may still
+    /// apply to an intent not known yet, and `unparsed`/`unknown_type` events (for the operator).
+    /// Dropped once an event is applied or recorded: deduplication needs only the id, and the
+    /// body was most of what the store grew by per webhook (docs/performance.md, "Store size").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Box<RawValue>>,
+    /// SHA-256 of the verified body (hex), kept when the body is not: what was applied can still
+    /// be matched against the provider's copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
 }
 
 /// One event as seen from an intent.
@@ -936,6 +949,12 @@ impl Store {
 /// it) would see a commit that never reached the disk (PostgreSQL's "fsyncgate"). Without them,
 /// redb reads what the disk holds, and its checksums reject a commit whose pages are not there.
 fn open_database(path: &Path) -> Result<Open, StoreError> {
+    open_database_as(path, true)
+}
+
+/// As [`open_database`]; `repair_apart`: a file that needs a repair is repaired by [`repair`]
+/// first (else by redb itself, through the small cache).
+fn open_database_as(path: &Path, repair_apart: bool) -> Result<Open, StoreError> {
     let open_err = |source: redb::DatabaseError| StoreErrorKind::Open {
         path: path.to_owned(),
         source,
@@ -951,10 +970,22 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
     let (backend, syncer) = barrier::BarrierFile::new(file).map_err(open_err)?;
     // redb's page cache defaults to 1 GiB; the working set here (recent intents, the outbox,
     // the registry) is far smaller, and an edge server's memory is better left to the broker.
-    let db = redb::Builder::new()
-        .set_cache_size(CACHE_BYTES)
-        .create_with_backend(backend)
-        .map_err(open_err)?;
+    // A file that needs a repair (after a crash) is not repaired through that small cache: see
+    // `repair`.
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    if repair_apart {
+        builder.set_repair_callback(|session| session.abort());
+    }
+    let db = match builder.create_with_backend(backend) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::RepairAborted) => {
+            drop(syncer);
+            repair(path).map_err(open_err)?;
+            return open_database_as(path, false);
+        }
+        Err(e) => return Err(open_err(e).into()),
+    };
     kv::redb_init(&db).map_err(|e| match e.into_kind() {
         StoreErrorKind::Db(source) => StoreErrorKind::Init {
             path: path.to_owned(),
@@ -966,6 +997,30 @@ fn open_database(path: &Path) -> Result<Open, StoreError> {
         db: Arc::new(db),
         syncer,
     })
+}
+
+/// Most page cache a repair may use.
+const REPAIR_CACHE_BYTES: usize = 1 << 30;
+
+/// Repairs the file after a crash, with a page cache large enough to keep what the repair reads.
+///
+/// redb's repair walks every page in use twice (checksums, then the allocator state). Through
+/// the store's 128 MiB cache the second walk reads everything again, and the restart after a
+/// SIGKILL grew to many seconds with the file (issue 14). Opened here with up to 1 GiB (redb's
+/// own default) and closed cleanly, the file is then opened as usual without a repair; the cache's
+/// memory goes back with the close.
+fn repair(path: &Path) -> Result<(), redb::DatabaseError> {
+    let started = Instant::now();
+    tracing::warn!(path = %path.display(), "the database was not closed cleanly; repairing it");
+    let db = redb::Builder::new()
+        .set_cache_size(REPAIR_CACHE_BYTES)
+        .create(path)?;
+    drop(db);
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "database repaired"
+    );
+    Ok(())
 }
 
 /// Asks the kernel to forget its cached pages of `file` (`POSIX_FADV_DONTNEED`); dirty pages are

@@ -199,6 +199,7 @@ enum Op {
     Get(StrTable),
     Scan(StrTable),
     Upsert(StrTable),
+    Delete(StrTable),
     OutboxGet,
     OutboxScanOne,
     OutboxScanAll,
@@ -229,6 +230,7 @@ impl Op {
                  ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
                 t.name()
             ),
+            Op::Delete(t) => format!("DELETE FROM {} WHERE k = ANY($1::text[])", t.name()),
             Op::OutboxGet => "SELECT v FROM outbox WHERE terminal = $1 AND seq = $2".into(),
             Op::OutboxScanOne => {
                 "SELECT terminal, seq, v FROM outbox WHERE terminal = $1 ORDER BY seq".into()
@@ -581,6 +583,7 @@ impl<'t> PgWrite<'t> {
             .partition(|(s, _)| which(s));
         *buffer = keep;
         let mut strs: BTreeMap<StrTable, (Vec<&str>, Vec<&[u8]>)> = BTreeMap::new();
+        let mut strs_del: BTreeMap<StrTable, Vec<&str>> = BTreeMap::new();
         let (mut ob_up, mut ob_del) = ((vec![], vec![], vec![]), (vec![], vec![]));
         let (mut rpc_up, mut rpc_del) = ((vec![], vec![], vec![]), (vec![], vec![]));
         let mut rejected: (Vec<i64>, Vec<&[u8]>) = (vec![], vec![]);
@@ -593,8 +596,10 @@ impl<'t> PgWrite<'t> {
                     e.0.push(k.as_str());
                     e.1.push(v.as_slice());
                 }
-                // The interface removes nothing from string tables.
-                (Slot::Str(..), None) => {}
+                (Slot::Str(t, k), None) => {
+                    cache.remove(&(*t, k.clone()));
+                    strs_del.entry(*t).or_default().push(k.as_str());
+                }
                 (Slot::Outbox(k, s), Some(v)) => {
                     ob_up.0.push(k.as_str());
                     ob_up.1.push(to_i64(*s));
@@ -619,6 +624,9 @@ impl<'t> PgWrite<'t> {
                 }
                 (Slot::Rejected(_), None) => {}
             }
+        }
+        for (t, keys) in &strs_del {
+            q.execute(Op::Delete(*t), &[keys])?;
         }
         for (t, (keys, values)) in &strs {
             q.execute(Op::Upsert(*t), &[keys, values])?;
@@ -754,6 +762,10 @@ impl KvRead for PgWrite<'_> {
 impl KvWrite for PgWrite<'_> {
     fn insert(&mut self, t: StrTable, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.buffer(Slot::Str(t, key.to_owned()), Some(value));
+        Ok(())
+    }
+    fn remove(&mut self, t: StrTable, key: &str) -> Result<(), StoreError> {
+        self.buffer(Slot::Str(t, key.to_owned()), None);
         Ok(())
     }
     fn outbox_insert(&mut self, terminal: &str, seq: u64, value: &[u8]) -> Result<(), StoreError> {

@@ -165,7 +165,11 @@ impl Tables<'_> {
                 continue;
             };
             let stored: StoredEvent = decode(&id, &value)?;
-            if let Some(EventData::Transaction(tx)) = Envelope::parse(stored.raw.get().as_bytes())
+            let Some(raw) = &stored.raw else {
+                // Applied since (under its other key): it no longer waits.
+                continue;
+            };
+            if let Some(EventData::Transaction(tx)) = Envelope::parse(raw.get().as_bytes())
                 .ok()
                 .and_then(|env| EventData::parse(env.event_type(), env.data).ok())
             {

@@ -280,6 +280,8 @@ pub(crate) struct Tables<'txn> {
     pub(super) kv: WriteKv<'txn>,
     /// Outbox rows added in this transaction, handed to the delivery engine after the commit.
     pub(super) new_rows: Vec<OutboxRow>,
+    /// The event being ingested was kept in `pending` under some key (its body is needed again).
+    parked: bool,
 }
 
 pub(super) fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -327,6 +329,21 @@ pub(super) fn hints_for(event: &IncomingEvent) -> Vec<Hint> {
     hints
 }
 
+/// Whether an event's raw body is kept (see [`StoredEvent::raw`]): while it may be replayed
+/// (`parked` under an intent not known yet) or for the operator when nothing was applied.
+fn keeps_body(outcome: EventOutcome, parked: bool) -> bool {
+    match outcome {
+        EventOutcome::Applied | EventOutcome::Recorded => parked,
+        EventOutcome::Pending | EventOutcome::Unparsed | EventOutcome::UnknownType => true,
+    }
+}
+
+/// The hex SHA-256 of a body.
+pub(super) fn body_sha256(body: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(body))
+}
+
 pub(super) fn address_key(address: &str) -> String {
     format!("addr:{}", address.to_ascii_lowercase())
 }
@@ -336,6 +353,7 @@ impl<'txn> Tables<'txn> {
         Tables {
             kv,
             new_rows: Vec::new(),
+            parked: false,
         }
     }
 
@@ -362,6 +380,7 @@ impl<'txn> Tables<'txn> {
         }
         let mut effects = Vec::new();
         let mut intent_ids = Vec::new();
+        self.parked = false;
         let (outcome, error) = match &event.data {
             Err(message) => (EventOutcome::Unparsed, Some(message.clone())),
             Ok(data) => (
@@ -369,12 +388,18 @@ impl<'txn> Tables<'txn> {
                 None,
             ),
         };
-        let raw = RawValue::from_string(String::from_utf8_lossy(&event.raw).into_owned()).map_err(
-            |source| StoreErrorKind::Corrupt {
-                key: event.event_id.clone(),
-                source,
-            },
-        )?;
+        let raw = if keeps_body(outcome, self.parked) {
+            Some(
+                RawValue::from_string(String::from_utf8_lossy(&event.raw).into_owned()).map_err(
+                    |source| StoreErrorKind::Corrupt {
+                        key: event.event_id.clone(),
+                        source,
+                    },
+                )?,
+            )
+        } else {
+            None
+        };
         // Intents nobody has named yet: reconciliation asks the provider about them.
         let unknown_intents = if outcome == EventOutcome::Pending {
             intent_ids.clone()
@@ -389,6 +414,7 @@ impl<'txn> Tables<'txn> {
             intent_ids,
             error,
             raw,
+            body_sha256: Some(body_sha256(&event.raw)),
         };
         self.kv.insert(
             StrTable::Events,
@@ -448,15 +474,10 @@ impl<'txn> Tables<'txn> {
                         // Kept under every key it could be resolved by later.
                         if let Some(id) = &tx.payment_intent_id {
                             intent_ids.push(id.clone());
-                            self.kv
-                                .multi_insert(MultiTable::Pending, id, &event.event_id)?;
+                            self.wait_for_intent(id, &event.event_id)?;
                         }
                         if let Some(address) = &tx.payment_address {
-                            self.kv.multi_insert(
-                                MultiTable::Pending,
-                                &address_key(address),
-                                &event.event_id,
-                            )?;
+                            self.wait_for_intent(&address_key(address), &event.event_id)?;
                         }
                         EventOutcome::Pending
                     }
@@ -481,15 +502,18 @@ impl<'txn> Tables<'txn> {
                             self.save_intent(&intent)?;
                             outcome = EventOutcome::Applied;
                         }
-                        None => {
-                            self.kv
-                                .multi_insert(MultiTable::Pending, id, &event.event_id)?;
-                        }
+                        None => self.wait_for_intent(id, &event.event_id)?,
                     }
                 }
                 outcome
             }
         })
+    }
+
+    /// Keeps `event_id` under `key` until the intent `key` names is known.
+    fn wait_for_intent(&mut self, key: &str, event_id: &str) -> Result<(), StoreError> {
+        self.parked = true;
+        self.kv.multi_insert(MultiTable::Pending, key, event_id)
     }
 
     /// Applies one input and, when the terminal must be told, enqueues its confirmation.
@@ -596,7 +620,12 @@ impl<'txn> Tables<'txn> {
         }
         waiting.sort_by_key(|e| e.received_at);
         for mut stored in waiting {
-            let Ok(envelope) = Envelope::parse(stored.raw.get().as_bytes()) else {
+            // An applied transfer whose body is gone (seen here under its other key) has nothing
+            // left to apply.
+            let Some(body) = stored.raw.as_ref().map(|raw| raw.get().to_owned()) else {
+                continue;
+            };
+            let Ok(envelope) = Envelope::parse(body.as_bytes()) else {
                 continue;
             };
             let Ok(data) = EventData::parse(envelope.event_type(), envelope.data) else {
@@ -623,6 +652,28 @@ impl<'txn> Tables<'txn> {
                 stored.intent_ids.push(intent.record.id.clone());
             }
             stored.outcome = EventOutcome::Applied;
+            // A transfer is applied once: its body is no longer needed. A settlement's is, while
+            // another of its intents is still unknown.
+            let waits_elsewhere = match data {
+                EventData::Transaction(_) => false,
+                _ => {
+                    let mut any = false;
+                    for id in &stored.intent_ids {
+                        if id != &intent.record.id && self.kv.get(StrTable::Intents, id)?.is_none()
+                        {
+                            any = true;
+                            break;
+                        }
+                    }
+                    any
+                }
+            };
+            if !waits_elsewhere {
+                if stored.body_sha256.is_none() {
+                    stored.body_sha256 = Some(body_sha256(body.as_bytes()));
+                }
+                stored.raw = None;
+            }
             self.kv.insert(
                 StrTable::Events,
                 &stored.id,
