@@ -231,33 +231,24 @@ fn table_sizes(file: &Path, events: u64) -> anyhow::Result<(Vec<TableSize>, u64)
     let page_bytes =
         |s: &redb::TableStats| s.stored_bytes() + s.metadata_bytes() + s.fragmented_bytes();
     let per = |b: u64| b as f64 / events.max(1) as f64;
+    let size = |table: &str, entries: u64, stats: redb::TableStats| TableSize {
+        table: table.to_owned(),
+        entries,
+        stored_bytes: stats.stored_bytes(),
+        metadata_bytes: stats.metadata_bytes(),
+        fragmented_bytes: stats.fragmented_bytes(),
+        pages: stats.leaf_pages() + stats.branch_pages(),
+        bytes_per_event: per(page_bytes(&stats)),
+    };
     {
         let txn = db.begin_read()?;
         for handle in txn.list_tables()? {
             let table = txn.open_untyped_table(handle.clone())?;
-            let stats = table.stats()?;
-            out.push(TableSize {
-                table: handle.name().to_owned(),
-                entries: table.len()?,
-                stored_bytes: stats.stored_bytes(),
-                metadata_bytes: stats.metadata_bytes(),
-                fragmented_bytes: stats.fragmented_bytes(),
-                pages: stats.leaf_pages() + stats.branch_pages(),
-                bytes_per_event: per(page_bytes(&stats)),
-            });
+            out.push(size(handle.name(), table.len()?, table.stats()?));
         }
         for handle in txn.list_multimap_tables()? {
             let table = txn.open_untyped_multimap_table(handle.clone())?;
-            let stats = table.stats()?;
-            out.push(TableSize {
-                table: handle.name().to_owned(),
-                entries: table.len()?,
-                stored_bytes: stats.stored_bytes(),
-                metadata_bytes: stats.metadata_bytes(),
-                fragmented_bytes: stats.fragmented_bytes(),
-                pages: stats.leaf_pages() + stats.branch_pages(),
-                bytes_per_event: per(page_bytes(&stats)),
-            });
+            out.push(size(handle.name(), table.len()?, table.stats()?));
         }
     }
     let txn = db.begin_write()?;

@@ -120,6 +120,10 @@ pub struct Engine<P> {
     pub(super) acked_rows: HashMap<(String, u64), Option<Instant>>,
 }
 
+/// Heads on the wire at least this long are published again when this replica gains shards
+/// (an ack may have been lost with a replica that died); younger ones may still be acked.
+const GAINED_REPUBLISH_AGE: Duration = Duration::from_millis(500);
+
 impl<P: Publisher> Engine<P> {
     pub fn new(
         store: Store,
@@ -446,13 +450,19 @@ impl<P: Publisher> Engine<P> {
     }
 
     async fn republish_stale(&mut self) {
+        self.republish_older_than(self.settings.republish_after)
+            .await;
+    }
+
+    /// Publishes again every head on the wire for at least `age` without an ack.
+    async fn republish_older_than(&mut self, age: Duration) {
         let now = Instant::now();
         let stale: Vec<String> = self
             .queues
             .iter()
             .filter(|(_, q)| {
                 q.head_published
-                    .is_some_and(|at| now.duration_since(at) >= self.settings.republish_after)
+                    .is_some_and(|at| now.duration_since(at) >= age)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -467,6 +477,12 @@ impl<P: Publisher> Engine<P> {
         match input {
             Input::Gained(shards) => {
                 tracing::info!(shards = shards.len(), "delivering for new shards");
+                // Shards come free when a replica joins or dies. One that died took with it the
+                // acks the broker had handed it (a shared subscription gives each message to one
+                // replica) and was forwarding to their owners: heads of ours still on the wire
+                // may wait for an ack that will never come. Publish them again now rather than
+                // at `republish_after` (a terminal acks a repeat).
+                self.republish_older_than(GAINED_REPUBLISH_AGE).await;
                 // Their terminals' rows, from the store (the takeover's republish).
                 self.load(None, false);
                 let _ = shards;

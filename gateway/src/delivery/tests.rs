@@ -687,6 +687,57 @@ async fn a_replica_publishes_only_for_terminals_in_its_shards() {
     token.cancel();
 }
 
+/// Shards gained (another replica died) republish this replica's own heads still waiting for an
+/// ack: the ack may have gone, through the broker's shared subscription, to the replica that
+/// died before it forwarded it. Without this the terminal waited for `republish_after`.
+#[tokio::test(start_paused = true)]
+async fn gaining_shards_republishes_heads_waiting_for_an_ack() {
+    use crate::replicas::{Input, shard_of};
+    use std::collections::BTreeSet;
+
+    let db = TestDb::new(Kind::Redb).await;
+    let store = db.open(Limits::new(64, 16)).await;
+    store
+        .register_terminal(NewTerminal::for_test("pos-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let Replica {
+        published: mut pub_rx,
+        // Kept open: the engine ends with the broker's event stream.
+        events: _events,
+        inputs: input_tx,
+        ownership,
+        token,
+        ..
+    } = replica(&store, true, false);
+    let mine = shard_of("pos-1");
+    let until = tokio::time::Instant::now() + Duration::from_secs(600);
+    ownership.grant(&BTreeSet::from([mine]), until);
+    input_tx
+        .send(Input::Gained(BTreeSet::from([mine])))
+        .unwrap();
+    confirm(&store, 1).await;
+    let (_, first) = tokio::time::timeout(Duration::from_secs(5), pub_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // The terminal's ack is lost with a replica that dies; its shard comes to this one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(pub_rx.try_recv().is_err(), "nothing before the gain");
+    let other = (0..crate::replicas::SHARDS).find(|s| *s != mine).unwrap();
+    ownership.grant(&BTreeSet::from([mine, other]), until);
+    input_tx
+        .send(Input::Gained(BTreeSet::from([other])))
+        .unwrap();
+    let (_, again) = tokio::time::timeout(Duration::from_secs(5), pub_rx.recv())
+        .await
+        .expect("the head waiting for an ack was published again at the gain")
+        .unwrap();
+    assert_eq!(again, first, "the same confirmation, byte for byte");
+    token.cancel();
+}
+
 /// With plain subscriptions (every replica receives every message, as on NATS), a terminal's RPC
 /// request is answered by the replica that owns the terminal only: each replica answering made
 /// the terminal get one answer, and the provider one call, per replica.
