@@ -77,6 +77,9 @@ static ACCEPT_FAILED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 pub const MAX_SUBSCRIPTIONS: usize = 8;
 /// Most levels in a topic filter (the deepest of ours has five).
 const MAX_TOPIC_LEVELS: usize = 8;
+/// How long a terminal suspended for flooding RPC stays connected to read the answers that
+/// refused it.
+const SUSPEND_GRACE: Duration = Duration::from_secs(1);
 
 /// Broker settings (from `[mqtt]`).
 #[derive(Clone, Debug)]
@@ -641,9 +644,15 @@ impl Publisher for Handle {
 
     fn suspend(&self, terminal_id: &str, duration: Duration) {
         self.revoked.suspended.suspend(terminal_id, duration);
-        self.front.close_all(terminal_id);
-        let (scx, id) = (self.scx.clone(), terminal_id.to_owned());
-        tokio::spawn(async move { kick(&scx, &id).await });
+        // Cut off a moment later, so that the `rate_limited` answers already on their way reach
+        // the terminal first: its log then says why it was disconnected. Until then its requests
+        // are refused at the cost of a bucket check each.
+        let (scx, front, id) = (self.scx.clone(), self.front.clone(), terminal_id.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(SUSPEND_GRACE).await;
+            front.close_all(&id);
+            kick(&scx, &id).await;
+        });
     }
 }
 
