@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use posgate_proto::MicroUsdc;
 use posgate_proto::event::PaymentIntent;
+use posgate_proto::event::{MAX_ID_BYTES, is_usable_id};
 use posgate_proto::qr::{self, Mode};
 use posgate_proto::rpc::{CreateIntent, IntentRef, MAX_ID_LEN, Request, Response};
 use rust_decimal::Decimal;
@@ -352,11 +353,13 @@ impl Rpc {
             "cancel_intent" => "cancel_intent",
             _ => "other",
         };
-        if request.id.is_empty() || request.id.len() > MAX_ID_LEN {
+        // The id is a store key (the stored answer's): no control characters (see
+        // `is_usable_id`).
+        if !is_usable_id(&request.id, MAX_ID_LEN) {
             let response = Response::err(
                 &request.id,
                 "invalid_request",
-                format!("id must be 1 to {MAX_ID_LEN} characters"),
+                format!("id must be 1 to {MAX_ID_LEN} bytes without control characters"),
             );
             return (method, false, response);
         }
@@ -471,9 +474,12 @@ impl Rpc {
                 );
             }
         };
-        if params.order_id.is_empty() || params.order_id.len() > 64 {
+        if !is_usable_id(&params.order_id, 64) {
             return (
-                Err(("invalid_params", "order_id: 1 to 64 characters".into())),
+                Err((
+                    "invalid_params",
+                    "order_id: 1 to 64 bytes without control characters".into(),
+                )),
                 None,
             );
         }
@@ -599,6 +605,12 @@ impl Rpc {
     ) -> Result<StoredIntent, (&'static str, String)> {
         let params: IntentRef = serde_json::from_value(request.params.clone())
             .map_err(|e| ("invalid_params", e.to_string()))?;
+        if !is_usable_id(&params.intent_id, MAX_ID_BYTES) {
+            return Err((
+                "invalid_params",
+                format!("intent_id: 1 to {MAX_ID_BYTES} bytes without control characters"),
+            ));
+        }
         match self.store.intent(params.intent_id.clone()).await {
             Ok(Some(i)) if i.record.terminal_id.as_deref() == Some(terminal_id) => Ok(i),
             Ok(_) => Err((
@@ -772,6 +784,38 @@ mod tests {
         assert_eq!(after.error.unwrap().code, "unauthorized");
         let unknown = rpc.handle("pos-nobody", request).await;
         assert_eq!(unknown.error.unwrap().code, "unauthorized");
+        store.close().await;
+    }
+
+    on_both_backends!(ids_with_control_characters_are_refused_before_the_store);
+
+    /// A request id or intent id with a NUL is refused as the terminal's mistake; it never
+    /// reaches the store (PostgreSQL's `text` cannot hold a NUL: the lookup failed, answered
+    /// `unavailable`, and the answer's write would have failed its batch).
+    async fn ids_with_control_characters_are_refused_before_the_store(kind: Kind) {
+        let db = TestDb::new(kind).await;
+        let store = db.open(crate::store::Limits::new(16, 16)).await;
+        store
+            .register_terminal(crate::store::NewTerminal::for_test("pos-n"))
+            .await
+            .unwrap()
+            .unwrap();
+        let rpc = Rpc::new(store.clone(), None);
+        let nul_id = br#"{"id":"r\u0000","method":"get_intent","params":{"intent_id":"pi_x"}}"#;
+        assert_eq!(
+            rpc.handle("pos-n", nul_id).await.error.unwrap().code,
+            "invalid_request"
+        );
+        let nul_intent = br#"{"id":"r2","method":"get_intent","params":{"intent_id":"pi_\u0000"}}"#;
+        assert_eq!(
+            rpc.handle("pos-n", nul_intent).await.error.unwrap().code,
+            "invalid_params"
+        );
+        let fine = br#"{"id":"r3","method":"get_intent","params":{"intent_id":"pi_x"}}"#;
+        assert_eq!(
+            rpc.handle("pos-n", fine).await.error.unwrap().code,
+            "not_found"
+        );
         store.close().await;
     }
 

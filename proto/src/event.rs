@@ -17,6 +17,13 @@ use crate::amount::MicroUsdc;
 /// Longest id we store (provider-api.md §2.1).
 pub const MAX_ID_BYTES: usize = 255;
 
+/// Whether `id` can be a key of the store: 1 to `max` bytes, no control characters. Every id
+/// that becomes a key is checked: PostgreSQL's `text` cannot hold a NUL byte, so one such id
+/// would otherwise fail the whole batch of webhooks it was written with.
+pub fn is_usable_id(id: &str, max: usize) -> bool {
+    !id.is_empty() && id.len() <= max && !id.chars().any(char::is_control)
+}
+
 /// The outer event envelope, borrowed from the raw body.
 #[derive(Debug, Deserialize)]
 pub struct Envelope<'a> {
@@ -41,7 +48,7 @@ pub struct Envelope<'a> {
 pub enum EnvelopeError {
     #[error("body is not a JSON event envelope: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("event id must start with `evt_` and be at most 255 bytes")]
+    #[error("event id must start with `evt_` and be at most 255 bytes, without control characters")]
     BadId,
     #[error("event type must not be empty")]
     EmptyType,
@@ -56,7 +63,8 @@ impl<'a> Envelope<'a> {
     /// [`EnvelopeError`] when the body is not JSON, or lacks a usable `id`, `type` or object `data`.
     pub fn parse(body: &'a [u8]) -> Result<Self, EnvelopeError> {
         let env: Envelope<'a> = serde_json::from_slice(body)?;
-        if !env.id.starts_with("evt_") || env.id.len() > MAX_ID_BYTES || env.id.len() <= 4 {
+        if !env.id.starts_with("evt_") || env.id.len() <= 4 || !is_usable_id(&env.id, MAX_ID_BYTES)
+        {
             return Err(EnvelopeError::BadId);
         }
         if env.kind.is_empty() {
@@ -120,6 +128,7 @@ pub type Metadata = BTreeMap<String, serde_json::Value>;
 /// A payment intent snapshot (`data` of `payment_intent.*` events, and the REST object).
 #[derive(Clone, Debug, Deserialize)]
 pub struct PaymentIntent {
+    #[serde(deserialize_with = "de_id")]
     pub id: String,
     pub status: String,
     #[serde(deserialize_with = "de_micros")]
@@ -128,7 +137,7 @@ pub struct PaymentIntent {
     pub currency: Option<String>,
     #[serde(default)]
     pub merchant_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_id")]
     pub payment_address: Option<String>,
     #[serde(default)]
     pub qr_payload: Option<String>,
@@ -148,14 +157,15 @@ pub struct PaymentIntent {
 /// are optional).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Transaction {
+    #[serde(deserialize_with = "de_id")]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_id")]
     pub payment_intent_id: Option<String>,
     #[serde(deserialize_with = "de_micros")]
     pub amount: MicroUsdc,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_id")]
     pub payment_address: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_id")]
     pub tx_hash: Option<String>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub confirmed_at: Option<OffsetDateTime>,
@@ -166,8 +176,9 @@ pub struct Transaction {
 /// A settlement (`data` of `settlement.*`; inferred: only the listed intents are read).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Settlement {
+    #[serde(deserialize_with = "de_id")]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_ids")]
     pub payment_intent_ids: Vec<String>,
 }
 
@@ -210,6 +221,36 @@ impl EventData {
 /// The string value of a metadata key, if it is a non-empty string.
 pub fn metadata_str<'m>(metadata: Option<&'m Metadata>, key: &str) -> Option<&'m str> {
     metadata?.get(key)?.as_str().filter(|s| !s.is_empty())
+}
+
+/// An id that may become a store key ([`is_usable_id`]).
+fn de_id<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    usable(String::deserialize(de)?)
+}
+
+/// An optional id: absent, empty (as the provider sends some fields), or usable as a key.
+fn de_opt_id<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    match Option::<String>::deserialize(de)? {
+        Some(id) if !id.is_empty() => usable(id).map(Some),
+        other => Ok(other),
+    }
+}
+
+fn de_ids<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    Vec::<String>::deserialize(de)?
+        .into_iter()
+        .map(usable)
+        .collect()
+}
+
+fn usable<E: serde::de::Error>(id: String) -> Result<String, E> {
+    if is_usable_id(&id, MAX_ID_BYTES) {
+        Ok(id)
+    } else {
+        Err(E::custom(format!(
+            "id {id:?} must be 1 to {MAX_ID_BYTES} bytes without control characters"
+        )))
+    }
 }
 
 /// Deserialises a JSON number (or decimal string) into [`MicroUsdc`] exactly.
@@ -285,5 +326,45 @@ mod tests {
                 "{amount}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    /// An id with a NUL or another control character never becomes a store key: PostgreSQL's
+    /// `text` cannot hold a NUL, and one such key failed the whole batch it was written in.
+    #[test]
+    fn ids_with_control_characters_are_refused() {
+        let bad = Envelope::parse(br#"{"id":"evt_a\u0000b","type":"x","data":{}}"#);
+        assert!(matches!(bad, Err(EnvelopeError::BadId)), "{bad:?}");
+        for data in [
+            r#"{"id":"pi_\u0000","status":"confirmed","amount":1}"#,
+            r#"{"id":"pi_1","status":"confirmed","amount":1,"payment_address":"0x\u0001"}"#,
+        ] {
+            let raw = RawValue::from_string(data.to_owned()).unwrap();
+            let parsed = EventData::parse(EventType::PaymentIntentConfirmed, &raw);
+            assert!(parsed.is_err(), "{data}");
+        }
+        let raw = RawValue::from_string(
+            r#"{"id":"tx_1","amount":1,"payment_intent_id":"pi_\u007f","tx_hash":""}"#.to_owned(),
+        )
+        .unwrap();
+        assert!(EventData::parse(EventType::TransactionCreated, &raw).is_err());
+        let raw =
+            RawValue::from_string(r#"{"id":"st_1","payment_intent_ids":["pi_1","pi_\n"]}"#.into())
+                .unwrap();
+        assert!(EventData::parse(EventType::SettlementCompleted, &raw).is_err());
+        // Empty optional fields and ordinary ids still parse.
+        let raw = RawValue::from_string(
+            r#"{"id":"tx_1","amount":1,"payment_intent_id":"pi_1","tx_hash":"","payment_address":""}"#
+                .to_owned(),
+        )
+        .unwrap();
+        assert!(EventData::parse(EventType::TransactionCreated, &raw).is_ok());
+        assert!(!is_usable_id("", 10));
+        assert!(!is_usable_id("abcdefghijk", 10));
+        assert!(is_usable_id("pi_é✓", 10));
     }
 }

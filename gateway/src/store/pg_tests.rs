@@ -348,3 +348,33 @@ async fn a_statement_failure_a_job_handled_still_fails_its_batch() {
         .await
         .unwrap();
 }
+
+/// A provider event whose intent id holds a NUL byte (PostgreSQL's `text` cannot hold one) is
+/// kept as `unparsed`, and the webhooks written beside it commit: the id used to become a key
+/// and fail the whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_with_a_nul_byte_is_kept_unparsed_and_fails_no_batch() {
+    let (_db, a, _b) = replicas().await;
+    let body = r#"{"id":"evt_nul","type":"payment_intent.confirmed","data":{"id":"pi_\u0000","status":"confirmed","amount":4.5,"metadata":{"terminal_id":"pos-1"}}}"#;
+    let env = Envelope::parse(body.as_bytes()).unwrap();
+    let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
+    assert!(data.is_err(), "the NUL id parsed: {data:?}");
+    let nul = IncomingEvent {
+        event_id: env.id.clone(),
+        kind: env.kind.clone(),
+        raw: Bytes::from_static(body.as_bytes()),
+        received_at: OffsetDateTime::now_utc(),
+        created_at: None,
+        data,
+    };
+    let others = futures::future::join_all((0..20).map(|n| a.ingest(confirmed(n))));
+    let (nul, others) = tokio::join!(a.ingest(nul), others);
+    assert!(matches!(nul, Ok(Ingested::New { .. })), "{nul:?}");
+    for (n, result) in others.into_iter().enumerate() {
+        assert!(
+            matches!(result, Ok(Ingested::New { .. })),
+            "evt_{n}: {result:?}"
+        );
+    }
+    assert_gap_free(&a, 20).await;
+}
