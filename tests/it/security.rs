@@ -674,3 +674,48 @@ async fn mqtt_over_secure_websocket_connects_with_the_certificate_identity() {
         gw.shutdown().await;
     }
 }
+
+/// A terminal whose connection dies with a reset (power cut behind a NAT, a crashed firmware)
+/// is seen offline at once, with or without the front door: through the front door the reset
+/// must close the loopback connection too, or the broker would keep the session "online" until
+/// its keep-alive ran out and the terminal's next connection would have to take it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_by_the_terminal_ends_its_session_at_once() {
+    for front_door in ["false", "true"] {
+        let gw = spawn_with(&[("POSGATE__MQTT__FRONT_DOOR", front_door)]).await;
+        let bundle = gw.provision("pos_reset").await;
+        let mut tls = tls_only(&gw, &bundle).await.expect("TLS");
+        // MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, client id = the terminal id.
+        let id = bundle.terminal_id.as_bytes();
+        let mut connect = vec![0x10, (12 + id.len()) as u8, 0, 4];
+        connect.extend_from_slice(b"MQTT");
+        connect.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
+        connect.extend_from_slice(id);
+        tls.write_all(&connect).await.unwrap();
+        let mut connack = [0u8; 4];
+        tls.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "front door {front_door}");
+        let online = |want: bool| {
+            let gw = &gw;
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while gw.terminal_view("pos_reset").await["online"] != want {
+                    if Instant::now() > deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                true
+            }
+        };
+        assert!(online(true).await, "front door {front_door}: never online");
+        // A reset, not a close: SO_LINGER 0, then drop.
+        tls.get_ref().0.set_zero_linger().unwrap();
+        drop(tls);
+        assert!(
+            online(false).await,
+            "front door {front_door}: still online 5 s after the reset (keep-alive 60 s)"
+        );
+        gw.shutdown().await;
+    }
+}
