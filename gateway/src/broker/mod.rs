@@ -20,30 +20,27 @@
 //!   `max_connections_per_terminal` sockets per terminal, and an MQTT CONNECT required within the
 //!   handshake timeout; rmqtt serves the bytes behind it on a loopback listener.
 //!
+//! Where each part lives: [`acl`] (the topic rules, pure functions), `hooks` (rmqtt's callbacks
+//! at CONNECT, SUBSCRIBE and PUBLISH, and the broker events), `listeners` (binding rmqtt's and the
+//! front door's sockets), [`front`], [`Link`] (embedded or [`external`]), and this file: start-up,
+//! revocation and suspension state, and the [`Handle`].
+//!
 //! What it cannot do (recorded in the decision records): rmqtt keeps retained messages and
 //! sessions in memory only (the store's outbox is the durable copy and is republished at startup);
 //! it has no call to stop a server, so shutdown aborts its tasks.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::num::NonZeroU16;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use posgate_proto::topics::{self, TopicKind};
 use rmqtt::codec::types::Publish as CodecPublish;
-use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
-use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
-use rmqtt::net::Builder;
+use rmqtt::hook::Type;
 use rmqtt::server::MqttServer;
-use rmqtt::session::{Session, SessionState};
-use rmqtt::types::{
-    AuthResult, ClientId, ConnectInfo, From, FromType, Id, Publish, PublishAclResult, QoS,
-    SubscribeAclResult,
-};
+use rmqtt::session::SessionState;
+use rmqtt::types::{ClientId, From, Id, Publish, QoS};
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -52,13 +49,22 @@ use tracing::Instrument;
 
 use crate::delivery::{BrokerEvent, PublishError, Publisher};
 use crate::ingress::tls::{self, TlsError};
-use crate::pki::{CertIdentity, Pki, Serial};
+use crate::pki::{Pki, Serial};
 use crate::telemetry::Throttle;
 
+mod acl;
 pub mod external;
 mod front;
+mod hooks;
+mod link;
+mod listeners;
 pub mod mosquitto;
 pub mod nats;
+
+pub use acl::{may_publish, may_subscribe};
+use hooks::{HookRef, Hooks, cert_of};
+pub use link::Link;
+use listeners::{Kind, bind, bind_front, local, local_std};
 
 use front::{Door, Front, RefuseRevoked};
 
@@ -404,96 +410,6 @@ impl Broker {
     }
 }
 
-enum Kind {
-    Tcp,
-    Ws,
-    Tls,
-    Wss,
-}
-
-/// A front-door listener (accepted sockets inherit its `TCP_NODELAY`).
-fn bind_front(
-    name: &'static str,
-    addr: SocketAddr,
-) -> Result<tokio::net::TcpListener, BrokerError> {
-    crate::serve::listen(addr, 4096, true).map_err(|source| BrokerError::Bind {
-        name,
-        addr,
-        source,
-    })
-}
-
-/// One of rmqtt's listeners: the plain one (`mqtt.plain_listen`) or one behind the front door.
-fn bind(
-    settings: &Settings,
-    pki: &Pki,
-    name: &'static str,
-    addr: SocketAddr,
-    kind: Kind,
-) -> Result<rmqtt::net::Listener, BrokerError> {
-    let err = |e: rmqtt::Error| {
-        // rmqtt's errors are `anyhow`; a socket error inside keeps its kind (a port in use is
-        // worth a restart).
-        let kind = e
-            .downcast_ref::<std::io::Error>()
-            .map_or(std::io::ErrorKind::InvalidInput, std::io::Error::kind);
-        BrokerError::Bind {
-            name,
-            addr,
-            source: std::io::Error::new(kind, format!("{e:#}")),
-        }
-    };
-    let builder = Builder::new()
-        .name(name)
-        .laddr(addr)
-        .backlog(4096)
-        .reuseaddr(Some(true))
-        .nodelay(true)
-        .max_connections(settings.max_connections)
-        .max_handshaking_limit(settings.max_handshaking)
-        .handshake_timeout(settings.handshake_timeout)
-        .allow_anonymous(false)
-        .max_inflight(NonZeroU16::new(64).unwrap_or(NonZeroU16::MIN))
-        .max_mqueue_len(10_000)
-        .max_packet_size(64 * 1024)
-        // A terminal needs two subscriptions (its payments and its RPC answers); a session holds
-        // at most MAX_SUBSCRIPTIONS, so a flood of distinct filters is refused, not stored.
-        .max_subscriptions(MAX_SUBSCRIPTIONS)
-        .max_topic_levels(MAX_TOPIC_LEVELS)
-        // Retained confirmations must not expire inside the broker (0 would expire retained client
-        // messages at once in rmqtt 0.24); the outbox republishes anyway.
-        .message_expiry_interval(Duration::from_secs(7 * 24 * 3600))
-        // Delivery never depends on a broker session (the outbox is republished on connect), and an
-        // offline session keeps its closed socket's descriptor in rmqtt: keep them short.
-        .session_expiry_interval(Duration::from_secs(3600))
-        .max_session_expiry_interval(Duration::from_secs(3600));
-    let path = |file: &str| Some(pki.dir().join(file).to_string_lossy().into_owned());
-    let builder = match kind {
-        Kind::Tcp | Kind::Ws => builder,
-        Kind::Tls | Kind::Wss => builder
-            .tls_cross_certificate(true)
-            .tls_cert(path(crate::pki::SERVER_CERT_FILE))
-            .tls_key(path(crate::pki::SERVER_KEY_FILE))
-            .tls_client_ca_certs(path(crate::pki::CA_CERT_FILE))
-            .collect_cert_info(true),
-    };
-    let bound = builder.bind().map_err(err)?;
-    match kind {
-        Kind::Tcp => bound.tcp().map_err(err),
-        Kind::Ws => bound.ws().map_err(err),
-        Kind::Tls => bound.tls().map_err(err),
-        Kind::Wss => bound.wss().map_err(err),
-    }
-}
-
-fn local_std(listener: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
-    listener.local_addr().unwrap_or(configured)
-}
-
-fn local(listener: &rmqtt::net::Listener, configured: SocketAddr) -> SocketAddr {
-    listener.local_addr().unwrap_or(configured)
-}
-
 // === impl Handle ===
 
 impl Handle {
@@ -656,330 +572,9 @@ impl Publisher for Handle {
     }
 }
 
-// === hooks ===
-
-struct Hooks {
-    revoked: Arc<Revoked>,
-    /// Who came through the front door, by the internal connection's port.
-    front: Arc<Front>,
-    front_door: bool,
-    events: mpsc::UnboundedSender<BrokerEvent>,
-    seen: Seen,
-    plain_allowed: bool,
-    /// `posgate_mqtt_refused_total{reason}`.
-    refused: prometheus::IntCounterVec,
-}
-
-fn cert_of(ci: &ConnectInfo) -> Option<&rmqtt::codec::cert::CertInfo> {
-    match ci {
-        ConnectInfo::V3(_, c) => c.cert.as_ref(),
-        ConnectInfo::V5(_, c) => c.cert.as_ref(),
-    }
-}
-
-/// rmqtt wants an owned handler per hook type.
-struct HookRef(Arc<Hooks>);
-
-fn will_topic(ci: &ConnectInfo) -> Option<String> {
-    match ci {
-        ConnectInfo::V3(_, c) => c.last_will.as_ref().map(|w| w.topic.to_string()),
-        ConnectInfo::V5(_, c) => c.last_will.as_ref().map(|w| w.topic.to_string()),
-    }
-}
-
-/// The terminal id of a session: its client id, which authentication tied to the certificate's CN.
-fn terminal_of(s: &Session) -> String {
-    s.id.client_id.to_string()
-}
-
-/// May this terminal subscribe to `filter`? Only its confirmations and its RPC replies.
-pub fn may_subscribe(terminal_id: &str, filter: &str) -> bool {
-    let tenant = topics::tenant_for(terminal_id);
-    if filter == topics::payments_filter(&tenant) {
-        return true;
-    }
-    matches!(topics::parse(filter), Some((t, TopicKind::Payment { ref intent_id }))
-        if t == tenant && !intent_id.contains(['+', '#']))
-        || matches!(topics::parse(filter), Some((t, TopicKind::RpcRes)) if t == tenant)
-}
-
-/// May this terminal publish to `topic`? Only its acks, status and RPC requests.
-pub fn may_publish(terminal_id: &str, topic: &str) -> Option<TopicKind> {
-    let tenant = topics::tenant_for(terminal_id);
-    match topics::parse(topic) {
-        Some((t, kind @ (TopicKind::Acks | TopicKind::Status | TopicKind::RpcReq)))
-            if t == tenant =>
-        {
-            Some(kind)
-        }
-        _ => None,
-    }
-}
-
-impl Hooks {
-    /// `Err((reason, detail))`: `reason` is the metric label (`identity`, `no_certificate`,
-    /// `revoked`, `last_will`), `detail` the log's.
-    fn authenticate(&self, ci: &ConnectInfo) -> Result<(), (&'static str, String)> {
-        let client_id = ci.client_id().to_string();
-        let id = ci.id();
-        let cert = match id.lid {
-            TLS_LISTENER | WSS_LISTENER if self.front_door => Some(
-                id.remote_addr
-                    .and_then(|addr| self.front.identity(addr.port()))
-                    // A local process dialling the loopback listener behind the front door.
-                    .ok_or(("no_certificate", "not through the front door".to_owned()))?,
-            ),
-            TLS_LISTENER | WSS_LISTENER => {
-                let cert =
-                    cert_of(ci).ok_or(("no_certificate", "no client certificate".to_owned()))?;
-                Some(CertIdentity {
-                    cn: cert
-                        .common_name
-                        .clone()
-                        .ok_or(("identity", "certificate has no CN".to_owned()))?,
-                    o: cert.organization.clone().unwrap_or_default(),
-                    serial_hex: cert.serial.clone().unwrap_or_default(),
-                    not_after: time::OffsetDateTime::UNIX_EPOCH,
-                })
-            }
-            PLAIN_LISTENER if self.plain_allowed => None,
-            _ => return Err(("no_certificate", "no client certificate".into())),
-        };
-        let serial = cert.as_ref().map(|c| c.serial_hex.as_str());
-        if let Some(cert) = &cert {
-            if cert.cn != client_id {
-                return Err((
-                    "identity",
-                    format!(
-                        "client id {client_id:?} is not the certificate's CN {:?}",
-                        cert.cn
-                    ),
-                ));
-            }
-            if cert.o != topics::tenant_for(&cert.cn) {
-                return Err((
-                    "identity",
-                    format!(
-                        "certificate O {:?} is not the tenant of {:?}",
-                        cert.o, cert.cn
-                    ),
-                ));
-            }
-        }
-        if !topics::valid_terminal_id(&client_id) {
-            return Err(("identity", format!("{client_id:?} is not a terminal id")));
-        }
-        if self.revoked.contains(&client_id, serial) {
-            return Err(("revoked", format!("terminal {client_id:?} is revoked")));
-        }
-        if self.revoked.suspended.contains(&client_id) {
-            return Err((
-                "suspended",
-                format!("terminal {client_id:?} is suspended for flooding RPC"),
-            ));
-        }
-        if let Some(will) = will_topic(ci)
-            && will != topics::status(&topics::tenant_for(&client_id))
-        {
-            return Err((
-                "last_will",
-                format!("last will topic {will:?} is not the terminal's own status topic"),
-            ));
-        }
-        if let Some(serial) = serial {
-            (self.seen)(&client_id, serial);
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Handler for HookRef {
-    #[allow(elided_lifetimes_in_paths)] // the trait's own signature
-    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
-        let hooks = &self.0;
-        match param {
-            Parameter::ClientAuthenticate(ci) => match hooks.authenticate(ci) {
-                Ok(()) => {
-                    if let Some(addr) = ci.id().remote_addr
-                        && ci.id().lid != PLAIN_LISTENER
-                    {
-                        hooks.front.connected(addr.port());
-                    }
-                    (
-                        false,
-                        Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                    )
-                }
-                Err((reason, why)) => {
-                    hooks.refused.with_label_values(&[reason]).inc();
-                    if let Some(left_out) = CONNECT_REFUSED_LOG.allow() {
-                        tracing::warn!(client_id = %ci.client_id(), remote = ?ci.id().remote_addr, reason = %why, left_out, "MQTT connect refused (at most one line a second)");
-                    }
-                    (
-                        false,
-                        Some(HookResult::AuthResult(AuthResult::NotAuthorized)),
-                    )
-                }
-            },
-            Parameter::ClientSubscribeCheckAcl(s, sub) => {
-                let terminal_id = terminal_of(s);
-                if may_subscribe(&terminal_id, &sub.topic_filter) {
-                    (true, acc)
-                } else {
-                    if let Some(left_out) = SUBSCRIBE_REFUSED_LOG.allow() {
-                        tracing::warn!(%terminal_id, filter = %sub.topic_filter, left_out, "subscribe refused (at most one line a second)");
-                    }
-                    let refused =
-                        SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
-                    (false, Some(HookResult::SubscribeAclResult(refused)))
-                }
-            }
-            Parameter::MessagePublishCheckAcl(s, p) => {
-                let terminal_id = terminal_of(s);
-                if may_publish(&terminal_id, &p.topic).is_some() {
-                    (true, acc)
-                } else {
-                    if let Some(left_out) = PUBLISH_REFUSED_LOG.allow() {
-                        tracing::warn!(%terminal_id, topic = %p.topic, left_out, "publish refused; disconnecting (at most one line a second)");
-                    }
-                    (
-                        false,
-                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
-                            true, None,
-                        ))),
-                    )
-                }
-            }
-            // Runs before the publish ACL (and for last wills): forward only what the ACL allows.
-            Parameter::MessagePublish(Some(s), from, p)
-                if from.is_custom() || matches!(from.typ(), FromType::LastWill) =>
-            {
-                let terminal_id = terminal_of(s);
-                if let Some(kind) = may_publish(&terminal_id, &p.topic) {
-                    drop(hooks.events.send(BrokerEvent::Message {
-                        terminal_id,
-                        kind,
-                        payload: p.payload.clone(),
-                    }));
-                }
-                (true, acc)
-            }
-            Parameter::ClientConnected(s) => {
-                drop(hooks.events.send(BrokerEvent::Connected {
-                    terminal_id: terminal_of(s),
-                }));
-                (true, acc)
-            }
-            Parameter::ClientDisconnected(s, _reason) => {
-                drop(hooks.events.send(BrokerEvent::Disconnected {
-                    terminal_id: terminal_of(s),
-                }));
-                (true, acc)
-            }
-            _ => (true, acc),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn acl_allows_only_own_topics() {
-        let a = topics::tenant_for("pos_a");
-        let b = topics::tenant_for("pos_b");
-        assert!(may_subscribe("pos_a", &topics::payments_filter(&a)));
-        assert!(may_subscribe("pos_a", &topics::payments(&a, "pi_1")));
-        assert!(may_subscribe("pos_a", &topics::rpc_res(&a)));
-        for filter in [
-            topics::payments_filter(&b),
-            topics::payments(&b, "pi_1"),
-            "#".to_owned(),
-            "/tenants/#".to_owned(),
-            "/tenants/+/payments/+".to_owned(),
-            format!("/tenants/{a}/#"),
-            format!("/tenants/{a}/payments/#"),
-            topics::acks(&a),
-            topics::status(&a),
-            "$SYS/#".to_owned(),
-        ] {
-            assert!(!may_subscribe("pos_a", &filter), "{filter}");
-        }
-        assert_eq!(
-            may_publish("pos_a", &topics::acks(&a)),
-            Some(TopicKind::Acks)
-        );
-        assert_eq!(
-            may_publish("pos_a", &topics::status(&a)),
-            Some(TopicKind::Status)
-        );
-        assert_eq!(
-            may_publish("pos_a", &topics::rpc_req(&a)),
-            Some(TopicKind::RpcReq)
-        );
-        for topic in [
-            topics::acks(&b),
-            topics::payments(&a, "pi_1"),
-            topics::payments(&b, "pi_1"),
-            topics::rpc_res(&a),
-            "x".into(),
-        ] {
-            assert_eq!(may_publish("pos_a", &topic), None, "{topic}");
-        }
-    }
-
-    proptest::proptest! {
-        /// Whatever a terminal asks for, it may subscribe only to its own payments and RPC
-        /// answers, and publish only to its own acks, status and RPC requests: wildcards, other
-        /// tenants and odd shapes never get through.
-        #[test]
-        fn the_acl_never_crosses_tenants(
-            own in "[a-z0-9_.-]{1,12}",
-            other in "[a-z0-9_.-]{1,12}",
-            lead in proptest::sample::select(vec!["/tenants/", "tenants/", "/tenants//", "/", ""]),
-            tenant in 0..5usize,
-            tail in proptest::sample::select(vec![
-                "payments/+", "payments/#", "payments/pi_1", "payments/+/x", "payments/pi+",
-                "payments", "rpc/res", "rpc/req", "rpc/#", "acks", "status", "#", "+", "",
-            ]),
-            noise in "[a-z0-9_+#/]{0,6}",
-        ) {
-            proptest::prop_assume!(own != other);
-            let (mine, theirs) = (topics::tenant_for(&own), topics::tenant_for(&other));
-            let tenant = [mine.as_str(), theirs.as_str(), "+", "#", noise.as_str()][tenant];
-            let topic = format!("{lead}{tenant}/{tail}");
-            let own_prefix = format!("/tenants/{mine}/");
-            if may_subscribe(&own, &topic) {
-                let rest = topic.strip_prefix(&own_prefix);
-                proptest::prop_assert!(
-                    matches!(rest, Some("payments/+" | "payments/pi_1" | "rpc/res")),
-                    "{}", topic
-                );
-            }
-            if let Some(kind) = may_publish(&own, &topic) {
-                let expected = match kind {
-                    TopicKind::Acks => topics::acks(&mine),
-                    TopicKind::Status => topics::status(&mine),
-                    TopicKind::RpcReq => topics::rpc_req(&mine),
-                    _ => String::new(),
-                };
-                proptest::prop_assert_eq!(&topic, &expected);
-            }
-            // The generator does reach the allowed shapes: the own tenant's canonical topics.
-            if lead == "/tenants/" && tenant == mine {
-                proptest::prop_assert_eq!(
-                    may_subscribe(&own, &topic),
-                    matches!(tail, "payments/+" | "payments/pi_1" | "rpc/res")
-                );
-                proptest::prop_assert_eq!(
-                    may_publish(&own, &topic).is_some(),
-                    matches!(tail, "acks" | "status" | "rpc/req")
-                );
-            }
-        }
-    }
 
     #[test]
     fn serials_compare_normalized() {
@@ -1011,83 +606,5 @@ mod tests {
         assert!(r.contains("pos_stolen", None));
         assert!(r.contains("pos_other", Some("00AB")));
         assert!(!r.contains("pos_other", Some("cd")));
-    }
-}
-
-// === Link ===
-
-/// The broker the rest of the daemon talks to: the embedded one, or an external broker posgate
-/// is a client of (`mqtt.mode`).
-#[derive(Clone)]
-pub enum Link {
-    Embedded(Handle),
-    External(external::Handle),
-}
-
-impl Link {
-    /// Refuses `terminal_id` and its certificate `serial` from now on and cuts its session
-    /// (external: the CRL and ACL are rewritten and the broker reloaded, then the session is
-    /// taken over).
-    pub fn revoke(&self, terminal_id: &str, serial: &str) {
-        match self {
-            Link::Embedded(h) => h.revoke(terminal_id, serial),
-            Link::External(h) => {
-                h.revoke(terminal_id);
-            }
-        }
-    }
-
-    /// Refuses one replaced certificate `serial` of `terminal_id` from now on.
-    pub fn retire(&self, terminal_id: &str, serial: &str) {
-        match self {
-            Link::Embedded(h) => h.retire(terminal_id, serial),
-            Link::External(h) => h.files_changed(),
-        }
-    }
-
-    /// Applies the stored revocations (SIGHUP).
-    pub fn set_revoked(&self, serials: &[String], terminal_ids: &[String]) {
-        match self {
-            Link::Embedded(h) => h.set_revoked(serials, terminal_ids),
-            Link::External(h) => h.files_changed(),
-        }
-    }
-
-    /// A terminal was registered: an external broker's ACL must name it.
-    pub fn registered(&self) {
-        if let Link::External(h) = self {
-            h.files_changed();
-        }
-    }
-
-    /// Connections at the embedded broker; 0 with an external broker (its own metrics count them).
-    pub fn connections(&self) -> isize {
-        match self {
-            Link::Embedded(h) => h.connections(),
-            Link::External(_) => 0,
-        }
-    }
-}
-
-impl Publisher for Link {
-    async fn publish_retained(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
-        match self {
-            Link::Embedded(h) => h.publish_retained(topic, payload).await,
-            Link::External(h) => h.publish_retained(topic, payload).await,
-        }
-    }
-
-    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
-        match self {
-            Link::Embedded(h) => h.publish(topic, payload).await,
-            Link::External(h) => h.publish(topic, payload).await,
-        }
-    }
-
-    fn suspend(&self, terminal_id: &str, duration: Duration) {
-        match self {
-            Link::Embedded(h) => Publisher::suspend(h, terminal_id, duration),
-            Link::External(h) => Publisher::suspend(h, terminal_id, duration),
-        }
     }
 }
