@@ -195,7 +195,7 @@ pub enum StoreErrorKind {
         code: Option<postgres::error::SqlState>,
         message: String,
     },
-    #[error("stored record {key} is corrupt")]
+    #[error("stored record {key:?} is corrupt")]
     Corrupt {
         key: String,
         #[source]
@@ -391,7 +391,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            r#"read of intent "pi_bad": stored record pi_bad is corrupt"#
+            r#"read of intent "pi_bad": stored record "pi_bad" is corrupt"#
         );
         assert!(
             std::error::Error::source(&e).is_some_and(|s| s.is::<serde_json::Error>()),
