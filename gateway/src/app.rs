@@ -429,10 +429,11 @@ impl Gateway {
         .with_tracker(tracker.clone());
         // With PostgreSQL, replicas share the database and split delivery by shard leases.
         let (engine, replicas) = match &config.store.backend {
-            crate::store::Backend::Postgres { url } => {
+            crate::store::Backend::Postgres { url, tls } => {
                 let (engine, ownership) = spawn_replicas(
                     engine,
                     url,
+                    tls,
                     &config,
                     published_tx,
                     &metrics,
@@ -583,8 +584,13 @@ impl Gateway {
             crate::store::Backend::Redb => {
                 tracing::info!(backend = "redb", path = %store.path().display(), "store open");
             }
-            crate::store::Backend::Postgres { url } => {
-                tracing::info!(backend = "postgres", url = %crate::store::redact_url(url), "store open");
+            crate::store::Backend::Postgres { url, tls } => {
+                tracing::info!(backend = "postgres", url = %crate::store::redact_url(url), tls = %tls.describe(url), "store open");
+                if tls.ca_file().is_none()
+                    && crate::store::pg_ssl_mode(url) != Some(tokio_postgres::config::SslMode::Disable)
+                {
+                    tracing::warn!(url = %crate::store::redact_url(url), "PostgreSQL connections use TLS without checking the server's certificate (libpq's sslmode=require/prefer): whoever sits between here and the database can pose as it; set store.postgres_ca_file to the CA of the server's certificate (and sslmode=require in store.postgres_url)");
+                }
             }
         }
         ready.store(true, Ordering::Relaxed);
@@ -612,6 +618,7 @@ impl Gateway {
 fn spawn_replicas<P: delivery::Publisher>(
     engine: delivery::Engine<P>,
     url: &str,
+    tls: &crate::store::PgTls,
     config: &Config,
     published: broadcast::Sender<delivery::Published>,
     metrics: &Metrics,
@@ -637,6 +644,7 @@ fn spawn_replicas<P: delivery::Publisher>(
         "replica_leases",
         Leases::new(
             url.to_owned(),
+            tls.clone(),
             settings.clone(),
             ownership.clone(),
             input_tx.clone(),
@@ -650,6 +658,7 @@ fn spawn_replicas<P: delivery::Publisher>(
         "replica_listen",
         notify::Listener {
             url: url.to_owned(),
+            tls: tls.clone(),
             id: id.clone(),
             engine: input_tx,
             leases: wake,
@@ -662,6 +671,7 @@ fn spawn_replicas<P: delivery::Publisher>(
         "replica_forward",
         notify::Forwarder {
             url: url.to_owned(),
+            tls: tls.clone(),
             id,
             metrics: Some(metrics.clone()),
         }

@@ -241,7 +241,7 @@ pub struct StoreConfig {
     /// last retry of a webhook (14.6 h after its first attempt).
     pub retention_hours: u64,
     /// `store.backend` (`redb` or `postgres`) with `store.postgres_url` (its `Debug` masks the
-    /// URL's password).
+    /// URL's password) and the TLS of `store.postgres_ca_file`.
     pub backend: crate::store::Backend,
 }
 
@@ -839,8 +839,10 @@ impl Reader<'_> {
         Some(v)
     }
 
-    /// `store.backend` and, for `postgres`, the `store.postgres_url` it needs.
+    /// `store.backend` and, for `postgres`, the `store.postgres_url` it needs and the
+    /// `store.postgres_ca_file` it may have.
     fn store_backend(&mut self) -> Option<crate::store::Backend> {
+        let ca_file = self.optional::<PathBuf>("store.postgres_ca_file");
         let name: String = self.required("store.backend")?;
         let url = self.optional::<String>("store.postgres_url")?;
         match (name.as_str(), url) {
@@ -849,12 +851,55 @@ impl Reader<'_> {
                 "store.postgres_url",
                 "is required with store.backend = postgres (a URL like postgres://posgate:PASSWORD@db.example:5432/posgate)",
             ),
-            ("postgres", Some(url)) if url.parse::<postgres::Config>().is_err() => self.reject(
-                "store.postgres_url",
-                "is not a PostgreSQL connection URL (postgres://user:password@host:port/database)",
-            ),
-            ("postgres", Some(url)) => Some(crate::store::Backend::Postgres { url }),
+            ("postgres", Some(url)) if url.parse::<postgres::Config>().is_err() => {
+                let why = url
+                    .parse::<postgres::Config>()
+                    .err()
+                    .and_then(|e| std::error::Error::source(&e).map(|s| s.to_string()))
+                    .unwrap_or_default();
+                // Only option names from the error: the URL may carry a password.
+                let reason = if why.contains("`sslmode`") {
+                    "sslmode must be disable, prefer or require (for libpq's verify-ca or \
+                     verify-full: sslmode=require and store.postgres_ca_file)"
+                } else if ["sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword"]
+                    .iter()
+                    .any(|o| why.contains(&format!("`{o}`")))
+                {
+                    "the ssl file options of libpq are not read from the URL: set the server's CA \
+                     in store.postgres_ca_file (client certificates are not supported)"
+                } else {
+                    "is not a PostgreSQL connection URL (postgres://user:password@host:port/database)"
+                };
+                self.reject("store.postgres_url", reason)
+            }
+            ("postgres", Some(url)) => {
+                let tls = self.postgres_tls(&url, ca_file?)?;
+                Some(crate::store::Backend::Postgres { url, tls })
+            }
             _ => self.reject("store.backend", "must be \"redb\" or \"postgres\""),
+        }
+    }
+
+    /// `store.postgres_ca_file`, read and checked now (a bad file is a configuration error,
+    /// exit 64): verification needs `sslmode=require`, which a server cannot talk its way out of.
+    fn postgres_tls(
+        &mut self,
+        url: &str,
+        ca_file: Option<PathBuf>,
+    ) -> Option<crate::store::PgTls> {
+        let Some(path) = ca_file else {
+            return Some(crate::store::PgTls::unverified());
+        };
+        if crate::store::pg_ssl_mode(url) != Some(tokio_postgres::config::SslMode::Require) {
+            return self.reject(
+                "store.postgres_ca_file",
+                "needs sslmode=require in store.postgres_url: with prefer (the default) a server, \
+                 or whoever sits in between, can decline TLS and the connection goes on in clear",
+            );
+        }
+        match crate::store::PgTls::from_ca_file(&path) {
+            Ok(tls) => Some(tls),
+            Err(e) => self.reject("store.postgres_ca_file", &e.to_string()),
         }
     }
 
@@ -1104,7 +1149,13 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.store.backend, Backend::Postgres { url: url.into() });
+        assert_eq!(
+            c.store.backend,
+            Backend::Postgres {
+                url: url.into(),
+                tls: crate::store::PgTls::unverified()
+            }
+        );
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cr3t-pw"), "{shown}");
         assert!(shown.contains("postgres://posgate:***@db.example:5432/posgate"));
@@ -1132,6 +1183,110 @@ mod tests {
 
         let err = load_with(None, &[("POSGATE__STORE__BACKEND", "sqlite")]).unwrap_err();
         assert_eq!(bad_keys(err), ["store.backend"]);
+    }
+
+    /// `store.postgres_ca_file`: read and checked at load (a bad file is a configuration
+    /// error naming the key), only with `sslmode=require`; libpq's other ways to say it in the
+    /// URL get a reason that points to the key, and never show the password.
+    #[test]
+    fn the_postgres_ca_file_is_checked_at_load() {
+        use crate::store::Backend;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "hello\n").unwrap();
+        let not_der = dir.path().join("not-der.pem");
+        std::fs::write(
+            &not_der,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let load = |url: &str, ca_file: Option<&Path>| {
+            let mut env = vec![
+                ("POSGATE__STORE__BACKEND", "postgres".to_owned()),
+                ("POSGATE__STORE__POSTGRES_URL", url.to_owned()),
+            ];
+            if let Some(file) = ca_file {
+                env.push((
+                    "POSGATE__STORE__POSTGRES_CA_FILE",
+                    file.display().to_string(),
+                ));
+            }
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            load_with(None, &env)
+        };
+        let require = "postgres://u:s3cr3t-pw@db.example/p?sslmode=require";
+
+        let c = load(require, Some(&ca)).unwrap();
+        let Backend::Postgres { tls, .. } = &c.store.backend else {
+            panic!("{:?}", c.store.backend)
+        };
+        assert_eq!(tls.ca_file(), Some(ca.as_path()));
+        let Backend::Postgres { tls, .. } = load(require, None).unwrap().store.backend else {
+            panic!("not postgres")
+        };
+        assert_eq!(tls.ca_file(), None);
+
+        for (url, file, says) in [
+            (require, dir.path().join("missing.pem"), "cannot read"),
+            (require, garbage.clone(), "holds no certificate"),
+            (require, not_der.clone(), "cannot be a trust anchor"),
+            (
+                "postgres://u:s3cr3t-pw@db.example/p",
+                ca.clone(),
+                "needs sslmode=require",
+            ),
+            (
+                "postgres://u:s3cr3t-pw@db.example/p?sslmode=prefer",
+                ca.clone(),
+                "needs sslmode=require",
+            ),
+            (
+                "postgres://u:s3cr3t-pw@db.example/p?sslmode=disable",
+                ca.clone(),
+                "needs sslmode=require",
+            ),
+        ] {
+            let err = load(url, Some(&file)).unwrap_err();
+            let bad = err.invalid_keys();
+            assert_eq!(bad.len(), 1, "{url} {file:?}: {bad:?}");
+            assert_eq!(bad[0].key, "store.postgres_ca_file");
+            assert!(bad[0].reason.contains(says), "{says:?}: {bad:?}");
+            assert!(!format!("{err} {bad:?}").contains("s3cr3t-pw"));
+        }
+
+        for url in [
+            "postgres://u:s3cr3t-pw@db.example/p?sslmode=verify-full",
+            "postgres://u:s3cr3t-pw@db.example/p?sslmode=require&sslrootcert=/etc/ca.pem",
+        ] {
+            let err = load(url, None).unwrap_err();
+            let bad = err.invalid_keys();
+            assert_eq!(bad.len(), 1, "{url}: {bad:?}");
+            assert_eq!(bad[0].key, "store.postgres_url");
+            assert!(
+                bad[0].reason.contains("store.postgres_ca_file"),
+                "{url}: {bad:?}"
+            );
+            assert!(!format!("{err} {bad:?}").contains("s3cr3t-pw"));
+        }
+        // With redb the key is not used, and not an error.
+        assert_eq!(
+            load_with(
+                None,
+                &[(
+                    "POSGATE__STORE__POSTGRES_CA_FILE",
+                    garbage.to_str().unwrap()
+                )]
+            )
+            .unwrap()
+            .store
+            .backend,
+            Backend::Redb
+        );
     }
 
     #[test]

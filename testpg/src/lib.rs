@@ -4,6 +4,9 @@
 //! - [`shared`]: one server per test process, started on first use; [`Server::fresh_db`] gives
 //!   each test its own database, so no test sees another's rows.
 //! - [`Server::start`]: a server of one's own (a test that restarts or kills it).
+//! - [`Server::start_tls`]: one of one's own with `ssl = on` and the test's certificate, and
+//!   if asked `hostssl` lines only in `pg_hba.conf` (TCP without TLS refused); the test process
+//!   itself then connects over the Unix socket ([`Server::admin_url`]).
 //!
 //! No server outlives its test process, however that process ends: every server is started
 //! through `setpriv --pdeathsig KILL` from a thread that lives as long as the process, so the
@@ -46,6 +49,20 @@ pub struct Server {
     child: Mutex<Option<Child>>,
     /// Removed with the server (an owned one).
     owned: bool,
+    /// `ssl = on` with `server.crt` and `server.key` in its data directory.
+    tls: bool,
+    /// TCP connections without TLS are refused (`hostssl` only).
+    hostssl_only: bool,
+}
+
+/// TLS for [`Server::start_tls`].
+pub struct Tls {
+    /// The server's certificate (chain), PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// Only `hostssl` lines in `pg_hba.conf`: a TCP connection without TLS is refused.
+    pub hostssl_only: bool,
 }
 
 static SHARED: OnceLock<Result<Server, String>> = OnceLock::new();
@@ -72,7 +89,19 @@ impl Server {
         Server::launch(true)
     }
 
+    /// A server of one's own with TLS on (see [`Tls`]), stopped and removed when dropped.
+    ///
+    /// # Errors
+    /// As [`Server::start`], and when the certificate files cannot be written.
+    pub fn start_tls(tls: &Tls) -> Result<Server, String> {
+        Server::launch_with(true, Some(tls))
+    }
+
     fn launch(owned: bool) -> Result<Server, String> {
+        Server::launch_with(owned, None)
+    }
+
+    fn launch_with(owned: bool, tls: Option<&Tls>) -> Result<Server, String> {
         let bin = bin_dir()?;
         let root = root();
         fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
@@ -95,6 +124,9 @@ impl Server {
         if !status.success() {
             return Err(format!("copying the template cluster: {status}"));
         }
+        if let Some(tls) = tls {
+            write_tls(&dir.join("data"), tls)?;
+        }
         give_to_postgres(&dir)?;
         let mut last = String::new();
         // A free port found now may be taken before the server binds it: try a few.
@@ -106,6 +138,8 @@ impl Server {
                 port,
                 child: Mutex::new(None),
                 owned,
+                tls: tls.is_some(),
+                hostssl_only: tls.is_some_and(|t| t.hostssl_only),
             };
             match server.run() {
                 Ok(()) => return Ok(server),
@@ -135,7 +169,19 @@ impl Server {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
             .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
-            .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
+            .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"]);
+        if self.tls {
+            // Relative to the data directory.
+            command.args([
+                "-c",
+                "ssl=on",
+                "-c",
+                "ssl_cert_file=server.crt",
+                "-c",
+                "ssl_key_file=server.key",
+            ]);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
@@ -143,7 +189,7 @@ impl Server {
         *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            if postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_ok() {
+            if postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls).is_ok() {
                 return Ok(());
             }
             let exited = self
@@ -186,6 +232,20 @@ impl Server {
         format!("postgres://{USER}@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// The URL the test process itself uses for database `db`: [`Server::url`], or the Unix
+    /// socket when TCP requires TLS (`hostssl` only), so that `postgres::NoTls` still works.
+    pub fn admin_url(&self, db: &str) -> String {
+        if self.hostssl_only {
+            format!(
+                "host={} port={} user={USER} dbname={db}",
+                self.dir.display(),
+                self.port
+            )
+        } else {
+            self.url(db)
+        }
+    }
+
     /// Creates a database no one else uses; returns its URL.
     ///
     /// # Panics
@@ -196,7 +256,7 @@ impl Server {
             std::process::id(),
             DATABASES.fetch_add(1, Ordering::Relaxed)
         );
-        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+        let mut client = postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls)
             .unwrap_or_else(|e| panic!("connecting to the test server: {e}"));
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -305,6 +365,35 @@ fn as_postgres(program: &Path) -> Command {
     }
     command.args(["--pdeathsig", "KILL", "--"]).arg(program);
     command
+}
+
+/// The certificate and key into the data directory `data` (the key 0600: PostgreSQL refuses a
+/// key others can read), and with `hostssl_only` a `pg_hba.conf` without `host` lines.
+fn write_tls(data: &Path, tls: &Tls) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write = |name: &str, text: &str| {
+        let path = data.join(name);
+        drop(fs::remove_file(&path));
+        File::options()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    write("server.crt", &tls.cert_pem)?;
+    write("server.key", &tls.key_pem)?;
+    if tls.hostssl_only {
+        write(
+            "pg_hba.conf",
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl all all ::1/128 trust\n",
+        )?;
+    }
+    Ok(())
 }
 
 /// Makes `dir` (recursively) the `postgres` user's, when we are root.

@@ -2,6 +2,7 @@
 //! test process starts (`posgate-testpg`): a webhook reaches its terminal, and a confirmation
 //! not yet acked survives a SIGKILL and a restart on the same ports.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use posgate_proto::MicroUsdc;
@@ -182,4 +183,284 @@ async fn on_postgres_the_database_going_away_fails_readiness_until_it_is_back() 
     tokio::task::spawn_blocking(move || drop(server))
         .await
         .unwrap();
+}
+
+// === PostgreSQL over TLS ===
+
+/// A test CA and a server certificate it signed for `names` (PEM): `(ca, cert, key)`.
+fn ca_and_server_cert(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "posgate test PostgreSQL CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "posgate test PostgreSQL");
+    let cert_pem = server.signed_by(&key, &issuer).unwrap().pem();
+    (ca_pem, cert_pem, key.serialize_pem())
+}
+
+/// A server of the test's own with `ssl = on`, a certificate for 127.0.0.1 only, and TCP
+/// without TLS refused (`hostssl` only); its CA's PEM.
+async fn tls_server() -> (Arc<posgate_testpg::Server>, String) {
+    let (ca, cert_pem, key_pem) = ca_and_server_cert(&["127.0.0.1"]);
+    let server = tokio::task::spawn_blocking(move || {
+        posgate_testpg::Server::start_tls(&posgate_testpg::Tls {
+            cert_pem,
+            key_pem,
+            hostssl_only: true,
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    (Arc::new(server), ca)
+}
+
+async fn fresh_db(server: &Arc<posgate_testpg::Server>) -> String {
+    let server = server.clone();
+    tokio::task::spawn_blocking(move || server.fresh_db())
+        .await
+        .unwrap()
+}
+
+/// Runs `posgate run` with `env` (over the test defaults), expecting it to refuse to start:
+/// its exit code and what it printed on stderr.
+async fn refused_start(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_posgate-under-test"));
+    command
+        .env_clear()
+        .envs(crate::harness::test_env(dir.path(), env))
+        .arg("run")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("posgate started with {env:?}: it should have refused"))
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `sslmode=require` with `store.postgres_ca_file`: the daemon stores a webhook in a database
+/// that takes only TLS connections and its terminal gets the confirmation; every connection
+/// of the daemon is encrypted, and it says that it verifies the server (no warning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_over_tls_with_its_ca_a_webhook_reaches_its_terminal() {
+    let (server, ca) = tls_server().await;
+    let url = format!("{}?sslmode=require", fresh_db(&server).await);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("postgres-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("POSGATE__STORE__BACKEND", "postgres"),
+        ("POSGATE__STORE__POSTGRES_URL", url.as_str()),
+        ("POSGATE__STORE__POSTGRES_CA_FILE", ca_file.to_str().unwrap()),
+    ];
+    let daemon = start_daemon_env(&data, None, Listen::any(), &env).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bundle = daemon.provision(&http, "pos_pg_tls").await;
+    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
+        .await
+        .unwrap();
+    let intent = Intent::new("pi_pg_tls", MicroUsdc(4_500_000), "pos_pg_tls");
+    let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    let answer = signed_post(
+        &http,
+        &webhook,
+        SECRET,
+        events::intent_event("evt_pg_tls", "confirmed", &intent),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    let c = terminal
+        .next_confirmation(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_pg_tls", 1));
+
+    // Seen from the server: the event is there, and posgate's sessions are all TLS.
+    let db = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (events, plain, encrypted) = {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut client =
+                postgres::Client::connect(&server.admin_url(&db), postgres::NoTls).unwrap();
+            let events: i64 = client
+                .query_one("SELECT count(*) FROM events WHERE k = 'evt_pg_tls'", &[])
+                .unwrap()
+                .get(0);
+            let row = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE NOT s.ssl), count(*) FILTER (WHERE s.ssl)
+                     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                     WHERE a.application_name = 'posgate'",
+                    &[],
+                )
+                .unwrap();
+            (events, row.get::<_, i64>(0), row.get::<_, i64>(1))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(events, 1);
+    assert_eq!(plain, 0, "a posgate session without TLS");
+    assert!(encrypted >= 1, "no posgate session seen");
+    let log = daemon.log.lock().unwrap().clone();
+    assert!(
+        log.contains("server verified against"),
+        "the start does not say how the server is checked:\n{log}"
+    );
+    assert!(
+        !log.contains("without checking the server's certificate"),
+        "warned although the server is verified:\n{log}"
+    );
+    sigterm(&daemon).await;
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+}
+
+/// What a TLS problem does at start: the daemon refuses to start (exit 64: a restart cannot
+/// fix it) and says which store and why, for a certificate from another CA, a certificate that
+/// does not name the URL's host, a URL without TLS where the server requires it, and a server
+/// without TLS where the URL requires it. A server that is merely down stays a transient
+/// failure (exit 75).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_tls_problem_stops_the_start_with_its_reason() {
+    let (server, right_ca) = tls_server().await;
+    let url = fresh_db(&server).await;
+    let (other_ca, _, _) = ca_and_server_cert(&["127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, &other_ca).unwrap();
+    let right_file = dir.path().join("right-ca.pem");
+    std::fs::write(&right_file, &right_ca).unwrap();
+
+    let require = format!("{url}?sslmode=require");
+    // Connected to 127.0.0.1, the certificate checked against the name "localhost".
+    let by_name = format!(
+        "{}?sslmode=require&hostaddr=127.0.0.1",
+        url.replace("@127.0.0.1:", "@localhost:")
+    );
+    let disable = format!("{url}?sslmode=disable");
+    let plain_server = tokio::task::spawn_blocking(|| posgate_testpg::shared().fresh_db())
+        .await
+        .unwrap();
+    let plain_require = format!("{plain_server}?sslmode=require");
+    let cases: [(&str, &str, Option<&std::path::Path>, &[&str]); 4] = [
+        (
+            "another CA",
+            &require,
+            Some(&other_file),
+            &["UnknownIssuer", "server verified against"],
+        ),
+        (
+            "a host the certificate does not name",
+            &by_name,
+            Some(&right_file),
+            &["not valid for name \"localhost\""],
+        ),
+        (
+            "no TLS where the server requires it",
+            &disable,
+            None,
+            &["no pg_hba.conf entry", "no encryption", "sslmode=disable"],
+        ),
+        (
+            "TLS required of a server without it",
+            &plain_require,
+            None,
+            &["server does not support TLS"],
+        ),
+    ];
+    for (case, url, ca_file, says) in cases {
+        let mut env = vec![
+            ("POSGATE__STORE__BACKEND", "postgres"),
+            ("POSGATE__STORE__POSTGRES_URL", url),
+        ];
+        if let Some(file) = ca_file {
+            env.push(("POSGATE__STORE__POSTGRES_CA_FILE", file.to_str().unwrap()));
+        }
+        let (code, stderr) = refused_start(&env).await;
+        assert_eq!(code, Some(64), "{case}: {stderr}");
+        assert!(
+            stderr.contains("opening the store: connecting to PostgreSQL at postgres://"),
+            "{case}: {stderr}"
+        );
+        for words in says {
+            assert!(stderr.contains(words), "{case}: no {words:?} in: {stderr}");
+        }
+    }
+
+    // The same server stopped: that may pass (exit 75, systemd tries again).
+    {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || server.stop())
+            .await
+            .unwrap();
+    }
+    let right = right_file.to_str().unwrap();
+    let (code, stderr) = refused_start(&[
+        ("POSGATE__STORE__BACKEND", "postgres"),
+        ("POSGATE__STORE__POSTGRES_URL", &require),
+        ("POSGATE__STORE__POSTGRES_CA_FILE", right),
+    ])
+    .await;
+    assert_eq!(code, Some(75), "{stderr}");
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+}
+
+/// A CA file that cannot be used is a configuration error (exit 64) before anything starts,
+/// named by its key.
+#[test]
+fn a_bad_postgres_ca_file_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for (file, says) in [
+        (&missing, "cannot read"),
+        (&garbage, "holds no certificate"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_posgate-under-test"))
+            .env_clear()
+            .envs(crate::harness::test_env(
+                dir.path(),
+                &[
+                    ("POSGATE__STORE__BACKEND", "postgres"),
+                    (
+                        "POSGATE__STORE__POSTGRES_URL",
+                        "postgres://posgate@127.0.0.1:1/x?sslmode=require",
+                    ),
+                    ("POSGATE__STORE__POSTGRES_CA_FILE", file.to_str().unwrap()),
+                ],
+            ))
+            .arg("run")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("store.postgres_ca_file"), "{stderr}");
+        assert!(stderr.contains(says), "{says:?} not in {stderr}");
+    }
 }

@@ -20,11 +20,12 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::{Input, Ownership, SHARDS, Settings};
 use crate::metrics::Metrics;
+use crate::store::PgTls;
 
 /// Heartbeat rows of replicas not seen for this long are deleted (ids are new per start).
 const FORGET_REPLICAS_AFTER: &str = "1 hour";
@@ -32,6 +33,7 @@ const FORGET_REPLICAS_AFTER: &str = "1 hour";
 /// The lease task of one replica.
 pub struct Leases {
     url: String,
+    tls: PgTls,
     settings: Settings,
     ownership: Ownership,
     /// The delivery engine (gains and losses).
@@ -49,6 +51,7 @@ pub struct Leases {
 impl Leases {
     pub fn new(
         url: String,
+        tls: PgTls,
         settings: Settings,
         ownership: Ownership,
         engine: mpsc::UnboundedSender<Input>,
@@ -56,6 +59,7 @@ impl Leases {
     ) -> Self {
         Leases {
             url,
+            tls,
             settings,
             ownership,
             engine,
@@ -121,7 +125,7 @@ impl Leases {
     }
 
     async fn connect(&self) -> Option<Client> {
-        match tokio_postgres::connect(&self.url, NoTls).await {
+        match tokio_postgres::connect(&self.url, self.tls.connector()).await {
             Ok((client, connection)) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {

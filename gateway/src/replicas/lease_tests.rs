@@ -29,7 +29,7 @@ async fn database() -> (TestDb, String) {
     let store = db.open(Limits::new(16, 16)).await;
     drop(store);
     let url = match &db.backend {
-        crate::store::Backend::Postgres { url } => url.clone(),
+        crate::store::Backend::Postgres { url, .. } => url.clone(),
         crate::store::Backend::Redb => unreachable!(),
     };
     (db, url)
@@ -41,6 +41,7 @@ fn start(url: &str, id: &str, lease: Duration) -> Replica {
     let token = CancellationToken::new();
     let leases = Leases::new(
         url.into(),
+        crate::store::PgTls::unverified(),
         Settings {
             id: id.into(),
             lease,

@@ -24,12 +24,13 @@ use futures::StreamExt;
 use posgate_proto::topics::TopicKind;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, mpsc};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::Input;
 use crate::delivery::{BrokerEvent, Published};
 use crate::metrics::Metrics;
+use crate::store::PgTls;
 
 /// PostgreSQL refuses longer payloads.
 const MAX_PAYLOAD: usize = 7_900;
@@ -120,6 +121,7 @@ fn decode_event(payload: &str) -> Option<(String, BrokerEvent)> {
 /// The `LISTEN` side: one connection, re-established when it breaks.
 pub struct Listener {
     pub url: String,
+    pub tls: PgTls,
     /// This replica's id: its own forwarded events and publishes are not for itself.
     pub id: String,
     pub engine: mpsc::UnboundedSender<Input>,
@@ -132,7 +134,7 @@ impl Listener {
     pub async fn run(self, token: CancellationToken) {
         let mut pause = Duration::from_millis(100);
         loop {
-            match tokio_postgres::connect(&self.url, NoTls).await {
+            match tokio_postgres::connect(&self.url, self.tls.connector()).await {
                 Ok((client, mut connection)) => {
                     let (tx, mut rx) = mpsc::unbounded_channel();
                     let driver = tokio::spawn(async move {
@@ -228,6 +230,7 @@ impl Listener {
 /// The `NOTIFY` side: what the delivery engine hands over for other replicas.
 pub struct Forwarder {
     pub url: String,
+    pub tls: PgTls,
     pub id: String,
     pub metrics: Option<Metrics>,
 }
@@ -265,7 +268,7 @@ impl Forwarder {
                 continue;
             }
             if client.as_ref().is_none_or(Client::is_closed) {
-                client = match tokio_postgres::connect(&self.url, NoTls).await {
+                client = match tokio_postgres::connect(&self.url, self.tls.connector()).await {
                     Ok((c, connection)) => {
                         tokio::spawn(async move {
                             drop(connection.await);

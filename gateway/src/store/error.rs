@@ -173,10 +173,12 @@ pub enum StoreErrorKind {
     Unavailable,
     #[error("database operation failed")]
     Db(#[source] Box<redb::Error>),
-    #[error("connecting to PostgreSQL at {url}")]
+    #[error("connecting to PostgreSQL at {url} ({tls})")]
     PgConnect {
         /// Without its password.
         url: String,
+        /// What the connection does about TLS (`PgTls::describe`).
+        tls: String,
         #[source]
         source: postgres::Error,
     },
@@ -227,7 +229,9 @@ impl StoreError {
             | StoreErrorKind::Stalled { .. }
             | StoreErrorKind::Unavailable
             | StoreErrorKind::Thread(_) => true,
-            StoreErrorKind::PgConnect { .. } => true,
+            // Not a refusal by the server, a certificate that does not verify, TLS declined:
+            // those need a person.
+            StoreErrorKind::PgConnect { source, .. } => !super::pg_tls::is_refusal(source),
             StoreErrorKind::PgMigrate { source, .. } | StoreErrorKind::Postgres(source) => {
                 pg_is_transient(source)
             }

@@ -44,6 +44,7 @@ mod error;
 mod kv;
 mod outbox;
 mod pg;
+mod pg_tls;
 #[cfg(test)]
 mod pg_tests;
 mod reconcile;
@@ -55,6 +56,7 @@ pub(crate) mod testing;
 mod writer;
 
 pub use error::{OpKey, Operation, StoreError, StoreErrorKind, io_is_transient};
+pub use pg_tls::{PgTls, PgTlsError, is_refusal as pg_is_refusal, ssl_mode as pg_ssl_mode};
 pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
     Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
@@ -390,17 +392,19 @@ pub enum Backend {
     /// The embedded redb file `posgate.redb` in the data directory (the default).
     #[default]
     Redb,
-    /// A PostgreSQL database (`store.postgres_url`), which several gateways may share.
-    Postgres { url: String },
+    /// A PostgreSQL database (`store.postgres_url`), which several gateways may share, reached
+    /// with `tls` (`store.postgres_ca_file`).
+    Postgres { url: String, tls: PgTls },
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backend::Redb => f.write_str("Redb"),
-            Backend::Postgres { url } => f
+            Backend::Postgres { url, tls } => f
                 .debug_struct("Postgres")
                 .field("url", &redact_url(url))
+                .field("tls", tls)
                 .finish(),
         }
     }
@@ -441,12 +445,17 @@ impl Store {
     ) -> Result<Store, StoreError> {
         match backend {
             Backend::Redb => Store::open_redb(data_dir, limits),
-            Backend::Postgres { url } => Store::open_postgres(url, data_dir, limits),
+            Backend::Postgres { url, tls } => Store::open_postgres(url, tls, data_dir, limits),
         }
     }
 
-    fn open_postgres(url: &str, data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
-        let mut conn = pg::connect(url, Some(limits.commit_deadline))?;
+    fn open_postgres(
+        url: &str,
+        tls: &PgTls,
+        data_dir: &Path,
+        limits: Limits,
+    ) -> Result<Store, StoreError> {
+        let mut conn = pg::connect(url, tls, Some(limits.commit_deadline))?;
         pg::migrate(&mut conn).map_err(|source| StoreErrorKind::PgMigrate {
             url: redact_url(url),
             source,
@@ -460,6 +469,7 @@ impl Store {
             notices: notices.clone(),
             commit_seconds: commit_seconds.clone(),
             url: url.to_owned(),
+            tls: tls.clone(),
             statement_timeout: limits.commit_deadline,
         };
         let writer = std::thread::Builder::new()
@@ -475,6 +485,7 @@ impl Store {
             inner: Arc::new(Inner {
                 engine: Engine::Postgres(Arc::new(pg::Readers::new(
                     url.to_owned(),
+                    tls.clone(),
                     limits.commit_deadline,
                 ))),
                 // No file: a name in the data directory, whose free space the metrics report.

@@ -33,12 +33,13 @@ use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
+use postgres::{Client, IsolationLevel, Statement, Transaction};
 use tokio::sync::mpsc;
 
 use super::kv::{
     Hint, KvRead, KvWrite, MultiTable, ReadKv, StrTable, VisitOutbox, VisitRpc, VisitStr, WriteKv,
 };
+use super::pg_tls::PgTls;
 use super::writer::Tables;
 use super::{Durability, Health, Job, Notices, OutboxRow, StoreError, StoreErrorKind};
 
@@ -128,10 +129,16 @@ pub(crate) struct Conn {
     stmts: Stmts,
 }
 
-/// Connects, with `synchronous_commit = on` whatever the server's default.
-pub(crate) fn connect(url: &str, statement_timeout: Option<Duration>) -> Result<Conn, StoreError> {
+/// Connects (TLS as the URL's `sslmode` and `tls` say), with `synchronous_commit = on`
+/// whatever the server's default.
+pub(crate) fn connect(
+    url: &str,
+    tls: &PgTls,
+    statement_timeout: Option<Duration>,
+) -> Result<Conn, StoreError> {
     let err = |source| StoreErrorKind::PgConnect {
         url: redact_url(url),
+        tls: tls.describe(url),
         source,
     };
     let mut config: postgres::Config = url.parse().map_err(err)?;
@@ -139,7 +146,7 @@ pub(crate) fn connect(url: &str, statement_timeout: Option<Duration>) -> Result<
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
-    let mut client = config.connect(NoTls).map_err(err)?;
+    let mut client = config.connect(tls.connector()).map_err(err)?;
     let mut setup = String::from("SET synchronous_commit = on");
     if let Some(t) = statement_timeout {
         setup.push_str(&format!("; SET statement_timeout = {}", t.as_millis()));
@@ -889,14 +896,16 @@ impl KvRead for PgRead<'_> {
 /// Read connections, opened on demand and kept for the next read.
 pub(crate) struct Readers {
     url: String,
+    tls: PgTls,
     idle: Mutex<Vec<Conn>>,
     statement_timeout: Duration,
 }
 
 impl Readers {
-    pub(crate) fn new(url: String, statement_timeout: Duration) -> Readers {
+    pub(crate) fn new(url: String, tls: PgTls, statement_timeout: Duration) -> Readers {
         Readers {
             url,
+            tls,
             idle: Mutex::new(Vec::new()),
             statement_timeout,
         }
@@ -912,7 +921,10 @@ impl Readers {
         loop {
             let (mut conn, was_kept) = match kept.take() {
                 Some(conn) if !conn.client.is_closed() => (conn, true),
-                _ => (connect(&self.url, Some(self.statement_timeout))?, false),
+                _ => (
+                    connect(&self.url, &self.tls, Some(self.statement_timeout))?,
+                    false,
+                ),
             };
             let result = Readers::run(&mut conn, &mut f);
             if !conn.client.is_closed()
@@ -985,6 +997,7 @@ pub(super) struct Shared {
     pub(super) notices: Arc<Notices>,
     pub(super) commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
     pub(super) url: String,
+    pub(super) tls: PgTls,
     /// Every write of the writer's session waits at most this long (a hung server is a failed one).
     pub(super) statement_timeout: Duration,
 }
@@ -1115,7 +1128,7 @@ fn reconnect(rx: &mut mpsc::Receiver<Job>, shared: &Shared) -> Option<Conn> {
     shared.health.failed.store(true, Ordering::Relaxed);
     tracing::warn!(url = %redact_url(&shared.url), "lost the PostgreSQL connection; reconnecting");
     let conn = super::writer::retry_until_open(rx, "PostgreSQL unreachable; retrying", || {
-        connect(&shared.url, Some(shared.statement_timeout))
+        connect(&shared.url, &shared.tls, Some(shared.statement_timeout))
     })?;
     shared.health.failed.store(false, Ordering::Relaxed);
     tracing::info!("PostgreSQL reconnected; the store takes writes again");

@@ -121,7 +121,7 @@ async fn migrations_are_applied_once_when_stores_open_together() {
     for open in opening {
         stores.push(open.await.unwrap().expect("a replica failed to open"));
     }
-    let super::Backend::Postgres { url } = db.backend.clone() else {
+    let super::Backend::Postgres { url, .. } = db.backend.clone() else {
         unreachable!()
     };
     let versions = tokio::task::spawn_blocking(move || {
@@ -160,7 +160,10 @@ async fn a_database_restart_under_load_loses_no_acknowledged_webhook() {
     };
     let db = TestDb {
         dir: tempfile::tempdir().unwrap(),
-        backend: super::Backend::Postgres { url },
+        backend: super::Backend::Postgres {
+            url,
+            tls: super::PgTls::unverified(),
+        },
     };
     let limits = Limits {
         commit_deadline: Duration::from_secs(3),

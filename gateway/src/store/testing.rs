@@ -27,6 +27,7 @@ impl TestDb {
                 url: tokio::task::spawn_blocking(|| posgate_testpg::shared().fresh_db())
                     .await
                     .unwrap(),
+                tls: super::PgTls::unverified(),
             },
         };
         TestDb {
