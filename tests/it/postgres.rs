@@ -187,14 +187,15 @@ async fn on_postgres_the_database_going_away_fails_readiness_until_it_is_back() 
 
 // === PostgreSQL over TLS ===
 
-/// A test CA and a server certificate it signed for `names` (PEM): `(ca, cert, key)`.
-fn ca_and_server_cert(names: &[&str]) -> (String, String, String) {
+/// A test CA named `ca_name` and a server certificate it signed for `names` (PEM): `(ca,
+/// cert, key)`.
+fn ca_and_server_cert(ca_name: &str, names: &[&str]) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
-        .push(DnType::CommonName, "posgate test PostgreSQL CA");
+        .push(DnType::CommonName, ca_name);
     let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
@@ -211,7 +212,7 @@ fn ca_and_server_cert(names: &[&str]) -> (String, String, String) {
 /// A server of the test's own with `ssl = on`, a certificate for 127.0.0.1 only, and TCP
 /// without TLS refused (`hostssl` only); its CA's PEM.
 async fn tls_server() -> (Arc<posgate_testpg::Server>, String) {
-    let (ca, cert_pem, key_pem) = ca_and_server_cert(&["127.0.0.1"]);
+    let (ca, cert_pem, key_pem) = ca_and_server_cert("posgate test PostgreSQL CA", &["127.0.0.1"]);
     let server = tokio::task::spawn_blocking(move || {
         posgate_testpg::Server::start_tls(&posgate_testpg::Tls {
             cert_pem,
@@ -347,7 +348,7 @@ async fn on_postgres_over_tls_with_its_ca_a_webhook_reaches_its_terminal() {
 async fn on_postgres_a_tls_problem_stops_the_start_with_its_reason() {
     let (server, right_ca) = tls_server().await;
     let url = fresh_db(&server).await;
-    let (other_ca, _, _) = ca_and_server_cert(&["127.0.0.1"]);
+    let (other_ca, _, _) = ca_and_server_cert("another CA", &["127.0.0.1"]);
     let dir = tempfile::tempdir().unwrap();
     let other_file = dir.path().join("other-ca.pem");
     std::fs::write(&other_file, &other_ca).unwrap();
@@ -400,6 +401,8 @@ async fn on_postgres_a_tls_problem_stops_the_start_with_its_reason() {
             env.push(("POSGATE__STORE__POSTGRES_CA_FILE", file.to_str().unwrap()));
         }
         let (code, stderr) = refused_start(&env).await;
+        // What an operator reads (shown with --no-capture).
+        eprintln!("{case}: exit {code:?}: {stderr}");
         assert_eq!(code, Some(64), "{case}: {stderr}");
         assert!(
             stderr.contains("opening the store: connecting to PostgreSQL at postgres://"),
