@@ -586,10 +586,8 @@ impl Gateway {
             }
             crate::store::Backend::Postgres { url, tls } => {
                 tracing::info!(backend = "postgres", url = %crate::store::redact_url(url), tls = %tls.describe(url), "store open");
-                if tls.ca_file().is_none()
-                    && crate::store::pg_ssl_mode(url) != Some(tokio_postgres::config::SslMode::Disable)
-                {
-                    tracing::warn!(url = %crate::store::redact_url(url), "PostgreSQL connections use TLS without checking the server's certificate (libpq's sslmode=require/prefer): whoever sits between here and the database can pose as it; set store.postgres_ca_file to the CA of the server's certificate (and sslmode=require in store.postgres_url)");
+                if let Some(warning) = tls.warning(url) {
+                    tracing::warn!(url = %crate::store::redact_url(url), "{warning}");
                 }
             }
         }
@@ -615,6 +613,8 @@ impl Gateway {
 
 /// Starts this replica's lease task, its `LISTEN` connection and its forwarder, and gives the
 /// delivery engine its share.
+// The URL and its TLS are one database, passed as two arguments.
+#[allow(clippy::too_many_arguments)]
 fn spawn_replicas<P: delivery::Publisher>(
     engine: delivery::Engine<P>,
     url: &str,

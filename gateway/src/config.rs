@@ -882,11 +882,7 @@ impl Reader<'_> {
 
     /// `store.postgres_ca_file`, read and checked now (a bad file is a configuration error,
     /// exit 64): verification needs `sslmode=require`, which a server cannot talk its way out of.
-    fn postgres_tls(
-        &mut self,
-        url: &str,
-        ca_file: Option<PathBuf>,
-    ) -> Option<crate::store::PgTls> {
+    fn postgres_tls(&mut self, url: &str, ca_file: Option<PathBuf>) -> Option<crate::store::PgTls> {
         let Some(path) = ca_file else {
             return Some(crate::store::PgTls::unverified());
         };

@@ -1,6 +1,8 @@
 //! The daemon on the PostgreSQL store (`store.backend = "postgres"`), against a real server the
 //! test process starts (`posgate-testpg`): a webhook reaches its terminal, and a confirmation
-//! not yet acked survives a SIGKILL and a restart on the same ports.
+//! not yet acked survives a SIGKILL and a restart on the same ports. Over TLS, on a server of
+//! the test's own (`ssl = on`, a certificate from a CA the test makes, `hostssl` only): the
+//! server verified with `store.postgres_ca_file`, and what each TLS problem does at start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,14 +196,12 @@ fn ca_and_server_cert(ca_name: &str, names: &[&str]) -> (String, String, String)
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, ca_name);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
     let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
     let mut server =
-        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-            .unwrap();
+        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
     server
         .distinguished_name
         .push(DnType::CommonName, "posgate test PostgreSQL");
@@ -247,7 +247,10 @@ async fn refused_start(env: &[(&str, &str)]) -> (Option<i32>, String) {
         .await
         .unwrap_or_else(|_| panic!("posgate started with {env:?}: it should have refused"))
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `sslmode=require` with `store.postgres_ca_file`: the daemon stores a webhook in a database
@@ -264,7 +267,10 @@ async fn on_postgres_over_tls_with_its_ca_a_webhook_reaches_its_terminal() {
     let env = [
         ("POSGATE__STORE__BACKEND", "postgres"),
         ("POSGATE__STORE__POSTGRES_URL", url.as_str()),
-        ("POSGATE__STORE__POSTGRES_CA_FILE", ca_file.to_str().unwrap()),
+        (
+            "POSGATE__STORE__POSTGRES_CA_FILE",
+            ca_file.to_str().unwrap(),
+        ),
     ];
     let daemon = start_daemon_env(&data, None, Listen::any(), &env).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -330,9 +336,34 @@ async fn on_postgres_over_tls_with_its_ca_a_webhook_reaches_its_terminal() {
         "the start does not say how the server is checked:\n{log}"
     );
     assert!(
-        !log.contains("without checking the server's certificate"),
+        !log.contains("certificate is not checked") && !log.contains("do not check its"),
         "warned although the server is verified:\n{log}"
     );
+    sigterm(&daemon).await;
+
+    // Without the CA file, libpq's `require`: encrypted, the server not checked, and a warning.
+    let daemon = start_daemon_env(&data, None, Listen::any(), &env[..2]).await;
+    let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    let intent = Intent::new("pi_pg_tls_2", MicroUsdc(4_500_000), "pos_pg_tls");
+    let answer = signed_post(
+        &http,
+        &webhook,
+        SECRET,
+        events::intent_event("evt_pg_tls_2", "confirmed", &intent),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    crate::harness::eventually(Duration::from_secs(10), || async {
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .contains("the server's certificate is not checked")
+            .then_some(())
+    })
+    .await;
     sigterm(&daemon).await;
     tokio::task::spawn_blocking(move || drop(server))
         .await

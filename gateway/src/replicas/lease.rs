@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
 use super::{Input, Ownership, SHARDS, Settings};

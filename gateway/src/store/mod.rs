@@ -44,9 +44,9 @@ mod error;
 mod kv;
 mod outbox;
 mod pg;
-mod pg_tls;
 #[cfg(test)]
 mod pg_tests;
+mod pg_tls;
 mod reconcile;
 mod retention;
 mod rpc;
@@ -56,12 +56,13 @@ pub(crate) mod testing;
 mod writer;
 
 pub use error::{OpKey, Operation, StoreError, StoreErrorKind, io_is_transient};
-pub use pg_tls::{PgTls, PgTlsError, is_refusal as pg_is_refusal, ssl_mode as pg_ssl_mode};
 pub use outbox::{
     AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
     Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
 };
 pub use pg::redact_url;
+pub(crate) use pg_tls::ssl_mode as pg_ssl_mode;
+pub use pg_tls::{PgTls, PgTlsError};
 pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
 pub use retention::{PRUNE_VISIT, Pruned, prune_events};
 pub use snapshot::SnapshotError;

@@ -158,6 +158,34 @@ impl PgTls {
         self.connect.clone()
     }
 
+    /// What to warn about at start for `url`: TLS that may be used (`prefer`, `require`) over
+    /// TCP without a CA file, so the server is not authenticated. `None` with a CA file, with
+    /// `sslmode=disable` (chosen in so many words) and on Unix sockets only (no TLS there).
+    pub fn warning(&self, url: &str) -> Option<&'static str> {
+        let config = url.parse::<postgres::Config>().ok()?;
+        let tcp = config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)))
+            || !config.get_hostaddrs().is_empty();
+        if self.ca.is_some() || !tcp {
+            return None;
+        }
+        match config.get_ssl_mode() {
+            SslMode::Require => Some(
+                "PostgreSQL connections are encrypted but the server's certificate is not checked \
+                 (libpq's sslmode=require): whoever can sit between here and the database can pose \
+                 as it; set store.postgres_ca_file to the CA of the server's certificate",
+            ),
+            SslMode::Disable => None,
+            _ => Some(
+                "PostgreSQL connections use TLS only if the server offers it and do not check its \
+                 certificate (sslmode=prefer, the default): across a network, set sslmode=require \
+                 in store.postgres_url and store.postgres_ca_file to the CA of the server's certificate",
+            ),
+        }
+    }
+
     /// What a connection to `url` does, for logs and errors: "TLS required, server verified
     /// against FILE", "TLS required, server not verified", ….
     pub fn describe(&self, url: &str) -> String {
@@ -196,8 +224,9 @@ fn builder(
         .expect("aws-lc-rs supports TLS 1.2 and 1.3")
 }
 
-/// The URL's `sslmode` as tokio-postgres reads it (`prefer` when absent).
-pub fn ssl_mode(url: &str) -> Option<SslMode> {
+/// The URL's `sslmode` as tokio-postgres reads it (`prefer` when absent); `None` when the URL
+/// does not parse.
+pub(crate) fn ssl_mode(url: &str) -> Option<SslMode> {
     url.parse::<postgres::Config>()
         .ok()
         .map(|c| c.get_ssl_mode())
@@ -207,7 +236,7 @@ pub fn ssl_mode(url: &str) -> Option<SslMode> {
 /// this client (`pg_hba.conf`, a password: SQLSTATE class 28), declined the TLS that
 /// `sslmode=require` asks for, or a TLS handshake failed (a certificate that does not verify
 /// or does not name the host). A server that is down or unreachable is not such a failure.
-pub fn is_refusal(e: &postgres::Error) -> bool {
+pub(crate) fn is_refusal(e: &postgres::Error) -> bool {
     if e.code().is_some_and(|c| c.code().starts_with("28")) {
         return true;
     }
@@ -275,5 +304,53 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::PgTls;
+
+    /// The start warns when TLS may be used over TCP without checking the server: `require`
+    /// and `prefer` (also when absent) without a CA file; not with one, not with `disable`, not
+    /// on a Unix socket.
+    #[test]
+    fn the_warning_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let verified = PgTls::from_ca_file(&ca).unwrap();
+        let unverified = PgTls::unverified();
+        let url = "postgres://u:pw@db.example/p";
+        assert!(
+            unverified
+                .warning(&format!("{url}?sslmode=require"))
+                .unwrap()
+                .contains("is not checked")
+        );
+        assert!(
+            unverified
+                .warning(url)
+                .unwrap()
+                .contains("only if the server offers it")
+        );
+        assert_eq!(unverified.warning(&format!("{url}?sslmode=disable")), None);
+        assert_eq!(
+            unverified.warning("host=/run/postgresql user=posgate dbname=posgate"),
+            None
+        );
+        assert_eq!(verified.warning(&format!("{url}?sslmode=require")), None);
+        assert!(
+            verified
+                .describe(&format!("{url}?sslmode=require"))
+                .contains("server verified against")
+        );
+        assert_ne!(verified, unverified);
+        assert_eq!(verified, PgTls::from_ca_file(&ca).unwrap());
     }
 }
