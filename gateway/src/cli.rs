@@ -230,6 +230,11 @@ fn check_config(file: Option<&Path>, env: &Env) -> ExitCode {
             );
         }
     }
+    if let crate::store::Backend::Postgres { url, tls } = &config.store.backend
+        && let Some(warning) = tls.warning(url)
+    {
+        eprintln!("posgate: warning: {warning}");
+    }
     println!("configuration ok");
     ExitCode::SUCCESS
 }

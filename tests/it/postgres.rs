@@ -498,3 +498,39 @@ fn a_bad_postgres_ca_file_is_a_configuration_error() {
         assert!(stderr.contains(says), "{says:?} not in {stderr}");
     }
 }
+
+/// `check-config` says what the start says: TLS to PostgreSQL that does not check the server
+/// is a warning (exit still 0); with the CA file there is none.
+#[test]
+fn check_config_warns_when_the_postgres_server_is_not_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = ca_and_server_cert("posgate test PostgreSQL CA", &["127.0.0.1"]);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let url = "postgres://posgate:pw@db.example:5432/posgate?sslmode=require";
+    let check = |ca_file: Option<&std::path::Path>| {
+        let mut env = vec![
+            ("POSGATE__STORE__BACKEND", "postgres"),
+            ("POSGATE__STORE__POSTGRES_URL", url),
+        ];
+        if let Some(file) = ca_file {
+            env.push(("POSGATE__STORE__POSTGRES_CA_FILE", file.to_str().unwrap()));
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_posgate-under-test"))
+            .env_clear()
+            .envs(crate::harness::test_env(dir.path(), &env))
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        stderr
+    };
+    let stderr = check(None);
+    assert!(
+        stderr.contains("warning: PostgreSQL connections are encrypted but the server's certificate is not checked"),
+        "{stderr}"
+    );
+    let stderr = check(Some(&ca_file));
+    assert!(!stderr.contains("PostgreSQL"), "{stderr}");
+}
