@@ -110,6 +110,14 @@ pub fn connect_raw(
     addr: SocketAddr,
     identity: &Identity,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    Ok(client(options(addr, identity)?, 256))
+}
+
+/// The MQTT options of a connection to `addr` as `identity`.
+///
+/// # Errors
+/// When the identity's PEMs do not parse.
+fn options(addr: SocketAddr, identity: &Identity) -> anyhow::Result<MqttOptions> {
     // The IP is both where to dial and the name checked in the server certificate (an IP SAN).
     let mut options = MqttOptions::new(
         identity.client_id.clone(),
@@ -133,7 +141,7 @@ pub fn connect_raw(
             true,
         ));
     }
-    Ok(client(options, 256))
+    Ok(options)
 }
 
 /// An MQTT client with Nagle's algorithm off, as a terminal wanting its acks out at once should
@@ -232,13 +240,36 @@ pub type Sink = Box<dyn FnMut(Seen) -> bool + Send>;
 pub fn spawn_session(
     bundle: &Bundle,
     addr: SocketAddr,
+    sink: Sink,
+) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
+    spawn_session_on(bundle, &[addr], sink)
+}
+
+/// [`spawn_session`] with several broker addresses (the nodes of a cluster): it connects to the
+/// first, and after each error reconnects to the next one in turn, as a terminal configured
+/// with a list of brokers does.
+///
+/// # Errors
+/// When the bundle's key or PEMs do not parse, or `addrs` is empty.
+pub fn spawn_session_on(
+    bundle: &Bundle,
+    addrs: &[SocketAddr],
     mut sink: Sink,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
     let key = bundle
         .gateway_jwk
         .verifying_key()
         .map_err(|e| anyhow!("gateway_jwk: {e}"))?;
-    let (client, mut eventloop) = connect_raw(addr, &Identity::of(bundle))?;
+    let identity = Identity::of(bundle);
+    let endpoints = addrs
+        .iter()
+        .map(|&addr| options(addr, &identity))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let Some(first) = endpoints.first() else {
+        bail!("a terminal session needs at least one broker address");
+    };
+    let (client, mut eventloop) = self::client(first.clone(), 256);
+    let mut current = 0;
     let (b, c) = (bundle.clone(), client.clone());
     let task = tokio::spawn(async move {
         let mut checker = Checker {
@@ -309,6 +340,12 @@ pub fn spawn_session(
                 Err(e) => {
                     if !sink(Seen::Disconnected(e.to_string())) {
                         break;
+                    }
+                    if endpoints.len() > 1 {
+                        // The event loop keeps its request queue (and so `client`) across
+                        // the switch; only where it dials changes.
+                        current = (current + 1) % endpoints.len();
+                        eventloop.mqtt_options = endpoints[current].clone();
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

@@ -273,6 +273,18 @@ impl Checker {
         })
     }
 
+    /// Mark → served again for each of `which` terminals (`None`: not served since the mark).
+    pub fn served_of(&self, which: &[usize]) -> Vec<Option<Duration>> {
+        self.with(|s| {
+            (which.iter())
+                .map(|&i| {
+                    let served = s.terminals.get(i)?.served?;
+                    Some(served.saturating_duration_since(s.mark?))
+                })
+                .collect()
+        })
+    }
+
     /// The terminals that have not connected in this round.
     pub fn not_connected_list(&self) -> Vec<usize> {
         self.with(|s| {

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::checker::Checker;
 use crate::http_terminal::{Channel, spawn_http_session};
-use crate::terminal::{Bundle, spawn_session};
+use crate::terminal::{Bundle, spawn_session_on};
 
 /// How many terminals use which channel.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -25,18 +25,21 @@ pub struct Terminals {
     bundles: Vec<Bundle>,
     channels: Vec<Channel>,
     sessions: Vec<Option<JoinHandle<()>>>,
-    mqtt: SocketAddr,
+    /// The broker's nodes (one, unless it is a cluster).
+    mqtt: Vec<SocketAddr>,
     ingress: SocketAddr,
     checker: Arc<Checker>,
 }
 
 impl Terminals {
     /// Terminals for `bundles`; the last `http` of them alternate between SSE and WebSocket.
-    /// Nothing connects before [`Terminals::start`].
+    /// MQTT terminals are spread over the broker's nodes `mqtt`: terminal `i` connects to node
+    /// `i % n` first and fails over to the next ones in turn. Nothing connects before
+    /// [`Terminals::start`].
     pub fn new(
         bundles: Vec<Bundle>,
         http: usize,
-        mqtt: SocketAddr,
+        mqtt: Vec<SocketAddr>,
         ingress: SocketAddr,
         checker: Arc<Checker>,
     ) -> Terminals {
@@ -89,11 +92,19 @@ impl Terminals {
             true
         });
         let task = match self.channels[i] {
-            Channel::Mqtt => spawn_session(&self.bundles[i], self.mqtt, sink)?.1,
+            Channel::Mqtt => spawn_session_on(&self.bundles[i], &self.nodes_of(i), sink)?.1,
             channel => spawn_http_session(&self.bundles[i], self.ingress, channel, sink)?,
         };
         self.sessions[i] = Some(task);
         Ok(())
+    }
+
+    /// Terminal `i`'s broker addresses, its first node first.
+    pub fn nodes_of(&self, i: usize) -> Vec<SocketAddr> {
+        let n = self.mqtt.len().max(1);
+        let mut nodes = self.mqtt.clone();
+        nodes.rotate_left(i % n);
+        nodes
     }
 
     /// Starts every terminal.
