@@ -233,7 +233,8 @@ pub type Sink = Box<dyn FnMut(Seen) -> bool + Send>;
 
 /// Starts a terminal session: connects with the bundle's identity (and last will), subscribes to
 /// its payments and RPC replies after every (re)connect, announces itself online, verifies every
-/// confirmation, acks it, and reports to `sink`. Reconnects by itself after an error.
+/// confirmation, acks it, and reports to `sink`. Reconnects by itself after an error; asks again
+/// for a subscription the broker refused (from 0.5 s to 8 s later).
 ///
 /// # Errors
 /// When the bundle's key or PEMs do not parse.
@@ -270,6 +271,8 @@ pub fn spawn_session_on(
     };
     let (client, mut eventloop) = self::client(first.clone(), 256);
     let mut current = 0;
+    let addrs_of = addrs.to_vec();
+    let mut refusals = 0u32;
     let (b, c) = (bundle.clone(), client.clone());
     let task = tokio::spawn(async move {
         let mut checker = Checker {
@@ -280,6 +283,7 @@ pub fn spawn_session_on(
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    refusals = 0;
                     // Clean session: subscribe again after every (re)connect.
                     let online = serde_json::to_vec(&StatusMessage::online()).unwrap_or_default();
                     let sub = c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await;
@@ -297,6 +301,17 @@ pub fn spawn_session_on(
                         .iter()
                         .any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure))
                     {
+                        // A cluster refuses subscriptions while it elects new leaders after a
+                        // node's loss (NATS's JetStream): ask again, later, as posgate's own
+                        // client does, rather than stay connected and deaf.
+                        refusals += 1;
+                        let backoff = Duration::from_millis(250) * (1u32 << refusals.min(5));
+                        let (c, b) = (c.clone(), b.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(backoff).await;
+                            drop(c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await);
+                            drop(c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await);
+                        });
                         sink(Seen::Disconnected("subscription refused".into()));
                     } else if ack.return_codes.len() == 1 && !sink(Seen::Connected) {
                         break;
@@ -338,14 +353,16 @@ pub fn spawn_session_on(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if !sink(Seen::Disconnected(e.to_string())) {
-                        break;
-                    }
+                    let mut why = e.to_string();
                     if endpoints.len() > 1 {
                         // The event loop keeps its request queue (and so `client`) across
                         // the switch; only where it dials changes.
                         current = (current + 1) % endpoints.len();
                         eventloop.mqtt_options = endpoints[current].clone();
+                        why = format!("{why}; next {}", addrs_of[current]);
+                    }
+                    if !sink(Seen::Disconnected(why)) {
+                        break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

@@ -314,6 +314,19 @@ impl Checker {
         }
     }
 
+    /// The terminals with an event answered `200` and not shown yet, ascending.
+    pub fn waiting_terminals(&self) -> Vec<usize> {
+        self.with(|s| {
+            let mut waiting: Vec<usize> = (s.sent.values())
+                .filter(|e| e.answered.is_some() && e.shown.is_none())
+                .map(|e| e.terminal)
+                .collect();
+            waiting.sort_unstable();
+            waiting.dedup();
+            waiting
+        })
+    }
+
     /// Answered `200` so far, and shown so far.
     pub fn progress(&self) -> (u64, u64) {
         self.with(|s| (s.counts.answered, s.counts.delivered))

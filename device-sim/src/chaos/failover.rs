@@ -274,10 +274,20 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         bail!("broker node kills need a clustered broker (NATS)");
     }
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    // `POSGATE_SIM_KEEP_DIR=1`: the replicas' data dirs and the broker's files (NATS: each
+    // node's log) stay after the run, for a diagnosis.
+    let dir_path = dir.path().to_owned();
+    let _dir = if std::env::var_os("POSGATE_SIM_KEEP_DIR").is_some() {
+        say_if(true, format_args!("keeping {}", dir.keep().display()));
+        None
+    } else {
+        Some(dir)
+    };
+    let dir = &dir_path;
     let data_dirs: Vec<PathBuf> = (0..opts.replicas)
-        .map(|i| dir.path().join(format!("replica-{i}")))
+        .map(|i| dir.join(format!("replica-{i}")))
         .collect();
-    let broker_dir = dir.path().join("broker");
+    let broker_dir = dir.join("broker");
     for d in data_dirs.iter().chain([&broker_dir]) {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -405,6 +415,13 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         format_args!("drain: {answered} answered 200, {shown} shown"),
     );
     checker.all_delivered(opts.drain).await;
+    if opts.verbose {
+        // What the replicas say about the first terminals still waiting (a diagnosis).
+        for i in checker.waiting_terminals().into_iter().take(5) {
+            let view = terminal_view(daemons[0].listen.admin, &format!("fo-{i}")).await;
+            eprintln!("chaos: terminal fo-{i} still waiting; replica 0 says {view}");
+        }
+    }
     let (confirmations, e2e, delivery) = checker.summary();
     for d in &daemons {
         add_counters(d.listen.admin, &mut counters).await;
@@ -569,6 +586,19 @@ async fn kill_node(
             replicas,
         }),
     })
+}
+
+/// The admin API's view of a terminal (`pending`, `online`, …), or why there is none.
+async fn terminal_view(admin: SocketAddr, id: &str) -> String {
+    let answer = reqwest::Client::new()
+        .get(format!("http://{admin}/v1/terminals/{id}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await;
+    match answer {
+        Ok(a) => a.text().await.unwrap_or_else(|e| e.to_string()),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// Waits for every terminal to connect and subscribe; sessions refused while the broker had not
