@@ -177,6 +177,10 @@ pub struct Kill {
     pub served_again_ms: Reconnects,
     /// Terminals not served again within `served_within`.
     pub not_served: usize,
+    /// Kill → each terminal served again within `served_within`, in milliseconds (for the
+    /// totals over every kill).
+    #[serde(skip)]
+    pub served: Vec<Duration>,
     /// Kill → the replica listening again, or the node healthy and back in the cluster.
     pub restarted_after_ms: f64,
     /// A broker node kill: who was connected to the node.
@@ -404,7 +408,7 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
                 kill_node(opts, &checker, &senders, cluster, node, &index, load_started).await?
             }
         };
-        all_served.extend_from_slice(&checker.served_since_mark().0);
+        all_served.extend_from_slice(&kill.served);
         kills.push(kill);
     }
     let duration = load_started.elapsed();
@@ -479,15 +483,19 @@ async fn kill_replica(
         format_args!("t={at:.1}s SIGKILL replica {replica}; probes sent"),
     );
     let daemon = &mut daemons[replica];
-    let (restarted, served) = tokio::join!(
+    // Who was served is read when all were or `served_within` ended, whichever came first
+    // (the restart may come later).
+    let (restarted, (served, (mut took, not_served))) = tokio::join!(
         async {
             tokio::time::sleep_until(mark + opts.restart_after).await;
             daemon.restart().await.map(|()| mark.elapsed())
         },
-        checker.all_served(opts.served_within),
+        async {
+            let served = checker.all_served(opts.served_within).await;
+            (served, checker.served_since_mark())
+        },
     );
     let restarted = restarted?;
-    let (mut took, not_served) = checker.served_since_mark();
     let summary = Reconnects::of(&mut took, 0);
     say_if(
         opts.verbose,
@@ -505,6 +513,7 @@ async fn kill_replica(
         at_secs: at,
         served_again_ms: summary,
         not_served,
+        served: took,
         restarted_after_ms: restarted.as_secs_f64() * 1000.0,
         on_node: None,
     })
@@ -543,17 +552,19 @@ async fn kill_node(
             on_node.len()
         ),
     );
-    let (restarted, served) = tokio::join!(
+    // As for a replica: who was served is read when all were or `served_within` ended.
+    let (restarted, (served, (mut took, not_served), theirs)) = tokio::join!(
         async {
             tokio::time::sleep_until(mark + opts.restart_after).await;
             cluster.restart(node).await.map(|()| mark.elapsed())
         },
-        checker.all_served(opts.served_within),
+        async {
+            let served = checker.all_served(opts.served_within).await;
+            (served, checker.served_since_mark(), checker.served_of(&on_node))
+        },
     );
     let restarted = restarted?;
-    let (mut took, not_served) = checker.served_since_mark();
     let summary = Reconnects::of(&mut took, 0);
-    let theirs = checker.served_of(&on_node);
     let node_not_served = theirs.iter().filter(|t| t.is_none()).count();
     let mut node_took: Vec<Duration> = theirs.into_iter().flatten().collect();
     let node_summary = Reconnects::of(&mut node_took, 0);
@@ -578,6 +589,7 @@ async fn kill_node(
         at_secs: at,
         served_again_ms: summary,
         not_served,
+        served: took,
         restarted_after_ms: restarted.as_secs_f64() * 1000.0,
         on_node: Some(OnNode {
             terminals: on_node.len(),
