@@ -96,8 +96,9 @@ async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_a
     let kill = &report.kills[0];
     assert_eq!((kill.broker_node, kill.replica), (Some(0), None), "{summary}");
     let on_node = kill.on_node.as_ref().unwrap();
-    // Terminal i starts on node i % 3: about a third of them were on it.
-    assert!(on_node.terminals >= 5, "{summary}");
+    // Terminal i starts on node i % 3, and moves on to the next node when a connection fails
+    // (some do while the nodes load the first authorization file): some were on it.
+    assert!(on_node.terminals >= 1, "{summary}");
     assert_eq!(on_node.not_served, 0, "{summary}");
     assert_eq!(
         on_node.served_again_ms.restarts as usize, on_node.terminals,
