@@ -161,7 +161,8 @@ impl NatsCluster {
             for i in 0..nodes {
                 cluster.run(i)?;
             }
-            if cluster.ready(&(0..nodes).collect::<Vec<_>>()).await? {
+            let all: Vec<usize> = (0..nodes).collect();
+            if cluster.ready(&all, Duration::from_secs(30)).await? {
                 return Ok(cluster);
             }
         }
@@ -207,8 +208,8 @@ impl NatsCluster {
 
     /// Waits until nodes `which` answer their health check and know the JetStream meta leader;
     /// `false` when one exited because its port was taken.
-    async fn ready(&mut self, which: &[usize]) -> anyhow::Result<bool> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    async fn ready(&mut self, which: &[usize], within: Duration) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + within;
         loop {
             for &i in which {
                 let node = &mut self.nodes[i];
@@ -233,8 +234,8 @@ impl NatsCluster {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the NATS cluster has no JetStream meta leader within 30 s ({ready} of {} \
-                     nodes ready):\n{}",
+                    "NATS nodes not healthy with a JetStream meta leader within {within:?} \
+                     ({ready} of {} ready); the end of each log:\n{}",
                     which.len(),
                     self.logs()
                 );
@@ -318,13 +319,14 @@ impl NatsCluster {
     }
 
     /// Starts node `i` again on its ports and JetStream store; returns once it is healthy and
-    /// back in the cluster.
+    /// back in the cluster (catching up on a busy cluster's streams and consumers takes a
+    /// while: up to `within`).
     ///
     /// # Errors
-    /// When it exits or is not ready within 30 s.
-    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+    /// When it exits or is not ready within `within`.
+    pub async fn restart(&mut self, i: usize, within: Duration) -> anyhow::Result<()> {
         self.run(i)?;
-        if !self.ready(&[i]).await? {
+        if !self.ready(&[i], within).await? {
             bail!(
                 "nats-server {}: its ports were taken while it was down",
                 self.nodes[i].name
@@ -342,9 +344,11 @@ impl NatsCluster {
             "http://{}/connz?limit=1000000&subs=0",
             self.nodes[i].monitor
         );
+        // A busy node (JetStream creating consumers for a fleet) answers slowly.
         let connz: serde_json::Value = self
             .http
             .get(url)
+            .timeout(Duration::from_secs(30))
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
@@ -382,10 +386,15 @@ impl NatsCluster {
             .unwrap_or_default()
     }
 
-    /// Every node's log, each under its name.
+    /// The last 40 lines of every node's log, each under its name.
     pub fn logs(&self) -> String {
         let logs: BTreeMap<&str, String> = (0..self.nodes.len())
-            .map(|i| (self.nodes[i].name.as_str(), self.log(i)))
+            .map(|i| {
+                let log = self.log(i);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                (self.nodes[i].name.as_str(), tail)
+            })
             .collect();
         logs.iter().map(|(n, l)| format!("--- {n}\n{l}")).collect()
     }
