@@ -181,7 +181,7 @@ pub struct Kill {
     /// totals over every kill).
     #[serde(skip)]
     pub served: Vec<Duration>,
-    /// Kill → the replica listening again, or the node healthy and back in the cluster.
+    /// Kill → the replica listening again, or the node accepting MQTT connections again.
     pub restarted_after_ms: f64,
     /// A broker node kill: who was connected to the node.
     #[serde(skip_serializing_if = "Option::is_none")]
