@@ -535,10 +535,16 @@ async fn kill_node(
     index: &BTreeMap<String, usize>,
     load_started: Instant,
 ) -> anyhow::Result<Kill> {
-    let clients = cluster
-        .mqtt_clients(node)
-        .await
-        .context("listing the clients of the node to kill")?;
+    // A node too busy to list its clients in 30 s is killed all the same; its kill then has
+    // no `on_node` figures.
+    let listed = cluster.mqtt_clients(node).await;
+    if let Err(e) = &listed {
+        say_if(
+            opts.verbose,
+            format_args!("cannot list the clients of node n{}: {e:#}", node + 1),
+        );
+    }
+    let clients = listed.as_deref().unwrap_or_default();
     let on_node: Vec<usize> = clients.iter().filter_map(|id| index.get(id).copied()).collect();
     let mut replicas: Vec<usize> = (clients.iter())
         .filter_map(|id| id.strip_prefix("posgate-r")?.split(':').next()?.parse().ok())
@@ -596,7 +602,7 @@ async fn kill_node(
         not_served,
         served: took,
         restarted_after_ms: restarted.as_secs_f64() * 1000.0,
-        on_node: Some(OnNode {
+        on_node: listed.is_ok().then_some(OnNode {
             terminals: on_node.len(),
             served_again_ms: node_summary,
             not_served: node_not_served,
