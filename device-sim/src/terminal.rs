@@ -273,6 +273,7 @@ pub fn spawn_session_on(
     let mut current = 0;
     let addrs_of = addrs.to_vec();
     let mut refusals = 0u32;
+    let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (b, c) = (bundle.clone(), client.clone());
     let task = tokio::spawn(async move {
         let mut checker = Checker {
@@ -304,14 +305,23 @@ pub fn spawn_session_on(
                         // A cluster refuses subscriptions while it elects new leaders after a
                         // node's loss (NATS's JetStream): ask again, later, as posgate's own
                         // client does, rather than stay connected and deaf.
-                        refusals += 1;
-                        let backoff = Duration::from_millis(250) * (1u32 << refusals.min(5));
-                        let (c, b) = (c.clone(), b.clone());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(backoff).await;
-                            drop(c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await);
-                            drop(c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await);
-                        });
+                        // One retry at a time: each asks for both subscriptions, and two
+                        // refusals answering one retry must not start two more (that doubled
+                        // the requests at every round and buried the cluster).
+                        if !retrying.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            refusals += 1;
+                            let backoff =
+                                Duration::from_millis(250) * (1u32 << refusals.min(5));
+                            let (c, b, retrying) = (c.clone(), b.clone(), retrying.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(backoff).await;
+                                // Cleared before asking: a refusal in the answers starts the
+                                // next retry.
+                                retrying.store(false, std::sync::atomic::Ordering::SeqCst);
+                                drop(c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await);
+                                drop(c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await);
+                            });
+                        }
                         sink(Seen::Disconnected("subscription refused".into()));
                     } else if ack.return_codes.len() == 1 && !sink(Seen::Connected) {
                         break;
