@@ -71,7 +71,10 @@ async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_a
         replicas: 2,
         lease_secs: Some(2),
         terminals: 30,
-        rate: 30.0,
+        // NATS's MQTT gateway (a JetStream consumer per QoS 1 subscription) delivered only
+        // about 25 confirmations/s on the shared CI cores, and less while it recovers from a
+        // node's loss: a higher rate only builds a backlog the drain must wait out.
+        rate: 10.0,
         warmup: Duration::from_secs(3),
         kills: 0,
         broker_kills: 1,
@@ -82,7 +85,7 @@ async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_a
         // hold MQTT clients meanwhile.)
         restart_after: Duration::from_secs(40),
         served_within: Duration::from_secs(40),
-        drain: Duration::from_secs(30),
+        drain: Duration::from_secs(60),
         verbose: true,
         ..FailoverOptions::new(env!("CARGO_BIN_EXE_posgate-under-test").into(), url)
     };
@@ -108,5 +111,5 @@ async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_a
     assert!(report.clean, "{summary}");
     assert_eq!(report.webhooks.ok, report.webhooks.events, "{summary}");
     assert_eq!(c.delivered, report.webhooks.events, "{summary}");
-    assert!(report.webhooks.events > 300, "{summary}");
+    assert!(report.webhooks.events > 200, "{summary}");
 }
