@@ -9,10 +9,14 @@
 //! - `tenant_for` is always a valid tenant and `terminal_for(tenant_for(id)) == Some(id)`;
 //! - `terminal_for(t) == Some(id)` implies `tenant_for(&id) == t` (one spelling per tenant);
 //! - `under_tenant(x, t)` implies `valid_tenant(t)` and `x` starts with `/tenants/{t}/`;
-//! - a request that parses serialises and parses back to itself.
+//! - a request that parses serialises and parses back to itself;
+//! - the ACL (`acl.rs`) never crosses tenants: a terminal may subscribe only to its own payments
+//!   (the filter, or one intent without wildcards) and RPC answers, and publish only to exactly
+//!   its own acks, status and RPC request topics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use posgate_proto::acl;
 use posgate_proto::rpc::{CreateIntent, IntentRef, Request, Response};
 use posgate_proto::topics::{self, TerminalTopics};
 
@@ -25,7 +29,32 @@ fuzz_target!(|data: &[u8]| {
     request(json);
     topic_helpers(&topic, &string);
     topic_helpers(&string, &topic);
+    acl_rules(&string, &topic);
+    acl_rules(&topic, &string);
 });
+
+fn acl_rules(terminal_id: &str, topic: &str) {
+    let tenant = topics::tenant_for(terminal_id);
+    if acl::may_subscribe(terminal_id, topic) {
+        let own = topic == topics::payments_filter(&tenant)
+            || topic == topics::rpc_res(&tenant)
+            || matches!(topics::parse(topic), Some((t, topics::TopicKind::Payment { intent_id }))
+                if t == tenant && !intent_id.contains(['+', '#']));
+        assert!(own, "{terminal_id:?} may subscribe to {topic:?}");
+        assert!(topics::under_tenant(topic, &tenant));
+    }
+    if let Some(kind) = acl::may_publish(terminal_id, topic) {
+        assert_eq!(topics::build(&tenant, &kind), topic, "{terminal_id:?}");
+        assert!(matches!(
+            kind,
+            topics::TopicKind::Acks | topics::TopicKind::Status | topics::TopicKind::RpcReq
+        ));
+    }
+    // The own topics are allowed.
+    assert!(acl::may_subscribe(terminal_id, &topics::payments_filter(&tenant)));
+    assert!(acl::may_subscribe(terminal_id, &topics::rpc_res(&tenant)));
+    assert!(acl::may_publish(terminal_id, &topics::acks(&tenant)).is_some());
+}
 
 fn request(bytes: &[u8]) {
     let Ok(req) = serde_json::from_slice::<Request>(bytes) else {

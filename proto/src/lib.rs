@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod acl;
 pub mod amount;
 pub mod confirmation;
 pub mod event;

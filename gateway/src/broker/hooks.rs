@@ -1,5 +1,5 @@
 //! rmqtt's hooks: the checks at CONNECT (certificate identity, tenant, revocation, suspension,
-//! last will), SUBSCRIBE and PUBLISH (the [`super::acl`]), and the terminals' own publishes and
+//! last will), SUBSCRIBE and PUBLISH (the ACL of `posgate_proto::acl`), and the terminals' own publishes and
 //! connection changes turned into [`BrokerEvent`]s for the delivery engine.
 
 use std::sync::Arc;

@@ -20,7 +20,7 @@
 //!   `max_connections_per_terminal` sockets per terminal, and an MQTT CONNECT required within the
 //!   handshake timeout; rmqtt serves the bytes behind it on a loopback listener.
 //!
-//! Where each part lives: [`acl`] (the topic rules, pure functions), `hooks` (rmqtt's callbacks
+//! Where each part lives: the topic rules are `posgate_proto::acl` (pure functions), `hooks` (rmqtt's callbacks
 //! at CONNECT, SUBSCRIBE and PUBLISH, and the broker events), `listeners` (binding rmqtt's and the
 //! front door's sockets), [`front`], [`Link`] (embedded or [`external`]), and this file: start-up,
 //! revocation and suspension state, and the [`Handle`].
@@ -52,7 +52,6 @@ use crate::ingress::tls::{self, TlsError};
 use crate::pki::{Pki, Serial};
 use crate::telemetry::Throttle;
 
-mod acl;
 pub mod external;
 mod front;
 mod hooks;
@@ -61,10 +60,10 @@ mod listeners;
 pub mod mosquitto;
 pub mod nats;
 
-pub use acl::{may_publish, may_subscribe};
 use hooks::{HookRef, Hooks, cert_of};
 pub use link::Link;
 use listeners::{Kind, bind, bind_front, local, local_std};
+pub use posgate_proto::acl::{may_publish, may_subscribe};
 
 use front::{Door, Front, RefuseRevoked};
 

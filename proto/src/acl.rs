@@ -1,8 +1,8 @@
-//! The topic ACL of the embedded broker: what one terminal may subscribe to and publish, as
-//! pure functions of its id and the topic (the hooks apply them; the fuzz target and the property
-//! test below check that they never cross tenants).
+//! The topic ACL: what one terminal may subscribe to and publish, as pure functions of its id and
+//! the topic. The embedded broker's hooks apply them; the fuzz target `rpc_request` and the
+//! property test below check that they never cross tenants.
 
-use posgate_proto::topics::{self, TopicKind};
+use crate::topics::{self, TopicKind};
 
 /// May this terminal subscribe to `filter`? Only its confirmations and its RPC replies.
 pub fn may_subscribe(terminal_id: &str, filter: &str) -> bool {
