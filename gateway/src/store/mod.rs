@@ -52,19 +52,18 @@ mod queue;
 mod reads;
 mod reconcile;
 mod records;
+mod renewals;
 mod retention;
 mod rpc;
 mod snapshot;
+mod terminals;
 #[cfg(test)]
 pub(crate) mod testing;
 mod writer;
 
 pub use error::{OpKey, Operation, StoreError, StoreErrorKind, io_is_transient};
 use lifecycle::{Open, open_database};
-pub use outbox::{
-    AckOutcome, AssignRefused, NewTerminal, OutboxRow, PreviousCert, RenewRefused, RenewTerminal,
-    Renewal, Retired, Revocation, TerminalRecord, Undeliverable,
-};
+pub use outbox::{AckOutcome, AssignRefused, OutboxRow, Undeliverable};
 pub use pg::redact_url;
 pub(crate) use pg_tls::ssl_mode as pg_ssl_mode;
 pub use pg_tls::{PgTls, PgTlsError};
@@ -75,8 +74,10 @@ pub use reconcile::{LISTED_KIND, Listed, OrphanTransfer, listed_event_id};
 pub use records::{
     EventOutcome, EventRef, IncomingEvent, Ingested, IntentFilter, StoredEvent, StoredIntent,
 };
+pub use renewals::{RenewRefused, RenewTerminal, Renewal, Retired};
 pub use retention::{PRUNE_VISIT, Pruned, prune_events};
 pub use snapshot::SnapshotError;
+pub use terminals::{NewTerminal, PreviousCert, Revocation, TerminalRecord};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

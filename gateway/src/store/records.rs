@@ -118,7 +118,7 @@ pub struct StoredIntent {
     pub updated_at: OffsetDateTime,
 }
 
-/// Filter for [`Store::list_intents`].
+/// Filter for [`Store::list_intents`](super::Store::list_intents).
 #[derive(Clone, Debug, Default)]
 pub struct IntentFilter {
     pub status: Option<IntentStatus>,

@@ -129,8 +129,8 @@ mod tests {
     use posgate_proto::event::{Envelope, EventData};
     use time::{Duration, OffsetDateTime};
 
-    use crate::store::testing::{Kind, TestDb, on_both_backends};
-    use crate::store::{EventOutcome, IncomingEvent, Ingested, Limits, NewTerminal, Store};
+    use crate::store::testing::{Kind, TestDb, on_both_backends, register};
+    use crate::store::{EventOutcome, IncomingEvent, Ingested, Limits, Store};
 
     fn event(id: &str, kind: &str, data: &str, received_at: OffsetDateTime) -> IncomingEvent {
         let body = format!(
@@ -174,11 +174,7 @@ mod tests {
     async fn old_events_go_and_what_dedupe_or_delivery_needs_stays(kind: Kind) {
         let db = TestDb::new(kind).await;
         let store = db.open(Limits::new(64, 16)).await;
-        store
-            .register_terminal(NewTerminal::for_test("pos-1"))
-            .await
-            .unwrap()
-            .unwrap();
+        register(&store, "pos-1").await;
         let now = OffsetDateTime::now_utc();
         let two_days_ago = now - Duration::days(2);
         let ten_hours_ago = now - Duration::hours(10);
@@ -308,11 +304,7 @@ mod tests {
     async fn a_crashed_file_is_repaired_and_keeps_what_was_committed() {
         let db = TestDb::new(Kind::Redb).await;
         let store = db.open(Limits::new(64, 16)).await;
-        store
-            .register_terminal(NewTerminal::for_test("pos-1"))
-            .await
-            .unwrap()
-            .unwrap();
+        register(&store, "pos-1").await;
         let now = OffsetDateTime::now_utc();
         for n in 0..50 {
             store.ingest(confirmed(n, now)).await.unwrap();

@@ -2,7 +2,7 @@
 //! data directory, and for PostgreSQL a fresh database on the test process's server), and
 //! [`on_both_backends!`] runs a test written as `async fn name(kind: Kind)` once on each.
 
-use super::{Backend, Limits, Store};
+use super::{Backend, Limits, NewTerminal, Store, TerminalRecord};
 
 /// Which backend a test runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +55,16 @@ pub(crate) async fn store(kind: Kind, limits: Limits) -> (TestDb, Store) {
     let db = TestDb::new(kind).await;
     let store = db.open(limits).await;
     (db, store)
+}
+
+/// Registers the terminal `id` ([`NewTerminal::for_test`]), which must be new, and returns its
+/// record.
+pub(crate) async fn register(store: &Store, id: &str) -> TerminalRecord {
+    store
+        .register_terminal(NewTerminal::for_test(id))
+        .await
+        .unwrap()
+        .expect("a terminal id not registered yet")
 }
 
 /// For each `name`, a module `name` with the tests `redb` and `postgres`, which run

@@ -690,8 +690,8 @@ mod tests {
 
     use super::*;
     use crate::domain::IntentStatus;
-    use crate::store::testing::{Kind, TestDb, on_both_backends};
-    use crate::store::{Limits, NewTerminal, Undeliverable};
+    use crate::store::testing::{Kind, TestDb, on_both_backends, register};
+    use crate::store::{Limits, Undeliverable};
 
     fn event(id: &str, kind: &str, data: &str) -> IncomingEvent {
         let body = format!(
@@ -753,11 +753,7 @@ mod tests {
                 intent_id: "pi_1".into()
             }]
         );
-        store
-            .register_terminal(NewTerminal::for_test("pos-1"))
-            .await
-            .unwrap()
-            .unwrap();
+        register(&store, "pos-1").await;
         assert!(store.undeliverable().await.unwrap().is_empty());
         let rows = store.outbox(Some("pos-1".into())).await.unwrap();
         assert_eq!(
