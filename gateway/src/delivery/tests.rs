@@ -20,8 +20,8 @@ use tokio::sync::Mutex;
 
 use super::*;
 use crate::metrics::Metrics;
-use crate::store::testing::{Kind, TestDb, on_both_backends};
-use crate::store::{AckOutcome, IncomingEvent, Limits, NewTerminal, Store};
+use crate::store::testing::{Kind, TestDb, on_both_backends, register};
+use crate::store::{AckOutcome, IncomingEvent, Limits, Store};
 
 /// Records every publish.
 struct Recorder(mpsc::UnboundedSender<(String, Bytes)>);
@@ -53,11 +53,7 @@ async fn rig(kind: Kind, republish_after: Duration) -> Rig {
     let db = TestDb::new(kind).await;
     let store = db.open(Limits::new(64, 16)).await;
     let tenant = topics::tenant_for("pos-1");
-    store
-        .register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
+    register(&store, "pos-1").await;
     let (pub_tx, pub_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let key = SigningKey::from_bytes(&[7u8; 32]);
@@ -424,10 +420,7 @@ async fn startup_publishes_what_was_left_unacked(kind: Kind) {
     let db = TestDb::new(kind).await;
     {
         let store = db.open(Limits::new(64, 16)).await;
-        store
-            .register_terminal(NewTerminal::for_test("pos-1"))
-            .await
-            .unwrap();
+        register(&store, "pos-1").await;
         confirm(&store, 9).await;
         store.close().await;
     }
@@ -467,11 +460,7 @@ async fn startup_publishes_what_was_left_unacked(kind: Kind) {
 async fn rows_committed_during_the_startup_load_wait_behind_older_ones() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), Limits::new(64, 16)).unwrap();
-    store
-        .register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
+    register(&store, "pos-1").await;
     for n in 1..=3 {
         confirm(&store, n).await;
     }
@@ -600,6 +589,15 @@ fn replica(store: &Store, forward_events: bool, rpc: bool) -> Replica {
     }
 }
 
+/// A store on `db` with `pos-1` registered, and a replica's engine on it (shared subscriptions,
+/// no RPC).
+async fn replica_with_terminal(db: &TestDb) -> (Store, Replica) {
+    let store = db.open(Limits::new(64, 16)).await;
+    register(&store, "pos-1").await;
+    let replica = replica(&store, true, false);
+    (store, replica)
+}
+
 /// The engine of one replica among several: it publishes only for terminals in its shards, starts
 /// when it gains the shard (reading the outbox), stops when it loses it, and forwards an ack it
 /// read for a terminal it does not own.
@@ -609,21 +607,18 @@ async fn a_replica_publishes_only_for_terminals_in_its_shards() {
     use std::collections::BTreeSet;
 
     let db = TestDb::new(Kind::Redb).await;
-    let store = db.open(Limits::new(64, 16)).await;
-    store
-        .register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
-    let Replica {
-        published: mut pub_rx,
-        events: events_tx,
-        inputs: input_tx,
-        outgoing: mut out_rx,
-        ownership,
-        token,
-        ..
-    } = replica(&store, true, false);
+    let (
+        store,
+        Replica {
+            published: mut pub_rx,
+            events: events_tx,
+            inputs: input_tx,
+            outgoing: mut out_rx,
+            ownership,
+            token,
+            ..
+        },
+    ) = replica_with_terminal(&db).await;
     let quiet = |rx: &mut mpsc::UnboundedReceiver<(String, Bytes)>| {
         let got = rx.try_recv().ok();
         assert!(
@@ -696,21 +691,18 @@ async fn gaining_shards_republishes_heads_waiting_for_an_ack() {
     use std::collections::BTreeSet;
 
     let db = TestDb::new(Kind::Redb).await;
-    let store = db.open(Limits::new(64, 16)).await;
-    store
-        .register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
-    let Replica {
-        published: mut pub_rx,
-        // Kept open: the engine ends with the broker's event stream.
-        events: _events,
-        inputs: input_tx,
-        ownership,
-        token,
-        ..
-    } = replica(&store, true, false);
+    let (
+        store,
+        Replica {
+            published: mut pub_rx,
+            // Kept open: the engine ends with the broker's event stream.
+            events: _events,
+            inputs: input_tx,
+            ownership,
+            token,
+            ..
+        },
+    ) = replica_with_terminal(&db).await;
     let mine = shard_of("pos-1");
     let until = tokio::time::Instant::now() + Duration::from_secs(600);
     ownership.grant(&BTreeSet::from([mine]), until);
@@ -806,21 +798,19 @@ async fn a_local_row_above_another_replicas_row_waits_for_it() {
     use std::collections::BTreeSet;
 
     let db = TestDb::new(Kind::Postgres).await;
-    let here = db.open(Limits::new(64, 16)).await;
-    let other = db.open(Limits::new(64, 16)).await;
-    here.register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
     // `_events` held: the engine ends when the broker's event stream does.
-    let Replica {
-        published: mut pub_rx,
-        events: _events,
-        ownership,
-        signer,
-        token,
-        ..
-    } = replica(&here, true, false);
+    let (
+        here,
+        Replica {
+            published: mut pub_rx,
+            events: _events,
+            ownership,
+            signer,
+            token,
+            ..
+        },
+    ) = replica_with_terminal(&db).await;
+    let other = db.open(Limits::new(64, 16)).await;
     ownership.grant(
         &BTreeSet::from([shard_of("pos-1")]),
         tokio::time::Instant::now() + Duration::from_secs(60),
