@@ -4,19 +4,20 @@
 //! writes of every day; the writer thread comes here too ([`open_database`]) to reopen the file
 //! after a disk failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 #[cfg(test)]
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use redb::Database;
 use tokio::sync::mpsc;
 
 use super::{
-    Backend, DB_FILE, Engine, Health, Inner, Limits, Notices, PgTls, Store, StoreError, StoreErrorKind,
-    barrier, kv, pg, redact_url, writer,
+    Backend, DB_FILE, Engine, Health, Inner, Job, Limits, Notices, PgTls, Store, StoreError,
+    StoreErrorKind, barrier, kv, pg, redact_url, writer,
 };
 
 /// redb page cache size.
@@ -27,6 +28,14 @@ const CACHE_BYTES: usize = 128 << 20;
 pub(crate) struct Open {
     pub(super) db: Arc<Database>,
     pub(super) syncer: barrier::Syncer,
+}
+
+/// What a backend's writer thread shares with the store's handles.
+#[derive(Default)]
+struct WriterState {
+    health: Arc<Health>,
+    notices: Arc<Notices>,
+    commit_seconds: Arc<OnceLock<prometheus::Histogram>>,
 }
 
 // === impl Store (open and close) ===
@@ -71,13 +80,11 @@ impl Store {
             source,
         })?;
         let (tx, rx) = mpsc::channel(limits.queue_depth);
-        let health = Arc::new(Health::default());
-        let notices = Arc::new(Notices::default());
-        let commit_seconds: Arc<OnceLock<prometheus::Histogram>> = Arc::default();
+        let state = WriterState::default();
         let shared = pg::Shared {
-            health: health.clone(),
-            notices: notices.clone(),
-            commit_seconds: commit_seconds.clone(),
+            health: state.health.clone(),
+            notices: state.notices.clone(),
+            commit_seconds: state.commit_seconds.clone(),
             url: url.to_owned(),
             tls: tls.clone(),
             statement_timeout: limits.commit_deadline,
@@ -91,41 +98,28 @@ impl Store {
             .name("store-heartbeat".into())
             .spawn(move || pg::heartbeat(wake))
             .map_err(StoreErrorKind::Thread)?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                engine: Engine::Postgres(Arc::new(pg::Readers::new(
-                    url.to_owned(),
-                    tls.clone(),
-                    limits.commit_deadline,
-                ))),
-                // No file: a name in the data directory, whose free space the metrics report.
-                path: data_dir.join("postgres"),
-                queue: Mutex::new(Some(tx)),
-                writer: Mutex::new(Some(writer)),
-                health,
-                notices,
-                commit_seconds,
-                commit_deadline: limits.commit_deadline,
-                reserved_for_webhooks: limits.queue_depth / 2,
-                #[cfg(test)]
-                fail_writes: AtomicBool::new(false),
-            }),
-        })
+        let readers = pg::Readers::new(url.to_owned(), tls.clone(), limits.commit_deadline);
+        Ok(Store::started(
+            Engine::Postgres(Arc::new(readers)),
+            // No file: a name in the data directory, whose free space the metrics report.
+            data_dir.join("postgres"),
+            (tx, writer),
+            state,
+            &limits,
+        ))
     }
 
     fn open_redb(data_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
         let open = open_database(&path)?;
         let (tx, rx) = mpsc::channel(limits.queue_depth);
-        let health = Arc::new(Health::default());
-        let notices = Arc::new(Notices::default());
-        let commit_seconds: Arc<OnceLock<prometheus::Histogram>> = Arc::default();
+        let state = WriterState::default();
         let slot = Arc::new(Mutex::new(Some(open.clone())));
         let writer = {
             let shared = writer::Shared {
-                health: health.clone(),
-                notices: notices.clone(),
-                commit_seconds: commit_seconds.clone(),
+                health: state.health.clone(),
+                notices: state.notices.clone(),
+                commit_seconds: state.commit_seconds.clone(),
                 slot: slot.clone(),
                 path: path.clone(),
                 wake: tx.downgrade(),
@@ -135,21 +129,38 @@ impl Store {
                 .spawn(move || writer::run(open, rx, &limits, &shared))
                 .map_err(StoreErrorKind::Thread)?
         };
-        Ok(Store {
+        Ok(Store::started(
+            Engine::Redb(slot),
+            path,
+            (tx, writer),
+            state,
+            &limits,
+        ))
+    }
+
+    /// The handle over a writer thread just started, on either backend.
+    fn started(
+        engine: Engine,
+        path: PathBuf,
+        (queue, writer): (mpsc::Sender<Job>, JoinHandle<()>),
+        state: WriterState,
+        limits: &Limits,
+    ) -> Store {
+        Store {
             inner: Arc::new(Inner {
-                engine: Engine::Redb(slot),
+                engine,
                 path,
-                queue: Mutex::new(Some(tx)),
+                queue: Mutex::new(Some(queue)),
                 writer: Mutex::new(Some(writer)),
-                health,
-                notices,
-                commit_seconds,
+                health: state.health,
+                notices: state.notices,
+                commit_seconds: state.commit_seconds,
                 commit_deadline: limits.commit_deadline,
                 reserved_for_webhooks: limits.queue_depth / 2,
                 #[cfg(test)]
                 fail_writes: AtomicBool::new(false),
             }),
-        })
+        }
     }
 
     /// Stops taking jobs, lets the writer commit what is queued, and waits for it to exit.
