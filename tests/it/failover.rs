@@ -10,7 +10,19 @@
 
 use std::time::Duration;
 
-use posgate_sim::chaos::failover::{self, BrokerKind, FailoverOptions};
+use posgate_sim::chaos::failover::{self, BrokerKind, FailoverOptions, FailoverReport};
+
+/// Runs the bench and asserts what every failover run must show: nothing answered `200` lost,
+/// no gap, nothing out of order. The report, and its JSON for the messages of further asserts.
+async fn run_lossless(opts: &FailoverOptions) -> (FailoverReport, String) {
+    let report = failover::run(opts).await.unwrap();
+    let summary = serde_json::to_string_pretty(&report).unwrap();
+    eprintln!("{summary}");
+    let c = &report.confirmations;
+    assert_eq!((c.lost, c.gaps, c.never_sent), (0, 0, 0), "{summary}");
+    assert_eq!(c.out_of_order, 0, "{summary}");
+    (report, summary)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_killed_under_load_lose_nothing_and_every_terminal_is_served_again() {
@@ -32,12 +44,8 @@ async fn replicas_killed_under_load_lose_nothing_and_every_terminal_is_served_ag
         verbose: true,
         ..FailoverOptions::new(env!("CARGO_BIN_EXE_posgate-under-test").into(), url)
     };
-    let report = failover::run(&opts).await.unwrap();
-    let summary = serde_json::to_string_pretty(&report).unwrap();
-    eprintln!("{summary}");
+    let (report, summary) = run_lossless(&opts).await;
     let c = &report.confirmations;
-    assert_eq!((c.lost, c.gaps, c.never_sent), (0, 0, 0), "{summary}");
-    assert_eq!(c.out_of_order, 0, "{summary}");
     assert_eq!(report.kills.len(), 2, "{summary}");
     for kill in &report.kills {
         assert_eq!(kill.not_served, 0, "{summary}");
@@ -88,12 +96,8 @@ async fn a_killed_nats_node_loses_nothing_and_its_terminals_are_served_through_a
         verbose: true,
         ..FailoverOptions::new(env!("CARGO_BIN_EXE_posgate-under-test").into(), url)
     };
-    let report = failover::run(&opts).await.unwrap();
-    let summary = serde_json::to_string_pretty(&report).unwrap();
-    eprintln!("{summary}");
+    let (report, summary) = run_lossless(&opts).await;
     let c = &report.confirmations;
-    assert_eq!((c.lost, c.gaps, c.never_sent), (0, 0, 0), "{summary}");
-    assert_eq!(c.out_of_order, 0, "{summary}");
     assert_eq!(report.kills.len(), 1, "{summary}");
     let kill = &report.kills[0];
     assert_eq!(
