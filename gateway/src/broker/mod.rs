@@ -20,10 +20,10 @@
 //!   `max_connections_per_terminal` sockets per terminal, and an MQTT CONNECT required within the
 //!   handshake timeout; rmqtt serves the bytes behind it on a loopback listener.
 //!
-//! Where each part lives: the topic rules are `posgate_proto::acl` (pure functions), `hooks` (rmqtt's callbacks
-//! at CONNECT, SUBSCRIBE and PUBLISH, and the broker events), `listeners` (binding rmqtt's and the
-//! front door's sockets), [`front`], [`Link`] (embedded or [`external`]), and this file: start-up,
-//! revocation and suspension state, and the [`Handle`].
+//! Where each part lives: the topic rules in `posgate_proto::acl` (pure functions), `hooks`
+//! (rmqtt's callbacks at CONNECT, SUBSCRIBE and PUBLISH, and the broker events), `listeners`
+//! (binding rmqtt's and the front door's sockets), [`front`], [`Link`] (embedded or
+//! [`external`]), and this file: start-up, revocation and suspension state, and the [`Handle`].
 //!
 //! What it cannot do (recorded in the decision records): rmqtt keeps retained messages and
 //! sessions in memory only (the store's outbox is the durable copy and is republished at startup);
