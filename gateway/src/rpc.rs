@@ -770,11 +770,7 @@ mod tests {
     async fn a_revoked_terminal_is_refused(kind: Kind) {
         let db = TestDb::new(kind).await;
         let store = db.open(crate::store::Limits::new(16, 16)).await;
-        store
-            .register_terminal(crate::store::NewTerminal::for_test("pos-r"))
-            .await
-            .unwrap()
-            .unwrap();
+        crate::store::testing::register(&store, "pos-r").await;
         let rpc = Rpc::new(store.clone(), None);
         let request = br#"{"id":"r1","method":"get_intent","params":{"intent_id":"pi_x"}}"#;
         let before = rpc.handle("pos-r", request).await;
@@ -795,11 +791,7 @@ mod tests {
     async fn ids_with_control_characters_are_refused_before_the_store(kind: Kind) {
         let db = TestDb::new(kind).await;
         let store = db.open(crate::store::Limits::new(16, 16)).await;
-        store
-            .register_terminal(crate::store::NewTerminal::for_test("pos-n"))
-            .await
-            .unwrap()
-            .unwrap();
+        crate::store::testing::register(&store, "pos-n").await;
         let rpc = Rpc::new(store.clone(), None);
         let nul_id = br#"{"id":"r\u0000","method":"get_intent","params":{"intent_id":"pi_x"}}"#;
         assert_eq!(

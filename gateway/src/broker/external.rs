@@ -749,11 +749,7 @@ mod tests {
         use crate::store::testing::{Kind, store};
         let dir = tempfile::tempdir().unwrap();
         let (_db, store) = store(Kind::Redb, crate::store::Limits::new(64, 16)).await;
-        store
-            .register_terminal(crate::store::NewTerminal::for_test("pos-1"))
-            .await
-            .unwrap()
-            .unwrap();
+        crate::store::testing::register(&store, "pos-1").await;
         let names = vec!["localhost".to_owned()];
         let pki = Arc::new(Pki::load_or_create(&dir.path().join("pki"), &names).unwrap());
         let reloads = dir.path().join("reloads");

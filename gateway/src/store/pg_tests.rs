@@ -11,7 +11,7 @@ use posgate_proto::event::{Envelope, EventData};
 use time::OffsetDateTime;
 
 use super::testing::{Kind, TestDb};
-use super::{IncomingEvent, Ingested, Limits, NewTerminal, OpKey, Operation, Store};
+use super::{IncomingEvent, Ingested, Limits, OpKey, Operation, Store};
 
 /// `payment_intent.confirmed` for `pi_{n}` on terminal `pos-1`, as event `evt_{n}`.
 fn confirmed(n: u32) -> IncomingEvent {
@@ -35,10 +35,7 @@ async fn replicas() -> (TestDb, Store, Store) {
     let db = TestDb::new(Kind::Postgres).await;
     let a = db.open(Limits::new(256, 64)).await;
     let b = db.open(Limits::new(256, 64)).await;
-    a.register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
+    crate::store::testing::register(&a, "pos-1").await;
     (db, a, b)
 }
 
@@ -170,11 +167,7 @@ async fn a_database_restart_under_load_loses_no_acknowledged_webhook() {
         ..Limits::new(256, 64)
     };
     let store = db.open(limits).await;
-    store
-        .register_terminal(NewTerminal::for_test("pos-1"))
-        .await
-        .unwrap()
-        .unwrap();
+    crate::store::testing::register(&store, "pos-1").await;
 
     // Four "providers", each sending its own events one after another, retrying every refusal.
     let stop = Arc::new(AtomicBool::new(false));
