@@ -2,7 +2,7 @@
 //!
 //! The domain logic (`Tables` in `writer.rs`, `outbox.rs`, `reconcile.rs`, `rpc.rs`) and the read
 //! paths of [`super::Store`] speak only this interface, so that one implementation of the logic
-//! runs on either backend: the embedded redb file (here) or PostgreSQL (`pg.rs`). The tables
+//! runs on either backend: the embedded redb file (here) or PostgreSQL (`pg/`). The tables
 //! keep the names and key shapes they have in redb:
 //! - string keys ([`StrTable`]), bytes or strings as values (a string value is its UTF-8 bytes);
 //! - the outbox, keyed by (terminal id, `seq`);

@@ -1,7 +1,7 @@
 //! The durable store: redb tables, one writer thread with group commit, typed reads.
 //!
 //! Two backends (`store.backend`): the embedded redb file (the default; what this page
-//! describes) and PostgreSQL (`pg.rs`: the same tables, the same group commit, SERIALIZABLE
+//! describes) and PostgreSQL (`pg/`: the same tables, the same group commit, SERIALIZABLE
 //! transactions so that several gateways can share one database). The logic is written once,
 //! against the key-value interface of `kv.rs`.
 //!
