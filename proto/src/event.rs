@@ -149,7 +149,7 @@ pub struct PaymentIntent {
     pub confirmed_at: Option<OffsetDateTime>,
     #[serde(default)]
     pub tx_hash: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: Option<Metadata>,
 }
 
@@ -169,7 +169,7 @@ pub struct Transaction {
     pub tx_hash: Option<String>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub confirmed_at: Option<OffsetDateTime>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: Option<Metadata>,
 }
 
@@ -241,6 +241,16 @@ fn de_ids<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
         .into_iter()
         .map(usable)
         .collect()
+}
+
+/// Metadata whose `terminal_id`, when it is a string, can be a key (the terminal it names is
+/// looked up, and an undeliverable confirmation is filed under it).
+fn de_metadata<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Metadata>, D::Error> {
+    let metadata = Option::<Metadata>::deserialize(de)?;
+    if let Some(id) = metadata_str(metadata.as_ref(), "terminal_id") {
+        usable::<D::Error>(id.to_owned())?;
+    }
+    Ok(metadata)
 }
 
 fn usable<E: serde::de::Error>(id: String) -> Result<String, E> {
@@ -356,6 +366,12 @@ mod id_tests {
             RawValue::from_string(r#"{"id":"st_1","payment_intent_ids":["pi_1","pi_\n"]}"#.into())
                 .unwrap();
         assert!(EventData::parse(EventType::SettlementCompleted, &raw).is_err());
+        let raw = RawValue::from_string(
+            r#"{"id":"pi_1","status":"confirmed","amount":1,"metadata":{"terminal_id":"pos\u0000"}}"#
+                .to_owned(),
+        )
+        .unwrap();
+        assert!(EventData::parse(EventType::PaymentIntentConfirmed, &raw).is_err());
         // Empty optional fields and ordinary ids still parse.
         let raw = RawValue::from_string(
             r#"{"id":"tx_1","amount":1,"payment_intent_id":"pi_1","tx_hash":"","payment_address":""}"#

@@ -351,21 +351,30 @@ async fn a_statement_failure_a_job_handled_still_fails_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_with_a_nul_byte_is_kept_unparsed_and_fails_no_batch() {
     let (_db, a, _b) = replicas().await;
-    let body = r#"{"id":"evt_nul","type":"payment_intent.confirmed","data":{"id":"pi_\u0000","status":"confirmed","amount":4.5,"metadata":{"terminal_id":"pos-1"}}}"#;
-    let env = Envelope::parse(body.as_bytes()).unwrap();
-    let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
-    assert!(data.is_err(), "the NUL id parsed: {data:?}");
-    let nul = IncomingEvent {
-        event_id: env.id.clone(),
-        kind: env.kind.clone(),
-        raw: Bytes::from_static(body.as_bytes()),
-        received_at: OffsetDateTime::now_utc(),
-        created_at: None,
-        data,
+    let nul = |event: &str, intent: &str, terminal: &str| {
+        let body = format!(
+            r#"{{"id":"{event}","type":"payment_intent.confirmed","data":{{"id":"{intent}","status":"confirmed","amount":4.5,"metadata":{{"terminal_id":"{terminal}"}}}}}}"#
+        );
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
+        assert!(data.is_err(), "the NUL id parsed: {data:?}");
+        IncomingEvent {
+            event_id: env.id.clone(),
+            kind: env.kind.clone(),
+            raw: Bytes::from(body.clone()),
+            received_at: OffsetDateTime::now_utc(),
+            created_at: None,
+            data,
+        }
     };
+    // The intent's id, then the terminal it names (a key of `terminals` and `undeliverable`).
+    let nul_intent = nul("evt_nul1", r"pi_\u0000", "pos-1");
+    let nul_terminal = nul("evt_nul2", "pi_nul2", r"pos\u0000");
     let others = futures::future::join_all((0..20).map(|n| a.ingest(confirmed(n))));
-    let (nul, others) = tokio::join!(a.ingest(nul), others);
-    assert!(matches!(nul, Ok(Ingested::New { .. })), "{nul:?}");
+    let (x, y, others) = tokio::join!(a.ingest(nul_intent), a.ingest(nul_terminal), others);
+    for result in [x, y] {
+        assert!(matches!(result, Ok(Ingested::New { .. })), "{result:?}");
+    }
     for (n, result) in others.into_iter().enumerate() {
         assert!(
             matches!(result, Ok(Ingested::New { .. })),
