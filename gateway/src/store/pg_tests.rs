@@ -15,9 +15,13 @@ use super::{IncomingEvent, Ingested, Limits, OpKey, Operation, Store};
 
 /// `payment_intent.confirmed` for `pi_{n}` on terminal `pos-1`, as event `evt_{n}`.
 fn confirmed(n: u32) -> IncomingEvent {
-    let body = format!(
+    incoming(format!(
         r#"{{"id":"evt_{n}","type":"payment_intent.confirmed","data":{{"id":"pi_{n}","status":"confirmed","amount":4.5,"metadata":{{"terminal_id":"pos-1"}}}}}}"#
-    );
+    ))
+}
+
+/// The event `body` as the ingress hands it to the store.
+fn incoming(body: String) -> IncomingEvent {
     let env = Envelope::parse(body.as_bytes()).unwrap();
     let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
     IncomingEvent {
@@ -355,17 +359,9 @@ async fn an_id_with_a_nul_byte_is_kept_unparsed_and_fails_no_batch() {
         let body = format!(
             r#"{{"id":"{event}","type":"payment_intent.confirmed","data":{{"id":"{intent}","status":"confirmed","amount":4.5,"metadata":{{"terminal_id":"{terminal}"}}}}}}"#
         );
-        let env = Envelope::parse(body.as_bytes()).unwrap();
-        let data = EventData::parse(env.event_type(), env.data).map_err(|e| e.to_string());
-        assert!(data.is_err(), "the NUL id parsed: {data:?}");
-        IncomingEvent {
-            event_id: env.id.clone(),
-            kind: env.kind.clone(),
-            raw: Bytes::from(body.clone()),
-            received_at: OffsetDateTime::now_utc(),
-            created_at: None,
-            data,
-        }
+        let event = incoming(body);
+        assert!(event.data.is_err(), "the NUL id parsed: {:?}", event.data);
+        event
     };
     // The intent's id, then the terminal it names (a key of `terminals` and `undeliverable`).
     let nul_intent = nul("evt_nul1", r"pi_\u0000", "pos-1");

@@ -43,7 +43,7 @@ impl Files {
             match synced {
                 Ok(wrote) => unsettled |= wrote,
                 Err(e) => {
-                    tracing::error!(error = %error_chain(&e), dir = %self.dir.display(), "the external broker's files were not updated; retrying in 5 s");
+                    tracing::error!(error = %crate::cli::error_chain(&e), dir = %self.dir.display(), "the external broker's files were not updated; retrying in 5 s");
                     tokio::select! {
                         _ = token.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -147,17 +147,6 @@ impl Files {
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Replaces `path` whole: written next to it, synced, renamed over it; readable by the broker's
