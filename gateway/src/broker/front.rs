@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::FutureExt;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -42,9 +43,11 @@ use tokio_util::task::TaskTracker;
 use super::Revoked;
 use crate::pki::{self, CertIdentity, Serial};
 
-/// Bytes buffered per direction while copying between the terminal and the broker: a
-/// confirmation is about 1 KiB, and 10,000 connections must stay cheap.
-const COPY_BUFFER: usize = 2048;
+/// Bytes an idle connection holds per direction for what it copies between the terminal and the
+/// broker: acks and pings are a few bytes, and 10,000 connections must stay cheap.
+const IDLE_BUFFER: usize = 256;
+/// Most bytes copied in one write: a confirmation is about 1 KiB.
+const COPY_BUFFER: usize = 4096;
 
 /// The sockets of the front door and what it knows about them; shared by its listeners and the
 /// broker's CONNECT check.
@@ -342,17 +345,44 @@ impl Connection {
 
 /// Copies `from` to `to` until `from` ends, then closes `to`'s sending side. Each read is written
 /// and flushed at once: a confirmation must not wait in a buffer.
+///
+/// An idle connection holds only [`IDLE_BUFFER`] bytes per direction: most of what passes is a
+/// few bytes (acks, pings). A read that fills it is followed by what else is ready at once, up
+/// to [`COPY_BUFFER`], in a buffer that lives only until it is written, so that a confirmation
+/// reaches the terminal in one TLS record.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
 ) -> std::io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut idle = [0u8; IDLE_BUFFER];
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = from.read(&mut idle).await?;
         if n == 0 {
             return to.shutdown().await;
         }
-        to.write_all(&buf[..n]).await?;
+        let mut ended = false;
+        if n < idle.len() {
+            to.write_all(&idle[..n]).await?;
+        } else {
+            let mut more = Vec::with_capacity(COPY_BUFFER);
+            more.extend_from_slice(&idle);
+            while more.len() < COPY_BUFFER {
+                match from.read_buf(&mut more).now_or_never() {
+                    Some(Ok(0)) => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    // Nothing more ready now.
+                    None => break,
+                }
+            }
+            to.write_all(&more).await?;
+        }
+        if ended {
+            return to.shutdown().await;
+        }
         to.flush().await?;
     }
 }
@@ -495,5 +525,74 @@ impl ClientCertVerifier for RefuseRevoked {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A sink that keeps each write apart.
+    #[derive(Default)]
+    struct Writes {
+        writes: Vec<Vec<u8>>,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What `pump` writes when `sent` is waiting in its source, which then ends.
+    async fn copied(sent: &[u8]) -> Writes {
+        let (mut source, from) = tokio::io::duplex(64 * 1024);
+        source.write_all(sent).await.unwrap();
+        drop(source);
+        let mut sink = Writes::default();
+        pump(from, &mut sink).await.unwrap();
+        assert!(sink.shut, "the end is passed on");
+        assert!(sink.writes.concat() == sent, "the same bytes");
+        sink
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_is_written_whole_and_an_ack_as_it_is() {
+        let confirmation: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(copied(&confirmation).await.writes.len(), 1);
+        let ack = b"\x40\x02\x00\x01";
+        assert_eq!(copied(ack).await.writes.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_write_holds_at_most_the_copy_buffer() {
+        let sizes: Vec<usize> = copied(&[7u8; 2 * COPY_BUFFER + 100])
+            .await
+            .writes
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, [COPY_BUFFER, COPY_BUFFER, 100]);
     }
 }
