@@ -14,7 +14,19 @@ use tokio::process::{Child, Command};
 use crate::harness::{self, SECRET};
 
 fn start(data_dir: &Path, notify_socket: &Path) -> (Child, Arc<Mutex<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_posgate-under-test"))
+    start_in(
+        Command::new(env!("CARGO_BIN_EXE_posgate-under-test")),
+        data_dir,
+        notify_socket,
+    )
+}
+
+fn start_in(
+    mut command: Command,
+    data_dir: &Path,
+    notify_socket: &Path,
+) -> (Child, Arc<Mutex<String>>) {
+    let mut child = command
         .env_clear()
         .env("POSGATE__DATA_DIR", data_dir)
         .env("POSGATE__INGRESS__LISTEN", "127.0.0.1:0")
@@ -96,4 +108,37 @@ async fn daemon_reports_ready_watchdog_and_stopping() {
         .expect("posgate did not exit within 20 s of SIGTERM")
         .unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", log.lock().unwrap());
+}
+
+/// The open-file limit of `pid`: (soft, hard), as /proc shows them.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+/// Started from a shell whose soft limit is low (a login shell's is often 1,024, room for about
+/// 300 terminals through the front door), the daemon raises it to the hard limit.
+#[tokio::test]
+async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let mut command = Command::new("/bin/sh");
+    command.args([
+        "-c",
+        "ulimit -Sn 256 && exec \"$0\"",
+        env!("CARGO_BIN_EXE_posgate-under-test"),
+    ]);
+    let (mut child, log) = start_in(command, &dir.path().join("data"), &socket_path);
+    until(&socket, "READY=1", Duration::from_secs(60), &log).await;
+    let pid = child.id().unwrap();
+    let (soft, hard) = open_file_limits(pid);
+    assert_ne!(soft, "256", "log:\n{}", log.lock().unwrap());
+    assert_eq!(soft, hard);
+    child.kill().await.unwrap();
 }

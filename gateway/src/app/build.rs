@@ -87,6 +87,7 @@ impl Gateway {
     /// # Errors
     /// [`BuildError`] naming what failed; nothing is left running.
     pub async fn build(config: Config) -> Result<Gateway, BuildError> {
+        descriptor_limit(&config);
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| BuildError::DataDir {
             path: data_dir.clone(),
@@ -185,6 +186,46 @@ impl Gateway {
             admin,
             metrics,
         })
+    }
+}
+
+/// Descriptors one terminal holds: its socket, and with the front door the loopback pair to the
+/// broker behind it.
+fn descriptors_per_terminal(front_door: bool) -> u64 {
+    if front_door { 3 } else { 1 }
+}
+
+/// Raises the soft limit of open descriptors to the hard one (a login shell's soft limit, often
+/// 1,024, holds about 300 terminals through the front door; the systemd unit sets both), and
+/// warns when the limit cannot hold `mqtt.max_connections` terminals.
+fn descriptor_limit(config: &Config) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    // The soft limit is at most the hard one (`None` is unlimited).
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE) to its hard limit");
+        }
+    }
+    // `None`: unlimited.
+    let Some(limit) = getrlimit(Resource::Nofile).current else {
+        return;
+    };
+    if config.mqtt.mode != MqttMode::Embedded {
+        return;
+    }
+    let terminals = limit / descriptors_per_terminal(config.mqtt.front_door);
+    if terminals < config.mqtt.max_connections as u64 {
+        tracing::warn!(
+            limit,
+            terminals,
+            max_connections = config.mqtt.max_connections,
+            front_door = config.mqtt.front_door,
+            "the open-file limit (RLIMIT_NOFILE) holds fewer terminals than mqtt.max_connections \
+             (each holds 3 descriptors through the front door, 1 without): raise LimitNOFILE in \
+             the unit or lower mqtt.max_connections"
+        );
     }
 }
 
