@@ -216,6 +216,16 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU time (user and system) `pid` has used so far, in seconds.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces): state is field 3, utime
+    // and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3)?.parse::<u64>().ok();
+    Some((ticks(14)? + ticks(15)?) as f64 / 100.0)
+}
+
 struct WorkerResult {
     histogram: Histogram<u64>,
     statuses: std::collections::BTreeMap<u16, u64>,
@@ -512,5 +522,23 @@ pub fn print_ingest(report: &IngestReport) {
     );
     if let Some(rss) = report.target_rss_mib {
         println!("gateway RSS at the end: {rss:.1} MiB");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_secs_counts_this_process_working() {
+        let me = std::process::id();
+        let before = cpu_secs(me).expect("this process's /proc/self/stat");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut spin = 0u64;
+        while cpu_secs(me).unwrap() < before + 0.05 {
+            assert!(Instant::now() < deadline, "no CPU time counted in 10 s");
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        assert_eq!(cpu_secs(u32::MAX), None);
     }
 }

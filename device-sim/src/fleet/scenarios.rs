@@ -24,6 +24,7 @@ pub async fn connect_rate(
 ) -> anyhow::Result<FleetReport> {
     let bundles = provision(target, "bench-c-", n, 32).await?;
     let mut fleet = Fleet::new(bundles, target.mqtt);
+    let cpu_before = target.cpu_secs();
     let started = Instant::now();
     let mut connected = 0usize;
     let mut started_count = 0usize;
@@ -54,7 +55,12 @@ pub async fn connect_rate(
         terminals: n,
         ..Default::default()
     };
-    report.rows.push(serde_json::json!({"concurrency": concurrency, "seconds": took.as_secs_f64(), "per_second": rate}));
+    // What each connection cost the gateway (the TLS handshake, CONNECT, two subscriptions): a
+    // figure the machine's other load disturbs less than the rate.
+    let cpu_ms_per_terminal = cpu_before
+        .zip(target.cpu_secs())
+        .map(|(before, after)| (after - before) * 1000.0 / n as f64);
+    report.rows.push(serde_json::json!({"concurrency": concurrency, "seconds": took.as_secs_f64(), "per_second": rate, "gateway_cpu_ms_per_terminal": cpu_ms_per_terminal}));
     report.gateway_rss_mib.extend(target.rss_mib());
     Ok(report)
 }
@@ -93,6 +99,7 @@ pub async fn storm(
             })
             .collect();
         sender.send_all(&intents).await?;
+        let cpu_before = target.cpu_secs();
         let started = Instant::now();
         for i in 0..n {
             fleet.start(i)?;
@@ -150,6 +157,7 @@ pub async fn storm(
             "all_delivered_secs": took.as_secs_f64(),
             "all_connected_secs": all_connected.map(|d| d.as_secs_f64()),
             "gateway_rss_mib": rss,
+            "gateway_cpu_secs": cpu_before.zip(target.cpu_secs()).map(|(b, a)| a - b),
         }));
     }
     report.lost = report.sent - report.delivered;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 
-use crate::bench::{CHILD_ADMIN_TOKEN, Child, default_posgate_bin, rss_mib, start_child};
+use crate::bench::{CHILD_ADMIN_TOKEN, Child, cpu_secs, default_posgate_bin, rss_mib, start_child};
 use crate::terminal::Bundle;
 
 /// Where the gateway under test is.
@@ -83,6 +83,11 @@ impl Target {
     /// RSS of the gateway process, if known.
     pub fn rss_mib(&self) -> Option<f64> {
         self.pid.and_then(rss_mib)
+    }
+
+    /// CPU time the gateway process has used so far, in seconds, if known.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        self.pid.and_then(cpu_secs)
     }
 
     /// The started gateway's data dir (`None` for a running one given by address).
