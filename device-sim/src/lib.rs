@@ -15,7 +15,7 @@
 //!   load, and the checker that proves nothing was lost.
 //! - [`attack`]: `posgate-sim attack <kind>`, a hostile client beside the honest load of `bench
 //!   e2e`, and what it did to the honest terminals and the gateway.
-//! - [`bench`]: load generators and reports (`posgate-sim bench …`).
+//! - [`bench`](mod@bench): load generators and reports (`posgate-sim bench …`).
 //! - [`store_size`]: `posgate-sim bench store`, the redb file's bytes per webhook and per table.
 //! - [`remote`]: a provider simulator in another process, over its REST API and control endpoint.
 //! - [`watch`]: `posgate-sim terminal`, one terminal a person can watch (QR code, then the outcome).

@@ -137,7 +137,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Answers removed per write, so that a prune never holds the store's writer for long.
 const PRUNE_BATCH: usize = 10_000;
 
-/// Removes stored answers older than `retention`, every [`PRUNE_EVERY`] (the first time a minute
+/// Removes stored answers older than `retention`, every `PRUNE_EVERY` (the first time a minute
 /// after start), until `token` is cancelled.
 pub async fn prune_answers(
     store: Store,

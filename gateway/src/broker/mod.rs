@@ -15,14 +15,14 @@
 //!   (`seen`), which is how a renewal learns that its new certificate is in use;
 //! - an in-process API: retained QoS 1 publishes ([`Handle`] is a [`Publisher`]) and a stream of
 //!   [`BrokerEvent`]s (connect, disconnect, the terminals' own publishes);
-//! - a front door of our own on the TLS listeners ([`front`], decision 0004): handshakes bounded
+//! - a front door of our own on the TLS listeners (`front`, decision 0004): handshakes bounded
 //!   in number and in time, a revoked certificate refused during the TLS handshake, at most
 //!   `max_connections_per_terminal` sockets per terminal, and an MQTT CONNECT required within the
 //!   handshake timeout; rmqtt serves the bytes behind it on a loopback listener.
 //!
 //! Where each part lives: the topic rules in `posgate_proto::acl` (pure functions), `hooks`
 //! (rmqtt's callbacks at CONNECT, SUBSCRIBE and PUBLISH, and the broker events), `listeners`
-//! (binding rmqtt's and the front door's sockets), [`front`], [`Link`] (embedded or
+//! (binding rmqtt's and the front door's sockets), `front`, [`Link`] (embedded or
 //! [`external`]), and this file: start-up, revocation and suspension state, and the [`Handle`].
 //!
 //! What it cannot do (recorded in the decision records): rmqtt keeps retained messages and
@@ -100,7 +100,7 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most sockets one terminal holds at once after its TLS handshake (the oldest is closed).
     pub max_connections_per_terminal: usize,
-    /// Terminals connect through posgate's own front door ([`front`]) rather than rmqtt's TLS
+    /// Terminals connect through posgate's own front door (`front`) rather than rmqtt's TLS
     /// listeners.
     pub front_door: bool,
     /// Counts the connections refused, by reason (`posgate_mqtt_refused_total`).

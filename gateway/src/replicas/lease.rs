@@ -5,7 +5,7 @@
 //! 2. renew every lease this replica still holds (`WHERE owner = me`: a lease another replica
 //!    claimed after it expired is not ours any more, and the renewal does not touch it);
 //! 3. count the replicas seen within one lease time: the fair share is `ceil(64 / live)`;
-//! 4. above the share (a replica joined): stop publishing for the excess first ([`Ownership::withdraw`]),
+//! 4. above the share (a replica joined): stop publishing for the excess first (`Ownership::withdraw`),
 //!    then free those rows, and `NOTIFY posgate_leases` so the others claim at once; below it:
 //!    claim free or expired rows (`FOR UPDATE SKIP LOCKED`: two claimers never wait on, nor
 //!    take, the same row).

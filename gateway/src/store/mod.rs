@@ -5,7 +5,7 @@
 //! transactions so that several gateways can share one database). The logic is written once,
 //! against the key-value interface of `kv.rs`.
 //!
-//! Every accepted webhook becomes one [`Job`] on a bounded queue. A single writer thread takes all
+//! Every accepted webhook becomes one `Job` on a bounded queue. A single writer thread takes all
 //! jobs that are waiting, applies them one after another inside **one** write transaction and
 //! commits it, synced to disk (`fdatasync`), before any of their senders is answered: a `200`
 //! always means durable. Grouping concurrent requests into one commit is what lifts ingest above the
@@ -310,7 +310,7 @@ impl Store {
     /// Stores one verified event and applies it, durably, before returning.
     ///
     /// # Errors
-    /// As [`Store::write`]; none of them committed anything for this event.
+    /// As `Store::write`; none of them committed anything for this event.
     pub async fn ingest(&self, event: IncomingEvent) -> Result<Ingested, StoreError> {
         let hints = match self.inner.engine {
             Engine::Postgres(_) => writer::hints_for(&event),
@@ -330,7 +330,7 @@ impl Store {
     /// Keeps a verified body that was not an event envelope, for forensics.
     ///
     /// # Errors
-    /// As [`Store::write`].
+    /// As `Store::write`.
     pub async fn reject(
         &self,
         raw: Bytes,

@@ -83,7 +83,7 @@ impl Store {
     }
 }
 
-/// Removes events older than `retention` every [`PRUNE_EVERY`] (the first time two minutes
+/// Removes events older than `retention` every `PRUNE_EVERY` (the first time two minutes
 /// after start), [`PRUNE_VISIT`] rows at a time, until `token` is cancelled.
 pub async fn prune_events(store: Store, retention: Duration, token: CancellationToken) {
     let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(120), PRUNE_EVERY);
