@@ -355,6 +355,82 @@ async fn a_revoked_certificate_is_refused_by_every_nats_node() {
     s.gw.shutdown().await;
 }
 
+/// A renewal of `id`'s certificate through the admin API (`body` as the API takes it): the
+/// bundle for the new certificate, `bundle`'s otherwise.
+async fn renewed(gw: &TestGateway, bundle: &Bundle, body: serde_json::Value) -> Bundle {
+    let response = gw
+        .admin_post(
+            &format!("/v1/terminals/{}/certificate", bundle.terminal_id),
+            body,
+        )
+        .await;
+    let (status, answer) = harness::status_json(response).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut renewed = bundle.clone();
+    renewed.cert_pem = answer["cert_pem"].as_str().unwrap().to_owned();
+    renewed.key_pem = answer["key_pem"].as_str().unwrap().to_owned();
+    renewed
+}
+
+/// Whether `bundle`'s certificate gets a CONNACK at `at` (under its terminal id).
+async fn accepted(at: std::net::SocketAddr, bundle: &Bundle) -> bool {
+    let mut identity = Identity::of(bundle);
+    identity.last_will = None;
+    let (client, mut eventloop) = connect_raw(at, &identity).unwrap();
+    let ok = harness::connack(&mut eventloop).await.is_ok();
+    drop(client.disconnect().await);
+    ok
+}
+
+/// NATS reads no CRL, but each certificate is its own user there (the URI naming its serial):
+/// while a renewal is pending the replaced certificate and the new one both connect; a second
+/// renewal, with `revoke_old_after: 0`, revokes the first renewal's certificate (never used) at
+/// once and completes the renewal (the replaced certificate is retired). From then on both are
+/// refused at CONNECT by every node, although their subject is the terminal's; the newest
+/// certificate connects and gets the terminal's confirmations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_and_revoked_certificates_are_refused_by_every_nats_node() {
+    let s = setup(1).await;
+    let first = s.gw.provision("pos_nats_renew").await;
+    connect(s.cluster.addr(0), &first).await.disconnect().await;
+    let second = renewed(&s.gw, &first, serde_json::json!({"revoke_old_after": 3600})).await;
+    // Pending: both certificates work (once the nodes have reloaded the new one's user).
+    eventually(Duration::from_secs(10), || async {
+        accepted(s.cluster.addr(0), &second).await.then_some(())
+    })
+    .await;
+    assert!(accepted(s.cluster.addr(0), &first).await);
+
+    let third = renewed(&s.gw, &second, serde_json::json!({"revoke_old_after": 0})).await;
+    for node in 0..NODES {
+        let at = s.cluster.addr(node);
+        eventually(Duration::from_secs(15), || async {
+            (accepted(at, &third).await
+                && !accepted(at, &first).await
+                && !accepted(at, &second).await)
+                .then_some(())
+        })
+        .await;
+    }
+    // Once refused, refused for good; the newest certificate gets the confirmations.
+    for bundle in [&first, &second] {
+        assert!(
+            !accepted(s.cluster.addr(0), bundle).await,
+            "a retired certificate connected again"
+        );
+    }
+    let mut terminal = connect(s.cluster.addr(2), &third).await;
+    s.gw.pay("pos_nats_renew", "pi_nats_renew").await;
+    let c = terminal
+        .next_confirmation(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
+    assert_eq!(c.intent_id, "pi_nats_renew");
+    outbox_empties(&s.gw, "pos_nats_renew").await;
+    terminal.disconnect().await;
+    s.gw.shutdown().await;
+}
+
 /// SIGKILL of the node that both the terminal and posgate are connected to, with a confirmation
 /// pending (published while the terminal was away, retained in JetStream): posgate moves to the
 /// next node of its list by itself, the terminal connecting to another node gets the
