@@ -9,12 +9,16 @@
 use std::path::Path;
 use std::time::Duration;
 
+use posgate_proto::confirmation::Ack;
+use posgate_proto::topics;
 use posgate_sim::chaos::nats::{self, NatsCluster};
-use posgate_sim::terminal::{Identity, Seen, Terminal, connect_raw};
-use rumqttc::{Event, Packet, QoS};
+use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal, connect_raw};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use tempfile::TempDir;
 
-use crate::external_common::{self, connect, outbox_empties, pending, raw};
+use crate::external_common::{self, await_acl, connect, drive, outbox_empties, pending, raw};
 use crate::harness::{self, TestGateway, eventually};
 
 const NODES: usize = 3;
@@ -108,6 +112,199 @@ async fn a_terminal_cannot_ack_or_speak_for_another_terminal_on_nats() {
     s.gw.shutdown().await;
 }
 
+/// A client with `bundle`'s certificate under `client_id`, asking for a persistent session
+/// (clean session off), connected; with the CONNACK's session-present flag.
+async fn persistent(
+    addr: std::net::SocketAddr,
+    bundle: &Bundle,
+    client_id: &str,
+) -> (AsyncClient, EventLoop, bool) {
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(false);
+    let tls = posgate_sim::terminal::tls_config(
+        &bundle.ca_pem,
+        Some((bundle.cert_pem.as_str(), bundle.key_pem.as_str())),
+    )
+    .unwrap();
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let (client, mut eventloop) = posgate_sim::terminal::client(options, 64);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+                return (client, eventloop, ack.session_present);
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no CONNACK for {client_id}: {other:?}"),
+        }
+    }
+}
+
+/// Sends DISCONNECT and drives `eventloop` until it is out (a clean disconnect: NATS keeps a
+/// persistent session, and publishes no last will).
+async fn disconnect(client: AsyncClient, mut eventloop: EventLoop) {
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// NATS does not tie the MQTT client id to the certificate: a terminal's certificate may connect
+/// under another terminal's id (its terminal id). From the attacker's side, what that gives:
+///
+/// - the victim's persistent session (clean session off, subscribed at QoS 1, a confirmation
+///   queued in it while it was away) is taken over (CONNACK session present), but NATS restores
+///   its subscriptions under the new connection's permissions: each is refused (a subscription
+///   violation in the log) and nothing of the victim's reaches the attacker, neither the queued
+///   confirmation nor the retained one;
+/// - a victim connected at that moment is disconnected (MQTT's session takeover): a denial of
+///   service for as long as the attacker keeps reconnecting. It loses nothing: back online, it
+///   gets the confirmation and its ack empties the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_nothing() {
+    let s = setup(1).await;
+    let at = s.cluster.addr(0);
+    let mallory = s.gw.provision("pos_mallory4").await;
+    let victim = s.gw.provision("pos_victim4").await;
+    await_acl(at, &mallory).await;
+    await_acl(at, &victim).await;
+    let victim_tenant = topics::tenant_for("pos_victim4");
+
+    // The victim's persistent session: its confirmations and RPC answers at QoS 1.
+    let (client, mut eventloop, _) = persistent(at, &victim, "pos_victim4").await;
+    for filter in [
+        topics::payments_filter(&victim_tenant),
+        topics::rpc_res(&victim_tenant),
+    ] {
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        drive(&mut eventloop, &mut Vec::new(), |p| {
+            matches!(p, Packet::SubAck(a) if a.return_codes.iter().all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure)))
+        })
+        .await;
+    }
+    disconnect(client, eventloop).await;
+    // While it is away: a confirmation for it (queued in its session, and retained), and one for
+    // the attacker.
+    s.gw.pay("pos_victim4", "pi_victim4").await;
+    s.gw.pay("pos_mallory4", "pi_mallory4").await;
+    // The victim's confirmation is at the broker: a legitimate reader (another client id) sees it.
+    let (reader, mut reader_loop) = raw(at, &victim, "pos_victim4_peek").await;
+    reader
+        .subscribe(topics::payments_filter(&victim_tenant), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    drive(
+        &mut reader_loop,
+        &mut got,
+        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_victim4")),
+    )
+    .await;
+    drop(reader.disconnect().await);
+
+    // The attacker, with its own certificate, under the victim's client id.
+    let (client, mut eventloop, session_present) = persistent(at, &mallory, "pos_victim4").await;
+    assert!(
+        session_present,
+        "NATS did not hand the victim's session over: the scenario did not happen"
+    );
+    // It asks for its own confirmations, acks the first (posgate sends a terminal one at a
+    // time), then gets a second one through a QoS 1 consumer made after the restored ones:
+    // anything those delivered would be here by then.
+    let own_tenant = topics::tenant_for("pos_mallory4");
+    client
+        .subscribe(topics::payments_filter(&own_tenant), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    drive(
+        &mut eventloop,
+        &mut seen,
+        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_mallory4")),
+    )
+    .await;
+    let ack = serde_json::to_vec(&Ack {
+        intent_id: "pi_mallory4".into(),
+        seq: 1,
+    })
+    .unwrap();
+    client
+        .publish(topics::acks(&own_tenant), QoS::AtLeastOnce, false, ack)
+        .await
+        .unwrap();
+    s.gw.pay("pos_mallory4", "pi_mallory4b").await;
+    drive(
+        &mut eventloop,
+        &mut seen,
+        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_mallory4b")),
+    )
+    .await;
+    let leaked: Vec<&str> = seen
+        .iter()
+        .map(|(topic, _)| topic.as_str())
+        .filter(|topic| !topic.contains(&own_tenant))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the victim's messages leaked: {leaked:?}"
+    );
+    // NATS did try to restore the victim's subscription, under the attacker's permissions.
+    let refused = format!(
+        "Subscription Violation - Subject \"{}\"",
+        posgate::broker::nats::subject(&topics::payments_filter(&victim_tenant))
+    );
+    assert!(
+        s.cluster.log(0).contains(&refused),
+        "no refused restore in the log\n{}",
+        s.cluster.logs()
+    );
+    disconnect(client, eventloop).await;
+    assert_eq!(pending(&s.gw, "pos_victim4").await, 1);
+
+    // The victim online, then the attacker connects under its id: the victim is cut.
+    let mut terminal = connect(at, &victim).await;
+    loop {
+        match terminal.next_seen(Duration::from_secs(15)).await {
+            Some(Seen::Confirmation(c)) => {
+                assert_eq!(c.intent_id, "pi_victim4");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the victim got no confirmation\n{}", s.cluster.logs()),
+        }
+    }
+    outbox_empties(&s.gw, "pos_victim4").await;
+    let (attacker, _attacker_loop) = raw(at, &mallory, "pos_victim4").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match terminal.next_seen(left).await {
+            Some(Seen::Disconnected(_)) => break,
+            Some(_) => {}
+            None => panic!("the victim was not cut\n{}", s.cluster.logs()),
+        }
+    }
+    drop(attacker.disconnect().await);
+    // Back by itself (NATS holds a reconnect within 1 s of a takeover, then closes it), with
+    // nothing lost: a confirmation paid meanwhile arrives.
+    s.gw.pay("pos_victim4", "pi_victim4b").await;
+    let c = terminal
+        .next_confirmation(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
+    assert_eq!(c.intent_id, "pi_victim4b");
+    outbox_empties(&s.gw, "pos_victim4").await;
+    terminal.disconnect().await;
+    s.gw.shutdown().await;
+}
+
 /// Revocation through the admin API reaches every node: the terminal's user leaves
 /// `authorization.conf`, the nodes reload, its open session is cut, and its certificate is
 /// refused from then on at every node. A client without a certificate, or with one of another CA,
@@ -155,6 +352,82 @@ async fn a_revoked_certificate_is_refused_by_every_nats_node() {
         "a revoked certificate connected again"
     );
     terminal.kill();
+    s.gw.shutdown().await;
+}
+
+/// A renewal of `id`'s certificate through the admin API (`body` as the API takes it): the
+/// bundle for the new certificate, `bundle`'s otherwise.
+async fn renewed(gw: &TestGateway, bundle: &Bundle, body: serde_json::Value) -> Bundle {
+    let response = gw
+        .admin_post(
+            &format!("/v1/terminals/{}/certificate", bundle.terminal_id),
+            body,
+        )
+        .await;
+    let (status, answer) = harness::status_json(response).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut renewed = bundle.clone();
+    renewed.cert_pem = answer["cert_pem"].as_str().unwrap().to_owned();
+    renewed.key_pem = answer["key_pem"].as_str().unwrap().to_owned();
+    renewed
+}
+
+/// Whether `bundle`'s certificate gets a CONNACK at `at` (under its terminal id).
+async fn accepted(at: std::net::SocketAddr, bundle: &Bundle) -> bool {
+    let mut identity = Identity::of(bundle);
+    identity.last_will = None;
+    let (client, mut eventloop) = connect_raw(at, &identity).unwrap();
+    let ok = harness::connack(&mut eventloop).await.is_ok();
+    drop(client.disconnect().await);
+    ok
+}
+
+/// NATS reads no CRL, but each certificate is its own user there (the URI naming its serial):
+/// while a renewal is pending the replaced certificate and the new one both connect; a second
+/// renewal, with `revoke_old_after: 0`, revokes the first renewal's certificate (never used) at
+/// once and completes the renewal (the replaced certificate is retired). From then on both are
+/// refused at CONNECT by every node, although their subject is the terminal's; the newest
+/// certificate connects and gets the terminal's confirmations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_and_revoked_certificates_are_refused_by_every_nats_node() {
+    let s = setup(1).await;
+    let first = s.gw.provision("pos_nats_renew").await;
+    connect(s.cluster.addr(0), &first).await.disconnect().await;
+    let second = renewed(&s.gw, &first, serde_json::json!({"revoke_old_after": 3600})).await;
+    // Pending: both certificates work (once the nodes have reloaded the new one's user).
+    eventually(Duration::from_secs(10), || async {
+        accepted(s.cluster.addr(0), &second).await.then_some(())
+    })
+    .await;
+    assert!(accepted(s.cluster.addr(0), &first).await);
+
+    let third = renewed(&s.gw, &second, serde_json::json!({"revoke_old_after": 0})).await;
+    for node in 0..NODES {
+        let at = s.cluster.addr(node);
+        eventually(Duration::from_secs(15), || async {
+            (accepted(at, &third).await
+                && !accepted(at, &first).await
+                && !accepted(at, &second).await)
+                .then_some(())
+        })
+        .await;
+    }
+    // Once refused, refused for good; the newest certificate gets the confirmations.
+    for bundle in [&first, &second] {
+        assert!(
+            !accepted(s.cluster.addr(0), bundle).await,
+            "a retired certificate connected again"
+        );
+    }
+    let mut terminal = connect(s.cluster.addr(2), &third).await;
+    s.gw.pay("pos_nats_renew", "pi_nats_renew").await;
+    let c = terminal
+        .next_confirmation(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
+    assert_eq!(c.intent_id, "pi_nats_renew");
+    outbox_empties(&s.gw, "pos_nats_renew").await;
+    terminal.disconnect().await;
     s.gw.shutdown().await;
 }
 

@@ -73,8 +73,8 @@ pub struct Fleet {
     /// Cuts a revoked terminal's connections and refuses its certificate from now on; tells the
     /// delivery engine which confirmations left the outbox.
     pub revoke: Arc<dyn Fn(&Revocation) + Send + Sync>,
-    /// Told about every terminal just registered or whose bearer token was rotated (the token
-    /// becomes usable).
+    /// Told about every terminal just registered or renewed: its bearer token (new or rotated)
+    /// becomes usable, and an external broker's files must name its new certificate.
     pub registered: Arc<dyn Fn(&TerminalRecord) + Send + Sync>,
     /// Certificate renewals waiting for their new certificate's first use.
     pub renewals: Renewals,

@@ -370,9 +370,8 @@ pub(super) async fn renew(
             used: false,
         });
     }
-    if token.is_some() {
-        (admin.fleet.registered)(record);
-    }
+    // The new certificate is a user of its own at NATS, and a rotated token becomes usable.
+    (admin.fleet.registered)(record);
     let previous = record.previous_cert.as_ref();
     tracing::info!(
         terminal_id = %id,

@@ -44,7 +44,8 @@ impl Link {
         }
     }
 
-    /// A terminal was registered: an external broker's ACL must name it.
+    /// A terminal was registered or renewed: an external broker's ACL must name it (NATS: its
+    /// new certificate).
     pub fn registered(&self) {
         if let Link::External(h) = self {
             h.files_changed();

@@ -3,26 +3,48 @@
 //! [`super::external::Files`] keeps up to date.
 //!
 //! How NATS tells terminals apart: `mqtt { tls { verify_and_map: true } }` makes the client
-//! certificate's subject the user name (NATS matches it against each `user` as a distinguished
-//! name, in any attribute order), so posgate writes one user per registered and unrevoked
-//! terminal, `O=<tenant>,CN=<terminal id>` as the gateway issues it, with publish and subscribe
-//! permissions on its own tenant's subjects only (the MQTT topic `/tenants/t…/acks` is the NATS
-//! subject `/.tenants.t….acks`). A certificate whose subject is no user is refused at CONNECT.
+//! certificate a user name: NATS looks up, in this order, its email SANs, DNS SANs and URI SANs,
+//! then its subject (as a distinguished name, in any attribute order, all attributes compared).
+//! Every terminal certificate posgate issues names its own serial twice, as the URI
+//! `urn:posgate:cert:{serial}` ([`cert_uri`]) and as the subject's serialNumber, so posgate
+//! writes one user per live certificate, named by that URI: a terminal's current certificate and,
+//! while a renewal is pending, the one it replaces. Each has publish and subscribe permissions on
+//! its own tenant's subjects only (the MQTT topic `/tenants/t…/acks` is the NATS subject
+//! `/.tenants.t….acks`). A certificate with no user is refused at CONNECT: a revoked terminal's,
+//! a replaced one once its renewal completes, any revoked serial. The serialNumber keeps a
+//! retired certificate from matching by subject instead: its subject is no user's. A certificate
+//! issued before posgate named serials ([`TerminalRecord::cert_names_serial`] false) is matched by
+//! its subject `O=<tenant>,CN=<terminal id>`, listed only while such a certificate is live.
 //!
-//! What NATS does not do (see docs/decisions/0005-past-one-server.md): it reads no CRL, so a
-//! renewal's replaced certificate (same subject) is accepted until it expires, and revocation
-//! works by removing the user; it does not tie the MQTT client id to the certificate; it speaks
-//! MQTT 3.1.1 only, and delivers nothing to `$share/…` subscriptions (posgate subscribes plainly).
-//! Every user is `allowed_connection_types: ["MQTT"]`: a user listed by subject has no password,
-//! and without that a plain NATS client could claim its name on the core port.
+//! What NATS does not do (see docs/decisions/0005-past-one-server.md): it reads no CRL (hence a
+//! user per certificate); it speaks MQTT 3.1.1 only, and delivers nothing to `$share/…`
+//! subscriptions (posgate subscribes plainly); it does not tie the MQTT client id to the
+//! certificate. Any terminal may connect under another's client id (its terminal id). What that
+//! gives, tested from the attacker's side: NATS hands it the other terminal's session (sessions
+//! are per account, and every user is in the global account) and restores that session's
+//! subscriptions under the new connection's permissions, so each is refused and nothing of the
+//! other terminal's reaches it (queued or retained); but the other terminal, if connected, is
+//! disconnected (MQTT's session takeover), and if it comes back within a second NATS holds its
+//! CONNECT for a second and closes it. A denial of service for as long as the attacker keeps
+//! reconnecting, which loses nothing (confirmations stay retained and in the outbox) and shows in
+//! NATS's log ("Replacing old client … since both have the same client ID"): revoke the
+//! attacking terminal. posgate's own client id (`{external_client_id}:{12 random hex}`, new at
+//! each start) cannot be guessed. NATS has no setting that ties the client id to the user. An
+//! account per terminal would separate the sessions, but NATS stores a QoS 1 or retained MQTT
+//! message in the publishing account's JetStream: a terminal in another account would get
+//! posgate's confirmations only live, at QoS 0 through an import, and nothing sent while away.
+//! Every user is `allowed_connection_types: ["MQTT"]`: a user named by a certificate has no
+//! password, and without that a plain NATS client could claim its name on the core port.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use posgate_proto::topics;
 
 use super::external::{BACKEND_CN, ExternalError, write_file};
-use crate::pki::Pki;
+use crate::pki::{Pki, Serial, cert_uri};
+use crate::store::TerminalRecord;
 
 /// The authorization include file in the broker directory.
 pub const AUTH_FILE: &str = "authorization.conf";
@@ -32,10 +54,59 @@ pub fn backend_user() -> String {
     format!("O=posgate,CN={BACKEND_CN}")
 }
 
-/// A terminal's user: the subject of its certificate (CN = terminal id, O = tenant), in the
-/// order Go renders it (RFC 4514, last attribute first).
+/// A terminal's user for a certificate that does not name its serial (issued before posgate
+/// did): its subject (CN = terminal id, O = tenant), in the order Go renders it (RFC 4514, last
+/// attribute first). Every certificate of the terminal without a serial in its subject matches
+/// it.
 pub fn terminal_user(terminal_id: &str) -> String {
     format!("O={},CN={terminal_id}", topics::tenant_for(terminal_id))
+}
+
+/// The users of one terminal: one per live certificate, named by the URI that certificate
+/// carries ([`cert_uri`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Users<'a> {
+    pub terminal_id: &'a str,
+    /// The serials of its live certificates that name their serial: its current one and, while
+    /// a renewal is pending, the one it replaces.
+    pub serials: Vec<String>,
+    /// Whether one of its live certificates names no serial (issued before posgate did): NATS
+    /// then knows it by its subject alone, [`terminal_user`], which cannot tell it from the
+    /// terminal's other certificates with that subject.
+    pub by_subject: bool,
+}
+
+impl<'a> Users<'a> {
+    /// The users of a registered terminal: none once it is revoked; a serial in `revoked` has
+    /// none either.
+    pub fn of(record: &'a TerminalRecord, revoked: &BTreeSet<Serial>) -> Users<'a> {
+        let mut users = Users {
+            terminal_id: &record.id,
+            serials: Vec::new(),
+            by_subject: false,
+        };
+        if record.revoked_at.is_some() {
+            return users;
+        }
+        let live = std::iter::once((record.cert_serial.as_str(), record.cert_names_serial)).chain(
+            record
+                .previous_cert
+                .as_ref()
+                .map(|p| (p.serial.as_str(), p.names_serial)),
+        );
+        for (serial, named) in live {
+            let serial = Serial::parse(serial);
+            if revoked.contains(&serial) {
+                continue;
+            }
+            if named {
+                users.serials.push(serial.to_string());
+            } else {
+                users.by_subject = true;
+            }
+        }
+        users
+    }
 }
 
 /// The NATS subject of an MQTT topic or filter, as NATS's MQTT gateway maps them: levels become
@@ -53,14 +124,16 @@ pub fn subject(topic: &str) -> String {
         .join(".")
 }
 
-/// The authorization include file: posgate's user first, then one user per terminal in
-/// `terminal_ids`.
-pub fn authorization<'a>(terminal_ids: impl IntoIterator<Item = &'a str>) -> String {
+/// The authorization include file: posgate's user first, then the users of each terminal in
+/// `terminals`, each with that terminal's permissions.
+pub fn authorization<'a>(terminals: impl IntoIterator<Item = Users<'a>>) -> String {
     let mut out = String::from(
         "# Written by posgate (mqtt.external_broker_dir); replaced whole after every provisioning,\n\
          # revocation and renewal, then mqtt.external_reload_command makes NATS re-read it.\n\
-         # Do not edit: a change would be overwritten. Users are client certificate subjects\n\
-         # (mqtt.tls.verify_and_map), each allowed on the MQTT port only.\n\
+         # Do not edit: a change would be overwritten. Users are client certificates\n\
+         # (mqtt.tls.verify_and_map): by the URI naming the certificate's serial (one user per\n\
+         # live certificate), or by subject for certificates older than that; each is allowed on\n\
+         # the MQTT port only.\n\
          authorization {\n  users = [\n",
     );
     let everything = subject(&format!("/{}/#", topics::ROOT));
@@ -68,21 +141,33 @@ pub fn authorization<'a>(terminal_ids: impl IntoIterator<Item = &'a str>) -> Str
         "    {{ user: \"{}\", allowed_connection_types: [\"MQTT\"],\n      permissions: {{ publish: [\"{everything}\"], subscribe: [\"{everything}\"] }} }}\n",
         backend_user()
     ));
-    for id in terminal_ids {
-        // The store holds only valid ids; a quote or a line break in one would forge users.
+    for users in terminals {
+        let id = users.terminal_id;
+        // The store holds only valid ids and hex serials; a quote or a line break in one would
+        // forge users.
         if !topics::valid_terminal_id(id) {
             continue;
         }
         let t = topics::tenant_for(id);
-        out.push_str(&format!(
-            "    {{ user: \"{user}\", allowed_connection_types: [\"MQTT\"],\n      permissions: {{\n        publish: [\"{acks}\", \"{status}\", \"{rpc_req}\"],\n        subscribe: [\"{payments}\", \"{rpc_res}\"] }} }}\n",
-            user = terminal_user(id),
+        let permissions = format!(
+            "permissions: {{\n        publish: [\"{acks}\", \"{status}\", \"{rpc_req}\"],\n        subscribe: [\"{payments}\", \"{rpc_res}\"] }}",
             acks = subject(&topics::acks(&t)),
             status = subject(&topics::status(&t)),
             rpc_req = subject(&topics::rpc_req(&t)),
             payments = subject(&topics::payments_filter(&t)),
             rpc_res = subject(&topics::rpc_res(&t)),
-        ));
+        );
+        let names = users
+            .serials
+            .iter()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|s| cert_uri(s))
+            .chain(users.by_subject.then(|| terminal_user(id)));
+        for name in names {
+            out.push_str(&format!(
+                "    {{ user: \"{name}\", allowed_connection_types: [\"MQTT\"],\n      {permissions} }}\n"
+            ));
+        }
     }
     out.push_str("  ]\n}\n");
     out
@@ -176,20 +261,88 @@ mod tests {
     }
 
     #[test]
-    fn each_terminal_gets_only_its_own_subjects() {
-        let auth = authorization(["pos-1", "bad\"id", "pos_2"]);
+    fn each_live_certificate_is_a_user_with_its_terminals_subjects_only() {
+        let users = |terminal_id, serials: &[&str], by_subject| Users {
+            terminal_id,
+            serials: serials.iter().map(|s| s.to_string()).collect(),
+            by_subject,
+        };
+        let auth = authorization([
+            users("pos-1", &["4abc"], false),
+            users("bad\"id", &["4ab1"], true),
+            users("pos_2", &["4def", "4d\"ef", "4fed"], true),
+        ]);
         assert!(auth.contains(
-            "{ user: \"O=t706f732d31,CN=pos-1\", allowed_connection_types: [\"MQTT\"],\n      permissions: {\n        publish: [\"/.tenants.t706f732d31.acks\", \"/.tenants.t706f732d31.status\", \"/.tenants.t706f732d31.rpc.req\"],\n        subscribe: [\"/.tenants.t706f732d31.payments.*\", \"/.tenants.t706f732d31.rpc.res\"] } }"
+            "{ user: \"urn:posgate:cert:4abc\", allowed_connection_types: [\"MQTT\"],\n      permissions: {\n        publish: [\"/.tenants.t706f732d31.acks\", \"/.tenants.t706f732d31.status\", \"/.tenants.t706f732d31.rpc.req\"],\n        subscribe: [\"/.tenants.t706f732d31.payments.*\", \"/.tenants.t706f732d31.rpc.res\"] } }"
         ), "{auth}");
-        assert!(auth.contains("CN=pos_2\""));
+        assert!(!auth.contains("CN=pos-1"), "{auth}");
+        for name in [
+            "urn:posgate:cert:4def\"",
+            "urn:posgate:cert:4fed\"",
+            "\"O=t706f735f32,CN=pos_2\"",
+        ] {
+            assert!(auth.contains(name), "{name} missing:\n{auth}");
+        }
         assert!(!auth.contains("bad"), "an invalid id must not forge users");
+        assert!(
+            !auth.contains("4d\""),
+            "an invalid serial must not forge users"
+        );
         assert!(auth.contains("user: \"O=posgate,CN=posgate:backend\""));
         // Only posgate's user has a wildcard above a tenant.
         let wide = auth.matches("/.tenants.>").count();
         assert_eq!(wide, 2, "{auth}");
         assert_eq!(
             auth.matches("allowed_connection_types: [\"MQTT\"]").count(),
-            3
+            5
         );
+    }
+
+    /// A record as the store keeps it; `names_serial` absent as in records written before
+    /// certificates named their serial.
+    fn record(extra: serde_json::Value) -> TerminalRecord {
+        let mut value = serde_json::json!({
+            "id": "pos-1", "tenant": "t706f732d31", "merchant_id": "m", "label": null,
+            "cert_serial": "4abc", "created_at": "2026-01-01T00:00:00Z", "revoked_at": null,
+            "next_seq": 1,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn users_are_the_live_certificates_by_serial_and_older_ones_by_subject() {
+        let none = BTreeSet::new();
+        let previous = |names_serial| serde_json::json!({"serial": "00:4D:EF", "revoke_at": "2026-02-01T00:00:00Z", "names_serial": names_serial});
+        // Written before: known by subject only.
+        let old = record(serde_json::json!({}));
+        assert!(!old.cert_names_serial);
+        let u = Users::of(&old, &none);
+        assert_eq!((u.serials.len(), u.by_subject), (0, true));
+        // Renewed from such a certificate: the new one by serial, the old one by subject.
+        let renewed = record(
+            serde_json::json!({"cert_names_serial": true, "previous_cert": previous(false)}),
+        );
+        let u = Users::of(&renewed, &none);
+        assert_eq!((u.serials, u.by_subject), (vec!["4abc".to_owned()], true));
+        // Both name their serial: two users, and a revoked serial has none.
+        let both =
+            record(serde_json::json!({"cert_names_serial": true, "previous_cert": previous(true)}));
+        let u = Users::of(&both, &none);
+        assert_eq!(
+            (u.serials, u.by_subject),
+            (vec!["4abc".to_owned(), "4def".to_owned()], false)
+        );
+        let revoked: BTreeSet<Serial> = [Serial::parse("4DEF")].into();
+        let u = Users::of(&both, &revoked);
+        assert_eq!((u.serials, u.by_subject), (vec!["4abc".to_owned()], false));
+        // A revoked terminal: none.
+        let gone = record(
+            serde_json::json!({"cert_names_serial": true, "previous_cert": previous(false), "revoked_at": "2026-01-02T00:00:00Z"}),
+        );
+        let u = Users::of(&gone, &none);
+        assert_eq!((u.serials.len(), u.by_subject), (0, false));
     }
 }

@@ -80,6 +80,7 @@ fn token_index_finds_by_hash_only() {
         last_seen: None,
         cert_not_after: None,
         previous_cert: None,
+        cert_names_serial: true,
     };
     let index = TokenIndex::of([&record]);
     assert_eq!(index.lookup("secret-token").as_deref(), Some("pos_1"));

@@ -258,7 +258,8 @@ mod tests {
         (key, signed.cert_pem)
     }
 
-    /// What a certificate says: (CN, O, SPKI DER, is CA, EKU clientAuth only, SAN present).
+    /// What a certificate says: (CN, O, SPKI DER, is CA, EKU clientAuth only, SANs other than
+    /// the one naming its serial).
     fn inspect(cert_pem: &str, ca_pem: &str) -> (String, String, Vec<u8>, bool, bool, bool) {
         let der = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .unwrap()
@@ -281,12 +282,16 @@ mod tests {
             .unwrap();
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         let client_only = eku.client_auth && !eku.server_auth && !eku.code_signing && !eku.any;
-        let san = cert.extensions().iter().any(|e| {
-            matches!(
-                e.parsed_extension(),
-                ParsedExtension::SubjectAlternativeName(_)
-            )
-        });
+        let own = crate::pki::cert_uri(&cert.raw_serial_as_string().replace(':', ""));
+        let san = cert
+            .extensions()
+            .iter()
+            .any(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(names) => names.general_names.iter().any(
+                    |n| !matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == own),
+                ),
+                _ => false,
+            });
         (
             cn.to_owned(),
             o.to_owned(),

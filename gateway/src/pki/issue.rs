@@ -5,8 +5,8 @@
 use posgate_proto::topics::{valid_tenant, valid_terminal_id};
 use rand::RngCore as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -20,7 +20,10 @@ use super::{
 impl Pki {
     /// Issues a client certificate for a terminal: Subject CN = `terminal_id`, O = `tenant`, EKU
     /// clientAuth, a random 16-byte serial, a fresh ECDSA P-256 key, valid
-    /// [`TERMINAL_VALIDITY_DAYS`] (but never beyond the CA).
+    /// [`TERMINAL_VALIDITY_DAYS`] (but never beyond the CA). The certificate also names its own
+    /// serial, twice: as the subject's serialNumber and as the URI [`cert_uri`] (its only SAN),
+    /// so that a broker that maps certificates to users by name (NATS) can tell two certificates
+    /// of one terminal apart and retire a replaced one.
     ///
     /// The gateway passes `posgate_proto::topics::tenant_for(terminal_id)` as `tenant`. Nothing is
     /// written to disk; recording the serial (for revocation) is the caller's job.
@@ -96,6 +99,19 @@ impl Pki {
         params
             .distinguished_name
             .push(DnType::OrganizationName, tenant);
+        // The serial in the subject makes it differ from the subject of every other certificate
+        // of the terminal (NATS compares whole subjects); the URI is what NATS looks up first.
+        let generate = |source| PkiError::Generate {
+            what: format!("the certificate of terminal {terminal_id}"),
+            source,
+        };
+        params.distinguished_name.push(
+            DnType::CustomDnType(SERIAL_NUMBER_OID.to_vec()),
+            DnValue::PrintableString(serial_hex.clone().try_into().map_err(generate)?),
+        );
+        params.subject_alt_names = vec![SanType::URI(
+            cert_uri(&serial_hex).try_into().map_err(generate)?,
+        )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let not_after = params.not_after;
         let cert = params
@@ -205,6 +221,15 @@ impl Pki {
             source,
         })
     }
+}
+
+/// The X.520 serialNumber attribute type (2.5.4.5).
+const SERIAL_NUMBER_OID: [u64; 4] = [2, 5, 4, 5];
+
+/// The URI a terminal certificate carries as its SAN: `urn:posgate:cert:` and its serial
+/// (normalised, [`Serial`]). NATS (`verify_and_map`) looks it up as a user name.
+pub fn cert_uri(serial: &str) -> String {
+    format!("urn:posgate:cert:{}", Serial::parse(serial))
 }
 
 // === certificates ===

@@ -59,6 +59,7 @@ mod serial;
 mod tests;
 
 pub use csr::{CsrError, CsrKey, KeyKind};
+pub use issue::cert_uri;
 pub use serial::Serial;
 
 use files::warn_if_loose;

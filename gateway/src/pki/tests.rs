@@ -195,6 +195,28 @@ fn terminal_certificate_chains_and_names_the_terminal() {
         key.public_key_raw()
     );
     assert!(!format!("{issued:?}").contains("PRIVATE"));
+    // It names its serial: in the subject (serialNumber) and as its only SAN, a URI.
+    let named: Vec<&str> = cert
+        .subject()
+        .iter_attributes()
+        .filter(|a| a.attr_type().to_id_string() == "2.5.4.5")
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(named, [issued.serial_hex.as_str()]);
+    let sans = &cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names;
+    assert_eq!(
+        format!("{sans:?}"),
+        format!("[URI(\"urn:posgate:cert:{}\")]", issued.serial_hex)
+    );
+    assert_eq!(
+        crate::pki::cert_uri(&issued.serial_hex),
+        format!("urn:posgate:cert:{}", issued.serial_hex)
+    );
 
     let again = pki.issue_terminal("store-12-lane-3", &tenant).unwrap();
     assert_ne!(again.serial_hex, issued.serial_hex);

@@ -82,12 +82,15 @@ impl Tables<'_> {
                     serial: terminal.cert_serial.clone(),
                     not_after: Some(terminal.cert_expiry()),
                     revoke_at: renew.revoke_old_at,
+                    names_serial: terminal.cert_names_serial,
                 });
                 None
             }
         };
         terminal.cert_serial = renew.cert_serial;
         terminal.cert_not_after = Some(renew.cert_not_after);
+        // Issued by `Pki::issue_terminal*`, which names its serial.
+        terminal.cert_names_serial = true;
         if let Some(hash) = renew.http_token_sha256 {
             terminal.http_token_sha256 = hash;
         }

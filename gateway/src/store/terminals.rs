@@ -41,6 +41,12 @@ pub struct TerminalRecord {
     /// its `revoke_at`, whichever comes first; then its serial joins `revoked_serials`.
     #[serde(default)]
     pub previous_cert: Option<PreviousCert>,
+    /// Whether its current certificate names its serial (as the subject's serialNumber and the
+    /// URI [`crate::pki::cert_uri`]), as every certificate posgate issues now does. `false` in
+    /// records written before: a broker that maps certificates to users by name (NATS) must then
+    /// still know that certificate by its subject alone.
+    #[serde(default)]
+    pub cert_names_serial: bool,
 }
 
 /// A terminal's replaced certificate while its renewal is pending.
@@ -54,6 +60,9 @@ pub struct PreviousCert {
     /// When it is revoked if the new certificate has not been used by then.
     #[serde(with = "time::serde::rfc3339")]
     pub revoke_at: OffsetDateTime,
+    /// Whether it names its serial ([`TerminalRecord::cert_names_serial`] while it was current).
+    #[serde(default)]
+    pub names_serial: bool,
 }
 
 impl TerminalRecord {
@@ -153,6 +162,8 @@ impl Tables<'_> {
             last_seen: None,
             cert_not_after: new.cert_not_after,
             previous_cert: None,
+            // Registered with a certificate from `Pki::issue_terminal*`, which names its serial.
+            cert_names_serial: true,
         };
         self.save_terminal(&record)?;
         // Confirmations that waited for this terminal go out now, with their intent's current status.

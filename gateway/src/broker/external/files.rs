@@ -82,11 +82,11 @@ impl Files {
             path: self.dir.clone(),
             source: std::io::Error::other(e),
         };
-        let terminals = self.store.terminals().await.map_err(store_error)?;
+        let terminals_records = self.store.terminals().await.map_err(store_error)?;
         let (serials, _) = self.store.revocations().await.map_err(store_error)?;
         let mut revoked: BTreeSet<String> = serials.into_iter().collect();
         let mut allowed = Vec::new();
-        for (record, _) in &terminals {
+        for (record, _) in &terminals_records {
             if record.revoked_at.is_some() {
                 revoked.insert(record.cert_serial.clone());
             } else {
@@ -96,11 +96,18 @@ impl Files {
         let terminals = allowed.len();
         let (main, crl_too) = match self.kind {
             BrokerKind::Mosquitto => (crate::broker::mosquitto::acl(allowed), true),
-            // NATS reads no CRL: a revoked terminal's user is gone, which refuses every
-            // certificate with its subject.
+            // NATS reads no CRL: only live certificates have a user (one each), so a revoked
+            // terminal's certificates, a replaced one and any revoked serial are refused.
             BrokerKind::Nats => {
+                let serials: BTreeSet<crate::pki::Serial> = revoked
+                    .iter()
+                    .map(|s| crate::pki::Serial::parse(s))
+                    .collect();
                 revoked.clear();
-                (crate::broker::nats::authorization(allowed), false)
+                let users = terminals_records
+                    .iter()
+                    .map(|(record, _)| crate::broker::nats::Users::of(record, &serials));
+                (crate::broker::nats::authorization(users), false)
             }
         };
         if last
