@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use posgate_proto::topics::{self};
+use posgate_proto::topics::{self, TopicKind};
 use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
 use rmqtt::session::Session;
@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use super::front::Front;
 use super::{
-    CONNECT_REFUSED_LOG, PLAIN_LISTENER, PUBLISH_REFUSED_LOG, Revoked, SUBSCRIBE_REFUSED_LOG, Seen,
-    TLS_LISTENER, WSS_LISTENER, may_publish, may_subscribe,
+    CONNECT_REFUSED_LOG, PLAIN_LISTENER, PUBLISH_REFUSED_LOG, RPC_DROPPED_LOG, Revoked,
+    SUBSCRIBE_REFUSED_LOG, Seen, TLS_LISTENER, WSS_LISTENER, may_publish, may_subscribe,
 };
 use crate::delivery::BrokerEvent;
 use crate::pki::CertIdentity;
@@ -195,6 +195,14 @@ impl Handler for HookRef {
             {
                 let terminal_id = terminal_of(s);
                 if let Some(kind) = may_publish(&terminal_id, &p.topic) {
+                    // Suspended for flooding RPC: it is cut off in a moment (`SUSPEND_GRACE`);
+                    // until then its requests are dropped unanswered, as in external mode.
+                    if kind == TopicKind::RpcReq && hooks.revoked.suspended.contains(&terminal_id) {
+                        if let Some(skipped) = RPC_DROPPED_LOG.allow() {
+                            tracing::info!(%terminal_id, skipped, "RPC request of a suspended terminal dropped (at most one line a second)");
+                        }
+                        return (true, acc);
+                    }
                     drop(hooks.events.send(BrokerEvent::Message {
                         terminal_id,
                         kind,

@@ -77,6 +77,7 @@ static CONNECT_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static SUBSCRIBE_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static PUBLISH_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static ACCEPT_FAILED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static RPC_DROPPED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Most subscriptions one session may hold (a terminal uses two).
 pub const MAX_SUBSCRIPTIONS: usize = 8;

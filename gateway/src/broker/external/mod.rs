@@ -78,7 +78,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 static CONNECTION_LOG: Throttle = Throttle::new(Duration::from_secs(1));
-static DROPPED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// The filters posgate subscribes to, shared between replicas.
 pub fn shared_filters() -> [String; 3] {
@@ -452,7 +451,7 @@ impl Handle {
             }
             TopicKind::RpcReq => {
                 if self.is_suspended(&terminal_id) {
-                    if let Some(skipped) = DROPPED_LOG.allow() {
+                    if let Some(skipped) = super::RPC_DROPPED_LOG.allow() {
                         tracing::info!(%terminal_id, skipped, "RPC request of a suspended terminal dropped");
                     }
                     return None;
