@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -255,6 +256,23 @@ pub fn spawn_session(
 pub fn spawn_session_on(
     bundle: &Bundle,
     addrs: &[SocketAddr],
+    sink: Sink,
+) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
+    spawn_session_pinned(bundle, addrs, Arc::new(AtomicBool::new(false)), sink)
+}
+
+/// [`spawn_session_on`] that reconnects to its first address only, as long as `pinned` is set:
+/// once it is cleared, the next error moves the session on to the next address as usual. (The
+/// failover bench pins terminals to a node it is going to kill, so that the kill hits a known
+/// set of terminals; unpinned, some move on while the nodes still refuse them, before loading
+/// the authorization file that names them.)
+///
+/// # Errors
+/// When the bundle's key or PEMs do not parse, or `addrs` is empty.
+pub fn spawn_session_pinned(
+    bundle: &Bundle,
+    addrs: &[SocketAddr],
+    pinned: Arc<AtomicBool>,
     mut sink: Sink,
 ) -> anyhow::Result<(AsyncClient, JoinHandle<()>)> {
     let key = bundle
@@ -273,7 +291,7 @@ pub fn spawn_session_on(
     let mut current = 0;
     let addrs_of = addrs.to_vec();
     let mut refusals = 0u32;
-    let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let retrying = Arc::new(AtomicBool::new(false));
     let (b, c) = (bundle.clone(), client.clone());
     let task = tokio::spawn(async move {
         let mut checker = Checker {
@@ -308,7 +326,7 @@ pub fn spawn_session_on(
                         // One retry at a time: each asks for both subscriptions, and two
                         // refusals answering one retry must not start two more (that doubled
                         // the requests at every round and buried the cluster).
-                        if !retrying.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        if !retrying.swap(true, Ordering::SeqCst) {
                             refusals += 1;
                             let backoff = Duration::from_millis(250) * (1u32 << refusals.min(5));
                             let (c, b, retrying) = (c.clone(), b.clone(), retrying.clone());
@@ -316,7 +334,7 @@ pub fn spawn_session_on(
                                 tokio::time::sleep(backoff).await;
                                 // Cleared before asking: a refusal in the answers starts the
                                 // next retry.
-                                retrying.store(false, std::sync::atomic::Ordering::SeqCst);
+                                retrying.store(false, Ordering::SeqCst);
                                 drop(c.subscribe(&b.topics.payments, QoS::AtLeastOnce).await);
                                 drop(c.subscribe(&b.topics.rpc_res, QoS::AtLeastOnce).await);
                             });
@@ -363,7 +381,7 @@ pub fn spawn_session_on(
                 Ok(_) => {}
                 Err(e) => {
                     let mut why = e.to_string();
-                    if endpoints.len() > 1 {
+                    if endpoints.len() > 1 && !pinned.load(Ordering::SeqCst) {
                         // The event loop keeps its request queue (and so `client`) across
                         // the switch; only where it dials changes.
                         current = (current + 1) % endpoints.len();

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::checker::{Checker, Confirmations};
@@ -72,7 +73,20 @@ pub struct FailoverOptions {
     pub broker_kills: usize,
     /// The `nats-server` binary (`None`: [`super::nats::nats_server`] finds it).
     pub nats_server: Option<PathBuf>,
+    /// NATS node kills hit a known set of terminals: the terminals whose first node is to be
+    /// killed reconnect to that node only until its first kill, and the kill waits (at most
+    /// [`PINNED_WITHIN`]) until each of them is connected there. Unpinned, some move on at the
+    /// start, while the nodes refuse them before loading the authorization file that names
+    /// them, and a node may have none of its terminals left when it is killed.
+    pub pin_terminals: bool,
+    /// A killed replica or node is started again as soon as every terminal is served again,
+    /// when that comes before `restart_after`.
+    pub restart_once_served: bool,
 }
+
+/// How long a node kill waits for its pinned terminals ([`FailoverOptions::pin_terminals`]) to
+/// be connected to it; after that it kills the node all the same.
+pub const PINNED_WITHIN: Duration = Duration::from_secs(30);
 
 /// The external broker of the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -158,6 +172,8 @@ impl FailoverOptions {
             broker: BrokerKind::Mosquitto,
             broker_kills: 0,
             nats_server: None,
+            pin_terminals: false,
+            restart_once_served: false,
         }
     }
 }
@@ -199,6 +215,12 @@ pub struct OnNode {
     pub not_served: usize,
     /// Replicas whose broker connection was on the node.
     pub replicas: Vec<usize>,
+    /// Terminals pinned to the node until the kill ([`FailoverOptions::pin_terminals`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<usize>,
+    /// Of those, the ones connected to it at the kill.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_on_node: Option<usize>,
 }
 
 /// The JSON report.
@@ -373,6 +395,13 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
         .map(|(i, b)| (b.client_id.clone(), i))
         .collect();
     let mut terminals = Terminals::new(bundles, 0, broker.addrs(), ingresses[0], checker.clone());
+    let plan = schedule(opts.kills, opts.broker_kills, opts.replicas, NATS_NODES);
+    if opts.pin_terminals {
+        for i in 0..terminals.len() {
+            let first = terminals.first_node(i);
+            terminals.pin(i, plan.contains(&Target::BrokerNode(first)));
+        }
+    }
     checker.new_round();
     terminals.start_all()?;
     // On NATS a refused subscription is the cluster being busy (JetStream creating sessions
@@ -397,7 +426,6 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
     let mut all_served = Vec::new();
     let mut counters = BTreeMap::new();
     let mut kills = Vec::new();
-    let plan = schedule(opts.kills, opts.broker_kills, opts.replicas, NATS_NODES);
     for (k, target) in plan.into_iter().enumerate() {
         let due = load_started + opts.warmup + opts.kill_every * k as u32;
         tokio::time::sleep_until(due).await;
@@ -424,7 +452,7 @@ pub async fn run(opts: &FailoverOptions) -> anyhow::Result<FailoverReport> {
                     &senders,
                     cluster,
                     node,
-                    &index,
+                    (&index, &terminals),
                     load_started,
                 )
                 .await?
@@ -505,15 +533,17 @@ async fn kill_replica(
         format_args!("t={at:.1}s SIGKILL replica {replica}; probes sent"),
     );
     let daemon = &mut daemons[replica];
+    let all_served = Notify::new();
     // Who was served is read when all were or `served_within` ended, whichever came first
     // (the restart may come later).
     let (restarted, (served, (mut took, not_served))) = tokio::join!(
         async {
-            tokio::time::sleep_until(mark + opts.restart_after).await;
+            restart_due(opts, mark, &all_served).await;
             daemon.restart().await.map(|()| mark.elapsed())
         },
         async {
             let served = checker.all_served(opts.served_within).await;
+            all_served.notify_one();
             (served, checker.served_since_mark())
         },
     );
@@ -541,32 +571,72 @@ async fn kill_replica(
     })
 }
 
+/// When a killed replica or node is started again: `restart_after` after the kill, or (with
+/// [`FailoverOptions::restart_once_served`]) once `all_served` is notified, if that is sooner.
+async fn restart_due(opts: &FailoverOptions, mark: Instant, all_served: &Notify) {
+    let due = tokio::time::sleep_until(mark + opts.restart_after);
+    if opts.restart_once_served {
+        tokio::select! {
+            () = due => {}
+            () = all_served.notified() => {}
+        }
+    } else {
+        due.await;
+    }
+}
+
 /// `SIGKILL` to NATS node `node` (its terminals and replicas listed from its `/connz` just
-/// before), a probe to every terminal, the node started again after `restart_after`, and every
-/// terminal served again (or `served_within` over).
+/// before; with [`FailoverOptions::pin_terminals`], once its pinned terminals are all connected
+/// to it, or [`PINNED_WITHIN`] is over), a probe to every terminal, the node started again
+/// after `restart_after`, and every terminal served again (or `served_within` over).
 async fn kill_node(
     opts: &FailoverOptions,
     checker: &Checker,
     senders: &Senders,
     cluster: &mut NatsCluster,
     node: usize,
-    index: &BTreeMap<String, usize>,
+    (index, terminals): (&BTreeMap<String, usize>, &Terminals),
     load_started: Instant,
 ) -> anyhow::Result<Kill> {
-    // A node too busy to list its clients in 30 s is killed all the same; its kill then has
-    // no `on_node` figures.
-    let listed = cluster.mqtt_clients(node).await;
+    let pinned: Vec<usize> = (0..terminals.len())
+        .filter(|&i| terminals.is_pinned(i) && terminals.first_node(i) == node)
+        .collect();
+    let deadline = Instant::now() + PINNED_WITHIN;
+    let (listed, on_node) = loop {
+        // A node too busy to list its clients in 30 s is killed all the same; its kill then
+        // has no `on_node` figures.
+        let listed = cluster.mqtt_clients(node).await;
+        let on_node: Vec<usize> = (listed.as_deref().unwrap_or_default().iter())
+            .filter_map(|id| index.get(id).copied())
+            .collect();
+        let missing = pinned.iter().filter(|&i| !on_node.contains(i)).count();
+        if missing == 0 || listed.is_err() || Instant::now() > deadline {
+            if missing > 0 {
+                say_if(
+                    opts.verbose,
+                    format_args!(
+                        "{missing} of the {} terminals pinned to node n{} not connected to it; killing it all the same",
+                        pinned.len(),
+                        node + 1
+                    ),
+                );
+            }
+            break (listed, on_node);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     if let Err(e) = &listed {
         say_if(
             opts.verbose,
             format_args!("cannot list the clients of node n{}: {e:#}", node + 1),
         );
     }
+    // Unpinned before the kill: the kill's disconnect moves them on to the next node.
+    for &i in &pinned {
+        terminals.pin(i, false);
+    }
+    let pinned_on = pinned.iter().filter(|&i| on_node.contains(i)).count();
     let clients = listed.as_deref().unwrap_or_default();
-    let on_node: Vec<usize> = clients
-        .iter()
-        .filter_map(|id| index.get(id).copied())
-        .collect();
     let mut replicas: Vec<usize> = (clients.iter())
         .filter_map(|id| {
             id.strip_prefix("posgate-r")?
@@ -589,15 +659,17 @@ async fn kill_node(
             on_node.len()
         ),
     );
+    let all_served = Notify::new();
     // As for a replica: who was served is read when all were or `served_within` ended.
     let (restarted, (served, (mut took, not_served), theirs)) = tokio::join!(
         async {
-            tokio::time::sleep_until(mark + opts.restart_after).await;
+            restart_due(opts, mark, &all_served).await;
             let within = opts.served_within.max(Duration::from_secs(120));
             cluster.restart(node, within).await.map(|()| mark.elapsed())
         },
         async {
             let served = checker.all_served(opts.served_within).await;
+            all_served.notify_one();
             (
                 served,
                 checker.served_since_mark(),
@@ -638,6 +710,8 @@ async fn kill_node(
             served_again_ms: node_summary,
             not_served: node_not_served,
             replicas,
+            pinned: opts.pin_terminals.then_some(pinned.len()),
+            pinned_on_node: opts.pin_terminals.then_some(pinned_on),
         }),
     })
 }

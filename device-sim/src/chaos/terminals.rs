@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use serde::Serialize;
@@ -11,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::checker::Checker;
 use crate::http_terminal::{Channel, spawn_http_session};
-use crate::terminal::{Bundle, spawn_session_on};
+use crate::terminal::{Bundle, spawn_session_pinned};
 
 /// How many terminals use which channel.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -26,6 +27,8 @@ pub struct Terminals {
     bundles: Vec<Bundle>,
     channels: Vec<Channel>,
     sessions: Vec<Option<JoinHandle<()>>>,
+    /// Per terminal: while set, its MQTT session reconnects to its first node only.
+    pins: Vec<Arc<AtomicBool>>,
     /// The broker's nodes (one, unless it is a cluster).
     mqtt: Vec<SocketAddr>,
     ingress: SocketAddr,
@@ -53,10 +56,12 @@ impl Terminals {
             })
             .collect();
         let sessions = bundles.iter().map(|_| None).collect();
+        let pins = bundles.iter().map(|_| Arc::default()).collect();
         Terminals {
             bundles,
             channels,
             sessions,
+            pins,
             mqtt,
             ingress,
             checker,
@@ -96,7 +101,10 @@ impl Terminals {
             true
         });
         let task = match self.channels[i] {
-            Channel::Mqtt => spawn_session_on(&self.bundles[i], &self.nodes_of(i), sink)?.1,
+            Channel::Mqtt => {
+                let pin = self.pins[i].clone();
+                spawn_session_pinned(&self.bundles[i], &self.nodes_of(i), pin, sink)?.1
+            }
             channel => spawn_http_session(&self.bundles[i], self.ingress, channel, sink)?,
         };
         self.sessions[i] = Some(task);
@@ -105,10 +113,26 @@ impl Terminals {
 
     /// Terminal `i`'s broker addresses, its first node first.
     pub fn nodes_of(&self, i: usize) -> Vec<SocketAddr> {
-        let n = self.mqtt.len().max(1);
         let mut nodes = self.mqtt.clone();
-        nodes.rotate_left(i % n);
+        nodes.rotate_left(self.first_node(i));
         nodes
+    }
+
+    /// The index (in the broker's addresses) of the node terminal `i` connects to first.
+    pub fn first_node(&self, i: usize) -> usize {
+        i % self.mqtt.len().max(1)
+    }
+
+    /// Pins terminal `i`'s MQTT session to its first node (`true`): after an error it dials
+    /// that node again, not the next one. Unpinned (`false`, the default), the next error moves
+    /// it on. Takes effect at once, also on a running session.
+    pub fn pin(&self, i: usize, pinned: bool) {
+        self.pins[i].store(pinned, Ordering::SeqCst);
+    }
+
+    /// Whether terminal `i` is pinned to its first node ([`Terminals::pin`]).
+    pub fn is_pinned(&self, i: usize) -> bool {
+        self.pins[i].load(Ordering::SeqCst)
     }
 
     /// Starts every terminal.

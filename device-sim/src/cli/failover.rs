@@ -35,6 +35,10 @@ pub(super) struct FailoverArgs {
     /// replica kills; each node is started again after --restart-after.
     #[arg(long, default_value_t = 0)]
     kill_broker_nodes: usize,
+    /// The terminals whose first node is to be killed stay on it until its kill, which waits
+    /// (at most 30 s) until they are all connected there: each node kill hits a known set.
+    #[arg(long)]
+    pin_terminals: bool,
     /// Simulated terminals (MQTT/TLS, on the broker).
     #[arg(long, default_value_t = 1000)]
     terminals: usize,
@@ -54,6 +58,10 @@ pub(super) struct FailoverArgs {
     /// ports.
     #[arg(long, default_value_t = 15)]
     restart_after: u64,
+    /// Start a killed replica or node again as soon as every terminal is served again, when
+    /// that comes before --restart-after.
+    #[arg(long)]
+    restart_once_served: bool,
     /// Seconds every terminal may take to be served again after a kill.
     #[arg(long, default_value_t = 60)]
     served_within: u64,
@@ -82,15 +90,20 @@ impl FailoverArgs {
                 "--replicas and --terminals must be at least 1".into()
             ));
         }
-        if self.kill_broker_nodes > 0 && self.broker != failover::BrokerKind::Nats {
+        if (self.kill_broker_nodes > 0 || self.pin_terminals)
+            && self.broker != failover::BrokerKind::Nats
+        {
             anyhow::bail!(UsageError(
-                "--kill-broker-nodes needs --broker nats (Mosquitto does not cluster)".into()
+                "--kill-broker-nodes and --pin-terminals need --broker nats (Mosquitto does not cluster)"
+                    .into()
             ));
         }
         Ok(failover::FailoverOptions {
             broker: self.broker,
             broker_kills: self.kill_broker_nodes,
             nats_server: self.nats_server,
+            pin_terminals: self.pin_terminals,
+            restart_once_served: self.restart_once_served,
             replicas: self.replicas,
             lease_secs: self.lease_secs,
             terminals: self.terminals,
