@@ -82,11 +82,11 @@ impl Files {
             path: self.dir.clone(),
             source: std::io::Error::other(e),
         };
-        let terminals_records = self.store.terminals().await.map_err(store_error)?;
+        let records = self.store.terminals().await.map_err(store_error)?;
         let (serials, _) = self.store.revocations().await.map_err(store_error)?;
         let mut revoked: BTreeSet<String> = serials.into_iter().collect();
         let mut allowed = Vec::new();
-        for (record, _) in &terminals_records {
+        for (record, _) in &records {
             if record.revoked_at.is_some() {
                 revoked.insert(record.cert_serial.clone());
             } else {
@@ -104,7 +104,7 @@ impl Files {
                     .map(|s| crate::pki::Serial::parse(s))
                     .collect();
                 revoked.clear();
-                let users = terminals_records
+                let users = records
                     .iter()
                     .map(|(record, _)| crate::broker::nats::Users::of(record, &serials));
                 (crate::broker::nats::authorization(users), false)
