@@ -18,7 +18,9 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::crash::{self, Listen};
-use crate::external_common::{self, connect, free_port, outbox_empties, pending, raw};
+use crate::external_common::{
+    self, connect, free_port, outbox_empties, pending, raw, until_disconnected,
+};
 use crate::harness::{self, SECRET, TestGateway, eventually, signed_post};
 
 /// A Mosquitto process on a free loopback port, killed when dropped, and with the test process
@@ -253,15 +255,7 @@ async fn a_revoked_certificate_and_a_missing_or_foreign_one_are_refused() {
         .await;
     assert_eq!(response.status(), 200);
     // The open session is cut…
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match terminal.next_seen(left).await {
-            Some(Seen::Disconnected(_)) => break,
-            Some(_) => {}
-            None => panic!("the revoked terminal's session was not cut"),
-        }
-    }
+    until_disconnected(&mut terminal, "the revoked terminal's session was not cut").await;
     // …and the certificate is refused from then on (once the broker has reloaded the CRL).
     eventually(Duration::from_secs(10), || async {
         let (_c, mut eventloop) = connect_raw(s.broker.addr, &identity).unwrap();

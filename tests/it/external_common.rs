@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use posgate_proto::confirmation::{Ack, StatusMessage};
 use posgate_proto::topics;
-use posgate_sim::terminal::{Bundle, Identity, Terminal, connect_raw};
+use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal, connect_raw};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -71,6 +71,34 @@ pub async fn outbox_empties(gw: &TestGateway, id: &str) {
         (pending(gw, id).await == 0).then_some(())
     })
     .await;
+}
+
+/// Drives `eventloop` until the confirmation of `intent_id` arrives (see [`drive`]).
+pub async fn drive_until_payment(
+    eventloop: &mut EventLoop,
+    publishes: &mut Vec<(String, Vec<u8>)>,
+    intent_id: &str,
+) {
+    let end = format!("/payments/{intent_id}");
+    drive(
+        eventloop,
+        publishes,
+        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with(&end)),
+    )
+    .await;
+}
+
+/// Waits until `terminal` is disconnected by the broker; panics with `what` after 10 s.
+pub async fn until_disconnected(terminal: &mut Terminal, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match terminal.next_seen(left).await {
+            Some(Seen::Disconnected(_)) => break,
+            Some(_) => {}
+            None => panic!("{what}"),
+        }
+    }
 }
 
 /// Drives `eventloop` until `until` returns true for an incoming packet; every incoming publish

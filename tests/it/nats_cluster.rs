@@ -18,7 +18,10 @@ use rumqttc::{
 };
 use tempfile::TempDir;
 
-use crate::external_common::{self, await_acl, connect, drive, outbox_empties, pending, raw};
+use crate::external_common::{
+    self, await_acl, connect, drive, drive_until_payment, outbox_empties, pending, raw,
+    until_disconnected,
+};
 use crate::harness::{self, TestGateway, eventually};
 
 const NODES: usize = 3;
@@ -201,12 +204,7 @@ async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_no
         .await
         .unwrap();
     let mut got = Vec::new();
-    drive(
-        &mut reader_loop,
-        &mut got,
-        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_victim4")),
-    )
-    .await;
+    drive_until_payment(&mut reader_loop, &mut got, "pi_victim4").await;
     drop(reader.disconnect().await);
 
     // The attacker, with its own certificate, under the victim's client id.
@@ -224,12 +222,7 @@ async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_no
         .await
         .unwrap();
     let mut seen = Vec::new();
-    drive(
-        &mut eventloop,
-        &mut seen,
-        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_mallory4")),
-    )
-    .await;
+    drive_until_payment(&mut eventloop, &mut seen, "pi_mallory4").await;
     let ack = serde_json::to_vec(&Ack {
         intent_id: "pi_mallory4".into(),
         seq: 1,
@@ -240,12 +233,7 @@ async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_no
         .await
         .unwrap();
     s.gw.pay("pos_mallory4", "pi_mallory4b").await;
-    drive(
-        &mut eventloop,
-        &mut seen,
-        |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/payments/pi_mallory4b")),
-    )
-    .await;
+    drive_until_payment(&mut eventloop, &mut seen, "pi_mallory4b").await;
     let leaked: Vec<&str> = seen
         .iter()
         .map(|(topic, _)| topic.as_str())
@@ -282,15 +270,11 @@ async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_no
     }
     outbox_empties(&s.gw, "pos_victim4").await;
     let (attacker, _attacker_loop) = raw(at, &mallory, "pos_victim4").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match terminal.next_seen(left).await {
-            Some(Seen::Disconnected(_)) => break,
-            Some(_) => {}
-            None => panic!("the victim was not cut\n{}", s.cluster.logs()),
-        }
-    }
+    until_disconnected(
+        &mut terminal,
+        &format!("the victim was not cut\n{}", s.cluster.logs()),
+    )
+    .await;
     drop(attacker.disconnect().await);
     // Back by itself (NATS holds a reconnect within 1 s of a takeover, then closes it), with
     // nothing lost: a confirmation paid meanwhile arrives.
