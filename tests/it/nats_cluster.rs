@@ -306,18 +306,14 @@ async fn a_revoked_certificate_is_refused_by_every_nats_node() {
         )
         .await;
     assert_eq!(response.status(), 200);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match terminal.next_seen(left).await {
-            Some(Seen::Disconnected(_)) => break,
-            Some(_) => {}
-            None => panic!(
-                "the revoked terminal's session was not cut\n{}",
-                s.cluster.logs()
-            ),
-        }
-    }
+    until_disconnected(
+        &mut terminal,
+        &format!(
+            "the revoked terminal's session was not cut\n{}",
+            s.cluster.logs()
+        ),
+    )
+    .await;
     let identity = Identity::of(&bundle);
     for node in 0..NODES {
         eventually(Duration::from_secs(10), || async {
