@@ -255,7 +255,10 @@ async fn a_revoked_certificate_and_a_missing_or_foreign_one_are_refused() {
         .await;
     assert_eq!(response.status(), 200);
     // The open session is cut…
-    until_disconnected(&mut terminal, "the revoked terminal's session was not cut").await;
+    until_disconnected(&mut terminal, || {
+        "the revoked terminal's session was not cut".into()
+    })
+    .await;
     // …and the certificate is refused from then on (once the broker has reloaded the CRL).
     eventually(Duration::from_secs(10), || async {
         let (_c, mut eventloop) = connect_raw(s.broker.addr, &identity).unwrap();

@@ -88,15 +88,15 @@ pub async fn drive_until_payment(
     .await;
 }
 
-/// Waits until `terminal` is disconnected by the broker; panics with `what` after 10 s.
-pub async fn until_disconnected(terminal: &mut Terminal, what: &str) {
+/// Waits until `terminal` is disconnected by the broker; panics with `why_not()` after 10 s.
+pub async fn until_disconnected(terminal: &mut Terminal, why_not: impl FnOnce() -> String) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match terminal.next_seen(left).await {
             Some(Seen::Disconnected(_)) => break,
             Some(_) => {}
-            None => panic!("{what}"),
+            None => panic!("{}", why_not()),
         }
     }
 }

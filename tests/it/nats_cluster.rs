@@ -270,10 +270,9 @@ async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_no
     }
     outbox_empties(&s.gw, "pos_victim4").await;
     let (attacker, _attacker_loop) = raw(at, &mallory, "pos_victim4").await;
-    until_disconnected(
-        &mut terminal,
-        &format!("the victim was not cut\n{}", s.cluster.logs()),
-    )
+    until_disconnected(&mut terminal, || {
+        format!("the victim was not cut\n{}", s.cluster.logs())
+    })
     .await;
     drop(attacker.disconnect().await);
     // Back by itself (NATS holds a reconnect within 1 s of a takeover, then closes it), with
@@ -306,13 +305,12 @@ async fn a_revoked_certificate_is_refused_by_every_nats_node() {
         )
         .await;
     assert_eq!(response.status(), 200);
-    until_disconnected(
-        &mut terminal,
-        &format!(
+    until_disconnected(&mut terminal, || {
+        format!(
             "the revoked terminal's session was not cut\n{}",
             s.cluster.logs()
-        ),
-    )
+        )
+    })
     .await;
     let identity = Identity::of(&bundle);
     for node in 0..NODES {
