@@ -333,7 +333,12 @@ static void on_subscribe(struct mosquitto *mosq, void *obj, int mid, int n, cons
     struct terminal *t = obj;
     (void)mosq, (void)mid;
     if (n < 1 || granted[0] > 2) {
-        fprintf(stderr, "subscription refused\n");
+        /* Not a state to stay in: connected but deaf. A broker may refuse for a while (NATS does
+         * while it elects a leader after a node's loss): disconnect, and the loop in main()
+         * connects and subscribes again after its backoff. */
+        fprintf(stderr, "subscription refused; reconnecting\n");
+        mosquitto_publish(mosq, NULL, t->status, (int)strlen(OFFLINE), OFFLINE, 1, true);
+        mosquitto_disconnect(mosq);
         return;
     }
     printf("READY %s\n", t->terminal_id);

@@ -353,7 +353,13 @@ class Terminal:
 
     def on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
-            print("subscription refused", file=sys.stderr, flush=True)
+            # Not a state to stay in: connected but deaf. A broker may refuse for a while (NATS
+            # does while it elects a leader after a node's loss): drop the connection; paho
+            # connects again after its delay and on_connect subscribes again.
+            print("subscription refused; reconnecting", file=sys.stderr, flush=True)
+            sock = client.socket()
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
             return
         say(f"READY {self.terminal_id}")
         if self.charge:

@@ -851,3 +851,56 @@ async fn c_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart
 async fn jvm_client_shows_each_payment_once_acks_it_and_remembers_across_a_restart() {
     pays_shows_once_acks_and_remembers(Program::jvm(), "pos_jvm").await;
 }
+
+/// A subscription the broker refuses leaves no terminal connected but deaf: the client says so
+/// and connects and subscribes again (a broker may refuse for a while: NATS does while it elects a
+/// leader after a node's loss). Here the bundle names another tenant's payments, which the
+/// gateway refuses every time: the refusal comes again and again, and the client never says
+/// READY.
+async fn a_refused_subscription_is_asked_for_again(program: Program, id: &str) {
+    let gw = harness::spawn_gateway().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle_path, state_path) = (dir.path().join("bundle.json"), dir.path().join("state"));
+    let mut bundle = provision(&gw, id, &bundle_path).await;
+    bundle["topics"]["payments"] = Value::from("/tenants/t00/payments/+");
+    std::fs::write(&bundle_path, bundle.to_string()).unwrap();
+    let mut client = Client::spawn(&program, &bundle_path, &state_path, None);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client
+        .err
+        .lock()
+        .unwrap()
+        .matches("subscription refused")
+        .count()
+        < 3
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused subscription was not asked for again within {WAIT:?}; {}",
+            client.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !client.out.lock().unwrap().contains("READY"),
+        "{}",
+        client.output()
+    );
+    client.child.kill().await.unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn python_client_asks_again_for_a_refused_subscription() {
+    a_refused_subscription_is_asked_for_again(Program::python(), "pos_py_refused").await;
+}
+
+#[tokio::test]
+async fn c_client_asks_again_for_a_refused_subscription() {
+    a_refused_subscription_is_asked_for_again(Program::c(), "pos_c_refused").await;
+}
+
+#[tokio::test]
+async fn jvm_client_asks_again_for_a_refused_subscription() {
+    a_refused_subscription_is_asked_for_again(Program::jvm(), "pos_jvm_refused").await;
+}
