@@ -193,11 +193,8 @@ fn the_store_backend_and_its_url() {
 fn the_postgres_ca_file_is_checked_at_load() {
     use crate::store::Backend;
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    crate::store::write_test_ca(&ca);
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "hello\n").unwrap();
     let not_der = dir.path().join("not-der.pem");

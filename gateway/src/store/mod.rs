@@ -48,6 +48,8 @@ mod pg;
 #[cfg(test)]
 mod pg_tests;
 mod pg_tls;
+#[cfg(test)]
+pub(crate) use pg_tls::write_test_ca;
 mod queue;
 mod reads;
 mod reconcile;

@@ -307,11 +307,22 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// Writes a self-signed CA certificate to `path`, as an operator's `store.postgres_ca_file`.
+#[cfg(test)]
+pub(crate) fn write_test_ca(path: &std::path::Path) {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA certificate parameters");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let pem = params.self_signed(&key).expect("a self-signed CA").pem();
+    std::fs::write(path, pem).expect("writing the CA file");
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::PgTls;
+    use super::{PgTls, write_test_ca};
 
     /// The start warns when TLS may be used over TCP without checking the server: `require`
     /// and `prefer` (also when absent) without a CA file; not with one, not with `disable`, not
@@ -319,11 +330,8 @@ mod tests {
     #[test]
     fn the_warning_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        write_test_ca(&ca);
         let verified = PgTls::from_ca_file(&ca).unwrap();
         let unverified = PgTls::unverified();
         let url = "postgres://u:pw@db.example/p";
