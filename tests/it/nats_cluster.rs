@@ -37,6 +37,10 @@ struct Setup {
 }
 
 async fn setup(first: usize) -> Setup {
+    setup_nodes(first, NODES).await
+}
+
+async fn setup_nodes(first: usize, nodes: usize) -> Setup {
     let binary = nats::nats_server(&[
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nats-venv/bin/nats-server")
     ])
@@ -48,7 +52,7 @@ async fn setup(first: usize) -> Setup {
         Path::new(env!("CARGO_BIN_EXE_posgate-under-test")),
         data_dir.path(),
         dir.path(),
-        NODES,
+        nodes,
     )
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
@@ -91,6 +95,57 @@ async fn a_confirmation_crosses_the_nats_cluster_and_its_ack_empties_the_outbox(
     assert_eq!((c.intent_id.as_str(), c.seq), ("pi_nats_a2", 2));
     outbox_empties(&s.gw, "pos_nats_a").await;
     terminal.disconnect().await;
+    s.gw.shutdown().await;
+}
+
+/// Every QoS 1 subscription of NATS's MQTT gateway is a consumer of one stream, two per terminal,
+/// and NATS 2.15 allows a stream 1,000 consumers unless its configuration says otherwise: past
+/// about 500 terminals the cluster refused subscriptions (`maximum consumers limit reached`,
+/// docs/performance.md). One terminal asks for 1,100 subscriptions within its own topics from a
+/// node configured by `broker-config nats` (one node: the limit is the same, the test faster):
+/// every one is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_subscriptions_than_the_nats_default_consumer_limit_are_granted() {
+    const FILTERS: usize = 1_100;
+    const PER_PACKET: usize = 100;
+    let s = setup_nodes(0, 1).await;
+    let bundle = s.gw.provision("pos_nats_many").await;
+    await_acl(s.cluster.addr(0), &bundle).await;
+    let (client, mut eventloop) = raw(s.cluster.addr(0), &bundle, &bundle.client_id).await;
+    let topics: Vec<String> = (0..FILTERS)
+        .map(|i| topics::payments(&bundle.tenant, &format!("pi_many_{i}")))
+        .collect();
+    for chunk in topics.chunks(PER_PACKET) {
+        let filters = chunk
+            .iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+        client.subscribe_many(filters).await.unwrap();
+    }
+    let (mut granted, mut refused) = (0, 0);
+    let answered = tokio::time::timeout(Duration::from_secs(120), async {
+        while granted + refused < FILTERS {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    for code in &ack.return_codes {
+                        match code {
+                            rumqttc::SubscribeReasonCode::Failure => refused += 1,
+                            rumqttc::SubscribeReasonCode::Success(_) => granted += 1,
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the connection failed after {granted} granted: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "{granted} granted, {refused} refused after 120 s\n{}",
+        s.cluster.logs()
+    );
+    assert_eq!((granted, refused), (FILTERS, 0), "{}", s.cluster.logs());
+    drop(client.disconnect().await);
     s.gw.shutdown().await;
 }
 

@@ -188,6 +188,10 @@ pub struct Node {
     pub monitor: Option<SocketAddr>,
 }
 
+/// Consumers a stream may have (`jetstream.limits.default_max_consumers`): 100,000 terminals'
+/// two subscriptions each, and room for posgate's and for sessions being replaced.
+pub const MAX_CONSUMERS: u32 = 250_000;
+
 /// A node's configuration: every shared file in `dir`, JetStream's store in `dir/{name}-js`.
 pub fn conf(dir: &Path, node: &Node) -> String {
     let d = dir.display();
@@ -220,9 +224,19 @@ pub fn conf(dir: &Path, node: &Node) -> String {
          {monitor}\
          # Sessions, their queued QoS 1 messages and the retained messages live in JetStream,\n\
          # replicated across the cluster (MQTT streams get min(3, cluster size) replicas).\n\
-         jetstream {{ store_dir: \"{d}/{name}-js\" }}\n\
+         # Every QoS 1 subscription is a consumer of one stream ($MQTT_msgs), two per terminal;\n\
+         # NATS 2.15 allows a stream 1,000 unless told otherwise, about 500 terminals.\n\
+         jetstream {{\n  store_dir: \"{d}/{name}-js\"\n  limits {{ default_max_consumers: {MAX_CONSUMERS} }}\n}}\n\
          {cluster}\
          mqtt {{\n  listen: \"{mqtt}\"\n  \
+           # A subscription's consumer is created (a raft group across the nodes) at every\n  \
+           # terminal's connect: in memory rather than in files, and with more time than the\n  \
+           # default 5 s, so that a busy cluster or one electing leaders after a node's loss does\n  \
+           # not refuse subscriptions it goes on to create (docs/performance.md, NATS runs).\n  \
+           # Clean sessions, as posgate's and its terminals' are, lose nothing when every node\n  \
+           # stops at once; a persistent session would lose which queued messages were acked.\n  \
+           consumer_memory_storage: true\n  \
+           js_api_timeout: \"20s\"\n  \
            # The client certificate, issued by the gateway CA, is the identity: its subject is\n  \
            # the user name in {AUTH_FILE}.\n  \
            tls {{ cert_file: \"{d}/server.pem\", key_file: \"{d}/server.key\", ca_file: \"{d}/ca.pem\", verify_and_map: true, timeout: 5 }}\n\
