@@ -94,7 +94,7 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 impl NatsCluster {
     /// `posgate broker-config nats` for each of `nodes` nodes (with `data_dir`'s PKI) into `dir`,
     /// then the nodes, until every one is healthy and knows the JetStream meta leader. Tries
-    /// other ports when one was taken meanwhile.
+    /// other ports when one was taken meanwhile. One node runs alone, without a `cluster` block.
     ///
     /// # Errors
     /// When `broker-config` fails, a node exits, or the cluster has no leader within 30 s.
@@ -133,13 +133,17 @@ impl NatsCluster {
                         .with_context(|| format!("removing {}", store.display()))?;
                 }
                 let mut args = vec!["--name".to_owned(), name.clone()];
-                for (flag, value) in [
+                let mut flags = vec![
                     ("--listen", mqtt.to_string()),
                     ("--client-listen", client.to_string()),
-                    ("--cluster-listen", route.to_string()),
-                    ("--routes", routes.clone()),
                     ("--monitor-listen", monitor.to_string()),
-                ] {
+                ];
+                // One node stands alone: a cluster of one waits for routes that never come.
+                if nodes > 1 {
+                    flags.push(("--cluster-listen", route.to_string()));
+                    flags.push(("--routes", routes.clone()));
+                }
+                for (flag, value) in flags {
                     args.extend([flag.to_owned(), value]);
                 }
                 broker_config(posgate, data_dir, dir, &args).await?;
@@ -255,6 +259,10 @@ impl NatsCluster {
         };
         if !healthy {
             return false;
+        }
+        if self.nodes.len() == 1 {
+            // A node alone has no meta group to elect: healthy is ready.
+            return true;
         }
         let Ok(r) = self.http.get(format!("{base}/jsz")).send().await else {
             return false;

@@ -231,8 +231,9 @@ pub fn conf(dir: &Path, node: &Node) -> String {
          mqtt {{\n  listen: \"{mqtt}\"\n  \
            # A subscription's consumer is created (a raft group across the nodes) at every\n  \
            # terminal's connect: in memory rather than in files, and with more time than the\n  \
-           # default 5 s, so that a busy cluster or one electing leaders after a node's loss does\n  \
-           # not refuse subscriptions it goes on to create (docs/performance.md, NATS runs).\n  \
+           # default 5 s: a busy cluster, or one electing leaders after a node's loss, refused\n  \
+           # subscriptions, every refused terminal asked again, and consumers piled up to the\n  \
+           # limit (docs/performance.md, runs K).\n  \
            # Clean sessions, as posgate's and its terminals' are, lose nothing when every node\n  \
            # stops at once; a persistent session would lose which queued messages were acked.\n  \
            consumer_memory_storage: true\n  \
