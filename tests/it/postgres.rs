@@ -601,7 +601,9 @@ async fn on_postgres_with_a_client_certificate_a_webhook_reaches_its_terminal() 
 
     // The same server, the same database, refused at once with the reason.
     let other_role = url.replacen("posgate@", "someone@", 1);
-    let cases: [(&str, Vec<(&str, &str)>, &[&str]); 3] = [
+    // (case, environment, what stderr says)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a [&'a str]);
+    let cases: [Case<'_>; 3] = [
         (
             "no client certificate",
             env[..3].to_vec(),

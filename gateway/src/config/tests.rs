@@ -356,7 +356,9 @@ fn the_postgres_client_certificate_is_checked_at_load() {
     assert_eq!(both.cert_file(), Some(cert.as_path()));
 
     let missing = dir.path().join("missing.pem");
-    let cases: [(&str, &[(&str, &Path)], &str, &str); 11] = [
+    // (URL, files by key, the key named, what it says)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a Path)], &'a str, &'a str);
+    let cases: [Case<'_>; 11] = [
         (
             require,
             &[("CERT", &cert)],
