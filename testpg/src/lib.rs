@@ -5,8 +5,9 @@
 //!   each test its own database, so no test sees another's rows.
 //! - [`Server::start`]: a server of one's own (a test that restarts or kills it).
 //! - [`Server::start_tls`]: one of one's own with `ssl = on` and the test's certificate, and
-//!   if asked `hostssl` lines only in `pg_hba.conf` (TCP without TLS refused); the test process
-//!   itself then connects over the Unix socket ([`Server::admin_url`]).
+//!   if asked `hostssl` lines only in `pg_hba.conf` (TCP without TLS refused) or a client
+//!   certificate required (`hostssl … cert`); the test process itself then connects over the
+//!   Unix socket ([`Server::admin_url`]).
 //!
 //! No server outlives its test process, however that process ends: every server is started
 //! through `setpriv --pdeathsig KILL` from a thread that lives as long as the process, so the
@@ -53,6 +54,8 @@ pub struct Server {
     tls: bool,
     /// TCP connections without TLS are refused (`hostssl` only).
     hostssl_only: bool,
+    /// `ssl_ca_file = root.crt`: client certificates are asked for and checked.
+    client_ca: bool,
 }
 
 /// TLS for [`Server::start_tls`].
@@ -63,6 +66,10 @@ pub struct Tls {
     pub key_pem: String,
     /// Only `hostssl` lines in `pg_hba.conf`: a TCP connection without TLS is refused.
     pub hostssl_only: bool,
+    /// The CA (PEM) of the client certificates the server takes (`ssl_ca_file`). With it, TCP
+    /// connections are `hostssl … cert` only: TLS with a certificate of this CA whose CN is
+    /// the role, and no other authentication (implies `hostssl_only`).
+    pub client_ca_pem: Option<String>,
 }
 
 static SHARED: OnceLock<Result<Server, String>> = OnceLock::new();
@@ -139,7 +146,8 @@ impl Server {
                 child: Mutex::new(None),
                 owned,
                 tls: tls.is_some(),
-                hostssl_only: tls.is_some_and(|t| t.hostssl_only),
+                hostssl_only: tls.is_some_and(|t| t.hostssl_only || t.client_ca_pem.is_some()),
+                client_ca: tls.is_some_and(|t| t.client_ca_pem.is_some()),
             };
             match server.run() {
                 Ok(()) => return Ok(server),
@@ -180,6 +188,9 @@ impl Server {
                 "-c",
                 "ssl_key_file=server.key",
             ]);
+        }
+        if self.client_ca {
+            command.args(["-c", "ssl_ca_file=root.crt"]);
         }
         command
             .stdin(Stdio::null())
@@ -368,7 +379,8 @@ fn as_postgres(program: &Path) -> Command {
 }
 
 /// The certificate and key into the data directory `data` (the key 0600: PostgreSQL refuses a
-/// key others can read), and with `hostssl_only` a `pg_hba.conf` without `host` lines.
+/// key others can read), and with `hostssl_only` a `pg_hba.conf` without `host` lines; with a
+/// client CA, `root.crt` and `hostssl … cert` lines only.
 fn write_tls(data: &Path, tls: &Tls) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -385,7 +397,15 @@ fn write_tls(data: &Path, tls: &Tls) -> Result<(), String> {
     };
     write("server.crt", &tls.cert_pem)?;
     write("server.key", &tls.key_pem)?;
-    if tls.hostssl_only {
+    if let Some(ca) = &tls.client_ca_pem {
+        write("root.crt", ca)?;
+        write(
+            "pg_hba.conf",
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 cert\n\
+             hostssl all all ::1/128 cert\n",
+        )?;
+    } else if tls.hostssl_only {
         write(
             "pg_hba.conf",
             "local all all trust\n\

@@ -2,7 +2,9 @@
 //! test process starts (`posgate-testpg`): a webhook reaches its terminal, and a confirmation
 //! not yet acked survives a SIGKILL and a restart on the same ports. Over TLS, on a server of
 //! the test's own (`ssl = on`, a certificate from a CA the test makes, `hostssl` only): the
-//! server verified with `store.postgres_ca_file`, and what each TLS problem does at start.
+//! server verified with `store.postgres_ca_file`, and what each TLS problem does at start; and
+//! on a server that takes client certificates only (`hostssl … cert`), the daemon's own with
+//! `store.postgres_cert_file` and `store.postgres_key_file`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,6 +211,23 @@ fn ca_and_server_cert(ca_name: &str, names: &[&str]) -> (String, String, String)
     (ca_pem, cert_pem, key.serialize_pem())
 }
 
+/// A client certificate for the role `user` (its CN) from a new CA named `ca_name` (PEM):
+/// `(ca, cert, key)`.
+fn ca_and_client_cert(ca_name: &str, user: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client.distinguished_name.push(DnType::CommonName, user);
+    let cert_pem = client.signed_by(&key, &issuer).unwrap().pem();
+    (ca_pem, cert_pem, key.serialize_pem())
+}
+
 /// A server of the test's own with `ssl = on`, a certificate for 127.0.0.1 only, and TCP
 /// without TLS refused (`hostssl` only); its CA's PEM.
 async fn tls_server() -> (Arc<posgate_testpg::Server>, String) {
@@ -218,6 +237,7 @@ async fn tls_server() -> (Arc<posgate_testpg::Server>, String) {
             cert_pem,
             key_pem,
             hostssl_only: true,
+            client_ca_pem: None,
         })
     })
     .await
@@ -459,6 +479,176 @@ async fn on_postgres_a_tls_problem_stops_the_start_with_its_reason() {
     ])
     .await;
     assert_eq!(code, Some(75), "{stderr}");
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+}
+
+/// Mutual TLS: on a server whose TCP connections must present a client certificate of its CA
+/// naming the role (`hostssl all all 127.0.0.1/32 cert` and nothing else), the daemon with
+/// `store.postgres_cert_file` and `store.postgres_key_file` starts, stores a webhook and its
+/// terminal gets the confirmation; every posgate session on the server is TLS with that
+/// certificate. Without it, with one of another CA or for another role, the start is refused
+/// at once (exit 64) with the server's or the handshake's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_with_a_client_certificate_a_webhook_reaches_its_terminal() {
+    let (server_ca, cert_pem, key_pem) =
+        ca_and_server_cert("posgate test PostgreSQL CA", &["127.0.0.1"]);
+    let (client_ca, client_cert, client_key) =
+        ca_and_client_cert("posgate test client CA", posgate_testpg::USER);
+    let server = tokio::task::spawn_blocking(move || {
+        posgate_testpg::Server::start_tls(&posgate_testpg::Tls {
+            cert_pem,
+            key_pem,
+            hostssl_only: true,
+            client_ca_pem: Some(client_ca),
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    let server = Arc::new(server);
+    let url = format!("{}?sslmode=require", fresh_db(&server).await);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ca_file = write("postgres-ca.pem", &server_ca);
+    let cert_file = write("client.pem", &client_cert);
+    let key_file = write("client.key", &client_key);
+    let (_, foreign_cert, foreign_key) = ca_and_client_cert("another CA", posgate_testpg::USER);
+    let foreign_cert = write("foreign.pem", &foreign_cert);
+    let foreign_key = write("foreign.key", &foreign_key);
+    let env = [
+        ("POSGATE__STORE__BACKEND", "postgres"),
+        ("POSGATE__STORE__POSTGRES_URL", url.as_str()),
+        ("POSGATE__STORE__POSTGRES_CA_FILE", ca_file.as_str()),
+        ("POSGATE__STORE__POSTGRES_CERT_FILE", cert_file.as_str()),
+        ("POSGATE__STORE__POSTGRES_KEY_FILE", key_file.as_str()),
+    ];
+    let data = dir.path().join("data");
+    let daemon = start_daemon_env(&data, None, Listen::any(), &env).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bundle = daemon.provision(&http, "pos_pg_mtls").await;
+    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
+        .await
+        .unwrap();
+    let intent = Intent::new("pi_pg_mtls", MicroUsdc(4_500_000), "pos_pg_mtls");
+    let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    let answer = signed_post(
+        &http,
+        &webhook,
+        SECRET,
+        events::intent_event("evt_pg_mtls", "confirmed", &intent),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    let c = terminal
+        .next_confirmation(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_pg_mtls", 1));
+
+    // Seen from the server: the event is there, and every posgate session is TLS with the
+    // client certificate (the store's, and the lease and LISTEN connections if open by now).
+    let db = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (events, without, with) = {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut client =
+                postgres::Client::connect(&server.admin_url(&db), postgres::NoTls).unwrap();
+            let events: i64 = client
+                .query_one("SELECT count(*) FROM events WHERE k = 'evt_pg_mtls'", &[])
+                .unwrap()
+                .get(0);
+            let row = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE s.client_dn IS DISTINCT FROM '/CN=posgate'),
+                            count(*) FILTER (WHERE s.ssl AND s.client_dn = '/CN=posgate')
+                     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                     WHERE a.application_name = 'posgate'",
+                    &[],
+                )
+                .unwrap();
+            (events, row.get::<_, i64>(0), row.get::<_, i64>(1))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(events, 1);
+    assert_eq!(
+        without, 0,
+        "a posgate session without the client certificate"
+    );
+    assert!(with >= 1, "no posgate session seen");
+    let log = daemon.log.lock().unwrap().clone();
+    assert!(
+        log.contains(&format!("client certificate {cert_file}")),
+        "the start does not say which client certificate it offers:\n{log}"
+    );
+    sigterm(&daemon).await;
+
+    // The same server, the same database, refused at once with the reason.
+    let other_role = url.replacen("posgate@", "someone@", 1);
+    // (case, environment, what stderr says)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a [&'a str]);
+    let cases: [Case<'_>; 3] = [
+        (
+            "no client certificate",
+            env[..3].to_vec(),
+            &[
+                "connection requires a valid client certificate",
+                "server verified against",
+            ],
+        ),
+        (
+            "a client certificate of another CA",
+            vec![
+                env[0],
+                env[1],
+                env[2],
+                ("POSGATE__STORE__POSTGRES_CERT_FILE", foreign_cert.as_str()),
+                ("POSGATE__STORE__POSTGRES_KEY_FILE", foreign_key.as_str()),
+            ],
+            // TLS 1.3: the server refuses the certificate after the client's side of the
+            // handshake is done, with an alert.
+            &["received fatal alert: UnknownCA", "client certificate"],
+        ),
+        (
+            "a client certificate for another role",
+            vec![
+                env[0],
+                ("POSGATE__STORE__POSTGRES_URL", other_role.as_str()),
+                env[2],
+                env[3],
+                env[4],
+            ],
+            &["certificate authentication failed for user \"someone\""],
+        ),
+    ];
+    for (case, env, says) in cases {
+        let (code, stderr) = refused_start(&env).await;
+        eprintln!("{case}: exit {code:?}: {stderr}");
+        assert_eq!(code, Some(64), "{case}: {stderr}");
+        assert!(
+            stderr.contains("opening the store: connecting to PostgreSQL at postgres://"),
+            "{case}: {stderr}"
+        );
+        for words in says {
+            assert!(stderr.contains(words), "{case}: no {words:?} in: {stderr}");
+        }
+    }
     tokio::task::spawn_blocking(move || drop(server))
         .await
         .unwrap();

@@ -111,9 +111,12 @@ impl Reader<'_> {
     }
 
     /// `store.backend` and, for `postgres`, the `store.postgres_url` it needs and the
-    /// `store.postgres_ca_file` it may have.
+    /// `store.postgres_ca_file`, `store.postgres_cert_file` and `store.postgres_key_file` it
+    /// may have.
     pub(super) fn store_backend(&mut self) -> Option<crate::store::Backend> {
         let ca_file = self.optional::<PathBuf>("store.postgres_ca_file");
+        let cert_file = self.optional::<PathBuf>("store.postgres_cert_file");
+        let key_file = self.optional::<PathBuf>("store.postgres_key_file");
         let name: String = self.required("store.backend")?;
         let url = self.optional::<String>("store.postgres_url")?;
         match (name.as_str(), url) {
@@ -137,40 +140,86 @@ impl Reader<'_> {
                     .any(|o| why.contains(&format!("`{o}`")))
                 {
                     "the ssl file options of libpq are not read from the URL: set the server's CA \
-                     in store.postgres_ca_file (client certificates are not supported)"
+                     in store.postgres_ca_file, a client certificate and its key in \
+                     store.postgres_cert_file and store.postgres_key_file"
                 } else {
                     "is not a PostgreSQL connection URL (postgres://user:password@host:port/database)"
                 };
                 self.reject("store.postgres_url", reason)
             }
             ("postgres", Some(url)) => {
-                let tls = self.postgres_tls(&url, ca_file?)?;
+                let tls = self.postgres_tls(&url, ca_file?, cert_file?, key_file?)?;
                 Some(crate::store::Backend::Postgres { url, tls })
             }
             _ => self.reject("store.backend", "must be \"redb\" or \"postgres\""),
         }
     }
 
-    /// `store.postgres_ca_file`, read and checked now (a bad file is a configuration error,
-    /// exit 64): verification needs `sslmode=require`, which a server cannot talk its way out of.
+    /// `store.postgres_ca_file` and the client certificate of `store.postgres_cert_file` and
+    /// `store.postgres_key_file` (both or neither), read and checked now (a bad file is a
+    /// configuration error, exit 64). Each needs `sslmode=require`: with `prefer` a server, or
+    /// whoever sits in between, can decline TLS, which skips the verification and the client
+    /// certificate alike.
     pub(super) fn postgres_tls(
         &mut self,
         url: &str,
         ca_file: Option<PathBuf>,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
     ) -> Option<crate::store::PgTls> {
-        let Some(path) = ca_file else {
-            return Some(crate::store::PgTls::unverified());
+        let require =
+            crate::store::pg_ssl_mode(url) == Some(tokio_postgres::config::SslMode::Require);
+        let mut refused = false;
+        let client = match (cert_file, key_file) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                refused = true;
+                self.reject::<()>(
+                    "store.postgres_key_file",
+                    "is required with store.postgres_cert_file (the private key of that client \
+                     certificate)",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                refused = true;
+                self.reject::<()>(
+                    "store.postgres_cert_file",
+                    "is required with store.postgres_key_file (the client certificate of that key)",
+                );
+                None
+            }
         };
-        if crate::store::pg_ssl_mode(url) != Some(tokio_postgres::config::SslMode::Require) {
-            return self.reject(
+        if ca_file.is_some() && !require {
+            refused = true;
+            self.reject::<()>(
                 "store.postgres_ca_file",
                 "needs sslmode=require in store.postgres_url: with prefer (the default) a server, \
                  or whoever sits in between, can decline TLS and the connection goes on in clear",
             );
         }
-        match crate::store::PgTls::from_ca_file(&path) {
+        if client.is_some() && !require {
+            refused = true;
+            self.reject::<()>(
+                "store.postgres_cert_file",
+                "needs sslmode=require in store.postgres_url: with prefer (the default) a server, \
+                 or whoever sits in between, can decline TLS and the connection goes on in clear, \
+                 the client certificate never presented",
+            );
+        }
+        if refused {
+            return None;
+        }
+        let client = client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        match crate::store::PgTls::from_files(ca_file.as_deref(), client) {
             Ok(tls) => Some(tls),
-            Err(e) => self.reject("store.postgres_ca_file", &e.to_string()),
+            Err(errors) => {
+                for e in errors {
+                    self.reject::<()>(e.key(), &e.to_string());
+                }
+                None
+            }
         }
     }
 

@@ -177,7 +177,8 @@ pub struct StoreConfig {
     /// last retry of a webhook (14.6 h after its first attempt).
     pub retention_hours: u64,
     /// `store.backend` (`redb` or `postgres`) with `store.postgres_url` (its `Debug` masks the
-    /// URL's password) and the TLS of `store.postgres_ca_file`.
+    /// URL's password) and the TLS of `store.postgres_ca_file`, `store.postgres_cert_file` and
+    /// `store.postgres_key_file`.
     pub backend: crate::store::Backend,
 }
 

@@ -287,6 +287,210 @@ fn the_postgres_ca_file_is_checked_at_load() {
     );
 }
 
+/// `store.postgres_cert_file` and `store.postgres_key_file`: both or neither, read and checked
+/// at load (a file that cannot be used, or a key that is not the certificate's, is a
+/// configuration error naming its key and never showing the key), only with
+/// `sslmode=require`; with or without the CA file; `sslcert`/`sslkey` in the URL point to them.
+#[test]
+fn the_postgres_client_certificate_is_checked_at_load() {
+    use crate::store::Backend;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::store::write_test_client_cert(dir.path(), "posgate");
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_cert, other_key) = crate::store::write_test_client_cert(other.path(), "posgate");
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let secret_line = key_pem.lines().nth(1).unwrap().to_owned();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "hello\n").unwrap();
+    let broken_key = dir.path().join("broken.key");
+    std::fs::write(
+        &broken_key,
+        format!("-----BEGIN PRIVATE KEY-----\n{secret_line}\n"),
+    )
+    .unwrap();
+    let encrypted = dir.path().join("encrypted.key");
+    std::fs::write(
+        &encrypted,
+        key_pem.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY"),
+    )
+    .unwrap();
+    let load = |url: &str, files: &[(&str, &Path)]| {
+        let mut env = vec![
+            ("POSGATE__STORE__BACKEND".to_owned(), "postgres".to_owned()),
+            ("POSGATE__STORE__POSTGRES_URL".to_owned(), url.to_owned()),
+        ];
+        for (name, file) in files {
+            env.push((
+                format!("POSGATE__STORE__POSTGRES_{name}_FILE"),
+                file.display().to_string(),
+            ));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        load_with(None, &env)
+    };
+    let require = "postgres://u:s3cr3t-pw@db.example/p?sslmode=require";
+
+    // Accepted, alone and with the CA file; equal when read from the same content.
+    let tls = |c: Config| match c.store.backend {
+        Backend::Postgres { tls, .. } => tls,
+        other => panic!("{other:?}"),
+    };
+    let with_cert = tls(load(require, &[("CERT", &cert), ("KEY", &key)]).unwrap());
+    assert_eq!(with_cert.cert_file(), Some(cert.as_path()));
+    assert_eq!(with_cert.ca_file(), None);
+    assert!(with_cert.describe(require).contains("client certificate"));
+    let shown = format!("{with_cert:?}");
+    assert!(shown.contains("client.key"), "{shown}");
+    assert!(!shown.contains(&secret_line), "{shown}");
+    assert_eq!(
+        with_cert,
+        tls(load(require, &[("CERT", &cert), ("KEY", &key)]).unwrap())
+    );
+    assert_ne!(
+        with_cert,
+        tls(load(require, &[("CERT", &other_cert), ("KEY", &other_key)]).unwrap())
+    );
+    assert_ne!(with_cert, crate::store::PgTls::unverified());
+    let both = tls(load(require, &[("CA", &ca), ("CERT", &cert), ("KEY", &key)]).unwrap());
+    assert_eq!(both.ca_file(), Some(ca.as_path()));
+    assert_eq!(both.cert_file(), Some(cert.as_path()));
+
+    let missing = dir.path().join("missing.pem");
+    // (URL, files by key, the key named, what it says)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a Path)], &'a str, &'a str);
+    let cases: [Case<'_>; 11] = [
+        (
+            require,
+            &[("CERT", &cert)],
+            "store.postgres_key_file",
+            "is required with store.postgres_cert_file",
+        ),
+        (
+            require,
+            &[("KEY", &key)],
+            "store.postgres_cert_file",
+            "is required with store.postgres_key_file",
+        ),
+        (
+            require,
+            &[("CERT", &missing), ("KEY", &key)],
+            "store.postgres_cert_file",
+            "cannot read",
+        ),
+        (
+            require,
+            &[("CERT", &garbage), ("KEY", &key)],
+            "store.postgres_cert_file",
+            "holds no certificate",
+        ),
+        // The key file given as the certificate, the certificate as the key.
+        (
+            require,
+            &[("CERT", &key), ("KEY", &key)],
+            "store.postgres_cert_file",
+            "holds no certificate",
+        ),
+        (
+            require,
+            &[("CERT", &cert), ("KEY", &cert)],
+            "store.postgres_key_file",
+            "holds no private key",
+        ),
+        (
+            require,
+            &[("CERT", &cert), ("KEY", &missing)],
+            "store.postgres_key_file",
+            "cannot read",
+        ),
+        (
+            require,
+            &[("CERT", &cert), ("KEY", &broken_key)],
+            "store.postgres_key_file",
+            "is not a valid PEM file",
+        ),
+        (
+            require,
+            &[("CERT", &cert), ("KEY", &encrypted)],
+            "store.postgres_key_file",
+            "must be decrypted",
+        ),
+        (
+            require,
+            &[("CERT", &cert), ("KEY", &other_key)],
+            "store.postgres_key_file",
+            "is not the key of the certificate",
+        ),
+        (
+            "postgres://u:s3cr3t-pw@db.example/p?sslmode=prefer",
+            &[("CERT", &cert), ("KEY", &key)],
+            "store.postgres_cert_file",
+            "needs sslmode=require",
+        ),
+    ];
+    for (url, files, name, says) in cases {
+        let err = load(url, files).unwrap_err();
+        let bad = err.invalid_keys();
+        assert_eq!(bad.len(), 1, "{url} {files:?}: {bad:?}");
+        assert_eq!(bad[0].key, name, "{files:?}: {bad:?}");
+        assert!(bad[0].reason.contains(says), "{says:?}: {bad:?}");
+        let shown = format!("{err} {bad:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(!shown.contains(&secret_line), "key material shown: {shown}");
+    }
+    // Without sslmode=require (absent: prefer) the CA file and the certificate are both named.
+    let err = load(
+        "postgres://u:s3cr3t-pw@db.example/p",
+        &[("CA", &ca), ("CERT", &cert), ("KEY", &key)],
+    )
+    .unwrap_err();
+    assert_eq!(
+        bad_keys(err),
+        ["store.postgres_ca_file", "store.postgres_cert_file"]
+    );
+    // A bad CA file and a bad key are both reported.
+    let err = load(
+        require,
+        &[("CA", &garbage), ("CERT", &cert), ("KEY", &other_key)],
+    )
+    .unwrap_err();
+    assert_eq!(
+        bad_keys(err),
+        ["store.postgres_ca_file", "store.postgres_key_file"]
+    );
+
+    for (option, names) in [
+        ("sslcert=/etc/c.pem", "store.postgres_cert_file"),
+        ("sslkey=/etc/c.key", "store.postgres_key_file"),
+    ] {
+        let url = format!("{require}&{option}");
+        let err = load(&url, &[]).unwrap_err();
+        let bad = err.invalid_keys();
+        assert_eq!(bad[0].key, "store.postgres_url", "{bad:?}");
+        assert!(bad[0].reason.contains(names), "{bad:?}");
+        assert!(!bad[0].reason.contains("not supported"), "{bad:?}");
+    }
+    // With redb the keys are not used (not even checked), and not unknown.
+    assert_eq!(
+        load_with(
+            None,
+            &[
+                (
+                    "POSGATE__STORE__POSTGRES_CERT_FILE",
+                    garbage.to_str().unwrap()
+                ),
+                (
+                    "POSGATE__STORE__POSTGRES_KEY_FILE",
+                    garbage.to_str().unwrap()
+                ),
+            ]
+        )
+        .unwrap()
+        .store
+        .backend,
+        Backend::Redb
+    );
+}
+
 #[test]
 fn cors_origins_are_a_list_of_exact_origins() {
     let c = load_with(None, &[]).unwrap();

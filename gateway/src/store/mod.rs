@@ -49,7 +49,7 @@ mod pg;
 mod pg_tests;
 mod pg_tls;
 #[cfg(test)]
-pub(crate) use pg_tls::write_test_ca;
+pub(crate) use pg_tls::{write_test_ca, write_test_client_cert};
 mod queue;
 mod reads;
 mod reconcile;
