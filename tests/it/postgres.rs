@@ -293,60 +293,16 @@ async fn on_postgres_over_tls_with_its_ca_a_webhook_reaches_its_terminal() {
         ),
     ];
     let daemon = start_daemon_env(&data, None, Listen::any(), &env).await;
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let bundle = daemon.provision(&http, "pos_pg_tls").await;
-    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
-        .await
-        .unwrap();
-    let intent = Intent::new("pi_pg_tls", MicroUsdc(4_500_000), "pos_pg_tls");
-    let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
-    let answer = signed_post(
-        &http,
-        &webhook,
-        SECRET,
-        events::intent_event("evt_pg_tls", "confirmed", &intent),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(answer.status(), 200);
-    let c = terminal
-        .next_confirmation(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_pg_tls", 1));
+    one_confirmation(&daemon, "pg_tls").await;
 
     // Seen from the server: the event is there, and posgate's sessions are all TLS.
-    let db = url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    let (events, plain, encrypted) = {
-        let server = server.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut client =
-                postgres::Client::connect(&server.admin_url(&db), postgres::NoTls).unwrap();
-            let events: i64 = client
-                .query_one("SELECT count(*) FROM events WHERE k = 'evt_pg_tls'", &[])
-                .unwrap()
-                .get(0);
-            let row = client
-                .query_one(
-                    "SELECT count(*) FILTER (WHERE NOT s.ssl), count(*) FILTER (WHERE s.ssl)
-                     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-                     WHERE a.application_name = 'posgate'",
-                    &[],
-                )
-                .unwrap();
-            (events, row.get::<_, i64>(0), row.get::<_, i64>(1))
-        })
-        .await
-        .unwrap()
-    };
+    let (events, plain, encrypted) = server_counts(
+        &server,
+        &url,
+        "evt_pg_tls",
+        "count(*) FILTER (WHERE NOT s.ssl), count(*) FILTER (WHERE s.ssl)",
+    )
+    .await;
     assert_eq!(events, 1);
     assert_eq!(plain, 0, "a posgate session without TLS");
     assert!(encrypted >= 1, "no posgate session seen");
@@ -363,6 +319,7 @@ async fn on_postgres_over_tls_with_its_ca_a_webhook_reaches_its_terminal() {
 
     // Without the CA file, libpq's `require`: encrypted, the server not checked, and a warning.
     let daemon = start_daemon_env(&data, None, Listen::any(), &env[..2]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
     let intent = Intent::new("pi_pg_tls_2", MicroUsdc(4_500_000), "pos_pg_tls");
     let answer = signed_post(
@@ -530,62 +487,18 @@ async fn on_postgres_with_a_client_certificate_a_webhook_reaches_its_terminal() 
     ];
     let data = dir.path().join("data");
     let daemon = start_daemon_env(&data, None, Listen::any(), &env).await;
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let bundle = daemon.provision(&http, "pos_pg_mtls").await;
-    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
-        .await
-        .unwrap();
-    let intent = Intent::new("pi_pg_mtls", MicroUsdc(4_500_000), "pos_pg_mtls");
-    let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
-    let answer = signed_post(
-        &http,
-        &webhook,
-        SECRET,
-        events::intent_event("evt_pg_mtls", "confirmed", &intent),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(answer.status(), 200);
-    let c = terminal
-        .next_confirmation(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_pg_mtls", 1));
+    one_confirmation(&daemon, "pg_mtls").await;
 
     // Seen from the server: the event is there, and every posgate session is TLS with the
     // client certificate (the store's, and the lease and LISTEN connections if open by now).
-    let db = url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    let (events, without, with) = {
-        let server = server.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut client =
-                postgres::Client::connect(&server.admin_url(&db), postgres::NoTls).unwrap();
-            let events: i64 = client
-                .query_one("SELECT count(*) FROM events WHERE k = 'evt_pg_mtls'", &[])
-                .unwrap()
-                .get(0);
-            let row = client
-                .query_one(
-                    "SELECT count(*) FILTER (WHERE s.client_dn IS DISTINCT FROM '/CN=posgate'),
-                            count(*) FILTER (WHERE s.ssl AND s.client_dn = '/CN=posgate')
-                     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-                     WHERE a.application_name = 'posgate'",
-                    &[],
-                )
-                .unwrap();
-            (events, row.get::<_, i64>(0), row.get::<_, i64>(1))
-        })
-        .await
-        .unwrap()
-    };
+    let (events, without, with) = server_counts(
+        &server,
+        &url,
+        "evt_pg_mtls",
+        "count(*) FILTER (WHERE s.client_dn IS DISTINCT FROM '/CN=posgate'),
+         count(*) FILTER (WHERE s.ssl AND s.client_dn = '/CN=posgate')",
+    )
+    .await;
     assert_eq!(events, 1);
     assert_eq!(
         without, 0,
@@ -723,4 +636,69 @@ fn check_config_warns_when_the_postgres_server_is_not_verified() {
     );
     let stderr = check(Some(&ca_file));
     assert!(!stderr.contains("PostgreSQL"), "{stderr}");
+}
+
+/// Through `daemon`: terminal `pos_{name}` provisioned and connected, intent `pi_{name}`
+/// confirmed by webhook `evt_{name}` (answered `200`), its confirmation at the terminal.
+async fn one_confirmation(daemon: &crate::crash::Daemon, name: &str) {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let terminal_id = format!("pos_{name}");
+    let bundle = daemon.provision(&http, &terminal_id).await;
+    let mut terminal = posgate_sim::terminal::Terminal::connect(bundle, daemon.mqtt)
+        .await
+        .unwrap();
+    let intent_id = format!("pi_{name}");
+    let intent = Intent::new(&intent_id, MicroUsdc(4_500_000), &terminal_id);
+    let webhook = format!("http://{}{}", daemon.ingress, events::WEBHOOK_PATH);
+    let answer = signed_post(
+        &http,
+        &webhook,
+        SECRET,
+        events::intent_event(&format!("evt_{name}"), "confirmed", &intent),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    let c = terminal
+        .next_confirmation(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!((c.intent_id.as_str(), c.seq), (intent_id.as_str(), 1));
+}
+
+/// Seen from the server, in `url`'s database: how many events `event_id` has, and the two counts
+/// `sessions` (`count(*) FILTER (…), count(*) FILTER (…)` over `pg_stat_ssl s` joined with
+/// `pg_stat_activity a`) of posgate's sessions.
+async fn server_counts(
+    server: &Arc<posgate_testpg::Server>,
+    url: &str,
+    event_id: &str,
+    sessions: &str,
+) -> (i64, i64, i64) {
+    let db = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (server, event_id) = (server.clone(), event_id.to_owned());
+    let query = format!(
+        "SELECT {sessions} FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'posgate'"
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut client =
+            postgres::Client::connect(&server.admin_url(&db), postgres::NoTls).unwrap();
+        let events: i64 = client
+            .query_one("SELECT count(*) FROM events WHERE k = $1", &[&event_id])
+            .unwrap()
+            .get(0);
+        let row = client.query_one(&query, &[]).unwrap();
+        (events, row.get::<_, i64>(0), row.get::<_, i64>(1))
+    })
+    .await
+    .unwrap()
 }
