@@ -238,8 +238,9 @@ pub fn conf(dir: &Path, node: &Node) -> String {
            # stops at once; a persistent session would lose which queued messages were acked.\n  \
            consumer_memory_storage: true\n  \
            js_api_timeout: \"20s\"\n  \
-           # The client certificate, issued by the gateway CA, is the identity: its subject is\n  \
-           # the user name in {AUTH_FILE}.\n  \
+           # The client certificate, issued by the gateway CA, is the identity: its URI\n  \
+           # urn:posgate:cert:SERIAL (a certificate issued before it: its subject) is the user\n  \
+           # name in {AUTH_FILE}.\n  \
            tls {{ cert_file: \"{d}/server.pem\", key_file: \"{d}/server.key\", ca_file: \"{d}/ca.pem\", verify_and_map: true, timeout: 5 }}\n\
          }}\n\
          include \"{AUTH_FILE}\"\n",
