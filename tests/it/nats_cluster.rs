@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use posgate_proto::confirmation::Ack;
+use posgate_proto::confirmation::{Ack, Confirmation};
 use posgate_proto::topics;
 use posgate_sim::chaos::nats::{self, NatsCluster};
 use posgate_sim::terminal::{Bundle, Identity, Seen, Terminal, connect_raw};
@@ -34,6 +34,27 @@ struct Setup {
     cluster: NatsCluster,
     /// The nodes' files; removed after the nodes are gone.
     _dir: TempDir,
+}
+
+impl Setup {
+    /// `intent_id` paid for `terminal_id`: its confirmation reaches `terminal` within `within`
+    /// (the nodes' logs if not), and the terminal's ack empties the outbox.
+    async fn paid_and_acked(
+        &self,
+        terminal: &mut Terminal,
+        terminal_id: &str,
+        intent_id: &str,
+        within: Duration,
+    ) -> Confirmation {
+        self.gw.pay(terminal_id, intent_id).await;
+        let c = terminal
+            .next_confirmation(within)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.cluster.logs()));
+        assert_eq!(c.intent_id, intent_id);
+        outbox_empties(&self.gw, terminal_id).await;
+        c
+    }
 }
 
 async fn setup(first: usize) -> Setup {
@@ -79,21 +100,25 @@ async fn a_confirmation_crosses_the_nats_cluster_and_its_ack_empties_the_outbox(
     let s = setup(1).await;
     let bundle = s.gw.provision("pos_nats_a").await;
     let mut terminal = connect(s.cluster.addr(0), &bundle).await;
-    s.gw.pay("pos_nats_a", "pi_nats_a").await;
-    let c = terminal
-        .next_confirmation(Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
-    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_nats_a", 1));
-    outbox_empties(&s.gw, "pos_nats_a").await;
+    let c = s
+        .paid_and_acked(
+            &mut terminal,
+            "pos_nats_a",
+            "pi_nats_a",
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!(c.seq, 1);
     assert_eq!(s.gw.terminal_view("pos_nats_a").await["online"], true);
-    s.gw.pay("pos_nats_a", "pi_nats_a2").await;
-    let c = terminal
-        .next_confirmation(Duration::from_secs(15))
-        .await
-        .unwrap();
-    assert_eq!((c.intent_id.as_str(), c.seq), ("pi_nats_a2", 2));
-    outbox_empties(&s.gw, "pos_nats_a").await;
+    let c = s
+        .paid_and_acked(
+            &mut terminal,
+            "pos_nats_a",
+            "pi_nats_a2",
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!(c.seq, 2);
     terminal.disconnect().await;
     s.gw.shutdown().await;
 }
@@ -340,13 +365,13 @@ async fn another_terminals_client_id_on_nats_takes_over_its_session_but_reads_no
     drop(attacker.disconnect().await);
     // Back by itself (NATS holds a reconnect within 1 s of a takeover, then closes it), with
     // nothing lost: a confirmation paid meanwhile arrives.
-    s.gw.pay("pos_victim4", "pi_victim4b").await;
-    let c = terminal
-        .next_confirmation(Duration::from_secs(20))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
-    assert_eq!(c.intent_id, "pi_victim4b");
-    outbox_empties(&s.gw, "pos_victim4").await;
+    s.paid_and_acked(
+        &mut terminal,
+        "pos_victim4",
+        "pi_victim4b",
+        Duration::from_secs(20),
+    )
+    .await;
     terminal.disconnect().await;
     s.gw.shutdown().await;
 }
@@ -461,13 +486,13 @@ async fn replaced_and_revoked_certificates_are_refused_by_every_nats_node() {
         );
     }
     let mut terminal = connect(s.cluster.addr(2), &third).await;
-    s.gw.pay("pos_nats_renew", "pi_nats_renew").await;
-    let c = terminal
-        .next_confirmation(Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.cluster.logs()));
-    assert_eq!(c.intent_id, "pi_nats_renew");
-    outbox_empties(&s.gw, "pos_nats_renew").await;
+    s.paid_and_acked(
+        &mut terminal,
+        "pos_nats_renew",
+        "pi_nats_renew",
+        Duration::from_secs(15),
+    )
+    .await;
     terminal.disconnect().await;
     s.gw.shutdown().await;
 }
